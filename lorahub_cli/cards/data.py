@@ -1,0 +1,161 @@
+"""Training data for cards: a local JSONL file or a dataset repository on the Hub.
+
+A Hub dataset is read file by file (JSONL, JSON, CSV or Parquet) at a pinned
+commit, filtered row by row, and reading stops once enough examples are found,
+so a large multi-task dataset is not downloaded whole when one task is wanted.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from ..io import Example, read_examples, sha256_file
+
+INPUT_FIELDS = ("input", "inputs", "instruction", "prompt", "question", "text", "source")
+TARGET_FIELDS = ("target", "targets", "output", "completion", "answer", "response", "label")
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+SPEC = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+)(?::(?P<config>[\w.\-]+))?(?:@(?P<split>[\w.\-]+))?$")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    repo_id: str
+    config: str | None = None
+    split: str = "train"
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetSpec:
+        match = SPEC.match(text.strip())
+        if not match:
+            raise InputError(f"dataset '{text}' is not of the form HUB_ID[:CONFIG][@SPLIT].", "Example: lorahub/flanv2@train")
+        return cls(match["repo"], match["config"], match["split"] or "train")
+
+
+def parse_filters(filters: list[str] | None) -> dict[str, str]:
+    parsed = {}
+    for item in filters or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise InputError(f"filter '{item}' is not FIELD=VALUE.", "Example: --filter task=ag_news_subset")
+        parsed[name] = value
+    return parsed
+
+
+def from_jsonl(path: Path, input_field: str | None, target_field: str | None, max_examples: int) -> tuple[list[Example], dict]:
+    examples = read_examples(path, input_field=input_field or "input", target_field=target_field)
+    return examples[:max_examples], {"type": "file", "path": str(Path(path).resolve()), "sha256": sha256_file(path)}
+
+
+def _pick(row: dict, wanted: str | None, candidates: tuple[str, ...], where: str) -> str:
+    names = (wanted,) if wanted else candidates
+    for name in names:
+        if name in row and row[name] is not None:
+            return str(row[name])
+    flag = "--input-field" if candidates is INPUT_FIELDS else "--target-field"
+    raise InputError(
+        f"{where}: no field {' or '.join(repr(n) for n in names)}; the rows have {sorted(row)}.",
+        f"Name the field with {flag}.",
+    )
+
+
+def _rows(path: Path):
+    """Yield dict rows from a data file of any supported format."""
+    name = path.name
+    if name.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputError(f"reading '{name}' needs pyarrow.", "Install it with: pip install pyarrow") from None
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    elif name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+    elif name.endswith(".json"):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), [])
+        yield from data
+    else:
+        with open(path, newline="", encoding="utf-8") as handle:
+            yield from csv.DictReader(handle)
+
+
+def _data_files(files: list[str], spec: DatasetSpec) -> list[str]:
+    """The repo's data files for the requested config and split, in a stable order."""
+    data = sorted(f for f in files if f.endswith(DATA_SUFFIXES) and not f.startswith("."))
+    if spec.config:
+        data = [f for f in data if f"/{spec.config}/" in f"/{f}" or Path(f).name.startswith(spec.config)]
+    split = [f for f in data if re.search(rf"(^|[/_.\-]){re.escape(spec.split)}([/_.\-]|$)", f)]
+    # A repo whose file names mention no split at all holds a single (train) split.
+    return split or (data if spec.split == "train" else [])
+
+
+def from_hub_dataset(
+    spec: DatasetSpec,
+    filters: dict[str, str],
+    input_field: str | None,
+    target_field: str | None,
+    max_examples: int,
+) -> tuple[list[Example], dict]:
+    from huggingface_hub import hf_hub_download
+
+    from ..hub import api, endpoint, hub_errors
+
+    with hub_errors(spec.repo_id):
+        info = api().dataset_info(spec.repo_id)
+        files = _data_files([s.rfilename for s in info.siblings or []], spec)
+    if not files:
+        raise InputError(
+            f"dataset '{spec.repo_id}' has no {'/'.join(DATA_SUFFIXES)} files for "
+            f"config {spec.config or '(any)'} and split '{spec.split}'.",
+            "Check the config and split names in HUB_ID[:CONFIG][@SPLIT].",
+        )
+    examples: list[Example] = []
+    for name in files:
+        with hub_errors(spec.repo_id):
+            local = Path(hf_hub_download(spec.repo_id, name, repo_type="dataset", revision=info.sha, endpoint=endpoint()))
+        for row in _rows(local):
+            if any(str(row.get(k)) != v for k, v in filters.items()):
+                continue
+            where = f"{spec.repo_id}/{name}"
+            examples.append(Example(_pick(row, input_field, INPUT_FIELDS, where), _pick(row, target_field, TARGET_FIELDS, where)))
+            if len(examples) >= max_examples:
+                break
+        if len(examples) >= max_examples:
+            break
+    if not examples:
+        raise InputError(
+            f"no rows of dataset '{spec.repo_id}' match {filters or 'the split'}.",
+            "Check the --filter field and value.",
+        )
+    source = {"type": "hub-dataset", "repo_id": spec.repo_id, "revision": info.sha, "config": spec.config,
+              "split": spec.split, "filters": filters}
+    return examples, source
+
+
+def load_training_data(
+    data: Path | None = None,
+    dataset: str | None = None,
+    filters: list[str] | None = None,
+    input_field: str | None = None,
+    target_field: str | None = None,
+    max_examples: int = 1000,
+) -> tuple[list[Example], dict]:
+    """(examples, provenance) from exactly one of a JSONL file or a Hub dataset."""
+    if (data is None) == (dataset is None):
+        raise InputError("give exactly one of --data FILE.jsonl or --dataset HUB_ID.", "See: lorahub card build --help")
+    if data is not None:
+        if filters:
+            raise InputError("--filter applies to --dataset only.", "Filter the JSONL file before building the card.")
+        return from_jsonl(data, input_field, target_field, max_examples)
+    return from_hub_dataset(DatasetSpec.parse(dataset), parse_filters(filters), input_field, target_field, max_examples)

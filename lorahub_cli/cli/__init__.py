@@ -1,0 +1,1 @@
+"""The `lorahub` command line: thin Typer commands over the library API."""

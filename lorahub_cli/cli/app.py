@@ -1,0 +1,90 @@
+"""The root `lorahub` command: assembles the command groups and turns errors into one-line messages."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from .. import __version__
+from ..errors import LorahubError
+from ..settings import debug
+from ._output import err
+
+HELP = """\
+Find, compose, evaluate and publish LoRA adapters for a new task from a handful of examples.
+
+Getting started: mirror adapters into your local registry with embedding cards,
+then ask which ones fit your examples.
+
+    lorahub registry add ./my-adapter --data train.jsonl
+    lorahub registry sync --catalog lorahub-flan-t5-large --cards
+    lorahub retrieve --shots examples.jsonl -k 20
+
+`lorahub walkthrough` runs all of this offline on adapters shipped with lorahub.
+State lives under $LORAHUB_HOME (see `lorahub registry path`); set LORAHUB_DEBUG=1 for tracebacks.
+"""
+
+app = typer.Typer(
+    name="lorahub",
+    help=HELP,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lorahub {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = None,
+) -> None:
+    pass
+
+
+def _register() -> None:
+    from . import card, registry, retrieve, walkthrough
+
+    app.add_typer(registry.app, name="registry")
+    app.add_typer(card.app, name="card")
+    app.command("retrieve", epilog=retrieve.EXAMPLES)(retrieve.retrieve)
+    app.command("walkthrough", epilog=walkthrough.EXAMPLES)(walkthrough.walkthrough)
+
+
+_register()
+
+
+def main() -> None:
+    """Console entry point: a LorahubError is one line on stderr and a non-zero exit."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except LorahubError as error:
+        if debug():
+            raise
+        # One unwrapped line, so that scripts and people can both read it.
+        sys.stderr.write(f"Error: {error}\n")
+        sys.exit(error.exit_code)
+    except click.exceptions.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        err.print("Interrupted.")
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the last line of defence before a traceback
+        if debug():
+            raise
+        sys.stderr.write(f"Internal error: {type(error).__name__}: {error}\n"
+                         "  Re-run with LORAHUB_DEBUG=1 for a traceback, and please report it.\n")
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,74 @@
+"""`lorahub card …`: build and inspect embedding cards."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ._options import (
+    DataOpt,
+    DatasetOpt,
+    EmbedderOpt,
+    FilterOpt,
+    InputFieldOpt,
+    InputsOnlyOpt,
+    InstructionOpt,
+    JsonOpt,
+    MaxExamplesOpt,
+    TargetFieldOpt,
+)
+from ._output import info, out, print_json
+from .registry import card_options, open_store
+
+app = typer.Typer(help="Build and inspect adapters' embedding cards.", no_args_is_help=True)
+
+
+@app.command(
+    epilog="""Examples:\n
+  lorahub card build sentiment --data train.jsonl\n
+  lorahub card build lorahub/flan_t5_large-ag_news_subset --dataset lorahub/flanv2 --filter task=ag_news_subset\n
+  lorahub card build sentiment --data train.jsonl --inputs-only --instruction "Represent the sentence for similar task retrieval: \""""
+)
+def build(
+    adapter_id: Annotated[str, typer.Argument(help="Registry id.")],
+    data: DataOpt = None,
+    dataset: DatasetOpt = None,
+    filter: FilterOpt = None,
+    input_field: InputFieldOpt = None,
+    target_field: TargetFieldOpt = None,
+    max_examples: MaxExamplesOpt = 1000,
+    embedder: EmbedderOpt = None,
+    inputs_only: InputsOnlyOpt = False,
+    instruction: InstructionOpt = "",
+    json_: JsonOpt = False,
+) -> None:
+    """Build (or rebuild) an adapter's card from its training data."""
+    from ..registry.cards import card_from_source
+
+    record, card = card_from_source(open_store(), adapter_id, **card_options(
+        data=data, dataset=dataset, filters=filter, input_field=input_field, target_field=target_field,
+        max_examples=max_examples, embedder=embedder, inputs_only=inputs_only, instruction=instruction, quiet=json_))
+    if json_:
+        print_json({"id": record.id, **card.metadata()})
+    else:
+        info(f"Card for [bold]{record.id}[/bold]: {card.n_examples} examples, {card.dim}-d, {card.embedder_key}.")
+
+
+@app.command(epilog="Examples:\n\n  lorahub card show sentiment\n\n  lorahub card show sentiment --json")
+def show(adapter_id: Annotated[str, typer.Argument(help="Registry id.")], json_: JsonOpt = False) -> None:
+    """Show an adapter's card: embedder, recipe, size and its most central training examples."""
+    from ..cards.card import Card
+
+    record = open_store().get(adapter_id)
+    card = Card.load(record.path, record.id)
+    if json_:
+        print_json({"id": record.id, **card.metadata()})
+        return
+    meta = card.metadata()
+    out.print(f"[bold]{record.id}[/bold]")
+    out.print(f"embedder: {card.embedder_key} ({card.dim}-d)", markup=False)
+    out.print(f"examples: {card.n_examples} (kept {meta['example_embeddings']} embeddings); recipe: {meta['recipe']}", markup=False)
+    out.print(f"source: {card.source}", markup=False)
+    for example in card.nearest:
+        out.print(f"  - {example['input'][:100]!r} -> {str(example['target'])[:60]!r}", markup=False)

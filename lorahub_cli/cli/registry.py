@@ -1,0 +1,241 @@
+"""`lorahub registry …`: the local store of adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import InputError, IntegrityError
+from ..settings import home
+from ._options import (
+    BaseModelOpt,
+    DataOpt,
+    DatasetOpt,
+    EmbedderOpt,
+    FilterOpt,
+    InputFieldOpt,
+    InputsOnlyOpt,
+    InstructionOpt,
+    JsonOpt,
+    MaxExamplesOpt,
+    TargetFieldOpt,
+)
+from ._output import err, info, out, print_json, progress, warn
+
+app = typer.Typer(
+    help="Mirror, list and check the adapters in your local registry ($LORAHUB_HOME).",
+    no_args_is_help=True,
+)
+
+
+def open_store():
+    from ..registry import Store
+
+    return Store(home())
+
+
+def card_options(**options) -> dict:
+    """The card-building options as `card_from_source` takes them; progress only for people, not --json."""
+    quiet = options.pop("quiet")
+    return {**options, "progress_factory": None if quiet else progress}
+
+
+@app.command(
+    epilog="""Examples:\n
+  lorahub registry add lorahub/flan_t5_large-ag_news_subset\n
+  lorahub registry add ./my-adapter --name sentiment --data train.jsonl\n
+  lorahub registry add lorahub/flan_t5_large-ag_news_subset --dataset lorahub/flanv2 --filter task=ag_news_subset"""
+)
+def add(
+    source: Annotated[str, typer.Argument(help="A Hub repo id (NAMESPACE/NAME) or a local PEFT adapter folder.")],
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit (Hub only).")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Registry id (default: repo id or folder name).")] = None,
+    base_model: BaseModelOpt = None,
+    data: DataOpt = None,
+    dataset: DatasetOpt = None,
+    filter: FilterOpt = None,
+    input_field: InputFieldOpt = None,
+    target_field: TargetFieldOpt = None,
+    max_examples: MaxExamplesOpt = 1000,
+    embedder: EmbedderOpt = None,
+    inputs_only: InputsOnlyOpt = False,
+    instruction: InstructionOpt = "",
+    force: Annotated[bool, typer.Option("--force", help="Mirror again even if this commit is stored.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too."""
+    from ..registry.cards import card_from_source
+    from ..registry.mirror import add_hub, add_local, is_local_source
+
+    store = open_store()
+    if is_local_source(source):
+        if revision:
+            raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
+        result = add_local(store, Path(source), name=name, base_model=base_model, warn=warn)
+    else:
+        result = add_hub(store, source, revision=revision, name=name, base_model=base_model, force=force, warn=warn)
+    record = result.record
+    if data is not None or dataset is not None:
+        record, _ = card_from_source(store, record.id, **card_options(
+            data=data, dataset=dataset, filters=filter, input_field=input_field, target_field=target_field,
+            max_examples=max_examples, embedder=embedder, inputs_only=inputs_only, instruction=instruction, quiet=json_))
+    if json_:
+        print_json({**result.to_json(), "adapter": record.to_json()})
+    else:
+        where = f"@{record.revision[:12]}" if record.revision else ""
+        card = "with card" if record.has_card else "no card"
+        info(f"{result.status.capitalize()} [bold]{record.id}[/bold]{where} ({record.base_model}, r={record.r}, {card}).")
+
+
+def _summary(results) -> Table:
+    table = Table(title="Sync summary")
+    for column in ("adapter", "status", "commit", "message"):
+        table.add_column(column, overflow="fold")
+    for result in results:
+        colour = {"failed": "red", "skipped": "dim"}.get(result.status, "green")
+        table.add_row(result.id, f"[{colour}]{result.status}[/{colour}]", (result.revision or "")[:12], result.message)
+    return table
+
+
+@app.command(
+    epilog="""Examples:\n
+  lorahub registry sync --catalog lorahub-flan-t5-large\n
+  lorahub registry sync --catalog lorahub-flan-t5-large --cards\n
+  lorahub registry sync --author lorahub --search flan_t5_large"""
+)
+def sync(
+    catalog: Annotated[Optional[str], typer.Option("--catalog", help="A shipped catalogue name or a catalogue JSON file.")] = None,
+    author: Annotated[Optional[str], typer.Option("--author", help="Mirror every model repo of this Hub user or org.")] = None,
+    search: Annotated[Optional[str], typer.Option("--search", help="With --author: only repos whose id contains this.")] = None,
+    cards: Annotated[bool, typer.Option("--cards", help="Also build cards from the catalogue's training dataset.")] = False,
+    base_model: BaseModelOpt = None,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = 4,
+    max_examples: MaxExamplesOpt = 1000,
+    embedder: EmbedderOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Mirror many adapters in parallel. Re-running skips what is stored at the same commit; failures do not stop the rest."""
+    from ..registry.cards import card_from_source
+    from ..registry.catalog import Catalog, list_author, sync as sync_entries
+
+    if (catalog is None) == (author is None):
+        raise InputError("give exactly one of --catalog NAME or --author ORG.", "See: lorahub registry sync --help")
+    if search and not author:
+        raise InputError("--search goes with --author.", "Example: lorahub registry sync --author lorahub --search t5")
+    store = open_store()
+    loaded = Catalog.load(catalog) if catalog else None
+    entries = loaded.entries if loaded else list_author(author, search)
+    if cards and not (loaded and loaded.dataset):
+        raise InputError("--cards needs a catalogue that names a training dataset.", "Build cards with: lorahub card build ID --dataset ...")
+    with progress(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
+        results = sync_entries(store, entries, base_model=base_model or (loaded.base_model if loaded else None),
+                               workers=workers, on_result=lambda r: advance(), warn=warn)
+    if cards:
+        tasks = {e.repo_id: e.task for e in entries if e.task}
+        todo = [r for r in results if r.status != "failed" and tasks.get(r.id) and not (r.record and r.record.has_card)]
+        with progress(f"Building {len(todo)} cards", len(todo)) as advance:
+            for result in todo:
+                try:
+                    card_from_source(store, result.id, dataset=loaded.dataset,
+                                     filters=[f"{loaded.task_field}={tasks[result.id]}"],
+                                     max_examples=max_examples, embedder=embedder)
+                    result.message = "card built"
+                except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
+                    result.message = f"card failed: {error}"
+                advance()
+    failed = sum(r.status == "failed" for r in results)
+    if json_:
+        print_json({"results": [r.to_json() for r in results], "failed": failed})
+    else:
+        err.print(_summary(results))
+        counts = {s: sum(r.status == s for r in results) for s in ("added", "updated", "skipped", "failed")}
+        info(", ".join(f"{n} {s}" for s, n in counts.items()))
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command(
+    "list",
+    epilog="""Examples:\n
+  lorahub registry list\n
+  lorahub registry list --base-model google/flan-t5-large --json""",
+)
+def list_(base_model: BaseModelOpt = None, json_: JsonOpt = False) -> None:
+    """List the adapters in the registry."""
+    records = open_store().list(base_model)
+    if json_:
+        print_json([r.to_json() for r in records])
+        return
+    if not records:
+        info("The registry is empty. Add adapters with: lorahub registry add SOURCE")
+        return
+    table = Table()
+    for column in ("id", "base model", "r", "alpha", "targets", "source", "card"):
+        table.add_column(column, overflow="fold")
+    for r in records:
+        source = f"{r.source}@{r.revision[:8]}" if r.revision else r.source
+        table.add_row(r.id, r.base_model, str(r.r), f"{r.lora_alpha:g}", ",".join(r.target_modules), source,
+                      "yes" if r.has_card else "-")
+    out.print(table)
+
+
+@app.command(epilog="Examples:\n\n  lorahub registry show lorahub/flan_t5_large-ag_news_subset --json")
+def show(adapter_id: Annotated[str, typer.Argument(help="Registry id.")], json_: JsonOpt = False) -> None:
+    """Show everything the registry knows about one adapter."""
+    record = open_store().get(adapter_id)
+    if json_:
+        print_json(record.to_json())
+        return
+    for key, value in record.to_json().items():
+        out.print(f"[bold]{key}[/bold]: {value}", highlight=False, markup=True)
+
+
+@app.command(epilog="Examples:\n\n  lorahub registry remove my-adapter --yes")
+def remove(
+    adapter_id: Annotated[str, typer.Argument(help="Registry id.")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Really delete it.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")] = False,
+) -> None:
+    """Delete an adapter and its card from the registry."""
+    store = open_store()
+    record = store.get(adapter_id)
+    if dry_run:
+        info(f"Would delete {record.id} ({record.path}).")
+        return
+    if not yes:
+        raise InputError(f"removing '{adapter_id}' deletes its files.", "Confirm with --yes (or look first with --dry-run).")
+    store.remove(adapter_id)
+    info(f"Removed {adapter_id}.")
+
+
+@app.command(epilog="Examples:\n\n  lorahub registry verify\n\n  lorahub registry verify --prune --json")
+def verify(
+    prune: Annotated[bool, typer.Option("--prune", help="Delete folders left unindexed by interrupted adds.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Re-hash every stored file; exits non-zero if any is missing or corrupted."""
+    store = open_store()
+    with progress("Verifying", None):
+        problems, orphans = store.verify(prune=prune)
+    if json_:
+        print_json({"ok": not problems, "problems": problems, "orphans": [str(p) for p in orphans], "pruned": prune})
+    else:
+        for p in problems:
+            err.print(f"[red]{p['id']}[/red]: {p['file']}: {p['problem']}")
+        if orphans:
+            info(f"{len(orphans)} unindexed folder(s) from interrupted adds" + (" pruned." if prune else "; remove them with --prune."))
+        info(f"{len(store.list())} adapters checked, {len(problems)} problem(s).")
+    if problems:
+        raise IntegrityError(
+            f"{len(problems)} stored file(s) are missing or corrupted.",
+            "Re-add the adapters listed above with: lorahub registry add SOURCE --force",
+        )
+
+
+@app.command(epilog="Examples:\n\n  lorahub registry path")
+def path() -> None:
+    """Print the registry's home folder (set it with LORAHUB_HOME)."""
+    print(home())

@@ -1,0 +1,1 @@
+"""The small example library shipped in registry/examples/ for `lorahub walkthrough` and the tests."""

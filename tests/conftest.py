@@ -1,0 +1,70 @@
+"""Shared fixtures: a private lorahub home per test, an in-process CLI runner, the example library."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hubserver import hub, hub_env  # noqa: F401  (fixtures)
+
+from lorahub_cli.settings import shipped_dir
+
+EXAMPLES = shipped_dir() / "examples"
+
+
+@pytest.fixture(autouse=True)
+def lorahub_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "lorahub-home"
+    monkeypatch.setenv("LORAHUB_HOME", str(home))
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.delenv("LORAHUB_DEBUG", raising=False)
+    return home
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `lorahub ARGS…` in this process through the real entry point (exit codes and error formatting included)."""
+    from lorahub_cli.cli.app import main
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        monkeypatch.setattr(sys, "argv", ["lorahub", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def example_registry(tmp_path_factory) -> Path:
+    """A registry home holding the eight example adapters with cards; built once, copied per test."""
+    from lorahub_cli.examples.walkthrough import run
+    from lorahub_cli.registry import Store
+
+    home = tmp_path_factory.mktemp("examples-home")
+    run(Store(home), "sentiment")
+    return home
+
+
+@pytest.fixture
+def registry_with_examples(example_registry, lorahub_home) -> Path:
+    shutil.copytree(example_registry, lorahub_home)
+    return lorahub_home
