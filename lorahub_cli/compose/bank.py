@@ -1,0 +1,204 @@
+"""The LoRA bank: N candidate adapters injected once into a base model, composed per row.
+
+Every targeted nn.Linear (or GPT-2 Conv1D) is wrapped by a `BankedLayer` that holds the
+N adapters' factors side by side and adds, for each batch row b, the delta of the
+composition with weights W[g(b)]:
+
+    with bank.weights(W):          # W: (P, N); the batch has P * K rows
+        model(**batch)             # rows p*K .. p*K+K-1 use W[p]
+
+so an optimiser's whole population (P weight vectors x K shots) or a batch of mixed
+requests runs in one forward pass. No merged d_out x d_in weight and no
+rows x tokens x N x d_out tensor is ever built. Gradients flow to W; the base and
+adapter weights stay frozen. Without a `weights` context the bank is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import InputError
+from .adapters import LoraAdapter, check_compatible
+from .formulas import FORMULAS
+
+BANK_MODES = ("elementwise", "linear")
+
+
+class _BankState:
+    """The weights and mode of the current forward pass, shared by every BankedLayer."""
+
+    def __init__(self) -> None:
+        self.weights: torch.Tensor | None = None  # (P, N)
+        self.mode = "elementwise"
+
+
+class BankedLayer(nn.Module):
+    """A frozen base layer plus N LoRA adapters evaluated under per-row weights."""
+
+    def __init__(self, base: nn.Module, As, Bs, scalings, state: _BankState):
+        super().__init__()
+        self.base = base
+        self.state = state
+        ref = base.weight
+        ranks = [a.shape[0] for a in As]
+        # Factors side by side: the linear mode needs the concatenation, the elementwise
+        # mode views it as (N, r, ...) when all ranks are equal.
+        self.register_buffer("lora_A", torch.cat(list(As)).to(ref), persistent=False)  # (R, d_in)
+        self.register_buffer("lora_B", torch.cat(list(Bs), dim=1).to(ref), persistent=False)  # (d_out, R)
+        owner = torch.repeat_interleave(torch.arange(len(As)), torch.tensor(ranks))  # (R,): adapter of each rank column
+        self.register_buffer("owner", owner.to(ref.device), persistent=False)
+        col_scaling = torch.tensor(scalings, dtype=torch.float32)[owner]  # (R,): s_i of each rank column
+        self.register_buffer("col_scaling", col_scaling.to(ref), persistent=False)
+        self.n, self.rank = len(As), ranks[0] if len(set(ranks)) == 1 else None
+
+    # Some transformers code reads `.weight` / `.bias` of the layers it built (dtype probes, init).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        W = self.state.weights
+        if W is None:
+            return y
+        P, rows = W.shape[0], x.shape[0]
+        if rows % P:
+            raise InputError(
+                f"a batch of {rows} rows cannot be split among {P} weight vectors.",
+                "Make the batch P * K rows for P weight vectors (K rows each).",
+            )
+        W = W.to(x.dtype)  # (P, N); the cast stays in the autograd graph
+        xg = x.reshape(P, -1, x.shape[-1])  # (P, K*T, d_in): the K rows of vector p are contiguous
+        if self.state.mode == "linear":
+            delta = self._linear(xg, W)
+        else:
+            delta = self._elementwise(xg, W)
+        return y + delta.reshape(*y.shape[:-1], -1)  # (rows, ..., d_out)
+
+    def _linear(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        # y_p = sum_i w_pi s_i (x A_i^T) B_i^T: one rank-R LoRA whose middle is scaled per row.
+        h = xg @ self.lora_A.T  # (P, K*T, R)
+        g = W[:, self.owner] * self.col_scaling  # (P, R): w_pi s_i on adapter i's rank columns
+        return (h * g[:, None, :]) @ self.lora_B.T  # (P, K*T, R) @ (R, d_out) -> (P, K*T, d_out)
+
+    def _elementwise(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        # Merging the rank-r factors per weight vector costs P (r d_in + r d_out) and is N
+        # times cheaper per token than the x A_cat^T route of the identity in methods.md.
+        A = self.lora_A.view(self.n, self.rank, -1)  # (N, r, d_in)
+        B = self.lora_B.view(-1, self.n, self.rank)  # (d_out, N, r)
+        A_p = torch.einsum("pn,nrd->prd", W, A)  # (P, r, d_in): sum_i w_pi A_i
+        B_p = torch.einsum("pn,onr->por", W * self.col_scaling[0], B)  # (P, d_out, r): s sum_i w_pi B_i
+        z = xg @ A_p.transpose(1, 2)  # (P, K*T, r)
+        return z @ B_p.transpose(1, 2)  # (P, K*T, d_out)
+
+
+class LoraBank:
+    """N adapters injected into `model` in place; see the module docstring.
+
+    `formula` is the default for `weights()`: "elementwise" (LoraHub; also fusion, with
+    rows of 1/k) or "linear". Call `remove()` to restore the original modules.
+    """
+
+    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter], formula: str = "elementwise"):
+        check_compatible(adapters)
+        self.model = model
+        self.names = [a.name for a in adapters]
+        self._elementwise_ok = len({a.r for a in adapters}) == 1 and len({a.scaling for a in adapters}) == 1
+        self.formula = self._mode(formula)
+        targets = {module: self._target(model, module, adapters[0]) for module in adapters[0].modules}
+        # Everything is checked; from here on the model is modified.
+        self._state = _BankState()
+        self._trainable = [p for p in model.parameters() if p.requires_grad]
+        model.requires_grad_(False)
+        self._originals: dict[str, nn.Module] = {}
+        for module, base in targets.items():
+            As = [a.modules[module][0] for a in adapters]
+            Bs = [a.modules[module][1] for a in adapters]
+            _set_submodule(model, module, BankedLayer(base, As, Bs, [a.scaling for a in adapters], self._state))
+            self._originals[module] = base
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    @contextmanager
+    def weights(self, W: torch.Tensor, formula: str | None = None) -> Iterator[None]:
+        """Compose with W, shape (P, N) or (N,) for one vector for the whole batch."""
+        if not self._originals:
+            raise InputError("this bank was removed.", "Build a new LoraBank.")
+        W = W if torch.is_tensor(W) else torch.as_tensor(W, dtype=torch.float32)
+        W = W.unsqueeze(0) if W.ndim == 1 else W
+        if W.ndim != 2 or W.shape[1] != self.n or not W.is_floating_point():
+            raise InputError(
+                f"weights of shape {tuple(W.shape)} do not fit a bank of {self.n} adapters.",
+                f"Give a float tensor of shape (P, {self.n}).",
+            )
+        mode = self._mode(formula or self.formula)
+        W = W.to(next(self.model.parameters()).device)  # once here, not in every layer
+        saved = self._state.weights, self._state.mode
+        self._state.weights, self._state.mode = W, mode
+        try:
+            yield
+        finally:
+            self._state.weights, self._state.mode = saved
+
+    def remove(self) -> nn.Module:
+        """Put the original modules back and unfreeze what was trainable; returns the model."""
+        for module, base in self._originals.items():
+            _set_submodule(self.model, module, base)
+        for p in self._trainable:
+            p.requires_grad_(True)
+        self._originals, self._trainable = {}, []
+        return self.model
+
+    def _mode(self, formula: str) -> str:
+        spec = FORMULAS.get(formula)
+        if spec is None or spec.bank_mode not in BANK_MODES:
+            bankable = [name for name, f in FORMULAS.items() if f.bank_mode]
+            raise InputError(f"the bank cannot evaluate formula '{formula}'.", f"Choose one of: {', '.join(bankable)}.")
+        if spec.bank_mode == "elementwise" and not self._elementwise_ok:
+            raise InputError(
+                f"formula '{formula}' needs adapters of one rank and one scaling.", "Use formula 'linear'."
+            )
+        return spec.bank_mode
+
+    @staticmethod
+    def _target(model: nn.Module, module: str, adapter: LoraAdapter) -> nn.Module:
+        try:
+            base = model.get_submodule(module)
+        except AttributeError:
+            raise InputError(
+                f"adapter '{adapter.name}' targets '{module}', which the base model does not have.",
+                f"Load the base model the adapter was trained on ({adapter.base_model_name_or_path}).",
+            ) from None
+        if isinstance(base, nn.Linear):
+            d_in, d_out = base.in_features, base.out_features
+        elif isinstance(base, Conv1D):
+            d_in, d_out = base.weight.shape  # Conv1D stores (d_in, d_out)
+        else:
+            raise InputError(
+                f"module '{module}' is a {type(base).__name__}; the bank supports nn.Linear and Conv1D.",
+                "Choose adapters that target linear layers.",
+            )
+        A, B = adapter.modules[module]
+        if (A.shape[1], B.shape[0]) != (d_in, d_out):
+            raise InputError(
+                f"adapter '{adapter.name}' module '{module}' is {A.shape[1]} -> {B.shape[0]} "
+                f"but the base model's layer is {d_in} -> {d_out}.",
+                f"Load the base model the adapter was trained on ({adapter.base_model_name_or_path}).",
+            )
+        return base
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
