@@ -39,35 +39,50 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_t5(seed: int = 0, layers: int = 2) -> T5ForConditionalGeneration:
+def tiny_t5(seed: int = 0, layers: int = 2, vocab: int = VOCAB) -> T5ForConditionalGeneration:
     torch.manual_seed(seed)
     config = T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_heads=4,
+        vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=layers, num_heads=4,
         relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
     )
     return T5ForConditionalGeneration(config).eval()
 
 
-def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = VOCAB) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     # Two key/value heads for four query heads: v_proj is 32 -> 16, so d_out != d_in is exercised.
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=1, pad_token_id=0,
     )
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_gpt2(seed: int = 0, layers: int = 2) -> GPT2LMHeadModel:
+def tiny_gpt2(seed: int = 0, layers: int = 2, vocab: int = VOCAB) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1
+        vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=512, bos_token_id=1, eos_token_id=1
     )
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_model(kind: str, seed: int = 0, layers: int = 2):
-    return {"t5": tiny_t5, "llama": tiny_llama, "gpt2": tiny_gpt2}[kind](seed=seed, layers=layers)
+def tiny_model(kind: str, seed: int = 0, layers: int = 2, vocab: int = VOCAB):
+    return {"t5": tiny_t5, "llama": tiny_llama, "gpt2": tiny_gpt2}[kind](seed=seed, layers=layers, vocab=vocab)
+
+
+def save_tiny_base(kind: str, path: str | Path, seed: int = 0):
+    """A tiny random model saved with a byte-level tokenizer (ByT5's: no vocabulary file, no download).
+
+    Returns the model; `AutoModel*.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)` load it.
+    """
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer(extra_ids=0)  # ids: 0 pad, 1 </s>, 2 unk, 3 + byte
+    model = tiny_model(kind, seed=seed, vocab=len(tokenizer))
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return model
 
 
 def kind_of(model) -> str:

@@ -64,16 +64,10 @@ def _folder_revision(folder: Path) -> str:
 @functools.lru_cache(maxsize=4)
 def load_embedder(name_or_path: str | None = None) -> Embedder:
     """Load an embedder: None or the default id for the offline default, else a sentence-transformers id or folder."""
-    from transformers.utils import logging
+    from ..quiet import quiet_loading
 
-    # transformers draws its own weight-loading bar on stderr; ours are enough.
-    shown = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
+    with quiet_loading():
         return _load(name_or_path)
-    finally:
-        if shown:
-            logging.enable_progress_bar()
 
 
 def _load(name_or_path: str | None) -> Embedder:

@@ -1,0 +1,309 @@
+"""From a few examples to a composed adapter: select modules, load them into a bank, search, compose.
+
+`compose_task` is LoraHub / BatchComp (one composition for the task); `compose_instance`
+is iLoraComp (one composition per shot, plus a router that sends each input to its
+nearest shot). Both return a `Composition` that `write` saves as folders.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import InputError
+from ..io import Example, atomic_write_json
+from ..models import BaseModel, encode, load_base_model
+from ..registry.store import AdapterRecord, Store
+from .adapters import LoraAdapter, load_adapter
+from .bank import LoraBank
+from .export import RECIPE_FILE, MODEL_CARD, model_card, write_adapter_folder, write_folder
+from .formulas import compose, get_formula
+from .objective import loss_function
+from .search import SearchConfig, SearchResult, search
+
+SELECTIONS = ("auto", "random")
+ROUTER_FILE = "router.safetensors"
+
+
+@dataclass
+class ComposeOptions:
+    base_model: str | None = None  # restricts candidates; also the model loaded unless model_path is set
+    model_path: str | None = None  # load the base model from here (a local copy) instead of its name
+    formula: str = "elementwise"
+    formula_options: dict = field(default_factory=dict)
+    modules: str | list[str] = "auto"  # auto (retrieval) | random (LoraHub) | explicit registry ids
+    num_modules: int = 20
+    search: SearchConfig = field(default_factory=SearchConfig)
+    weights: dict[str, float] | None = None  # fixed weights: no search
+    warm_start: bool = False  # instance level: start every shot's search from the task-level weights
+    dtype: str = "auto"
+    device: str = "auto"
+    max_rows: int = 64
+    embedder: str | None = None
+
+
+@dataclass
+class Composition:
+    recipe: dict
+    adapters: list[LoraAdapter]  # one (task level) or one per shot (instance level)
+    results: list[SearchResult | None]  # every search that ran (instance level: the warm start first)
+    router: torch.Tensor | None = None  # (K, dim) shot inputs, instance level only
+
+
+# --- choosing and loading modules --------------------------------------------------------------
+
+
+def _candidates(store: Store, base_model: str | None) -> list[AdapterRecord]:
+    records = store.list(base_model)
+    if not records:
+        where = f" for base model '{base_model}'" if base_model else ""
+        raise InputError(f"the registry has no adapters{where}.", "Add some with: lorahub registry add SOURCE")
+    bases = sorted({r.base_model for r in records})
+    if len(bases) > 1:
+        raise InputError(f"the registry holds adapters for several base models ({', '.join(bases)}).", "Choose one with --base-model.")
+    return records
+
+
+def select_modules(store: Store, shots: list[Example], options: ComposeOptions) -> tuple[list[AdapterRecord], dict]:
+    """The candidate modules and how they were chosen (for the recipe)."""
+    if isinstance(options.modules, list):
+        records = [store.get(i) for i in dict.fromkeys(options.modules)]
+        return records, {"method": "explicit"}
+    if options.modules == "random":
+        pool = _candidates(store, options.base_model)
+        if len(pool) < options.num_modules:
+            raise InputError(f"the registry has {len(pool)} adapters, fewer than -n {options.num_modules}.", f"Use -n {len(pool)} or add adapters.")
+        chosen = random.Random(options.search.seed).sample(pool, options.num_modules)
+        return chosen, {"method": "random", "seed": options.search.seed, "n": options.num_modules}
+    if options.modules != "auto":
+        raise InputError(f"--modules '{options.modules}' is not auto, random or a list of ids.", "Example: --modules auto")
+    from .. import retrieval
+
+    index = retrieval.CardIndex.from_store(store, options.base_model)
+    ranked = retrieval.task_level(index, index.embedder(options.embedder), shots, options.num_modules)["results"]
+    selection = {"method": "auto", "n": options.num_modules, "embedder": f"{index.embedder_id}@{index.embedder_revision}",
+                 "scores": {r["id"]: r["score"] for r in ranked}}
+    return [store.get(r["id"]) for r in ranked], selection
+
+
+def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter]:
+    """Load each adapter after checking its weights against the registry's hash."""
+    adapters = []
+    for record in records:
+        store.check_file(record, "adapter_model.safetensors")
+        adapters.append(load_adapter(record.path, name=record.id))
+    return adapters
+
+
+def _module_entries(records: list[AdapterRecord], weights) -> list[dict]:
+    return [{"id": r.id, "source": r.source, "revision": r.revision, "sha256": r.files["adapter_model.safetensors"],
+             "weight": float(w)} for r, w in zip(records, weights)]
+
+
+def _versions() -> dict:
+    import nevergrad
+    import peft
+    import transformers
+
+    return {"lorahub": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "nevergrad": nevergrad.__version__}
+
+
+def _search_entry(config: SearchConfig, result: SearchResult | None) -> dict | None:
+    if result is None:
+        return None
+    return {**config.to_json(), "engine": result.engine, "evaluations": result.evaluations, "seconds": round(result.seconds, 3),
+            "loss": result.loss, "objective": result.objective, "nonfinite": result.nonfinite, "curve": result.curve}
+
+
+# --- the search ----------------------------------------------------------------------------------
+
+
+def _fixed_weights(records: list[AdapterRecord], options: ComposeOptions) -> list[float] | None:
+    """Weights given by the user, or implied by a formula that takes none; None means: search."""
+    spec = get_formula(options.formula)
+    if spec.fixed_weights:
+        return [1.0 / len(records)] * len(records)
+    if options.weights is not None:
+        unknown = sorted(set(options.weights) - {r.id for r in records})
+        if unknown:
+            raise InputError(f"--weights names adapters that are not among the modules: {', '.join(unknown)}.", "Give a weight for each module id.")
+        return [float(options.weights.get(r.id, 0.0)) for r in records]
+    if spec.bank_mode is None:
+        # ties / dare_linear / svd are fixed-weight merges: without weights, an even average.
+        return [1.0 / len(records)] * len(records)
+    return None
+
+
+class _Session:
+    """A base model with a bank of adapters and the encoded shots: everything a search needs."""
+
+    def __init__(self, adapters: list[LoraAdapter], shots: list[Example], options: ComposeOptions):
+        name = options.model_path or options.base_model or adapters[0].base_model_name_or_path
+        self.base: BaseModel = load_base_model(name, dtype=options.dtype, device=options.device)
+        self.batch = encode(self.base, shots)
+        self.adapters, self.max_rows = adapters, options.max_rows
+        # Fixed-weight PEFT merges are scored by evaluating their result, never searched.
+        self.formula = options.formula if get_formula(options.formula).bank_mode else "elementwise"
+        self._inject()
+
+    def _inject(self) -> None:
+        self.bank = LoraBank(self.base.model, self.adapters, formula=self.formula)
+        self.loss_fn = loss_function(self.base, self.bank, self.batch, formula=self.bank.formula, max_rows=self.max_rows)
+
+    def evaluate(self, adapter: LoraAdapter) -> float:
+        """The loss of a composed adapter on its own (a one-adapter bank at weight 1): checks the export."""
+        self.bank.remove()
+        single = LoraBank(self.base.model, [adapter], formula="elementwise")
+        try:
+            with torch.no_grad():
+                loss = loss_function(self.base, single, self.batch, formula="elementwise")(torch.ones(1, 1))
+        finally:
+            single.remove()
+            self._inject()
+        return float(loss[0])
+
+
+def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=None, init=None, progress=None) -> SearchResult:
+    """Search N weights; with `columns`, the N weights are these columns of a larger bank (others 0)."""
+    loss_fn = session.loss_fn
+    if columns is not None:
+        width, index = session.bank.n, torch.tensor(columns)
+
+        def loss_fn(W, inner=session.loss_fn):  # (P, N) -> (P, width) with zeros elsewhere
+            full = torch.zeros(W.shape[0], width, dtype=W.dtype).index_copy(1, index, W)
+            return inner(full)
+
+    return search(loss_fn, n, options.search, init=init, progress=progress)
+
+
+# --- the two levels ------------------------------------------------------------------------------
+
+
+def _recipe(options: ComposeOptions, level: str, base_model: str, task_type: str | None, shots_meta: dict, selection: dict) -> dict:
+    return {"format": 1, "lorahub_version": __version__, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "level": level, "base_model": base_model, "task_type": task_type, "formula": options.formula,
+            "formula_options": options.formula_options, "selection": selection, "shots": shots_meta,
+            "dtype": options.dtype, "versions": _versions()}
+
+
+def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None) -> Composition:
+    """One composition for the whole task (LoraHub with --modules random, BatchComp with auto)."""
+    get_formula(options.formula)
+    records, selection = select_modules(store, shots, options)
+    adapters = load_modules(store, records)
+    weights = _fixed_weights(records, options)
+    spec = get_formula(options.formula)
+    merge = lambda w: compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **options.formula_options)  # noqa: E731
+    merge(weights or [0.0] * len(adapters))  # every check (ranks, targets, options) before the model loads
+    session = _Session(adapters, shots, options)
+    result = None
+    if weights is None:
+        result = _run_search(session, len(adapters), options, progress=progress)
+        weights = result.weights
+    adapter = merge(weights)
+    loss = session.evaluate(adapter)
+    recipe = _recipe(options, "task", adapter.base_model_name_or_path, adapter.task_type, shots_meta, selection)
+    recipe.update(modules=_module_entries(records, weights), search=_search_entry(options.search, result), loss=loss)
+    return Composition(recipe, [adapter], [result])
+
+
+def compose_instance(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None) -> Composition:
+    """iLoraComp: per shot, the top-N modules by that shot's embedding, weights searched on all K shots."""
+    from .. import retrieval
+
+    spec = get_formula(options.formula)
+    if spec.bank_mode is None or spec.fixed_weights or options.weights is not None:
+        raise InputError("--level instance searches weights per shot.", "Use --formula elementwise or linear, without --weights.")
+    if isinstance(options.modules, list) or options.modules != "auto":
+        raise InputError("--level instance retrieves modules per shot.", "Use --modules auto (the default).")
+    index = retrieval.CardIndex.from_store(store, options.base_model)
+    embedder = index.embedder(options.embedder)
+    per_shot = retrieval.instance_level(index, embedder, shots, options.num_modules)["shots"]
+    sets = [[r["id"] for r in shot["results"]] for shot in per_shot]
+    task_ids = [r["id"] for r in retrieval.task_level(index, embedder, shots, options.num_modules)["results"]] if options.warm_start else []
+    union = list(dict.fromkeys([i for ids in sets for i in ids] + task_ids))
+    records = [store.get(i) for i in union]
+    adapters = load_modules(store, records)
+    compose(adapters, [0.0] * len(adapters), options.formula)  # every check before the model loads
+    session = _Session(adapters, shots, options)
+    position = {i: p for p, i in enumerate(union)}
+    warm, results = None, []
+    if options.warm_start:
+        warm_result = _run_search(session, len(task_ids), options, columns=[position[i] for i in task_ids], progress=progress)
+        warm = dict(zip(task_ids, warm_result.weights))
+        results.append(warm_result)
+    compositions, entries = [], []
+    for j, ids in enumerate(sets):
+        init = [warm.get(i, 0.0) for i in ids] if warm else None
+        result = _run_search(session, len(ids), options, columns=[position[i] for i in ids], init=init, progress=progress)
+        chosen = [records[position[i]] for i in ids]
+        adapter = compose([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
+        compositions.append(adapter)
+        results.append(result)
+        entries.append({"shot": j, "folder": f"compositions/shot-{j}", "modules": _module_entries(chosen, result.weights),
+                        "search": _search_entry(options.search, result), "loss": session.evaluate(adapter)})
+    router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
+    selection = {"method": "auto", "level": "instance", "n": options.num_modules, "warm_start": options.warm_start,
+                 "embedder": f"{index.embedder_id}@{index.embedder_revision}"}
+    recipe = _recipe(options, "instance", compositions[0].base_model_name_or_path, compositions[0].task_type, shots_meta, selection)
+    if warm:
+        recipe["warm_start"] = {"modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
+                                "search": _search_entry(options.search, warm_result)}
+    recipe.update(compositions=entries, router={"file": ROUTER_FILE, "embedder": selection["embedder"],
+                                                "instruction": index.recipe.instruction, "shots": [s.input for s in shots]})
+    return Composition(recipe, compositions, results, router)
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def write(composition: Composition, out: Path, *, overwrite: bool = False) -> Path:
+    """Save a composition as a folder, atomically (see export.write_folder)."""
+    recipe = composition.recipe
+
+    def fill(tmp: Path) -> None:
+        if recipe["level"] == "task":
+            write_adapter_folder(tmp, composition.adapters[0], recipe)
+            return
+        from safetensors.torch import save_file
+
+        for entry, adapter in zip(recipe["compositions"], composition.adapters):
+            shot_recipe = {**{k: v for k, v in recipe.items() if k not in ("compositions", "router")},
+                           "level": "task", "modules": entry["modules"], "search": entry["search"], "loss": entry["loss"]}
+            write_adapter_folder(tmp / entry["folder"], adapter, shot_recipe)
+        save_file({"shots": composition.router.contiguous()}, tmp / ROUTER_FILE)
+        atomic_write_json(tmp / RECIPE_FILE, recipe)
+        (tmp / MODEL_CARD).write_text(_instance_card(recipe), encoding="utf-8")
+
+    return write_folder(out, fill, overwrite=overwrite)
+
+
+def _instance_card(recipe: dict) -> str:
+    first = {**recipe, "modules": recipe["compositions"][0]["modules"], "search": recipe["compositions"][0]["search"]}
+    card = model_card(first).split("\n## Use")[0]
+    return card + (f"\nThis is an instance-level composition: {len(recipe['compositions'])} adapters under `compositions/`, "
+                   f"one per example, and `{ROUTER_FILE}`, the examples' input embeddings. Each input is answered by the "
+                   "composition of the example whose input is most similar (see `lorahub_recipe.json`). The table above "
+                   "shows the first composition.\n")
+
+
+def rebuild(store: Store, recipe: dict) -> LoraAdapter:
+    """The adapter a task-level recipe describes, from the registry's modules, checked against their hashes."""
+    if recipe.get("level") != "task":
+        raise InputError("--from-recipe rebuilds task-level recipes.", "Rebuild each compositions/shot-*/lorahub_recipe.json instead.")
+    records = []
+    for module in recipe["modules"]:
+        record = store.get(module["id"])
+        if record.files.get("adapter_model.safetensors") != module["sha256"]:
+            raise InputError(f"module '{module['id']}' in the registry is not the one the recipe used (sha256 differs).",
+                             f"Mirror the recorded revision: lorahub registry add {module['source']} --revision {module['revision']}")
+        records.append(record)
+    spec = get_formula(recipe["formula"])
+    weights = None if spec.fixed_weights else [m["weight"] for m in recipe["modules"]]
+    return compose(load_modules(store, records), weights, recipe["formula"], name="composed", **recipe.get("formula_options", {}))

@@ -1,0 +1,217 @@
+"""`lorahub compose` end to end on tiny random models: search, export, reload in PEFT, rebuild."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from conftest import EXAMPLES
+from lorahub_cli.compose.search import OPTIMIZERS
+from lorahub_cli.io import read_examples
+from lorahub_cli.models import encode, load_base_model, token_losses
+from lorahub_cli.registry import Store
+from lorahub_cli.registry.cards import card_from_source
+from lorahub_cli.registry.mirror import add_local
+from tiny_models import make_lora_adapter, save_tiny_base
+
+TASKS = ["capitals", "addition", "sentiment", "antonyms"]
+SHOTS = EXAMPLES / "shots" / "capitals.jsonl"
+
+
+def build_library(root, kind="t5", with_cards=True):
+    """A tiny base model on disk and four adapters for it (non-zero B), registered with cards."""
+    base_dir = root / f"base-{kind}"
+    model = save_tiny_base(kind, base_dir)
+    home = root / f"home-{kind}"
+    store = Store(home)
+    for seed, task in enumerate(TASKS):
+        folder = make_lora_adapter(model, root / kind / task, r=4, alpha=8, seed=seed, base_model_name=str(base_dir))
+        add_local(store, folder, name=task)
+        if with_cards:
+            card_from_source(store, task, data=EXAMPLES / "data" / f"{task}.jsonl")
+    return home, base_dir
+
+
+@pytest.fixture(scope="session")
+def t5_library(tmp_path_factory):
+    return build_library(tmp_path_factory.mktemp("t5-library"))
+
+
+@pytest.fixture
+def t5_home(t5_library, lorahub_home):
+    shutil.copytree(t5_library[0], lorahub_home)
+    return lorahub_home, t5_library[1]
+
+
+def reference_loss(model, base_dir, shots):
+    """The few-shot loss as transformers computes it, one unpadded example at a time, then the mean over all
+    target tokens: independent of lorahub's batching, padding and position handling."""
+    base = load_base_model(str(base_dir), dtype="float32", device="cpu")
+    total = tokens = 0.0
+    for shot in shots:
+        batch = encode(base, [shot])
+        inputs = {k: v for k, v in batch.inputs.items() if k != "decoder_input_ids"}
+        with torch.no_grad():
+            loss = float(model(**inputs, labels=batch.labels).loss)
+        n = int((batch.labels != -100).sum())
+        total, tokens = total + loss * n, tokens + n
+    return total / tokens
+
+
+def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path):
+    home, base_dir = t5_home
+    out = tmp_path / "composed"
+    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--dtype", "float32", "--json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary) == {"out", "weights", "loss", "evaluations", "seconds"} and summary["evaluations"] == 6
+    assert list(summary["weights"])[0] == "capitals", "auto selection ranks the shots' own task first"
+    recipe = json.loads((out / "lorahub_recipe.json").read_text())
+    assert recipe["formula"] == "elementwise" and recipe["selection"]["method"] == "auto"
+    assert recipe["search"]["optimizer"] == "ngopt" and "Cobyla" in recipe["search"]["engine"]
+    assert len(recipe["search"]["curve"]) == 6 and recipe["search"]["curve"][0]["loss"] > 0
+    assert recipe["shots"]["count"] == 5 and set(recipe["versions"]) >= {"lorahub", "torch", "transformers", "peft"}
+    assert all(len(m["sha256"]) == 64 for m in recipe["modules"])
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["library_name"] == "peft" and front["base_model"] == str(base_dir) and "lorahub" in front["tags"]
+    # The folder reloads in PEFT, and its loss is the one reported (computed here by transformers itself).
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), out).eval()
+    assert reference_loss(model, base_dir, read_examples(SHOTS)) == pytest.approx(summary["loss"], rel=1e-5)
+    # The best objective of the search is the composed adapter's loss plus the L1 term.
+    w = torch.tensor(list(summary["weights"].values()))
+    assert recipe["search"]["objective"] == pytest.approx(summary["loss"] + 0.05 * float(w.abs().mean()), rel=1e-4)
+    # NGOpt's (COBYLA's) first evaluation is w = 0, the base model: the search can only improve on it.
+    assert recipe["search"]["objective"] <= recipe["search"]["curve"][0]["objective"]
+
+
+def test_rebuild_from_recipe_is_bit_for_bit(cli, t5_home, tmp_path):
+    out = tmp_path / "a"
+    assert cli("compose", "--shots", SHOTS, "--out", out, "-n", "4", "--budget", "5", "--optimizer", "random").code == 0
+    rebuilt = tmp_path / "b"
+    result = cli("compose", "--from-recipe", out / "lorahub_recipe.json", "--out", rebuilt, "--json")
+    assert result.code == 0, result.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json", "lorahub_recipe.json", "README.md"):
+        assert (out / name).read_bytes() == (rebuilt / name).read_bytes(), name
+
+
+def test_fixed_weights_one_hot_and_zero(cli, t5_home, tmp_path):
+    home, base_dir = t5_home
+    store = Store(home)
+    one_hot = tmp_path / "one-hot"
+    result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment",
+                 "--weights", "capitals=0,addition=1,sentiment=0", "--out", one_hot, "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["evaluations"] == 0
+    original = load_file(store.get("addition").path / "adapter_model.safetensors")
+    composed = load_file(one_hot / "adapter_model.safetensors")
+    assert original.keys() == composed.keys() and all(torch.equal(original[k], composed[k]) for k in original)
+    zero = tmp_path / "zero"
+    assert cli("compose", "--shots", SHOTS, "--modules", "capitals,addition", "--weights", "capitals=0,addition=0", "--out", zero).code == 0
+    base = AutoModelForSeq2SeqLM.from_pretrained(base_dir).eval()
+    batch = encode(load_base_model(str(base_dir), dtype="float32"), read_examples(SHOTS))
+    with torch.no_grad():
+        expected = base(**batch.inputs).logits
+        got = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), zero).eval()(**batch.inputs).logits
+    assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+def test_every_optimizer_runs_its_budget(cli, t5_home, tmp_path, optimizer):
+    result = cli("compose", "--shots", SHOTS, "--out", tmp_path / optimizer, "-n", "3", "--budget", "6",
+                 "--optimizer", optimizer, "--population", "3", "--modules", "random", "--seed", "1", "--json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    recipe = json.loads((tmp_path / optimizer / "lorahub_recipe.json").read_text())
+    assert summary["evaluations"] == 6 and recipe["search"]["optimizer"] == optimizer
+    assert recipe["selection"] == {"method": "random", "seed": 1, "n": 3}
+    assert all(-1.5 <= w <= 1.5 for w in summary["weights"].values())
+
+
+def test_random_selection_is_seeded(cli, t5_home, tmp_path):
+    picks = [list(json.loads(cli("compose", "--shots", SHOTS, "--out", tmp_path / str(i), "-n", "2", "--budget", "1",
+                                 "--modules", "random", "--seed", "7", "--json").stdout)["weights"]) for i in range(2)]
+    assert picks[0] == picks[1]
+
+
+def test_instance_level_writes_compositions_and_router(cli, t5_home, tmp_path):
+    out = tmp_path / "instance"
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("".join((EXAMPLES / "shots" / f"{t}.jsonl").read_text().splitlines(True)[0] for t in ("capitals", "addition", "sentiment")))
+    result = cli("compose", "--shots", mixed, "--level", "instance", "-n", "2", "--budget", "3", "--warm-start", "--out", out, "--json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["level"] == "instance" and summary["evaluations"] == 3 * 4, "a warm-start search plus one per shot"
+    assert [list(c["weights"])[0] for c in summary["compositions"]] == ["capitals", "addition", "sentiment"]
+    recipe = json.loads((out / "lorahub_recipe.json").read_text())
+    assert recipe["router"]["shots"] == [e.input for e in read_examples(mixed)]
+    assert load_file(out / "router.safetensors")["shots"].shape == (3, 384)
+    base_dir = t5_home[1]
+    for entry in recipe["compositions"]:
+        folder = out / entry["folder"]
+        model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), folder).eval()
+        assert reference_loss(model, base_dir, read_examples(mixed)) == pytest.approx(entry["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_decoder_only_models(cli, tmp_path, lorahub_home, kind):
+    home, base_dir = build_library(tmp_path, kind, with_cards=False)
+    shutil.rmtree(lorahub_home, ignore_errors=True)
+    shutil.copytree(home, lorahub_home)
+    out = tmp_path / "out"
+    result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment", "--budget", "5", "--out", out, "--json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
+    assert reference_loss(model, base_dir, read_examples(SHOTS)) == pytest.approx(summary["loss"], rel=1e-5)
+
+
+def test_loss_ignores_padding_and_batch_size(t5_home):
+    """The same examples give the same loss alone or padded inside a larger batch."""
+    base = load_base_model(str(t5_home[1]), dtype="float32")
+    shots = read_examples(EXAMPLES / "shots" / "word_sorting.jsonl")
+    together = token_losses(base, encode(base, shots))
+    alone = torch.cat([token_losses(base, encode(base, [s])) for s in shots])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_errors_before_any_work(cli, t5_home, tmp_path):
+    existing = tmp_path / "exists"
+    existing.mkdir()
+    result = cli("compose", "--shots", SHOTS, "--out", existing)
+    assert result.code == 2 and f"'{existing}' already exists." in result.stderr and "--overwrite" in result.stderr
+    bad = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--weights", "capitals=abc")
+    assert "--weights item 'capitals=abc' is not ID=NUMBER" in bad.stderr
+    unknown = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--optimizer", "sgd")
+    assert unknown.code == 2 and "optimizer 'sgd' is not known. Choose one of: ngopt, cma, de, random, adam." in unknown.stderr
+    # A rank-8 adapter cannot join rank-4 ones in LoraHub's elementwise formula; linear takes it.
+    home, base_dir = t5_home
+    store = Store(home)
+    model = AutoModelForSeq2SeqLM.from_pretrained(base_dir)
+    add_local(store, make_lora_adapter(model, tmp_path / "wide", r=8, alpha=16, seed=9, base_model_name=str(base_dir)))
+    mixed = cli("compose", "--shots", SHOTS, "--modules", "capitals,wide", "--out", tmp_path / "m", "--budget", "2")
+    assert mixed.code == 2 and "rank" in mixed.stderr
+    assert cli("compose", "--shots", SHOTS, "--modules", "capitals,wide", "--formula", "linear", "--out", tmp_path / "m", "--budget", "2").code == 0
+    # An adapter for another base model is refused before any model is loaded.
+    other = make_lora_adapter(model, tmp_path / "other", r=4, alpha=8, seed=3, base_model_name="someone/else")
+    add_local(store, other)
+    foreign = cli("compose", "--shots", SHOTS, "--modules", "capitals,other", "--out", tmp_path / "f")
+    assert foreign.code == 2 and "someone/else" in foreign.stderr
+    assert not (tmp_path / "f").exists() and not (tmp_path / "x").exists()
+
+
+def test_interrupt_leaves_no_output(cli, t5_home, tmp_path, monkeypatch):
+    from lorahub_cli.compose import search as search_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_module, "_nevergrad", interrupted)
+    out = tmp_path / "never"
+    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "2", "--budget", "3")
+    assert result.code == 130 and not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".never")] == []
