@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 from .errors import HubError, InputError, NotFoundError
 
+TOKEN_HINT = "Check that your token may access it: run `hf auth login` or set HF_TOKEN."
 OFFLINE_HINT = (
     "Check your connection, or point HF_ENDPOINT at a reachable Hub mirror; "
     "unset HF_HUB_OFFLINE if it is set."
@@ -63,7 +64,9 @@ def hub_errors(what: str, revision: str | None = None):
         raise HubError(f"cannot reach the Hub for '{what}': HF_HUB_OFFLINE is set.", "Unset HF_HUB_OFFLINE to go online.") from None
     except errors.HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", "?")
-        raise HubError(f"the Hub at {endpoint()} refused a request for '{what}' (HTTP {status}).", OFFLINE_HINT) from None
+        hint = {401: TOKEN_HINT, 403: TOKEN_HINT}.get(status, OFFLINE_HINT if status == "?" or status >= 500 else
+                                                       f"The Hub said: {str(error).splitlines()[0][:200]}")
+        raise HubError(f"the Hub at {endpoint()} refused a request for '{what}' (HTTP {status}).", hint) from None
     except errors.HFValidationError as error:
         raise InputError(f"'{what}' is not a valid Hub repo id ({error}).", "Use NAMESPACE/NAME.") from None
     except Exception as error:

@@ -24,8 +24,10 @@ def quiet_loading():
 def quiet_optimizer():
     """scipy's COBYLA warns about nevergrad's RHOEND setting at every start (the setting is intended) and
     about budgets below N + 2 (the search still stops at the budget); the cma package warns about
-    matplotlib, which only its plotting needs."""
+    matplotlib, which only its plotting needs; nevergrad about the +inf we tell for a non-finite loss."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="COBYLA: Invalid (RHOEND|MAXFUN)", category=UserWarning)
         warnings.filterwarnings("ignore", message="Could not import matplotlib", category=UserWarning)
+        # A non-finite loss is told as +inf on purpose and counted in the result's `nonfinite`.
+        warnings.filterwarnings("ignore", message="Clipping very high value")
         yield
