@@ -130,6 +130,10 @@ def test_every_optimizer_runs_its_budget(cli, t5_home, tmp_path, optimizer):
     assert summary["evaluations"] == 6 and recipe["search"]["optimizer"] == optimizer
     assert recipe["selection"] == {"method": "random", "seed": 1, "n": 3}
     assert all(-1.5 <= w <= 1.5 for w in summary["weights"].values())
+    if optimizer == "adam":
+        # Elementwise has a zero gradient at w = 0; Adam starts at 1/N and must have moved from there.
+        assert summary["weights"] != pytest.approx([1 / 3] * 3, abs=1e-3)
+        assert recipe["search"]["curve"][-1]["loss"] < recipe["search"]["curve"][0]["loss"]
 
 
 def test_random_selection_is_seeded(cli, t5_home, tmp_path):
@@ -215,3 +219,22 @@ def test_interrupt_leaves_no_output(cli, t5_home, tmp_path, monkeypatch):
     result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "2", "--budget", "3")
     assert result.code == 130 and not out.exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".never")] == []
+
+
+@pytest.mark.parametrize("formula, extra", [("linear", []), ("fusion", []), ("ties", ["--density", "0.5"]),
+                                            ("dare_linear", ["--density", "1.0"]), ("svd", ["--svd-rank", "4"])])
+def test_every_formula_from_the_cli(cli, t5_home, tmp_path, formula, extra):
+    out = tmp_path / formula
+    result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment", "--formula", formula,
+                 *extra, "--budget", "3", "--out", out, "--json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    recipe = json.loads((out / "lorahub_recipe.json").read_text())
+    assert recipe["formula"] == formula
+    searched = formula == "linear"
+    assert summary["evaluations"] == (3 if searched else 0)
+    if formula == "fusion":
+        assert list(summary["weights"].values()) == pytest.approx([1 / 3] * 3)
+    base_dir = t5_home[1]
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), out).eval()
+    assert reference_loss(model, base_dir, read_examples(SHOTS)) == pytest.approx(summary["loss"], rel=1e-5)

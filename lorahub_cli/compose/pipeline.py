@@ -179,26 +179,29 @@ def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=N
             full = torch.zeros(W.shape[0], width, dtype=W.dtype).index_copy(1, index, W)
             return inner(full)
 
+    if init is None and options.search.optimizer == "adam" and session.bank.formula == "elementwise":
+        # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero:
+        # a gradient method must start elsewhere. The even average (fusion) is the natural point.
+        init = [1.0 / n] * n
     return search(loss_fn, n, options.search, init=init, progress=progress)
 
 
 # --- the two levels ------------------------------------------------------------------------------
 
 
-def _recipe(options: ComposeOptions, level: str, base_model: str, task_type: str | None, shots_meta: dict, selection: dict) -> dict:
+def _recipe(options: ComposeOptions, session: _Session, level: str, task_type: str | None, shots_meta: dict, selection: dict) -> dict:
     return {"format": 1, "lorahub_version": __version__, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "level": level, "base_model": base_model, "task_type": task_type, "formula": options.formula,
-            "formula_options": options.formula_options, "selection": selection, "shots": shots_meta,
-            "dtype": options.dtype, "versions": _versions()}
+            "level": level, "base_model": session.adapters[0].base_model_name_or_path, "task_type": task_type,
+            "formula": options.formula, "formula_options": options.formula_options, "selection": selection, "shots": shots_meta,
+            "dtype": str(session.base.dtype).removeprefix("torch."), "device": str(session.base.device), "versions": _versions()}
 
 
 def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None) -> Composition:
     """One composition for the whole task (LoraHub with --modules random, BatchComp with auto)."""
-    get_formula(options.formula)
+    spec = get_formula(options.formula)
     records, selection = select_modules(store, shots, options)
     adapters = load_modules(store, records)
     weights = _fixed_weights(records, options)
-    spec = get_formula(options.formula)
     merge = lambda w: compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **options.formula_options)  # noqa: E731
     merge(weights or [0.0] * len(adapters))  # every check (ranks, targets, options) before the model loads
     session = _Session(adapters, shots, options)
@@ -208,7 +211,7 @@ def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: 
         weights = result.weights
     adapter = merge(weights)
     loss = session.evaluate(adapter)
-    recipe = _recipe(options, "task", adapter.base_model_name_or_path, adapter.task_type, shots_meta, selection)
+    recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection)
     recipe.update(modules=_module_entries(records, weights), search=_search_entry(options.search, result), loss=loss)
     return Composition(recipe, [adapter], [result])
 
@@ -251,7 +254,7 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
     router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
     selection = {"method": "auto", "level": "instance", "n": options.num_modules, "warm_start": options.warm_start,
                  "embedder": f"{index.embedder_id}@{index.embedder_revision}"}
-    recipe = _recipe(options, "instance", compositions[0].base_model_name_or_path, compositions[0].task_type, shots_meta, selection)
+    recipe = _recipe(options, session, "instance", compositions[0].task_type, shots_meta, selection)
     if warm:
         recipe["warm_start"] = {"modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
                                 "search": _search_entry(options.search, warm_result)}
