@@ -99,6 +99,14 @@ def read_examples(
     return examples
 
 
+def read_json(path: str | Path, hint: str):
+    """A JSON file's content; an unreadable or malformed file is a one-line InputError with `hint`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"{path} is not valid JSON ({error}).", hint) from None
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -14,7 +14,6 @@ module (which `lorahub --help` does, for DEFAULT_MESSAGE) stays instant.
 from __future__ import annotations
 
 import glob
-import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -23,6 +22,7 @@ from urllib.parse import quote
 
 from .errors import HubError, InputError, LorahubError
 from .hub import api, endpoint, hub_errors
+from .io import read_json
 
 DEFAULT_MESSAGE = "Upload LoRA composed with lorahub"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
@@ -90,10 +90,7 @@ def _read_recipe(folder: Path) -> dict:
     path = folder / RECIPE_FILE
     if not path.is_file():
         raise InputError(f"'{folder}' has no {RECIPE_FILE}.", "Push a folder written by: lorahub compose --out DIR")
-    try:
-        recipe = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InputError(f"{path} is not valid JSON ({error}).", "Write the folder again with lorahub compose.") from None
+    recipe = read_json(path, "Write the folder again with lorahub compose.")
     if not isinstance(recipe, dict):
         raise InputError(f"{path} holds a {type(recipe).__name__}, not a JSON object.", "Write the folder again with lorahub compose.")
     return recipe

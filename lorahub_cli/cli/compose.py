@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -77,7 +76,7 @@ def compose(
     from ..compose import pipeline
     from ..compose.export import check_destination, write_adapter_folder, write_folder
     from ..compose.search import SearchConfig
-    from ..io import read_examples, sha256_file
+    from ..io import read_examples, read_json, sha256_file
 
     if out is None:
         raise InputError("--out is required.", "Example: --out my-lora")
@@ -87,10 +86,7 @@ def compose(
     if from_recipe is not None:
         if shots is not None:
             raise InputError("--from-recipe rebuilds without shots.", "Drop --shots.")
-        try:
-            recipe = json.loads(from_recipe.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise InputError(f"recipe '{from_recipe}' cannot be read ({error}).", "Give a lorahub_recipe.json.") from None
+        recipe = read_json(from_recipe, "Give the lorahub_recipe.json that lorahub compose wrote.")
         adapter = pipeline.rebuild(store, recipe)
         folder = write_folder(out, lambda tmp: write_adapter_folder(tmp, adapter, recipe), overwrite=overwrite)
         summary = {"out": str(folder), "weights": {m["id"]: m["weight"] for m in recipe["modules"]}, "loss": recipe.get("loss"),

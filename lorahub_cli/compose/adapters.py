@@ -21,6 +21,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, NotFoundError
+from ..io import read_json
 
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
@@ -87,10 +88,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     config_path = path / CONFIG_FILE
     if not config_path.is_file():
         raise NotFoundError(f"no {CONFIG_FILE} in '{path}'.", "Point to a PEFT adapter folder.")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InputError(f"{config_path} is not valid JSON ({err}).", "Re-download the adapter.") from None
+    config = read_json(config_path, "Re-download the adapter.")
     _check_config(config, name)
     state = _read_weights(path)
     modules = _split_modules(state, name)

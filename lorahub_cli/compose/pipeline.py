@@ -169,16 +169,19 @@ class _Session:
         return float(loss[0])
 
 
+def _on_columns(loss_fn, width: int, columns: list[int]):
+    """A loss of N weights that places them in `columns` of a `width`-wide bank, zeros elsewhere."""
+    index = torch.tensor(columns)
+
+    def on_columns(W: torch.Tensor) -> torch.Tensor:  # (P, N) -> (P, width)
+        return loss_fn(torch.zeros(W.shape[0], width, dtype=W.dtype).index_copy(1, index, W))
+
+    return on_columns
+
+
 def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=None, init=None, progress=None) -> SearchResult:
     """Search N weights; with `columns`, the N weights are these columns of a larger bank (others 0)."""
-    loss_fn = session.loss_fn
-    if columns is not None:
-        width, index = session.bank.n, torch.tensor(columns)
-
-        def loss_fn(W, inner=session.loss_fn):  # (P, N) -> (P, width) with zeros elsewhere
-            full = torch.zeros(W.shape[0], width, dtype=W.dtype).index_copy(1, index, W)
-            return inner(full)
-
+    loss_fn = session.loss_fn if columns is None else _on_columns(session.loss_fn, session.bank.n, columns)
     if init is None and options.search.optimizer == "adam" and session.bank.formula == "elementwise":
         # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero:
         # a gradient method must start elsewhere. The even average (fusion) is the natural point.
