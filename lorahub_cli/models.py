@@ -69,7 +69,6 @@ class BaseModel:
     is_seq2seq: bool
     device: torch.device
     dtype: torch.dtype
-    name: str
 
 
 def load_base_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> BaseModel:
@@ -91,7 +90,7 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", device: str = "au
     if tokenizer.pad_token_id is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model, tokenizer, is_seq2seq, target, torch_dtype, name_or_path)
+    return BaseModel(model, tokenizer, is_seq2seq, target, torch_dtype)
 
 
 @dataclass

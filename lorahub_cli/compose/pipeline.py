@@ -26,7 +26,6 @@ from .formulas import compose, get_formula
 from .objective import loss_function
 from .search import SearchConfig, SearchResult, search
 
-SELECTIONS = ("auto", "random")
 ROUTER_FILE = "router.safetensors"
 
 

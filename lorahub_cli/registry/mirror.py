@@ -7,14 +7,13 @@ refuses arbitrary objects, converted, and the original file's hash recorded.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..cards.card import CARD_FILES, Card
 from ..errors import InputError, IntegrityError, LorahubError
-from ..io import sha256_file
+from ..io import read_json, sha256_file
 from .store import AdapterRecord, Store
 
 CONFIG = "adapter_config.json"
@@ -36,10 +35,7 @@ class MirrorResult:
 
 
 def _read_config(folder: Path, label: str) -> dict:
-    try:
-        config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"'{label}' has an unreadable {CONFIG} ({error}).", "Re-save it with PEFT.") from None
+    config = read_json(folder / CONFIG, f"Re-save '{label}' with PEFT.")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise InputError(
