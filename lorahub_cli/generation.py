@@ -1,0 +1,82 @@
+"""Greedy generation for many inputs, each row under its own composition weights.
+
+    texts = generate(base, inputs, bank=bank, weights=W)   # W: (len(inputs), N) or (N,)
+
+Rows are sorted by length and batched; every batch runs under `bank.weights(W[rows])`,
+so inputs that use different adapters share forward passes. Without a bank it is the
+base model. Decoding is greedy (no sampling, one beam), as in the papers' protocol.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+from .models import BaseModel
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first), so little padding is computed."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _row_weights(weights, rows: int, n: int) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    W = torch.as_tensor(weights, dtype=torch.float32)
+    W = W.expand(rows, n) if W.ndim == 1 else W
+    if W.shape != (rows, n):
+        raise InputError(f"weights of shape {tuple(W.shape)} do not fit {rows} inputs and {n} adapters.",
+                         f"Give one weight vector of length {n}, or one per input.")
+    return W
+
+
+@torch.no_grad()
+def generate(
+    base: BaseModel,
+    inputs: list[str],
+    *,
+    bank=None,
+    weights=None,
+    formula: str | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    max_input_length: int = 1024,
+    progress=None,
+) -> list[str]:
+    """The greedy continuation of every input, in input order; `progress(n)` after each batch of n."""
+    if weights is not None and bank is None:
+        raise InputError("weights were given without a LoRA bank.", "Pass bank= with the adapters the weights refer to.")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise InputError(f"batch size {batch_size} and max new tokens {max_new_tokens} must be 1 or more.",
+                         "Give --batch-size and --max-new-tokens of 1 or more.")
+    tok = base.tokenizer
+    ids = tok(list(inputs), truncation=True, max_length=max_input_length)["input_ids"]
+    W = _row_weights(weights, len(inputs), bank.n) if bank is not None else None
+    pad = tok.pad_token_id
+    outputs: list[str] = [""] * len(inputs)
+    for batch in _batches([len(x) for x in ids], batch_size):
+        rows = [ids[i] for i in batch]
+        width = max(map(len, rows))
+        if base.is_seq2seq:
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        else:
+            # Left padding: every prompt ends at the last position, where generation continues.
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        kwargs = dict(input_ids=input_ids.to(base.device), attention_mask=mask.to(base.device), do_sample=False,
+                      num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        if W is None:
+            out = base.model.generate(**kwargs)
+        else:
+            with bank.weights(W[batch], formula):
+                out = base.model.generate(**kwargs)
+        if not base.is_seq2seq:
+            out = out[:, width:]
+        for i, text in zip(batch, tok.batch_decode(out, skip_special_tokens=True)):
+            outputs[i] = text.strip()
+        if progress:
+            progress(len(batch))
+    return outputs
