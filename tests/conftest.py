@@ -11,7 +11,11 @@ import pytest
 
 from hubserver import hub, hub_env  # noqa: F401  (fixtures)
 
+from lorahub_cli.registry import Store
+from lorahub_cli.registry.cards import card_from_source
+from lorahub_cli.registry.mirror import add_local
 from lorahub_cli.settings import shipped_dir
+from tiny_models import make_lora_adapter, save_tiny_base
 
 EXAMPLES = shipped_dir() / "examples"
 
@@ -68,3 +72,32 @@ def example_registry(tmp_path_factory) -> Path:
 def registry_with_examples(example_registry, lorahub_home) -> Path:
     shutil.copytree(example_registry, lorahub_home)
     return lorahub_home
+
+
+LIBRARY_TASKS = ["capitals", "addition", "sentiment", "antonyms"]
+SHOTS = EXAMPLES / "shots" / "capitals.jsonl"
+
+
+def build_library(root, kind="t5", with_cards=True):
+    """A tiny base model on disk and four adapters for it (non-zero B), registered with cards."""
+    base_dir = root / f"base-{kind}"
+    model = save_tiny_base(kind, base_dir)
+    home = root / f"home-{kind}"
+    store = Store(home)
+    for seed, task in enumerate(LIBRARY_TASKS):
+        folder = make_lora_adapter(model, root / kind / task, r=4, alpha=8, seed=seed, base_model_name=str(base_dir))
+        add_local(store, folder, name=task)
+        if with_cards:
+            card_from_source(store, task, data=EXAMPLES / "data" / f"{task}.jsonl")
+    return home, base_dir
+
+
+@pytest.fixture(scope="session")
+def t5_library(tmp_path_factory):
+    return build_library(tmp_path_factory.mktemp("t5-library"))
+
+
+@pytest.fixture
+def t5_home(t5_library, lorahub_home):
+    shutil.copytree(t5_library[0], lorahub_home)
+    return lorahub_home, t5_library[1]

@@ -10,43 +10,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, SHOTS, build_library
 from lorahub_cli.compose.search import OPTIMIZERS
 from lorahub_cli.io import read_examples
 from lorahub_cli.models import encode, load_base_model, token_losses
 from lorahub_cli.registry import Store
-from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
-from tiny_models import make_lora_adapter, save_tiny_base
-
-TASKS = ["capitals", "addition", "sentiment", "antonyms"]
-SHOTS = EXAMPLES / "shots" / "capitals.jsonl"
-
-
-def build_library(root, kind="t5", with_cards=True):
-    """A tiny base model on disk and four adapters for it (non-zero B), registered with cards."""
-    base_dir = root / f"base-{kind}"
-    model = save_tiny_base(kind, base_dir)
-    home = root / f"home-{kind}"
-    store = Store(home)
-    for seed, task in enumerate(TASKS):
-        folder = make_lora_adapter(model, root / kind / task, r=4, alpha=8, seed=seed, base_model_name=str(base_dir))
-        add_local(store, folder, name=task)
-        if with_cards:
-            card_from_source(store, task, data=EXAMPLES / "data" / f"{task}.jsonl")
-    return home, base_dir
-
-
-@pytest.fixture(scope="session")
-def t5_library(tmp_path_factory):
-    return build_library(tmp_path_factory.mktemp("t5-library"))
-
-
-@pytest.fixture
-def t5_home(t5_library, lorahub_home):
-    shutil.copytree(t5_library[0], lorahub_home)
-    return lorahub_home, t5_library[1]
-
+from tiny_models import make_lora_adapter
 
 def reference_loss(model, base_dir, shots):
     """The few-shot loss as transformers computes it, one unpadded example at a time, then the mean over all

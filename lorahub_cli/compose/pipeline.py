@@ -142,9 +142,9 @@ def _fixed_weights(records: list[AdapterRecord], options: ComposeOptions) -> lis
 class _Session:
     """A base model with a bank of adapters and the encoded shots: everything a search needs."""
 
-    def __init__(self, adapters: list[LoraAdapter], shots: list[Example], options: ComposeOptions):
+    def __init__(self, adapters: list[LoraAdapter], shots: list[Example], options: ComposeOptions, base: BaseModel | None = None):
         name = options.model_path or options.base_model or adapters[0].base_model_name_or_path
-        self.base: BaseModel = load_base_model(name, dtype=options.dtype, device=options.device)
+        self.base: BaseModel = base or load_base_model(name, dtype=options.dtype, device=options.device)
         self.batch = encode(self.base, shots)
         self.adapters, self.max_rows = adapters, options.max_rows
         # Fixed-weight PEFT merges are scored by evaluating their result, never searched.
@@ -166,6 +166,10 @@ class _Session:
             single.remove()
             self._inject()
         return float(loss[0])
+
+    def close(self) -> None:
+        """Give the base model back unchanged, for a caller that reuses it."""
+        self.bank.remove()
 
 
 def _on_columns(loss_fn, width: int, columns: list[int]):
@@ -198,27 +202,34 @@ def _recipe(options: ComposeOptions, session: _Session, level: str, task_type: s
             "dtype": str(session.base.dtype).removeprefix("torch."), "device": str(session.base.device), "versions": _versions()}
 
 
-def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None) -> Composition:
-    """One composition for the whole task (LoraHub with --modules random, BatchComp with auto)."""
+def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None,
+                 base: BaseModel | None = None) -> Composition:
+    """One composition for the whole task (LoraHub with --modules random, BatchComp with auto).
+
+    `base`: an already loaded base model to use (and leave unchanged) instead of loading one."""
     spec = get_formula(options.formula)
     records, selection = select_modules(store, shots, options)
     adapters = load_modules(store, records)
     weights = _fixed_weights(records, options)
     merge = lambda w: compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **options.formula_options)  # noqa: E731
     merge(weights or [0.0] * len(adapters))  # every check (ranks, targets, options) before the model loads
-    session = _Session(adapters, shots, options)
-    result = None
-    if weights is None:
-        result = _run_search(session, len(adapters), options, progress=progress)
-        weights = result.weights
-    adapter = merge(weights)
-    loss = session.evaluate(adapter)
+    session = _Session(adapters, shots, options, base)
+    try:
+        result = None
+        if weights is None:
+            result = _run_search(session, len(adapters), options, progress=progress)
+            weights = result.weights
+        adapter = merge(weights)
+        loss = session.evaluate(adapter)
+    finally:
+        session.close()
     recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection)
     recipe.update(modules=_module_entries(records, weights), search=_search_entry(options.search, result), loss=loss)
     return Composition(recipe, [adapter], [result])
 
 
-def compose_instance(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None) -> Composition:
+def compose_instance(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None,
+                     base: BaseModel | None = None) -> Composition:
     """iLoraComp: per shot, the top-N modules by that shot's embedding, weights searched on all K shots."""
     from .. import retrieval
 
@@ -236,23 +247,26 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
     records = [store.get(i) for i in union]
     adapters = load_modules(store, records)
     compose(adapters, [0.0] * len(adapters), options.formula)  # every check before the model loads
-    session = _Session(adapters, shots, options)
-    position = {i: p for p, i in enumerate(union)}
-    warm, results = None, []
-    if options.warm_start:
-        warm_result = _run_search(session, len(task_ids), options, columns=[position[i] for i in task_ids], progress=progress)
-        warm = dict(zip(task_ids, warm_result.weights))
-        results.append(warm_result)
-    compositions, entries = [], []
-    for j, ids in enumerate(sets):
-        init = [warm.get(i, 0.0) for i in ids] if warm else None
-        result = _run_search(session, len(ids), options, columns=[position[i] for i in ids], init=init, progress=progress)
-        chosen = [records[position[i]] for i in ids]
-        adapter = compose([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
-        compositions.append(adapter)
-        results.append(result)
-        entries.append({"shot": j, "folder": f"compositions/shot-{j}", "modules": _module_entries(chosen, result.weights),
-                        "search": _search_entry(options.search, result), "loss": session.evaluate(adapter)})
+    session = _Session(adapters, shots, options, base)
+    try:
+        position = {i: p for p, i in enumerate(union)}
+        warm, results = None, []
+        if options.warm_start:
+            warm_result = _run_search(session, len(task_ids), options, columns=[position[i] for i in task_ids], progress=progress)
+            warm = dict(zip(task_ids, warm_result.weights))
+            results.append(warm_result)
+        compositions, entries = [], []
+        for j, ids in enumerate(sets):
+            init = [warm.get(i, 0.0) for i in ids] if warm else None
+            result = _run_search(session, len(ids), options, columns=[position[i] for i in ids], init=init, progress=progress)
+            chosen = [records[position[i]] for i in ids]
+            adapter = compose([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
+            compositions.append(adapter)
+            results.append(result)
+            entries.append({"shot": j, "folder": f"compositions/shot-{j}", "modules": _module_entries(chosen, result.weights),
+                            "search": _search_entry(options.search, result), "loss": session.evaluate(adapter)})
+    finally:
+        session.close()
     router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
     selection = {"method": "auto", "level": "instance", "n": options.num_modules, "warm_start": options.warm_start,
                  "embedder": f"{index.embedder_id}@{index.embedder_revision}"}

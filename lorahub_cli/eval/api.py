@@ -1,0 +1,28 @@
+"""One call from a suite and settings to the finished report (what `lorahub eval ...` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .methods import COMPOSING, Context, EvalConfig
+from .report import write_report
+from .runner import run_grid
+from .tasks import Suite
+
+
+def evaluate(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig, out: Path, *, store=None,
+             title: str | None = None, progress_factory=None) -> dict:
+    """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary."""
+    if any(m in COMPOSING for m in methods) and store is None:
+        raise ValueError("composing methods need a registry")
+    ctx = Context(config, store)
+    total = len(suite.tasks) * len(seeds) * len(methods)
+    if progress_factory is None:
+        cells = run_grid(suite, methods, seeds, ctx, out)
+    else:
+        with progress_factory("Evaluating", total) as advance:
+            cells = run_grid(suite, methods, seeds, ctx, out, advance=lambda d: advance(description=d))
+    setup = {"suite": suite.name, "base model": config.base_model, "model path": config.model_path, "shots": config.shots,
+             "test limit": config.limit, "modules (N)": config.num_modules, "optimizer": config.optimizer,
+             "budget": config.budget, "l1": config.l1, "max new tokens": config.max_new_tokens}
+    return write_report(out, title or f"{suite.name} evaluation", setup, cells, suite.notes)

@@ -1,0 +1,192 @@
+"""The methods an evaluation compares: each turns (shots, test inputs) into predictions.
+
+zero-shot   the base model on the bare input.
+icl         the shots in the prompt (see `icl_prompt`).
+lorahub     LoraHub: N random registry modules, weights searched on the shots.
+batchcomp   the same with the N modules retrieved for the whole task (task-level retrieval).
+instance    iLoraComp: one composition per shot; each input answered by its nearest shot's.
+fft         full fine-tuning on the shots (the papers' upper bound: 40 epochs, lr 3e-5, batch 5).
+
+Every method shares one loaded base model; compositions are evaluated through the LoRA bank
+and leave the base model unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..errors import InputError
+from ..io import Example
+from ..models import BaseModel, encode, load_base_model, mean_token_loss, token_losses
+
+METHODS = ("zero-shot", "icl", "lorahub", "batchcomp", "instance", "fft")
+COMPOSING = ("lorahub", "batchcomp", "instance")
+
+
+@dataclass
+class EvalConfig:
+    """Everything that decides a cell's result, plus how fast it is computed."""
+
+    base_model: str | None = None  # the registry's base model; loaded unless model_path is set
+    model_path: str | None = None
+    shots: int = 5
+    limit: int | None = None
+    num_modules: int = 20
+    budget: int = 40
+    optimizer: str = "ngopt"
+    l1: float = 0.05
+    max_new_tokens: int = 256
+    fft_epochs: int = 40
+    fft_lr: float = 3e-5
+    fft_batch: int = 5
+    embedder: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = 16  # speed only: not part of the fingerprint
+
+    def fingerprint(self) -> dict:
+        """The settings a finished cell depends on: a resumed run must use the same."""
+        settings = asdict(self)
+        for speed_only in ("batch_size", "device"):
+            settings.pop(speed_only)
+        return settings
+
+
+@dataclass
+class Answer:
+    predictions: list[str]
+    detail: dict = field(default_factory=dict)  # what the method chose: modules, weights, search cost
+
+
+class Context:
+    """The base model, loaded once, and the registry the composing methods draw modules from."""
+
+    def __init__(self, config: EvalConfig, store=None):
+        self.config, self.store = config, store
+        self._base: BaseModel | None = None
+
+    @property
+    def base(self) -> BaseModel:
+        if self._base is None:
+            name = self.config.model_path or self.config.base_model
+            if name is None:
+                raise InputError("no base model was given.", "Give --base-model NAME (and --model-path for a local copy).")
+            self._base = load_base_model(name, dtype=self.config.dtype, device=self.config.device)
+        return self._base
+
+    def generate(self, inputs: list[str], *, bank=None, weights=None, base: BaseModel | None = None) -> list[str]:
+        from ..generation import generate
+
+        return generate(base or self.base, inputs, bank=bank, weights=weights, max_new_tokens=self.config.max_new_tokens,
+                        batch_size=self.config.batch_size)
+
+
+def icl_prompt(shots: list[Example], question: str) -> str:
+    """The shots as solved questions, then the question: "Q\\nAnswer: A" blocks separated by a blank line."""
+    solved = "".join(f"{s.input}\nAnswer: {s.target}\n\n" for s in shots)
+    return f"{solved}{question}\nAnswer:"
+
+
+def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    return Answer(ctx.generate(inputs))
+
+
+def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    return Answer(ctx.generate([icl_prompt(shots, x) for x in inputs]))
+
+
+def _compose_options(ctx: Context, modules: str, seed: int):
+    from ..compose.pipeline import ComposeOptions
+    from ..compose.search import SearchConfig
+
+    c = ctx.config
+    return ComposeOptions(base_model=c.base_model, modules=modules, num_modules=c.num_modules, embedder=c.embedder,
+                          search=SearchConfig(optimizer=c.optimizer, budget=c.budget, l1=c.l1, seed=seed))
+
+
+def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
+    """Generate under a bank of composed adapters; "linear" with one-hot rows is each adapter exactly, whatever its rank."""
+    from ..compose.bank import LoraBank
+
+    bank = LoraBank(ctx.base.model, adapters, formula="linear")
+    try:
+        return ctx.generate(inputs, bank=bank, weights=weights)
+    finally:
+        bank.remove()
+
+
+def _task_level(modules: str):
+    def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+        from ..compose.pipeline import compose_task
+
+        composition = compose_task(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed), base=ctx.base)
+        recipe, result = composition.recipe, composition.results[0]
+        predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
+        return Answer(predictions, {"modules": {m["id"]: round(m["weight"], 6) for m in recipe["modules"]},
+                                    "loss": recipe["loss"], "evaluations": result.evaluations if result else 0})
+
+    return method
+
+
+def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    from .. import retrieval
+    from ..cards.embedder import load_embedder
+    from ..compose.pipeline import compose_instance
+
+    composition = compose_instance(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base)
+    router = composition.recipe["router"]
+    embedder = load_embedder(ctx.config.embedder or router["embedder"].rsplit("@", 1)[0])
+    _, nearest = retrieval.route(composition.router, embedder.encode([router["instruction"] + x for x in inputs]))
+    onehot = torch.nn.functional.one_hot(nearest, len(composition.adapters)).float()  # (inputs, K)
+    predictions = _with_bank(ctx, composition.adapters, inputs, onehot)
+    return Answer(predictions, {"routes": nearest.tolist(), "evaluations": sum(r.evaluations for r in composition.results if r),
+                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]}
+                                                 for c in composition.recipe["compositions"]]})
+
+
+def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """AdamW on every weight of a copy of the base model; the loss is the token-mean cross-entropy."""
+    c = ctx.config
+    torch.manual_seed(seed)
+    tuned = BaseModel(copy.deepcopy(ctx.base.model).train().requires_grad_(True), ctx.base.tokenizer,
+                      ctx.base.is_seq2seq, ctx.base.device, ctx.base.dtype)
+    optimizer = torch.optim.AdamW(tuned.model.parameters(), lr=c.fft_lr)
+    order = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(c.fft_epochs):
+        index = torch.randperm(len(shots), generator=order).tolist()
+        for start in range(0, len(shots), c.fft_batch):
+            batch = encode(tuned, [shots[i] for i in index[start:start + c.fft_batch]])
+            loss = mean_token_loss(token_losses(tuned, batch), batch.n_tokens, 1)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        losses.append(round(loss.item(), 6))
+    tuned.model.eval().requires_grad_(False)
+    predictions = ctx.generate(inputs, base=tuned)
+    return Answer(predictions, {"epochs": c.fft_epochs, "final_loss": losses[-1]})
+
+
+RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
+    "zero-shot": zero_shot, "icl": icl, "lorahub": _task_level("random"), "batchcomp": _task_level("auto"),
+    "instance": instance, "fft": fft,
+}
+
+
+def parse_methods(text: str) -> list[str]:
+    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in RUNNERS]
+    if unknown or not chosen:
+        raise InputError(f"--methods names unknown methods: {', '.join(unknown) or repr(text)}.", f"Choose from: {','.join(METHODS)}.")
+    return list(dict.fromkeys(chosen))
+
+
+def run_method(method: str, ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> tuple[Answer, float]:
+    start = time.perf_counter()
+    answer = RUNNERS[method](ctx, shots, inputs, seed)
+    return answer, time.perf_counter() - start

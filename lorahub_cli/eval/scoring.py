@@ -1,0 +1,47 @@
+"""Scores of one prediction against one target.
+
+exact match (the primary metric, the reference's): both sides stripped, lower-cased and
+with every '.' deleted, then compared.
+
+option letter (secondary, labelled as such): for multiple-choice targets "(X)", the first
+option the prediction names, as "(X)", a bare letter, or the text of option X in the input,
+is compared with X. Other targets are scored by exact match. It forgives answer formats
+("B", "(B) Paris", "Paris") that exact match counts wrong.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LETTER_TARGET = re.compile(r"^\(([A-Z])\)$")
+_OPTION_LINE = re.compile(r"^\(([A-Z])\)\s*(.+?)\s*$", re.MULTILINE)
+_PREDICTED_LETTER = re.compile(r"^\(?([A-Za-z])(?:\)|$|[\s.:,])")
+
+
+def normalize(text: str) -> str:
+    return text.strip().lower().replace(".", "")
+
+
+def exact_match(prediction: str, target: str) -> bool:
+    return normalize(prediction) == normalize(target)
+
+
+def options(question: str) -> dict[str, str]:
+    """The options "(A) text" listed in a question, letter -> normalised text."""
+    return {letter: normalize(text) for letter, text in _OPTION_LINE.findall(question)}
+
+
+def predicted_letter(prediction: str, question: str) -> str | None:
+    text = prediction.strip()
+    match = _PREDICTED_LETTER.match(text)
+    if match:
+        return match.group(1).upper()
+    by_text = {v: k for k, v in options(question).items()}
+    return by_text.get(normalize(text))
+
+
+def option_letter_match(prediction: str, target: str, question: str) -> bool:
+    wanted = _LETTER_TARGET.match(target.strip())
+    if not wanted:
+        return exact_match(prediction, target)
+    return predicted_letter(prediction, question) == wanted.group(1)
