@@ -197,3 +197,16 @@ def test_summary_statistics_by_hand():
     assert summary["average"]["a"]["std"] == 5.3
     assert summary["excluded_from_average_3"] == ["t2"] and summary["average_3"]["b"]["mean"] == 40.0
     assert report.win_loss(summary)["a vs b"] == {"win": 1, "loss": 1, "tie": 0}
+
+
+def test_eval_bbh_reports_the_malformed_targets(cli, t5_home, tmp_path):
+    _, base_dir = t5_home
+    out = tmp_path / "bbh"
+    result = cli("eval", "bbh", "--base-model", base_dir, "--tasks", "navigate,ruin_names", "--methods", "zero-shot,icl",
+                 "--seeds", "3", "--limit", "2", "--max-new-tokens", "2", "--out", out)
+    assert result.code == 0, result.stderr
+    text = (out / "report.md").read_text()
+    assert "| navigate |" in text and "| ruin_names |" in text and "ruin_names #99" in text
+    cell = json.loads(cell_path(out, "navigate", 3, "icl").read_text())
+    shots, test = tasks.split(tasks.load_bbh().tasks["navigate"], 3, 5, 2)
+    assert (cell["shots"], cell["test"]) == (shots, test)

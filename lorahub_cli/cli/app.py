@@ -52,7 +52,7 @@ def root(
 
 
 def _register() -> None:
-    from . import card, compose, eval, push, registry, retrieve, walkthrough
+    from . import card, compose, demo, eval, push, registry, retrieve, walkthrough
 
     app.add_typer(registry.app, name="registry")
     app.add_typer(card.app, name="card")
@@ -61,6 +61,7 @@ def _register() -> None:
     app.add_typer(eval.app, name="eval")
     app.command("push", epilog=push.EXAMPLES)(push.push)
     app.command("walkthrough", epilog=walkthrough.EXAMPLES)(walkthrough.walkthrough)
+    app.command("demo", epilog=demo.EXAMPLES)(demo.demo)
 
 
 _register()

@@ -123,3 +123,40 @@ def tasks(
          base_model=base_model, model_path=model_path, shots=shots, num_modules=num_modules, budget=budget,
          optimizer=optimizer, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, embedder=embedder,
          dtype=dtype, device=device)
+
+
+@app.command(epilog=EXAMPLES)
+def demo(
+    tasks: Tasks = "all",
+    methods: Methods = "zero-shot,icl,lorahub,batchcomp,instance,fft",
+    shots: Shots = 5,
+    seeds: Seeds = "1,2,3",
+    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition (the demo library has about 20).")] = 5,
+    budget: Budget = 40,
+    optimizer: Optimizer = "ngopt",
+    limit: Limit = None,
+    batch_size: BatchSize = 32,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short).")] = 32,
+    out: Out = None,
+    json_: JsonOpt = False,
+) -> None:
+    """The demo library's held-out tasks, offline: its adapters are mirrored into a temporary registry."""
+    import shutil
+    import tempfile
+
+    from ..demo import library
+    from ..eval.tasks import load_demo
+    from ..registry import Store
+
+    suite = load_demo()
+    folder = Path(tempfile.mkdtemp(prefix="lorahub-eval-demo-"))
+    try:
+        store = Store(folder)
+        with progress("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
+            library.mirror(store, progress=advance)
+        _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-demo"), json_=json_, store=store,
+             title="Demo library: held-out tasks", base_model=library.BASE_MODEL, model_path=str(library.base_model_path()),
+             shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit, batch_size=batch_size,
+             max_new_tokens=max_new_tokens, dtype="float32", device="cpu")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,65 @@
+"""`lorahub demo`: retrieve, compose and evaluate on the shipped demo library. Offline, a few minutes on a CPU."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ._options import JsonOpt
+from ._output import info, out, print_json, progress
+
+EXAMPLES = """Examples:\n
+  lorahub demo\n
+  lorahub demo --task <held-out task> --seed 2 --out my-demo-adapter --json"""
+
+
+def _free(folder: Path) -> Path:
+    """`folder`, or folder-2, folder-3, ... if it exists: the demo never replaces anything."""
+    candidate, n = folder, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    return candidate
+
+
+def demo(
+    task: Annotated[Optional[str], typer.Option("--task", help="Held-out task of the demo library (default: the first).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shots/test split and of the search.")] = 1,
+    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules to retrieve and compose.")] = 5,
+    budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations of the search.")] = 40,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the composed adapter (default: ./lorahub-demo-TASK, never overwritten).")] = None,
+    home: Annotated[Optional[Path], typer.Option("--home", help="Keep the demo registry in this folder (default: a temporary one).")] = None,
+    json_: JsonOpt = False,
+) -> None:
+    """The whole pipeline offline on the embedded demo library: mirror, retrieve, compose, evaluate, write."""
+    from ..demo import library, tour
+    from ..registry import Store
+
+    library.verify()
+    task = task or library.heldout_tasks()[0]["name"]
+    library.heldout_examples(task)  # an unknown task fails here, before any work
+    target = out_dir if out_dir is not None else _free(Path(f"lorahub-demo-{task}"))
+    folder = home or Path(tempfile.mkdtemp(prefix="lorahub-demo-"))
+    try:
+        result = tour.run(Store(folder), target, task=task, seed=seed, num_modules=num_modules, budget=budget,
+                          progress_factory=None if json_ else progress)
+    finally:
+        if home is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    if json_:
+        print_json(result)
+        return
+    info(f"Held-out task '{task}': {result['description']}")
+    info(f"{result['shots']} shots, {result['test']} test inputs (seed {seed}).")
+    info("Retrieved for the shots: " + ", ".join(f"{r['id']} ({r['score']:.2f})" for r in result["retrieved"]))
+    info("Searched weights: " + ", ".join(f"{k}={v:+.3f}" for k, v in result["weights"].items()))
+    em = result["exact_match"]
+    out.print(f"Exact match on the test set: zero-shot {em['zero-shot']:.1f}%, composed {em['composed']:.1f}%")
+    for row in result["examples"]:
+        info(f"  {row['input']!r} -> base {row['zero-shot']!r}, composed {row['composed']!r} (target {row['target']!r})")
+    info(f"Wrote the composed adapter to {result['out']} ({result['seconds']:.0f} s in all). "
+         "Next: `lorahub eval demo` for the full table.")
