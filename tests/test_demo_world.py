@@ -1,0 +1,144 @@
+"""The demo library: its task generators, a reduced build end to end, integrity checks and mirroring."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from tiny_models import one_thread  # noqa: F401  (fixture)
+
+from lorahub_cli.demo import library
+from lorahub_cli.demo.build import REDUCED, build
+from lorahub_cli.demo.world import HELD_OUT, TASKS, UPSTREAM, generate
+from lorahub_cli.errors import IntegrityError
+from lorahub_cli.io import sha256_file
+from lorahub_cli.registry import Store
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def reduced_build(tmp_path_factory):
+    """The CI build, through the build command itself so that the command cannot rot either."""
+    from typer.testing import CliRunner
+
+    from lorahub_cli.demo.__main__ import app
+
+    out = tmp_path_factory.mktemp("demo-build") / "demo"
+    result = CliRunner().invoke(app, ["build", "--reduced", "--out", str(out), "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    return out, library.manifest(out)
+
+
+def test_world_has_about_twenty_upstream_and_eight_heldout_tasks():
+    assert len(UPSTREAM) == 20 and len(HELD_OUT) == 8
+    assert len(TASKS) == len(UPSTREAM) + len(HELD_OUT)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_generators_are_deterministic_short_and_varied(name):
+    rows = generate(name, 200, seed=0)
+    assert rows == generate(name, 200, seed=0)
+    assert rows != generate(name, 200, seed=1)
+    assert rows != generate(name, 200, seed=0, split="eval")
+    assert all(r["target"].strip() and r["input"].strip() for r in rows)
+    assert max(len(r["input"].encode()) for r in rows) <= 80
+    assert max(len(r["target"].encode()) for r in rows) <= 20
+    assert len({r["input"] for r in rows}) > 1
+
+
+def test_every_heldout_skill_names_an_upstream_task():
+    upstream = {t.name for t in UPSTREAM}
+    for task in HELD_OUT:
+        assert task.skills and set(task.skills) <= upstream, task.name
+        assert task.new
+
+
+def test_reduced_build_writes_a_library_that_verifies(reduced_build):
+    out, meta = reduced_build
+    assert library.verify(out) == meta
+    assert meta["build"]["command"] == "python -m lorahub_cli.demo build --reduced --seed 0 --threads 1"
+    assert not list(out.parent.glob(".demo.*")), "the temporary build folder was left behind"
+    assert [t["name"] for t in library.upstream_tasks(out)] == list(REDUCED.upstream)
+    assert [t["name"] for t in library.heldout_tasks(out)] == list(REDUCED.heldout)
+    assert set(meta["metrics"]["upstream"]) == set(REDUCED.upstream)
+    assert len(library.heldout_examples(REDUCED.heldout[0], out)) == REDUCED.heldout_examples
+    config = json.loads((out / "adapters" / REDUCED.upstream[0] / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == library.BASE_MODEL
+    assert (config["r"], sorted(config["target_modules"])) == (4, ["q", "v"])
+
+
+def test_a_rebuild_with_the_same_seed_gives_the_same_files(reduced_build, tmp_path):
+    out, meta = reduced_build
+    assert build(tmp_path / "demo", reduced=True, seed=0)["files"] == meta["files"]
+
+
+def test_reduced_build_loads_with_transformers(reduced_build):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    out, _ = reduced_build
+    model = AutoModelForSeq2SeqLM.from_pretrained(library.base_model_path(out))
+    tokenizer = AutoTokenizer.from_pretrained(library.base_model_path(out))
+    assert model.config.d_model == REDUCED.shape["d_model"]
+    assert tokenizer("ab").input_ids == [ord("a") + 3, ord("b") + 3, 1]
+
+
+def test_a_build_replaces_the_library_whole_or_not_at_all(tmp_path, monkeypatch):
+    from lorahub_cli.demo import build as build_module
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "old.txt").write_text("the previous library")
+
+    def failing(root, *args):
+        (root / "half.txt").write_text("half written")
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(build_module, "_build_into", failing)
+    with pytest.raises(RuntimeError):
+        build(out, reduced=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"] and [p.name for p in out.iterdir()] == ["old.txt"]
+
+    def complete(root, *args):
+        (root / "new.txt").write_text("the new library")
+        return {"files": {"new.txt": {"sha256": sha256_file(root / "new.txt"), "size": 15}}}
+
+    monkeypatch.setattr(build_module, "_build_into", complete)
+    build(out, reduced=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "new.txt"]
+    library.verify(out)
+
+
+def test_shipped_demo_library_verifies():
+    meta = library.verify()
+    assert meta["total_size"] <= 30 * 1024 * 1024
+    assert len(library.upstream_tasks()) == len(UPSTREAM)
+    assert library.base_model_path().is_dir()
+
+
+def test_verify_catches_a_flipped_byte_and_a_missing_file(reduced_build, tmp_path):
+    out, _ = reduced_build
+    copy = tmp_path / "demo"
+    shutil.copytree(out, copy)
+    weights = copy / "base" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="base/model.safetensors"):
+        library.verify(copy)
+    weights.unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        library.verify(copy)
+
+
+def test_mirror_registers_every_upstream_adapter_with_its_card(lorahub_home):
+    store = Store(lorahub_home)
+    ticks = []
+    results = library.mirror(store, progress=lambda: ticks.append(1))
+    assert {r.status for r in results} == {"added"} and len(ticks) == len(UPSTREAM)
+    records = store.list(base_model=library.BASE_MODEL)
+    assert [r.id for r in records] == sorted(library.adapter_id(t.name) for t in UPSTREAM)
+    assert all(r.has_card and r.r == 4 for r in records)
+    assert {r.status for r in library.mirror(store)} == {"skipped"}
