@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lorahub_cli.cli.demo import _free
+from lorahub_cli.cli.demo import DEFAULT_TASK, _free
 from lorahub_cli.demo import library
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
@@ -15,14 +15,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_demo_runs_the_whole_pipeline_offline(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = library.heldout_tasks()[0]["name"]
+    task = DEFAULT_TASK
     result = cli("demo", "--out", tmp_path / "adapter", "--budget", "10", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["task"] == task and summary["shots"] == 5 and summary["test"] == len(library.heldout_examples(task)) - 5
     assert len(summary["retrieved"]) == 5 and all(r["id"].startswith("demo/") for r in summary["retrieved"])
     assert set(summary["weights"]) == {r["id"] for r in summary["retrieved"]}
-    assert set(summary["exact_match"]) == {"zero-shot", "composed"}
+    assert set(summary["exact_match"]) == set(summary["option_letter"]) == {"zero-shot", "composed"}
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "lorahub_recipe.json").is_file()
 

@@ -8,13 +8,13 @@ import shutil
 
 import pytest
 
-from conftest import EXAMPLES, LIBRARY_TASKS
+from conftest import EXAMPLES
 from lorahub_cli.errors import InputError, IntegrityError
 from lorahub_cli.eval import methods as methods_module
 from lorahub_cli.eval import report, scoring, tasks
 from lorahub_cli.eval.methods import METHODS, Context, EvalConfig
 from lorahub_cli.eval.runner import cell_path, run_grid
-from lorahub_cli.io import Example, read_examples
+from lorahub_cli.io import Example
 from lorahub_cli.registry import Store
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
@@ -41,6 +41,23 @@ QUESTION = "Which is a city?\nOptions:\n(A) Paris\n(B) Blue\n(C) Seven"
 ])
 def test_option_letter_reads_a_letter_or_the_options_text(prediction, expected):
     assert scoring.option_letter_match(prediction, "(A)", QUESTION) is expected
+
+
+INLINE = "The cast was dull. The tone is: (A) negative (B) positive"
+
+
+@pytest.mark.parametrize("prediction, expected", [
+    ("(A)", True), ("negative", True), ("A", True), ("positive", False), ("(B) positive", False), ("neg", False),
+])
+def test_options_listed_inline_are_read_too(prediction, expected):
+    assert scoring.options(INLINE) == {"A": "negative", "B": "positive"}
+    assert scoring.option_letter_match(prediction, "(A)", INLINE) is expected
+
+
+def test_an_answer_that_is_an_options_text_is_not_read_as_a_letter():
+    question = "Which is a mammal?\nOptions:\n(A) a trout\n(B) a whale"
+    assert scoring.option_letter_match("a whale", "(B)", question)
+    assert not scoring.option_letter_match("a whale", "(A)", question)
 
 
 def test_malformed_bbh_targets_are_kept_and_scored_as_text():

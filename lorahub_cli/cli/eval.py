@@ -146,6 +146,7 @@ def demo(
 
     from ..demo import library
     from ..eval.tasks import load_demo
+    from ..models import torch_threads
     from ..registry import Store
 
     suite = load_demo()
@@ -154,9 +155,10 @@ def demo(
         store = Store(folder)
         with progress("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
             library.mirror(store, progress=advance)
-        _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-demo"), json_=json_, store=store,
-             title="Demo library: held-out tasks", base_model=library.BASE_MODEL, model_path=str(library.base_model_path()),
-             shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit, batch_size=batch_size,
-             max_new_tokens=max_new_tokens, dtype="float32", device="cpu")
+        with torch_threads(library.THREADS):
+            _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-demo"), json_=json_, store=store,
+                 title="Demo library: held-out tasks", base_model=library.BASE_MODEL, model_path=str(library.base_model_path()),
+                 shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit,
+                 batch_size=batch_size, max_new_tokens=max_new_tokens, dtype="float32", device="cpu")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -200,6 +200,8 @@ def build(out: Path, *, reduced: bool = False, seed: int = 0, threads: int = 1,
     """
     import torch
 
+    from ..models import torch_threads
+
     out = Path(out).resolve()
     config = REDUCED if reduced else FULL
     command = f"{REBUILD}{' --reduced' if reduced else ''} --seed {seed} --threads {threads}"
@@ -208,13 +210,8 @@ def build(out: Path, *, reduced: bool = False, seed: int = 0, threads: int = 1,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            with torch.random.fork_rng():
-                meta = _build_into(tmp, config, seed, command, progress_factory or _silent)
-        finally:
-            torch.set_num_threads(previous)
+        with torch_threads(threads), torch.random.fork_rng():
+            meta = _build_into(tmp, config, seed, command, progress_factory or _silent)
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():

@@ -21,6 +21,8 @@ ID_PREFIX = "demo/"
 MANIFEST = "manifest.json"
 BASE_DIR, ADAPTERS_DIR, DATA_DIR, HELDOUT_DIR = "base", "adapters", "data", "heldout"
 REBUILD = "python -m lorahub_cli.demo build"
+THREADS = 1
+"""Torch threads for running the demo model: it is too small to gain from more (see models.torch_threads)."""
 
 
 def demo_dir() -> Path:

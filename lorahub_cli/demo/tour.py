@@ -8,6 +8,7 @@ and with the composition, and write the composed adapter as a PEFT folder.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,23 +20,29 @@ def _stage(progress_factory, description: str, total: int):
     return progress_factory(description, total) if progress_factory else nullcontext(lambda *a, **k: None)
 
 
-def run(store, out: Path, *, task: str | None = None, seed: int = 1, shots: int = 5, num_modules: int = 5,
-        budget: int = 40, max_new_tokens: int = 32, progress_factory=None) -> dict:
+def run(store, out: Path, **options) -> dict:
     """Run the demo into `store` and `out`; returns what happened (the `--json` answer)."""
+    from ..models import torch_threads
+
+    with torch_threads(library.THREADS):
+        return _run(store, out, **options)
+
+
+def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modules: int = 5,
+         budget: int = 40, max_new_tokens: int = 32, progress_factory=None) -> dict:
     import torch
 
     from .. import retrieval
     from ..compose import pipeline
     from ..compose.bank import LoraBank
     from ..compose.search import SearchConfig
-    from ..eval.scoring import exact_match
+    from ..eval.scoring import exact_match, option_letter_match
     from ..eval.tasks import split
     from ..generation import generate
     from ..models import load_base_model
 
     start = time.perf_counter()
     heldout = {t["name"]: t for t in library.heldout_tasks()}
-    task = task or next(iter(heldout))
     examples = library.heldout_examples(task)
     upstream = library.upstream_tasks()
     with _stage(progress_factory, "Mirroring the demo adapters", len(upstream)) as advance:
@@ -64,8 +71,9 @@ def run(store, out: Path, *, task: str | None = None, seed: int = 1, shots: int 
     finally:
         bank.remove()
 
-    def accuracy(predictions: list[str]) -> float:
-        return round(100 * sum(exact_match(p, e.target) for p, e in zip(predictions, test)) / len(test), 1)
+    def accuracy(predictions: list[str], letters: bool = False) -> float:
+        right = [option_letter_match(p, e.target, e.input) if letters else exact_match(p, e.target) for p, e in zip(predictions, test)]
+        return round(100 * sum(right) / len(test), 1)
 
     return {
         "task": task, "description": heldout[task].get("description"), "skills": heldout[task].get("skills"),
@@ -74,6 +82,9 @@ def run(store, out: Path, *, task: str | None = None, seed: int = 1, shots: int 
         "weights": {m["id"]: m["weight"] for m in composition.recipe["modules"]},
         "loss": composition.recipe["loss"],
         "exact_match": {"zero-shot": accuracy(plain), "composed": accuracy(composed)},
+        "option_letter": {"zero-shot": accuracy(plain, True), "composed": accuracy(composed, True)},
+        # The score of always giving the test set's most frequent answer: what "better than chance" must beat.
+        "majority_answer": round(100 * Counter(e.target for e in test).most_common(1)[0][1] / len(test), 1),
         "examples": [{"input": e.input, "target": e.target, "zero-shot": p, "composed": c}
                      for e, p, c in list(zip(test, plain, composed))[:3]],
         "out": str(folder), "seconds": round(time.perf_counter() - start, 1),

@@ -14,7 +14,9 @@ from __future__ import annotations
 import re
 
 _LETTER_TARGET = re.compile(r"^\(([A-Z])\)$")
-_OPTION_LINE = re.compile(r"^\(([A-Z])\)\s*(.+?)\s*$", re.MULTILINE)
+# An option runs from its "(X)" to the next option or the end of the line: BBH lists one per line,
+# other tasks inline ("(A) negative (B) positive").
+_OPTION = re.compile(r"\(([A-Z])\)[ \t]*([^\n]*?)[ \t]*(?=\([A-Z]\)|\n|$)")
 _PREDICTED_LETTER = re.compile(r"^\(?([A-Za-z])(?:\)|$|[\s.:,])")
 
 
@@ -28,16 +30,16 @@ def exact_match(prediction: str, target: str) -> bool:
 
 def options(question: str) -> dict[str, str]:
     """The options "(A) text" listed in a question, letter -> normalised text."""
-    return {letter: normalize(text) for letter, text in _OPTION_LINE.findall(question)}
+    return {letter: normalize(text) for letter, text in _OPTION.findall(question) if text.strip()}
 
 
 def predicted_letter(prediction: str, question: str) -> str | None:
-    text = prediction.strip()
-    match = _PREDICTED_LETTER.match(text)
-    if match:
-        return match.group(1).upper()
+    # The option's text first: an answer such as "a mammal" names an option, not the letter A.
     by_text = {v: k for k, v in options(question).items()}
-    return by_text.get(normalize(text))
+    if normalize(prediction) in by_text:
+        return by_text[normalize(prediction)]
+    match = _PREDICTED_LETTER.match(prediction.strip())
+    return match.group(1).upper() if match else None
 
 
 def option_letter_match(prediction: str, target: str, question: str) -> bool:
