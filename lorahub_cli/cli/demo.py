@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +9,7 @@ import typer
 
 from ._options import JsonOpt
 from ._output import info, out, print_json, progress
+from .registry import scratch_store
 
 EXAMPLES = """Examples:\n
   lorahub demo\n
@@ -41,18 +40,13 @@ def demo(
 ) -> None:
     """The whole pipeline offline on the embedded demo library: mirror, retrieve, compose, evaluate, write."""
     from ..demo import library, tour
-    from ..registry import Store
 
     library.verify()
     library.heldout_examples(task)  # an unknown task fails here, before any work
     target = out_dir if out_dir is not None else _free(Path(f"lorahub-demo-{task}"))
-    folder = home or Path(tempfile.mkdtemp(prefix="lorahub-demo-"))
-    try:
-        result = tour.run(Store(folder), target, task=task, seed=seed, num_modules=num_modules, budget=budget,
+    with scratch_store("lorahub-demo-", home) as store:
+        result = tour.run(store, target, task=task, seed=seed, num_modules=num_modules, budget=budget,
                           progress_factory=None if json_ else progress)
-    finally:
-        if home is None:
-            shutil.rmtree(folder, ignore_errors=True)
     if json_:
         print_json(result)
         return

@@ -141,18 +141,13 @@ def demo(
     json_: JsonOpt = False,
 ) -> None:
     """The demo library's held-out tasks, offline: its adapters are mirrored into a temporary registry."""
-    import shutil
-    import tempfile
-
     from ..demo import library
     from ..eval.tasks import load_demo
     from ..models import torch_threads
-    from ..registry import Store
+    from .registry import scratch_store
 
     suite = load_demo()
-    folder = Path(tempfile.mkdtemp(prefix="lorahub-eval-demo-"))
-    try:
-        store = Store(folder)
+    with scratch_store("lorahub-eval-demo-") as store:
         with progress("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
             library.mirror(store, progress=advance)
         with torch_threads(library.THREADS):
@@ -160,5 +155,3 @@ def demo(
                  title="Demo library: held-out tasks", base_model=library.BASE_MODEL, model_path=str(library.base_model_path()),
                  shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit,
                  batch_size=batch_size, max_new_tokens=max_new_tokens, dtype="float32", device="cpu")
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,6 +39,19 @@ def open_store():
     from ..registry import Store
 
     return Store(home())
+
+
+@contextmanager
+def scratch_store(prefix: str, keep: Path | None = None) -> Iterator:
+    """A registry in `keep`, or in a temporary folder that is removed afterwards (the demos' registries)."""
+    from ..registry import Store
+
+    folder = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield Store(folder)
+    finally:
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def card_options(**options) -> dict:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +9,7 @@ import typer
 
 from ..errors import InputError
 from ._output import info, out, print_json, progress
+from .registry import scratch_store
 from .retrieve import _table
 
 EXAMPLES = """Examples:\n
@@ -26,18 +25,14 @@ def walkthrough(
 ) -> None:
     """Register the shipped example adapters with embedding cards and retrieve for their held-out examples. Offline."""
     from ..examples import walkthrough as example
-    from ..registry import Store
 
     names = example.tasks()
     if task not in names:
         raise InputError(f"--task '{task}' is not an example task.", f"Choose one of: {', '.join(names)}.")
-    folder = home or Path(tempfile.mkdtemp(prefix="lorahub-walkthrough-"))
-    try:
+    with scratch_store("lorahub-walkthrough-", home) as store:
         with progress("Registering example adapters and building cards", len(names)) as advance:
-            result = example.run(Store(folder), task, k, advance=advance)
-    finally:
-        if home is None:
-            shutil.rmtree(folder, ignore_errors=True)
+            result = example.run(store, task, k, advance=advance)
+    folder = result["registry"]
     if json_:
         print_json(result)
         return
