@@ -69,6 +69,16 @@ def hub_errors(what: str, revision: str | None = None):
         raise HubError(f"the Hub at {endpoint()} refused a request for '{what}' (HTTP {status}).", hint) from None
     except errors.HFValidationError as error:
         raise InputError(f"'{what}' is not a valid Hub repo id ({error}).", "Use NAMESPACE/NAME.") from None
+    except OSError as error:
+        # transformers reports a Hub it cannot reach, or a name that is neither a folder nor a repo, as OSError.
+        text = str(error)
+        if "couldn't connect" in text or _is_network_failure(error):
+            raise HubError(f"cannot reach the Hub at {endpoint()} for '{what}', and it is not in the local cache.",
+                           OFFLINE_HINT + " For a model on disk, pass its folder (--model-path).") from None
+        if "not a valid model identifier" in text or "not a local folder" in text:
+            raise NotFoundError(f"'{what}' is neither a local folder nor a model on {endpoint()}.",
+                                "Check the name, or give the folder of a local copy (--model-path).") from None
+        raise
     except Exception as error:
         if _is_network_failure(error):
             raise HubError(f"cannot reach the Hub at {endpoint()} for '{what}'.", OFFLINE_HINT) from None

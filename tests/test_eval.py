@@ -227,3 +227,10 @@ def test_eval_bbh_reports_the_malformed_targets(cli, t5_home, tmp_path):
     cell = json.loads(cell_path(out, "navigate", 3, "icl").read_text())
     shots, test = tasks.split(tasks.load_bbh().tasks["navigate"], 3, 5, 2)
     assert (cell["shots"], cell["test"]) == (shots, test)
+
+
+def test_composing_methods_need_enough_adapters_before_any_model_loads(cli, tmp_path):
+    result = cli("eval", "tasks", EXAMPLES / "shots", "--base-model", "no/such-model", "--methods", "batchcomp",
+                 "--out", tmp_path / "run")
+    assert result.code == 2 and "the registry has 0 adapters for base model 'no/such-model'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

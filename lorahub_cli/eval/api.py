@@ -10,11 +10,24 @@ from .runner import run_grid
 from .tasks import Suite
 
 
+def _check_registry(store, config: EvalConfig, methods: list[str]) -> None:
+    """Fail before any model loads if the registry cannot serve the composing methods."""
+    from .. import retrieval
+    from ..errors import InputError
+
+    candidates = store.list(config.base_model)
+    if len(candidates) < config.num_modules:
+        raise InputError(f"the registry has {len(candidates)} adapters for base model '{config.base_model}', fewer than -n {config.num_modules}.",
+                         "Add adapters (lorahub registry sync --catalog ... --cards) or lower -n.")
+    if any(m in ("batchcomp", "instance") for m in methods):
+        retrieval.CardIndex.from_store(store, config.base_model)  # raises, naming the fix, when no card exists
+
+
 def evaluate(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig, out: Path, *, store=None,
              title: str | None = None, progress_factory=None) -> dict:
     """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary."""
-    if any(m in COMPOSING for m in methods) and store is None:
-        raise ValueError("composing methods need a registry")
+    if any(m in COMPOSING for m in methods):
+        _check_registry(store, config, methods)
     ctx = Context(config, store)
     total = len(suite.tasks) * len(seeds) * len(methods)
     if progress_factory is None:
