@@ -8,6 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -21,7 +27,9 @@ from lorahub_cli.io import Example
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
-from lorahub_cli.serve.engine import Engine, Request
+from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown
+from lorahub_cli.serve.engine import Answer, Engine, Request
+from lorahub_cli.serve.server import create_app
 from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,3 +187,149 @@ def test_bad_requests_are_one_line_errors(cli, home, tmp_path, line, message):
     requests.write_text(line + "\n")
     result = cli("generate", "--inputs", requests, "--dtype", "float32")
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# --- the HTTP server ---------------------------------------------------------------------------
+
+
+@contextmanager
+def running(app):
+    """The app served by uvicorn on a free local port, in a thread; stopped (gracefully) on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def post(url: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(library):
+    engine = Engine.from_registry(Store(library / "home"), dtype="float32", device="cpu", max_new_tokens=NEW_TOKENS,
+                                  batch_size=8, max_input_tokens=200)
+    decode_ids(engine.base.tokenizer)
+    return engine
+
+
+def test_server_routes_concurrent_requests_and_batches_them(tiny_engine):
+    plan = [(task, 1 + i % 3, ("mixture", "fusion", "single")[i % 3]) for i, task in enumerate(TASKS * 4)]
+    bodies = [{"input": task_inputs(task, 2)[i % 2], "k": k, "compose": mode} for i, (task, k, mode) in enumerate(plan)]
+    # Each request alone first: the engine is used by one thread at a time (the batcher's, below).
+    expected = [tiny_engine.run([Request(b["input"], b["k"], b["compose"])])[0] for b in bodies]
+    with running(create_app(tiny_engine, max_batch=8, window=0.05, max_queue=64)) as (url, _):
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda b: post(url + "/v1/generate", b), bodies))
+        health = get(url + "/health")
+    for (status, reply), want, (task, k, mode) in zip(replies, expected, plan):
+        assert status == 200, reply
+        assert reply["output"] == want.output and reply["compose"] == mode
+        assert [a["id"] for a in reply["adapters"]] == [a["id"] for a in want.route["adapters"]]
+        assert reply["adapters"][0]["id"] == task and len(reply["adapters"]) == (1 if mode == "single" else k)
+    assert health["status"] == "ok" and health["requests"] == len(bodies) and health["queued"] == 0
+    assert health["largest_batch"] > 1 and health["batches"] < len(bodies), "concurrent requests shared batches"
+
+
+def test_openai_completions_route(tiny_engine):
+    prompts = task_inputs("capitals", 1) + task_inputs("addition", 1)
+    with running(create_app(tiny_engine)) as (url, _):
+        status, reply = post(url + "/v1/completions", {"model": "x", "prompt": prompts, "max_tokens": 3, "k": 2, "temperature": 0})
+    assert status == 200 and reply["object"] == "text_completion"
+    expected = tiny_engine.run([Request(p, 2, max_new_tokens=3) for p in prompts])
+    assert [c["text"] for c in reply["choices"]] == [e.output for e in expected]
+    assert [c["lorahub"]["adapters"][0]["id"] for c in reply["choices"]] == ["capitals", "addition"]
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/generate", b'{"input": "hi"', 400, "JSON"),
+    ("/v1/generate", {"k": 2}, 400, "input: Field required"),
+    ("/v1/generate", {"input": "hi", "k": "2"}, 400, "k: Input should be a valid integer"),
+    ("/v1/generate", {"input": "hi", "compose": "blend"}, 400, "compose: Input should be 'mixture', 'fusion' or 'single'"),
+    ("/v1/generate", {"input": "hi", "top_k": 2}, 400, "top_k: Extra inputs are not permitted"),
+    ("/v1/generate", {"input": "  "}, 400, "the input is empty"),
+    ("/v1/generate", {"input": "hi", "k": 9}, 400, "k = 9 is outside 1..5"),
+    ("/v1/generate", {"input": "hi", "max_new_tokens": 7}, 400, "max_new_tokens = 7 is outside 1..6"),
+    ("/v1/generate", {"input": "x" * 300}, 413, "the input is 301 tokens, more than the limit of 200"),
+    ("/v1/generate", {"input": "x" * 20_000}, 413, "20000 characters, more than the limit of 16000"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "greedily"),
+    ("/v1/completions", {"prompt": []}, 400, "give 1 to 64 prompts"),
+])
+def test_malformed_requests_get_a_4xx_with_a_message(tiny_engine, path, body, status, message):
+    with running(create_app(tiny_engine)) as (url, _):
+        got, reply = post(url + path, body)
+        health = get(url + "/health")
+    assert got == status and message in reply["error"]["message"], reply
+    assert health["requests"] == 0, "nothing bad was queued"
+
+
+class GatedEngine:
+    """Answers with the upper-cased input once `gate` is set; counts its calls."""
+
+    def __init__(self, delay: float = 0.0):
+        self.started, self.gate, self.delay, self.calls = threading.Event(), threading.Event(), delay, 0
+
+    def check(self, request):
+        return request
+
+    def run(self, requests):
+        self.started.set()
+        self.gate.wait(10)
+        time.sleep(self.delay)
+        self.calls += 1
+        return [Answer(r.input, r.input.upper(), {"compose": "single", "adapters": []}) for r in requests]
+
+    def info(self):
+        return {}
+
+
+def test_the_queue_is_bounded_and_every_accepted_request_is_answered():
+    engine = GatedEngine()
+    batcher = Batcher(engine.run, max_batch=2, window=0.0, max_queue=2).start()
+    first = batcher.submit(Request("a"))
+    engine.started.wait(10)  # the worker holds "a", blocked on the gate; the queue is empty again
+    waiting = [batcher.submit(Request(t)) for t in "bc"]
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        batcher.submit(Request("d"))
+    engine.gate.set()
+    batcher.close()
+    with pytest.raises(ShuttingDown):
+        batcher.submit(Request("e"))
+    assert [f.result(0).output for f in [first, *waiting]] == ["A", "B", "C"]
+    assert engine.calls == 2 and batcher.stats.largest_batch == 2
+
+
+def test_server_sheds_load_with_503_and_drains_on_shutdown():
+    engine = GatedEngine(delay=0.2)
+    with running(create_app(engine, max_batch=1, window=0.0, max_queue=1)) as (url, server):
+        with ThreadPoolExecutor(3) as pool:
+            held = pool.submit(post, url + "/v1/generate", {"input": "a"})
+            engine.started.wait(10)
+            queued = pool.submit(post, url + "/v1/generate", {"input": "b"})
+            while get(url + "/health")["queued"] < 1:
+                time.sleep(0.01)
+            status, reply = post(url + "/v1/generate", {"input": "c"})
+            assert status == 503 and "already waiting" in reply["error"]["message"]
+            server.should_exit = True  # graceful: open requests finish before the server stops
+            engine.gate.set()
+            assert held.result(10) == (200, {"input": "a", "output": "A", "compose": "single", "adapters": []})
+            assert queued.result(10)[1]["output"] == "B"

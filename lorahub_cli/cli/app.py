@@ -52,13 +52,14 @@ def root(
 
 
 def _register() -> None:
-    from . import card, compose, generate, push, registry, retrieve, walkthrough
+    from . import card, compose, generate, push, registry, retrieve, serve, walkthrough
 
     app.add_typer(registry.app, name="registry")
     app.add_typer(card.app, name="card")
     app.command("retrieve", epilog=retrieve.EXAMPLES)(retrieve.retrieve)
     app.command("compose", epilog=compose.EXAMPLES)(compose.compose)
     app.command("generate", epilog=generate.EXAMPLES)(generate.generate)
+    app.command("serve", epilog=serve.EXAMPLES)(serve.serve)
     app.command("push", epilog=push.EXAMPLES)(push.push)
     app.command("walkthrough", epilog=walkthrough.EXAMPLES)(walkthrough.walkthrough)
 

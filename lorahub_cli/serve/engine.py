@@ -21,6 +21,10 @@ from .routing import COMPOSE_MODES, RetrievalRouter, ShotRouter, check_mode, wei
 DEFAULTS = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}
 
 
+class InputTooLong(InputError):
+    """An input over the engine's token limit (HTTP 413)."""
+
+
 @dataclass
 class Request:
     input: str
@@ -123,7 +127,7 @@ class Engine:
                              f"Ask for at most {self.max_new_tokens} new tokens.")
         tokens = len(self.base.tokenizer(request.input, truncation=False)["input_ids"])
         if tokens > self.max_input_tokens:
-            raise InputError(f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.",
+            raise InputTooLong(f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.",
                              "Shorten the input.")
         return Request(request.input, k, mode, limit)
 
