@@ -52,10 +52,11 @@ def root(
 
 
 def _register() -> None:
-    from . import card, compose, generate, push, registry, retrieve, serve, walkthrough
+    from . import card, compose, generate, push, registry, retrieve, retriever, serve, walkthrough
 
     app.add_typer(registry.app, name="registry")
     app.add_typer(card.app, name="card")
+    app.add_typer(retriever.app, name="retriever")
     app.command("retrieve", epilog=retrieve.EXAMPLES)(retrieve.retrieve)
     app.command("compose", epilog=compose.EXAMPLES)(compose.compose)
     app.command("generate", epilog=generate.EXAMPLES)(generate.generate)
