@@ -17,12 +17,13 @@ process (so peak memory is its own):
   [top-1 of each row])`, batches of 32: one adapter per row is the most PEFT offers.
 - ours over HTTP: `lorahub serve`'s app (uvicorn, batch window 10 ms), 64 concurrent
   clients posting the 256 requests; latency per request, p50 / p95.
+- the base model alone (no adapter, same batches): the ceiling no adapter method can pass.
 
 The baselines get the routes for free (computed once beforehand with the same retrieval);
 ours pays for its retrieval. Throughput = requests / generation seconds (models loaded
 beforehand). To keep the run near ten minutes on two shared cores, the baselines time a
-seeded sample of their work units (--sample, default 0.25: groups for (a), batches of
-32 for (b), drawn from the full 256-request traffic) and their throughput is the requests
+seeded sample of their work (--sample, default 0.25: random whole groups for (a); for (b)
+every fourth of the length-sorted batches of 32 that ours runs, from a seeded offset) and their throughput is the requests
 they answered over the time they took; ours answers all 256. Greedy decoding; the random model never emits end-of-sequence, so every
 request generates exactly --max-new-tokens tokens. Outputs are compared request by
 request: ours-mixture with (a), ours-single with (b).
@@ -55,7 +56,7 @@ K = 3
 BATCH = 32
 CLIENTS = 64
 MAX_INPUT_TOKENS = 512
-METHODS = ("ours-mixture", "merge-per-group", "ours-single", "peft-adapter-names", "ours-http")
+METHODS = ("ours-mixture", "merge-per-group", "ours-single", "peft-adapter-names", "ours-http", "base-model")
 
 
 # --- the world: fixture, registry with cards, requests, routes (built once, cached) -------------
@@ -143,6 +144,18 @@ def sample_units(units: list[list[int]], fraction: float) -> list[list[int]]:
     return chosen
 
 
+def base_model(world, max_new_tokens: int) -> dict:
+    from lorahub_cli.generation import generate
+    from lorahub_cli.models import load_base_model
+
+    base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
+    texts = [r["input"] for r in world["requests"]]
+    generate(base, texts[:2], max_new_tokens=2)  # warm-up
+    start = time.perf_counter()
+    outputs = generate(base, texts, max_new_tokens=max_new_tokens, batch_size=BATCH, max_input_length=MAX_INPUT_TOKENS)
+    return {"seconds": time.perf_counter() - start, "outputs": outputs}
+
+
 def merge_per_group(world, max_new_tokens: int, fraction: float) -> dict:
     """LoraRetriever's reference approach, made as fast as it goes: per group of requests with the same
     retrieved set, read the adapters from disk and merge their average delta into the base weights."""
@@ -202,8 +215,11 @@ def peft_adapter_names(world, max_new_tokens: int, fraction: float) -> dict:
     requests = world["requests"]
     order = sorted(range(len(requests)), key=lambda i: -len(tok(requests[i]["input"])["input_ids"]))
     outputs = [None] * len(requests)
+    # The batches ours forms (all requests sorted by length, 32 a batch), every step-th from a seeded offset:
+    # the sample spans short and long inputs and pads exactly as ours does.
     batches = [order[b:b + BATCH] for b in range(0, len(order), BATCH)]
-    chosen = sample_units(batches, fraction)
+    step = max(1, round(1 / fraction))
+    chosen = batches[random.Random(0).randrange(step)::step]
 
     def run(rows):
         batch = tok([requests[i]["input"] for i in rows], return_tensors="pt", padding=True, truncation=True,
@@ -268,7 +284,8 @@ def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, 
            "ours-single": lambda: ours(world, "single", max_new_tokens),
            "merge-per-group": lambda: merge_per_group(world, max_new_tokens, fraction),
            "peft-adapter-names": lambda: peft_adapter_names(world, max_new_tokens, fraction),
-           "ours-http": lambda: ours_http(world, max_new_tokens)}[method]
+           "ours-http": lambda: ours_http(world, max_new_tokens),
+           "base-model": lambda: base_model(world, max_new_tokens)}[method]
     result = run()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(result))
@@ -289,6 +306,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sample", type=float, default=0.25, help="Share of the traffic the baselines answer.")
+    parser.add_argument("--reuse", action="store_true", help="Take the results of methods not in --methods from the last run.")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -298,31 +316,47 @@ def main() -> None:
     world = build_world(args.requests)
     world_file = CACHE / f"world-{args.requests}.json"
     results = {}
-    for method in args.methods.split(","):
+    setting = {"requests": args.requests, "max_new_tokens": args.max_new_tokens, "sample": args.sample}
+    for method in METHODS if args.reuse else ():
+        cached = CACHE / f"result-{method}.json"
+        if method not in args.methods.split(",") and cached.exists():
+            result = json.loads(cached.read_text())
+            if result.get("setting") == setting:
+                results[method] = result
+    for method in filter(None, args.methods.split(",")):
         out = CACHE / f"result-{method}.json"
         began = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--worker", method, "--world", str(world_file),
                         "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample), "--out", str(out)],
                        check=True)
-        results[method] = json.loads(out.read_text())
-        r = results[method]
+        results[method] = r = {**json.loads(out.read_text()), "setting": setting}
+        out.write_text(json.dumps(r))
         print(f"{method}: {r['seconds']:.1f} s generating, {time.perf_counter() - began:.1f} s in all, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    rate = {m: r.get("answered", args.requests) / r["seconds"] for m, r in results.items()}
+    # The sampled baselines answer a sample whose inputs may be shorter or longer than the traffic's, and the
+    # work is mostly the encoder's, linear in input tokens: the ratios compare input tokens per second.
+    from fixtures import _tokenizer
+
+    tok = _tokenizer()
+    lengths = [len(tok(r["input"])["input_ids"]) for r in world["requests"]]
+    tokens = {m: sum(n for n, o in zip(lengths, r["outputs"]) if o is not None) for m, r in results.items()}
+    rate = {m: tokens[m] / r["seconds"] for m, r in results.items()}
     load = os.getloadavg()[0]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 threads; "
           f"load average at the end {load:.1f}")
     print(f"{args.requests} requests over 20 adapters, k = {K}, batch {BATCH}, {args.max_new_tokens} new tokens each (greedy)")
-    print("| method | requests answered | requests/s | seconds | p50 / p95 latency (s) | peak RSS (MB) | throughput vs its baseline | outputs equal to |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) | peak RSS (MB) | tokens/s vs its baseline | outputs equal to |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     pairs = {"ours-mixture": "merge-per-group", "ours-single": "peft-adapter-names", "ours-http": "merge-per-group"}
-    for method, r in results.items():
+    for method, r in sorted(results.items(), key=lambda item: METHODS.index(item[0])):
         latency = f"{r['p50']:.1f} / {r['p95']:.1f}" if "p50" in r else "–"
         baseline = pairs.get(method)
         ratio = f"{rate[method] / rate[baseline]:.2f}x" if baseline in results else "–"
         equal = f"{same(r['outputs'], results[baseline]['outputs'])} of {baseline}" if baseline in results else "–"
         answered = f"{r['answered']} ({r['units']})" if "units" in r else str(args.requests)
-        print(f"| {method} | {answered} | {rate[method]:.2f} | {r['seconds']:.1f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |")
+        per_second = r.get("answered", args.requests) / r["seconds"]
+        print(f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {per_second:.2f} | {rate[method]:.0f} | {latency} "
+              f"| {r['peak_rss_mb']:.0f} | {ratio} | {equal} |")
 
 
 if __name__ == "__main__":

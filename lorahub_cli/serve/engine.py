@@ -44,6 +44,9 @@ class Answer:
 
 
 class Engine:
+    """A base model, its bank and a router. One thread at a time: the bank's weights are one shared state
+    for the whole model (the server gives the engine to its batcher's worker thread alone)."""
+
     def __init__(self, base, bank, router, *, k: int = DEFAULTS["k"], compose: str = DEFAULTS["compose"],
                  max_new_tokens: int = DEFAULTS["max_new_tokens"], batch_size: int = DEFAULTS["batch_size"],
                  max_input_tokens: int = DEFAULTS["max_input_tokens"], description: dict | None = None):
@@ -120,7 +123,7 @@ class Engine:
         k = self.k if request.k is None else request.k
         mode = check_mode(self.compose if request.compose is None else request.compose)
         limit = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
-        if not 1 <= k <= self.bank.n:
+        if self.router.retrieves and not 1 <= k <= self.bank.n:
             raise InputError(f"k = {k} is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
         if not 1 <= limit <= self.max_new_tokens:
             raise InputError(f"max_new_tokens = {limit} is outside 1..{self.max_new_tokens}.",

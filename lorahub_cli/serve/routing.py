@@ -53,6 +53,8 @@ def check_mode(mode: str) -> str:
 class RetrievalRouter:
     """Per-input top-k retrieval over `index`; bank column i is `index.ids[i]`."""
 
+    retrieves = True  # requests choose k and the compose mode
+
     def __init__(self, index, embedder, *, elementwise_ok: bool):
         self.index, self.embedder = index, embedder
         self.names = list(index.ids)
@@ -86,6 +88,8 @@ class RetrievalRouter:
 
 class ShotRouter:
     """An instance-level composition: bank column j is compositions/shot-j; inputs go to their nearest shot."""
+
+    retrieves = False  # k and the compose mode do not apply
 
     def __init__(self, recipe: dict, shots: torch.Tensor, embedder, *, elementwise_ok: bool):
         from ..retrieval import normalise
