@@ -26,7 +26,9 @@ seeded sample of their work (--sample, default 0.25: random whole groups for (a)
 every fourth of the length-sorted batches of 32 that ours runs, from a seeded offset) and their throughput is the requests
 they answered over the time they took; ours answers all 256. Greedy decoding; the random model never emits end-of-sequence, so every
 request generates exactly --max-new-tokens tokens. Outputs are compared request by
-request: ours-mixture with (a), ours-single with (b).
+request: ours-mixture with (a), ours-single with (b). The random model's greedy choice is [PAD]
+whatever the adapter, so special tokens are suppressed in every method (outputs then differ by
+adapter and input, and equal outputs mean something).
 """
 
 from __future__ import annotations
@@ -120,12 +122,19 @@ def build_world(n_requests: int) -> dict:
 # --- the methods, each run in a worker process -------------------------------------------------
 
 
+def suppress_special(model, tokenizer) -> None:
+    """The random model's greedy choice is [PAD] whatever the adapter, which would make every output empty
+    and every comparison of outputs vacuous: special tokens are ruled out, so outputs show the adapters."""
+    model.generation_config.suppress_tokens = list(tokenizer.all_special_ids)
+
+
 def ours(world, mode: str, max_new_tokens: int) -> dict:
     from lorahub_cli.registry import Store
     from lorahub_cli.serve.engine import Engine, Request
 
     engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", k=K, compose=mode,
                                   max_new_tokens=max_new_tokens, batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS)
+    suppress_special(engine.base.model, engine.base.tokenizer)
     texts = [r["input"] for r in world["requests"]]
     engine.run([Request(t) for t in texts[:2]])  # warm-up (first-call allocations)
     start = time.perf_counter()
@@ -149,6 +158,7 @@ def base_model(world, max_new_tokens: int) -> dict:
     from lorahub_cli.models import load_base_model
 
     base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
+    suppress_special(base.model, base.tokenizer)
     texts = [r["input"] for r in world["requests"]]
     generate(base, texts[:2], max_new_tokens=2)  # warm-up
     start = time.perf_counter()
@@ -165,6 +175,7 @@ def merge_per_group(world, max_new_tokens: int, fraction: float) -> dict:
     from lorahub_cli.models import load_base_model
 
     base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
+    suppress_special(base.model, base.tokenizer)
     groups = defaultdict(list)
     for i, r in enumerate(world["requests"]):
         groups[tuple(sorted(r["routes"]))].append(i)
@@ -212,6 +223,7 @@ def peft_adapter_names(world, max_new_tokens: int, fraction: float) -> dict:
     for name in names[1:]:
         model.load_adapter(world["adapter_dirs"][name], adapter_name=name)
     model.eval()
+    suppress_special(model.get_base_model(), tok)
     requests = world["requests"]
     order = sorted(range(len(requests)), key=lambda i: -len(tok(requests[i]["input"])["input_ids"]))
     outputs = [None] * len(requests)
@@ -251,6 +263,7 @@ def ours_http(world, max_new_tokens: int) -> dict:
 
     engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", k=K, compose="mixture",
                                   max_new_tokens=max_new_tokens, batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS)
+    suppress_special(engine.base.model, engine.base.tokenizer)
     engine.run([Request(r["input"]) for r in world["requests"][:2]])  # warm-up
     server = uvicorn.Server(uvicorn.Config(create_app(engine, max_batch=BATCH, window=0.01, max_queue=1024),
                                            host="127.0.0.1", port=0, log_level="warning"))

@@ -210,9 +210,9 @@ def running(app):
         thread.join(15)
 
 
-def post(url: str, body) -> tuple[int, dict]:
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -255,14 +255,19 @@ def test_openai_completions_route(tiny_engine):
     prompts = task_inputs("capitals", 1) + task_inputs("addition", 1)
     with running(create_app(tiny_engine)) as (url, _):
         status, reply = post(url + "/v1/completions", {"model": "x", "prompt": prompts, "max_tokens": 3, "k": 2, "temperature": 0})
+        # `curl -d` labels JSON as a form; the body is read as JSON all the same.
+        form_status, form_reply = post(url + "/v1/generate", {"input": prompts[0], "k": 2, "max_new_tokens": 3},
+                                       content_type="application/x-www-form-urlencoded")
     assert status == 200 and reply["object"] == "text_completion"
     expected = tiny_engine.run([Request(p, 2, max_new_tokens=3) for p in prompts])
     assert [c["text"] for c in reply["choices"]] == [e.output for e in expected]
     assert [c["lorahub"]["adapters"][0]["id"] for c in reply["choices"]] == ["capitals", "addition"]
+    assert form_status == 200 and form_reply["output"] == expected[0].output
 
 
 @pytest.mark.parametrize("path, body, status, message", [
-    ("/v1/generate", b'{"input": "hi"', 400, "JSON"),
+    ("/v1/generate", b'{"input": "hi"', 400, "the body is not valid JSON"),
+    ("/v1/generate", b'[1, 2]', 400, "Input should be a valid dictionary"),
     ("/v1/generate", {"k": 2}, 400, "input: Field required"),
     ("/v1/generate", {"input": "hi", "k": "2"}, 400, "k: Input should be a valid integer"),
     ("/v1/generate", {"input": "hi", "compose": "blend"}, 400, "compose: Input should be 'mixture', 'fusion' or 'single'"),

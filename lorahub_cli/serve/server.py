@@ -14,15 +14,15 @@ then the batcher answers what is still queued and stops.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Literal, Optional, Union
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 
 from ..errors import InputError
 from .batcher import Batcher, QueueFull, ShuttingDown
@@ -57,6 +57,20 @@ class HttpError(Exception):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
+async def _parse(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
+    """The body as `model`, whatever its Content-Type (`curl -d` sends form-encoded); a 400 naming the bad field."""
+    try:
+        data = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise HttpError(400, f"the body is not valid JSON ({error}).") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise HttpError(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}") from None
+
+
 def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
 
@@ -81,12 +95,6 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
     @app.exception_handler(HttpError)
     async def http_error(_, error: HttpError):
         return _error(error.status, error.message, error.kind, error.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_, error: RequestValidationError):
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
-        return _error(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}", "invalid_request_error")
 
     @app.middleware("http")
     async def limit_body(request: HttpRequest, call_next):
@@ -126,12 +134,14 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
                 "engine": engine.info()}
 
     @app.post("/v1/generate")
-    async def generate(body: GenerateBody):
+    async def generate(request: HttpRequest):
+        body = await _parse(request, GenerateBody)
         (result,) = await answer([Request(body.input, body.k, body.compose, body.max_new_tokens)])
         return result.to_json()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(request: HttpRequest):
+        body = await _parse(request, CompletionBody)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.stream or body.n != 1 or (body.temperature or 0) > 0:
             raise HttpError(400, "this server decodes greedily: one completion per prompt, no streaming, temperature 0.")
