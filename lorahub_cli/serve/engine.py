@@ -139,6 +139,8 @@ class Engine:
         from ..generation import generate
 
         requests = [self.check(r) for r in requests]
+        if not requests:
+            return []
         routes = self.router.route([r.input for r in requests], [r.k for r in requests], [r.compose for r in requests])
         outputs = [""] * len(requests)
         for formula in sorted({route.formula for route in routes}):

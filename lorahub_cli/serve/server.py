@@ -27,9 +27,10 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from ..errors import InputError
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .engine import InputTooLong, Request
+from .routing import COMPOSE_MODES
 
 LIMITS = {"max_batch": 32, "window": 0.01, "max_queue": 256, "max_input_chars": 16_000, "max_prompts": 64}
-Compose = Optional[Literal["mixture", "fusion", "single"]]
+Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # the modes the routing module registers
 
 
 class GenerateBody(BaseModel):
