@@ -171,6 +171,8 @@ def training_data(store, base_model: str | None, max_examples: int) -> dict[str,
 def train_retriever(store, out: Path, config: RetrieverConfig, *, base_model: str | None = None,
                     embedder: str | None = None, progress=None) -> dict:
     """Train on a split of the registry's carded adapters, evaluate on the rest, save to `out`; returns the report."""
+    from sentence_transformers import SentenceTransformer
+
     from .. import __version__
     from ..cards.embedder import load_embedder
     from ..compose.export import check_destination, write_folder
@@ -179,16 +181,17 @@ def train_retriever(store, out: Path, config: RetrieverConfig, *, base_model: st
     check_destination(Path(out).resolve(), overwrite=False)
     data = training_data(store, base_model, config.max_examples)
     split = split_adapters(list(data), config.tasks_fraction, config.seed)
-    from sentence_transformers import SentenceTransformer
-
     untrained = load_embedder(embedder)
     # A private copy: the loaded embedder is cached and shared, and training changes weights in place.
     model = SentenceTransformer(_model_folder(untrained), trust_remote_code=False, device="cpu")
-    encode = lambda m: lambda texts: m.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float().cpu()  # noqa: E731
+
+    def encode(texts: list[str]) -> torch.Tensor:  # the model as it is when called: untuned, then tuned
+        return model.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float().cpu()
+
     began = time.perf_counter()
-    untuned = retrieval_accuracy(encode(model), data, split.held_out, config)
+    untuned = retrieval_accuracy(encode, data, split.held_out, config)
     training = train(model, data, split, config, progress=progress)
-    tuned = retrieval_accuracy(encode(model), data, split.held_out, config)
+    tuned = retrieval_accuracy(encode, data, split.held_out, config)
     report = {"base_embedder": untrained.key, "config": asdict(config), "train_adapters": split.train,
               "held_out_adapters": split.held_out, "training": training, "untuned": untuned, "tuned": tuned,
               "seconds": round(time.perf_counter() - began, 2), "lorahub_version": __version__}
