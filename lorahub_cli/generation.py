@@ -5,6 +5,8 @@
 Rows are sorted by length and batched; every batch runs under `bank.weights(W[rows])`,
 so inputs that use different adapters share forward passes. Without a bank it is the
 base model. Decoding is greedy (no sampling, one beam), as in the papers' protocol.
+`max_new_tokens` may be one limit per input: a batch decodes to its largest limit and
+each row keeps its own first tokens, which greedy decoding makes equal to stopping there.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def generate(
     bank=None,
     weights=None,
     formula: str | None = None,
-    max_new_tokens: int = 256,
+    max_new_tokens: int | list[int] = 256,
     batch_size: int = 16,
     max_input_length: int = 1024,
     progress=None,
@@ -48,9 +50,10 @@ def generate(
     """The greedy continuation of every input, in input order; `progress(n)` after each batch of n."""
     if weights is not None and bank is None:
         raise InputError("weights were given without a LoRA bank.", "Pass bank= with the adapters the weights refer to.")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise InputError(f"batch size {batch_size} and max new tokens {max_new_tokens} must be 1 or more.",
-                         "Give --batch-size and --max-new-tokens of 1 or more.")
+    limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if batch_size < 1 or len(limits) != len(inputs) or min(limits, default=1) < 1:
+        raise InputError(f"batch size {batch_size} and max new tokens {max_new_tokens} must be 1 or more, one limit "
+                         "or one per input.", "Give --batch-size and --max-new-tokens of 1 or more.")
     tok = base.tokenizer
     ids = tok(list(inputs), truncation=True, max_length=max_input_length)["input_ids"]
     W = _row_weights(weights, len(inputs), bank.n) if bank is not None else None
@@ -67,15 +70,16 @@ def generate(
             input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         kwargs = dict(input_ids=input_ids.to(base.device), attention_mask=mask.to(base.device), do_sample=False,
-                      num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                      num_beams=1, max_new_tokens=max(limits[i] for i in batch), pad_token_id=pad, eos_token_id=tok.eos_token_id)
         if W is None:
             out = base.model.generate(**kwargs)
         else:
             with bank.weights(W[batch], formula):
                 out = base.model.generate(**kwargs)
-        if not base.is_seq2seq:
-            out = out[:, width:]
-        for i, text in zip(batch, tok.batch_decode(out, skip_special_tokens=True)):
+        # A seq2seq output starts with the decoder start token; a causal one with the prompt.
+        out = out[:, 1:] if base.is_seq2seq else out[:, width:]
+        rows = [row[:limits[i]] for i, row in zip(batch, out)]
+        for i, text in zip(batch, tok.batch_decode(rows, skip_special_tokens=True)):
             outputs[i] = text.strip()
         if progress:
             progress(len(batch))

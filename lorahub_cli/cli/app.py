@@ -52,13 +52,16 @@ def root(
 
 
 def _register() -> None:
-    from . import card, compose, demo, eval, push, registry, retrieve, walkthrough
+    from . import card, compose, demo, eval, generate, push, registry, retrieve, retriever, serve, walkthrough
 
     app.add_typer(registry.app, name="registry")
     app.add_typer(card.app, name="card")
+    app.add_typer(retriever.app, name="retriever")
     app.command("retrieve", epilog=retrieve.EXAMPLES)(retrieve.retrieve)
     app.command("compose", epilog=compose.EXAMPLES)(compose.compose)
     app.add_typer(eval.app, name="eval")
+    app.command("generate", epilog=generate.EXAMPLES)(generate.generate)
+    app.command("serve", epilog=serve.EXAMPLES)(serve.serve)
     app.command("push", epilog=push.EXAMPLES)(push.push)
     app.command("walkthrough", epilog=walkthrough.EXAMPLES)(walkthrough.walkthrough)
     app.command("demo", epilog=demo.EXAMPLES)(demo.demo)

@@ -130,6 +130,11 @@ class LoraBank:
     def n(self) -> int:
         return len(self.names)
 
+    @property
+    def elementwise_ok(self) -> bool:
+        """Whether the elementwise formula is defined: one rank and one scaling for all adapters."""
+        return self._elementwise_ok
+
     @contextmanager
     def weights(self, W: torch.Tensor, formula: str | None = None) -> Iterator[None]:
         """Compose with W, shape (P, N) or (N,) for one vector for the whole batch."""

@@ -1,0 +1,60 @@
+"""`lorahub serve`: an HTTP server that answers each request with its own retrieved and composed adapters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ._options import BaseModelOpt, EmbedderOpt
+from ._output import info
+from .generate import (
+    BatchSizeOpt,
+    ComposeOpt,
+    CompositionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    KOpt,
+    MaxInputTokensOpt,
+    MaxNewTokensOpt,
+    ModelPathOpt,
+    build_engine,
+)
+
+EXAMPLES = """Examples:\n
+  lorahub serve --port 8000\n
+  lorahub serve -k 3 --compose fusion --batch-size 16 --batch-window-ms 20\n
+  lorahub serve --composition per-example --max-queue 64\n
+  curl -s localhost:8000/v1/generate -d '{"input": "What is 12 plus 30?", "k": 3}'"""
+
+
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for every one).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+    k: KOpt = None,
+    compose: ComposeOpt = None,
+    composition: CompositionOpt = None,
+    batch_size: BatchSizeOpt = 32,
+    window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long a batch waits for more requests.")] = 10.0,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")] = 256,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    max_input_tokens: MaxInputTokensOpt = 1024,
+    max_input_chars: Annotated[int, typer.Option("--max-input-chars", min=1, help="Longest input accepted, in characters.")] = 16_000,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0, help="Seconds to finish open requests on SIGTERM.")] = 60.0,
+    base_model: BaseModelOpt = None,
+    model_path: ModelPathOpt = None,
+    embedder: EmbedderOpt = None,
+    dtype: DtypeOpt = "auto",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Serve generation over HTTP: every request retrieves its top-k adapters, and concurrent requests share batches."""
+    from ..serve.server import create_app, run
+
+    engine = build_engine(composition=composition, k=k, compose=compose, base_model=base_model, model_path=model_path,
+                          embedder=embedder, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
+                          max_input_tokens=max_input_tokens, batch_size=batch_size)
+    app = create_app(engine, max_batch=batch_size, window=window_ms / 1000, max_queue=max_queue, max_input_chars=max_input_chars)
+    described = engine.info()
+    held = f"{described['adapters']} adapters" if "adapters" in described else f"{described['compositions']} compositions"
+    info(f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions; GET /health).")
+    run(app, host=host, port=port, shutdown_timeout=shutdown_timeout)

@@ -1,0 +1,1 @@
+"""Serving mixed-task traffic: routing requests to compositions, batching them, HTTP."""

@@ -1,0 +1,177 @@
+"""The serving engine: a base model, one LoRA bank loaded once, a router; requests in, answers out.
+
+    engine = Engine.from_registry(store, k=3, compose="mixture")
+    answers = engine.run([Request("What is 2 plus 2?"), Request("Translate ...", k=1)])
+
+The bank holds every adapter a router can choose (every carded adapter of the base
+model, or every shot's composition), injected once: no adapter is loaded per batch.
+Requests that use different adapters share forward passes; only the bank formula
+splits a call (mixture rows run under the linear formula, fusion and single rows
+under the elementwise one), because a forward pass evaluates one formula.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+from .routing import COMPOSE_MODES, RetrievalRouter, ShotRouter, check_mode, weight_matrix
+
+DEFAULTS = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}
+
+
+class InputTooLong(InputError):
+    """An input over the engine's token limit (HTTP 413)."""
+
+
+@dataclass
+class Request:
+    input: str
+    k: int | None = None  # None: the engine's default
+    compose: str | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class Answer:
+    input: str
+    output: str
+    route: dict  # compose mode, adapters with weights (and shot for an instance composition)
+
+    def to_json(self) -> dict:
+        return {"input": self.input, "output": self.output, **self.route}
+
+
+class Engine:
+    """A base model, its bank and a router. One thread at a time: the bank's weights are one shared state
+    for the whole model (the server gives the engine to its batcher's worker thread alone)."""
+
+    def __init__(self, base, bank, router, *, k: int = DEFAULTS["k"], compose: str = DEFAULTS["compose"],
+                 max_new_tokens: int = DEFAULTS["max_new_tokens"], batch_size: int = DEFAULTS["batch_size"],
+                 max_input_tokens: int = DEFAULTS["max_input_tokens"], description: dict | None = None):
+        if k < 1 or max_new_tokens < 1 or batch_size < 1 or max_input_tokens < 1:
+            raise InputError(f"k ({k}), max new tokens ({max_new_tokens}), batch size ({batch_size}) and max input "
+                             f"tokens ({max_input_tokens}) must be 1 or more.", "Give positive values.")
+        self.base, self.bank, self.router = base, bank, router
+        self.k, self.compose, self.max_new_tokens = k, check_mode(compose), max_new_tokens
+        self.batch_size, self.max_input_tokens = batch_size, max_input_tokens
+        self.description = description or {}
+
+    # --- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_registry(cls, store, *, base_model: str | None = None, model_path: str | None = None,
+                      embedder: str | None = None, dtype: str = "auto", device: str = "auto", **options) -> Engine:
+        """Every adapter with a card for the base model goes into the bank, so any top-k is served
+        without loading; memory grows with the library (r x (d_in + d_out) per targeted layer and adapter)."""
+        from .. import retrieval
+        from ..compose.bank import LoraBank
+        from ..compose.pipeline import load_modules
+        from ..models import load_base_model
+
+        index = retrieval.CardIndex.from_store(store, base_model)
+        query_embedder = index.embedder(embedder)
+        adapters = load_modules(store, [store.get(i) for i in index.ids])
+        base = load_base_model(model_path or index.base_model, dtype=dtype, device=device)
+        bank = LoraBank(base.model, adapters, formula="linear")
+        router = RetrievalRouter(index, query_embedder, elementwise_ok=bank.elementwise_ok)
+        description = {"source": "registry", "base_model": index.base_model, "adapters": len(adapters),
+                       "embedder": f"{index.embedder_id}@{index.embedder_revision}"}
+        return cls(base, bank, router, description=description, **options)
+
+    @classmethod
+    def from_composition(cls, folder: str | Path, *, model_path: str | None = None, embedder: str | None = None,
+                         dtype: str = "auto", device: str = "auto", **options) -> Engine:
+        """An instance-level composition folder (`compose --level instance`): its shots' compositions and router."""
+        from safetensors.torch import load_file
+
+        from ..cards.embedder import load_embedder
+        from ..compose.adapters import load_adapter
+        from ..compose.bank import LoraBank
+        from ..compose.export import RECIPE_FILE
+        from ..compose.pipeline import ROUTER_FILE
+        from ..io import read_json
+        from ..models import load_base_model
+
+        folder = Path(folder)
+        hint = "Give a folder written by: lorahub compose --level instance --out DIR"
+        if not (folder / RECIPE_FILE).is_file():
+            raise InputError(f"'{folder}' has no {RECIPE_FILE}.", hint)
+        recipe = read_json(folder / RECIPE_FILE, hint)
+        if recipe.get("level") != "instance" or not (folder / ROUTER_FILE).is_file():
+            raise InputError(f"'{folder}' is not an instance-level composition (no router).", hint)
+        key = recipe["router"]["embedder"]
+        query_embedder = load_embedder(embedder or key.rpartition("@")[0])
+        if query_embedder.key != key:
+            raise InputError(f"the router was made with {key}, not {query_embedder.key}.", "Drop --embedder.")
+        adapters = [load_adapter(folder / entry["folder"], name=entry["folder"]) for entry in recipe["compositions"]]
+        base = load_base_model(model_path or recipe["base_model"], dtype=dtype, device=device)
+        bank = LoraBank(base.model, adapters, formula="linear")
+        router = ShotRouter(recipe, load_file(folder / ROUTER_FILE)["shots"], query_embedder,
+                            elementwise_ok=bank.elementwise_ok)
+        description = {"source": "composition", "folder": str(folder), "base_model": recipe["base_model"],
+                       "compositions": len(adapters), "embedder": key}
+        return cls(base, bank, router, description=description, **options)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def check(self, request: Request) -> Request:
+        """The request with defaults filled in, or an InputError saying what is wrong with it."""
+        if not isinstance(request.input, str) or not request.input.strip():
+            raise InputError("the input is empty.", "Give some input text.")
+        k = self.k if request.k is None else request.k
+        mode = check_mode(self.compose if request.compose is None else request.compose)
+        limit = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
+        if self.router.retrieves and not 1 <= k <= self.bank.n:
+            raise InputError(f"k = {k} is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
+        if not 1 <= limit <= self.max_new_tokens:
+            raise InputError(f"max_new_tokens = {limit} is outside 1..{self.max_new_tokens}.",
+                             f"Ask for at most {self.max_new_tokens} new tokens.")
+        tokens = len(self.base.tokenizer(request.input, truncation=False)["input_ids"])
+        if tokens > self.max_input_tokens:
+            raise InputTooLong(f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.",
+                             "Shorten the input.")
+        return Request(request.input, k, mode, limit)
+
+    def run(self, requests: list[Request], progress=None) -> list[Answer]:
+        """Answers in request order. Every request is checked before any is generated."""
+        from ..generation import generate
+
+        requests = [self.check(r) for r in requests]
+        if not requests:
+            return []
+        routes = self.router.route([r.input for r in requests], [r.k for r in requests], [r.compose for r in requests])
+        outputs = [""] * len(requests)
+        for formula in sorted({route.formula for route in routes}):
+            rows = [i for i, route in enumerate(routes) if route.formula == formula]
+            texts = generate(self.base, [requests[i].input for i in rows], bank=self.bank,
+                             weights=weight_matrix([routes[i] for i in rows], self.bank.n), formula=formula,
+                             max_new_tokens=[requests[i].max_new_tokens for i in rows],
+                             batch_size=self.batch_size, max_input_length=self.max_input_tokens, progress=progress)
+            for i, text in zip(rows, texts):
+                outputs[i] = text
+        return [Answer(r.input, out, route.info) for r, out, route in zip(requests, outputs, routes)]
+
+    def info(self) -> dict:
+        return {**self.description, "k": self.k, "compose": self.compose, "compose_modes": list(COMPOSE_MODES),
+                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                "max_input_tokens": self.max_input_tokens}
+
+
+def read_requests(path: str | Path) -> list[Request]:
+    """A requests file: JSONL with `input` and optionally `k`, `compose`, `max_new_tokens` per line."""
+    from ..io import read_examples, read_jsonl
+
+    inputs = read_examples(path, require_target=False)  # checks every input
+    requests = []
+    for (number, obj), example in zip(read_jsonl(path), inputs):
+        for name in ("k", "max_new_tokens"):
+            if name in obj and (not isinstance(obj[name], int) or isinstance(obj[name], bool)):
+                raise InputError(f"{path}:{number}: field '{name}' must be an integer, got {obj[name]!r}.",
+                                 'Example: {"input": "...", "k": 3}')
+        if "compose" in obj and obj["compose"] not in COMPOSE_MODES:
+            raise InputError(f"{path}:{number}: compose '{obj['compose']}' is not one of {', '.join(COMPOSE_MODES)}.",
+                             'Example: {"input": "...", "compose": "mixture"}')
+        requests.append(Request(example.input, obj.get("k"), obj.get("compose"), obj.get("max_new_tokens")))
+    return requests

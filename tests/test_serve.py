@@ -1,0 +1,341 @@
+"""Mixed-task serving: per-request retrieval and composition in shared batches (generate, the engine, HTTP).
+
+The reference for every row is the request run alone: its adapters retrieved on their own,
+composed with the formula by `compose` (not the bank), loaded in PEFT, generated unpadded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from conftest import EXAMPLES
+from lorahub_cli.compose.adapters import load_adapter, save_adapter
+from lorahub_cli.compose.formulas import compose
+from lorahub_cli.io import Example
+from lorahub_cli.registry import Store
+from lorahub_cli.registry.cards import card_from_source
+from lorahub_cli.registry.mirror import add_local
+from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown
+from lorahub_cli.serve.engine import Answer, Engine, Request
+from lorahub_cli.serve.server import create_app
+from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TASKS = ["capitals", "addition", "sentiment", "antonyms", "weekdays"]
+INSTRUCTION = "Represent the sentence for similar task retrieval: "
+NEW_TOKENS = 6
+
+
+def task_inputs(task: str, n: int = 2) -> list[str]:
+    lines = (EXAMPLES / "inputs" / f"{task}.jsonl").read_text().splitlines()
+    return [json.loads(line)["input"] for line in lines[:n]]
+
+
+def decode_ids(tokenizer):
+    """Token ids as text: a random model's bytes are mostly invalid UTF-8, which decoding would drop."""
+    def batch_decode(rows, skip_special_tokens=True):
+        return [" ".join(str(int(t)) for t in row if int(t) > 2) for row in rows]
+    tokenizer.batch_decode = batch_decode
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """A tiny T5 and five adapters (non-zero, large B) with LoraRetriever cards (inputs only, instruction prefix)."""
+    root = tmp_path_factory.mktemp("serve-library")
+    model = save_tiny_base("t5", root / "base")
+    store = Store(root / "home")
+    for seed, task in enumerate(TASKS):
+        # alpha 128: at w = 1/k the composed delta must move a tiny random model off its one repeated token.
+        folder = make_lora_adapter(model, root / "adapters" / task, alpha=128, seed=seed, base_model_name=str(root / "base"))
+        add_local(store, folder, name=task)
+        card_from_source(store, task, data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION)
+    return root
+
+
+@pytest.fixture
+def home(library, lorahub_home):
+    shutil.copytree(library / "home", lorahub_home)
+    return lorahub_home
+
+
+def engine_for(home, **options) -> Engine:
+    engine = Engine.from_registry(Store(home), dtype="float32", device="cpu", **options)
+    decode_ids(engine.base.tokenizer)
+    return engine
+
+
+def alone(library, store, text: str, k: int, mode: str) -> str:
+    """One request on its own: retrieval for it alone, `compose` of its modules, PEFT, no padding."""
+    from lorahub_cli import retrieval
+
+    index = retrieval.CardIndex.from_store(store)
+    ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k)["inputs"][0]["results"]
+    ids = [r["id"] for r in ranked][: 1 if mode == "single" else k]
+    adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
+    formula = {"mixture": "linear", "fusion": "fusion", "single": "elementwise"}[mode]
+    composed = compose(adapters, None if formula == "fusion" else [1.0 / len(ids)] * len(ids), formula, name="alone")
+    folder = save_adapter(composed, library / "alone" / f"{abs(hash((text, k, mode)))}")
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
+    tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
+    ids_in = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids_in, do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, 1:])[0]
+
+
+def test_mixed_batch_rows_equal_each_request_alone(library, home):
+    """Different tasks, k and compose modes in one call; batches of 4 mix them all."""
+    engine = engine_for(home, max_new_tokens=NEW_TOKENS, batch_size=4)
+    plan = [("capitals", 3, "mixture"), ("addition", 1, "mixture"), ("sentiment", 2, "fusion"),
+            ("antonyms", 3, "fusion"), ("weekdays", 2, "single"), ("capitals", 2, "mixture")]
+    requests = [Request(text, k, mode) for (task, k, mode) in plan for text in task_inputs(task, 1)]
+    answers = engine.run(requests)
+    for request, answer in zip(requests, answers):
+        assert answer.route["compose"] == request.compose
+        assert len(answer.route["adapters"]) == (1 if request.compose == "single" else request.k)
+        assert answer.output == alone(library, Store(home), request.input, request.k, request.compose), request
+    assert [a.route["adapters"][0]["id"] for a in answers] == [task for task, _, _ in plan], "each input retrieves its task"
+    assert len({a.output for a in answers}) > 2, "the rows differ, so the comparison can fail"
+
+
+def test_batching_does_not_change_outputs_and_limits_are_per_request(home):
+    engine = engine_for(home, max_new_tokens=NEW_TOKENS, batch_size=8)
+    texts = [t for task in TASKS for t in task_inputs(task, 2)]
+    limits = [1 + i % NEW_TOKENS for i in range(len(texts))]
+    together = engine.run([Request(t, max_new_tokens=m) for t, m in zip(texts, limits)])
+    one_by_one = [engine.run([Request(t)])[0] for t in texts]
+    for a, b, m in zip(together, one_by_one, limits):
+        assert a.output.split() == b.output.split()[:m]
+        assert [(x["id"], x["weight"]) for x in a.route["adapters"]] == [(x["id"], x["weight"]) for x in b.route["adapters"]]
+
+
+def test_generate_cli_writes_answers_with_their_adapters(cli, home, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    rows = [{"input": t} for t in task_inputs("capitals", 2)] + [{"input": task_inputs("addition", 1)[0], "k": 1, "compose": "single"}]
+    requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "answers.jsonl"
+    result = cli("generate", "--inputs", requests, "--max-new-tokens", "4", "--dtype", "float32", "--out", out)
+    assert result.code == 0, result.stderr
+    answers = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [a["input"] for a in answers] == [r["input"] for r in rows]
+    assert [len(a["adapters"]) for a in answers] == [3, 3, 1] and answers[2]["compose"] == "single"
+    assert answers[0]["adapters"][0] == {"id": "capitals", "weight": pytest.approx(1 / 3), "score": pytest.approx(answers[0]["adapters"][0]["score"])}
+    assert answers[2]["adapters"][0]["id"] == "addition" and answers[2]["adapters"][0]["weight"] == 1.0
+    result = cli("generate", "--inputs", requests, "--max-new-tokens", "4", "--dtype", "float32", "--compose", "fusion", "-k", "2", "--json")
+    assert result.code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["requests"] == 3 and summary["engine"]["adapters"] == len(TASKS)
+    assert [a["compose"] for a in summary["answers"]] == ["fusion", "fusion", "single"]
+
+
+def test_generate_from_an_instance_level_composition(cli, home, library, tmp_path):
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text("".join((EXAMPLES / "shots" / f"{t}.jsonl").read_text().splitlines(True)[0] for t in ("capitals", "addition", "sentiment")))
+    composition = tmp_path / "instance"
+    result = cli("compose", "--shots", shots, "--level", "instance", "-n", "2", "--budget", "2", "--dtype", "float32", "--out", composition)
+    assert result.code == 0, result.stderr
+    requests = tmp_path / "requests.jsonl"
+    texts = [task_inputs(t, 1)[0] for t in ("sentiment", "capitals", "addition")]
+    requests.write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
+    result = cli("generate", "--inputs", requests, "--composition", composition, "--max-new-tokens", "4", "--dtype", "float32", "--json")
+    assert result.code == 0, result.stderr
+    answers = json.loads(result.stdout)["answers"]
+    assert [a["shot"] for a in answers] == [2, 0, 1], "each input goes to the shot of its own task"
+    recipe = json.loads((composition / "lorahub_recipe.json").read_text())
+    for answer in answers:
+        entry = recipe["compositions"][answer["shot"]]
+        assert answer["composition"] == entry["folder"]
+        assert answer["adapters"] == [{"id": m["id"], "weight": m["weight"]} for m in entry["modules"]]
+    # Each answer is what PEFT generates with that shot's composition folder, alone.
+    # k is not a composition's business: more than its three shots is no error.
+    engine = Engine.from_composition(composition, dtype="float32", device="cpu", max_new_tokens=4, k=5)
+    decode_ids(engine.base.tokenizer)
+    tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
+    for answer, routed in zip(answers, engine.run([Request(t) for t in texts])):
+        model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), composition / answer["composition"]).eval()
+        ids = tokenizer([answer["input"]], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=4, pad_token_id=0, eos_token_id=1)
+        assert routed.output == tokenizer.batch_decode(out[:, 1:])[0]
+    result = cli("generate", "--inputs", requests, "--composition", composition, "-k", "2")
+    assert result.code == 2 and "do not apply" in result.stderr
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"input": "hi", "k": "3"}', "requests.jsonl:1: field 'k' must be an integer"),
+    ('{"input": "hi", "compose": "blend"}', "compose 'blend' is not one of mixture, fusion, single"),
+    ('{"input": "hi", "k": 99}', "k = 99 is outside 1..5"),
+    ('{"input": "hi", "max_new_tokens": 500}', "max_new_tokens = 500 is outside 1..128"),
+    ('{"text": "hi"}', "missing field 'input'"),
+])
+def test_bad_requests_are_one_line_errors(cli, home, tmp_path, line, message):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(line + "\n")
+    result = cli("generate", "--inputs", requests, "--dtype", "float32")
+    assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+# --- the HTTP server ---------------------------------------------------------------------------
+
+
+@contextmanager
+def running(app):
+    """The app served by uvicorn on a free local port, in a thread; stopped (gracefully) on exit."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(library):
+    engine = Engine.from_registry(Store(library / "home"), dtype="float32", device="cpu", max_new_tokens=NEW_TOKENS,
+                                  batch_size=8, max_input_tokens=200)
+    decode_ids(engine.base.tokenizer)
+    return engine
+
+
+def test_server_routes_concurrent_requests_and_batches_them(tiny_engine):
+    plan = [(task, 1 + i % 3, ("mixture", "fusion", "single")[i % 3]) for i, task in enumerate(TASKS * 4)]
+    bodies = [{"input": task_inputs(task, 2)[i % 2], "k": k, "compose": mode} for i, (task, k, mode) in enumerate(plan)]
+    # Each request alone first: the engine is used by one thread at a time (the batcher's, below).
+    expected = [tiny_engine.run([Request(b["input"], b["k"], b["compose"])])[0] for b in bodies]
+    with running(create_app(tiny_engine, max_batch=8, window=0.05, max_queue=64)) as (url, _):
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            replies = list(pool.map(lambda b: post(url + "/v1/generate", b), bodies))
+        health = get(url + "/health")
+    for (status, reply), want, (task, k, mode) in zip(replies, expected, plan):
+        assert status == 200, reply
+        assert reply["output"] == want.output and reply["compose"] == mode
+        assert [a["id"] for a in reply["adapters"]] == [a["id"] for a in want.route["adapters"]]
+        assert reply["adapters"][0]["id"] == task and len(reply["adapters"]) == (1 if mode == "single" else k)
+    assert health["status"] == "ok" and health["requests"] == len(bodies) and health["queued"] == 0
+    assert health["largest_batch"] > 1 and health["batches"] < len(bodies), "concurrent requests shared batches"
+
+
+def test_openai_completions_route(tiny_engine):
+    prompts = task_inputs("capitals", 1) + task_inputs("addition", 1)
+    with running(create_app(tiny_engine)) as (url, _):
+        status, reply = post(url + "/v1/completions", {"model": "x", "prompt": prompts, "max_tokens": 3, "k": 2, "temperature": 0})
+        # `curl -d` labels JSON as a form; the body is read as JSON all the same.
+        form_status, form_reply = post(url + "/v1/generate", {"input": prompts[0], "k": 2, "max_new_tokens": 3},
+                                       content_type="application/x-www-form-urlencoded")
+    assert status == 200 and reply["object"] == "text_completion"
+    expected = tiny_engine.run([Request(p, 2, max_new_tokens=3) for p in prompts])
+    assert [c["text"] for c in reply["choices"]] == [e.output for e in expected]
+    assert [c["lorahub"]["adapters"][0]["id"] for c in reply["choices"]] == ["capitals", "addition"]
+    assert form_status == 200 and form_reply["output"] == expected[0].output
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/generate", b'{"input": "hi"', 400, "the body is not valid JSON"),
+    ("/v1/generate", b'[1, 2]', 400, "Input should be a valid dictionary"),
+    ("/v1/generate", {"k": 2}, 400, "input: Field required"),
+    ("/v1/generate", {"input": "hi", "k": "2"}, 400, "k: Input should be a valid integer"),
+    ("/v1/generate", {"input": "hi", "compose": "blend"}, 400, "compose: Input should be 'mixture', 'fusion' or 'single'"),
+    ("/v1/generate", {"input": "hi", "top_k": 2}, 400, "top_k: Extra inputs are not permitted"),
+    ("/v1/generate", {"input": "  "}, 400, "the input is empty"),
+    ("/v1/generate", {"input": "hi", "k": 9}, 400, "k = 9 is outside 1..5"),
+    ("/v1/generate", {"input": "hi", "max_new_tokens": 7}, 400, "max_new_tokens = 7 is outside 1..6"),
+    ("/v1/generate", {"input": "x" * 300}, 413, "the input is 301 tokens, more than the limit of 200"),
+    ("/v1/generate", {"input": "x" * 20_000}, 413, "20000 characters, more than the limit of 16000"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "greedily"),
+    ("/v1/completions", {"prompt": []}, 400, "give 1 to 64 prompts"),
+])
+def test_malformed_requests_get_a_4xx_with_a_message(tiny_engine, path, body, status, message):
+    with running(create_app(tiny_engine)) as (url, _):
+        got, reply = post(url + path, body)
+        health = get(url + "/health")
+    assert got == status and message in reply["error"]["message"], reply
+    assert health["requests"] == 0, "nothing bad was queued"
+
+
+class GatedEngine:
+    """Answers with the upper-cased input once `gate` is set; counts its calls."""
+
+    def __init__(self, delay: float = 0.0):
+        self.started, self.gate, self.delay, self.calls = threading.Event(), threading.Event(), delay, 0
+
+    def check(self, request):
+        return request
+
+    def run(self, requests):
+        self.started.set()
+        self.gate.wait(10)
+        time.sleep(self.delay)
+        self.calls += 1
+        return [Answer(r.input, r.input.upper(), {"compose": "single", "adapters": []}) for r in requests]
+
+    def info(self):
+        return {}
+
+
+def test_the_queue_is_bounded_and_every_accepted_request_is_answered():
+    engine = GatedEngine()
+    batcher = Batcher(engine.run, max_batch=2, window=0.0, max_queue=2).start()
+    first = batcher.submit(Request("a"))
+    engine.started.wait(10)  # the worker holds "a", blocked on the gate; the queue is empty again
+    waiting = [batcher.submit(Request(t)) for t in "bc"]
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        batcher.submit(Request("d"))
+    engine.gate.set()
+    batcher.close()
+    with pytest.raises(ShuttingDown):
+        batcher.submit(Request("e"))
+    assert [f.result(0).output for f in [first, *waiting]] == ["A", "B", "C"]
+    assert engine.calls == 2 and batcher.stats.largest_batch == 2
+
+
+def test_server_sheds_load_with_503_and_drains_on_shutdown():
+    engine = GatedEngine(delay=0.2)
+    with running(create_app(engine, max_batch=1, window=0.0, max_queue=1)) as (url, server):
+        with ThreadPoolExecutor(3) as pool:
+            held = pool.submit(post, url + "/v1/generate", {"input": "a"})
+            engine.started.wait(10)
+            queued = pool.submit(post, url + "/v1/generate", {"input": "b"})
+            while get(url + "/health")["queued"] < 1:
+                time.sleep(0.01)
+            status, reply = post(url + "/v1/generate", {"input": "c"})
+            assert status == 503 and "already waiting" in reply["error"]["message"]
+            server.should_exit = True  # graceful: open requests finish before the server stops
+            engine.gate.set()
+            assert held.result(10) == (200, {"input": "a", "output": "A", "compose": "single", "adapters": []})
+            assert queued.result(10)[1]["output"] == "B"
