@@ -111,6 +111,29 @@ def test_linear_with_mixed_ranks_and_scalings(adapter_sets, kind):
         bank.weights(W, formula="elementwise").__enter__()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_skips_adapters_no_row_weighs_and_stays_exact(adapter_sets, kind, monkeypatch):
+    # Mixed-request batches weigh few adapters: the unused ones are left out of the product.
+    adapters = adapter_sets[kind]["mixed"]
+    model, reference = tiny_model(kind), tiny_model(kind)
+    batch, W = tiny_batch(model, rows=3), row_weights(3, seed=2)
+    W[:, 1] = 0.0  # no row uses adapter 1
+    W[2, 0] = 0.0  # row 2 uses adapter 2 only
+    bank = LoraBank(model, adapters, "linear")
+    widths = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: widths.append(b.shape[-1]) or real(a, b))
+    with torch.no_grad(), bank.weights(W):
+        got = logits(model, batch)
+    monkeypatch.undo()
+    ranks = [a.r for a in adapters]
+    assert sum(ranks) not in widths and ranks[0] + ranks[2] in widths  # the rank columns of adapter 1 were skipped
+    with torch.no_grad():
+        for b in range(3):
+            want = composed_logits(reference, adapters, W[b], "linear", rows_of(batch, [b]))
+            torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("formula", BANK_FORMULAS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_population_broadcasts_over_examples(adapter_sets, kind, formula):

@@ -35,6 +35,7 @@ class _BankState:
     def __init__(self) -> None:
         self.weights: torch.Tensor | None = None  # (P, N)
         self.mode = "elementwise"
+        self.used: torch.Tensor | None = None  # (N,) bool: adapters some row weighs; None when all are
 
 
 class BankedLayer(nn.Module):
@@ -86,9 +87,14 @@ class BankedLayer(nn.Module):
 
     def _linear(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         # y_p = sum_i w_pi s_i (x A_i^T) B_i^T: one rank-R LoRA whose middle is scaled per row.
-        h = xg @ self.lora_A.T  # (P, K*T, R)
-        g = W[:, self.owner] * self.col_scaling  # (P, R): w_pi s_i on adapter i's rank columns
-        return (h * g[:, None, :]) @ self.lora_B.T  # (P, K*T, R) @ (R, d_out) -> (P, K*T, d_out)
+        A, B, owner, scaling = self.lora_A, self.lora_B, self.owner, self.col_scaling
+        if self.state.used is not None:
+            # Mixed requests weigh a few of many adapters: an adapter no row uses adds exactly 0, so skip its columns.
+            keep = self.state.used[owner]  # (R,)
+            A, B, owner, scaling = A[keep], B[:, keep], owner[keep], scaling[keep]
+        h = xg @ A.T  # (P, K*T, R)
+        g = W[:, owner] * scaling  # (P, R): w_pi s_i on adapter i's rank columns
+        return (h * g[:, None, :]) @ B.T  # (P, K*T, R) @ (R, d_out) -> (P, K*T, d_out)
 
     def _elementwise(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         # Merging the rank-r factors per weight vector costs P (r d_in + r d_out) and is N
@@ -149,12 +155,14 @@ class LoraBank:
             )
         mode = self._mode(formula or self.formula)
         W = W.to(next(self.model.parameters()).device)  # once here, not in every layer
-        saved = self._state.weights, self._state.mode
+        used = W.ne(0).any(dim=0)
+        saved = self._state.weights, self._state.mode, self._state.used
         self._state.weights, self._state.mode = W, mode
+        self._state.used = None if bool(used.all()) else used
         try:
             yield
         finally:
-            self._state.weights, self._state.mode = saved
+            self._state.weights, self._state.mode, self._state.used = saved
 
     def remove(self) -> nn.Module:
         """Put the original modules back and unfreeze what was trainable; returns the model."""
