@@ -134,19 +134,19 @@ def _task_level(modules: str):
 
 
 def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
-    from .. import retrieval
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
+    from ..serve.routing import ShotRouter, weight_matrix
 
     composition = compose_instance(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base)
-    router = composition.recipe["router"]
-    embedder = load_embedder(ctx.config.embedder or router["embedder"].rsplit("@", 1)[0])
-    _, nearest = retrieval.route(composition.router, embedder.encode([router["instruction"] + x for x in inputs]))
-    onehot = torch.nn.functional.one_hot(nearest, len(composition.adapters)).float()  # (inputs, K)
-    predictions = _with_bank(ctx, composition.adapters, inputs, onehot)
-    return Answer(predictions, {"routes": nearest.tolist(), "evaluations": sum(r.evaluations for r in composition.results if r),
-                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]}
-                                                 for c in composition.recipe["compositions"]]})
+    recipe = composition.recipe
+    embedder = load_embedder(ctx.config.embedder or recipe["router"]["embedder"].rsplit("@", 1)[0])
+    # The same routing `lorahub generate` applies to a saved instance-level composition.
+    routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs, [1] * len(inputs), ["single"] * len(inputs))
+    predictions = _with_bank(ctx, composition.adapters, inputs, weight_matrix(routes, len(composition.adapters)))
+    return Answer(predictions, {"routes": [r.info["shot"] for r in routes],
+                                "evaluations": sum(r.evaluations for r in composition.results if r),
+                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]} for c in recipe["compositions"]]})
 
 
 def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
