@@ -7,6 +7,12 @@ from contextlib import contextmanager
 
 
 @contextmanager
+def no_progress(description: str, total: int | None):
+    """A progress factory that draws nothing (for callers without a screen, or with --json)."""
+    yield lambda *args, **kwargs: None
+
+
+@contextmanager
 def quiet_loading():
     """transformers draws a weight-loading bar on stderr for every model it loads."""
     from transformers.utils import logging

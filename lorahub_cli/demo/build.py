@@ -18,14 +18,13 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..cards.card import build_card
 from ..errors import InputError
 from ..io import Example, sha256_file
-from ..quiet import quiet_loading
+from ..quiet import no_progress, quiet_loading
 from .library import ADAPTERS_DIR, BASE_DIR, BASE_MODEL, DATA_DIR, HELDOUT_DIR, MANIFEST, REBUILD, manifest
 from .training import Recipe
 from .world import HELD_OUT, TASKS, UPSTREAM, generate
@@ -186,11 +185,6 @@ def _build_into(root: Path, config: BuildConfig, seed: int, command: str, progre
     }
 
 
-@contextmanager
-def _silent(description: str, total: int):
-    yield lambda *args, **kwargs: None
-
-
 def build(out: Path, *, reduced: bool = False, seed: int = 0, threads: int = 1,
           progress_factory: Callable | None = None) -> dict:
     """Build the library into `out` (replacing it only once complete); returns the manifest.
@@ -211,7 +205,7 @@ def build(out: Path, *, reduced: bool = False, seed: int = 0, threads: int = 1,
     tmp.mkdir()
     try:
         with torch_threads(threads), torch.random.fork_rng():
-            meta = _build_into(tmp, config, seed, command, progress_factory or _silent)
+            meta = _build_into(tmp, config, seed, command, progress_factory or no_progress)
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():

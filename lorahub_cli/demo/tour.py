@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 from ..io import Example
+from ..quiet import no_progress
 from . import library
-
-
-def _stage(progress_factory, description: str, total: int):
-    return progress_factory(description, total) if progress_factory else nullcontext(lambda *a, **k: None)
 
 
 def run(store, out: Path, **options) -> dict:
@@ -36,16 +32,17 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
     from ..compose import pipeline
     from ..compose.bank import LoraBank
     from ..compose.search import SearchConfig
-    from ..eval.scoring import exact_match, option_letter_match
+    from ..eval.scoring import score
     from ..eval.tasks import split
     from ..generation import generate
     from ..models import load_base_model
 
     start = time.perf_counter()
+    stage = progress_factory or no_progress
     heldout = {t["name"]: t for t in library.heldout_tasks()}
     examples = library.heldout_examples(task)
     upstream = library.upstream_tasks()
-    with _stage(progress_factory, "Mirroring the demo adapters", len(upstream)) as advance:
+    with stage("Mirroring the demo adapters", len(upstream)) as advance:
         library.mirror(store, progress=advance)
     shot_ids, test_ids = split(examples, seed, shots)
     few: list[Example] = [examples[i] for i in shot_ids]
@@ -56,33 +53,30 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
     base = load_base_model(str(library.base_model_path()), dtype="float32", device="cpu")
     options = pipeline.ComposeOptions(base_model=library.BASE_MODEL, modules=[r["id"] for r in ranking],
                                       search=SearchConfig(budget=budget, seed=seed))
-    with _stage(progress_factory, "Searching composition weights", budget) as advance:
+    with stage("Searching composition weights", budget) as advance:
         composition = pipeline.compose_task(store, few, {"task": task, "seed": seed, "count": shots}, options,
                                             progress=lambda best: advance(), base=base)
     folder = pipeline.write(composition, out)
 
     inputs = [e.input for e in test]
-    with _stage(progress_factory, "Answering the test set (base model)", len(inputs)) as advance:
+    with stage("Answering the test set (base model)", len(inputs)) as advance:
         plain = generate(base, inputs, max_new_tokens=max_new_tokens, progress=advance)
     bank = LoraBank(base.model, composition.adapters)
     try:
-        with _stage(progress_factory, "Answering the test set (composed)", len(inputs)) as advance:
+        with stage("Answering the test set (composed)", len(inputs)) as advance:
             composed = generate(base, inputs, bank=bank, weights=torch.ones(1), max_new_tokens=max_new_tokens, progress=advance)
     finally:
         bank.remove()
 
-    def accuracy(predictions: list[str], letters: bool = False) -> float:
-        right = [option_letter_match(p, e.target, e.input) if letters else exact_match(p, e.target) for p, e in zip(predictions, test)]
-        return round(100 * sum(right) / len(test), 1)
-
+    plain_score, composed_score = score(test, plain), score(test, composed)
     return {
         "task": task, "description": heldout[task].get("description"), "skills": heldout[task].get("skills"),
         "seed": seed, "shots": len(few), "test": len(test), "registry": str(store.home),
         "retrieved": [{"id": r["id"], "score": r["score"]} for r in ranking],
         "weights": {m["id"]: m["weight"] for m in composition.recipe["modules"]},
         "loss": composition.recipe["loss"],
-        "exact_match": {"zero-shot": accuracy(plain), "composed": accuracy(composed)},
-        "option_letter": {"zero-shot": accuracy(plain, True), "composed": accuracy(composed, True)},
+        **{metric: {"zero-shot": round(plain_score[metric], 1), "composed": round(composed_score[metric], 1)}
+           for metric in ("exact_match", "option_letter")},
         # The score of always giving the test set's most frequent answer: what "better than chance" must beat.
         "majority_answer": round(100 * Counter(e.target for e in test).most_common(1)[0][1] / len(test), 1),
         "examples": [{"input": e.input, "target": e.target, "zero-shot": p, "composed": c}

@@ -38,11 +38,6 @@ def tiny_t5(shape: dict, seed: int):
     return T5ForConditionalGeneration(config)
 
 
-def normalise(text: str) -> str:
-    """LoraHub's exact-match normalisation: strip, lower-case, delete every '.'."""
-    return text.strip().lower().replace(".", "")
-
-
 def encode(tok, rows: list[dict]) -> dict[str, torch.Tensor]:
     batch = tok([r["input"] for r in rows], padding=True, return_tensors="pt")
     labels = tok([r["target"] for r in rows], padding=True, return_tensors="pt").input_ids  # (B, T)
@@ -79,7 +74,9 @@ def train(model, tok, rows: list[dict], recipe: Recipe, seed: int, advance: Call
 
 @torch.no_grad()
 def accuracy(model, tok, rows: list[dict], batch_size: int = 100, max_new_tokens: int = 24) -> float:
-    """Exact match of greedy answers after `normalise`, in [0, 1]."""
+    """Exact match of greedy answers (eval.scoring.exact_match), in [0, 1]."""
+    from ..eval.scoring import exact_match
+
     model.eval()
     hits = 0
     for start in range(0, len(rows), batch_size):
@@ -87,5 +84,5 @@ def accuracy(model, tok, rows: list[dict], batch_size: int = 100, max_new_tokens
         batch = tok([r["input"] for r in chunk], padding=True, return_tensors="pt")
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         answers = tok.batch_decode(out, skip_special_tokens=True)
-        hits += sum(normalise(a) == normalise(r["target"]) for a, r in zip(answers, chunk))
+        hits += sum(exact_match(a, r["target"]) for a, r in zip(answers, chunk))
     return hits / len(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..quiet import no_progress
 from .methods import COMPOSING, Context, EvalConfig
 from .report import write_report
 from .runner import run_grid
@@ -30,11 +31,8 @@ def evaluate(suite: Suite, methods: list[str], seeds: list[int], config: EvalCon
         _check_registry(store, config, methods)
     ctx = Context(config, store)
     total = len(suite.tasks) * len(seeds) * len(methods)
-    if progress_factory is None:
-        cells = run_grid(suite, methods, seeds, ctx, out)
-    else:
-        with progress_factory("Evaluating", total) as advance:
-            cells = run_grid(suite, methods, seeds, ctx, out, advance=lambda d: advance(description=d))
+    with (progress_factory or no_progress)("Evaluating", total) as advance:
+        cells = run_grid(suite, methods, seeds, ctx, out, advance=lambda d: advance(description=d))
     setup = {"suite": suite.name, "base model": config.base_model, "model path": config.model_path, "shots": config.shots,
              "test limit": config.limit, "modules (N)": config.num_modules, "optimizer": config.optimizer,
              "budget": config.budget, "l1": config.l1, "max new tokens": config.max_new_tokens}

@@ -35,13 +35,6 @@ def _check_run(out: Path, suite: Suite, ctx: Context) -> None:
         atomic_write_json(path, settings)
 
 
-def score_cell(suite: Suite, task: str, test: list[int], predictions: list[str]) -> dict:
-    examples = suite.tasks[task]
-    em = [scoring.exact_match(p, examples[i].target) for i, p in zip(test, predictions)]
-    letter = [scoring.option_letter_match(p, examples[i].target, examples[i].input) for i, p in zip(test, predictions)]
-    return {"exact_match": 100 * sum(em) / len(em), "option_letter": 100 * sum(letter) / len(letter)}
-
-
 def run_grid(suite: Suite, methods: list[str], seeds: list[int], ctx: Context, out: Path, advance=lambda description: None) -> list[dict]:
     """Every cell's result, computing the missing ones; `advance(description)` after each cell."""
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +52,7 @@ def run_grid(suite: Suite, methods: list[str], seeds: list[int], ctx: Context, o
                 else:
                     answer, seconds = run_method(method, ctx, shots, inputs, seed)
                     cell = {"task": task, "seed": seed, "method": method, "n": len(test), "seconds": round(seconds, 3),
-                            **score_cell(suite, task, test, answer.predictions), "detail": answer.detail,
+                            **scoring.score([examples[i] for i in test], answer.predictions), "detail": answer.detail,
                             "shots": shot_ids, "test": test, "predictions": answer.predictions}
                     atomic_write_json(path, cell)
                 cells.append(cell)

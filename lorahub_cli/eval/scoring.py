@@ -47,3 +47,10 @@ def option_letter_match(prediction: str, target: str, question: str) -> bool:
     if not wanted:
         return exact_match(prediction, target)
     return predicted_letter(prediction, question) == wanted.group(1)
+
+
+def score(examples, predictions: list[str]) -> dict:
+    """Both metrics, in percent, of predictions for examples (with input and target), in the same order."""
+    em = [exact_match(p, e.target) for e, p in zip(examples, predictions)]
+    letter = [option_letter_match(p, e.target, e.input) for e, p in zip(examples, predictions)]
+    return {"exact_match": 100 * sum(em) / len(em), "option_letter": 100 * sum(letter) / len(letter)}
