@@ -29,7 +29,7 @@ from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
 from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown
 from lorahub_cli.serve.engine import Answer, Engine, Request
-from lorahub_cli.serve.server import create_app
+from lorahub_cli.serve.server import create_app, make_server
 from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -194,11 +194,9 @@ def test_bad_requests_are_one_line_errors(cli, home, tmp_path, line, message):
 
 
 @contextmanager
-def running(app):
-    """The app served by uvicorn on a free local port, in a thread; stopped (gracefully) on exit."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=10))
+def running(app, shutdown_timeout: float = 10):
+    """The app served as `lorahub serve` serves it, on a free local port, in a thread; stopped (gracefully) on exit."""
+    server = make_server(app, host="127.0.0.1", port=0, shutdown_timeout=shutdown_timeout, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -211,13 +209,16 @@ def running(app):
 
 
 def post(url: str, body, content_type: str = "application/json") -> tuple[int, dict]:
+    """Status and JSON body; a body that is not JSON fails the test (every answer, errors included, is JSON)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        text = error.read()
+        assert error.headers.get("content-type", "").startswith("application/json"), (error.code, text[:200])
+        return error.code, json.loads(text)
 
 
 def get(url: str) -> dict:
@@ -279,6 +280,11 @@ def test_openai_completions_route(tiny_engine):
     ("/v1/generate", {"input": "x" * 20_000}, 413, "20000 characters, more than the limit of 16000"),
     ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "greedily"),
     ("/v1/completions", {"prompt": []}, 400, "give 1 to 64 prompts"),
+    ("/v1/generate", b'{"input": "\\ud800"}', 400, "lone surrogate"),
+    ("/v1/generate", b'{"input": "\\udc00 and more"}', 400, "lone surrogate"),
+    pytest.param("/v1/generate", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply", id="deep-list"),
+    pytest.param("/v1/generate", b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply",
+                 id="deep-field"),
 ])
 def test_malformed_requests_get_a_4xx_with_a_message(tiny_engine, path, body, status, message):
     with running(create_app(tiny_engine)) as (url, _):
@@ -339,3 +345,58 @@ def test_server_sheds_load_with_503_and_drains_on_shutdown():
             engine.gate.set()
             assert held.result(10) == (200, {"input": "a", "output": "A", "compose": "single", "adapters": []})
             assert queued.result(10)[1]["output"] == "B"
+
+
+def test_unknown_routes_and_methods_get_json_errors(tiny_engine):
+    with running(create_app(tiny_engine)) as (url, _):
+        missing = post(url + "/v2/nothing", {"input": "hi"})
+        request = urllib.request.Request(url + "/v1/generate", method="GET")
+        with pytest.raises(urllib.error.HTTPError) as wrong_method:
+            urllib.request.urlopen(request, timeout=10)
+    assert missing[0] == 404 and "/v2/nothing" in missing[1]["error"]["message"]
+    assert wrong_method.value.code == 405 and "error" in json.loads(wrong_method.value.read())
+
+
+class FailingEngine(GatedEngine):
+    def check(self, request):
+        raise RuntimeError("a bug in check")
+
+
+def test_an_unexpected_failure_is_a_json_500():
+    with running(create_app(FailingEngine())) as (url, _):
+        status, reply = post(url + "/v1/generate", {"input": "a"})
+    assert status == 500 and reply["error"]["type"] == "server_error" and "a bug in check" in reply["error"]["message"]
+
+
+def test_requests_still_open_when_the_shutdown_timeout_expires_get_a_json_503():
+    """The engine never finishes: the request it holds and the one queued behind it hear 503, not a dropped
+    connection or uvicorn's plain-text 500."""
+    engine = GatedEngine()
+    try:
+        with running(create_app(engine, max_batch=1, window=0.0, max_queue=4), shutdown_timeout=0.5) as (url, server):
+            with ThreadPoolExecutor(2) as pool:
+                held = pool.submit(post, url + "/v1/generate", {"input": "a"})
+                engine.started.wait(10)
+                queued = pool.submit(post, url + "/v1/generate", {"input": "b"})
+                while get(url + "/health")["queued"] < 1:
+                    time.sleep(0.01)
+                began = time.monotonic()
+                server.should_exit = True
+                for future in (held, queued):
+                    status, reply = future.result(10)
+                    assert status == 503 and "shutting down" in reply["error"]["message"], reply
+                assert time.monotonic() - began < 5
+    finally:
+        engine.gate.set()
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error(cli):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = cli("serve", "--port", port)
+    assert result.code == 2 and f"127.0.0.1:{port} is in use" in result.stderr, result.stderr
+    assert "Serving" not in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2

@@ -48,8 +48,9 @@ def serve(
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve generation over HTTP: every request retrieves its top-k adapters, and concurrent requests share batches."""
-    from ..serve.server import create_app, run
+    from ..serve.server import check_port, create_app, run
 
+    check_port(host, port)  # before minutes of loading, not after
     engine = build_engine(composition=composition, k=k, compose=compose, base_model=base_model, model_path=model_path,
                           embedder=embedder, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
                           max_input_tokens=max_input_tokens, batch_size=batch_size)

@@ -10,7 +10,8 @@ The worker takes the first waiting request, then keeps collecting for at most `w
 seconds or until `max_batch` requests, and runs them as one call, so requests that
 arrive together share forward passes. While a batch runs, new requests wait in the
 queue and fill the next batch without waiting for the window. A request accepted by
-`submit` is always answered (or failed with the batch's error), even during `close`.
+`submit` is always answered (or failed with the batch's error), even during `close`;
+`abandon` fails every one still open with `ShuttingDown` (a shutdown deadline).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from ..errors import LorahubError
@@ -52,6 +53,7 @@ class Batcher:
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()  # orders submits before the stop marker
         self._accepting = False
+        self._running: list[Future] = []  # the batch the worker holds
         self._thread = threading.Thread(target=self._work, name="lorahub-batcher", daemon=True)
 
     @property
@@ -87,6 +89,27 @@ class Batcher:
         self._queue.put(_STOP)  # after every accepted request, since submits are refused from here on
         self._thread.join(timeout)
 
+    def stop_accepting(self) -> None:
+        with self._lock:
+            self._accepting = False
+
+    def abandon(self) -> int:
+        """Refuse new requests and fail every accepted one not yet answered with ShuttingDown; how many."""
+        self.stop_accepting()
+        open_ = list(self._running)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                open_.append(item[1])
+        failed = 0
+        for future in open_:
+            failed += _settle(future, error=ShuttingDown("the server is shutting down and this request did not finish "
+                                                          "in time.", "Retry against another instance."))
+        return failed
+
     def _work(self) -> None:
         stopping = False
         while not stopping:
@@ -109,15 +132,29 @@ class Batcher:
 
     def _answer(self, batch: list) -> None:
         requests, futures = [r for r, _ in batch], [f for _, f in batch]
+        self._running = futures
         start = time.perf_counter()
         try:
             answers = self.run(requests)
         except BaseException as error:  # noqa: BLE001 - every accepted request must hear back
             for future in futures:
-                future.set_exception(error)
+                _settle(future, error=error)
         else:
             for future, answer in zip(futures, answers):
-                future.set_result(answer)
+                _settle(future, answer)
+        self._running = []
         s = self.stats
         s.batches, s.requests = s.batches + 1, s.requests + len(batch)
         s.largest_batch, s.busy_seconds = max(s.largest_batch, len(batch)), s.busy_seconds + time.perf_counter() - start
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> bool:
+    """Answer a future unless it was answered already (abandoned at a shutdown deadline); whether it was."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+        return True
+    except InvalidStateError:
+        return False

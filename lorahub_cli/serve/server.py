@@ -14,7 +14,9 @@ then the batcher answers what is still queued and stops.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import socket
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ from typing import Literal, Optional, Union
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError
 from .batcher import Batcher, QueueFull, ShuttingDown
@@ -58,12 +61,27 @@ class HttpError(Exception):
         self.status, self.message, self.kind, self.headers = status, message, kind, headers
 
 
-async def _parse(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
-    """The body as `model`, whatever its Content-Type (`curl -d` sends form-encoded); a 400 naming the bad field."""
+def _load_json(body: bytes):
+    """The body as JSON, or a 400: malformed, nested too deeply for the parser, or holding a lone surrogate
+    (valid JSON escapes, but no text: the tokenizer and the answer's UTF-8 would fail on it)."""
     try:
-        data = json.loads(await request.body())
+        data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise HttpError(400, f"the body is not valid JSON ({error}).") from None
+    except RecursionError:
+        raise HttpError(400, "the body's JSON is nested too deeply.") from None
+    if b"\\u" in body:  # only an escape can spell a surrogate: valid UTF-8 bytes cannot
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as error:
+            bad = error.object[error.start:error.end].encode("unicode_escape").decode()
+            raise HttpError(400, f"the body holds a lone surrogate ({bad}), which is no text.") from None
+    return data
+
+
+async def _parse(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
+    """The body as `model`, whatever its Content-Type (`curl -d` sends form-encoded); a 400 naming the bad field."""
+    data = _load_json(await request.body())
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -88,7 +106,8 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
     async def lifespan(app: FastAPI):
         batcher.start()
         yield
-        await asyncio.to_thread(batcher.close)
+        # After an abandon (shutdown deadline) the worker may still hold a batch: do not wait for it.
+        await asyncio.to_thread(batcher.close, None if batcher.accepting else 1.0)
 
     app = FastAPI(title="lorahub", lifespan=lifespan)
     app.state.batcher, app.state.engine = batcher, engine
@@ -96,6 +115,16 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
     @app.exception_handler(HttpError)
     async def http_error(_, error: HttpError):
         return _error(error.status, error.message, error.kind, error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: HttpRequest, error: StarletteHTTPException):
+        message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
+        return _error(error.status_code, message.get(error.status_code, str(error.detail)), "invalid_request_error",
+                      getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_, error: Exception):
+        return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error")
 
     @app.middleware("http")
     async def limit_body(request: HttpRequest, call_next):
@@ -122,6 +151,8 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
             raise HttpError(503, str(error), "overloaded", {"Retry-After": "1"}) from None
         try:
             return [await asyncio.wrap_future(f) for f in futures]
+        except ShuttingDown as error:
+            raise HttpError(503, str(error), "overloaded") from None
         except Exception as error:  # noqa: BLE001 - a failed batch is the server's fault, not the client's
             raise HttpError(500, f"generation failed: {error}", "server_error") from None
 
@@ -157,8 +188,29 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
     return app
 
 
-def run(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float | None = 60.0) -> None:
-    """Serve until SIGINT/SIGTERM; uvicorn's logs go to stderr (stdout is for data)."""
+def check_port(host: str, port: int) -> None:
+    """An InputError if (host, port) cannot be bound, before anything is loaded."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise InputError(f"cannot listen on host '{host}' ({error.strerror}).", "Give --host 127.0.0.1 or 0.0.0.0.") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
+        try:
+            probe.bind(address)
+        except OSError as error:
+            taken = error.errno == errno.EADDRINUSE
+            raise InputError(f"{host}:{port} is in use." if taken else f"cannot listen on {host}:{port} ({error.strerror}).",
+                             "Choose another --port, or stop what listens there.") from None
+
+
+def make_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 60.0,
+                log_level: str = "info"):
+    """A uvicorn server whose shutdown keeps the promise: on SIGINT/SIGTERM no new request is accepted, open
+    ones get `shutdown_timeout` seconds to finish, and those still open then are answered 503 (not dropped)."""
     import copy
 
     import uvicorn
@@ -166,5 +218,27 @@ def run(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_tim
 
     logging = copy.deepcopy(LOGGING_CONFIG)
     for handler in logging["handlers"].values():
-        handler["stream"] = "ext://sys.stderr"
-    uvicorn.run(app, host=host, port=port, log_config=logging, timeout_graceful_shutdown=shutdown_timeout)
+        handler["stream"] = "ext://sys.stderr"  # stdout is for data
+    batcher = app.state.batcher
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            batcher.stop_accepting()
+            deadline = asyncio.get_running_loop().call_later(shutdown_timeout, batcher.abandon)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                deadline.cancel()
+
+    # uvicorn cancels whatever is still open after its own timeout: give the 503s time to be written first.
+    config = uvicorn.Config(app, host=host, port=port, log_config=logging, log_level=log_level,
+                            timeout_graceful_shutdown=shutdown_timeout + _ANSWER_GRACE)
+    return Server(config)
+
+
+_ANSWER_GRACE = 2.0  # seconds between the shutdown deadline's 503s and uvicorn cancelling the connections
+
+
+def run(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 60.0) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    make_server(app, host=host, port=port, shutdown_timeout=shutdown_timeout).run()
