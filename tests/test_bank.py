@@ -254,3 +254,92 @@ def test_adapters_of_another_base_model_are_refused_before_any_change(adapter_se
         LoraBank(model, adapter_sets["llama"]["same"])
     assert not any(isinstance(m, BankedLayer) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
+
+
+# --- the grouped path: each row computes only its own adapters ---------------------------------
+
+SPARSE_N = 6
+
+
+@pytest.fixture(scope="module")
+def sparse_sets(tmp_path_factory):
+    """Per kind: six adapters of one rank (both formulas) and six of mixed ranks and scalings (linear)."""
+    folder = tmp_path_factory.mktemp("sparse")
+    sets = {}
+    for kind in KINDS:
+        model = tiny_model(kind)
+        same = make_adapters(model, folder / kind / "same", SPARSE_N)
+        mixed = make_adapters(model, folder / kind / "mixed", SPARSE_N, ranks=[2, 4, 3, 1, 5, 2], alphas=[4, 8, 3, 2, 5, 1])
+        sets[kind] = {"same": [load_adapter(p) for p in same], "mixed": [load_adapter(p) for p in mixed]}
+    return sets
+
+
+def sparse_weights() -> torch.Tensor:
+    """Requests' rows: one adapter, three, two with a negative weight, none (the base model), the last alone."""
+    W = torch.zeros(5, SPARSE_N)
+    W[0, 4] = 1.0
+    W[1, [0, 2, 5]] = 1 / 3
+    W[2, [1, 3]] = torch.tensor([0.8, -0.6])
+    W[4, 5] = 1.0
+    return W
+
+
+@pytest.mark.parametrize("formula, ranks", [("linear", "mixed"), ("linear", "same"), ("elementwise", "same")])
+@pytest.mark.parametrize("kind", KINDS)
+def test_grouped_rows_equal_the_dense_bank_peft_and_the_merged_composition(sparse_sets, kind, formula, ranks, tmp_path):
+    adapters = sparse_sets[kind][ranks]
+    model, reference = tiny_model(kind), tiny_model(kind)
+    W = sparse_weights()
+    batch = tiny_batch(model, rows=len(W))
+    bank = LoraBank(model, adapters, formula)
+    with torch.no_grad():
+        with bank.weights(W):
+            rows = bank._state.grouped
+            assert rows is not None, "sparse rows take the grouped path by default"
+            got = logits(model, batch)
+        with bank.weights(W, grouped=False):
+            dense = logits(model, batch)
+        base = logits(reference, batch)
+    if formula == "linear":  # each row's width is its own adapters' rank sum, not the bank's
+        own = [sum(a.r for a, w in zip(adapters, row) if w != 0) for row in W.tolist()]
+        assert rows.columns.shape[1] == max(own) < sum(a.r for a in adapters)
+    else:
+        assert rows.adapters.shape[1] == 3
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[3], base[3], rtol=1e-5, atol=1e-5)  # a row that weighs nothing is the base model
+    for b in (0, 1, 2, 4):
+        chosen = [i for i in range(SPARSE_N) if W[b, i] != 0]
+        subset, w = [adapters[i] for i in chosen], W[b, chosen]
+        with torch.no_grad():
+            want = composed_logits(reference, subset, w, formula, rows_of(batch, [b]))
+            assert (want[0] - base[b]).abs().max() > 1e-3  # 100 x the tolerance: the comparison can fail
+            torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+            folder = save_adapter(compose(subset, w, formula), tmp_path / f"row-{b}")
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), folder).eval()
+            torch.testing.assert_close(got[b : b + 1], logits(peft_model, rows_of(batch, [b])), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("formula", BANK_FORMULAS)
+def test_grouped_rows_broadcast_over_examples_and_keep_bf16_close(sparse_sets, formula):
+    adapters = sparse_sets["t5"]["same"]
+    model = tiny_model("t5")
+    P, K = 5, 2
+    batch, W = tiny_batch(model, rows=P * K), sparse_weights()
+    bank = LoraBank(model, adapters, formula)
+    with torch.no_grad():
+        with bank.weights(W, grouped=True):
+            grouped = logits(model, batch)
+        with bank.weights(W.repeat_interleave(K, dim=0), grouped=False):
+            per_row = logits(model, batch)
+    torch.testing.assert_close(grouped, per_row, rtol=1e-5, atol=1e-5)
+    # bf16: the grouped rows change each row's logits as the dense bank does, to 10% of the composition's
+    # effect beyond the bf16 rounding of the base model itself.
+    reference = tiny_model("t5")
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        with bank.weights(W, grouped=True):
+            low = logits(model, batch)
+        base = logits(reference, batch)
+        rounding = (logits(reference.to(torch.bfloat16), batch) - base).abs().amax(dim=(1, 2))  # (rows,)
+    effect = (per_row - base).abs().amax(dim=(1, 2))
+    assert ((low - per_row).abs().amax(dim=(1, 2)) <= BF16_OF_EFFECT * effect + 2 * rounding).all()

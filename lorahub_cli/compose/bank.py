@@ -11,6 +11,15 @@ so an optimiser's whole population (P weight vectors x K shots) or a batch of mi
 requests runs in one forward pass. No merged d_out x d_in weight and no
 rows x tokens x N x d_out tensor is ever built. Gradients flow to W; the base and
 adapter weights stay frozen. Without a `weights` context the bank is a no-op.
+
+Two ways to evaluate a forward pass, chosen per `weights` context:
+- dense (`_linear`, `_elementwise`): every row against the factors of every adapter some
+  row weighs. Right for a search population, whose vectors weigh all N adapters.
+- grouped (`_grouped`, `GroupedRows`): each row gathers the factors of its own nonzero
+  adapters (the gather-matmul of Punica's BGMV, with torch ops), so a batch of requests
+  that each use k of N adapters costs k, not N, adapters per row. Used when every row
+  weighs at most half the bank and no gradient is asked for; the per-row factors are
+  gathered once per layer and context and reused by every decoding step.
 """
 
 from __future__ import annotations
@@ -36,6 +45,40 @@ class _BankState:
         self.weights: torch.Tensor | None = None  # (P, N)
         self.mode = "elementwise"
         self.used: torch.Tensor | None = None  # (N,) bool: adapters some row weighs; None when all are
+        self.grouped: GroupedRows | None = None  # set: the grouped path, with its per-layer cache
+
+
+class GroupedRows:
+    """Each weight vector's nonzero adapters, as indices into the bank's rank columns.
+
+    linear: row p's rank columns `columns[p]` (its adapters' ranges, padded with column 0 at
+    scale 0) and the scale w_pi s_i of each; elementwise: its adapters `adapters[p]` (padded
+    with adapter 0 at weight 0) and their weights. Padding adds exact zeros.
+    """
+
+    def __init__(self, W: torch.Tensor, ranks: list[int], scalings: list[float], mode: str):
+        P = W.shape[0]
+        nonzero = W.ne(0)
+        k = max(int(nonzero.sum(dim=1).max()), 1)
+        # The k largest |w| are the nonzero ones (ties among zeros do not matter: they weigh 0).
+        order = W.abs().topk(k, dim=1).indices  # (P, k)
+        self.mode, self.cache = mode, {}
+        weights = W.gather(1, order)  # (P, k)
+        if mode == "elementwise":
+            self.adapters, self.weights = order, weights
+            return
+        offsets = torch.tensor([0, *ranks]).cumsum(0).tolist()
+        width = max(1, int((nonzero.to(torch.float64) @ torch.tensor(ranks, dtype=torch.float64)).max()))
+        columns = torch.zeros(P, width, dtype=torch.long)
+        scale = torch.zeros(P, width, dtype=W.dtype, device=W.device)
+        for p, (row, row_weights) in enumerate(zip(order.tolist(), weights)):
+            at = 0
+            for i, w in zip(row, row_weights):
+                if w != 0:
+                    columns[p, at:at + ranks[i]] = torch.arange(offsets[i], offsets[i + 1])
+                    scale[p, at:at + ranks[i]] = w * scalings[i]
+                    at += ranks[i]
+        self.columns, self.scale = columns.to(W.device), scale
 
 
 class BankedLayer(nn.Module):
@@ -79,7 +122,9 @@ class BankedLayer(nn.Module):
             )
         W = W.to(x.dtype)  # (P, N); the cast stays in the autograd graph
         xg = x.reshape(P, -1, x.shape[-1])  # (P, K*T, d_in): the K rows of vector p are contiguous
-        if self.state.mode == "linear":
+        if self.state.grouped is not None:
+            delta = self._grouped(xg, self.state.grouped)
+        elif self.state.mode == "linear":
             delta = self._linear(xg, W)
         else:
             delta = self._elementwise(xg, W)
@@ -95,6 +140,24 @@ class BankedLayer(nn.Module):
         h = xg @ A.T  # (P, K*T, R)
         g = W[:, owner] * scaling  # (P, R): w_pi s_i on adapter i's rank columns
         return (h * g[:, None, :]) @ B.T  # (P, K*T, R) @ (R, d_out) -> (P, K*T, d_out)
+
+    def _grouped(self, xg: torch.Tensor, rows: GroupedRows) -> torch.Tensor:
+        # Per weight vector p, factors of its own adapters only: delta_p = (x A_p^T) B_p^T with
+        # linear: A_p = its rank columns of A_cat, B_p = those of B_cat scaled by w_pi s_i (rank sum r_i);
+        # elementwise: A_p = sum_i w_pi A_i, B_p = s sum_i w_pi B_i (rank r). Gathered once per context.
+        factors = rows.cache.get(id(self))
+        if factors is None:
+            if rows.mode == "linear":
+                A_p = self.lora_A[rows.columns]  # (P, L, d_in)
+                B_p = self.lora_B.T[rows.columns] * rows.scale.to(xg.dtype)[..., None]  # (P, L, d_out)
+            else:
+                w = rows.weights.to(xg.dtype)[..., None, None]  # (P, k, 1, 1)
+                A_p = (self.lora_A.view(self.n, self.rank, -1)[rows.adapters] * w).sum(1)  # (P, r, d_in)
+                B_all = self.lora_B.T.reshape(self.n, self.rank, -1)  # (N, r, d_out)
+                B_p = (B_all[rows.adapters] * (w * self.col_scaling[0])).sum(1)  # (P, r, d_out)
+            factors = rows.cache[id(self)] = (A_p, B_p)
+        A_p, B_p = factors
+        return torch.bmm(torch.bmm(xg, A_p.transpose(1, 2)), B_p)  # (P, K*T, L) -> (P, K*T, d_out)
 
     def _elementwise(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         # Merging the rank-r factors per weight vector costs P (r d_in + r d_out) and is N
@@ -118,6 +181,7 @@ class LoraBank:
         check_compatible(adapters)
         self.model = model
         self.names = [a.name for a in adapters]
+        self._ranks, self._scalings = [a.r for a in adapters], [a.scaling for a in adapters]
         self._elementwise_ok = len({a.r for a in adapters}) == 1 and len({a.scaling for a in adapters}) == 1
         self.formula = self._mode(formula)
         targets = {module: self._target(model, module, adapters[0]) for module in adapters[0].modules}
@@ -142,8 +206,10 @@ class LoraBank:
         return self._elementwise_ok
 
     @contextmanager
-    def weights(self, W: torch.Tensor, formula: str | None = None) -> Iterator[None]:
-        """Compose with W, shape (P, N) or (N,) for one vector for the whole batch."""
+    def weights(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> Iterator[None]:
+        """Compose with W, shape (P, N) or (N,) for one vector for the whole batch. `grouped`: each row
+        computes only its own adapters (None: when every row weighs at most half the bank and W needs no
+        gradient; see the module docstring)."""
         if not self._originals:
             raise InputError("this bank was removed.", "Build a new LoraBank.")
         W = W if torch.is_tensor(W) else torch.as_tensor(W, dtype=torch.float32)
@@ -156,13 +222,16 @@ class LoraBank:
         mode = self._mode(formula or self.formula)
         W = W.to(next(self.model.parameters()).device)  # once here, not in every layer
         used = W.ne(0).any(dim=0)
-        saved = self._state.weights, self._state.mode, self._state.used
+        if grouped is None:
+            grouped = not (W.requires_grad and torch.is_grad_enabled()) and int(W.ne(0).sum(dim=1).max()) <= self.n // 2
+        saved = self._state.weights, self._state.mode, self._state.used, self._state.grouped
         self._state.weights, self._state.mode = W, mode
         self._state.used = None if bool(used.all()) else used
+        self._state.grouped = GroupedRows(W, self._ranks, self._scalings, mode) if grouped else None
         try:
             yield
         finally:
-            self._state.weights, self._state.mode, self._state.used = saved
+            self._state.weights, self._state.mode, self._state.used, self._state.grouped = saved
 
     def remove(self) -> nn.Module:
         """Put the original modules back and unfreeze what was trainable; returns the model."""
