@@ -7,9 +7,15 @@ so inputs that use different adapters share forward passes. Without a bank it is
 base model. Decoding is greedy (no sampling, one beam), as in the papers' protocol.
 `max_new_tokens` may be one limit per input: a batch decodes to its largest limit and
 each row keeps its own first tokens, which greedy decoding makes equal to stopping there.
+
+`generate_details` also returns each row's token ids, their log-probabilities (of the
+distribution greedy decoding chose from) and why it stopped: "eos_token", "stop_sequence"
+(a row's own stop strings: the text is cut before the first one) or "length".
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -34,8 +40,46 @@ def _row_weights(weights, rows: int, n: int) -> torch.Tensor | None:
     return W
 
 
+@dataclass
+class Generated:
+    text: str
+    tokens: list[int]  # the generated ids up to the stop (EOS included when it was generated)
+    logprobs: list[float]  # log p of each of them under the distribution it was chosen from
+    finish_reason: str  # eos_token | stop_sequence | length
+    prompt_tokens: int
+
+
+class _ChosenLogprobs:
+    """A last logits processor: under greedy decoding the chosen token is the arg max of the processed
+    scores, so its log-probability is the max of their log-softmax. One (rows,) tensor per step."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(torch.log_softmax(scores.float(), dim=-1).amax(dim=-1))
+        return scores
+
+
+def generate(base: BaseModel, inputs: list[str], **options) -> list[str]:
+    """The greedy continuation of every input, in input order; `progress(n)` after each batch of n."""
+    return [g.text for g in generate_details(base, inputs, **options)]
+
+
+def _cut(tok, ids: list[int], stops: list[str]) -> tuple[list[int], str | None]:
+    """The shortest prefix of `ids` whose text holds a stop string, and the text before that string."""
+    if not stops or not any(stop in tok.decode(ids, skip_special_tokens=True) for stop in stops):
+        return ids, None
+    for end in range(1, len(ids) + 1):
+        text = tok.decode(ids[:end], skip_special_tokens=True)
+        hits = [text.index(stop) for stop in stops if stop in text]
+        if hits:
+            return ids[:end], text[:min(hits)]
+    return ids, None
+
+
 @torch.no_grad()
-def generate(
+def generate_details(
     base: BaseModel,
     inputs: list[str],
     *,
@@ -43,11 +87,14 @@ def generate(
     weights=None,
     formula: str | None = None,
     max_new_tokens: int | list[int] = 256,
+    stop: list[list[str]] | None = None,
     batch_size: int = 16,
     max_input_length: int = 1024,
     progress=None,
-) -> list[str]:
-    """The greedy continuation of every input, in input order; `progress(n)` after each batch of n."""
+) -> list[Generated]:
+    """As `generate`, with each row's tokens, log-probabilities and finish reason; `stop`: strings per input."""
+    from transformers import LogitsProcessorList
+
     if weights is not None and bank is None:
         raise InputError("weights were given without a LoRA bank.", "Pass bank= with the adapters the weights refer to.")
     limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -58,7 +105,8 @@ def generate(
     ids = tok(list(inputs), truncation=True, max_length=max_input_length)["input_ids"]
     W = _row_weights(weights, len(inputs), bank.n) if bank is not None else None
     pad = tok.pad_token_id
-    outputs: list[str] = [""] * len(inputs)
+    stops = stop or [[] for _ in inputs]
+    outputs: list[Generated | None] = [None] * len(inputs)
     for batch in _batches([len(x) for x in ids], batch_size):
         rows = [ids[i] for i in batch]
         width = max(map(len, rows))
@@ -69,18 +117,34 @@ def generate(
             # Left padding: every prompt ends at the last position, where generation continues.
             input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        recorder = _ChosenLogprobs()
         kwargs = dict(input_ids=input_ids.to(base.device), attention_mask=mask.to(base.device), do_sample=False,
-                      num_beams=1, max_new_tokens=max(limits[i] for i in batch), pad_token_id=pad, eos_token_id=tok.eos_token_id)
+                      num_beams=1, max_new_tokens=max(limits[i] for i in batch), pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                      logits_processor=LogitsProcessorList([recorder]))
         if W is None:
             out = base.model.generate(**kwargs)
         else:
             with bank.weights(W[batch], formula):
                 out = base.model.generate(**kwargs)
         # A seq2seq output starts with the decoder start token; a causal one with the prompt.
-        out = out[:, 1:] if base.is_seq2seq else out[:, width:]
-        rows = [row[:limits[i]] for i, row in zip(batch, out)]
-        for i, text in zip(batch, tok.batch_decode(rows, skip_special_tokens=True)):
-            outputs[i] = text.strip()
+        out = (out[:, 1:] if base.is_seq2seq else out[:, width:]).tolist()
+        chosen = torch.stack(recorder.steps, dim=1).tolist() if recorder.steps else [[] for _ in batch]  # (rows, steps)
+        for row, i in enumerate(batch):
+            outputs[i] = _finish(tok, out[row][:limits[i]], chosen[row], stops[i], len(ids[i]))
         if progress:
             progress(len(batch))
     return outputs
+
+
+def _finish(tok, row: list[int], logprobs: list[float], stops: list[str], prompt_tokens: int) -> Generated:
+    """One row's generation: up to its first EOS (the rest is padding of a batch that ran on) or stop string."""
+    eos = tok.eos_token_id
+    reason = "length"
+    if eos is not None and eos in row:
+        row, reason = row[:row.index(eos) + 1], "eos_token"
+    cut, text = _cut(tok, row, stops)
+    if text is not None:
+        row, reason = cut, "stop_sequence"
+    else:
+        text = tok.batch_decode([row], skip_special_tokens=True)[0]
+    return Generated(text.strip(), row, logprobs[:len(row)], reason, prompt_tokens)

@@ -49,6 +49,7 @@ def decode_ids(tokenizer):
     def batch_decode(rows, skip_special_tokens=True):
         return [" ".join(str(int(t)) for t in row if int(t) > 2) for row in rows]
     tokenizer.batch_decode = batch_decode
+    tokenizer.decode = lambda ids, skip_special_tokens=True: batch_decode([ids])[0]
     return tokenizer
 
 

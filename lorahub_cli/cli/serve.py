@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from ._options import BaseModelOpt, EmbedderOpt
-from ._output import info
+from ..errors import InputError
+from ._output import info, warn
 from .generate import (
     BatchSizeOpt,
     ComposeOpt,
@@ -21,6 +22,7 @@ from .generate import (
     build_engine,
 )
 
+API_KEY_ENV = "LORAHUB_API_KEY"
 EXAMPLES = """Examples:\n
   lorahub serve --port 8000\n
   lorahub serve -k 3 --compose fusion --batch-size 16 --batch-window-ms 20\n
@@ -41,6 +43,8 @@ def serve(
     max_input_tokens: MaxInputTokensOpt = 1024,
     max_input_chars: Annotated[int, typer.Option("--max-input-chars", min=1, help="Longest input accepted, in characters.")] = 16_000,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0, help="Seconds to finish open requests on SIGTERM.")] = 60.0,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default=False,
+                                                   help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
@@ -48,14 +52,21 @@ def serve(
     device: DeviceOpt = "auto",
 ) -> None:
     """Serve generation over HTTP: every request retrieves its top-k adapters, and concurrent requests share batches."""
-    from ..serve.server import check_port, create_app, run
+    from ..serve.server import check_port, create_app, is_loopback, run
 
+    if api_key is not None and not api_key.strip():
+        raise InputError("the API key is empty.", f"Give a non-empty --api-key or {API_KEY_ENV}, or neither.")
     check_port(host, port)  # before minutes of loading, not after
+    if api_key is None and not is_loopback(host):
+        warn(f"{host} is reachable from other machines and no API key is set: anyone who can reach it can use it. "
+             f"Set --api-key or {API_KEY_ENV}.")
     engine = build_engine(composition=composition, k=k, compose=compose, base_model=base_model, model_path=model_path,
                           embedder=embedder, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
                           max_input_tokens=max_input_tokens, batch_size=batch_size)
-    app = create_app(engine, max_batch=batch_size, window=window_ms / 1000, max_queue=max_queue, max_input_chars=max_input_chars)
+    app = create_app(engine, max_batch=batch_size, window=window_ms / 1000, max_queue=max_queue,
+                     max_input_chars=max_input_chars, api_key=api_key)
     described = engine.info()
     held = f"{described['adapters']} adapters" if "adapters" in described else f"{described['compositions']} compositions"
-    info(f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions; GET /health).")
+    info(f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions, "
+         f"/generate, /generate_stream, /; GET /v1/models, /health){'; API key required' if api_key else ''}.")
     run(app, host=host, port=port, shutdown_timeout=shutdown_timeout)

@@ -12,11 +12,12 @@ under the elementwise one), because a forward pass evaluates one formula.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError
-from .routing import COMPOSE_MODES, RetrievalRouter, ShotRouter, check_mode, weight_matrix
+from .routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_mode, weight_matrix
 
 DEFAULTS = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}
 
@@ -31,6 +32,10 @@ class Request:
     k: int | None = None  # None: the engine's default
     compose: str | None = None
     max_new_tokens: int | None = None
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    # Named adapters and weights instead of retrieval: (("id", 1.0),) is one adapter (LoRAX's adapter_id);
+    # several are merged as LoRAX's linear merge does, A = sum w_i A_i and B = sum w_i B_i (the elementwise formula).
+    adapters: tuple[tuple[str, float], ...] | None = None
 
 
 @dataclass
@@ -38,6 +43,10 @@ class Answer:
     input: str
     output: str
     route: dict  # compose mode, adapters with weights (and shot for an instance composition)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = "length"  # eos_token | stop_sequence | length
+    prompt_tokens: int = 0
 
     def to_json(self) -> dict:
         return {"input": self.input, "output": self.output, **self.route}
@@ -120,6 +129,8 @@ class Engine:
         """The request with defaults filled in, or an InputError saying what is wrong with it."""
         if not isinstance(request.input, str) or not request.input.strip():
             raise InputError("the input is empty.", "Give some input text.")
+        if request.adapters is not None:
+            self.named_route(request.adapters)
         k = self.k if request.k is None else request.k
         mode = check_mode(self.compose if request.compose is None else request.compose)
         limit = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
@@ -132,26 +143,58 @@ class Engine:
         if tokens > self.max_input_tokens:
             raise InputTooLong(f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.",
                              "Shorten the input.")
-        return Request(request.input, k, mode, limit)
+        return replace(request, k=k, compose=mode, max_new_tokens=limit)
+
+    def named_route(self, adapters: tuple[tuple[str, float], ...]) -> Route:
+        """The route of named adapters and weights, or an InputError naming the unknown id or bad weight."""
+        column = {name: i for i, name in enumerate(self.bank.names)}
+        if not adapters:
+            raise InputError("no adapter was named.", "Name at least one adapter id.")
+        for name, weight in adapters:
+            if name not in column:
+                known = ", ".join(self.bank.names[:5]) + (", ..." if self.bank.n > 5 else "")
+                raise InputError(f"adapter '{name}' is not served here.", f"Use one of the served ids ({known}; GET /v1/models).")
+            if not math.isfinite(weight):
+                raise InputError(f"the weight of '{name}' is {weight}.", "Give finite weights.")
+        if len({name for name, _ in adapters}) < len(adapters):
+            raise InputError("an adapter is named twice.", "Name each adapter once.")
+        if len(adapters) > 1 and not self.bank.elementwise_ok:
+            raise InputError("merging A and B separately (LoRAX's linear merge) needs adapters of one rank and one "
+                             "scaling, and these differ.", "Name one adapter, or let the server retrieve (mixture).")
+        formula = "elementwise" if self.bank.elementwise_ok else "linear"
+        info = {"compose": "adapter" if len(adapters) == 1 else "merged-linear",
+                "adapters": [{"id": name, "weight": weight} for name, weight in adapters]}
+        return Route(tuple(column[name] for name, _ in adapters), tuple(w for _, w in adapters), formula, info)
 
     def run(self, requests: list[Request], progress=None) -> list[Answer]:
         """Answers in request order. Every request is checked before any is generated."""
-        from ..generation import generate
+        from ..generation import generate_details
 
         requests = [self.check(r) for r in requests]
         if not requests:
             return []
-        routes = self.router.route([r.input for r in requests], [r.k for r in requests], [r.compose for r in requests])
-        outputs = [""] * len(requests)
+        retrieved = [i for i, r in enumerate(requests) if r.adapters is None]
+        routes: list[Route] = [None] * len(requests)  # type: ignore[list-item]
+        if retrieved:
+            chosen = [requests[i] for i in retrieved]
+            for i, route in zip(retrieved, self.router.route([r.input for r in chosen], [r.k for r in chosen],
+                                                             [r.compose for r in chosen])):
+                routes[i] = route
+        for i, r in enumerate(requests):
+            if r.adapters is not None:
+                routes[i] = self.named_route(r.adapters)
+        outputs = [None] * len(requests)
         for formula in sorted({route.formula for route in routes}):
             rows = [i for i, route in enumerate(routes) if route.formula == formula]
-            texts = generate(self.base, [requests[i].input for i in rows], bank=self.bank,
-                             weights=weight_matrix([routes[i] for i in rows], self.bank.n), formula=formula,
-                             max_new_tokens=[requests[i].max_new_tokens for i in rows],
-                             batch_size=self.batch_size, max_input_length=self.max_input_tokens, progress=progress)
-            for i, text in zip(rows, texts):
-                outputs[i] = text
-        return [Answer(r.input, out, route.info) for r, out, route in zip(requests, outputs, routes)]
+            generated = generate_details(
+                self.base, [requests[i].input for i in rows], bank=self.bank,
+                weights=weight_matrix([routes[i] for i in rows], self.bank.n), formula=formula,
+                max_new_tokens=[requests[i].max_new_tokens for i in rows], stop=[list(requests[i].stop) for i in rows],
+                batch_size=self.batch_size, max_input_length=self.max_input_tokens, progress=progress)
+            for i, g in zip(rows, generated):
+                outputs[i] = g
+        return [Answer(r.input, g.text, route.info, g.tokens, g.logprobs, g.finish_reason, g.prompt_tokens)
+                for r, g, route in zip(requests, outputs, routes)]
 
     def info(self) -> dict:
         return {**self.description, "k": self.k, "compose": self.compose, "compose_modes": list(COMPOSE_MODES),

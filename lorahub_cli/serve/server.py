@@ -1,59 +1,54 @@
 """The HTTP server: FastAPI over a `Batcher` over an `Engine`.
 
-    POST /v1/generate      {"input", "k"?, "compose"?, "max_new_tokens"?} -> {"input", "output", "compose", "adapters"}
-    POST /v1/completions   OpenAI-style text completions (greedy; "k" and "compose" as extra fields)
-    GET  /health           status, queue length, batch statistics, the engine's settings
+    POST /v1/generate       lorahub's own: {"input", "k"?, "compose"?, "max_new_tokens"?} -> {"input", "output", "compose", "adapters"}
+    POST /v1/completions    OpenAI text completions (greedy; `model` may name one adapter; "k", "compose" extra)
+    GET  /v1/models         what `model` can name
+    POST /generate          TGI, with LoRAX's adapter_id / merged_adapters
+    POST /generate_stream   TGI's server-sent events
+    POST /                  TGI's and LoRAX's clients: /generate, or /generate_stream with "stream": true
+    GET  /health            status, queue length, batch statistics, the engine's settings (no key needed)
 
 Every request is checked in the handler (4xx, nothing queued) before it enters the
 bounded queue (503 with Retry-After when full); an accepted request is always answered.
-Errors are `{"error": {"message", "type", "code"}}`, as OpenAI's API shapes them.
-On SIGINT/SIGTERM uvicorn stops accepting connections and waits for open requests;
-then the batcher answers what is still queued and stops.
+Errors are JSON: `{"error": {"message", "type", "code"}}` as OpenAI's API shapes them, and
+`{"error": message, "error_type": type}` on the TGI routes, as TGI shapes them.
+With an API key, every route but /health needs `Authorization: Bearer <key>` (JSON 401).
+On SIGINT/SIGTERM no new request is accepted; open ones get `--shutdown-timeout` seconds,
+then whatever is still open is answered 503 (see `make_server`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import hmac
 import json
 import socket
 import time
-import uuid
 from contextlib import asynccontextmanager
-from typing import Literal, Optional, Union
+from typing import Optional
 
 from fastapi import FastAPI, Request as HttpRequest
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError
+from . import apis
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .engine import InputTooLong, Request
-from .routing import COMPOSE_MODES
 
 LIMITS = {"max_batch": 32, "window": 0.01, "max_queue": 256, "max_input_chars": 16_000, "max_prompts": 64}
-Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # the modes the routing module registers
+TGI_ROUTES = ("/", "/generate", "/generate_stream")
+OPEN_ROUTES = ("/health",)  # answered without the API key
 
 
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
     input: StrictStr
     k: Optional[StrictInt] = None
-    compose: Compose = None
+    compose: apis.Compose = None
     max_new_tokens: Optional[StrictInt] = None
-
-
-class CompletionBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields that greedy decoding does not use
-    model: Optional[str] = None
-    prompt: Union[StrictStr, list[StrictStr]]
-    max_tokens: Optional[StrictInt] = None
-    temperature: Optional[float] = None
-    n: StrictInt = 1
-    stream: bool = False
-    k: Optional[StrictInt] = None
-    compose: Compose = None
 
 
 class HttpError(Exception):
@@ -90,17 +85,53 @@ async def _parse(request: HttpRequest, model: type[BaseModel]) -> BaseModel:
         raise HttpError(400, f"{where + ': ' if where else ''}{first.get('msg', 'invalid request')}") from None
 
 
-def _error(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status, headers=headers)
+_TGI_KINDS = {"invalid_request_error": "validation", "server_error": "generation"}  # TGI's error_type names
+
+
+def _error(status: int, message: str, kind: str, headers: dict | None = None, path: str = "") -> JSONResponse:
+    body = ({"error": message, "error_type": _TGI_KINDS.get(kind, kind)} if path in TGI_ROUTES
+            else {"error": {"message": message, "type": kind, "code": status}})
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Gate:
+    """Pure ASGI middleware (no per-request task or body copy, unlike @app.middleware): the API key and the
+    body size, checked before any handler runs."""
+
+    def __init__(self, app, *, api_key: str | None, max_body: int):
+        self.app, self.max_body = app, max_body
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        refusal = None
+        if self.expected is not None and path not in OPEN_ROUTES:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                what = "a wrong API key" if given else "no API key"
+                refusal = _error(401, f"{what}: send the header 'Authorization: Bearer <key>' with the key the server "
+                                      "was started with.", "authentication_error", {"WWW-Authenticate": "Bearer"}, path)
+        length = headers.get(b"content-length", b"")
+        if refusal is None and length.isdigit() and int(length) > self.max_body:
+            refusal = _error(413, f"the request body is {int(length)} bytes, more than the limit of {self.max_body}.",
+                             "invalid_request_error", None, path)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = LIMITS["window"],
                max_queue: int = LIMITS["max_queue"], max_input_chars: int = LIMITS["max_input_chars"],
-               max_prompts: int = LIMITS["max_prompts"]) -> FastAPI:
-    """An app serving `engine` (anything with check(Request), run(list[Request]) and info())."""
+               max_prompts: int = LIMITS["max_prompts"], api_key: str | None = None) -> FastAPI:
+    """An app serving `engine` (anything with check(Request), run(list[Request]) and info(); `bank.names` and
+    `base.tokenizer` for the adapter-naming and token-level APIs)."""
     batcher = Batcher(engine.run, max_batch=max_batch, window=window, max_queue=max_queue)
     # Room for max_prompts inputs of max_input_chars UTF-8 characters (up to 4 bytes each) and the JSON around them.
     max_body = 4 * max_input_chars * max_prompts + 65_536
+    started = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -109,29 +140,30 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
         # After an abandon (shutdown deadline) the worker may still hold a batch: do not wait for it.
         await asyncio.to_thread(batcher.close, None if batcher.accepting else 1.0)
 
-    app = FastAPI(title="lorahub", lifespan=lifespan)
+    app = FastAPI(title="lorahub", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.engine = batcher, engine
+    app.add_middleware(_Gate, api_key=api_key, max_body=max_body)
 
     @app.exception_handler(HttpError)
-    async def http_error(_, error: HttpError):
-        return _error(error.status, error.message, error.kind, error.headers)
+    async def http_error(request: HttpRequest, error: HttpError):
+        return _error(error.status, error.message, error.kind, error.headers, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def routing_error(request: HttpRequest, error: StarletteHTTPException):
         message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
         return _error(error.status_code, message.get(error.status_code, str(error.detail)), "invalid_request_error",
-                      getattr(error, "headers", None))
+                      getattr(error, "headers", None), request.url.path)
 
     @app.exception_handler(Exception)
-    async def unexpected(_, error: Exception):
-        return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error")
+    async def unexpected(request: HttpRequest, error: Exception):
+        return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error", None, request.url.path)
 
-    @app.middleware("http")
-    async def limit_body(request: HttpRequest, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body:
-            return _error(413, f"the request body is {length} bytes, more than the limit of {max_body}.", "invalid_request_error")
-        return await call_next(request)
+    def served() -> list[str]:
+        bank = getattr(engine, "bank", None)
+        return list(bank.names) if bank is not None else []
+
+    def default_model() -> str:
+        return engine.info().get("base_model", "lorahub")
 
     def check(request: Request) -> Request:
         if len(request.input) > max_input_chars:
@@ -156,6 +188,12 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
         except Exception as error:  # noqa: BLE001 - a failed batch is the server's fault, not the client's
             raise HttpError(500, f"generation failed: {error}", "server_error") from None
 
+    def translated(make):
+        try:
+            return make()
+        except apis.ApiError as error:
+            raise HttpError(error.status, error.message) from None
+
     @app.get("/health")
     async def health():
         s = batcher.stats
@@ -163,7 +201,7 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
                 "batches": s.batches, "requests": s.requests, "largest_batch": s.largest_batch,
                 "limits": {"max_batch": max_batch, "window": window, "max_queue": max_queue,
                            "max_input_chars": max_input_chars, "max_prompts": max_prompts},
-                "engine": engine.info()}
+                "auth": api_key is not None, "engine": engine.info()}
 
     @app.post("/v1/generate")
     async def generate(request: HttpRequest):
@@ -173,19 +211,49 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
-        body = await _parse(request, CompletionBody)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if body.stream or body.n != 1 or (body.temperature or 0) > 0:
-            raise HttpError(400, "this server decodes greedily: one completion per prompt, no streaming, temperature 0.")
-        if not 1 <= len(prompts) <= max_prompts:
-            raise HttpError(400, f"give 1 to {max_prompts} prompts, not {len(prompts)}.")
-        results = await answer([Request(p, body.k, body.compose, body.max_tokens) for p in prompts])
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": body.model or engine.info().get("base_model", "lorahub"),
-                "choices": [{"index": i, "text": r.output, "finish_reason": None, "logprobs": None, "lorahub": r.route}
-                            for i, r in enumerate(results)]}
+        body = await _parse(request, apis.CompletionBody)
+        limit = engine.info().get("max_new_tokens", apis.OPENAI_MAX_TOKENS)
+        requests = translated(lambda: apis.completion_requests(body, set(served()), max_prompts, limit))
+        return apis.completion_answer(body, await answer(requests), default_model())
+
+    @app.get("/v1/models")
+    async def list_models():
+        return apis.models(default_model(), served(), started)
+
+    async def tgi(request: HttpRequest, stream: bool | None):
+        body = await _parse(request, apis.TgiBody)
+        (result,) = await answer([translated(lambda: apis.tgi_request(body))])
+        tokenizer = engine.base.tokenizer
+        if stream if stream is not None else body.stream:
+            events = apis.tgi_events(result, body.parameters, tokenizer)
+            return StreamingResponse(iter(events), media_type="text/event-stream")
+        reply = apis.tgi_answer(result, body.parameters, tokenizer)
+        return [reply] if request.url.path == "/" else reply
+
+    @app.post("/generate")
+    async def tgi_generate(request: HttpRequest):
+        return await tgi(request, stream=False)
+
+    @app.post("/generate_stream")
+    async def tgi_generate_stream(request: HttpRequest):
+        return await tgi(request, stream=True)
+
+    @app.post("/")
+    async def tgi_compat(request: HttpRequest):
+        return await tgi(request, stream=None)
 
     return app
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_port(host: str, port: int) -> None:

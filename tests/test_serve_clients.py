@@ -1,0 +1,209 @@
+"""The APIs clients already speak, through the real clients from PyPI, against a server started on 127.0.0.1:
+TGI (`huggingface_hub.InferenceClient.text_generation`), LoRAX (`lorax.Client` with adapter_id and
+merged_adapters) and OpenAI completions (`openai.OpenAI`), with and without an API key.
+
+The reference for a named adapter or a LoRAX linear merge is PEFT loading the adapter that `compose`
+writes (the elementwise formula with the request's weights), generating on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import urllib.error
+import urllib.request
+
+import lorax
+import openai
+import pytest
+import torch
+from huggingface_hub import InferenceClient
+from peft import PeftModel
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+from lorahub_cli.compose.adapters import load_adapter, save_adapter
+from lorahub_cli.compose.formulas import compose
+from lorahub_cli.registry import Store
+from lorahub_cli.serve.engine import Engine, Request
+from lorahub_cli.serve.server import create_app
+from test_serve import decode_ids, library, running, task_inputs  # noqa: F401  (library: a fixture)
+from tiny_models import one_thread  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+KEY = "s3cret-key-for-tests"
+LIMIT = 20  # the server's --max-new-tokens: above OpenAI's default of 16, so that default is what applies
+
+
+@pytest.fixture(scope="module")
+def engine(library):
+    engine = Engine.from_registry(Store(library / "home"), dtype="float32", device="cpu", max_new_tokens=LIMIT,
+                                  batch_size=8, max_input_tokens=200)
+    decode_ids(engine.base.tokenizer)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running(create_app(engine, window=0.0)) as (url, _):
+        yield url
+
+
+def peft_alone(library, ids: list[str], weights: list[float], text: str, new_tokens: int) -> str:
+    """The named adapters merged by `compose` (elementwise: A = sum w A_i, B = sum w B_i), loaded by PEFT."""
+    store = Store(library / "home")
+    adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
+    folder = save_adapter(compose(adapters, weights, "elementwise", name="merged"), library / "merged" / "-".join(ids) / str(weights))
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
+    tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
+    with torch.no_grad():
+        out = model.generate(**tokenizer([text], return_tensors="pt"), do_sample=False, num_beams=1,
+                             max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.batch_decode(out[:, 1:])[0]
+
+
+def test_lorax_client_adapter_id_and_linear_merge_equal_peft(library, server):
+    client = lorax.Client(server)
+    text = task_inputs("capitals", 1)[0]
+    one = client.generate(text, adapter_id="addition", max_new_tokens=5)
+    assert one.generated_text == peft_alone(library, ["addition"], [1.0], text, 5)
+    assert one.details.generated_tokens == len(one.details.tokens) <= 5 and one.details.prompt_tokens > 0
+    assert all(t.logprob <= 0 for t in one.details.tokens)
+    merged = lorax.types.MergedAdapters(ids=["capitals", "sentiment"], weights=[0.7, 0.3], merge_strategy="linear", density=1.0)
+    both = client.generate(text, merged_adapters=merged, max_new_tokens=5)
+    assert both.generated_text == peft_alone(library, ["capitals", "sentiment"], [0.7, 0.3], text, 5)
+    assert both.generated_text != one.generated_text, "the adapters change the answer, so equality means something"
+    streamed = list(client.generate_stream(text, merged_adapters=merged, max_new_tokens=5))
+    assert streamed[-1].generated_text == both.generated_text and len(streamed) == both.details.generated_tokens
+    assert [s.token.id for s in streamed] == [t.id for t in both.details.tokens]
+    ties = lorax.types.MergedAdapters(ids=["capitals", "sentiment"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5)
+    with pytest.raises(lorax.errors.ValidationError, match="merge_strategy 'ties' is not served per request"):
+        client.generate(text, merged_adapters=ties, max_new_tokens=5)
+    with pytest.raises(lorax.errors.ValidationError, match="adapter 'nope' is not served here"):
+        client.generate(text, adapter_id="nope", max_new_tokens=5)
+
+
+def test_huggingface_inference_client_text_generation(engine, server):
+    client = InferenceClient(base_url=server)
+    text = task_inputs("addition", 1)[0]
+    expected = engine.run([Request(text, max_new_tokens=4)])[0]  # retrieval with the server's defaults
+    assert client.text_generation(text, max_new_tokens=4) == expected.output
+    detailed = client.text_generation(text, max_new_tokens=4, details=True)
+    assert detailed.generated_text == expected.output and detailed.details.finish_reason == expected.finish_reason
+    assert [t.id for t in detailed.details.tokens] == expected.tokens
+    assert "".join(client.text_generation(text, max_new_tokens=4, stream=True)) == "".join(
+        engine.base.tokenizer.decode([t]) for t in expected.tokens)
+    single = engine.run([Request(text, adapters=(("weekdays", 1.0),), max_new_tokens=4)])[0]
+    assert client.text_generation(text, max_new_tokens=4, adapter_id="weekdays") == single.output != expected.output
+    with pytest.raises(Exception, match="do_sample"):
+        client.text_generation(text, max_new_tokens=4, do_sample=True)
+
+
+def test_openai_completions_usage_stop_models_and_refusals(engine, server):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    prompts = task_inputs("capitals", 1) + task_inputs("antonyms", 1)
+    models = [m.id for m in client.models.list().data]
+    assert models[0] == engine.info()["base_model"] and set(models[1:]) == set(engine.bank.names)
+    reply = client.completions.create(model=models[0], prompt=prompts)  # max_tokens: OpenAI's default, 16
+    expected = engine.run([Request(p, max_new_tokens=16) for p in prompts])
+    assert [c.text for c in reply.choices] == [e.output for e in expected]
+    assert [c.finish_reason for c in reply.choices] == [("stop" if e.finish_reason != "length" else "length") for e in expected]
+    assert all(len(e.tokens) == 16 or e.finish_reason == "eos_token" for e in expected)
+    assert reply.usage.completion_tokens == sum(len(e.tokens) for e in expected)
+    assert reply.usage.prompt_tokens == sum(e.prompt_tokens for e in expected) > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # stop: a string from the middle of the unstopped answer ends it there.
+    full = expected[0].output  # token ids as words (decode_ids): one word per token
+    words = full.split()
+    stop = " " + words[len(words) // 2]
+    ends = next(i for i in range(1, len(words) + 1) if stop in " ".join(words[:i]))  # tokens until the stop shows
+    assert 1 < ends < len(words), "the answer is long enough to stop in the middle"
+    stopped = client.completions.create(model=models[0], prompt=prompts[0], max_tokens=16, stop=[stop, "never-there"])
+    assert stopped.choices[0].text == full[:full.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == ends
+    # model = an adapter id: that adapter alone.
+    alone = client.completions.create(model="capitals", prompt=prompts[1], max_tokens=4)
+    assert alone.choices[0].text == engine.run([Request(prompts[1], adapters=(("capitals", 1.0),), max_new_tokens=4)])[0].output
+    for field, value in [("logprobs", 2), ("echo", True), ("best_of", 2), ("suffix", "!"), ("n", 2), ("temperature", 0.8)]:
+        with pytest.raises(openai.BadRequestError, match=f"{field} = .* is not supported"):
+            client.completions.create(model=models[0], prompt="hi", **{field: value})
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("/generate", {"parameters": {"max_new_tokens": 2}}, "inputs: Field required"),
+    ("/generate", {"inputs": "hi", "parameters": {"foo": 1}}, "parameters.foo: Extra inputs are not permitted"),
+    ("/generate", {"inputs": "hi", "parameters": {"temperature": 0.5}}, "parameters.temperature = 0.5 is not supported"),
+    ("/generate", {"inputs": "hi", "parameters": {"adapter_id": "capitals", "k": 2}}, "Drop k and compose"),
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, "max_new_tokens = 500 is outside 1..20"),
+    ("/", {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals"], "weights": [0.5, 0.5]}}},
+     "1 ids and 2 weights"),
+    ("/", {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals", "x"], "weights": [0.5, 0.5]}}},
+     "adapter 'x' is not served here"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals", "addition"],
+     "weights": [0.5, 0.5], "merge_strategy": "dare_ties", "density": 0.3}}}, "merge_strategy 'dare_ties' is not served"),
+    ("/generate", b'{"inputs": "\\ud800"}', "lone surrogate"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1}}, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop sequences"),
+    ("/v1/completions", {"prompt": "hi", "model": "capitals", "k": 2}, "Drop them"),
+    ("/v1/completions", {"prompt": "hi", "max_tokenz": 3}, "max_tokenz: Extra inputs are not permitted"),
+    ("/v1/completions", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+])
+def test_malformed_tgi_lorax_and_openai_requests_get_json_4xx(server, path, body, message):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(server + path, data=data, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=30)
+    assert error.value.code == 400 and error.value.headers["content-type"] == "application/json"
+    reply = json.loads(error.value.read())
+    text = reply["error"] if path in ("/", "/generate", "/generate_stream") else reply["error"]["message"]
+    assert message in text, reply
+    if path != "/v1/completions":
+        assert reply["error_type"] == "validation"  # what TGI's and LoRAX's clients read
+
+
+def test_api_key_is_required_on_every_route_but_health(engine, caplog):
+    caplog.set_level(logging.DEBUG)
+    text = task_inputs("weekdays", 1)[0]
+    with running(create_app(engine, window=0.0, api_key=KEY)) as (url, _):
+        with urllib.request.urlopen(url + "/health", timeout=10) as response:
+            health = json.loads(response.read())
+        assert health["status"] == "ok" and health["auth"] is True and KEY not in json.dumps(health)
+        for path in ("/v1/models", "/v1/generate", "/generate", "/"):
+            for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                request = urllib.request.Request(url + path, data=None if path == "/v1/models" else b"{}", headers=header)
+                with pytest.raises(urllib.error.HTTPError) as error:
+                    urllib.request.urlopen(request, timeout=10)
+                assert error.value.code == 401 and error.value.headers["WWW-Authenticate"] == "Bearer"
+                body = json.loads(error.value.read())
+                assert "Authorization: Bearer <key>" in json.dumps(body) and KEY not in json.dumps(body)
+
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).completions.create(model="m", prompt=text)
+        good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        assert KEY not in json.dumps([m.model_dump() for m in good.models.list().data])
+        expected = engine.run([Request(text, max_new_tokens=3)])[0].output
+        assert good.completions.create(model="m", prompt=text, max_tokens=3).choices[0].text == expected
+        with pytest.raises(Exception, match="no API key"):
+            lorax.Client(url).generate(text, max_new_tokens=3)
+        authorised = lorax.Client(url, headers={"Authorization": f"Bearer {KEY}"})
+        assert authorised.generate(text, max_new_tokens=3).generated_text == expected
+        with pytest.raises(Exception, match="no API key"):
+            InferenceClient(base_url=url).text_generation(text, max_new_tokens=3)
+        assert InferenceClient(base_url=url, api_key=KEY).text_generation(text, max_new_tokens=3) == expected
+    assert KEY not in caplog.text, "the key is never logged"
+
+
+def test_serve_warns_on_a_public_host_without_a_key(cli, monkeypatch):
+    """The warning comes before anything is loaded; an empty key is refused."""
+    import lorahub_cli.cli.serve as serve_cli
+
+    monkeypatch.setattr(serve_cli, "build_engine", lambda **_: (_ for _ in ()).throw(SystemExit(7)))
+    result = cli("serve", "--host", "0.0.0.0", "--port", "0")
+    assert result.code == 7 and "no API key is set" in result.stderr and "LORAHUB_API_KEY" in result.stderr
+    result = cli("serve", "--host", "0.0.0.0", "--port", "0", "--api-key", KEY)
+    assert result.code == 7 and "no API key" not in result.stderr and KEY not in result.stderr
+    monkeypatch.setenv("LORAHUB_API_KEY", KEY)
+    result = cli("serve", "--host", "0.0.0.0", "--port", "0")
+    assert result.code == 7 and "no API key" not in result.stderr
+    result = cli("serve", "--api-key", " ")
+    assert result.code == 2 and "the API key is empty" in result.stderr
