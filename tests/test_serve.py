@@ -331,6 +331,22 @@ def test_the_queue_is_bounded_and_every_accepted_request_is_answered():
     assert engine.calls == 2 and batcher.stats.largest_batch == 2
 
 
+def test_waiting_requests_are_batched_by_length_oldest_first():
+    engine = GatedEngine()
+    batches = []
+    run = engine.run
+    engine.run = lambda requests: batches.append([r.input for r in requests]) or run(requests)
+    batcher = Batcher(engine.run, max_batch=3, window=0.0, max_queue=16, size=lambda r: len(r.input)).start()
+    futures = [batcher.submit(Request("held"))]
+    engine.started.wait(10)
+    texts = ["x" * n for n in (50, 1, 49, 2, 48, 3, 47)]
+    futures += [batcher.submit(Request(t)) for t in texts]
+    engine.gate.set()
+    batcher.close()
+    assert [f.result(0).output for f in futures] == [t.upper() for t in ["held", *texts]]
+    assert [sorted(map(len, b)) for b in batches] == [[4], [48, 49, 50], [1, 2, 3], [47]]
+
+
 def test_server_sheds_load_with_503_and_drains_on_shutdown():
     engine = GatedEngine(delay=0.2)
     with running(create_app(engine, max_batch=1, window=0.0, max_queue=1)) as (url, server):

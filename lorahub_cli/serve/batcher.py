@@ -1,6 +1,6 @@
 """Concurrent requests into shared batches: a bounded queue and one worker thread.
 
-    batcher = Batcher(engine.run, max_batch=32, window=0.01, max_queue=256)
+    batcher = Batcher(engine.run, max_batch=32, window=0.01, max_queue=256, size=lambda r: len(r.input))
     batcher.start()
     future = batcher.submit(request)      # QueueFull when max_queue requests already wait
     answer = future.result()
@@ -8,15 +8,22 @@
 
 The worker takes the first waiting request, then keeps collecting for at most `window`
 seconds or until `max_batch` requests, and runs them as one call, so requests that
-arrive together share forward passes. While a batch runs, new requests wait in the
-queue and fill the next batch without waiting for the window. A request accepted by
-`submit` is always answered (or failed with the batch's error), even during `close`;
-`abandon` fails every one still open with `ShuttingDown` (a shutdown deadline).
+arrive together share forward passes. While a batch runs, new requests wait and fill
+the next batch without waiting for the window.
+
+Length buckets: when more than `max_batch` requests wait, the batch is the oldest
+waiting request and the `max_batch - 1` others nearest to it in `size` (input length),
+so a batch pads its inputs to a length near their own instead of to the longest of
+whatever arrived. The oldest always goes next, so no request waits more than
+(waiting / max_batch) batches.
+
+A request accepted by `submit` is always answered (or failed with the batch's error),
+even during `close`; `abandon` fails every one still open with `ShuttingDown` (a
+shutdown deadline).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -24,8 +31,6 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 
 from ..errors import LorahubError
-
-_STOP = object()
 
 
 class QueueFull(LorahubError):
@@ -45,20 +50,22 @@ class Stats:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list], list], *, max_batch: int = 32, window: float = 0.01, max_queue: int = 256):
+    def __init__(self, run: Callable[[list], list], *, max_batch: int = 32, window: float = 0.01, max_queue: int = 256,
+                 size: Callable[[object], int] | None = None):
         if max_batch < 1 or max_queue < 1 or window < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and window >= 0")
-        self.run, self.max_batch, self.window = run, max_batch, window
+        self.run, self.max_batch, self.window, self.max_queue = run, max_batch, window, max_queue
+        self.size = size or (lambda request: 0)
         self.stats = Stats()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._lock = threading.Lock()  # orders submits before the stop marker
-        self._accepting = False
+        self._waiting: list[tuple[object, Future, int]] = []  # (request, future, size), oldest first
+        self._cond = threading.Condition()  # guards _waiting, _accepting, _stopping
+        self._accepting = self._stopping = False
         self._running: list[Future] = []  # the batch the worker holds
         self._thread = threading.Thread(target=self._work, name="lorahub-batcher", daemon=True)
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     @property
     def accepting(self) -> bool:
@@ -71,67 +78,72 @@ class Batcher:
 
     def submit(self, request) -> Future:
         future: Future = Future()
-        with self._lock:
+        size = self.size(request)
+        with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down.", "Retry against another instance.")
-            try:
-                self._queue.put_nowait((request, future))
-            except queue.Full:
-                raise QueueFull(f"{self._queue.maxsize} requests are already waiting.", "Retry in a moment.") from None
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting.", "Retry in a moment.")
+            self._waiting.append((request, future, size))
+            self._cond.notify()
         return future
 
     def close(self, timeout: float | None = None) -> None:
         """Refuse new requests, answer every accepted one, then stop the worker."""
-        with self._lock:
-            if not self._accepting:
-                return
+        with self._cond:
             self._accepting = False
-        self._queue.put(_STOP)  # after every accepted request, since submits are refused from here on
-        self._thread.join(timeout)
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
     def stop_accepting(self) -> None:
-        with self._lock:
+        with self._cond:
             self._accepting = False
 
     def abandon(self) -> int:
         """Refuse new requests and fail every accepted one not yet answered with ShuttingDown; how many."""
-        self.stop_accepting()
-        open_ = list(self._running)
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                open_.append(item[1])
-        failed = 0
-        for future in open_:
-            failed += _settle(future, error=ShuttingDown("the server is shutting down and this request did not finish "
-                                                          "in time.", "Retry against another instance."))
-        return failed
+        with self._cond:
+            self._accepting = False
+            open_ = [future for _, future, _ in self._waiting] + list(self._running)
+            self._waiting = []
+        error = ShuttingDown("the server is shutting down and this request did not finish in time.",
+                             "Retry against another instance.")
+        return sum(_settle(future, error=error) for future in open_)
+
+    def _next_batch(self) -> list | None:
+        """Wait for requests and pick the next batch (see the module docstring); None when stopped and empty."""
+        with self._cond:
+            while not self._waiting:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            deadline = time.monotonic() + self.window
+            while len(self._waiting) < self.max_batch and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            waiting = self._waiting
+            if len(waiting) <= self.max_batch:
+                self._waiting = []
+                return waiting
+            # The oldest and its max_batch - 1 nearest in size: the tightest run of sorted sizes that holds it.
+            order = sorted(range(len(waiting)), key=lambda i: waiting[i][2])
+            at = order.index(0)
+            lo = min(max(0, at - self.max_batch + 1), len(order) - self.max_batch)
+            best = min(range(lo, min(at, len(order) - self.max_batch) + 1),
+                       key=lambda s: waiting[order[s + self.max_batch - 1]][2] - waiting[order[s]][2])
+            chosen = set(order[best:best + self.max_batch])
+            self._waiting = [item for i, item in enumerate(waiting) if i not in chosen]
+            return [item for i, item in enumerate(waiting) if i in chosen]
 
     def _work(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            deadline = time.monotonic() + self.window
-            while len(batch) < self.max_batch:
-                try:
-                    # Requests queued during the previous batch are taken at once; new ones within the window.
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    break
-                batch.append(item)
+        while (batch := self._next_batch()) is not None:
             self._answer(batch)
 
     def _answer(self, batch: list) -> None:
-        requests, futures = [r for r, _ in batch], [f for _, f in batch]
+        requests, futures = [r for r, _, _ in batch], [f for _, f, _ in batch]
         self._running = futures
         start = time.perf_counter()
         try:

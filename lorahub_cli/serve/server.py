@@ -128,7 +128,7 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
                max_prompts: int = LIMITS["max_prompts"], api_key: str | None = None) -> FastAPI:
     """An app serving `engine` (anything with check(Request), run(list[Request]) and info(); `bank.names` and
     `base.tokenizer` for the adapter-naming and token-level APIs)."""
-    batcher = Batcher(engine.run, max_batch=max_batch, window=window, max_queue=max_queue)
+    batcher = Batcher(engine.run, max_batch=max_batch, window=window, max_queue=max_queue, size=lambda r: len(r.input))
     # Room for max_prompts inputs of max_input_chars UTF-8 characters (up to 4 bytes each) and the JSON around them.
     max_body = 4 * max_input_chars * max_prompts + 65_536
     started = int(time.time())
