@@ -38,7 +38,21 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_ROOT = BENCH_DIR / ".cache" / "fixtures"
-BBH_DIR = BENCH_DIR.parent.parent / "shared" / "data" / "bbh"  # /work/shared/data/bbh next to /work/main
+
+
+def shared_dir() -> Path:
+    """/work/shared next to the checkout (/work/main), or next to the main checkout of a git worktree."""
+    import subprocess
+
+    beside = BENCH_DIR.parent.parent / "shared"
+    if beside.is_dir():
+        return beside
+    common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=BENCH_DIR,
+                            capture_output=True, text=True).stdout.strip()
+    return Path(common).parent.parent / "shared" if common else beside
+
+
+BBH_DIR = shared_dir() / "data" / "bbh"
 
 # ---- every default in one block -------------------------------------------------
 MODEL_SEED = 0  # torch seed for the base model's random weights

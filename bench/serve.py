@@ -1,9 +1,18 @@
-"""Mixed-task serving: `python bench/serve.py [--requests 256] [--max-new-tokens 16]`.
+"""Mixed-task serving: `python bench/serve.py --setting today|library [--requests 256] [--max-new-tokens N]`.
 
-256 requests drawn evenly from 20 Big-Bench Hard tasks (their real inputs, 11-197
-WordPiece tokens), over the 20 random LoRA modules of the flan-t5-base-shaped fixture
-(bench/fixtures.py; r 16, q and v). Adapter i's card is built from task i's first 50
-inputs (inputs only, LoraRetriever's instruction); requests come from the other inputs.
+Two settings over the flan-t5-base-shaped random fixture (bench/fixtures.py; LoRA r 16, q and v):
+
+- today: 256 requests drawn evenly from 20 Big-Bench Hard tasks (their real inputs, 11-197
+  WordPiece tokens), over 20 random LoRA modules; adapter i's card is built from task i's
+  first 50 inputs. 16 new tokens.
+- library (LoraRetriever's setting): a library of 117 random modules, one per task text:
+  the 27 BBH tasks in three prompt templates each (as FLAN's templates make several
+  modules of one dataset), the 28 tasks of lorahub's demo world and the 8 example tasks;
+  each module's card is built from the first 50 inputs of its task. Traffic: 256 requests
+  evenly from 48 of those tasks (seeded choice among tasks whose inputs fit 512 tokens).
+  32 new tokens.
+
+Cards: inputs only, LoraRetriever's instruction; requests come from the tasks' other inputs.
 Every request retrieves its own top-3 (k = 3). Side by side, in one run, each in its own
 process (so peak memory is its own):
 
@@ -15,8 +24,10 @@ process (so peak memory is its own):
 - ours, single: as ours, top-1 only (one-hot rows).
 - (b) PEFT mixed batch: all 20 adapters loaded in one PeftModel, `generate(adapter_names=
   [top-1 of each row])`, batches of 32: one adapter per row is the most PEFT offers.
-- ours over HTTP: `lorahub serve`'s app (uvicorn, batch window 10 ms), 64 concurrent
-  clients posting the 256 requests; latency per request, p50 / p95.
+- ours over HTTP: `lorahub serve`'s app (uvicorn, batch window 10 ms, mixture). Throughput: every
+  request posted at once from one asyncio client (aiohttp, at most 64 connections). Latency: then
+  --rate-requests requests posted at a fixed arrival rate (--rate-share of ours-mixture's
+  in-process throughput in this run), p50 / p95 from post to answer.
 - the base model alone (no adapter, same batches): the ceiling no adapter method can pass.
 
 The baselines get the routes for free (computed once beforehand with the same retrieval);
@@ -51,9 +62,13 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(BENCH.parent))
 
-BBH = BENCH.parent.parent / "shared" / "data" / "bbh"
+from fixtures import BBH_DIR as BBH  # noqa: E402
+
 CACHE = BENCH / ".cache" / "serve"
 CARD_EXAMPLES = 50
+LIBRARY_TRAFFIC_TASKS = 48
+LIBRARY_SEED = 5000  # library module i: torch seed LIBRARY_SEED + i
+TEMPLATES = ("{x}", "Answer the following question.\n{x}", "Q: {x}\nA:")  # three prompt templates per BBH task
 K = 3
 BATCH = 32
 CLIENTS = 64
@@ -75,9 +90,77 @@ def tasks() -> list[str]:
     return sorted(lengths, key=lengths.get)[:20]
 
 
-def build_world(n_requests: int) -> dict:
+def build_world(setting: str, n_requests: int) -> dict:
+    world_file = CACHE / setting / f"world-{n_requests}.json"
+    if world_file.exists():
+        return json.loads(world_file.read_text())
+    task_inputs, adapter_dirs, traffic = today_library() if setting == "today" else large_library()
+    world = register(CACHE / setting, task_inputs, adapter_dirs, traffic, n_requests)
+    world_file.write_text(json.dumps(world))
+    return world
+
+
+def today_library():
+    """The 20 shortest BBH tasks, one fixture module each; traffic from all 20."""
     from fixtures import fixture
 
+    manifest = fixture("base")
+    names = tasks()
+    task_inputs = {t: [e["input"] for e in json.loads((BBH / f"{t}.json").read_text())["examples"]] for t in names}
+    return task_inputs, dict(zip(names, manifest["adapter_dirs"])), names
+
+
+def large_library():
+    """117 task texts (27 BBH tasks x 3 templates, 28 demo-world tasks, 8 example tasks), one random module
+    each (the fixture's recipe, seeds LIBRARY_SEED + i); traffic from 48 of them, seeded."""
+    from fixtures import _tokenizer, fixture
+
+    from lorahub_cli.demo import world as demo_world
+    from lorahub_cli.examples import tasks as example_tasks
+
+    task_inputs = {}
+    for path in sorted(BBH.glob("*.json")):
+        examples = [e["input"] for e in json.loads(path.read_text())["examples"]]
+        for t, template in enumerate(TEMPLATES):
+            task_inputs[f"{path.stem}-t{t}"] = [template.format(x=x) for x in examples]
+    for name in demo_world.TASKS:
+        task_inputs[f"demo-{name}"] = [r["input"] for r in demo_world.generate(name, 150, seed=0)]
+    for name in example_tasks.TASKS:
+        task_inputs[f"example-{name}"] = [r["input"] for r in example_tasks.generate(name, 150, seed=0)]
+    adapter_dirs = random_modules(fixture("base")["model_dir"], list(task_inputs))
+    tok = _tokenizer()
+    fits = [t for t, xs in task_inputs.items()
+            if max(len(tok(x)["input_ids"]) for x in xs[CARD_EXAMPLES:CARD_EXAMPLES + 60]) <= MAX_INPUT_TOKENS]
+    traffic = sorted(random.Random(1).sample(fits, LIBRARY_TRAFFIC_TASKS))
+    return task_inputs, adapter_dirs, traffic
+
+
+def random_modules(model_dir: str, names: list[str]) -> dict[str, str]:
+    """One random LoRA module per name (r 16, alpha 32, q and v), built as bench/fixtures.py builds its 20."""
+    from fixtures import LORA_ALPHA, LORA_DROPOUT, LORA_R, LORA_TARGETS, _random_adapter_state
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import T5ForConditionalGeneration
+
+    root = CACHE / "library" / "modules"
+    dirs = {name: str(root / name) for name in names}
+    if all((Path(d) / "adapter_model.safetensors").is_file() for d in dirs.values()):
+        return dirs
+    model = T5ForConditionalGeneration.from_pretrained(model_dir)
+    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS),
+                        task_type=TaskType.SEQ_2_SEQ_LM, base_model_name_or_path=model_dir)
+    peft_model = get_peft_model(model, config)
+    for i, name in enumerate(names):
+        values = _random_adapter_state(peft_model, LIBRARY_SEED + i)
+        with torch.no_grad():
+            for key, param in peft_model.named_parameters():
+                if key in values:
+                    param.copy_(values[key])
+        peft_model.save_pretrained(dirs[name])
+    return dirs
+
+
+def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[str], n_requests: int) -> dict:
+    """A registry of the modules with cards from their tasks' first inputs, and requests from the others."""
     from lorahub_cli import retrieval
     from lorahub_cli.io import Example
     from lorahub_cli.registry import Store
@@ -85,38 +168,27 @@ def build_world(n_requests: int) -> dict:
     from lorahub_cli.registry.mirror import add_local
     from lorahub_cli.settings import LORARETRIEVER_INSTRUCTION
 
-    manifest = fixture("base")
-    world_file = CACHE / f"world-{n_requests}.json"
-    if world_file.exists():
-        return json.loads(world_file.read_text())
-    home = CACHE / "home"
-    store = Store(home)
-    names = tasks()
-    rng = random.Random(0)
-    requests = []
-    for i, (task, adapter_dir) in enumerate(zip(names, manifest["adapter_dirs"])):
-        examples = json.loads((BBH / f"{task}.json").read_text())["examples"]
-        data = CACHE / "data" / f"{task}.jsonl"
-        data.parent.mkdir(parents=True, exist_ok=True)
-        data.write_text("".join(json.dumps({"input": e["input"], "target": e["target"]}) + "\n" for e in examples[:CARD_EXAMPLES]))
+    store = Store(root / "home")
+    for task, inputs in task_inputs.items():
         if store.find(task) is None:
-            add_local(store, Path(adapter_dir), name=task)
+            data = root / "data" / f"{task}.jsonl"
+            data.parent.mkdir(parents=True, exist_ok=True)
+            # The card reads inputs only; the file format asks for a target all the same.
+            data.write_text("".join(json.dumps({"input": x, "target": "-"}) + "\n" for x in inputs[:CARD_EXAMPLES]))
+            add_local(store, Path(adapter_dirs[task]), name=task)
             card_from_source(store, task, data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
-        requests += [(task, e["input"]) for e in examples[CARD_EXAMPLES:]]
-    # Evenly over tasks, shuffled so every batch mixes them.
-    by_task = defaultdict(list)
-    for task, text in requests:
-        by_task[task].append(text)
-    chosen = [(t, rng.choice(by_task[t])) for t in (names * (n_requests // len(names) + 1))[:n_requests]]
+    rng = random.Random(0)
+    # Evenly over the traffic's tasks, shuffled so every batch mixes them.
+    chosen = [(t, rng.choice(task_inputs[t][CARD_EXAMPLES:])) for t in (traffic * (n_requests // len(traffic) + 1))[:n_requests]]
     rng.shuffle(chosen)
     index = retrieval.CardIndex.from_store(store)
     ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K)["inputs"]
-    world = {"home": str(home), "model_dir": manifest["model_dir"],
-             "adapter_dirs": {t: str(store.get(t).path) for t in names},
-             "requests": [{"task": t, "input": text, "routes": [r["id"] for r in entry["results"]]}
-                          for (t, text), entry in zip(chosen, ranked)]}
-    world_file.write_text(json.dumps(world))
-    return world
+    from fixtures import fixture
+
+    return {"home": str(root / "home"), "model_dir": fixture("base")["model_dir"], "adapters": len(task_inputs),
+            "traffic_tasks": len(traffic), "adapter_dirs": {t: str(store.get(t).path) for t in task_inputs},
+            "requests": [{"task": t, "input": text, "routes": [r["id"] for r in entry["results"]]}
+                         for (t, text), entry in zip(chosen, ranked)]}
 
 
 # --- the methods, each run in a worker process -------------------------------------------------
@@ -140,7 +212,18 @@ def ours(world, mode: str, max_new_tokens: int) -> dict:
     start = time.perf_counter()
     answers = engine.run([Request(t) for t in texts])
     return {"seconds": time.perf_counter() - start, "outputs": [a.output for a in answers],
-            "routes": [[x["id"] for x in a.route["adapters"]] for a in answers]}
+            "routes": [[x["id"] for x in a.route["adapters"]] for a in answers], **memory(engine, world)}
+
+
+def memory(engine, world) -> dict:
+    """The bank's factor buffers against the adapters' own safetensors files, and the base model's parameters."""
+    from lorahub_cli.compose.bank import BankedLayer
+
+    bank = sum(b.numel() * b.element_size() for m in engine.base.model.modules() if isinstance(m, BankedLayer)
+               for b in (m.lora_A, m.lora_B, m.owner, m.col_scaling))
+    files = sum((Path(d) / "adapter_model.safetensors").stat().st_size for d in world["adapter_dirs"].values())
+    base = sum(p.numel() * p.element_size() for p in engine.base.model.parameters())
+    return {"bank_mb": bank / 2**20, "adapter_files_mb": files / 2**20, "base_mb": base / 2**20}
 
 
 def sample_units(units: list[list[int]], fraction: float) -> list[list[int]]:
@@ -250,11 +333,12 @@ def peft_adapter_names(world, max_new_tokens: int, fraction: float) -> dict:
             "units": f"{len(chosen)} of {len(batches)} batches"}
 
 
-def ours_http(world, max_new_tokens: int) -> dict:
+def ours_http(world, max_new_tokens: int, rate: float, rate_requests: int) -> dict:
+    """The served app under uvicorn; one asyncio client (no thread per client competing for the cores)."""
+    import asyncio
     import threading
-    import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
 
+    import aiohttp
     import uvicorn
 
     from lorahub_cli.registry import Store
@@ -271,25 +355,38 @@ def ours_http(world, max_new_tokens: int) -> dict:
     while not server.started:
         time.sleep(0.01)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/generate"
+    texts = [r["input"] for r in world["requests"]]
 
-    def post(text):
+    async def post(session, text, delay=0.0):
+        await asyncio.sleep(delay)
         begin = time.perf_counter()
-        request = urllib.request.Request(url, data=json.dumps({"input": text}).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=600) as response:
-            output = json.loads(response.read())["output"]
+        async with session.post(url, json={"input": text}) as response:
+            output = (await response.json())["output"]
         return output, time.perf_counter() - begin
 
+    async def all_at_once():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS),
+                                         timeout=aiohttp.ClientTimeout(total=3600)) as session:
+            return await asyncio.gather(*(post(session, t) for t in texts))
+
+    async def fixed_rate():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=3600)) as session:
+            return await asyncio.gather(*(post(session, t, i / rate) for i, t in enumerate(texts[:rate_requests])))
+
     start = time.perf_counter()
-    with ThreadPoolExecutor(CLIENTS) as pool:
-        results = list(pool.map(post, [r["input"] for r in world["requests"]]))
+    results = asyncio.run(all_at_once())
     seconds = time.perf_counter() - start
+    timed = asyncio.run(fixed_rate()) if rate_requests else []
     server.should_exit = True
-    latencies = sorted(latency for _, latency in results)
+    latencies = sorted(latency for _, latency in timed)
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"seconds": seconds, "outputs": [o for o, _ in results], "p50": pick(0.5), "p95": pick(0.95)}
+    return {"seconds": seconds, "outputs": [o for o, _ in results],
+            **({"p50": pick(0.5), "p95": pick(0.95), "rate": rate, "rate_requests": rate_requests} if latencies else {})}
 
 
-def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, out: Path) -> None:
+def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, out: Path, rate: float,
+           rate_requests: int) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     world = json.loads(world_file.read_text())
@@ -297,7 +394,7 @@ def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, 
            "ours-single": lambda: ours(world, "single", max_new_tokens),
            "merge-per-group": lambda: merge_per_group(world, max_new_tokens, fraction),
            "peft-adapter-names": lambda: peft_adapter_names(world, max_new_tokens, fraction),
-           "ours-http": lambda: ours_http(world, max_new_tokens),
+           "ours-http": lambda: ours_http(world, max_new_tokens, rate, rate_requests),
            "base-model": lambda: base_model(world, max_new_tokens)}[method]
     result = run()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -313,63 +410,95 @@ def same(a: list, b: list) -> str:
     return f"{sum(x == y for x, y in both)}/{len(both)}"
 
 
+def cpu_flags() -> str:
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"]
+    return f"{model}; " + " ".join(f for f in wanted if f in flags)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--setting", choices=("today", "library"), default="library")
     parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, help="Default: 16 (today), 32 (library).")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sample", type=float, default=0.25, help="Share of the traffic the baselines answer.")
+    parser.add_argument("--rate-share", type=float, default=0.7, help="HTTP latency run: arrival rate as a share of "
+                                                                     "ours-mixture's in-process throughput.")
+    parser.add_argument("--rate-requests", type=int, default=64, help="Requests of the fixed-rate latency run.")
     parser.add_argument("--reuse", action="store_true", help="Take the results of methods not in --methods from the last run.")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.max_new_tokens = args.max_new_tokens or (16 if args.setting == "today" else 32)
     if args.worker:
-        return worker(args.worker, args.world, args.max_new_tokens, args.sample, args.out)
-    world = build_world(args.requests)
-    world_file = CACHE / f"world-{args.requests}.json"
+        return worker(args.worker, args.world, args.max_new_tokens, args.sample, args.out, args.rate, args.rate_requests)
+    began_all, load_start = time.perf_counter(), open("/proc/loadavg").read().split()[:3]
+    world = build_world(args.setting, args.requests)
+    root = CACHE / args.setting
+    world_file = root / f"world-{args.requests}.json"
     results = {}
-    setting = {"requests": args.requests, "max_new_tokens": args.max_new_tokens, "sample": args.sample}
+    setting = {"setting": args.setting, "requests": args.requests, "max_new_tokens": args.max_new_tokens, "sample": args.sample}
     for method in METHODS if args.reuse else ():
-        cached = CACHE / f"result-{method}.json"
+        cached = root / f"result-{method}.json"
         if method not in args.methods.split(",") and cached.exists():
             result = json.loads(cached.read_text())
             if result.get("setting") == setting:
                 results[method] = result
     for method in filter(None, args.methods.split(",")):
-        out = CACHE / f"result-{method}.json"
+        out = root / f"result-{method}.json"
         began = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--worker", method, "--world", str(world_file),
-                        "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample), "--out", str(out)],
+        rate = args.rate_share * args.requests / results["ours-mixture"]["seconds"] if "ours-mixture" in results else 1.0
+        subprocess.run([sys.executable, __file__, "--worker", method, "--world", str(world_file), "--setting", args.setting,
+                        "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample), "--out", str(out),
+                        "--rate", str(rate), "--rate-requests", str(args.rate_requests if "ours-mixture" in results else 0)],
                        check=True)
         results[method] = r = {**json.loads(out.read_text()), "setting": setting}
         out.write_text(json.dumps(r))
         print(f"{method}: {r['seconds']:.1f} s generating, {time.perf_counter() - began:.1f} s in all, "
               f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
-    # The sampled baselines answer a sample whose inputs may be shorter or longer than the traffic's, and the
-    # work is mostly the encoder's, linear in input tokens: the ratios compare input tokens per second.
+    # The sampled baselines answer a sample whose inputs may be shorter or longer than the traffic's: the ratios
+    # are given per request and per input token (the encoder's work is linear in input tokens).
     from fixtures import _tokenizer
 
     tok = _tokenizer()
     lengths = [len(tok(r["input"])["input_ids"]) for r in world["requests"]]
     tokens = {m: sum(n for n, o in zip(lengths, r["outputs"]) if o is not None) for m, r in results.items()}
-    rate = {m: tokens[m] / r["seconds"] for m, r in results.items()}
-    load = os.getloadavg()[0]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, 2 threads; "
-          f"load average at the end {load:.1f}")
-    print(f"{args.requests} requests over 20 adapters, k = {K}, batch {BATCH}, {args.max_new_tokens} new tokens each (greedy)")
-    print("| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) | peak RSS (MB) | tokens/s vs its baseline | outputs equal to |")
+    token_rate = {m: tokens[m] / r["seconds"] for m, r in results.items()}
+    request_rate = {m: r.get("answered", args.requests) / r["seconds"] for m, r in results.items()}
+    sets = len({tuple(sorted(r["routes"])) for r in world["requests"]})
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
+          f"2 threads; /proc/loadavg at the start {' '.join(load_start)}, at the end "
+          f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {time.perf_counter() - began_all:.0f} s in all")
+    print(f"setting {args.setting}: {args.requests} requests from {world.get('traffic_tasks', 20)} tasks over "
+          f"{world.get('adapters', 20)} adapters ({sets} distinct retrieved sets), k = {K}, batch {BATCH}, "
+          f"{args.max_new_tokens} new tokens each (greedy)")
+    print("| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) "
+          "| peak RSS (MB) | vs its baseline (requests/s, input tokens/s) | outputs equal to |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    pairs = {"ours-mixture": "merge-per-group", "ours-single": "peft-adapter-names", "ours-http": "merge-per-group"}
+    pairs = {"ours-mixture": "merge-per-group", "ours-single": "peft-adapter-names", "ours-http": "ours-mixture"}
     for method, r in sorted(results.items(), key=lambda item: METHODS.index(item[0])):
-        latency = f"{r['p50']:.1f} / {r['p95']:.1f}" if "p50" in r else "–"
+        latency = f"{r['p50']:.1f} / {r['p95']:.1f} at {r['rate']:.2f}/s" if "p50" in r else "–"
         baseline = pairs.get(method)
-        ratio = f"{rate[method] / rate[baseline]:.2f}x" if baseline in results else "–"
+        ratio = (f"{request_rate[method] / request_rate[baseline]:.2f}x, {token_rate[method] / token_rate[baseline]:.2f}x"
+                 if baseline in results else "–")
         equal = f"{same(r['outputs'], results[baseline]['outputs'])} of {baseline}" if baseline in results else "–"
         answered = f"{r['answered']} ({r['units']})" if "units" in r else str(args.requests)
-        per_second = r.get("answered", args.requests) / r["seconds"]
-        print(f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {per_second:.2f} | {rate[method]:.0f} | {latency} "
-              f"| {r['peak_rss_mb']:.0f} | {ratio} | {equal} |")
+        print(f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {request_rate[method]:.2f} "
+              f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |")
+    for method in ("ours-mixture", "ours-single"):
+        if "bank_mb" in results.get(method, {}):
+            r = results[method]
+            print(f"{method}: bank {r['bank_mb']:.0f} MB for adapter files of {r['adapter_files_mb']:.0f} MB; "
+                  f"base model {r['base_mb']:.0f} MB; peak RSS {r['peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
