@@ -33,17 +33,20 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BF16_OF_EFFECT = 0.1  # bf16 must reproduce each row's change of the logits to 10%
 
 
-@pytest.fixture(scope="module")
-def adapter_sets(tmp_path_factory):
-    """Per kind: N adapters of one rank (both formulas) and N of mixed ranks and scalings."""
-    folder = tmp_path_factory.mktemp("adapters")
+def adapter_kinds(folder, n: int, ranks: list[int], alphas: list[int]) -> dict:
+    """Per kind: n adapters of one rank (both formulas) and n of the given mixed ranks and alphas."""
     sets = {}
     for kind in KINDS:
         model = tiny_model(kind)
-        same = make_adapters(model, folder / kind / "same", N)
-        mixed = make_adapters(model, folder / kind / "mixed", N, ranks=[2, 4, 3], alphas=[4, 8, 3])
+        same = make_adapters(model, folder / kind / "same", n)
+        mixed = make_adapters(model, folder / kind / "mixed", n, ranks=ranks, alphas=alphas)
         sets[kind] = {"same": [load_adapter(p) for p in same], "mixed": [load_adapter(p) for p in mixed]}
     return sets
+
+
+@pytest.fixture(scope="module")
+def adapter_sets(tmp_path_factory):
+    return adapter_kinds(tmp_path_factory.mktemp("adapters"), N, ranks=[2, 4, 3], alphas=[4, 8, 3])
 
 
 def row_weights(rows: int, seed: int = 0) -> torch.Tensor:
@@ -263,15 +266,7 @@ SPARSE_N = 6
 
 @pytest.fixture(scope="module")
 def sparse_sets(tmp_path_factory):
-    """Per kind: six adapters of one rank (both formulas) and six of mixed ranks and scalings (linear)."""
-    folder = tmp_path_factory.mktemp("sparse")
-    sets = {}
-    for kind in KINDS:
-        model = tiny_model(kind)
-        same = make_adapters(model, folder / kind / "same", SPARSE_N)
-        mixed = make_adapters(model, folder / kind / "mixed", SPARSE_N, ranks=[2, 4, 3, 1, 5, 2], alphas=[4, 8, 3, 2, 5, 1])
-        sets[kind] = {"same": [load_adapter(p) for p in same], "mixed": [load_adapter(p) for p in mixed]}
-    return sets
+    return adapter_kinds(tmp_path_factory.mktemp("sparse"), SPARSE_N, ranks=[2, 4, 3, 1, 5, 2], alphas=[4, 8, 3, 2, 5, 1])
 
 
 def sparse_weights() -> torch.Tensor:
