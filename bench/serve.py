@@ -349,13 +349,14 @@ def ours_http(world, max_new_tokens: int, rate: float, rate_requests: int) -> di
                                   max_new_tokens=max_new_tokens, batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS)
     suppress_special(engine.base.model, engine.base.tokenizer)
     engine.run([Request(r["input"]) for r in world["requests"][:2]])  # warm-up
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_batch=BATCH, window=0.01, max_queue=1024),
-                                           host="127.0.0.1", port=0, log_level="warning"))
+    app = create_app(engine, max_batch=BATCH, window=0.01, max_queue=1024)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.01)
     url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/generate"
     texts = [r["input"] for r in world["requests"]]
+    stats = app.state.batcher.stats
 
     async def post(session, text, delay=0.0):
         await asyncio.sleep(delay)
@@ -377,23 +378,24 @@ def ours_http(world, max_new_tokens: int, rate: float, rate_requests: int) -> di
     start = time.perf_counter()
     results = asyncio.run(all_at_once())
     seconds = time.perf_counter() - start
+    batches = {"batches": stats.batches, "largest_batch": stats.largest_batch, "busy_seconds": stats.busy_seconds}
     timed = asyncio.run(fixed_rate()) if rate_requests else []
     server.should_exit = True
     latencies = sorted(latency for _, latency in timed)
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"seconds": seconds, "outputs": [o for o, _ in results],
+    return {"seconds": seconds, "outputs": [o for o, _ in results], **batches,
             **({"p50": pick(0.5), "p95": pick(0.95), "rate": rate, "rate_requests": rate_requests} if latencies else {})}
 
 
-def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, out: Path, rate: float,
-           rate_requests: int) -> None:
+def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, peft_fraction: float, out: Path,
+           rate: float, rate_requests: int) -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
     world = json.loads(world_file.read_text())
     run = {"ours-mixture": lambda: ours(world, "mixture", max_new_tokens),
            "ours-single": lambda: ours(world, "single", max_new_tokens),
            "merge-per-group": lambda: merge_per_group(world, max_new_tokens, fraction),
-           "peft-adapter-names": lambda: peft_adapter_names(world, max_new_tokens, fraction),
+           "peft-adapter-names": lambda: peft_adapter_names(world, max_new_tokens, peft_fraction),
            "ours-http": lambda: ours_http(world, max_new_tokens, rate, rate_requests),
            "base-model": lambda: base_model(world, max_new_tokens)}[method]
     result = run()
@@ -429,6 +431,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, help="Default: 16 (today), 32 (library).")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sample", type=float, default=0.25, help="Share of the traffic the baselines answer.")
+    parser.add_argument("--peft-sample", type=float, help="Share PEFT answers (default: --sample).")
     parser.add_argument("--rate-share", type=float, default=0.7, help="HTTP latency run: arrival rate as a share of "
                                                                      "ours-mixture's in-process throughput.")
     parser.add_argument("--rate-requests", type=int, default=64, help="Requests of the fixed-rate latency run.")
@@ -439,14 +442,17 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.max_new_tokens = args.max_new_tokens or (16 if args.setting == "today" else 32)
+    args.peft_sample = args.peft_sample or args.sample
     if args.worker:
-        return worker(args.worker, args.world, args.max_new_tokens, args.sample, args.out, args.rate, args.rate_requests)
+        return worker(args.worker, args.world, args.max_new_tokens, args.sample, args.peft_sample, args.out, args.rate,
+                      args.rate_requests)
     began_all, load_start = time.perf_counter(), open("/proc/loadavg").read().split()[:3]
     world = build_world(args.setting, args.requests)
     root = CACHE / args.setting
     world_file = root / f"world-{args.requests}.json"
     results = {}
-    setting = {"setting": args.setting, "requests": args.requests, "max_new_tokens": args.max_new_tokens, "sample": args.sample}
+    setting = {"setting": args.setting, "requests": args.requests, "max_new_tokens": args.max_new_tokens, "sample": args.sample,
+               "peft_sample": args.peft_sample}
     for method in METHODS if args.reuse else ():
         cached = root / f"result-{method}.json"
         if method not in args.methods.split(",") and cached.exists():
@@ -458,7 +464,8 @@ def main() -> None:
         began = time.perf_counter()
         rate = args.rate_share * args.requests / results["ours-mixture"]["seconds"] if "ours-mixture" in results else 1.0
         subprocess.run([sys.executable, __file__, "--worker", method, "--world", str(world_file), "--setting", args.setting,
-                        "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample), "--out", str(out),
+                        "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample),
+                        "--peft-sample", str(args.peft_sample), "--out", str(out),
                         "--rate", str(rate), "--rate-requests", str(args.rate_requests if "ours-mixture" in results else 0)],
                        check=True)
         results[method] = r = {**json.loads(out.read_text()), "setting": setting}
@@ -494,6 +501,10 @@ def main() -> None:
         answered = f"{r['answered']} ({r['units']})" if "units" in r else str(args.requests)
         print(f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {request_rate[method]:.2f} "
               f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |")
+    if "batches" in results.get("ours-http", {}):
+        r = results["ours-http"]
+        print(f"ours-http: {r['batches']} batches (largest {r['largest_batch']}), the model busy {r['busy_seconds']:.1f} s "
+              f"of the {r['seconds']:.1f} s")
     for method in ("ours-mixture", "ours-single"):
         if "bank_mb" in results.get(method, {}):
             r = results[method]
