@@ -75,17 +75,23 @@ def main() -> None:
     import click
 
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="lorahub", standalone_mode=False)
     except LorahubError as error:
         if debug():
             raise
         # One unwrapped line, so that scripts and people can both read it.
         sys.stderr.write(f"Error: {error}\n")
         sys.exit(error.exit_code)
-    except click.exceptions.ClickException as error:
-        error.show()
+    except (click.exceptions.ClickException, typer.TyperException) as error:
+        # Typer >= 0.24 raises its own (vendored) Click exceptions, all TyperExceptions; older Typer raises
+        # Click's. Both kinds show Click's usage message (usage, help hint, "Error: ...") and carry its exit code.
+        show = getattr(error, "show", None)
+        if show is not None:
+            show()
+        else:
+            sys.stderr.write(f"Error: {error.format_message()}\n")
         sys.exit(error.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         err.print("Interrupted.")
         sys.exit(130)
     except Exception as error:  # noqa: BLE001 - the last line of defence before a traceback
