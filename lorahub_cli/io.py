@@ -99,12 +99,16 @@ def read_examples(
     return examples
 
 
-def read_json(path: str | Path, hint: str):
-    """A JSON file's content; an unreadable or malformed file is a one-line InputError with `hint`."""
+def read_json(path: str | Path, hint: str, shown: str | None = None):
+    """A JSON file's content; an unreadable or malformed file is a one-line InputError with `hint`.
+
+    `shown` names the file in the message when `path` is a copy (a staging folder) the user never saw.
+    """
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not valid JSON ({error}).", hint) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).replace(str(path), shown or str(path))
+        raise InputError(f"{shown or path} is not valid JSON ({reason}).", hint) from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
