@@ -181,7 +181,7 @@ def add_local(store: Store, folder: Path, *, name: str | None = None, base_model
     folder = Path(folder).expanduser().resolve()
     if not (folder / CONFIG).is_file():
         raise InputError(f"'{folder}' has no {CONFIG}.", "Give a PEFT adapter folder (saved with save_pretrained).")
-    adapter_id = name or folder.name
+    adapter_id = folder.name if name is None else name
     existed = _existing(store, adapter_id, str(folder), replace) is not None
     _read_config(folder, adapter_id, str(folder / CONFIG))
     with store.staging() as staged:
@@ -210,7 +210,7 @@ def add_hub(
 
     from ..hub import api, endpoint, hub_errors
 
-    adapter_id = name or repo_id
+    adapter_id = repo_id if name is None else name
     existing = _existing(store, adapter_id, repo_id, replace)
     with hub_errors(repo_id, revision):
         info = api().model_info(repo_id, revision=revision)
