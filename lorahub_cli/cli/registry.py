@@ -116,12 +116,20 @@ def add(
 
 
 def _summary(results) -> Table:
+    """One row per adapter mirrored; failures that share a message (the id aside) share one row."""
     table = Table(title="Sync summary")
     for column in ("adapter", "status", "commit", "message"):
         table.add_column(column, overflow="fold")
+    failures: dict[str, list[str]] = {}
     for result in results:
-        colour = {"failed": "red", "skipped": "dim"}.get(result.status, "green")
+        if result.status == "failed":
+            failures.setdefault(result.message.replace(result.id, "{id}"), []).append(result.id)
+            continue
+        colour = "dim" if result.status == "skipped" else "green"
         table.add_row(result.id, f"[{colour}]{result.status}[/{colour}]", (result.revision or "")[:12], result.message)
+    for message, ids in failures.items():
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        table.add_row(shown, f"[red]failed ×{len(ids)}[/red]" if len(ids) > 1 else "[red]failed[/red]", "", message)
     return table
 
 
@@ -155,6 +163,9 @@ def sync(
     entries = loaded.entries if loaded else list_author(author, search)
     if cards and not (loaded and loaded.dataset):
         raise InputError("--cards needs a catalogue that names a training dataset.", "Build cards with: lorahub card build ID --dataset ...")
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # lorahub's bar is the one progress display; the client's would interleave with it
     with progress(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
         results = sync_entries(store, entries, base_model=base_model or (loaded.base_model if loaded else None),
                                workers=workers, on_result=lambda r: advance(), warn=warn)
@@ -169,7 +180,8 @@ def sync(
                                      max_examples=max_examples, embedder=embedder)
                     result.message = "card built"
                 except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
-                    result.message = f"card failed: {error}"
+                    # The adapter is stored, but the sync did not do what was asked: a failure.
+                    result.status, result.message = "failed", f"mirrored, but its card failed: {error}"
                 advance()
     failed = sum(r.status == "failed" for r in results)
     if json_:
