@@ -71,8 +71,6 @@ def prepare_card(
 
 def card_from_source(store: Store, adapter_id: str, **options) -> tuple[AdapterRecord, Card]:
     """Card for a stored adapter from a JSONL file or a Hub dataset (`prepare_card`'s options)."""
-    store.get(adapter_id)
-    job = prepare_card(**options)
-    card = job.build(adapter_id)
-    files = card.save(store.get(adapter_id).path)
-    return store.update_card(adapter_id, files, card.embedder_key), card
+    record = store.get(adapter_id)
+    card = prepare_card(**options).build(adapter_id)
+    return store.update_card(adapter_id, card.save(record.path), card.embedder_key), card
