@@ -223,3 +223,20 @@ def test_writing_to_a_read_only_index_is_one_line(lorahub_home, monkeypatch):
             db.execute("DELETE FROM adapters")
     assert "is not writable" in str(info.value) or "cannot open" in str(info.value), info.value
     assert store.find("sentiment") is not None
+
+
+def test_an_unwritable_staging_folder_is_one_line(cli, lorahub_home, monkeypatch):
+    """A home whose folders exist but cannot be written (a read-only mount; simulated, as tests may run as root)."""
+    Store(lorahub_home)
+    real_mkdir = type(lorahub_home).mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.parent == lorahub_home / "tmp":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(lorahub_home), "mkdir", refuse)
+    result = cli("registry", "add", ADAPTERS / "sentiment")
+    assert result.code == 1 and result.stderr.startswith(
+        f"Error: the registry at '{lorahub_home}' is not writable (Permission denied).")
+    assert result.stderr.count("\n") == 1

@@ -264,9 +264,12 @@ class Store:
     @contextmanager
     def staging(self):
         """A fresh folder to assemble an adapter in; removed on exit unless `commit` moved it."""
-        self._clean_stale_staging()
         folder = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        folder.mkdir(parents=True)
+        try:
+            self._clean_stale_staging()
+            folder.mkdir(parents=True)
+        except OSError as error:
+            raise self._not_writable(error.strerror or str(error)) from None
         try:
             yield folder
         finally:
