@@ -183,7 +183,6 @@ def add_local(store: Store, folder: Path, *, name: str | None = None, base_model
         raise InputError(f"'{folder}' has no {CONFIG}.", "Give a PEFT adapter folder (saved with save_pretrained).")
     adapter_id = folder.name if name is None else name
     existed = _existing(store, adapter_id, str(folder), replace) is not None
-    _read_config(folder, adapter_id, str(folder / CONFIG))
     with store.staging() as staged:
         for file in WANTED:
             if (folder / file).is_file():
