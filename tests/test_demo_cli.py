@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from lorahub_cli.cli.demo import DEFAULT_TASK, _free
+from lorahub_cli.api import free_folder as _free
 from lorahub_cli.demo import library
+from lorahub_cli.settings import DEMO
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_demo_runs_the_whole_pipeline_offline(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = DEFAULT_TASK
+    task = DEMO["task"]
     result = cli("demo", "--out", tmp_path / "adapter", "--budget", "10", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)

@@ -40,3 +40,48 @@ InputsOnlyOpt = Annotated[
 InstructionOpt = Annotated[
     str, typer.Option("--instruction", help="Text put before every input before embedding (with --inputs-only).")
 ]
+
+
+# --- choices that live in the library's registries -------------------------------------------------
+# The registries import torch, which `lorahub --help` must not wait for: an option names its
+# registry in the help, validates against it when parsed, and `--OPTION list` prints it.
+
+REGISTRIES = {
+    "formula": ("lorahub_cli.compose.formulas", "FORMULAS"),
+    "optimizer": ("lorahub_cli.compose.search", "OPTIMIZERS"),
+    "method": ("lorahub_cli.eval.methods", "RUNNERS"),
+}
+
+
+def registry(kind: str) -> dict[str, str]:
+    """name -> one-line summary of every entry in the library registry `kind`."""
+    import importlib
+
+    module, name = REGISTRIES[kind]
+    entries = getattr(importlib.import_module(module), name)
+    return {key: getattr(value, "summary", None) or (value.__doc__ or "").strip().split("\n")[0] for key, value in entries.items()}
+
+
+def registered(kind: str, *, many: bool = False):
+    """A Typer callback: `list` prints the registry and exits; any other value must be in it (comma-separated with `many`)."""
+
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return value
+        if value == "list":
+            from ._output import print_json
+
+            print_json(registry(kind))
+            raise typer.Exit()
+        known = registry(kind)
+        names = [v.strip() for v in value.split(",") if v.strip()] if many else [value]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise typer.BadParameter(f"unknown {kind} '{', '.join(unknown) or value}'; choose from {', '.join(known)}.")
+        return value
+
+    return check
+
+
+def choice_help(kind: str, text: str) -> str:
+    return f"{text} `list` shows every registered {kind}."

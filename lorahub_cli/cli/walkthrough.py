@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..api import scratch_store
 from ..errors import InputError
-from ._output import info, out, print_json, progress
-from .registry import scratch_store
-from .retrieve import _table
+from ._output import info, out, print_json, progress, ranking_table
 
 EXAMPLES = """Examples:\n
   lorahub walkthrough\n
@@ -37,7 +36,7 @@ def walkthrough(
         print_json(result)
         return
     info(f"Registered {result['adapters']} adapters with cards in {folder}" + ("" if home else " (temporary)") + ".")
-    out.print(_table(f"Task-level retrieval for the 5 '{task}' shots", result["task_level"]["results"]))
+    out.print(ranking_table(f"Task-level retrieval for the 5 '{task}' shots", result["task_level"]["results"]))
     routes = result["instance_level"]["routes"]
     out.print(f"Instance level: {len(routes)} '{task}' inputs routed to shots "
               f"{sorted({r['shot'] for r in routes})}; each shot's own top-1: "

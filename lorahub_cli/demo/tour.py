@@ -73,8 +73,8 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
         "task": task, "description": heldout[task].get("description"), "skills": heldout[task].get("skills"),
         "seed": seed, "shots": len(few), "test": len(test), "registry": str(store.home),
         "retrieved": [{"id": r["id"], "score": r["score"]} for r in ranking],
-        "weights": {m["id"]: m["weight"] for m in composition.recipe["modules"]},
-        "loss": composition.recipe["loss"],
+        "weights": composition.recipe.weights,
+        "loss": composition.recipe.loss,
         **{metric: {"zero-shot": round(plain_score[metric], 1), "composed": round(composed_score[metric], 1)}
            for metric in ("exact_match", "option_letter")},
         # The score of always giving the test set's most frequent answer: what "better than chance" must beat.

@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError
 from ..io import Example
 from ..models import BaseModel, encode, load_base_model, mean_token_loss, token_losses
+from ..settings import COMPOSE, EVAL
 
 METHODS = ("zero-shot", "icl", "lorahub", "batchcomp", "instance", "fft")
 COMPOSING = ("lorahub", "batchcomp", "instance")
@@ -34,20 +35,20 @@ class EvalConfig:
 
     base_model: str | None = None  # the registry's base model; loaded unless model_path is set
     model_path: str | None = None
-    shots: int = 5
+    shots: int = EVAL["shots"]
     limit: int | None = None
-    num_modules: int = 20
-    budget: int = 40
-    optimizer: str = "ngopt"
-    l1: float = 0.05
-    max_new_tokens: int = 256
+    num_modules: int = COMPOSE["num_modules"]
+    budget: int = COMPOSE["budget"]
+    optimizer: str = COMPOSE["optimizer"]
+    l1: float = COMPOSE["l1"]
+    max_new_tokens: int = EVAL["max_new_tokens"]
     fft_epochs: int = 40
     fft_lr: float = 3e-5
     fft_batch: int = 5
     embedder: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_size: int = 16  # speed only: not part of the fingerprint
+    dtype: str = COMPOSE["dtype"]
+    device: str = COMPOSE["device"]
+    batch_size: int = EVAL["batch_size"]  # speed only: not part of the fingerprint
 
     def fingerprint(self) -> dict:
         """The settings a finished cell depends on: a resumed run must use the same."""
@@ -127,8 +128,8 @@ def _task_level(modules: str):
         composition = compose_task(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed), base=ctx.base)
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
-        return Answer(predictions, {"modules": {m["id"]: round(m["weight"], 6) for m in recipe["modules"]},
-                                    "loss": recipe["loss"], "evaluations": result.evaluations if result else 0})
+        return Answer(predictions, {"modules": {k: round(w, 6) for k, w in recipe.weights.items()},
+                                    "loss": recipe.loss, "evaluations": result.evaluations if result else 0})
 
     return method
 
@@ -136,17 +137,17 @@ def _task_level(modules: str):
 def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
-    from ..serve.routing import ShotRouter, weight_matrix
+    from ..routing import ShotRouter, weight_matrix
 
     composition = compose_instance(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base)
     recipe = composition.recipe
-    embedder = load_embedder(ctx.config.embedder or recipe["router"]["embedder"].rsplit("@", 1)[0])
+    embedder = load_embedder(ctx.config.embedder or recipe.router["embedder"].rsplit("@", 1)[0])
     # The same routing `lorahub generate` applies to a saved instance-level composition.
-    routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs, [1] * len(inputs), ["single"] * len(inputs))
+    routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs)
     predictions = _with_bank(ctx, composition.adapters, inputs, weight_matrix(routes, len(composition.adapters)))
     return Answer(predictions, {"routes": [r.info["shot"] for r in routes],
                                 "evaluations": sum(r.evaluations for r in composition.results if r),
-                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]} for c in recipe["compositions"]]})
+                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]} for c in recipe.compositions]})
 
 
 def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:

@@ -175,10 +175,9 @@ def train_retriever(store, out: Path, config: RetrieverConfig, *, base_model: st
 
     from .. import __version__
     from ..cards.embedder import load_embedder
-    from ..compose.export import check_destination, write_folder
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_destination, write_folder
 
-    check_destination(Path(out).resolve(), overwrite=False)
+    check_destination(out)
     data = training_data(store, base_model, config.max_examples)
     split = split_adapters(list(data), config.tasks_fraction, config.seed)
     untrained = load_embedder(embedder)
