@@ -27,6 +27,7 @@ def demo(
 ) -> None:
     """The whole pipeline offline on the embedded demo library: mirror, retrieve, compose, evaluate, write."""
     from .. import api
+    from ..demo import tour
 
     result = api.demo(task, seed=seed, num_modules=num_modules, budget=budget, out=out_dir, home=home,
                       progress_factory=None if json_ else progress)
@@ -41,6 +42,7 @@ def demo(
     out.print(f"Exact match on the test set: zero-shot {em['zero-shot']:.1f}%, composed {em['composed']:.1f}% "
               f"(option letter, which forgives the answer format: {letter['zero-shot']:.1f}% and {letter['composed']:.1f}%)")
     info(f"Always giving the most frequent answer would score {result['majority_answer']:.1f}%.")
+    out.print(tour.verdict(result))
     for row in result["examples"]:
         info(f"  {row['input']!r} -> base {row['zero-shot']!r}, composed {row['composed']!r} (target {row['target']!r})")
     info(f"Wrote the composed adapter to {result['out']} ({result['seconds']:.0f} s in all). "

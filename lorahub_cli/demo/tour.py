@@ -83,3 +83,15 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
                      for e, p, c in list(zip(test, plain, composed))[:3]],
         "out": str(folder), "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def verdict(result: dict) -> str:
+    """What the demo's numbers mean, in plain words: the line a newcomer reads after the scores."""
+    composed, zero, majority = result["exact_match"]["composed"], result["exact_match"]["zero-shot"], result["majority_answer"]
+    gain = (f"The composition moved the base from {zero:.1f}% to {composed:.1f}%"
+            if composed > zero else f"The composition did not improve on the base ({zero:.1f}% -> {composed:.1f}%)")
+    if composed <= majority:
+        return (f"{gain}, but it does not beat always giving the most frequent answer ({majority:.1f}%): what five "
+                "shots taught it here is the answer format, not the skill. That is the honest reading of the whole "
+                "demo table too (docs/demo.md): composition fixes formats, fine-tuning stays ahead.")
+    return f"{gain}, {composed - majority:.1f} points above always giving the most frequent answer ({majority:.1f}%)."
