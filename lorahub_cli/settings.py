@@ -39,9 +39,17 @@ SERVE = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, 
 
 
 def home() -> Path:
-    """The lorahub home folder: $LORAHUB_HOME, else the user cache folder + lorahub."""
+    """The lorahub home folder: $LORAHUB_HOME, else the user *data* folder + lorahub (docs/registry.md says why).
+
+    A home made by an earlier lorahub in the user cache folder stays in use until it is moved: a new
+    empty registry beside it would hide the user's adapters and cards."""
     env = os.environ.get("LORAHUB_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("lorahub"))
+    if env:
+        return Path(env).expanduser()
+    data, legacy = Path(platformdirs.user_data_dir("lorahub")), Path(platformdirs.user_cache_dir("lorahub"))
+    if not data.exists() and (legacy / "registry.sqlite").is_file():
+        return legacy
+    return data
 
 
 def debug() -> bool:

@@ -180,3 +180,19 @@ def test_sigint_during_compose_says_interrupted_and_writes_nothing(t5_home, tmp_
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1] == "Interrupted."
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".never")] == []
+
+
+def test_the_home_is_the_user_data_folder_unless_an_old_cache_home_exists(tmp_path, monkeypatch):
+    from lorahub_cli.settings import home
+
+    monkeypatch.delenv("LORAHUB_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert home() == tmp_path / "data" / "lorahub"
+    (tmp_path / "cache" / "lorahub").mkdir(parents=True)
+    (tmp_path / "cache" / "lorahub" / "registry.sqlite").write_bytes(b"")
+    assert home() == tmp_path / "cache" / "lorahub", "a registry made by an earlier version stays in use"
+    (tmp_path / "data" / "lorahub").mkdir(parents=True)
+    assert home() == tmp_path / "data" / "lorahub"
+    monkeypatch.setenv("LORAHUB_HOME", str(tmp_path / "mine"))
+    assert home() == tmp_path / "mine"
