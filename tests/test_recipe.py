@@ -196,3 +196,19 @@ def test_the_home_is_the_user_data_folder_unless_an_old_cache_home_exists(tmp_pa
     assert home() == tmp_path / "data" / "lorahub"
     monkeypatch.setenv("LORAHUB_HOME", str(tmp_path / "mine"))
     assert home() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("args, registry", [(["compose", "--formula", "list"], "FORMULAS"),
+                                            (["compose", "--optimizer", "list"], "OPTIMIZERS"),
+                                            (["eval", "demo", "--methods", "list"], "RUNNERS")])
+def test_choices_come_from_the_registries(cli, args, registry, monkeypatch):
+    from lorahub_cli.compose import formulas, search
+    from lorahub_cli.eval import methods
+
+    entries = {"FORMULAS": formulas.FORMULAS, "OPTIMIZERS": search.OPTIMIZERS, "RUNNERS": methods.RUNNERS}[registry]
+    monkeypatch.setitem(entries, "newly_registered", next(iter(entries.values())))
+    result = cli(*args)
+    assert result.code == 0 and list(json.loads(result.stdout)) == list(entries)
+    assert all(json.loads(result.stdout).values()), "every entry has a summary"
+    bad = cli(*args[:-1], "nope", "--out", "x", "--shots", str(SHOTS)) if args[0] == "compose" else cli(*args[:-1], "zero-shot,nope")
+    assert bad.code == 2 and "'nope' is not a registered" in bad.stderr and "newly_registered" in bad.stderr

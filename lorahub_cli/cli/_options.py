@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import InputError
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 BaseModelOpt = Annotated[
     Optional[str], typer.Option("--base-model", "-b", help="Only adapters trained on this base model.")
@@ -77,11 +79,12 @@ def registered(kind: str, *, many: bool = False):
         names = [v.strip() for v in value.split(",") if v.strip()] if many else [value]
         unknown = [n for n in names if n not in known]
         if unknown or not names:
-            raise typer.BadParameter(f"unknown {kind} '{', '.join(unknown) or value}'; choose from {', '.join(known)}.")
+            raise InputError(f"'{', '.join(unknown) or value}' is not a registered {kind}.",
+                             f"Choose from: {', '.join(known)} (or pass `list` for their summaries).")
         return value
 
     return check
 
 
 def choice_help(kind: str, text: str) -> str:
-    return f"{text} `list` shows every registered {kind}."
+    return f"{text} `list` prints every registered {kind} with its summary."

@@ -52,13 +52,13 @@ def compose(
     base_model: BaseModelOpt = None,
     model_path: Annotated[Optional[str], typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")] = None,
     formula: Annotated[str, typer.Option("--formula", callback=registered("formula"), help=choice_help(
-        "formula", "How modules combine: elementwise (LoraHub), linear, fusion, ties, dare_linear, svd, ..."))] = COMPOSE["formula"],
+        "formula", "How the modules combine (elementwise: LoraHub's)."))] = COMPOSE["formula"],
     density: Annotated[Optional[float], typer.Option("--density", help="For ties and dare_linear: fraction of entries kept.")] = None,
     svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", help="For svd: rank of the result (default: the largest module rank).")] = None,
     modules: Annotated[str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")] = "auto",
     num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")] = COMPOSE["num_modules"],
     optimizer: Annotated[str, typer.Option("--optimizer", callback=registered("optimizer"), help=choice_help(
-        "optimizer", "The weight search: ngopt (LoraHub), cma, de, random, adam, ..."))] = COMPOSE["optimizer"],
+        "optimizer", "The weight search (ngopt: LoraHub's)."))] = COMPOSE["optimizer"],
     budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")] = COMPOSE["budget"],
     l1: Annotated[float, typer.Option("--l1", min=0.0, help="Penalty on mean |w| added to the loss.")] = COMPOSE["l1"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search, of random module selection and of dare_linear.")] = COMPOSE["seed"],

@@ -22,7 +22,7 @@ EXAMPLES = """Examples:\n
 
 Tasks = Annotated[str, typer.Option("--tasks", help="all, or task names a,b,c.")]
 Methods = Annotated[str, typer.Option("--methods", callback=registered("method", many=True),
-                                      help=choice_help("method", "Comma-separated: zero-shot, icl, lorahub, batchcomp, instance, fft, ..."))]
+                                      help=choice_help("method", "Comma-separated method names."))]
 Shots = Annotated[int, typer.Option("--shots", min=1, help="Examples per task used as shots; the rest is the test set.")]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds: one split (and search) per seed.")]
 NumModules = Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition.")]
@@ -34,7 +34,7 @@ Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: ce
 BaseModel = Annotated[Optional[str], typer.Option("--base-model", "-b", help="Base model: its name in the registry, loaded from the Hub.")]
 ModelPath = Annotated[Optional[str], typer.Option("--model-path", help="Load the base model from this folder instead of its name.")]
 Optimizer = Annotated[str, typer.Option("--optimizer", callback=registered("optimizer"),
-                                        help=choice_help("optimizer", "The weight search: ngopt (LoraHub), cma, de, random, adam, ..."))]
+                                        help=choice_help("optimizer", "The weight search (ngopt: LoraHub's)."))]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 

@@ -94,10 +94,12 @@ def icl_prompt(shots: list[Example], question: str) -> str:
 
 
 def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """The base model on the bare input."""
     return Answer(ctx.generate(inputs))
 
 
 def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """The shots in the prompt (in-context learning)."""
     return Answer(ctx.generate([icl_prompt(shots, x) for x in inputs]))
 
 
@@ -121,7 +123,7 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
         bank.remove()
 
 
-def _task_level(modules: str):
+def _task_level(modules: str, summary: str):
     def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
         from ..compose.pipeline import compose_task
 
@@ -131,10 +133,12 @@ def _task_level(modules: str):
         return Answer(predictions, {"modules": {k: round(w, 6) for k, w in recipe.weights.items()},
                                     "loss": recipe.loss, "evaluations": result.evaluations if result else 0})
 
+    method.__doc__ = summary
     return method
 
 
 def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """iLoraComp: one composition per shot; each input answered by its nearest shot's."""
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
     from ..routing import ShotRouter, weight_matrix
@@ -151,7 +155,9 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
 
 
 def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
-    """AdamW on every weight of a copy of the base model; the loss is the token-mean cross-entropy."""
+    """Full fine-tuning on the shots (the upper bound): AdamW on every weight of a copy of the base model.
+
+    The loss is the token-mean cross-entropy."""
     c = ctx.config
     torch.manual_seed(seed)
     tuned = BaseModel(copy.deepcopy(ctx.base.model).train().requires_grad_(True), ctx.base.tokenizer,
@@ -174,7 +180,8 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
 
 
 RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
-    "zero-shot": zero_shot, "icl": icl, "lorahub": _task_level("random"), "batchcomp": _task_level("auto"),
+    "zero-shot": zero_shot, "icl": icl, "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
+    "batchcomp": _task_level("auto", "BatchComp: the N modules retrieved for the whole task, weights searched on the shots."),
     "instance": instance, "fft": fft,
 }
 
