@@ -81,8 +81,9 @@ def model_card(recipe: Recipe, *, use: bool = True) -> str:
     if search:
         lines += [
             f"Weights found by `{search['optimizer']}` ({search.get('engine', '')}) in {search['evaluations']} "
-            f"evaluations on {recipe.shots.get('count')} examples: few-shot loss {search['loss']:.4f}, "
-            f"objective {search['objective']:.4f} (loss + {search['l1']} x mean |w|).",
+            f"evaluations on {recipe.shots.get('count')} examples: few-shot loss {recipe.loss:.4f}, "
+            f"objective {recipe.objective if recipe.objective is not None else search['objective']:.4f} "
+            f"(loss + {search['l1']} x mean |w|; float32).",
             "",
         ]
     lines += ["| module | revision | weight |", "| --- | --- | ---: |"]

@@ -46,7 +46,8 @@ class Recipe:
     # task level
     modules: list[dict] = field(default_factory=list)  # {id, source, revision, sha256, weight}
     search: dict | None = None  # SearchConfig + what the search did; None: fixed weights
-    loss: float | None = None  # few-shot loss of the exported adapter itself
+    loss: float | None = None  # few-shot loss of the exported adapter itself, in float32
+    objective: float | None = None  # loss + l1 * mean |w|, in float32 (recipes before 11 §3 lack it)
     # instance level
     warm_start: dict | None = None
     compositions: list[dict] = field(default_factory=list)  # {shot, folder, modules, search, loss}
@@ -64,7 +65,8 @@ class Recipe:
     def shot(self, entry: dict) -> Recipe:
         """The task-level recipe of one instance-level composition (written in its own folder)."""
         return Recipe(**{**self._fields(), "level": "task", "modules": entry["modules"], "search": entry["search"],
-                         "loss": entry["loss"], "warm_start": None, "compositions": [], "router": None})
+                         "loss": entry["loss"], "objective": entry.get("objective"), "warm_start": None, "compositions": [],
+                         "router": None})
 
     # --- JSON ------------------------------------------------------------------------------
 
@@ -78,6 +80,8 @@ class Recipe:
         data = {name: getattr(self, name) for name in self._ORDER}
         if self.level == "task":
             data.update(modules=self.modules, search=self.search, loss=self.loss)
+            if self.objective is not None:
+                data["objective"] = self.objective
         else:
             if self.warm_start is not None:
                 data["warm_start"] = self.warm_start
@@ -114,7 +118,7 @@ class Recipe:
             raise InputError(f"{where}: recipe format {data['format']} is not {FORMAT}.", "Upgrade lorahub: pip install -U lorahub-cli")
         if data["level"] == "task":
             check.fields(data, {"modules": list, "loss": _NUMBER}, "")
-            check.fields(data, {"search": (dict, type(None))}, "", required=False)
+            check.fields(data, {"search": (dict, type(None)), "objective": _NUMBER}, "", required=False)
             check.modules(data["modules"], "modules")
         else:
             check.fields(data, {"compositions": list, "router": dict}, "")
@@ -123,6 +127,7 @@ class Recipe:
                 raise InputError(f"{where}: field 'compositions' is empty.", _HINT)
             for j, entry in enumerate(data["compositions"]):
                 check.fields(entry, _COMPOSITION, f"compositions[{j}].")
+                check.fields(entry, {"objective": _NUMBER}, f"compositions[{j}].", required=False)
                 check.modules(entry["modules"], f"compositions[{j}].modules")
             check.fields(data["router"], _ROUTER, "router.")
         known = {f.name for f in fields(cls)}
