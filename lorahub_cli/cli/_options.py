@@ -7,8 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..errors import InputError
-
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 BaseModelOpt = Annotated[
     Optional[str], typer.Option("--base-model", "-b", help="Only adapters trained on this base model.")
@@ -45,8 +43,8 @@ InstructionOpt = Annotated[
 
 
 # --- choices that live in the library's registries -------------------------------------------------
-# The registries import torch, which `lorahub --help` must not wait for: an option names its
-# registry in the help, validates against it when parsed, and `--OPTION list` prints it.
+# The registries import torch, which `lorahub --help` must not wait for: an option's help names its
+# registry, `--OPTION list` prints it, and the library checks a value against it before any work.
 
 REGISTRIES = {
     "formula": ("lorahub_cli.compose.formulas", "FORMULAS"),
@@ -64,23 +62,15 @@ def registry(kind: str) -> dict[str, str]:
     return {key: getattr(value, "summary", None) or (value.__doc__ or "").strip().split("\n")[0] for key, value in entries.items()}
 
 
-def registered(kind: str, *, many: bool = False):
-    """A Typer callback: `list` prints the registry and exits; any other value must be in it (comma-separated with `many`)."""
+def registered(kind: str):
+    """A Typer callback: `list` prints the registry `kind` (name -> summary) and exits."""
 
     def check(value: str | None) -> str | None:
-        if value is None:
-            return value
         if value == "list":
             from ._output import print_json
 
             print_json(registry(kind))
             raise typer.Exit()
-        known = registry(kind)
-        names = [v.strip() for v in value.split(",") if v.strip()] if many else [value]
-        unknown = [n for n in names if n not in known]
-        if unknown or not names:
-            raise InputError(f"'{', '.join(unknown) or value}' is not a registered {kind}.",
-                             f"Choose from: {', '.join(known)} (or pass `list` for their summaries).")
         return value
 
     return check

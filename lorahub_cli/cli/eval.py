@@ -21,7 +21,7 @@ EXAMPLES = """Examples:\n
   lorahub eval demo --methods zero-shot,lorahub,batchcomp"""
 
 Tasks = Annotated[str, typer.Option("--tasks", help="all, or task names a,b,c.")]
-Methods = Annotated[str, typer.Option("--methods", callback=registered("method", many=True),
+Methods = Annotated[str, typer.Option("--methods", callback=registered("method"),
                                       help=choice_help("method", "Comma-separated method names."))]
 Shots = Annotated[int, typer.Option("--shots", min=1, help="Examples per task used as shots; the rest is the test set.")]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds: one split (and search) per seed.")]

@@ -190,7 +190,7 @@ def parse_methods(text: str) -> list[str]:
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in RUNNERS]
     if unknown or not chosen:
-        raise InputError(f"--methods names unknown methods: {', '.join(unknown) or repr(text)}.", f"Choose from: {','.join(METHODS)}.")
+        raise InputError(f"--methods names unknown methods: {', '.join(unknown) or repr(text)}.", f"Choose from: {','.join(RUNNERS)}.")
     return list(dict.fromkeys(chosen))
 
 
