@@ -1,4 +1,4 @@
-"""`lorahub demo`: the whole pipeline on the shipped demo library, offline, in a few minutes.
+"""`lorahub demo`: the whole pipeline on the shipped demo library, offline, in seconds (docs/demo.md).
 
 Mirror the demo adapters into a registry, split one held-out task into shots and a test set,
 retrieve modules for the shots, search their weights, answer the test set with the base model
