@@ -55,17 +55,20 @@ def sync(store, entries, *, base_model: str | None = None, workers: int = 4, cat
 
     stage = progress_factory or no_progress
     if cards and not (catalog and catalog.dataset):
-        raise InputError("--cards needs a catalogue that names a training dataset.", "Build cards with: lorahub card build ID --dataset ...")
+        raise InputError("--cards needs a catalogue that names a training dataset.",
+                         "Build cards with: lorahub card build ID --dataset ...")
     with stage(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
-        results = sync_entries(store, entries, base_model=base_model, workers=workers, on_result=lambda r: advance(), warn=warn)
+        results = sync_entries(store, entries, base_model=base_model, workers=workers, on_result=lambda r: advance(),
+                               warn=warn)
     if cards:
         tasks = {e.repo_id: e.task for e in entries if e.task}
         todo = [r for r in results if r.status != "failed" and tasks.get(r.id) and not (r.record and r.record.has_card)]
         with stage(f"Building {len(todo)} cards", len(todo)) as advance:
             for result in todo:
                 try:
-                    card_from_source(store, result.id, dataset=catalog.dataset, filters=[f"{catalog.task_field}={tasks[result.id]}"],
-                                     max_examples=max_examples, embedder=embedder)
+                    card_from_source(store, result.id, dataset=catalog.dataset,
+                                     filters=[f"{catalog.task_field}={tasks[result.id]}"], max_examples=max_examples,
+                                     embedder=embedder)
                     result.message = "card built"
                 except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
                     result.message = f"card failed: {error}"
@@ -111,8 +114,8 @@ def compose(shots: Path, out: Path, options, *, level: str = "task", overwrite: 
     summary.update(evaluations=sum(r.evaluations for r in composition.results if r),
                    seconds=round(time.perf_counter() - start, 3))
     if level == "instance":
-        summary["compositions"] = [{"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]}, "loss": c["loss"]}
-                                   for c in recipe.compositions]
+        summary["compositions"] = [{"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]},
+                                    "loss": c["loss"]} for c in recipe.compositions]
     return summary
 
 
@@ -147,7 +150,8 @@ def evaluate(suite, methods: list[str], seeds: list[int], config, out: Path, *, 
     return run(suite, methods, seeds, config, out, store=store, title=title, progress_factory=progress_factory)
 
 
-def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out: Path, *, progress_factory=None) -> dict:
+def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out: Path, *,
+                  progress_factory=None) -> dict:
     """`evaluate` on the demo library's held-out tasks, with its adapters mirrored into a temporary registry."""
     from dataclasses import replace
 
@@ -155,7 +159,8 @@ def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out:
     from .models import torch_threads
 
     suite = library.load_suite().select(tasks)
-    config = replace(config, base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32", device="cpu")
+    config = replace(config, base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32",
+                     device="cpu")
     with scratch_store("lorahub-eval-demo-") as store:
         with (progress_factory or no_progress)("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
             library.mirror(store, progress=advance)
@@ -176,8 +181,8 @@ def free_folder(folder: Path) -> Path:
     return candidate
 
 
-def demo(task: str = DEMO["task"], *, seed: int = DEMO["seed"], num_modules: int = DEMO["num_modules"], budget: int | None = None,
-         out: Path | None = None, home: Path | None = None, progress_factory=None) -> dict:
+def demo(task: str = DEMO["task"], *, seed: int = DEMO["seed"], num_modules: int = DEMO["num_modules"],
+         budget: int | None = None, out: Path | None = None, home: Path | None = None, progress_factory=None) -> dict:
     """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate, write to `out`
     (default: a new ./lorahub-demo-TASK); the registry lives in `home` or a temporary folder."""
     from .demo import library, tour
@@ -189,5 +194,5 @@ def demo(task: str = DEMO["task"], *, seed: int = DEMO["seed"], num_modules: int
     target = out if out is not None else free_folder(Path(f"lorahub-demo-{task}"))
     check_destination(target)
     with scratch_store("lorahub-demo-", home) as store:
-        return tour.run(store, target, task=task, seed=seed, num_modules=num_modules, budget=budget or COMPOSE["budget"],
-                        progress_factory=progress_factory)
+        return tour.run(store, target, task=task, seed=seed, num_modules=num_modules,
+                        budget=budget or COMPOSE["budget"], progress_factory=progress_factory)

@@ -159,7 +159,8 @@ def check_writable(out: str | Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lorahub-probe-", dir=ancestor))
     except OSError as error:
-        raise InputError(f"cannot write '{out}': {error.strerror} in '{ancestor}'.", "Choose a folder you can write to.") from None
+        raise InputError(f"cannot write '{out}': {error.strerror} in '{ancestor}'.",
+                         "Choose a folder you can write to.") from None
 
 
 def write_folder(out: str | Path, fill, *, overwrite: bool = False) -> Path:

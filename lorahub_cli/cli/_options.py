@@ -59,7 +59,8 @@ def registry(kind: str) -> dict[str, str]:
 
     module, name = REGISTRIES[kind]
     entries = getattr(importlib.import_module(module), name)
-    return {key: getattr(value, "summary", None) or (value.__doc__ or "").strip().split("\n")[0] for key, value in entries.items()}
+    return {key: getattr(value, "summary", None) or (value.__doc__ or "").strip().split("\n")[0]
+            for key, value in entries.items()}
 
 
 def registered(kind: str):

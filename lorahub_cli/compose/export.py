@@ -38,7 +38,8 @@ def _check_replaceable(out: Path, inputs: tuple[Path, ...]) -> None:
     if cwd.is_relative_to(out):
         raise InputError(f"refusing to replace '{out}': it is the working directory or one of its parents.", hint)
     if lorahub_home.is_relative_to(out) or out.is_relative_to(lorahub_home):
-        raise InputError(f"refusing to replace '{out}': it holds the lorahub home ({lorahub_home}) or is inside it.", hint)
+        raise InputError(f"refusing to replace '{out}': it holds the lorahub home ({lorahub_home}) or is inside it.",
+                         hint)
     for path in inputs:
         if Path(path).resolve().is_relative_to(out):
             raise InputError(f"refusing to replace '{out}': it holds the input '{path}'.", hint)
@@ -46,7 +47,8 @@ def _check_replaceable(out: Path, inputs: tuple[Path, ...]) -> None:
         raise InputError(f"refusing to replace '{out}': it has no {RECIPE_FILE}, so lorahub did not write it.", hint)
     for path in out.rglob("*"):
         if not _written_by_compose(path.relative_to(out).parts, path.is_dir()):
-            raise InputError(f"refusing to replace '{out}': it holds '{path.relative_to(out)}', which lorahub did not write.", hint)
+            raise InputError(f"refusing to replace '{out}': it holds '{path.relative_to(out)}', which lorahub did "
+                             "not write.", hint)
 
 
 def _written_by_compose(parts: tuple[str, ...], is_dir: bool) -> bool:

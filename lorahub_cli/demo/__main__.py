@@ -1,4 +1,6 @@
-"""An entry point, at the CLI layer (it may use Typer and cli._output): `python -m lorahub_cli.demo build [--out DIR] [--reduced] [--seed S] [--threads N]`: rebuild the demo library."""
+"""An entry point at the CLI layer (so it may use Typer and cli._output).
+
+`python -m lorahub_cli.demo build [--out DIR] [--reduced] [--seed S] [--threads N]`: rebuild the demo library."""
 
 from __future__ import annotations
 

@@ -87,7 +87,8 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
 
 def verdict(result: dict) -> str:
     """What the demo's numbers mean, in plain words: the line a newcomer reads after the scores."""
-    composed, zero, majority = result["exact_match"]["composed"], result["exact_match"]["zero-shot"], result["majority_answer"]
+    zero, composed = result["exact_match"]["zero-shot"], result["exact_match"]["composed"]
+    majority = result["majority_answer"]
     gain = (f"The composition moved the base from {zero:.1f}% to {composed:.1f}%"
             if composed > zero else f"The composition did not improve on the base ({zero:.1f}% -> {composed:.1f}%)")
     if composed <= majority:
