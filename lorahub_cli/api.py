@@ -26,11 +26,11 @@ from .settings import DEMO, home
 # --- registries ----------------------------------------------------------------------------------
 
 
-def open_store():
-    """The user's registry, in $LORAHUB_HOME."""
+def open_store(readonly: bool = False):
+    """The user's registry, in $LORAHUB_HOME; `readonly` for commands that only read (they work on a read-only home)."""
     from .registry import Store
 
-    return Store(home())
+    return Store(home(), readonly=readonly)
 
 
 @contextmanager
@@ -49,14 +49,17 @@ def scratch_store(prefix: str, keep: Path | None = None) -> Iterator:
 def sync(store, entries, *, base_model: str | None = None, workers: int = 4, catalog=None, cards: bool = False,
          max_examples: int = 1000, embedder: str | None = None, progress_factory=None, warn=None) -> list:
     """Mirror catalogue or author `entries` into `store`; with `cards`, build the missing cards from the
-    catalogue's training dataset. Returns one MirrorResult per entry (a card's outcome in its message)."""
+    catalogue's training dataset. Returns one MirrorResult per entry; an adapter whose card failed is a failure."""
     from .registry.cards import card_from_source
     from .registry.catalog import sync as sync_entries
+
+    from huggingface_hub.utils import disable_progress_bars
 
     stage = progress_factory or no_progress
     if cards and not (catalog and catalog.dataset):
         raise InputError("--cards needs a catalogue that names a training dataset.",
                          "Build cards with: lorahub card build ID --dataset ...")
+    disable_progress_bars()  # lorahub's bar is the one progress display; the client's would interleave with it
     with stage(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
         results = sync_entries(store, entries, base_model=base_model, workers=workers, on_result=lambda r: advance(),
                                warn=warn)
@@ -71,7 +74,8 @@ def sync(store, entries, *, base_model: str | None = None, workers: int = 4, cat
                                      embedder=embedder)
                     result.message = "card built"
                 except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
-                    result.message = f"card failed: {error}"
+                    # The adapter is stored, but the sync did not do what was asked: a failure.
+                    result.status, result.message = "failed", f"mirrored, but its card failed: {error}"
                 advance()
     return results
 
