@@ -50,10 +50,10 @@ def sync(store, entries, *, base_model: str | None = None, workers: int = 4, cat
          max_examples: int = 1000, embedder: str | None = None, progress_factory=None, warn=None) -> list:
     """Mirror catalogue or author `entries` into `store`; with `cards`, build the missing cards from the
     catalogue's training dataset. Returns one MirrorResult per entry; an adapter whose card failed is a failure."""
+    from huggingface_hub.utils import disable_progress_bars
+
     from .registry.cards import card_from_source
     from .registry.catalog import sync as sync_entries
-
-    from huggingface_hub.utils import disable_progress_bars
 
     stage = progress_factory or no_progress
     if cards and not (catalog and catalog.dataset):
