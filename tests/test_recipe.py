@@ -177,7 +177,9 @@ def test_sigint_during_compose_says_interrupted_and_writes_nothing(t5_home, tmp_
     time.sleep(15)  # into loading the model or searching (a budget of 100,000 does not end by itself)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    # 130 from sys.exit, or -2 when the interpreter ends itself by SIGINT after the message (CPython does that
+    # for an interrupt it sees late); a shell reports both as exit status 130.
+    assert process.returncode in (130, -signal.SIGINT), stderr
     assert stderr.strip().splitlines()[-1] == "Interrupted."
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".never")] == []
 
