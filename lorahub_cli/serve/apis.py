@@ -19,8 +19,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from ..routing import COMPOSE_MODES
 from .engine import Answer, Request
-from .routing import COMPOSE_MODES
 
 Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # the modes the routing module registers
 GREEDY = "this server decodes greedily (the same answer every time)"
