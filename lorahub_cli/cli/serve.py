@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import InputError
 from ..settings import SERVE
 from ._options import BaseModelOpt, EmbedderOpt
-from ..errors import InputError
 from ._output import info, warn
 from .generate import (
     BatchSizeOpt,
