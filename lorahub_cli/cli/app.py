@@ -74,8 +74,10 @@ def main() -> None:
     """Console entry point: a LorahubError is one line on stderr and a non-zero exit."""
     import click
 
+    from ._scale import optional_address
+
     try:
-        code = app(standalone_mode=False)
+        code = app(args=optional_address(sys.argv[1:]), standalone_mode=False)
     except LorahubError as error:
         if debug():
             raise

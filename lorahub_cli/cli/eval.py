@@ -9,6 +9,7 @@ import typer
 
 from ..errors import InputError
 from ._options import EmbedderOpt, JsonOpt
+from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 from ._output import info, print_json, progress
 
 app = typer.Typer(help="Evaluate composition methods against baselines, per task and seed, with a report.", no_args_is_help=True)
@@ -17,7 +18,8 @@ EXAMPLES = """Examples:\n
   lorahub eval bbh --base-model google/flan-t5-large --out bbh-run\n
   lorahub eval bbh --tasks navigate,snarks --methods zero-shot,batchcomp --seeds 1 --limit 20\n
   lorahub eval tasks my-tasks/ --base-model google/flan-t5-large --methods zero-shot,instance\n
-  lorahub eval demo --methods zero-shot,lorahub,batchcomp"""
+  lorahub eval demo --methods zero-shot,lorahub,batchcomp\n
+  lorahub eval bbh --ray auto --out bbh-run          # on the running Ray cluster; resumable anywhere"""
 
 Tasks = Annotated[str, typer.Option("--tasks", help="all, or task names a,b,c.")]
 Methods = Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, icl, lorahub, batchcomp, instance, fft.")]
@@ -46,7 +48,7 @@ def _seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def _run(suite, *, tasks, methods, seeds, out, json_, store=None, title=None, **config) -> None:
+def _run(suite, *, tasks, methods, seeds, out, json_, store=None, title=None, ray=None, **config) -> None:
     from ..eval.api import evaluate
     from ..eval.methods import COMPOSING, EvalConfig, parse_methods
 
@@ -55,8 +57,15 @@ def _run(suite, *, tasks, methods, seeds, out, json_, store=None, title=None, **
         from .registry import open_store
 
         store = open_store()
-    summary = evaluate(suite.select(tasks), chosen, _seeds(seeds), EvalConfig(**config), out, store=store, title=title,
-                       progress_factory=None if json_ else progress)
+    config = EvalConfig(**config)
+    run = lambda execute=None: evaluate(suite.select(tasks), chosen, _seeds(seeds), config, out, store=store, title=title,  # noqa: E731
+                                        progress_factory=None if json_ else progress, execute=execute)
+    if ray is None:
+        summary = run()
+    else:
+        from ..scale.eval import ray_executor
+
+        summary = run(ray_executor(ray, config, store))
     if json_:
         print_json(summary)
         return
@@ -83,13 +92,17 @@ def bbh(
     embedder: EmbedderOpt = None,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Big-Bench Hard (shipped, 27 tasks): the papers' protocol for any base model and your registry's adapters."""
     from ..eval.tasks import load_bbh
 
     _run(load_bbh(), tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-bbh"), json_=json_,
-         title="Big-Bench Hard", base_model=base_model, model_path=model_path, shots=shots, num_modules=num_modules,
+         ray=ray_options(ray, workers, ray_data), title="Big-Bench Hard", base_model=base_model, model_path=model_path,
+         shots=shots, num_modules=num_modules,
          budget=budget, optimizer=optimizer, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
          embedder=embedder, dtype=dtype, device=device)
 
@@ -113,13 +126,17 @@ def tasks(
     embedder: EmbedderOpt = None,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Your own tasks, one JSONL file each, with the same protocol and report as `eval bbh`."""
     from ..eval.tasks import load_task_dir
 
+    scale = ray_options(ray, workers, ray_data)
     suite = load_task_dir(folder)
-    _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path(f"eval-{suite.name}"), json_=json_,
+    _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path(f"eval-{suite.name}"), json_=json_, ray=scale,
          base_model=base_model, model_path=model_path, shots=shots, num_modules=num_modules, budget=budget,
          optimizer=optimizer, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, embedder=embedder,
          dtype=dtype, device=device)
@@ -138,6 +155,9 @@ def demo(
     batch_size: BatchSize = 32,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short).")] = 32,
     out: Out = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """The demo library's held-out tasks, offline: its adapters are mirrored into a temporary registry."""
@@ -146,12 +166,13 @@ def demo(
     from ..models import torch_threads
     from .registry import scratch_store
 
+    scale = ray_options(ray, workers, ray_data, max_threads=library.THREADS)
     suite = load_demo()
     with scratch_store("lorahub-eval-demo-") as store:
         with progress("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
             library.mirror(store, progress=advance)
         with torch_threads(library.THREADS):
-            _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-demo"), json_=json_, store=store,
+            _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-demo"), json_=json_, store=store, ray=scale,
                  title="Demo library: held-out tasks", base_model=library.BASE_MODEL, model_path=str(library.base_model_path()),
                  shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit,
                  batch_size=batch_size, max_new_tokens=max_new_tokens, dtype="float32", device="cpu")
