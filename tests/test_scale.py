@@ -87,3 +87,83 @@ def test_without_ray_the_flag_is_one_line_naming_the_extra(cli, monkeypatch):
     result = cli("eval", "demo", "--ray", "--methods", "zero-shot")
     assert result.code == 2 and len(result.stderr.strip().splitlines()) == 1
     assert 'pip install "lorahub-cli[ray]"' in result.stderr and "Traceback" not in result.stderr
+
+
+def run_api(base_dir, home, task_dir, out, methods, on_event, **config):
+    from lorahub_cli.scale.cluster import RayOptions
+    from lorahub_cli.scale.eval import ray_executor
+
+    config = EvalConfig(**{"base_model": str(base_dir), "num_modules": 2, "budget": 3, "limit": 3, "max_new_tokens": 3,
+                           "dtype": "float32", **config})
+    store = Store(home)
+    execute = ray_executor(RayOptions(workers=2), config, store, on_event=on_event)
+    return evaluate(tasks.load_task_dir(task_dir), methods, [1, 2], config, out, store=store, execute=execute)
+
+
+def test_a_cell_lost_with_its_actor_runs_again_and_every_cell_finishes_once(ray_cluster, t5_home, task_dir, tmp_path):
+    home, base_dir = t5_home
+    events = []
+
+    def on_event(kind, job, actor):
+        events.append((kind, job.label))
+        # The first cell started after one has finished: its actor is killed while it holds the cell.
+        if kind == "started" and any(k == "done" for k, _ in events) and not any(k == "retried" for k, _ in events):
+            if sum(k == "started" for k, _ in events) == 3:
+                ray_cluster.kill(actor)
+
+    out = tmp_path / "run"
+    summary = run_api(base_dir, home, task_dir, out, ["zero-shot", "fft"], on_event, fft_epochs=4)
+    done = [label for kind, label in events if kind == "done"]
+    assert sorted(done) == sorted(set(done)) and len(done) == 2 * 2 * 2  # each cell finished exactly once
+    assert [kind for kind, _ in events].count("retried") == 1 and "failed" not in [kind for kind, _ in events]
+    assert len(cells_of(out)) == 8 and set(summary["average"]) == {"zero-shot", "fft"}
+    fresh = tmp_path / "local"
+    evaluate(tasks.load_task_dir(task_dir), ["zero-shot", "fft"], [1, 2],
+             EvalConfig(base_model=str(base_dir), limit=3, max_new_tokens=3, dtype="float32", fft_epochs=4), fresh)
+    assert cells_of(out) == cells_of(fresh)
+
+
+def test_a_cell_failing_for_its_own_reason_is_reported_once_not_retried(ray_cluster, t5_home, task_dir, tmp_path):
+    home, base_dir = t5_home
+    store = Store(home)
+    broken = store.get("sentiment").path / "adapter_model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:-8])  # every lorahub cell composes all four adapters, this one too
+    events = []
+    out = tmp_path / "run"
+    with pytest.raises(Exception) as failure:
+        run_api(base_dir, home, task_dir, out, ["zero-shot", "lorahub"], lambda kind, job, actor: events.append((kind, job.label)),
+                num_modules=4)
+    message = str(failure.value)
+    assert message.startswith("4 of 8 cells failed") and "file 'adapter_model.safetensors' of adapter 'sentiment'" in message
+    failed = [label for kind, label in events if kind == "failed"]
+    assert sorted(failed) == sorted(set(failed)) and len(failed) == 4 and all("lorahub" in f for f in failed)
+    assert "retried" not in [kind for kind, _ in events]
+    assert sorted(cells_of(out)) == sorted(cell_path(out, t, s, "zero-shot").relative_to(out).as_posix()
+                                           for t in ("capitals", "addition") for s in (1, 2))
+
+
+def test_a_resumed_run_after_a_driver_kill_computes_only_the_missing_cells(cli, ray_cluster, t5_home, task_dir, tmp_path):
+    _, base_dir = t5_home
+    out = tmp_path / "run"
+    args = ["eval", "tasks", str(task_dir), "--base-model", str(base_dir), "--methods", "zero-shot,fft", "--seeds", "1,2,3",
+            "--limit", "3", "--max-new-tokens", "3", "--dtype", "float32", "--out", str(out), "--workers", "2"]
+    address = ray_cluster.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "lorahub_cli", *args, "--ray", address],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(out.glob("cells/*/seed-*/*.json")):
+            assert driver.poll() is None, driver.stderr.read()
+            assert time.monotonic() < deadline, "no cell finished in time"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/seed-*/*.json")}
+    assert 0 < len(before) < 12
+    result = cli(*args, "--ray")
+    assert result.code == 0, result.stderr
+    after = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/seed-*/*.json")}
+    assert len(after) == 12 and all(after[p] == before[p] for p in before)  # finished cells were left alone
+    assert not list(out.rglob("*.tmp*"))
