@@ -167,3 +167,64 @@ def test_a_resumed_run_after_a_driver_kill_computes_only_the_missing_cells(cli, 
     after = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/seed-*/*.json")}
     assert len(after) == 12 and all(after[p] == before[p] for p in before)  # finished cells were left alone
     assert not list(out.rglob("*.tmp*"))
+
+
+# --- batch composition -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def shots_dir(tmp_path):
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for task in ("capitals", "addition", "weekdays"):
+        shutil.copy(EXAMPLES / "shots" / f"{task}.jsonl", folder)
+    return folder
+
+
+COMPOSE = ["-n", "2", "--budget", "4", "--dtype", "float32", "--json"]
+
+
+def recipes(out: Path) -> dict:
+    found = {}
+    for path in sorted(out.glob("*/lorahub_recipe.json")):
+        recipe = json.loads(path.read_text())
+        found[path.parent.name] = ([(m["id"], m["weight"]) for m in recipe["modules"]], recipe["loss"])
+    return found
+
+
+def test_compose_a_folder_resumes_and_reports_each_task(cli, t5_home, shots_dir, tmp_path):
+    _, base_dir = t5_home
+    (shots_dir / "broken.jsonl").write_text("not json\n")
+    out = tmp_path / "out"
+    (out / "weekdays").mkdir(parents=True)
+    (out / "weekdays" / "mine.txt").write_text("a user's file")  # not lorahub's: never replaced
+    result = cli("compose", "--tasks", shots_dir, "--out", out, "--base-model", base_dir, *COMPOSE)
+    assert result.code == 1 and "2 of 4 tasks failed" in result.stderr
+    summary = json.loads(result.stdout)
+    status = {row["task"]: row["status"] for row in summary["tasks"]}
+    assert status == {"addition": "composed", "broken": "failed", "capitals": "composed", "weekdays": "failed"}
+    assert summary["composed"] == 2 and summary["failed"] == 2
+    assert (out / "weekdays" / "mine.txt").read_text() == "a user's file"
+    first = {p: p.stat().st_mtime_ns for p in out.glob("*/adapter_model.safetensors")}
+    assert len(first) == 2 and all(row["evaluations"] == 4 for row in summary["tasks"] if row["status"] == "composed")
+
+    (shots_dir / "broken.jsonl").unlink()
+    shutil.rmtree(out / "weekdays")
+    result = cli("compose", "--tasks", shots_dir, "--out", out, "--base-model", base_dir, *COMPOSE)
+    assert result.code == 0, result.stderr
+    rows = json.loads(result.stdout)["tasks"]
+    assert [(r["task"], r["status"]) for r in rows] == [("addition", "done earlier"), ("capitals", "done earlier"), ("weekdays", "composed")]
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # resumed: the finished ones were kept
+
+
+def test_compose_a_folder_on_ray_gives_the_local_compositions(cli, ray_cluster, t5_home, shots_dir, tmp_path):
+    _, base_dir = t5_home
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    assert cli("compose", "--tasks", shots_dir, "--out", local, "--base-model", base_dir, *COMPOSE).code == 0
+    result = cli("compose", "--tasks", shots_dir, "--out", remote, "--base-model", base_dir, *COMPOSE,
+                 "--ray", "--workers", "2", "--ray-data", "object-store")
+    assert result.code == 0, result.stderr
+    assert [r["status"] for r in json.loads(result.stdout)["tasks"]] == ["composed"] * 3
+    assert recipes(remote) == recipes(local) and len(recipes(local)) == 3
+    for task in ("capitals", "addition", "weekdays"):
+        assert (remote / task / "adapter_model.safetensors").read_bytes() == (local / task / "adapter_model.safetensors").read_bytes()

@@ -10,6 +10,7 @@ import typer
 
 from ..errors import InputError
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
+from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 from ._output import info, print_json, progress
 from .registry import open_store
 
@@ -18,7 +19,8 @@ EXAMPLES = """Examples:\n
   lorahub compose --shots examples.jsonl --modules random -n 20 --optimizer ngopt --budget 40 --out lorahub-style\n
   lorahub compose --shots examples.jsonl --level instance --out per-example\n
   lorahub compose --shots examples.jsonl --modules a,b,c --weights a=0.5,b=0.3,c=-0.2 --out fixed\n
-  lorahub compose --from-recipe my-lora/lorahub_recipe.json --out rebuilt"""
+  lorahub compose --from-recipe my-lora/lorahub_recipe.json --out rebuilt\n
+  lorahub compose --tasks shots-folder/ --out compositions/ --ray      # one per shots file, resumable"""
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -70,6 +72,10 @@ def compose(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = 64,
     embedder: EmbedderOpt = None,
+    tasks: Annotated[Optional[Path], typer.Option("--tasks", help="A folder of shots files: one composition each, into --out/<name>/ (resumable).")] = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Compose registry adapters into one LoRA for the task your examples show, with weights found by search."""
@@ -80,7 +86,13 @@ def compose(
 
     if out is None:
         raise InputError("--out is required.", "Example: --out my-lora")
-    check_destination(out.resolve(), overwrite)
+    scale = ray_options(ray, workers, ray_data)
+    if tasks is not None and (shots is not None or from_recipe is not None):
+        raise InputError("--tasks composes every shots file of a folder.", "Drop --shots and --from-recipe.")
+    if scale is not None and tasks is None:
+        raise InputError("--ray spreads the compositions of a --tasks folder over workers.", "Add --tasks FOLDER, or drop --ray.")
+    if tasks is None:
+        check_destination(out.resolve(), overwrite)
     store = open_store()
     start = time.perf_counter()
     if from_recipe is not None:
@@ -93,11 +105,10 @@ def compose(
                    "evaluations": 0, "seconds": round(time.perf_counter() - start, 3)}
         print_json(summary) if json_ else info(f"Rebuilt {folder} from {from_recipe}.")
         return
-    if shots is None:
-        raise InputError("--shots is required (or --from-recipe).", "Example: --shots examples.jsonl")
+    if shots is None and tasks is None:
+        raise InputError("--shots is required (or --tasks, or --from-recipe).", "Example: --shots examples.jsonl")
     if level not in ("task", "instance"):
         raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
-    examples = read_examples(shots)
     formula_options = {k: v for k, v in {"density": density, "svd_rank": svd_rank}.items() if v is not None}
     options = pipeline.ComposeOptions(
         base_model=base_model, model_path=model_path, formula=formula, formula_options=formula_options,
@@ -107,6 +118,11 @@ def compose(
     )
     if weights and options.modules in ("auto", "random"):
         options.modules = list(options.weights)
+    if tasks is not None:
+        from .compose_batch import compose_folder
+
+        return compose_folder(store, tasks, out, options, level=level, overwrite=overwrite, ray=scale, json_=json_)
+    examples = read_examples(shots)
     shots_meta = {"path": str(shots), "sha256": sha256_file(shots), "count": len(examples)}
     run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
     searches = len(examples) + warm_start if level == "instance" else 1
