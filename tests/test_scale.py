@@ -228,3 +228,23 @@ def test_compose_a_folder_on_ray_gives_the_local_compositions(cli, ray_cluster, 
     assert recipes(remote) == recipes(local) and len(recipes(local)) == 3
     for task in ("capitals", "addition", "weekdays"):
         assert (remote / task / "adapter_model.safetensors").read_bytes() == (local / task / "adapter_model.safetensors").read_bytes()
+    # The workers read the registry and the model from the copy shipped through the object store.
+    from ray._private.worker import global_worker
+
+    shipped = Path(global_worker.node.get_session_dir_path()) / "lorahub-shipped"
+    assert len(list(shipped.glob("*/registry.sqlite"))) == 1 and len(list(shipped.glob("*/config.json"))) == 1
+
+
+def test_a_bare_ray_flag_means_a_local_ray_and_keeps_the_next_argument():
+    from lorahub_cli.cli._scale import optional_address
+
+    assert optional_address(["eval", "demo", "--ray"]) == ["eval", "demo", "--ray", "local"]
+    assert optional_address(["eval", "demo", "--ray", "--json"]) == ["eval", "demo", "--ray", "local", "--json"]
+    assert optional_address(["eval", "tasks", "--ray", "my-tasks/"]) == ["eval", "tasks", "--ray", "local", "my-tasks/"]
+    assert optional_address(["--ray", "auto"]) == ["--ray", "auto"]
+    assert optional_address(["--ray", "10.0.0.1:6379"]) == ["--ray", "10.0.0.1:6379"]
+
+
+def test_ray_options_without_ray_are_a_usage_error(cli, tmp_path):
+    result = cli("eval", "demo", "--workers", "2", "--out", tmp_path / "run")
+    assert result.code == 2 and "--workers and --ray-data apply to Ray runs" in result.stderr

@@ -11,7 +11,7 @@ from ..errors import LorahubError
 from ..eval.methods import Context, EvalConfig, run_method
 from .cluster import RayOptions, connect, place
 from .pool import Pool
-from .shipping import Folder, registry_content, share
+from .shipping import Folder, registry_parts, share
 from .worker import Worker
 
 
@@ -37,7 +37,7 @@ class EvalWorker(Worker):
 def data_for_workers(ray, placement, options: RayOptions, store, base_model: str | None, model_path: str | None):
     """The registry and the local model folder, as the workers will find them (see shipping.py)."""
     ship = options.data == "object-store" or (options.data == "auto" and placement.ship)
-    registry = share(ray, store.home, ship, registry_content(store, base_model)) if store is not None else None
+    registry = share(ray, store.home, ship, registry_parts(store, base_model)) if store is not None else None
     model = share(ray, Path(model_path), ship) if model_path and Path(model_path).is_dir() else None
     return registry, model
 

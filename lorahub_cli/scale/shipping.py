@@ -2,8 +2,9 @@
 and a local base-model folder.
 
 shared-path   workers open the driver's paths: the same machine, or a filesystem every node mounts.
-object-store  the driver packs each folder into one tar in Ray's object store; each node unpacks it once
-              into Ray's session folder (keyed by its SHA-256) and its workers read that copy.
+object-store  the driver packs the folders into tars in Ray's object store (the index, then one per
+              adapter); each node unpacks them once into Ray's session folder (keyed by their SHA-256)
+              and its workers read that copy.
 auto          shared-path on a one-node cluster, object-store on several.
 
 Either way workers never reach the Hub for adapters the driver's registry holds.
@@ -31,20 +32,18 @@ class Folder:
 
     path: str
     digest: str | None = None
-    blob: list | None = None  # [ObjectRef], nested so that Ray hands the actor the reference, not the bytes
+    parts: list | None = None  # ObjectRefs of tars, in a list so that Ray hands the actor references, not bytes
 
     def local(self) -> Path:
         """Where this worker reads the folder (called on the worker)."""
-        if self.blob is None:
+        if self.parts is None:
             if not Path(self.path).is_dir():
                 raise NotFoundError(f"'{self.path}' is not on worker {socket.gethostname()}.",
                                     "Use --ray-data object-store, or put it on a path every node mounts.")
             return Path(self.path)
         target = _cache_root() / self.digest
         if not target.is_dir():
-            import ray
-
-            _unpack(ray.get(self.blob[0]), target)
+            _unpack(self.parts, target)
         return target
 
 
@@ -59,13 +58,17 @@ def _cache_root() -> Path:
     return root / "lorahub-shipped"
 
 
-def _unpack(data: bytes, target: Path) -> None:
+def _unpack(parts: list, target: Path) -> None:
     """Extract beside `target`, then rename: workers on one node race to unpack, the first rename wins."""
+    import ray
+
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
-            archive.extractall(tmp, filter="data")
+        for part in parts:  # one at a time: a worker holds one adapter's bytes, not the registry's
+            with tarfile.open(fileobj=io.BytesIO(ray.get(part))) as archive:
+                # The driver packed it; the "data" filter (Python 3.10.12+) still refuses links out of the folder.
+                archive.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
         os.rename(tmp, target)
     except OSError:
         if not target.is_dir():
@@ -74,27 +77,31 @@ def _unpack(data: bytes, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _packed(fill) -> tuple[bytes, str]:
+def _tar(entries: list[tuple[Path, str]]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as archive:
-        fill(archive)
-    data = buffer.getvalue()
-    return data, hashlib.sha256(data).hexdigest()
+        for source, name in entries:
+            archive.add(source, arcname=name)
+    return buffer.getvalue()
 
 
-def share(ray, path: Path, ship: bool, fill=None) -> Folder:
-    """A folder for the workers: its path, or (ship) a tar of it (`fill(archive)` chooses the content) put in
-    the object store."""
+def share(ray, path: Path, ship: bool, parts=None) -> Folder:
+    """A folder for the workers: its path, or (ship) tars of it in the object store. `parts()` yields lists of
+    (file or folder, name in the copy), one tar each; by default the whole folder is one tar."""
     if not ship:
         return Folder(str(path))
-    data, digest = _packed(fill or (lambda archive: archive.add(path, arcname=".")))
-    return Folder(str(path), digest, [ray.put(data)])
+    digest, refs = hashlib.sha256(), []
+    for entries in (parts or (lambda: [[(path, ".")]]))():
+        data = _tar(entries)
+        digest.update(hashlib.sha256(data).digest())
+        refs.append(ray.put(data))
+    return Folder(str(path), digest.hexdigest(), refs)
 
 
-def registry_content(store, base_model: str | None):
-    """What a worker's registry needs: a consistent copy of the index, the folders of `base_model`'s adapters."""
+def registry_parts(store, base_model: str | None):
+    """What a worker's registry needs: a consistent copy of the index, then each adapter folder of `base_model`."""
 
-    def fill(archive: tarfile.TarFile) -> None:
+    def parts():
         with tempfile.TemporaryDirectory() as tmp:
             copy = Path(tmp) / "registry.sqlite"
             source, target = sqlite3.connect(store.db_path), sqlite3.connect(copy)
@@ -106,8 +113,8 @@ def registry_content(store, base_model: str | None):
             finally:
                 source.close()
                 target.close()
-            archive.add(copy, arcname="registry.sqlite")
+            yield [(copy, "registry.sqlite")]
         for record in store.list(base_model):
-            archive.add(record.path, arcname=f"adapters/{record.folder}")
+            yield [(record.path, f"adapters/{record.folder}")]
 
-    return fill
+    return parts
