@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import platform
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -82,6 +82,21 @@ class BaseModel:
     is_seq2seq: bool
     device: torch.device
     dtype: torch.dtype
+    name: str | None = None  # what it was loaded from, to load it again in another dtype
+    trust_remote_code: bool = False
+    _fp32: BaseModel | None = field(default=None, repr=False)
+
+    def fp32(self) -> BaseModel:
+        """This model in float32, loaded once from `name` when it runs in another dtype: every number a user
+        reads as a result (a loss, an objective) is computed on it, whatever dtype the search ran in.
+        Reloaded, not upcast, because upcasting bf16 weights does not give back the checkpoint's fp32 ones."""
+        if self.dtype == torch.float32:
+            return self
+        if self._fp32 is None:
+            if self.name is None:
+                raise InputError(f"this {self.dtype} model has no name to load it again in float32.", "Load it with load_base_model.")
+            self._fp32 = load_base_model(self.name, dtype="float32", device=str(self.device), trust_remote_code=self.trust_remote_code)
+        return self._fp32
 
 
 def load_base_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> BaseModel:
@@ -103,7 +118,7 @@ def load_base_model(name_or_path: str, *, dtype: str = "auto", device: str = "au
     if tokenizer.pad_token_id is None:
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
-    return BaseModel(model, tokenizer, is_seq2seq, target, torch_dtype)
+    return BaseModel(model, tokenizer, is_seq2seq, target, torch_dtype, name_or_path, trust_remote_code)
 
 
 @dataclass

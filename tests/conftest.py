@@ -31,6 +31,17 @@ def lorahub_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.fixture(params=["bf16", "fp32"])
+def cpu_kind(request, monkeypatch) -> str:
+    """Run a test as if on a CPU with fast bf16 (AMX / AVX512-BF16: `--dtype auto` is bf16) and as if on one
+    without (AVX2 only: fp32), whatever CPU runs the suite; CPU runs only, so CUDA is hidden."""
+    from lorahub_cli import models
+
+    monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: request.param == "bf16")
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: False)
+    return request.param
+
+
 @dataclass
 class Result:
     code: int

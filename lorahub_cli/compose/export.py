@@ -52,8 +52,8 @@ def model_card(recipe: dict) -> str:
     if search:
         lines += [
             f"Weights found by `{search['optimizer']}` ({search.get('engine', '')}) in {search['evaluations']} "
-            f"evaluations on {recipe['shots']['count']} examples: few-shot loss {search['loss']:.4f}, "
-            f"objective {search['objective']:.4f} (loss + {search['l1']} x mean |w|).",
+            f"evaluations on {recipe['shots']['count']} examples: few-shot loss {recipe['loss']:.4f}, "
+            f"objective {recipe.get('objective', search['objective']):.4f} (loss + {search['l1']} x mean |w|; float32).",
             "",
         ]
     lines += ["| module | revision | weight |", "| --- | --- | ---: |"]

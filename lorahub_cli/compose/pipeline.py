@@ -113,11 +113,18 @@ def _versions() -> dict:
             "peft": peft.__version__, "nevergrad": nevergrad.__version__}
 
 
-def _search_entry(config: SearchConfig, result: SearchResult | None) -> dict | None:
+def _search_entry(config: SearchConfig, result: SearchResult | None, dtype: torch.dtype) -> dict | None:
+    """The search as it ran; its losses and objectives are in `dtype` (the recipe's own `loss` is fp32)."""
     if result is None:
         return None
-    return {**config.to_json(), "engine": result.engine, "evaluations": result.evaluations, "seconds": round(result.seconds, 3),
-            "loss": result.loss, "objective": result.objective, "nonfinite": result.nonfinite, "curve": result.curve}
+    return {**config.to_json(), "dtype": str(dtype).removeprefix("torch."), "engine": result.engine,
+            "evaluations": result.evaluations, "seconds": round(result.seconds, 3), "loss": result.loss,
+            "objective": result.objective, "nonfinite": result.nonfinite, "curve": result.curve}
+
+
+def _scores(loss: float, weights, config: SearchConfig) -> dict:
+    """The fp32 few-shot loss of the exported adapter and its objective (loss + l1 * mean |w|)."""
+    return {"loss": loss, "objective": loss + config.l1 * float(torch.tensor(weights, dtype=torch.float64).abs().mean())}
 
 
 # --- the search ----------------------------------------------------------------------------------
@@ -156,15 +163,19 @@ class _Session:
         self.loss_fn = loss_function(self.base, self.bank, self.batch, formula=self.bank.formula, max_rows=self.max_rows)
 
     def evaluate(self, adapter: LoraAdapter) -> float:
-        """The loss of a composed adapter on its own (a one-adapter bank at weight 1): checks the export."""
-        self.bank.remove()
-        single = LoraBank(self.base.model, [adapter], formula="elementwise")
+        """The fp32 loss of a composed adapter on its own (a one-adapter bank at weight 1), whatever dtype the
+        search ran in: the number the recipe reports, and a check of the export."""
+        answer = self.base.fp32()
+        if answer is self.base:
+            self.bank.remove()
+        single = LoraBank(answer.model, [adapter], formula="elementwise")
         try:
             with torch.no_grad():
-                loss = loss_function(self.base, single, self.batch, formula="elementwise")(torch.ones(1, 1))
+                loss = loss_function(answer, single, self.batch, formula="elementwise")(torch.ones(1, 1))
         finally:
             single.remove()
-            self._inject()
+            if answer is self.base:
+                self._inject()
         return float(loss[0])
 
     def close(self) -> None:
@@ -224,7 +235,8 @@ def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: 
     finally:
         session.close()
     recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection)
-    recipe.update(modules=_module_entries(records, weights), search=_search_entry(options.search, result), loss=loss)
+    recipe.update(modules=_module_entries(records, weights), search=_search_entry(options.search, result, session.base.dtype),
+                  **_scores(loss, weights, options.search))
     return Composition(recipe, [adapter], [result])
 
 
@@ -264,7 +276,8 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
             compositions.append(adapter)
             results.append(result)
             entries.append({"shot": j, "folder": f"compositions/shot-{j}", "modules": _module_entries(chosen, result.weights),
-                            "search": _search_entry(options.search, result), "loss": session.evaluate(adapter)})
+                            "search": _search_entry(options.search, result, session.base.dtype),
+                            **_scores(session.evaluate(adapter), result.weights, options.search)})
     finally:
         session.close()
     router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
@@ -273,7 +286,7 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
     recipe = _recipe(options, session, "instance", compositions[0].task_type, shots_meta, selection)
     if warm:
         recipe["warm_start"] = {"modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
-                                "search": _search_entry(options.search, warm_result)}
+                                "search": _search_entry(options.search, warm_result, session.base.dtype)}
     recipe.update(compositions=entries, router={"file": ROUTER_FILE, "embedder": selection["embedder"],
                                                 "instruction": index.recipe.instruction, "shots": [s.input for s in shots]})
     return Composition(recipe, compositions, results, router)
@@ -294,7 +307,8 @@ def write(composition: Composition, out: Path, *, overwrite: bool = False) -> Pa
 
         for entry, adapter in zip(recipe["compositions"], composition.adapters):
             shot_recipe = {**{k: v for k, v in recipe.items() if k not in ("compositions", "router")},
-                           "level": "task", "modules": entry["modules"], "search": entry["search"], "loss": entry["loss"]}
+                           "level": "task", "modules": entry["modules"], "search": entry["search"], "loss": entry["loss"],
+                           "objective": entry["objective"]}
             write_adapter_folder(tmp / entry["folder"], adapter, shot_recipe)
         save_file({"shots": composition.router.contiguous()}, tmp / ROUTER_FILE)
         atomic_write_json(tmp / RECIPE_FILE, recipe)
@@ -304,7 +318,8 @@ def write(composition: Composition, out: Path, *, overwrite: bool = False) -> Pa
 
 
 def _instance_card(recipe: dict) -> str:
-    first = {**recipe, "modules": recipe["compositions"][0]["modules"], "search": recipe["compositions"][0]["search"]}
+    entry = recipe["compositions"][0]
+    first = {**recipe, **{key: entry[key] for key in ("modules", "search", "loss", "objective")}}
     card = model_card(first).split("\n## Use")[0]
     return card + (f"\nThis is an instance-level composition: {len(recipe['compositions'])} adapters under `compositions/`, "
                    f"one per example, and `{ROUTER_FILE}`, the examples' input embeddings. Each input is answered by the "
