@@ -127,9 +127,8 @@ def compose_folder(store, tasks_dir: Path, out: Path, options: pipeline.ComposeO
                 except LorahubError as error:
                     rows[job.name] = _row(job.name, job.dest, "failed", error=str(error))
                     continue
-                finally:
-                    advance(description=job.name)
                 rows[job.name] = _finish(composition, time.perf_counter() - start, job, overwrite)
+                advance(description=job.name)
         elif jobs:
             for job, result, error in _on_ray(ray, store, jobs, options, level, name, advance, on_event):
                 rows[job.name] = _row(job.name, job.dest, "failed", error=error) if error else _finish(*result, job, overwrite)

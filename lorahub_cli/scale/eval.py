@@ -54,7 +54,8 @@ def ray_executor(options: RayOptions, config: EvalConfig, store=None, on_event=N
             actor = ray.remote(EvalWorker).options(**placement.resources)
             pool = Pool(ray, lambda: actor.remote(config, registry, model, placement.threads), placement.workers, on_event)
             failures = []
-            for outcome in pool.run(jobs, lambda job: (job.method, job.shots, job.inputs, job.seed), advance):
+            status = lambda text, step=1: advance(f"Evaluating on Ray: {text}", step=step)  # noqa: E731
+            for outcome in pool.run(jobs, lambda job: (job.method, job.shots, job.inputs, job.seed), status):
                 if outcome.error:
                     failures.append(f"{outcome.job.label}: {outcome.error}")
                 else:
