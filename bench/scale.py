@@ -2,8 +2,9 @@
 
     python bench/scale.py [--seeds 1] [--tasks all] [--rounds 1] [--probe] [--out bench/.cache/scale]
 
-Each configuration runs as its own `lorahub eval demo` process into a fresh run folder: local (one torch
-thread, the demo's setting), `--ray --workers 2` and `--ray --workers 1` (one thread per worker). Prints
+Each configuration runs as its own `lorahub eval demo` process into a fresh run folder, in the order of
+--configs: local (one torch thread, the demo's setting), `--ray --workers 2` and `--ray --workers 1` (one
+thread per worker). Prints
 one JSON line per run: wall seconds, the cells' own compute seconds (as each cell records them), the load
 average before and after, and whether every cell's predictions equal the local run's.
 """
@@ -86,13 +87,13 @@ def main() -> None:
     if args.probe:
         print(json.dumps({"load_before": loadavg(), **probe(), "load_after": loadavg()}), flush=True)
     for round_ in range(args.rounds):
-        results = {}
+        results, found = [], {}
         for name in filter(None, args.configs.split(",")):
-            result = run(name, args, args.out)
-            results[name] = cells(args.out / name)
-            if name != "local" and "local" in results:
-                strip = lambda c: {k: v for k, v in c.items() if k != "seconds"}  # noqa: E731
-                result["same_cells_as_local"] = {k: strip(v) for k, v in results[name].items()} == {k: strip(v) for k, v in results["local"].items()}
+            results.append(run(name, args, args.out))
+            found[name] = {k: {f: v for f, v in c.items() if f != "seconds"} for k, c in cells(args.out / name).items()}
+        for result in results:
+            if result["config"] != "local" and "local" in found:
+                result["same_cells_as_local"] = found[result["config"]] == found["local"]
             print(json.dumps({"round": round_ + 1, **result}), flush=True)
 
 
