@@ -238,3 +238,14 @@ def test_a_bare_ray_flag_means_a_local_ray_and_keeps_the_next_argument():
 def test_ray_options_without_ray_are_a_usage_error(cli, tmp_path):
     result = cli("eval", "demo", "--workers", "2", "--out", tmp_path / "run")
     assert result.code == 2 and "--workers and --ray-data apply to Ray runs" in result.stderr
+
+
+def test_an_address_nothing_answers_on_fails_in_seconds_naming_it():
+    from lorahub_cli.errors import LorahubError
+    from lorahub_cli.scale.cluster import _check_reachable
+
+    start = time.monotonic()
+    for address in ("127.0.0.1:1", "ray://127.0.0.1:1", "no-port"):
+        with pytest.raises(LorahubError, match=f"no Ray cluster answers at '{address}'"):
+            _check_reachable(address)
+    assert time.monotonic() - start < 30

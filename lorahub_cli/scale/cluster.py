@@ -48,6 +48,18 @@ class Placement:
         return self.nodes > 1
 
 
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT that nothing answers on fails in seconds here; Ray itself would retry for minutes."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except (OSError, ValueError):
+        raise LorahubError(f"no Ray cluster answers at '{address}'.",
+                           "Give the head node's address (`ray start --head` prints it), or --ray alone for a Ray on this machine.") from None
+
+
 @contextmanager
 def connect(address: str):
     """The Ray module, connected: to the cluster at `address`, to a new local Ray ("local"), or to the one this
@@ -58,6 +70,8 @@ def connect(address: str):
         return
     # Worker output stays in Ray's session logs: it would tear the driver's progress display.
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address not in ("local", "auto"):
+        _check_reachable(address)
     try:
         if address == "local":
             ray.init(include_dashboard=False, **quiet)
