@@ -22,10 +22,11 @@ def _table(rows: list[dict]) -> Table:
     return table
 
 
-def compose_folder(store, tasks: Path, out: Path, options, *, level: str, overwrite: bool, ray, json_: bool) -> None:
-    from ..scale.batch import compose_folder as run
+def compose_folder(tasks: Path, out: Path, options, *, level: str, overwrite: bool, ray, json_: bool) -> None:
+    from .. import api
 
-    rows = run(store, tasks, out, options, level=level, overwrite=overwrite, ray=ray, progress_factory=None if json_ else progress)
+    rows = api.compose_folder(tasks, out, options, level=level, overwrite=overwrite, ray=ray,
+                              progress_factory=None if json_ else progress)
     counts = {status: sum(r["status"] == status for r in rows) for status in ("composed", "done earlier", "failed")}
     if json_:
         print_json({"tasks": rows, **{k.replace(" ", "_"): v for k, v in counts.items()}})

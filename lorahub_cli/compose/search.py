@@ -21,6 +21,7 @@ import torch
 
 from ..errors import InputError
 from ..quiet import quiet_optimizer
+from ..settings import COMPOSE
 
 BOUNDS = (-1.5, 1.5)
 
@@ -47,11 +48,11 @@ OPTIMIZERS = {
 
 @dataclass
 class SearchConfig:
-    optimizer: str = "ngopt"
-    budget: int = 40  # loss evaluations (candidates), not forward passes
-    l1: float = 0.05  # on mean |w|
-    seed: int = 42
-    population: int = 8  # candidates per forward pass for population optimisers
+    optimizer: str = COMPOSE["optimizer"]
+    budget: int = COMPOSE["budget"]  # loss evaluations (candidates), not forward passes
+    l1: float = COMPOSE["l1"]  # on mean |w|
+    seed: int = COMPOSE["seed"]
+    population: int = COMPOSE["population"]  # candidates per forward pass for population optimisers
     learning_rate: float = 0.05  # adam only
 
     def __post_init__(self):
