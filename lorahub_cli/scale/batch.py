@@ -16,7 +16,7 @@ from ..compose import pipeline
 from ..compose.recipe import RECIPE_FILE
 from ..errors import InputError, LorahubError
 from ..io import Example, read_examples, sha256_file
-from .shipping import Folder
+from .shipping import Folder, data_for_workers
 from .worker import Worker
 
 
@@ -102,7 +102,6 @@ class ComposeWorker(Worker):
 def on_ray(options, store, jobs: list[BatchJob], compose_options, level: str, advance, on_event=None):
     """Yields (job, (composition, seconds), None) or (job, None, error) as Ray actors finish them."""
     from .cluster import connect, place
-    from .eval import data_for_workers
     from .pool import Pool
 
     if compose_options.weights and compose_options.modules in ("auto", "random"):

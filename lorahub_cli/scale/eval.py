@@ -5,13 +5,12 @@ can be resumed locally or on another cluster, and the other way round."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from ..errors import LorahubError
 from ..eval.methods import Context, EvalConfig, run_method
 from .cluster import RayOptions, connect, place
 from .pool import Pool
-from .shipping import Folder, registry_parts, share
+from .shipping import Folder, data_for_workers
 from .worker import Worker
 
 
@@ -32,14 +31,6 @@ class EvalWorker(Worker):
     def run(self, payload: tuple):
         method, shots, inputs, seed = payload
         return run_method(method, self.ctx, shots, inputs, seed)
-
-
-def data_for_workers(ray, placement, options: RayOptions, store, base_model: str | None, model_path: str | None):
-    """The registry and the local model folder, as the workers will find them (see shipping.py)."""
-    ship = options.data == "object-store" or (options.data == "auto" and placement.ship)
-    registry = share(ray, store.home, ship, registry_parts(store, base_model)) if store is not None else None
-    model = share(ray, Path(model_path), ship) if model_path and Path(model_path).is_dir() else None
-    return registry, model
 
 
 def ray_executor(options: RayOptions, config: EvalConfig, store=None, on_event=None):

@@ -118,3 +118,11 @@ def registry_parts(store, base_model: str | None):
             yield [(record.path, f"adapters/{record.folder}")]
 
     return parts
+
+
+def data_for_workers(ray, placement, options, store, base_model: str | None, model_path: str | None):
+    """The registry and the local model folder, as the workers will find them (the modes above)."""
+    ship = options.data == "object-store" or (options.data == "auto" and placement.ship)
+    registry = share(ray, store.home, ship, registry_parts(store, base_model)) if store is not None else None
+    model = share(ray, Path(model_path), ship) if model_path and Path(model_path).is_dir() else None
+    return registry, model
