@@ -21,6 +21,9 @@ EXAMPLES = """Examples:\n
   lorahub compose --from-recipe my-lora/lorahub_recipe.json --out rebuilt"""
 
 
+OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype, before --search-precision
+
+
 def parse_weights(text: str) -> dict[str, float]:
     weights = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -56,7 +59,7 @@ def compose(
     svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", help="For svd: rank of the result (default: the largest module rank).")] = None,
     modules: Annotated[str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")] = "auto",
     num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")] = 20,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="ngopt, cma, de, random or adam.")] = "ngopt",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="lbfgs, ngopt (LoraHub's), cma, de, random or adam.")] = "lbfgs",
     budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")] = 40,
     l1: Annotated[float, typer.Option("--l1", min=0.0, help="Penalty on mean |w| added to the loss.")] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search and of random module selection.")] = 42,
@@ -66,7 +69,8 @@ def compose(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Fixed weights id=w,...: compose without search.")] = None,
     from_recipe: Annotated[Optional[Path], typer.Option("--from-recipe", help="Rebuild the adapter a lorahub_recipe.json describes.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")] = "auto",
+    search_precision: Annotated[str, typer.Option("--search-precision", help="What the search evaluates candidates in: auto (bf16 where fast), fp32, bf16 or int8. The answer is fp32.")] = "auto",
+    dtype: Annotated[Optional[str], typer.Option("--dtype", hidden=True, help="Old name of --search-precision: float32 or bfloat16.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = 64,
     embedder: EmbedderOpt = None,
@@ -102,8 +106,9 @@ def compose(
     options = pipeline.ComposeOptions(
         base_model=base_model, model_path=model_path, formula=formula, formula_options=formula_options,
         modules=parse_modules(modules), num_modules=num_modules, weights=parse_weights(weights) if weights else None,
-        search=SearchConfig(optimizer=optimizer, budget=budget, l1=l1, seed=seed, population=population),
-        warm_start=warm_start, dtype=dtype, device=device, max_rows=batch_size, embedder=embedder,
+        search=SearchConfig(optimizer=optimizer, budget=budget, l1=l1, seed=seed, population=population,
+                            precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision),
+        warm_start=warm_start, device=device, max_rows=batch_size, embedder=embedder,
     )
     if weights and options.modules in ("auto", "random"):
         options.modules = list(options.weights)
