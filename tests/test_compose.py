@@ -41,7 +41,7 @@ def reference_loss(model, base_dir, shots):
 def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path, cpu_kind):
     home, base_dir = t5_home
     out = tmp_path / "composed"
-    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--json")
+    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--optimizer", "ngopt", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert set(summary) == {"out", "weights", "loss", "evaluations", "seconds"} and summary["evaluations"] == 6
@@ -194,6 +194,7 @@ def test_interrupt_leaves_no_output(cli, t5_home, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(search_module, "_nevergrad", interrupted)
+    monkeypatch.setattr(search_module, "_lbfgs", interrupted)
     out = tmp_path / "never"
     result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "2", "--budget", "3")
     assert result.code == 130 and not out.exists()

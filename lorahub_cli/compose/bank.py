@@ -161,7 +161,8 @@ class LoraBank:
         used = W.ne(0).any(dim=0)
         saved = self._state.weights, self._state.mode, self._state.used
         self._state.weights, self._state.mode = W, mode
-        self._state.used = None if bool(used.all()) else used
+        # Skipping unweighed adapters is exact for the value, not for the gradient of a zero weight.
+        self._state.used = None if bool(used.all()) or W.requires_grad else used
         try:
             yield
         finally:

@@ -241,10 +241,12 @@ def _on_columns(loss_fn, width: int, columns: list[int]):
 def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=None, init=None, progress=None) -> SearchResult:
     """Search N weights; with `columns`, the N weights are these columns of a larger bank (others 0)."""
     loss_fn = session.loss_fn if columns is None else _on_columns(session.loss_fn, session.bank.n, columns)
-    if init is None and session.bank.formula == "elementwise":
+    if init is None and options.search.optimizer == "lbfgs":
+        init = [LBFGS_START] * n  # beside 0, where the elementwise gradient is exactly zero (search.py)
+    elif init is None and options.search.optimizer == "adam" and session.bank.formula == "elementwise":
         # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero: a gradient
-        # method must start elsewhere. Adam starts at the even average (fusion), L-BFGS-B just beside 0.
-        init = {"adam": [1.0 / n] * n, "lbfgs": [LBFGS_START] * n}.get(options.search.optimizer)
+        # method must start elsewhere. The even average (fusion) is the natural point.
+        init = [1.0 / n] * n
     result = search(loss_fn, n, options.search, init=init, progress=progress)
     return session.rescore(result, columns)
 
