@@ -71,8 +71,11 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precisions", default="fp32,bf16,int8,int8-torchao")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     manifest = fixture(args.shape, seed=args.fixture_seed)
     answer = load_base_model(manifest["model_dir"], dtype="float32", device="cpu")
     adapters = [load_adapter(d) for d in manifest["adapter_dirs"]]
