@@ -35,5 +35,9 @@ class HubError(LorahubError):
     """The Hub could not be reached or refused a request."""
 
 
+class HubUnreachableError(HubError):
+    """No connection to the Hub at all (as opposed to a refused request): retrying other repos is pointless."""
+
+
 class IntegrityError(LorahubError):
     """Stored content does not match its recorded hash."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-from .errors import HubError, InputError, NotFoundError
+from .errors import HubError, HubUnreachableError, InputError, NotFoundError
 
 TOKEN_HINT = "Check that your token may access it: run `hf auth login` or set HF_TOKEN."
 OFFLINE_HINT = (
@@ -73,7 +73,7 @@ def hub_errors(what: str, revision: str | None = None):
         # transformers reports a Hub it cannot reach, or a name that is neither a folder nor a repo, as OSError.
         text = str(error)
         if "couldn't connect" in text or _is_network_failure(error):
-            raise HubError(f"cannot reach the Hub at {endpoint()} for '{what}', and it is not in the local cache.",
+            raise HubUnreachableError(f"cannot reach the Hub at {endpoint()} for '{what}', and it is not in the local cache.",
                            OFFLINE_HINT + " For a model on disk, pass its folder (--model-path).") from None
         if "not a valid model identifier" in text or "not a local folder" in text:
             raise NotFoundError(f"'{what}' is neither a local folder nor a model on {endpoint()}.",
@@ -81,5 +81,5 @@ def hub_errors(what: str, revision: str | None = None):
         raise
     except Exception as error:
         if _is_network_failure(error):
-            raise HubError(f"cannot reach the Hub at {endpoint()} for '{what}'.", OFFLINE_HINT) from None
+            raise HubUnreachableError(f"cannot reach the Hub at {endpoint()} for '{what}'.", OFFLINE_HINT) from None
         raise

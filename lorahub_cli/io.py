@@ -16,6 +16,10 @@ from pathlib import Path
 from .errors import InputError
 
 TARGET_ALIASES = ("target", "output", "completion")
+# Shots and inputs are a handful of examples: the caps stop a stray file from taking the machine's memory
+# (a 60 MB line once took 5 GB through tokenisation) long before any model could use the text.
+MAX_FILE_BYTES = 64 << 20
+MAX_EXAMPLE_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -27,8 +31,13 @@ class Example:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     """Parse a JSONL file into (line number, object) pairs; blank lines are skipped."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"'{path}' is a directory, not a file.", "Give the JSONL file itself.")
     if not path.is_file():
         raise InputError(f"file '{path}' does not exist.", "Check the path.")
+    if (size := path.stat().st_size) > MAX_FILE_BYTES:
+        raise InputError(f"{path} is {size / 2**20:.0f} MiB; a shots or inputs file may hold at most "
+                         f"{MAX_FILE_BYTES >> 20} MiB.", "Keep the examples you need, or split the file.")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -42,6 +51,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_EXAMPLE_CHARS:
+            raise InputError(f"{path}:{number}: the line has {len(line):,} characters; one example may have at most "
+                             f"{MAX_EXAMPLE_CHARS:,}.", "Shorten the example.")
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
@@ -49,6 +61,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
                 f"{path}:{number}: not valid JSON ({err.msg} at column {err.colno}).",
                 'Each line must be one JSON object like {"input": "...", "target": "..."}.',
             ) from None
+        except RecursionError:
+            raise InputError(f"{path}:{number}: the JSON is nested too deeply.",
+                             'Each line must be one flat JSON object like {"input": "...", "target": "..."}.') from None
         if not isinstance(obj, dict):
             raise InputError(
                 f"{path}:{number}: expected a JSON object, got {type(obj).__name__}.",
@@ -69,6 +84,12 @@ def _field(path: Path, number: int, obj: dict, names: tuple[str, ...], required:
                     f"{path}:{number}: field '{name}' must be a string, got {type(value).__name__}.",
                     "Quote the value.",
                 )
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise InputError(
+                    f"{path}:{number}: field '{name}' holds a lone surrogate (\\u{ord(value[error.start]):04x}), "
+                    "which is not text.", "Fix or remove that \\u escape.") from None
             return value
     if required:
         wanted = " or ".join(f"'{n}'" for n in names)
@@ -99,12 +120,16 @@ def read_examples(
     return examples
 
 
-def read_json(path: str | Path, hint: str):
-    """A JSON file's content; an unreadable or malformed file is a one-line InputError with `hint`."""
+def read_json(path: str | Path, hint: str, shown: str | None = None):
+    """A JSON file's content; an unreadable or malformed file is a one-line InputError with `hint`.
+
+    `shown` names the file in the message when `path` is a copy (a staging folder) the user never saw.
+    """
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"{path} is not valid JSON ({error}).", hint) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).replace(str(path), shown or str(path))
+        raise InputError(f"{shown or path} is not valid JSON ({reason}).", hint) from None
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -116,3 +116,25 @@ def test_walkthrough(cli):
     assert report["adapters"] == 8 and report["task_level"]["results"][0]["id"] == "examples/capitals"
     assert report["per_input"] == {"inputs": 80, "top1_correct": 80}
     assert cli("walkthrough", "--task", "nope").stderr.startswith("Error: --task 'nope' is not an example task.")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["registry", "list", "--bogus"], "No such option: --bogus"),
+        (["registry", "show"], "Missing argument 'adapter_id'"),
+        (["retrieve", "--query", "x", "-k", "0"], "Invalid value for '-k' / '--top-k'"),
+    ],
+)
+def test_usage_errors_exit_2_with_clicks_message(cli, args, message):
+    result = cli(*args)
+    assert result.code == 2, result.stderr
+    assert "Internal error" not in result.stderr and "Usage: lorahub" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith(f"Error: {message}"), result.stderr
+
+
+@pytest.mark.parametrize("args", [[], ["registry"]])
+def test_a_group_without_a_command_shows_its_help_and_exits_2(cli, args):
+    result = cli(*args)
+    assert result.code == 2 and "Internal error" not in result.stderr
+    assert "Usage: lorahub" in result.stdout + result.stderr and "Commands" in result.stdout + result.stderr

@@ -42,3 +42,35 @@ def test_bad_files_name_the_line_and_the_problem(tmp_path, content, expected):
 def test_missing_file(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         read_examples(tmp_path / "nope.jsonl")
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"input": "' + "[" * 100_000 + '", "target": "a"}\n', None),  # deep nesting inside a string is fine
+        ('{"input": ' + "[" * 100_000 + "]" * 100_000 + ', "target": "a"}\n', r"shots.jsonl:1: the JSON is nested too deeply"),
+        ('{"input": "\\ud800", "target": "a"}\n', r"shots.jsonl:1: field 'input' holds a lone surrogate \(\\ud800\)"),
+        ('{"input": "a", "target": "\\udfff"}\n', r"shots.jsonl:1: field 'target' holds a lone surrogate \(\\udfff\)"),
+        ('{"input": "a", "target": "b"}\n{"input": "' + "x" * (2 << 20) + '", "target": "b"}\n',
+         r"shots.jsonl:2: the line has 2,097,\d+ characters; one example may have at most 1,048,576"),
+    ],
+    ids=["brackets-in-a-string", "deep-nesting", "surrogate-input", "surrogate-target", "huge-line"],
+)
+def test_hostile_files_are_one_line_errors(tmp_path, content, expected):
+    path = write(tmp_path, content)
+    if expected is None:
+        assert len(read_examples(path)) == 1
+        return
+    with pytest.raises(InputError, match=expected) as info:
+        read_examples(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_directory_and_a_huge_file(tmp_path):
+    with pytest.raises(InputError, match=f"'{tmp_path}' is a directory, not a file"):
+        read_examples(tmp_path)
+    big = tmp_path / "big.jsonl"
+    with open(big, "wb") as handle:
+        handle.truncate((64 << 20) + 1)  # sparse: no real memory or disk
+    with pytest.raises(InputError, match=r"big.jsonl is 64 MiB; a shots or inputs file may hold at most 64 MiB"):
+        read_examples(big)

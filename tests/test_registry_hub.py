@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from urllib.parse import unquote
 
 import pytest
 import torch
@@ -229,3 +230,109 @@ def test_sigkill_during_sync_then_rerun_completes(hub, hub_env, tmp_path):
     statuses = [r["status"] for r in json.loads(rerun.stdout)["results"]]
     assert statuses.count("skipped") == done and statuses.count("added") == 40 - done
     assert len(store.list()) == 40 and store.verify()[0] == []
+
+
+TASKS = ("addition", "capitals", "sentiment")
+
+
+def example_rows(task):
+    return [{"inputs": r["input"], "targets": r["target"]}
+            for r in map(json.loads, (EXAMPLES / "data" / f"{task}.jsonl").read_text().splitlines())]
+
+
+def flanv2_per_task_repo(hub, repo="lib/flanv2"):
+    """Built like lorahub/flanv2 as public code reads it: one `.json` file per task at the top level, holding
+    JSON Lines with `inputs`/`targets` and no task column; a file's stem up to any ':' is the task."""
+    names = {"addition": "addition.json", "capitals": "capitals:1.0.0.json", "sentiment": "sentiment.json",
+             "capitals_extra": "capitals_extra.json"}
+    files = {}
+    for task, name in names.items():
+        rows = example_rows(task if task in TASKS else "weekdays")
+        files[name] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    hub.commit(repo, files, repo_type="dataset")
+    return names
+
+
+def table_repo(hub, column, repo="lib/flan-table"):
+    rows = [{**r, column: task} for task in TASKS for r in example_rows(task)]
+    hub.commit(repo, {"train.jsonl": "".join(json.dumps(r) + "\n" for r in rows).encode()}, repo_type="dataset")
+
+
+def downloads(hub, repo):
+    return {unquote(path.split("/resolve/", 1)[1].split("/", 1)[1]) for method, path, _ in hub.requests
+            if method == "GET" and f"/datasets/{repo}/resolve/" in path}
+
+
+def test_cards_from_a_per_task_layout_download_only_that_tasks_file(online, lorahub_home, cli):
+    names = flanv2_per_task_repo(online)
+    online.commit("lib/capitals", adapter_files("capitals"))
+    result = cli("registry", "add", "lib/capitals", "--dataset", "lib/flanv2", "--filter", "task=capitals", "--json")
+    assert result.code == 0, result.stderr
+    card = json.loads(cli("card", "show", "lib/capitals", "--json").stdout)
+    assert card["n_examples"] == 80 and card["source"]["layout"] == "per-task file"
+    assert card["source"]["files"] == [names["capitals"]] and card["source"]["filters"] == {"task": "capitals"}
+    capitals = {r["inputs"] for r in example_rows("capitals")}
+    assert all(e["input"] in capitals for e in card["nearest_examples"])
+    assert downloads(online, "lib/flanv2") == {names["capitals"]}, "no other task's file is downloaded"
+    missing = cli("card", "build", "lib/capitals", "--dataset", "lib/flanv2", "--filter", "task=nope")
+    assert missing.code == 2 and "no data file is named after 'nope'" in missing.stderr
+    assert len(downloads(online, "lib/flanv2")) == 2, "a task without a file stops after one file"
+
+
+@pytest.mark.parametrize("column", ["task", "task_name"])
+def test_cards_from_a_table_with_a_task_column(online, lorahub_home, cli, column):
+    table_repo(online, column)
+    online.commit("lib/sentiment", adapter_files("sentiment"))
+    result = cli("registry", "add", "lib/sentiment", "--dataset", "lib/flan-table", "--filter", "task=sentiment", "--json")
+    assert result.code == 0, result.stderr
+    card = json.loads(cli("card", "show", "lib/sentiment", "--json").stdout)
+    sentiment = {r["inputs"] for r in example_rows("sentiment")}
+    assert card["source"]["layout"] == "table" and all(e["input"] in sentiment for e in card["nearest_examples"])
+
+
+def test_a_card_download_is_bounded(online):
+    from lorahub_cli.cards.data import DatasetSpec, from_hub_dataset
+
+    flanv2_per_task_repo(online)
+    with pytest.raises(InputError, match=r"would download more than 0 MiB of 'lib/flanv2' \(next: addition.json"):
+        from_hub_dataset(DatasetSpec("lib/flanv2"), {"task": "addition"}, None, None, 10, max_download_bytes=100)
+
+
+def test_sync_cards_from_the_per_task_layout_and_failed_cards_fail(online, lorahub_home, tmp_path, cli):
+    names = flanv2_per_task_repo(online)
+    for task in ("addition", "capitals", "weekdays"):
+        online.commit(f"lib/t5-{task}", adapter_files(task))
+    catalog = write_catalog(tmp_path, [f"lib/t5-{t}" for t in ("addition", "capitals", "weekdays")], "lib/flanv2")
+    result = cli("registry", "sync", "--catalog", str(catalog), "--cards", "--json")
+    assert result.code == 1, "weekdays has no data file: its card fails, and so does the sync"
+    report = json.loads(result.stdout)
+    statuses = {r["id"]: (r["status"], r["message"]) for r in report["results"]}
+    assert statuses["lib/t5-addition"] == ("added", "card built") and statuses["lib/t5-capitals"] == ("added", "card built")
+    assert statuses["lib/t5-weekdays"][0] == "failed" and "card failed" in statuses["lib/t5-weekdays"][1]
+    assert report["failed"] == 1
+    assert downloads(online, "lib/flanv2") <= {names["addition"], names["capitals"], names["sentiment"]}
+    assert names["capitals_extra"] not in downloads(online, "lib/flanv2")
+    listed = {a["id"]: a["has_card"] for a in json.loads(cli("registry", "list", "--json").stdout)}
+    assert listed == {"lib/t5-addition": True, "lib/t5-capitals": True, "lib/t5-weekdays": False}
+    shown = cli("registry", "sync", "--catalog", str(catalog), "--cards")
+    assert shown.code == 1 and "card failed" in shown.stderr and "1 failed" in shown.stderr
+
+
+def test_sync_with_the_hub_unreachable_stops_early_with_one_line(online, lorahub_home, tmp_path, cli, monkeypatch):
+    from huggingface_hub import constants
+
+    catalog = write_catalog(tmp_path, [f"lib/t5-{i:03d}" for i in range(196)])
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    result = cli("registry", "sync", "--catalog", str(catalog), "--workers", "4")
+    assert result.code == 1 and "Internal error" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "Mirroring" not in line]
+    assert len(lines) == 1 and lines[0].startswith("Error: cannot reach the Hub at http://127.0.0.1:9"), result.stderr
+
+
+def test_repeated_sync_errors_are_summarised(online, lorahub_home, tmp_path, cli):
+    online.commit("lib/t5-addition", adapter_files("addition"))
+    catalog = write_catalog(tmp_path, ["lib/t5-addition"] + [f"lib/t5-missing{i}" for i in range(20)])
+    result = cli("registry", "sync", "--catalog", str(catalog))
+    assert result.code == 1
+    assert result.stderr.count("was not found") == 1 and "failed ×20" in result.stderr and "and 17 more" in result.stderr
+    assert "Fetching" not in result.stderr, "one progress display: huggingface_hub's own bars are off"

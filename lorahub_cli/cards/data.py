@@ -3,6 +3,12 @@
 A Hub dataset is read file by file (JSONL, JSON, CSV or Parquet) at a pinned
 commit, filtered row by row, and reading stops once enough examples are found,
 so a large multi-task dataset is not downloaded whole when one task is wanted.
+
+Two multi-task layouts are understood (docs/registry.md):
+- one file per task, as lorahub/flanv2: `<task>.json` or `<task>:<anything>.json` holding JSON Lines;
+  a `task=NAME` (or `task_name=NAME`) filter picks that file by its stem and no other file is downloaded;
+- one table with a `task` or `task_name` column, filtered row by row.
+The bytes downloaded for one card are bounded (MAX_DOWNLOAD_BYTES).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from ..io import Example, read_examples, sha256_file
 INPUT_FIELDS = ("input", "inputs", "instruction", "prompt", "question", "text", "source")
 TARGET_FIELDS = ("target", "targets", "output", "completion", "answer", "response", "label")
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".csv", ".parquet")
+TASK_FIELDS = ("task", "task_name")  # the names a task column goes by; a filter on either matches both
+MAX_DOWNLOAD_BYTES = 512 << 20
 SPEC = re.compile(r"^(?P<repo>[\w.\-]+/[\w.\-]+)(?::(?P<config>[\w.\-]+))?(?:@(?P<split>[\w.\-]+))?$")
 
 
@@ -64,6 +72,30 @@ def _pick(row: dict, wanted: str | None, candidates: tuple[str, ...], where: str
     )
 
 
+def _json_is_lines(path: Path) -> bool:
+    """Whether a `.json` file holds JSON Lines (one object per line) rather than one JSON document."""
+    with open(path, encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    if first.lstrip().startswith("["):
+        return False
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # a document that spans several lines
+    # A one-line document wraps its rows in a list ({"data": [...]}); a JSON Lines row does not.
+    return isinstance(obj, dict) and not any(isinstance(v, list) and v and isinstance(v[0], dict) for v in obj.values())
+
+
+def _json_lines(path: Path, opener=open):
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as error:
+                    raise InputError(f"{path.name}:{number}: not valid JSON ({error}).", "The dataset file is malformed.") from None
+
+
 def _rows(path: Path):
     """Yield dict rows from a data file of any supported format."""
     name = path.name
@@ -75,12 +107,11 @@ def _rows(path: Path):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
             yield from batch.to_pylist()
     elif name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line)
+        yield from _json_lines(path, gzip.open if name.endswith(".gz") else open)
     elif name.endswith(".json"):
+        if _json_is_lines(path):
+            yield from _json_lines(path)
+            return
         data = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(data, dict):
             data = next((v for v in data.values() if isinstance(v, list)), [])
@@ -88,6 +119,16 @@ def _rows(path: Path):
     else:
         with open(path, newline="", encoding="utf-8") as handle:
             yield from csv.DictReader(handle)
+
+
+def task_stem(filename: str) -> str:
+    """The task a per-task data file holds: its name without the data suffix, up to any ':' (lorahub/flanv2)."""
+    name = Path(filename).name
+    for suffix in DATA_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name.split(":", 1)[0]
 
 
 def _data_files(files: list[str], spec: DatasetSpec) -> list[str]:
@@ -100,34 +141,71 @@ def _data_files(files: list[str], spec: DatasetSpec) -> list[str]:
     return split or (data if spec.split == "train" else [])
 
 
+def _task_filter(filters: dict[str, str]) -> tuple[str | None, str | None]:
+    return next(((k, v) for k, v in filters.items() if k in TASK_FIELDS), (None, None))
+
+
+def _matches(row: dict, filters: dict[str, str], where: str) -> bool:
+    for key, value in filters.items():
+        names = TASK_FIELDS if key in TASK_FIELDS else (key,)
+        present = [n for n in names if n in row]
+        if not present:
+            raise InputError(
+                f"{where}: the rows have no {' or '.join(repr(n) for n in names)} field to filter on "
+                f"(fields: {sorted(row)}), and no data file is named after {value!r}.",
+                "Check the --filter field, or the task name against the dataset's file names.",
+            )
+        if str(row[present[0]]) != value:
+            return False
+    return True
+
+
 def from_hub_dataset(
     spec: DatasetSpec,
     filters: dict[str, str],
     input_field: str | None,
     target_field: str | None,
     max_examples: int,
+    max_download_bytes: int = MAX_DOWNLOAD_BYTES,
 ) -> tuple[list[Example], dict]:
     from huggingface_hub import hf_hub_download
 
     from ..hub import api, endpoint, hub_errors
 
     with hub_errors(spec.repo_id):
-        info = api().dataset_info(spec.repo_id)
-        files = _data_files([s.rfilename for s in info.siblings or []], spec)
+        info = api().dataset_info(spec.repo_id, files_metadata=True)
+    siblings = {s.rfilename: s.size for s in info.siblings or []}
+    files = _data_files(list(siblings), spec)
     if not files:
         raise InputError(
             f"dataset '{spec.repo_id}' has no {'/'.join(DATA_SUFFIXES)} files for "
             f"config {spec.config or '(any)'} and split '{spec.split}'.",
             "Check the config and split names in HUB_ID[:CONFIG][@SPLIT].",
         )
+    task_key, task = _task_filter(filters)
+    layout = "table"
+    if task is not None and (per_task := [f for f in files if task_stem(f) == task]):
+        files, layout = per_task, "per-task file"
+        filters = {k: v for k, v in filters.items() if k != task_key}  # the file is the filter
     examples: list[Example] = []
+    downloaded = 0
     for name in files:
+        size = siblings.get(name) or 0
+        if downloaded + size > max_download_bytes:
+            if examples:
+                break
+            raise InputError(
+                f"building this card would download more than {max_download_bytes >> 20} MiB of '{spec.repo_id}' "
+                f"(next: {name}, {size >> 20} MiB).",
+                "Name a smaller config (HUB_ID:CONFIG), or build the card from a local file with --data.",
+            )
         with hub_errors(spec.repo_id):
             local = Path(hf_hub_download(spec.repo_id, name, repo_type="dataset", revision=info.sha, endpoint=endpoint()))
+        downloaded += local.stat().st_size
+        where = f"{spec.repo_id}/{name}"
         for row in _rows(local):
-            if any(str(row.get(k)) != v for k, v in filters.items()):
+            if not _matches(row, filters, where):
                 continue
-            where = f"{spec.repo_id}/{name}"
             examples.append(Example(_pick(row, input_field, INPUT_FIELDS, where), _pick(row, target_field, TARGET_FIELDS, where)))
             if len(examples) >= max_examples:
                 break
@@ -135,11 +213,12 @@ def from_hub_dataset(
             break
     if not examples:
         raise InputError(
-            f"no rows of dataset '{spec.repo_id}' match {filters or 'the split'}.",
+            f"no rows of dataset '{spec.repo_id}' match {filters or ({task_key: task} if task else 'the split')}.",
             "Check the --filter field and value.",
         )
     source = {"type": "hub-dataset", "repo_id": spec.repo_id, "revision": info.sha, "config": spec.config,
-              "split": spec.split, "filters": filters}
+              "split": spec.split, "filters": {**filters, **({task_key: task} if task else {})}, "layout": layout,
+              "files": files if layout == "per-task file" else None}
     return examples, source
 
 

@@ -70,24 +70,38 @@ def _register() -> None:
 _register()
 
 
+def _usage_errors() -> tuple[type[Exception], ...]:
+    """What Typer raises for a usage error: Typer >= 0.24 its own vendored Click exceptions (TyperException),
+    older Typer Click's (ClickException); Click itself may not be installed with a new Typer."""
+    kinds: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+    except ImportError:
+        return tuple(kinds)
+    return (*kinds, click.exceptions.ClickException)
+
+
 def main() -> None:
     """Console entry point: a LorahubError is one line on stderr and a non-zero exit."""
-    import click
-
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="lorahub", standalone_mode=False)
     except LorahubError as error:
         if debug():
             raise
         # One unwrapped line, so that scripts and people can both read it.
         sys.stderr.write(f"Error: {error}\n")
         sys.exit(error.exit_code)
-    except click.exceptions.ClickException as error:
-        error.show()
-        sys.exit(error.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         err.print("Interrupted.")
         sys.exit(130)
+    except _usage_errors() as error:
+        # Click's usual message: usage, a help hint and "Error: ..."; exit 2 for a usage error.
+        show = getattr(error, "show", None)
+        if show is not None:
+            show()
+        else:
+            sys.stderr.write(f"Error: {error.format_message()}\n")
+        sys.exit(error.exit_code)
     except Exception as error:  # noqa: BLE001 - the last line of defence before a traceback
         if debug():
             raise

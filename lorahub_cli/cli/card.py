@@ -60,7 +60,7 @@ def show(adapter_id: Annotated[str, typer.Argument(help="Registry id.")], json_:
     """Show an adapter's card: embedder, recipe, size and its most central training examples."""
     from ..cards.card import Card
 
-    record = open_store().get(adapter_id)
+    record = open_store(readonly=True).get(adapter_id)
     card = Card.load(record.path, record.id)
     if json_:
         print_json({"id": record.id, **card.metadata()})

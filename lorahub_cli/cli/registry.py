@@ -35,10 +35,11 @@ app = typer.Typer(
 )
 
 
-def open_store():
+def open_store(readonly: bool = False):
+    """The registry under $LORAHUB_HOME; `readonly` for commands that only read (they work on a read-only home)."""
     from ..registry import Store
 
-    return Store(home())
+    return Store(home(), readonly=readonly)
 
 
 @contextmanager
@@ -81,24 +82,31 @@ def add(
     inputs_only: InputsOnlyOpt = False,
     instruction: InstructionOpt = "",
     force: Annotated[bool, typer.Option("--force", help="Mirror again even if this commit is stored.")] = False,
+    replace: Annotated[bool, typer.Option("--replace", help="Replace an adapter of the same id from another source.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too."""
-    from ..registry.cards import card_from_source
+    """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too.
+
+    All or nothing: the adapter appears in the registry only with everything asked for (its card included)."""
+    from ..registry.cards import prepare_card
     from ..registry.mirror import add_hub, add_local, is_local_source
 
     store = open_store()
-    if is_local_source(source):
-        if revision:
-            raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
-        result = add_local(store, Path(source), name=name, base_model=base_model, warn=warn)
-    else:
-        result = add_hub(store, source, revision=revision, name=name, base_model=base_model, force=force, warn=warn)
-    record = result.record
+    local = is_local_source(source)
+    if local and revision:
+        raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
+    card_job = None
     if data is not None or dataset is not None:
-        record, _ = card_from_source(store, record.id, **card_options(
+        card_job = prepare_card(**card_options(
             data=data, dataset=dataset, filters=filter, input_field=input_field, target_field=target_field,
             max_examples=max_examples, embedder=embedder, inputs_only=inputs_only, instruction=instruction, quiet=json_))
+    if local:
+        result = add_local(store, Path(source), name=name, base_model=base_model, replace=replace,
+                           card_job=card_job, warn=warn)
+    else:
+        result = add_hub(store, source, revision=revision, name=name, base_model=base_model, force=force,
+                         replace=replace, card_job=card_job, warn=warn)
+    record = result.record
     if json_:
         print_json({**result.to_json(), "adapter": record.to_json()})
     else:
@@ -108,12 +116,20 @@ def add(
 
 
 def _summary(results) -> Table:
+    """One row per adapter mirrored; failures that share a message (the id aside) share one row."""
     table = Table(title="Sync summary")
     for column in ("adapter", "status", "commit", "message"):
         table.add_column(column, overflow="fold")
+    failures: dict[str, list[str]] = {}
     for result in results:
-        colour = {"failed": "red", "skipped": "dim"}.get(result.status, "green")
+        if result.status == "failed":
+            failures.setdefault(result.message.replace(result.id, "{id}"), []).append(result.id)
+            continue
+        colour = "dim" if result.status == "skipped" else "green"
         table.add_row(result.id, f"[{colour}]{result.status}[/{colour}]", (result.revision or "")[:12], result.message)
+    for message, ids in failures.items():
+        shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        table.add_row(shown, f"[red]failed ×{len(ids)}[/red]" if len(ids) > 1 else "[red]failed[/red]", "", message)
     return table
 
 
@@ -147,6 +163,9 @@ def sync(
     entries = loaded.entries if loaded else list_author(author, search)
     if cards and not (loaded and loaded.dataset):
         raise InputError("--cards needs a catalogue that names a training dataset.", "Build cards with: lorahub card build ID --dataset ...")
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # lorahub's bar is the one progress display; the client's would interleave with it
     with progress(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
         results = sync_entries(store, entries, base_model=base_model or (loaded.base_model if loaded else None),
                                workers=workers, on_result=lambda r: advance(), warn=warn)
@@ -161,7 +180,8 @@ def sync(
                                      max_examples=max_examples, embedder=embedder)
                     result.message = "card built"
                 except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
-                    result.message = f"card failed: {error}"
+                    # The adapter is stored, but the sync did not do what was asked: a failure.
+                    result.status, result.message = "failed", f"mirrored, but its card failed: {error}"
                 advance()
     failed = sum(r.status == "failed" for r in results)
     if json_:
@@ -182,7 +202,7 @@ def sync(
 )
 def list_(base_model: BaseModelOpt = None, json_: JsonOpt = False) -> None:
     """List the adapters in the registry."""
-    records = open_store().list(base_model)
+    records = open_store(readonly=True).list(base_model)
     if json_:
         print_json([r.to_json() for r in records])
         return
@@ -202,7 +222,7 @@ def list_(base_model: BaseModelOpt = None, json_: JsonOpt = False) -> None:
 @app.command(epilog="Examples:\n\n  lorahub registry show lorahub/flan_t5_large-ag_news_subset --json")
 def show(adapter_id: Annotated[str, typer.Argument(help="Registry id.")], json_: JsonOpt = False) -> None:
     """Show everything the registry knows about one adapter."""
-    record = open_store().get(adapter_id)
+    record = open_store(readonly=True).get(adapter_id)
     if json_:
         print_json(record.to_json())
         return
@@ -228,28 +248,56 @@ def remove(
     info(f"Removed {adapter_id}.")
 
 
+LEFTOVER_TEXT = {
+    "staging": "staging folder(s) of interrupted adds",
+    "superseded": "superseded version(s) left by interrupted replacements",
+    "unindexed": "stored adapter(s) missing from the index (restore them with: lorahub registry rebuild)",
+}
+
+
 @app.command(epilog="Examples:\n\n  lorahub registry verify\n\n  lorahub registry verify --prune --json")
 def verify(
-    prune: Annotated[bool, typer.Option("--prune", help="Delete folders left unindexed by interrupted adds.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Delete staging folders of interrupted adds and superseded versions.")] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Re-hash every stored file; exits non-zero if any is missing or corrupted."""
-    store = open_store()
+    """Re-hash every stored file and check the weights; exits non-zero if any is missing, corrupted or not finite.
+
+    Stored adapters missing from the index are reported, never deleted: `lorahub registry rebuild` restores them."""
+    store = open_store(readonly=not prune)
     with progress("Verifying", None):
-        problems, orphans = store.verify(prune=prune)
+        problems, leftovers = store.verify(prune=prune)
     if json_:
-        print_json({"ok": not problems, "problems": problems, "orphans": [str(p) for p in orphans], "pruned": prune})
+        print_json({"ok": not problems, "problems": problems, "pruned": prune,
+                    "leftovers": [{"path": str(item["path"]), "kind": item["kind"]} for item in leftovers]})
     else:
         for p in problems:
             err.print(f"[red]{p['id']}[/red]: {p['file']}: {p['problem']}")
-        if orphans:
-            info(f"{len(orphans)} unindexed folder(s) from interrupted adds" + (" pruned." if prune else "; remove them with --prune."))
+        for kind, text in LEFTOVER_TEXT.items():
+            if count := sum(item["kind"] == kind for item in leftovers):
+                pruned = prune and kind != "unindexed"
+                info(f"{count} {text}" + (" pruned." if pruned else "; remove them with --prune." if kind != "unindexed" else "."))
         info(f"{len(store.list())} adapters checked, {len(problems)} problem(s).")
     if problems:
         raise IntegrityError(
             f"{len(problems)} stored file(s) are missing or corrupted.",
             "Re-add the adapters listed above with: lorahub registry add SOURCE --force",
         )
+
+
+@app.command(epilog="Examples:\n\n  lorahub registry rebuild")
+def rebuild(json_: JsonOpt = False) -> None:
+    """Rebuild the index (registry.sqlite) from the stored adapter folders; the old index is kept aside.
+
+    Use it when the index is missing or damaged; run it while no other lorahub uses this registry."""
+    from ..registry import Store
+
+    records, kept = Store.for_rebuild(home()).rebuild()
+    if json_:
+        print_json({"indexed": [r.id for r in records], "old_index": str(kept) if kept else None})
+        return
+    if kept:
+        info(f"The old index was kept as {kept}.")
+    info(f"Indexed {len(records)} adapter(s) from {home() / 'adapters'}.")
 
 
 @app.command(epilog="Examples:\n\n  lorahub registry path")

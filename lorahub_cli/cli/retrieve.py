@@ -54,7 +54,7 @@ def retrieve(
         raise InputError("--query is empty.", "Give some text to match.")
     if inputs is not None and shots is not None and level != "instance":
         raise InputError("--inputs with --shots routes inputs to shots, which needs --level instance.", "Add --level instance.")
-    index = retrieval.CardIndex.from_store(open_store(), base_model)
+    index = retrieval.CardIndex.from_store(open_store(readonly=True), base_model)
     model = index.embedder(embedder)
     if shots is not None:
         examples = read_examples(shots)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..cards.card import Card, Recipe, build_card
@@ -29,9 +30,24 @@ def attach_card(
     return store.update_card(adapter_id, files, card.embedder_key), card
 
 
-def card_from_source(
-    store: Store,
-    adapter_id: str,
+@dataclass
+class CardJob:
+    """A card ready to be built: its training examples and embedder are loaded (so they are known to be good)."""
+
+    examples: list[Example]
+    source: dict
+    recipe: Recipe
+    embedder: Embedder
+    progress_factory: object = None
+
+    def build(self, adapter_id: str) -> Card:
+        if self.progress_factory is None:
+            return build_card(self.examples, self.embedder, self.recipe, source=self.source)
+        with self.progress_factory(f"Embedding {len(self.examples)} examples of {adapter_id}", len(self.examples)) as advance:
+            return build_card(self.examples, self.embedder, self.recipe, source=self.source, progress=advance)
+
+
+def prepare_card(
     *,
     data: Path | None = None,
     dataset: str | None = None,
@@ -43,15 +59,18 @@ def card_from_source(
     inputs_only: bool = False,
     instruction: str = "",
     progress_factory=None,
-) -> tuple[AdapterRecord, Card]:
-    """Card from a JSONL file or a Hub dataset. `progress_factory(description, total)` may return a progress context."""
+) -> CardJob:
+    """Load and check everything a card needs, before any adapter is touched.
+    `progress_factory(description, total)` may return a progress context."""
     if instruction and not inputs_only:
         raise InputError("--instruction goes with --inputs-only (LoraRetriever's recipe).", "Add --inputs-only.")
-    store.get(adapter_id)
     examples, source = load_training_data(data, dataset, filters, input_field, target_field, max_examples)
     recipe = Recipe("input" if inputs_only else "input+target", instruction)
-    model = load_embedder(embedder)
-    if progress_factory is None:
-        return attach_card(store, adapter_id, examples, embedder=model, recipe=recipe, source=source)
-    with progress_factory(f"Embedding {len(examples)} examples of {adapter_id}", len(examples)) as advance:
-        return attach_card(store, adapter_id, examples, embedder=model, recipe=recipe, source=source, progress=advance)
+    return CardJob(examples, source, recipe, load_embedder(embedder), progress_factory)
+
+
+def card_from_source(store: Store, adapter_id: str, **options) -> tuple[AdapterRecord, Card]:
+    """Card for a stored adapter from a JSONL file or a Hub dataset (`prepare_card`'s options)."""
+    record = store.get(adapter_id)
+    card = prepare_card(**options).build(adapter_id)
+    return store.update_card(adapter_id, card.save(record.path), card.embedder_key), card

@@ -8,11 +8,12 @@ its base model and where each module's training data lives, so that
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError, LorahubError
+from ..errors import HubUnreachableError, InputError, LorahubError
 from ..settings import shipped_dir
 from .mirror import MirrorResult, add_hub
 
@@ -67,14 +68,23 @@ def list_author(author: str, search: str | None = None) -> list[CatalogEntry]:
 
 def sync(store, entries: list[CatalogEntry], *, base_model: str | None = None, workers: int = 4,
          on_result=None, warn=lambda m: None) -> list[MirrorResult]:
-    """Mirror every entry in parallel; one failure never stops the others.
+    """Mirror every entry in parallel; one failure never stops the others, but an unreachable Hub stops them all.
 
-    `on_result(result)` runs in the caller's thread as each entry finishes (progress).
+    `on_result(result)` runs in the caller's thread as each entry finishes (progress). Raises
+    HubUnreachableError when the Hub cannot be reached at all, after the entries already started end.
     """
+    unreachable: list[HubUnreachableError] = []
+    stop = threading.Event()
 
-    def one(entry: CatalogEntry) -> MirrorResult:
+    def one(entry: CatalogEntry) -> MirrorResult | None:
+        if stop.is_set():
+            return None
         try:
             return add_hub(store, entry.repo_id, base_model=base_model, warn=warn)
+        except HubUnreachableError as error:
+            unreachable.append(error)
+            stop.set()
+            return None
         except LorahubError as error:
             return MirrorResult(entry.repo_id, "failed", message=str(error))
         except Exception as error:  # noqa: BLE001 - a bug in one mirror must not end the sync
@@ -84,8 +94,12 @@ def sync(store, entries: list[CatalogEntry], *, base_model: str | None = None, w
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         futures = [pool.submit(one, entry) for entry in entries]
         for future in as_completed(futures):
-            results.append(future.result())
+            if (result := future.result()) is None:
+                continue
+            results.append(result)
             if on_result:
-                on_result(results[-1])
+                on_result(result)
+    if unreachable:
+        raise unreachable[0]
     order = {entry.repo_id: i for i, entry in enumerate(entries)}
     return sorted(results, key=lambda r: order.get(r.id, len(order)))

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..cards.card import CARD_FILES, Card
 from ..errors import InputError, IntegrityError, LorahubError
 from ..io import read_json, sha256_file
-from .store import AdapterRecord, Store
+from .store import AdapterRecord, Store, check_id, nonfinite_tensors
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
@@ -34,8 +34,12 @@ class MirrorResult:
         return {"id": self.id, "status": self.status, "revision": self.revision, "message": self.message}
 
 
-def _read_config(folder: Path, label: str) -> dict:
-    config = read_json(folder / CONFIG, f"Re-save '{label}' with PEFT.")
+def _read_config(folder: Path, label: str, shown: str) -> dict:
+    """The adapter's config; errors name `shown`, where the user's copy is (not the staging folder)."""
+    config = read_json(folder / CONFIG, f"Re-save '{label}' with PEFT.", shown=shown)
+    if not isinstance(config, dict):
+        raise InputError(f"{shown} is not a JSON object (it holds a {type(config).__name__}).",
+                         f"Re-save '{label}' with PEFT.")
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise InputError(
@@ -80,6 +84,9 @@ def _check_weights(folder: Path, label: str) -> None:
         raise IntegrityError(f"'{label}': {SAFETENSORS} is damaged ({error}).", "Download or save it again.") from None
     if not any("lora_A" in k for k in keys) or not any("lora_B" in k for k in keys):
         raise InputError(f"'{label}': {SAFETENSORS} holds no lora_A/lora_B weights.", "Is this a LoRA adapter?")
+    if bad := nonfinite_tensors(folder / SAFETENSORS):
+        raise InputError(f"'{label}': {SAFETENSORS} holds NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]}.",
+                         "The adapter is broken; retrain or re-export it.")
 
 
 def _shipped_card(folder: Path, label: str, warn) -> Card | None:
@@ -105,10 +112,16 @@ def ingest(
     source_type: str,
     revision: str | None,
     expected_base_model: str | None,
+    shown: str,
+    card_job=None,
     warn=lambda message: None,
 ) -> AdapterRecord:
-    """Validate and normalise a staged adapter folder, then commit it to the store."""
-    config = _read_config(staged, adapter_id)
+    """Validate and normalise a staged adapter folder, build its card if asked, then commit it to the store.
+
+    `card_job` is a prepared card (registry.cards.CardJob): it is built into the staged folder, so the adapter
+    becomes visible with its card or not at all.
+    """
+    config = _read_config(staged, adapter_id, shown)
     base_model = config["base_model_name_or_path"]
     if expected_base_model and base_model != expected_base_model:
         raise InputError(
@@ -123,7 +136,11 @@ def ingest(
     else:
         (staged / PICKLE).unlink(missing_ok=True)
     _check_weights(staged, adapter_id)
-    card = _shipped_card(staged, adapter_id, warn)
+    if card_job is None:
+        card = _shipped_card(staged, adapter_id, warn)
+    else:
+        card = card_job.build(adapter_id)
+        card.save(staged)
     files = {p.name: sha256_file(p) for p in sorted(staged.iterdir()) if p.is_file()}
     targets = config["target_modules"]
     record = AdapterRecord(
@@ -148,18 +165,30 @@ def ingest(
     return store.commit(record, staged, key)
 
 
-def add_local(store: Store, folder: Path, *, name: str | None = None, base_model: str | None = None, warn=lambda m: None) -> MirrorResult:
+def _existing(store: Store, adapter_id: str, source: str, replace: bool) -> AdapterRecord | None:
+    """The id's current record; another source's adapter is replaced only when asked."""
+    existing = store.find(check_id(adapter_id))
+    if existing and existing.source != source and not replace:
+        raise InputError(
+            f"'{adapter_id}' already holds an adapter from '{existing.source}', not '{source}'.",
+            "Pass --replace to replace it (its card goes with it), or choose another --name.",
+        )
+    return existing
+
+
+def add_local(store: Store, folder: Path, *, name: str | None = None, base_model: str | None = None,
+              replace: bool = False, card_job=None, warn=lambda m: None) -> MirrorResult:
     folder = Path(folder).expanduser().resolve()
     if not (folder / CONFIG).is_file():
         raise InputError(f"'{folder}' has no {CONFIG}.", "Give a PEFT adapter folder (saved with save_pretrained).")
-    adapter_id = name or folder.name
-    existed = store.find(adapter_id) is not None
+    adapter_id = folder.name if name is None else name
+    existed = _existing(store, adapter_id, str(folder), replace) is not None
     with store.staging() as staged:
         for file in WANTED:
             if (folder / file).is_file():
                 shutil.copy2(folder / file, staged / file)
-        record = ingest(store, staged, adapter_id=adapter_id, source=str(folder), source_type="local",
-                        revision=None, expected_base_model=base_model, warn=warn)
+        record = ingest(store, staged, adapter_id=adapter_id, source=str(folder), source_type="local", revision=None,
+                        expected_base_model=base_model, shown=str(folder / CONFIG), card_job=card_job, warn=warn)
     return MirrorResult(adapter_id, "updated" if existed else "added", None, record=record)
 
 
@@ -171,6 +200,8 @@ def add_hub(
     name: str | None = None,
     base_model: str | None = None,
     force: bool = False,
+    replace: bool = False,
+    card_job=None,
     warn=lambda m: None,
 ) -> MirrorResult:
     """Mirror a Hub repo at a pinned commit; a re-run at the same commit is skipped."""
@@ -178,11 +209,11 @@ def add_hub(
 
     from ..hub import api, endpoint, hub_errors
 
-    adapter_id = name or repo_id
+    adapter_id = repo_id if name is None else name
+    existing = _existing(store, adapter_id, repo_id, replace)
     with hub_errors(repo_id, revision):
         info = api().model_info(repo_id, revision=revision)
-    existing = store.find(adapter_id)
-    if existing and existing.source == repo_id and existing.revision == info.sha and not force:
+    if existing and existing.source == repo_id and existing.revision == info.sha and not force and card_job is None:
         return MirrorResult(adapter_id, "skipped", info.sha, "already mirrored at this commit", existing)
     names = {s.rfilename for s in info.siblings or []}
     if CONFIG not in names:
@@ -198,8 +229,8 @@ def add_hub(
             if (download / file).is_file():
                 (download / file).rename(staged / file)
         shutil.rmtree(download)
-        record = ingest(store, staged, adapter_id=adapter_id, source=repo_id, source_type="hub",
-                        revision=info.sha, expected_base_model=base_model, warn=warn)
+        record = ingest(store, staged, adapter_id=adapter_id, source=repo_id, source_type="hub", revision=info.sha,
+                        expected_base_model=base_model, shown=f"{repo_id}/{CONFIG}", card_job=card_job, warn=warn)
     return MirrorResult(adapter_id, "updated" if existing else "added", info.sha, record=record)
 
 
