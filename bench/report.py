@@ -6,6 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compose import summarize  # noqa: E402
+
 
 def _reach(run: dict) -> str:
     return f"{run['time_to_reference_objective']:.1f}" if run["time_to_reference_objective"] else "not reached"
@@ -36,7 +40,8 @@ def table(result: dict) -> str:
             lines.append(f"| | `{config}` ({run['engine']}) | {run['search_precision']} | {run['seconds_total']:.1f} | "
                          f"{run['evaluations']} | {run['true_objective']:.2f} | {_reach(run)} | {run['speedup_end_to_end']:.2f} | "
                          f"{to_objective} | {run['peak_rss_mb']:.0f} | {_load(run['loadavg_before'])} / {_load(run['loadavg_after'])} |")
-    summary = result.get("summary", {})
+    # A run stopped before its last seed has rows but no summary yet.
+    summary = result.get("summary") or summarize(result["rows"], configs)
     lines += ["", "| run | speedup end to end, median (worst) | speedup to the reference's objective, median (worst) "
               "| true objective no worse than the reference | peak memory / reference's, median (worst) |",
               "| --- | ---: | ---: | ---: | ---: |"]

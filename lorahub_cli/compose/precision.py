@@ -9,8 +9,8 @@ re-scores the best candidates on the fp32 model and reports fp32 numbers only (d
     bf16  a bf16 copy of the frozen base weights (+50% of the model's memory); fast where the hardware
           has bf16 matrix units: AMX or AVX512-BF16 CPUs, CUDA with bf16
     int8  a copy whose linear layers other than the bank's hold int8 weights and quantise their
-          activations per token (torch.ao dynamic quantisation, fbgemm/x86 kernels); CPU only, and no
-          gradients, so gradient-free optimisers only
+          activations per token (torch.ao dynamic quantisation, x86/fbgemm kernels); CPU only, and no
+          gradients through those layers, so gradient-free optimisers only
     auto  bf16 where it is fast (above), fp32 elsewhere: the choice docs/benchmarks.md measured
 """
 
@@ -62,6 +62,10 @@ def _supported_engines() -> list[str]:
 
 
 def _int8_engine() -> str | None:
+    try:
+        from torch.ao.quantization import quantize_dynamic  # noqa: F401  (deprecated in torch 2.13, still shipped)
+    except ImportError:
+        return None
     engines = _supported_engines()
     return next((e for e in ("x86", "fbgemm", "onednn") if e in engines), None)
 
@@ -87,8 +91,10 @@ def search_model(answer: BaseModel, precision: str, keep: set[str]) -> BaseModel
 
 
 def _quantize_int8(model: nn.Module, keep: set[str]) -> None:
-    """torch.ao dynamic quantisation of every nn.Linear outside `keep`, in place. torchao's maintained
-    replacement was measured slower on CPU for this use (docs/benchmarks.md), so torch.ao it is while it ships."""
+    """torch.ao dynamic quantisation of every nn.Linear outside `keep`, in place. torchao, its maintained
+    replacement, was 1.4x slower per evaluation on CPU here and would be a new dependency
+    (docs/benchmarks.md#search-precision), so torch.ao it is while torch ships it. Its int8 linear passes no
+    gradient to its input (silently), which is why int8 is refused for gradient optimisers."""
     from torch.ao.quantization import quantize_dynamic
 
     torch.backends.quantized.engine = _int8_engine()
