@@ -48,10 +48,10 @@ def test_l1_is_on_mean_absolute_weight():
 
 
 def test_ngopt_starts_at_init_and_is_deterministic():
-    runs = [search(quadratic([]), 5, SearchConfig(budget=12, seed=3)) for _ in range(2)]
+    runs = [search(quadratic([]), 5, SearchConfig(optimizer="ngopt", budget=12, seed=3)) for _ in range(2)]
     assert runs[0].weights == runs[1].weights
     assert runs[0].curve[0]["loss"] == pytest.approx(float((TARGET ** 2).sum())), "the first candidate is w = 0"
-    warm = search(quadratic([]), 5, SearchConfig(budget=1), init=TARGET.numpy())
+    warm = search(quadratic([]), 5, SearchConfig(optimizer="ngopt", budget=1), init=TARGET.numpy())
     assert warm.loss == pytest.approx(0.0, abs=1e-12)
     assert "Cobyla" in runs[0].engine
 

@@ -59,7 +59,7 @@ def compose(
     svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", help="For svd: rank of the result (default: the largest module rank).")] = None,
     modules: Annotated[str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")] = "auto",
     num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")] = 20,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="lbfgs, ngopt (LoraHub's), cma, de, random or adam.")] = "lbfgs",
+    optimizer: Annotated[str, typer.Option("--optimizer", help="ngopt (LoraHub's), cma, de, random, adam or lbfgs.")] = "ngopt",
     budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")] = 40,
     l1: Annotated[float, typer.Option("--l1", min=0.0, help="Penalty on mean |w| added to the loss.")] = 0.05,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the search and of random module selection.")] = 42,

@@ -49,11 +49,12 @@ def model_card(recipe: dict) -> str:
         "",
     ]
     search = recipe.get("search")
+    objective = search["objective"] if search and recipe.get("objective") is None else recipe.get("objective")
     if search:
         lines += [
             f"Weights found by `{search['optimizer']}` ({search.get('engine', '')}) in {search['evaluations']} "
             f"evaluations on {recipe['shots']['count']} examples: few-shot loss {recipe['loss']:.4f}, "
-            f"objective {recipe.get('objective', search['objective']):.4f} (loss + {search['l1']} x mean |w|; float32).",
+            f"objective {objective:.4f} (loss + {search['l1']} x mean |w|; float32).",
             "",
         ]
     lines += ["| module | revision | weight |", "| --- | --- | ---: |"]

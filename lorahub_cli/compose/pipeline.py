@@ -356,7 +356,7 @@ def write(composition: Composition, out: Path, *, overwrite: bool = False) -> Pa
         for entry, adapter in zip(recipe["compositions"], composition.adapters):
             shot_recipe = {**{k: v for k, v in recipe.items() if k not in ("compositions", "router")},
                            "level": "task", "modules": entry["modules"], "search": entry["search"], "loss": entry["loss"],
-                           "objective": entry["objective"]}
+                           "objective": entry.get("objective")}
             write_adapter_folder(tmp / entry["folder"], adapter, shot_recipe)
         save_file({"shots": composition.router.contiguous()}, tmp / ROUTER_FILE)
         atomic_write_json(tmp / RECIPE_FILE, recipe)

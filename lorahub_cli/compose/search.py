@@ -52,7 +52,7 @@ TOP = 3  # the best distinct candidates a search hands back for re-scoring in fp
 
 @dataclass
 class SearchConfig:
-    optimizer: str = "lbfgs"  # the best quality per second measured (docs/benchmarks.md); ngopt is LoraHub's
+    optimizer: str = "ngopt"  # LoraHub's, and the best quality per second measured (docs/benchmarks.md)
     budget: int = 40  # loss evaluations (candidates), not forward passes
     l1: float = 0.05  # on mean |w|
     seed: int = 42
