@@ -158,3 +158,58 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def check_destination(out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an --out that exists (unless `overwrite`), that is a file, or that cannot be written: before any work."""
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise InputError(f"'{out}' already exists.", "Choose another --out, or pass --overwrite to replace it.")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"'{out}' is a file, not a folder.", "Choose another --out.")
+    check_writable(out)
+
+
+def check_writable(out: str | Path) -> None:
+    """Fail now, not after an hour of work, if a folder cannot be created at `out`.
+
+    Probes the nearest existing ancestor by creating and removing an empty folder in it:
+    permission bits alone miss read-only mounts and a root user."""
+    out = Path(out).resolve()
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot write '{out}': '{ancestor}' is a file, not a folder.", "Choose another --out.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".lorahub-probe-", dir=ancestor))
+    except OSError as error:
+        raise InputError(f"cannot write '{out}': {error.strerror} in '{ancestor}'.",
+                         "Choose a folder you can write to.") from None
+
+
+def write_folder(out: str | Path, fill, *, overwrite: bool = False) -> Path:
+    """Build a folder with `fill(tmp)` beside `out`, then rename it into place: all or nothing.
+
+    Ctrl-C or a crash leaves either no output or the previous one, never a half-written folder.
+    An existing `out` is replaced only with `overwrite`; deciding whether it *may* be replaced is
+    the caller's job (see compose.export.check_destination)."""
+    import shutil
+
+    out = Path(out).resolve()
+    check_destination(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        fill(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -99,13 +99,28 @@ class BaseModel:
         return self._fp32
 
 
+LOCAL_MODELS = {"lorahub-demo/tiny-flan-t5": ("demo", "base")}
+"""Base models that ship inside lorahub (not on the Hub), by the name their adapters record -> folder
+under the shipped registry data. `load_base_model` resolves these names without touching the network."""
+
+
+def local_model_path(name: str) -> Path | None:
+    """Where a base model that ships inside lorahub is, or None for any other name."""
+    from .settings import shipped_dir
+
+    parts = LOCAL_MODELS.get(name)
+    return shipped_dir().joinpath(*parts) if parts else None
+
+
 def load_base_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> BaseModel:
-    """Load a seq2seq or causal LM and its tokenizer, frozen, in eval mode."""
+    """Load a seq2seq or causal LM and its tokenizer, frozen, in eval mode; a LOCAL_MODELS name loads lorahub's copy."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from .hub import hub_errors
     from .quiet import quiet_loading
 
+    local = local_model_path(name_or_path)
+    name_or_path = str(local) if local is not None else name_or_path
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     with hub_errors(name_or_path), quiet_loading():

@@ -62,7 +62,7 @@ def check_folder(folder: str | Path) -> list[str]:
 
     Raises InputError, naming the file, if the folder is not what `lorahub compose --out` writes.
     """
-    from .compose.export import RECIPE_FILE
+    from .compose.recipe import RECIPE_FILE
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -85,7 +85,7 @@ def check_folder(folder: str | Path) -> list[str]:
 
 
 def _read_recipe(folder: Path) -> dict:
-    from .compose.export import RECIPE_FILE
+    from .compose.recipe import RECIPE_FILE
 
     path = folder / RECIPE_FILE
     if not path.is_file():
@@ -99,7 +99,7 @@ def _read_recipe(folder: Path) -> dict:
 def _task_files(folder: Path) -> list[Path]:
     """One PEFT adapter with its recipe, plus its model card and embedding card when present."""
     from .compose.adapters import CONFIG_FILE, SAFETENSORS_FILE
-    from .compose.export import RECIPE_FILE
+    from .compose.recipe import RECIPE_FILE
 
     _check_adapter(folder)
     return [folder / CONFIG_FILE, folder / SAFETENSORS_FILE, folder / RECIPE_FILE, *_extras(folder)]
@@ -107,8 +107,7 @@ def _task_files(folder: Path) -> list[Path]:
 
 def _instance_files(folder: Path, recipe: dict) -> list[Path]:
     """One task-level folder per shot (listed in the recipe), the router, the recipe and the extras."""
-    from .compose.export import RECIPE_FILE
-    from .compose.pipeline import ROUTER_FILE
+    from .compose.recipe import RECIPE_FILE, ROUTER_FILE
 
     entries = recipe.get("compositions")
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and isinstance(e.get("folder"), str) for e in entries):

@@ -17,11 +17,40 @@ DEFAULT_TOP_K = 20
 CARD_MAX_EXAMPLE_EMBEDDINGS = 256
 CARD_NEAREST_EXAMPLES = 3
 
+# --- Defaults: the one place each is set; the CLI's options, the library's dataclasses and eval read them. ---
+
+COMPOSE = {
+    "formula": "elementwise",
+    "num_modules": 20,  # LoraHub's N
+    "optimizer": "ngopt",  # LoraHub's choice, and the best quality per second measured (docs/benchmarks.md)
+    "budget": 40,  # loss evaluations per search (LoraHub: 40)
+    "l1": 0.05,  # LoraHub's penalty on mean |w|
+    "seed": 42,
+    "population": 8,  # candidates per forward pass (cma, de, random)
+    "max_rows": 64,  # rows (candidates x shots) per forward pass
+    "dtype": "auto",  # the base model eval loads: auto picks bf16 where fast
+    "search_precision": "auto",  # what a compose search evaluates candidates in (compose/precision.py); the answer is fp32
+    "device": "auto",
+}
+EVAL = {"shots": 5, "seeds": "1,2,3", "max_new_tokens": 256, "batch_size": 16,
+        "methods": "zero-shot,icl,lorahub,batchcomp,instance,fft"}
+# The demo's default held-out task: see docs/demo.md (the demo table) for why this one.
+DEMO = {"task": "larger_option", "seed": 1, "shots": 5, "num_modules": 5, "max_new_tokens": 32, "batch_size": 32}
+SERVE = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}
+
 
 def home() -> Path:
-    """The lorahub home folder: $LORAHUB_HOME, else the user cache folder + lorahub."""
+    """The lorahub home folder: $LORAHUB_HOME, else the user *data* folder + lorahub (docs/registry.md says why).
+
+    A home made by an earlier lorahub in the user cache folder stays in use until it is moved: a new
+    empty registry beside it would hide the user's adapters and cards."""
     env = os.environ.get("LORAHUB_HOME")
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("lorahub"))
+    if env:
+        return Path(env).expanduser()
+    data, legacy = Path(platformdirs.user_data_dir("lorahub")), Path(platformdirs.user_cache_dir("lorahub"))
+    if not data.exists() and (legacy / "registry.sqlite").is_file():
+        return legacy
+    return data
 
 
 def debug() -> bool:

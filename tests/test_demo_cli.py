@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from lorahub_cli.cli.demo import DEFAULT_TASK, _free
+from lorahub_cli.api import free_folder as _free
 from lorahub_cli.demo import library
+from lorahub_cli.settings import DEMO
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_demo_runs_the_whole_pipeline_offline(cli, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    task = DEFAULT_TASK
+    task = DEMO["task"]
     result = cli("demo", "--out", tmp_path / "adapter", "--budget", "10", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -48,3 +49,40 @@ def test_eval_demo_on_one_task(cli, tmp_path):
     summary = json.loads(result.stdout)
     assert list(summary["tasks"]) == [task] and set(summary["tasks"][task]) == {"zero-shot", "batchcomp"}
     assert (out / "report.md").is_file() and (out / "plot.png").is_file()
+
+
+def test_the_demo_base_model_resolves_by_its_name_offline(monkeypatch):
+    """Issue 11: the demo adapters name a base that is not on the Hub; lorahub must not ask the Hub for it."""
+    from lorahub_cli.models import load_base_model, local_model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert local_model_path(library.BASE_MODEL) == library.base_model_path()
+    assert local_model_path("google/flan-t5-large") is None
+    base = load_base_model(library.BASE_MODEL, dtype="float32", device="cpu")
+    assert base.is_seq2seq and sum(p.numel() for p in base.model.parameters()) > 1e6
+
+
+def test_compose_on_a_demo_registry_needs_no_model_flag(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    home = tmp_path / "demo-home"
+    assert cli("demo", "--home", home, "--out", tmp_path / "first", "--budget", "3", "--json").code == 0
+    shots = tmp_path / "shots.jsonl"
+    shots.write_text("".join(json.dumps({"input": e.input, "target": e.target}) + "\n"
+                             for e in library.heldout_examples("sentiment_option")[:5]))
+    monkeypatch.setenv("LORAHUB_HOME", str(home))
+    out = tmp_path / "composed"
+    result = cli("compose", "--shots", shots, "--out", out, "-n", "3", "--budget", "3", "--dtype", "float32")
+    assert result.code == 0, result.stderr
+    card = (out / "README.md").read_text()
+    assert f'from_pretrained(local_model_path("{library.BASE_MODEL}"))' in card
+    assert f'from_pretrained("{library.BASE_MODEL}")' not in card, "that name is not on the Hub"
+
+
+def test_demo_says_when_the_composition_does_not_beat_the_majority_answer():
+    from lorahub_cli.demo.tour import verdict
+
+    result = {"exact_match": {"zero-shot": 27.4, "composed": 51.6}, "majority_answer": 55.8}
+    assert "does not beat always giving the most frequent answer (55.8%)" in verdict(result)
+    assert "answer format, not the skill" in verdict(result)
+    result["exact_match"]["composed"] = 60.0
+    assert verdict(result).endswith("4.2 points above always giving the most frequent answer (55.8%).")

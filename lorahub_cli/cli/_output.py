@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 err = Console(stderr=True, highlight=False)
@@ -44,3 +45,14 @@ def progress(description: str, total: int | None):
             bar.update(task, advance=step, description=description or bar.tasks[0].description)
 
         yield advance
+
+
+def ranking_table(title: str, results: list[dict]) -> Table:
+    """Retrieval results ({id, score}, best first) as a numbered table."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("adapter", overflow="fold")
+    table.add_column("cosine", justify="right")
+    for rank, result in enumerate(results, 1):
+        table.add_row(str(rank), result["id"], f"{result['score']:.4f}")
+    return table

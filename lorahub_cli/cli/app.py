@@ -108,4 +108,7 @@ def main() -> None:
         sys.stderr.write(f"Internal error: {type(error).__name__}: {error}\n"
                          "  Re-run with LORAHUB_DEBUG=1 for a traceback, and please report it.\n")
         sys.exit(1)
+    if code == 130:
+        # Typer turns Ctrl-C inside a command into a return value of 130, silently.
+        err.print("Interrupted.")
     sys.exit(code if isinstance(code, int) else 0)

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..api import open_store
 from ._options import (
     DataOpt,
     DatasetOpt,
@@ -19,7 +20,7 @@ from ._options import (
     TargetFieldOpt,
 )
 from ._output import info, out, print_json
-from .registry import card_options, open_store
+from .registry import card_options
 
 app = typer.Typer(help="Build and inspect adapters' embedding cards.", no_args_is_help=True)
 

@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ..errors import InputError
-from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
+from ..settings import COMPOSE
+from ._options import BaseModelOpt, EmbedderOpt, JsonOpt, choice_help, registered
 from ._output import info, print_json, progress
-from .registry import open_store
 
 EXAMPLES = """Examples:\n
   lorahub compose --shots examples.jsonl --out my-lora\n
   lorahub compose --shots examples.jsonl --modules random -n 20 --optimizer ngopt --budget 40 --out lorahub-style\n
   lorahub compose --shots examples.jsonl --level instance --out per-example\n
   lorahub compose --shots examples.jsonl --modules a,b,c --weights a=0.5,b=0.3,c=-0.2 --out fixed\n
-  lorahub compose --from-recipe my-lora/lorahub_recipe.json --out rebuilt"""
+  lorahub compose --from-recipe my-lora/lorahub_recipe.json --out rebuilt\n
+  lorahub compose --formula list"""
 
 
 OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype, before --search-precision
@@ -54,83 +54,57 @@ def compose(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write the composed adapter to.")] = None,
     base_model: BaseModelOpt = None,
     model_path: Annotated[Optional[str], typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")] = None,
-    formula: Annotated[str, typer.Option("--formula", help="elementwise (LoraHub), linear, fusion, ties, dare_linear or svd.")] = "elementwise",
+    formula: Annotated[str, typer.Option("--formula", callback=registered("formula"), help=choice_help(
+        "formula", "How the modules combine (elementwise: LoraHub's)."))] = COMPOSE["formula"],
     density: Annotated[Optional[float], typer.Option("--density", help="For ties and dare_linear: fraction of entries kept.")] = None,
     svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", help="For svd: rank of the result (default: the largest module rank).")] = None,
     modules: Annotated[str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")] = "auto",
-    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")] = 20,
-    optimizer: Annotated[str, typer.Option("--optimizer", help="ngopt (LoraHub's), cma, de, random, adam or lbfgs.")] = "ngopt",
-    budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")] = 40,
-    l1: Annotated[float, typer.Option("--l1", min=0.0, help="Penalty on mean |w| added to the loss.")] = 0.05,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the search and of random module selection.")] = 42,
-    population: Annotated[int, typer.Option("--population", min=1, help="Candidates per forward pass (cma, de, random).")] = 8,
+    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")] = COMPOSE["num_modules"],
+    optimizer: Annotated[str, typer.Option("--optimizer", callback=registered("optimizer"), help=choice_help(
+        "optimizer", "The weight search (ngopt: LoraHub's)."))] = COMPOSE["optimizer"],
+    budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")] = COMPOSE["budget"],
+    l1: Annotated[float, typer.Option("--l1", min=0.0, help="Penalty on mean |w| added to the loss.")] = COMPOSE["l1"],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the search, of random module selection and of dare_linear.")] = COMPOSE["seed"],
+    population: Annotated[int, typer.Option("--population", min=1, help="Candidates per forward pass (cma, de, random).")] = COMPOSE["population"],
     level: Annotated[str, typer.Option("--level", help="task (one composition) or instance (one per shot + router).")] = "task",
     warm_start: Annotated[bool, typer.Option("--warm-start", help="Instance level: start each shot's search from a task-level search.")] = False,
     weights: Annotated[Optional[str], typer.Option("--weights", help="Fixed weights id=w,...: compose without search.")] = None,
     from_recipe: Annotated[Optional[Path], typer.Option("--from-recipe", help="Rebuild the adapter a lorahub_recipe.json describes.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
-    search_precision: Annotated[str, typer.Option("--search-precision", help="What the search evaluates candidates in: auto (bf16 where fast), fp32, bf16 or int8. The answer is fp32.")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if lorahub compose wrote it.")] = False,
+    search_precision: Annotated[str, typer.Option("--search-precision", help="What the search evaluates candidates in: auto (bf16 where fast), fp32, bf16 or int8. The answer is fp32.")] = COMPOSE["search_precision"],
     dtype: Annotated[Optional[str], typer.Option("--dtype", hidden=True, help="Old name of --search-precision: float32 or bfloat16.")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = 64,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = COMPOSE["device"],
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = COMPOSE["max_rows"],
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Compose registry adapters into one LoRA for the task your examples show, with weights found by search."""
-    from ..compose import pipeline
-    from ..compose.export import check_destination, write_adapter_folder, write_folder
+    from .. import api
+    from ..compose.pipeline import ComposeOptions
     from ..compose.search import SearchConfig
-    from ..io import read_examples, read_json, sha256_file
 
     if out is None:
         raise InputError("--out is required.", "Example: --out my-lora")
-    check_destination(out.resolve(), overwrite)
-    store = open_store()
-    start = time.perf_counter()
     if from_recipe is not None:
         if shots is not None:
             raise InputError("--from-recipe rebuilds without shots.", "Drop --shots.")
-        recipe = read_json(from_recipe, "Give the lorahub_recipe.json that lorahub compose wrote.")
-        adapter = pipeline.rebuild(store, recipe)
-        folder = write_folder(out, lambda tmp: write_adapter_folder(tmp, adapter, recipe), overwrite=overwrite)
-        summary = {"out": str(folder), "weights": {m["id"]: m["weight"] for m in recipe["modules"]}, "loss": recipe.get("loss"),
-                   "evaluations": 0, "seconds": round(time.perf_counter() - start, 3)}
-        print_json(summary) if json_ else info(f"Rebuilt {folder} from {from_recipe}.")
+        summary = api.rebuild(from_recipe, out, overwrite=overwrite)
+        print_json(summary) if json_ else info(f"Rebuilt {summary['out']} from {from_recipe}.")
         return
     if shots is None:
         raise InputError("--shots is required (or --from-recipe).", "Example: --shots examples.jsonl")
-    if level not in ("task", "instance"):
-        raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
-    examples = read_examples(shots)
     formula_options = {k: v for k, v in {"density": density, "svd_rank": svd_rank}.items() if v is not None}
-    options = pipeline.ComposeOptions(
+    options = ComposeOptions(
         base_model=base_model, model_path=model_path, formula=formula, formula_options=formula_options,
         modules=parse_modules(modules), num_modules=num_modules, weights=parse_weights(weights) if weights else None,
         search=SearchConfig(optimizer=optimizer, budget=budget, l1=l1, seed=seed, population=population,
                             precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision),
         warm_start=warm_start, device=device, max_rows=batch_size, embedder=embedder,
     )
-    if weights and options.modules in ("auto", "random"):
-        options.modules = list(options.weights)
-    shots_meta = {"path": str(shots), "sha256": sha256_file(shots), "count": len(examples)}
-    run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
-    searches = len(examples) + warm_start if level == "instance" else 1
-    with progress("Searching weights", budget * searches) as advance:
-        composition = run(store, examples, shots_meta, options, progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"))
-    folder = pipeline.write(composition, out, overwrite=overwrite)
-    seconds = round(time.perf_counter() - start, 3)
-    evaluations = sum(r.evaluations for r in composition.results if r)
-    recipe = composition.recipe
-    if level == "task":
-        summary = {"out": str(folder), "weights": {m["id"]: m["weight"] for m in recipe["modules"]}, "loss": recipe["loss"],
-                   "evaluations": evaluations, "seconds": seconds}
-    else:
-        summary = {"out": str(folder), "level": "instance", "evaluations": evaluations, "seconds": seconds,
-                   "compositions": [{"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]}, "loss": c["loss"]}
-                                    for c in recipe["compositions"]]}
+    summary = api.compose(shots, out, options, level=level, overwrite=overwrite, progress_factory=progress)
     if json_:
         print_json(summary)
-    else:
-        info(f"Wrote {folder} ({evaluations} evaluations, {seconds:.1f} s).")
-        if level == "task":
-            info(f"Few-shot loss of the composed adapter: {recipe['loss']:.4f}")
+        return
+    info(f"Wrote {summary['out']} ({summary['evaluations']} evaluations, {summary['seconds']:.1f} s).")
+    if level == "task":
+        info(f"Few-shot loss of the composed adapter: {summary['loss']:.4f}")

@@ -1,4 +1,4 @@
-"""`lorahub demo`: retrieve, compose and evaluate on the shipped demo library. Offline, a few minutes on a CPU."""
+"""`lorahub demo`: retrieve, compose and evaluate on the shipped demo library. Offline, seconds on a CPU."""
 
 from __future__ import annotations
 
@@ -7,46 +7,30 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..settings import COMPOSE, DEMO
 from ._options import JsonOpt
 from ._output import info, out, print_json, progress
-from .registry import scratch_store
 
 EXAMPLES = """Examples:\n
   lorahub demo\n
   lorahub demo --task sentiment_option --seed 2 --out my-demo-adapter --json"""
 
-# The held-out task where composition's gain holds under both metrics, the answer's content and not
-# only its format; no composition solves the tasks that chain two skills (docs/demo.md, the demo table).
-DEFAULT_TASK = "larger_option"
-
-
-def _free(folder: Path) -> Path:
-    """`folder`, or folder-2, folder-3, ... if it exists: the demo never replaces anything."""
-    candidate, n = folder, 1
-    while candidate.exists():
-        n += 1
-        candidate = folder.with_name(f"{folder.name}-{n}")
-    return candidate
-
 
 def demo(
-    task: Annotated[Optional[str], typer.Option("--task", help="Held-out task of the demo library.")] = DEFAULT_TASK,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the shots/test split and of the search.")] = 1,
-    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules to retrieve and compose.")] = 5,
-    budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations of the search.")] = 40,
+    task: Annotated[Optional[str], typer.Option("--task", help="Held-out task of the demo library.")] = DEMO["task"],
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shots/test split and of the search.")] = DEMO["seed"],
+    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules to retrieve and compose.")] = DEMO["num_modules"],
+    budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations of the search.")] = COMPOSE["budget"],
     out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the composed adapter (default: ./lorahub-demo-TASK, never overwritten).")] = None,
     home: Annotated[Optional[Path], typer.Option("--home", help="Keep the demo registry in this folder (default: a temporary one).")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """The whole pipeline offline on the embedded demo library: mirror, retrieve, compose, evaluate, write."""
-    from ..demo import library, tour
+    from .. import api
+    from ..demo import tour
 
-    library.verify()
-    library.heldout_examples(task)  # an unknown task fails here, before any work
-    target = out_dir if out_dir is not None else _free(Path(f"lorahub-demo-{task}"))
-    with scratch_store("lorahub-demo-", home) as store:
-        result = tour.run(store, target, task=task, seed=seed, num_modules=num_modules, budget=budget,
-                          progress_factory=None if json_ else progress)
+    result = api.demo(task, seed=seed, num_modules=num_modules, budget=budget, out=out_dir, home=home,
+                      progress_factory=None if json_ else progress)
     if json_:
         print_json(result)
         return
@@ -58,6 +42,7 @@ def demo(
     out.print(f"Exact match on the test set: zero-shot {em['zero-shot']:.1f}%, composed {em['composed']:.1f}% "
               f"(option letter, which forgives the answer format: {letter['zero-shot']:.1f}% and {letter['composed']:.1f}%)")
     info(f"Always giving the most frequent answer would score {result['majority_answer']:.1f}%.")
+    out.print(tour.verdict(result))
     for row in result["examples"]:
         info(f"  {row['input']!r} -> base {row['zero-shot']!r}, composed {row['composed']!r} (target {row['target']!r})")
     info(f"Wrote the composed adapter to {result['out']} ({result['seconds']:.0f} s in all). "

@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import InputError
-from ._options import EmbedderOpt, JsonOpt
+from ..settings import COMPOSE, DEMO, EVAL
+from ._options import EmbedderOpt, JsonOpt, choice_help, registered
 from ._output import info, print_json, progress
 
 app = typer.Typer(help="Evaluate composition methods against baselines, per task and seed, with a report.", no_args_is_help=True)
@@ -20,7 +21,8 @@ EXAMPLES = """Examples:\n
   lorahub eval demo --methods zero-shot,lorahub,batchcomp"""
 
 Tasks = Annotated[str, typer.Option("--tasks", help="all, or task names a,b,c.")]
-Methods = Annotated[str, typer.Option("--methods", help="Comma-separated: zero-shot, icl, lorahub, batchcomp, instance, fft.")]
+Methods = Annotated[str, typer.Option("--methods", callback=registered("method"),
+                                      help=choice_help("method", "Comma-separated method names."))]
 Shots = Annotated[int, typer.Option("--shots", min=1, help="Examples per task used as shots; the rest is the test set.")]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds: one split (and search) per seed.")]
 NumModules = Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition.")]
@@ -31,7 +33,8 @@ MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy dec
 Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: cells, results.json, report.md, plot.png. Resumes if it exists.")]
 BaseModel = Annotated[Optional[str], typer.Option("--base-model", "-b", help="Base model: its name in the registry, loaded from the Hub.")]
 ModelPath = Annotated[Optional[str], typer.Option("--model-path", help="Load the base model from this folder instead of its name.")]
-Optimizer = Annotated[str, typer.Option("--optimizer", help="ngopt, cma, de, random or adam.")]
+Optimizer = Annotated[str, typer.Option("--optimizer", callback=registered("optimizer"),
+                                        help=choice_help("optimizer", "The weight search (ngopt: LoraHub's)."))]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
@@ -46,17 +49,7 @@ def _seeds(text: str) -> list[int]:
     return list(dict.fromkeys(seeds))
 
 
-def _run(suite, *, tasks, methods, seeds, out, json_, store=None, title=None, **config) -> None:
-    from ..eval.api import evaluate
-    from ..eval.methods import COMPOSING, EvalConfig, parse_methods
-
-    chosen = parse_methods(methods)
-    if store is None and any(m in COMPOSING for m in chosen):
-        from .registry import open_store
-
-        store = open_store()
-    summary = evaluate(suite.select(tasks), chosen, _seeds(seeds), EvalConfig(**config), out, store=store, title=title,
-                       progress_factory=None if json_ else progress)
+def _print(summary: dict, out: Path, json_: bool) -> None:
     if json_:
         print_json(summary)
         return
@@ -65,24 +58,33 @@ def _run(suite, *, tasks, methods, seeds, out, json_, store=None, title=None, **
         info(f"  {method:<10} {stats['mean']:5.1f} ± {stats['std']:.1f}")
 
 
+def _run(suite, *, tasks, methods, seeds, out, json_, title=None, **config) -> None:
+    from .. import api
+    from ..eval.methods import EvalConfig, parse_methods
+
+    summary = api.evaluate(suite.select(tasks), parse_methods(methods), _seeds(seeds), EvalConfig(**config), out, title=title,
+                           progress_factory=None if json_ else progress)
+    _print(summary, out, json_)
+
+
 @app.command(epilog=EXAMPLES)
 def bbh(
     base_model: BaseModel = "google/flan-t5-large",
     model_path: ModelPath = None,
     tasks: Tasks = "all",
-    methods: Methods = "zero-shot,icl,lorahub,batchcomp,instance,fft",
-    shots: Shots = 5,
-    seeds: Seeds = "1,2,3",
-    num_modules: NumModules = 20,
-    budget: Budget = 40,
-    optimizer: Optimizer = "ngopt",
+    methods: Methods = EVAL["methods"],
+    shots: Shots = EVAL["shots"],
+    seeds: Seeds = EVAL["seeds"],
+    num_modules: NumModules = COMPOSE["num_modules"],
+    budget: Budget = COMPOSE["budget"],
+    optimizer: Optimizer = COMPOSE["optimizer"],
     limit: Limit = None,
-    batch_size: BatchSize = 16,
-    max_new_tokens: MaxNew = 256,
+    batch_size: BatchSize = EVAL["batch_size"],
+    max_new_tokens: MaxNew = EVAL["max_new_tokens"],
     out: Out = None,
     embedder: EmbedderOpt = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
+    dtype: Dtype = COMPOSE["dtype"],
+    device: Device = COMPOSE["device"],
     json_: JsonOpt = False,
 ) -> None:
     """Big-Bench Hard (shipped, 27 tasks): the papers' protocol for any base model and your registry's adapters."""
@@ -100,19 +102,19 @@ def tasks(
     base_model: BaseModel = None,
     model_path: ModelPath = None,
     tasks: Tasks = "all",
-    methods: Methods = "zero-shot,icl,lorahub,batchcomp,instance,fft",
-    shots: Shots = 5,
-    seeds: Seeds = "1,2,3",
-    num_modules: NumModules = 20,
-    budget: Budget = 40,
-    optimizer: Optimizer = "ngopt",
+    methods: Methods = EVAL["methods"],
+    shots: Shots = EVAL["shots"],
+    seeds: Seeds = EVAL["seeds"],
+    num_modules: NumModules = COMPOSE["num_modules"],
+    budget: Budget = COMPOSE["budget"],
+    optimizer: Optimizer = COMPOSE["optimizer"],
     limit: Limit = None,
-    batch_size: BatchSize = 16,
-    max_new_tokens: MaxNew = 256,
+    batch_size: BatchSize = EVAL["batch_size"],
+    max_new_tokens: MaxNew = EVAL["max_new_tokens"],
     out: Out = None,
     embedder: EmbedderOpt = None,
-    dtype: Dtype = "auto",
-    device: Device = "auto",
+    dtype: Dtype = COMPOSE["dtype"],
+    device: Device = COMPOSE["device"],
     json_: JsonOpt = False,
 ) -> None:
     """Your own tasks, one JSONL file each, with the same protocol and report as `eval bbh`."""
@@ -128,30 +130,25 @@ def tasks(
 @app.command(epilog=EXAMPLES)
 def demo(
     tasks: Tasks = "all",
-    methods: Methods = "zero-shot,icl,lorahub,batchcomp,instance,fft",
-    shots: Shots = 5,
-    seeds: Seeds = "1,2,3",
-    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition (the demo library has about 20).")] = 5,
-    budget: Budget = 40,
-    optimizer: Optimizer = "ngopt",
+    methods: Methods = EVAL["methods"],
+    shots: Shots = EVAL["shots"],
+    seeds: Seeds = EVAL["seeds"],
+    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition (the demo library has about 20).")] = DEMO["num_modules"],
+    budget: Budget = COMPOSE["budget"],
+    optimizer: Optimizer = COMPOSE["optimizer"],
     limit: Limit = None,
-    batch_size: BatchSize = 32,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short).")] = 32,
+    batch_size: BatchSize = DEMO["batch_size"],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short).")] = DEMO["max_new_tokens"],
     out: Out = None,
     json_: JsonOpt = False,
 ) -> None:
     """The demo library's held-out tasks, offline: its adapters are mirrored into a temporary registry."""
-    from ..demo import library
-    from ..eval.tasks import load_demo
-    from ..models import torch_threads
-    from .registry import scratch_store
+    from .. import api
+    from ..eval.methods import EvalConfig, parse_methods
 
-    suite = load_demo()
-    with scratch_store("lorahub-eval-demo-") as store:
-        with progress("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
-            library.mirror(store, progress=advance)
-        with torch_threads(library.THREADS):
-            _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-demo"), json_=json_, store=store,
-                 title="Demo library: held-out tasks", base_model=library.BASE_MODEL, model_path=str(library.base_model_path()),
-                 shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit,
-                 batch_size=batch_size, max_new_tokens=max_new_tokens, dtype="float32", device="cpu")
+    out = out or Path("eval-demo")
+    config = EvalConfig(shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit,
+                        batch_size=batch_size, max_new_tokens=max_new_tokens)
+    summary = api.evaluate_demo(tasks, parse_methods(methods), _seeds(seeds), config, out,
+                                progress_factory=None if json_ else progress)
+    _print(summary, out, json_)

@@ -9,10 +9,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..api import open_store
 from ..errors import InputError
+from ..settings import SERVE
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
 from ._output import info, print_json, progress
-from .registry import open_store
 
 EXAMPLES = """Examples:\n
   lorahub generate --inputs requests.jsonl -k 3 --out answers.jsonl\n
@@ -37,7 +38,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 
 def build_engine(*, composition, k, compose, base_model, model_path, embedder, dtype, device, **limits):
     """The engine `generate` and `serve` share: per-input retrieval over the registry, or a composition's router."""
-    from ..serve.engine import DEFAULTS, Engine
+    from ..serve.engine import Engine
 
     if composition is not None:
         if k is not None or compose is not None or base_model is not None:
@@ -46,8 +47,8 @@ def build_engine(*, composition, k, compose, base_model, model_path, embedder, d
         return Engine.from_composition(composition, model_path=model_path, embedder=embedder, dtype=dtype,
                                        device=device, **limits)
     return Engine.from_registry(open_store(), base_model=base_model, model_path=model_path, embedder=embedder,
-                                dtype=dtype, device=device, k=DEFAULTS["k"] if k is None else k,
-                                compose=compose or DEFAULTS["compose"], **limits)
+                                dtype=dtype, device=device, k=SERVE["k"] if k is None else k,
+                                compose=compose or SERVE["compose"], **limits)
 
 
 def generate(
@@ -56,9 +57,9 @@ def generate(
     compose: ComposeOpt = None,
     composition: CompositionOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the answers (JSONL) here instead of stdout.")] = None,
-    max_new_tokens: MaxNewTokensOpt = 128,
-    max_input_tokens: MaxInputTokensOpt = 1024,
-    batch_size: BatchSizeOpt = 32,
+    max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
+    max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
+    batch_size: BatchSizeOpt = SERVE["batch_size"],
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,

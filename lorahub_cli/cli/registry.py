@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
+from ..api import open_store
 from ..errors import InputError, IntegrityError
 from ..settings import home
 from ._options import (
@@ -33,26 +30,6 @@ app = typer.Typer(
     help="Mirror, list and check the adapters in your local registry ($LORAHUB_HOME).",
     no_args_is_help=True,
 )
-
-
-def open_store(readonly: bool = False):
-    """The registry under $LORAHUB_HOME; `readonly` for commands that only read (they work on a read-only home)."""
-    from ..registry import Store
-
-    return Store(home(), readonly=readonly)
-
-
-@contextmanager
-def scratch_store(prefix: str, keep: Path | None = None) -> Iterator:
-    """A registry in `keep`, or in a temporary folder that is removed afterwards (the demos' registries)."""
-    from ..registry import Store
-
-    folder = keep or Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        yield Store(folder)
-    finally:
-        if keep is None:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def card_options(**options) -> dict:
@@ -151,8 +128,8 @@ def sync(
     json_: JsonOpt = False,
 ) -> None:
     """Mirror many adapters in parallel. Re-running skips what is stored at the same commit; failures do not stop the rest."""
-    from ..registry.cards import card_from_source
-    from ..registry.catalog import Catalog, list_author, sync as sync_entries
+    from .. import api
+    from ..registry.catalog import Catalog, list_author
 
     if (catalog is None) == (author is None):
         raise InputError("give exactly one of --catalog NAME or --author ORG.", "See: lorahub registry sync --help")
@@ -161,28 +138,9 @@ def sync(
     store = open_store()
     loaded = Catalog.load(catalog) if catalog else None
     entries = loaded.entries if loaded else list_author(author, search)
-    if cards and not (loaded and loaded.dataset):
-        raise InputError("--cards needs a catalogue that names a training dataset.", "Build cards with: lorahub card build ID --dataset ...")
-    from huggingface_hub.utils import disable_progress_bars
-
-    disable_progress_bars()  # lorahub's bar is the one progress display; the client's would interleave with it
-    with progress(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
-        results = sync_entries(store, entries, base_model=base_model or (loaded.base_model if loaded else None),
-                               workers=workers, on_result=lambda r: advance(), warn=warn)
-    if cards:
-        tasks = {e.repo_id: e.task for e in entries if e.task}
-        todo = [r for r in results if r.status != "failed" and tasks.get(r.id) and not (r.record and r.record.has_card)]
-        with progress(f"Building {len(todo)} cards", len(todo)) as advance:
-            for result in todo:
-                try:
-                    card_from_source(store, result.id, dataset=loaded.dataset,
-                                     filters=[f"{loaded.task_field}={tasks[result.id]}"],
-                                     max_examples=max_examples, embedder=embedder)
-                    result.message = "card built"
-                except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
-                    # The adapter is stored, but the sync did not do what was asked: a failure.
-                    result.status, result.message = "failed", f"mirrored, but its card failed: {error}"
-                advance()
+    results = api.sync(store, entries, base_model=base_model or (loaded.base_model if loaded else None), workers=workers,
+                       catalog=loaded, cards=cards, max_examples=max_examples, embedder=embedder, progress_factory=progress,
+                       warn=warn)
     failed = sum(r.status == "failed" for r in results)
     if json_:
         print_json({"results": [r.to_json() for r in results], "failed": failed})

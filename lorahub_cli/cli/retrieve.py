@@ -6,29 +6,18 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.table import Table
 
+from ..api import open_store
 from ..errors import InputError
 from ..settings import DEFAULT_TOP_K
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
-from ._output import out, print_json
-from .registry import open_store
+from ._output import out, print_json, ranking_table
 
 EXAMPLES = """Examples:\n
   lorahub retrieve --shots examples.jsonl -k 20\n
   lorahub retrieve --shots examples.jsonl --level instance --inputs test.jsonl --json\n
   lorahub retrieve --inputs requests.jsonl -k 3\n
   lorahub retrieve --query "Is this review positive or negative? I loved it." -k 5"""
-
-
-def _table(title: str, results: list[dict]) -> Table:
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("adapter", overflow="fold")
-    table.add_column("cosine", justify="right")
-    for rank, result in enumerate(results, 1):
-        table.add_row(str(rank), result["id"], f"{result['score']:.4f}")
-    return table
 
 
 def retrieve(
@@ -71,8 +60,8 @@ def retrieve(
         print_json(answer)
         return
     if "results" in answer:
-        out.print(_table(f"{answer['level']}-level retrieval", answer["results"]))
+        out.print(ranking_table(f"{answer['level']}-level retrieval", answer["results"]))
     for group in answer.get("shots", []) + answer.get("inputs", []):
-        out.print(_table(f"{'shot' if 'shots' in answer else 'input'} {group['index']}", group["results"]))
+        out.print(ranking_table(f"{'shot' if 'shots' in answer else 'input'} {group['index']}", group["results"]))
     for r in answer.get("routes", []):
         out.print(f"input {r['input']} -> shot {r['shot']} (cosine {r['score']:.4f})")

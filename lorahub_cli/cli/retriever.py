@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..api import open_store
 from ..settings import LORARETRIEVER_INSTRUCTION
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
 from ._output import info, out, print_json, progress
-from .registry import open_store
 
 app = typer.Typer(help="Train a retriever: the card embedder fine-tuned to tell adapters' tasks apart.", no_args_is_help=True)
 

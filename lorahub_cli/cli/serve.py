@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..settings import SERVE
 from ._options import BaseModelOpt, EmbedderOpt
 from ._output import info
 from .generate import (
@@ -34,11 +35,11 @@ def serve(
     k: KOpt = None,
     compose: ComposeOpt = None,
     composition: CompositionOpt = None,
-    batch_size: BatchSizeOpt = 32,
+    batch_size: BatchSizeOpt = SERVE["batch_size"],
     window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long a batch waits for more requests.")] = 10.0,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")] = 256,
-    max_new_tokens: MaxNewTokensOpt = 128,
-    max_input_tokens: MaxInputTokensOpt = 1024,
+    max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
+    max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     max_input_chars: Annotated[int, typer.Option("--max-input-chars", min=1, help="Longest input accepted, in characters.")] = 16_000,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0, help="Seconds to finish open requests on SIGTERM.")] = 60.0,
     base_model: BaseModelOpt = None,

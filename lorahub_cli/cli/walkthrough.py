@@ -7,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..api import scratch_store
 from ..errors import InputError
-from ._output import info, out, print_json, progress
-from .registry import scratch_store
-from .retrieve import _table
+from ._output import info, out, print_json, progress, ranking_table
 
 EXAMPLES = """Examples:\n
   lorahub walkthrough\n
@@ -23,7 +22,10 @@ def walkthrough(
     home: Annotated[Optional[Path], typer.Option("--home", help="Keep the walk-through registry in this folder (default: a temporary one).")] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
 ) -> None:
-    """Register the shipped example adapters with embedding cards and retrieve for their held-out examples. Offline."""
+    """Register the shipped example adapters with embedding cards and retrieve for their held-out examples. Offline.
+
+    Registry and retrieval only: the example adapters have random weights and no shipped base model, so they
+    cannot be composed; `lorahub demo` composes on its own library."""
     from ..examples import walkthrough as example
 
     names = example.tasks()
@@ -37,7 +39,7 @@ def walkthrough(
         print_json(result)
         return
     info(f"Registered {result['adapters']} adapters with cards in {folder}" + ("" if home else " (temporary)") + ".")
-    out.print(_table(f"Task-level retrieval for the 5 '{task}' shots", result["task_level"]["results"]))
+    out.print(ranking_table(f"Task-level retrieval for the 5 '{task}' shots", result["task_level"]["results"]))
     routes = result["instance_level"]["routes"]
     out.print(f"Instance level: {len(routes)} '{task}' inputs routed to shots "
               f"{sorted({r['shot'] for r in routes})}; each shot's own top-1: "
@@ -45,3 +47,5 @@ def walkthrough(
     stats = result["per_input"]
     out.print(f"Per-input retrieval over {stats['inputs']} mixed inputs of {len(names)} tasks: "
               f"top-1 is the input's own task's adapter for {stats['top1_correct']}/{stats['inputs']}.")
+    info("These example adapters have random weights and their base model is not shipped: they show the registry "
+         "and retrieval, not composition. `lorahub demo` composes trained adapters on a shipped base.")

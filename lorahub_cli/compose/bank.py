@@ -99,7 +99,7 @@ class BankedLayer(nn.Module):
 
     def _elementwise(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         # Merging the rank-r factors per weight vector costs P (r d_in + r d_out) and is N
-        # times cheaper per token than the x A_cat^T route of the identity in methods.md.
+        # times cheaper per token than the x A_cat^T route of the identity in docs/composition.md.
         A = self.lora_A.view(self.n, self.rank, -1)  # (N, r, d_in)
         B = self.lora_B.view(-1, self.n, self.rank)  # (d_out, N, r)
         A_p = torch.einsum("pn,nrd->prd", W, A)  # (P, r, d_in): sum_i w_pi A_i

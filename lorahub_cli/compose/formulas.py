@@ -10,6 +10,7 @@ tests' parameter matrix read that dict.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -142,12 +143,12 @@ def ties(As, Bs, scalings, weights, *, density, majority_sign_method="total") ->
     "dare_linear",
     "PEFT's dare_linear on A and B separately (random drop at 1 - density, rescale), rank r.",
     same_rank=True,
-    options={"density": None},
+    options={"density": None, "seed": 0},
 )
 def dare_linear(As, Bs, scalings, weights, *, density) -> LoraFactors:
     """PEFT add_weighted_adapter(combination_type="dare_linear"): merge_utils.dare_linear on the
     A_i with weights sign(w_i s_i) sqrt|w_i s_i|, then on the B_i with sqrt|w_i s_i|; scaling 1.
-    Random: seed torch's global generator for a reproducible merge."""
+    Random: `compose` seeds torch's generator with the `seed` option once per merge (see RANDOM)."""
     wA, wB = _peft_factor_weights(weights, scalings)
     A, B = _stack(As), _stack(Bs)  # (N, r, d_in), (N, d_out, r)
     return LoraFactors(
@@ -175,6 +176,11 @@ def svd(As, Bs, scalings, weights, *, svd_rank=0) -> LoraFactors:
     return LoraFactors(Vh[:k], U[:, :k] * S[:k], 1.0)  # (k, d_in), (d_out, k)
 
 
+RANDOM_OPTION = "seed"
+"""A formula that draws random numbers takes this option; `compose` seeds torch's generator with it
+(isolated from the caller's) before the first module, so a recipe that records it rebuilds bit for bit."""
+
+
 def get_formula(name: str) -> Formula:
     if name not in FORMULAS:
         raise InputError(f"unknown formula '{name}'.", f"Choose one of: {', '.join(FORMULAS)}.")
@@ -195,15 +201,17 @@ def compose(
     spec = get_formula(formula)
     check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)
     w = _check_weights(weights, len(adapters), spec)
-    options = _check_options(spec, options)
+    options = resolve_options(formula, options)
+    seed = options.pop(RANDOM_OPTION, None)
     first = adapters[0]
     modules = {}
-    for module in first.modules:
-        As = [a.modules[module][0] for a in adapters]
-        Bs = [a.modules[module][1] for a in adapters]
-        A, B, scaling = spec.merge(As, Bs, [a.scaling for a in adapters], w, **options)
-        # Stored in the inputs' dtype: a bf16 library gives a bf16 adapter.
-        modules[module] = (A.to(As[0].dtype).contiguous(), B.to(As[0].dtype).contiguous())
+    with _seeded(seed, next(iter(first.modules.values()))[0].device):
+        for module in first.modules:
+            As = [a.modules[module][0] for a in adapters]
+            Bs = [a.modules[module][1] for a in adapters]
+            A, B, scaling = spec.merge(As, Bs, [a.scaling for a in adapters], w, **options)
+            # Stored in the inputs' dtype: a bf16 library gives a bf16 adapter.
+            modules[module] = (A.to(As[0].dtype).contiguous(), B.to(As[0].dtype).contiguous())
     r = A.shape[0]
     alpha = scaling * r
     return LoraAdapter(
@@ -235,7 +243,20 @@ def _check_weights(weights, n: int, spec: Formula) -> torch.Tensor | None:
     return w
 
 
-def _check_options(spec: Formula, options: dict) -> dict:
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device):
+    """torch's generator seeded with `seed` inside, and the caller's state given back after."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_options(formula: str, options: dict) -> dict:
+    """Every option of `formula` with its value (defaults filled in), or an InputError naming the bad one."""
+    spec = get_formula(formula)
     unknown = set(options) - set(spec.options)
     if unknown:
         allowed = ", ".join(spec.options) or "none"

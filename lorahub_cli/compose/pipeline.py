@@ -18,39 +18,46 @@ import torch
 
 from .. import __version__
 from ..errors import InputError
-from ..io import Example, atomic_write_json
+from ..io import Example, write_folder
 from ..models import BaseModel, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
-from .adapters import LoraAdapter, load_adapter
+from ..settings import COMPOSE
+from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
-from .export import RECIPE_FILE, MODEL_CARD, model_card, write_adapter_folder, write_folder
-from .formulas import compose, get_formula
 from . import precision as precisions
+from .export import MODEL_CARD, check_destination, instance_card, write_adapter_folder
+from .formulas import RANDOM_OPTION, compose, get_formula, resolve_options
 from .objective import loss_function
+from .recipe import ROUTER_FILE, Recipe
 from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, l1_penalty, search
-
-ROUTER_FILE = "router.safetensors"
 
 
 @dataclass
 class ComposeOptions:
     base_model: str | None = None  # restricts candidates; also the model loaded unless model_path is set
     model_path: str | None = None  # load the base model from here (a local copy) instead of its name
-    formula: str = "elementwise"
+    formula: str = COMPOSE["formula"]
     formula_options: dict = field(default_factory=dict)
     modules: str | list[str] = "auto"  # auto (retrieval) | random (LoraHub) | explicit registry ids
-    num_modules: int = 20
+    num_modules: int = COMPOSE["num_modules"]
     search: SearchConfig = field(default_factory=SearchConfig)
     weights: dict[str, float] | None = None  # fixed weights: no search
     warm_start: bool = False  # instance level: start every shot's search from the task-level weights
-    device: str = "auto"
-    max_rows: int = 64
+    device: str = COMPOSE["device"]
+    max_rows: int = COMPOSE["max_rows"]
     embedder: str | None = None
+
+    def merge_options(self) -> dict:
+        """The formula's options as the merge uses them; a random formula's seed defaults to the search seed."""
+        given = dict(self.formula_options)
+        if RANDOM_OPTION in get_formula(self.formula).options and given.get(RANDOM_OPTION) is None:
+            given[RANDOM_OPTION] = self.search.seed
+        return resolve_options(self.formula, given)
 
 
 @dataclass
 class Composition:
-    recipe: dict
+    recipe: Recipe
     adapters: list[LoraAdapter]  # one (task level) or one per shot (instance level)
     results: list[SearchResult | None]  # every search that ran (instance level: the warm start first)
     router: torch.Tensor | None = None  # (K, dim) shot inputs, instance level only
@@ -96,13 +103,13 @@ def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter
     """Load each adapter after checking its weights against the registry's hash."""
     adapters = []
     for record in records:
-        store.check_file(record, "adapter_model.safetensors")
+        store.check_file(record, SAFETENSORS_FILE)
         adapters.append(load_adapter(record.path, name=record.id))
     return adapters
 
 
 def _module_entries(records: list[AdapterRecord], weights) -> list[dict]:
-    return [{"id": r.id, "source": r.source, "revision": r.revision, "sha256": r.files["adapter_model.safetensors"],
+    return [{"id": r.id, "source": r.source, "revision": r.revision, "sha256": r.files[SAFETENSORS_FILE],
              "weight": float(w)} for r, w in zip(records, weights)]
 
 
@@ -254,11 +261,13 @@ def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=N
 # --- the two levels ------------------------------------------------------------------------------
 
 
-def _recipe(options: ComposeOptions, session: _Session, level: str, task_type: str | None, shots_meta: dict, selection: dict) -> dict:
-    return {"format": 1, "lorahub_version": __version__, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "level": level, "base_model": session.adapters[0].base_model_name_or_path, "task_type": task_type,
-            "formula": options.formula, "formula_options": options.formula_options, "selection": selection, "shots": shots_meta,
-            "dtype": "float32", "device": str(session.answer.device), "versions": _versions()}
+def _recipe(options: ComposeOptions, session: _Session, level: str, task_type: str | None, shots_meta: dict, selection: dict,
+            searched: bool, **parts) -> Recipe:
+    return Recipe(level=level, base_model=session.adapters[0].base_model_name_or_path, formula=options.formula,
+                  task_type=task_type, formula_options=options.merge_options(), selection=selection, shots=shots_meta,
+                  dtype="float32", search_precision=session.precision if searched else None, device=str(session.answer.device),
+                  versions=_versions(), lorahub_version=__version__,
+                  created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **parts)
 
 
 def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None,
@@ -267,11 +276,12 @@ def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: 
 
     `base`: an already loaded base model to use (and leave unchanged) instead of loading one."""
     spec = get_formula(options.formula)
+    merge_options = options.merge_options()  # a bad option fails before anything loads
     records, selection = select_modules(store, shots, options)
     adapters = load_modules(store, records)
     weights = _fixed_weights(records, options)
-    merge = lambda w: compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **options.formula_options)  # noqa: E731
-    merge(weights or [0.0] * len(adapters))  # every check (ranks, targets, options) before the model loads
+    merge = lambda w: compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)  # noqa: E731
+    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
     session = _Session(adapters, shots, options, base)
     try:
         result = None
@@ -282,9 +292,9 @@ def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: 
         loss = session.evaluate(adapter)
     finally:
         session.close()
-    recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection)
-    recipe.update(modules=_module_entries(records, weights), search=_search_entry(options.search, result, session.precision),
-                  **_scores(loss, weights, options.search))
+    recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection, result is not None,
+                     modules=_module_entries(records, weights), search=_search_entry(options.search, result, session.precision),
+                     **_scores(loss, weights, options.search))
     return Composition(recipe, [adapter], [result])
 
 
@@ -306,7 +316,7 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
     union = list(dict.fromkeys([i for ids in sets for i in ids] + task_ids))
     records = [store.get(i) for i in union]
     adapters = load_modules(store, records)
-    compose(adapters, [0.0] * len(adapters), options.formula)  # every check before the model loads
+    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
     session = _Session(adapters, shots, options, base)
     try:
         position = {i: p for p, i in enumerate(union)}
@@ -331,61 +341,51 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
     router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
     selection = {"method": "auto", "level": "instance", "n": options.num_modules, "warm_start": options.warm_start,
                  "embedder": f"{index.embedder_id}@{index.embedder_revision}"}
-    recipe = _recipe(options, session, "instance", compositions[0].task_type, shots_meta, selection)
+    warm_entry = None
     if warm:
-        recipe["warm_start"] = {"modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
-                                "search": _search_entry(options.search, warm_result, session.precision)}
-    recipe.update(compositions=entries, router={"file": ROUTER_FILE, "embedder": selection["embedder"],
-                                                "instruction": index.recipe.instruction, "shots": [s.input for s in shots]})
+        warm_entry = {"modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
+                      "search": _search_entry(options.search, warm_result, session.precision)}
+    recipe = _recipe(options, session, "instance", compositions[0].task_type, shots_meta, selection, True, warm_start=warm_entry,
+                     compositions=entries, router={"file": ROUTER_FILE, "embedder": selection["embedder"],
+                                                   "instruction": index.recipe.instruction, "shots": [s.input for s in shots]})
     return Composition(recipe, compositions, results, router)
 
 
-# --- writing -------------------------------------------------------------------------------------
+# --- writing and rebuilding ------------------------------------------------------------------
 
 
-def write(composition: Composition, out: Path, *, overwrite: bool = False) -> Path:
-    """Save a composition as a folder, atomically (see export.write_folder)."""
+def write(composition: Composition, out: Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
+    """Save a composition as a folder, atomically (io.write_folder); `--overwrite` replaces only
+    a folder that lorahub compose wrote and that holds none of `inputs` (export.check_destination)."""
     recipe = composition.recipe
+    check_destination(out, overwrite, inputs=inputs)
 
     def fill(tmp: Path) -> None:
-        if recipe["level"] == "task":
+        if recipe.level == "task":
             write_adapter_folder(tmp, composition.adapters[0], recipe)
             return
         from safetensors.torch import save_file
 
-        for entry, adapter in zip(recipe["compositions"], composition.adapters):
-            shot_recipe = {**{k: v for k, v in recipe.items() if k not in ("compositions", "router")},
-                           "level": "task", "modules": entry["modules"], "search": entry["search"], "loss": entry["loss"],
-                           "objective": entry.get("objective")}
-            write_adapter_folder(tmp / entry["folder"], adapter, shot_recipe)
+        for entry, adapter in zip(recipe.compositions, composition.adapters):
+            write_adapter_folder(tmp / entry["folder"], adapter, recipe.shot(entry))
         save_file({"shots": composition.router.contiguous()}, tmp / ROUTER_FILE)
-        atomic_write_json(tmp / RECIPE_FILE, recipe)
-        (tmp / MODEL_CARD).write_text(_instance_card(recipe), encoding="utf-8")
+        recipe.save(tmp)
+        (tmp / MODEL_CARD).write_text(instance_card(recipe), encoding="utf-8")
 
     return write_folder(out, fill, overwrite=overwrite)
 
 
-def _instance_card(recipe: dict) -> str:
-    entry = recipe["compositions"][0]
-    first = {**recipe, **{key: entry[key] for key in ("modules", "search", "loss", "objective") if key in entry}}
-    card = model_card(first).split("\n## Use")[0]
-    return card + (f"\nThis is an instance-level composition: {len(recipe['compositions'])} adapters under `compositions/`, "
-                   f"one per example, and `{ROUTER_FILE}`, the examples' input embeddings. Each input is answered by the "
-                   "composition of the example whose input is most similar (see `lorahub_recipe.json`). The table above "
-                   "shows the first composition.\n")
-
-
-def rebuild(store: Store, recipe: dict) -> LoraAdapter:
+def rebuild(store: Store, recipe: Recipe) -> LoraAdapter:
     """The adapter a task-level recipe describes, from the registry's modules, checked against their hashes."""
-    if recipe.get("level") != "task":
+    if recipe.level != "task":
         raise InputError("--from-recipe rebuilds task-level recipes.", "Rebuild each compositions/shot-*/lorahub_recipe.json instead.")
     records = []
-    for module in recipe["modules"]:
+    for module in recipe.modules:
         record = store.get(module["id"])
-        if record.files.get("adapter_model.safetensors") != module["sha256"]:
+        if record.files.get(SAFETENSORS_FILE) != module["sha256"]:
             raise InputError(f"module '{module['id']}' in the registry is not the one the recipe used (sha256 differs).",
                              f"Mirror the recorded revision: lorahub registry add {module['source']} --revision {module['revision']}")
         records.append(record)
-    spec = get_formula(recipe["formula"])
-    weights = None if spec.fixed_weights else [m["weight"] for m in recipe["modules"]]
-    return compose(load_modules(store, records), weights, recipe["formula"], name="composed", **recipe.get("formula_options", {}))
+    spec = get_formula(recipe.formula)
+    weights = None if spec.fixed_weights else [m["weight"] for m in recipe.modules]
+    return compose(load_modules(store, records), weights, recipe.formula, name="composed", **recipe.formula_options)

@@ -21,6 +21,7 @@ import torch
 
 from ..errors import InputError
 from ..quiet import quiet_optimizer
+from ..settings import COMPOSE
 from .precision import PRECISIONS
 
 BOUNDS = (-1.5, 1.5)
@@ -52,13 +53,13 @@ TOP = 3  # the best distinct candidates a search hands back for re-scoring in fp
 
 @dataclass
 class SearchConfig:
-    optimizer: str = "ngopt"  # LoraHub's, and the best quality per second measured (docs/benchmarks.md)
-    budget: int = 40  # loss evaluations (candidates), not forward passes
-    l1: float = 0.05  # on mean |w|
-    seed: int = 42
-    population: int = 8  # candidates per forward pass for population optimisers
+    optimizer: str = COMPOSE["optimizer"]
+    budget: int = COMPOSE["budget"]  # loss evaluations (candidates), not forward passes
+    l1: float = COMPOSE["l1"]  # on mean |w|
+    seed: int = COMPOSE["seed"]
+    population: int = COMPOSE["population"]  # candidates per forward pass for population optimisers
     learning_rate: float = 0.05  # adam only
-    precision: str = "auto"  # what candidates are evaluated in: auto, fp32, bf16, int8 (precision.py)
+    precision: str = COMPOSE["search_precision"]  # what candidates are evaluated in: auto, fp32, bf16, int8 (precision.py)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:

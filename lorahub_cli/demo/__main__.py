@@ -1,4 +1,6 @@
-"""`python -m lorahub_cli.demo build [--out DIR] [--reduced] [--seed S] [--threads N]`: rebuild the demo library."""
+"""An entry point at the CLI layer (so it may use Typer and cli._output).
+
+`python -m lorahub_cli.demo build [--out DIR] [--reduced] [--seed S] [--threads N]`: rebuild the demo library."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import typer
 
 from ..cli._output import info, progress
 from ..errors import LorahubError
+from ..settings import debug
 from .library import MANIFEST, demo_dir
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -40,6 +43,8 @@ if __name__ == "__main__":
     try:
         app()
     except LorahubError as error:
+        if debug():
+            raise
         # One line, as the lorahub CLI reports it.
         sys.stderr.write(f"Error: {error}\n")
         sys.exit(error.exit_code)

@@ -26,7 +26,7 @@ from ..errors import InputError
 from ..io import Example, sha256_file
 from ..quiet import no_progress, quiet_loading
 from .library import ADAPTERS_DIR, BASE_DIR, BASE_MODEL, DATA_DIR, HELDOUT_DIR, MANIFEST, REBUILD, manifest
-from .training import Recipe
+from .training import Schedule
 from .world import HELD_OUT, TASKS, UPSTREAM, generate
 
 FORMAT_VERSION = 1
@@ -37,8 +37,8 @@ class BuildConfig:
     """Everything that shapes the library; saved in the manifest."""
 
     shape: dict  # T5Config fields
-    base: Recipe  # instruction tuning on the upstream mixture
-    lora: Recipe  # each upstream LoRA
+    base: Schedule  # instruction tuning on the upstream mixture
+    lora: Schedule  # each upstream LoRA
     lora_r: int = 4
     lora_alpha: int = 8
     upstream: tuple[str, ...] = tuple(t.name for t in UPSTREAM)
@@ -63,15 +63,15 @@ class BuildConfig:
 FULL = BuildConfig(
     shape=dict(d_model=128, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=3, num_heads=4,
                relative_attention_num_buckets=16, relative_attention_max_distance=64),
-    base=Recipe(steps=800, batch_size=64, lr=2e-3, warmup=80),
-    lora=Recipe(steps=50, batch_size=32, lr=3e-3, warmup=5),
+    base=Schedule(steps=800, batch_size=64, lr=2e-3, warmup=80),
+    lora=Schedule(steps=50, batch_size=32, lr=3e-3, warmup=5),
 )
 # The same code path on a model too small to learn much: it exists so that CI can run the build.
 REDUCED = BuildConfig(
     shape=dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
                relative_attention_num_buckets=8, relative_attention_max_distance=32),
-    base=Recipe(steps=20, batch_size=16, lr=3e-3, warmup=2),
-    lora=Recipe(steps=5, batch_size=16, lr=3e-3),
+    base=Schedule(steps=20, batch_size=16, lr=3e-3, warmup=2),
+    lora=Schedule(steps=5, batch_size=16, lr=3e-3),
     upstream=("reverse_word", "spell_dashes", "first_letter", "last_letter"),
     heldout=("backwards_dashes", "first_and_last"),
     train_examples=64,

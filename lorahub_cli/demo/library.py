@@ -104,3 +104,11 @@ def mirror(store, progress=None, path: Path | None = None) -> list:
         if progress:
             progress()
     return results
+
+
+def load_suite(path: Path | None = None):
+    """The held-out tasks as an evaluation suite (the demo's miniature BBH), after checking the library's hashes."""
+    from ..eval.tasks import Suite
+
+    verify(path)
+    return Suite("demo", {t["name"]: heldout_examples(t["name"], path) for t in heldout_tasks(path)})

@@ -14,7 +14,7 @@ import torch
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Schedule:
     """Optimisation settings for one training run (the base model or one LoRA)."""
 
     steps: int
@@ -45,7 +45,7 @@ def encode(tok, rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
 
 
-def train(model, tok, rows: list[dict], recipe: Recipe, seed: int, advance: Callable[[], None] = lambda: None) -> float:
+def train(model, tok, rows: list[dict], recipe: Schedule, seed: int, advance: Callable[[], None] = lambda: None) -> float:
     """AdamW with linear warm-up then linear decay, batches drawn with a seeded RNG; returns the last loss."""
     rng = random.Random(seed)
     torch.manual_seed(seed)

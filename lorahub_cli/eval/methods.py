@@ -23,6 +23,7 @@ import torch
 from ..errors import InputError
 from ..io import Example
 from ..models import BaseModel, encode, load_base_model, mean_token_loss, token_losses
+from ..settings import COMPOSE, EVAL
 
 METHODS = ("zero-shot", "icl", "lorahub", "batchcomp", "instance", "fft")
 COMPOSING = ("lorahub", "batchcomp", "instance")
@@ -34,20 +35,20 @@ class EvalConfig:
 
     base_model: str | None = None  # the registry's base model; loaded unless model_path is set
     model_path: str | None = None
-    shots: int = 5
+    shots: int = EVAL["shots"]
     limit: int | None = None
-    num_modules: int = 20
-    budget: int = 40
-    optimizer: str = "ngopt"
-    l1: float = 0.05
-    max_new_tokens: int = 256
+    num_modules: int = COMPOSE["num_modules"]
+    budget: int = COMPOSE["budget"]
+    optimizer: str = COMPOSE["optimizer"]
+    l1: float = COMPOSE["l1"]
+    max_new_tokens: int = EVAL["max_new_tokens"]
     fft_epochs: int = 40
     fft_lr: float = 3e-5
     fft_batch: int = 5
     embedder: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    batch_size: int = 16  # speed only: not part of the fingerprint
+    dtype: str = COMPOSE["dtype"]
+    device: str = COMPOSE["device"]
+    batch_size: int = EVAL["batch_size"]  # speed only: not part of the fingerprint
 
     def fingerprint(self) -> dict:
         """The settings a finished cell depends on: a resumed run must use the same."""
@@ -93,10 +94,12 @@ def icl_prompt(shots: list[Example], question: str) -> str:
 
 
 def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """The base model on the bare input."""
     return Answer(ctx.generate(inputs))
 
 
 def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """The shots in the prompt (in-context learning)."""
     return Answer(ctx.generate([icl_prompt(shots, x) for x in inputs]))
 
 
@@ -120,37 +123,41 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
         bank.remove()
 
 
-def _task_level(modules: str):
+def _task_level(modules: str, summary: str):
     def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
         from ..compose.pipeline import compose_task
 
         composition = compose_task(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed), base=ctx.base)
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
-        return Answer(predictions, {"modules": {m["id"]: round(m["weight"], 6) for m in recipe["modules"]},
-                                    "loss": recipe["loss"], "evaluations": result.evaluations if result else 0})
+        return Answer(predictions, {"modules": {k: round(w, 6) for k, w in recipe.weights.items()},
+                                    "loss": recipe.loss, "evaluations": result.evaluations if result else 0})
 
+    method.__doc__ = summary
     return method
 
 
 def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """iLoraComp: one composition per shot; each input answered by its nearest shot's."""
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
-    from ..serve.routing import ShotRouter, weight_matrix
+    from ..routing import ShotRouter, weight_matrix
 
     composition = compose_instance(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base)
     recipe = composition.recipe
-    embedder = load_embedder(ctx.config.embedder or recipe["router"]["embedder"].rsplit("@", 1)[0])
+    embedder = load_embedder(ctx.config.embedder or recipe.router["embedder"].rsplit("@", 1)[0])
     # The same routing `lorahub generate` applies to a saved instance-level composition.
-    routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs, [1] * len(inputs), ["single"] * len(inputs))
+    routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs)
     predictions = _with_bank(ctx, composition.adapters, inputs, weight_matrix(routes, len(composition.adapters)))
     return Answer(predictions, {"routes": [r.info["shot"] for r in routes],
                                 "evaluations": sum(r.evaluations for r in composition.results if r),
-                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]} for c in recipe["compositions"]]})
+                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]} for c in recipe.compositions]})
 
 
 def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
-    """AdamW on every weight of a copy of the base model; the loss is the token-mean cross-entropy."""
+    """Full fine-tuning on the shots (the upper bound): AdamW on every weight of a copy of the base model.
+
+    The loss is the token-mean cross-entropy."""
     c = ctx.config
     torch.manual_seed(seed)
     tuned = BaseModel(copy.deepcopy(ctx.base.model).train().requires_grad_(True), ctx.base.tokenizer,
@@ -173,7 +180,8 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
 
 
 RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
-    "zero-shot": zero_shot, "icl": icl, "lorahub": _task_level("random"), "batchcomp": _task_level("auto"),
+    "zero-shot": zero_shot, "icl": icl, "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
+    "batchcomp": _task_level("auto", "BatchComp: the N modules retrieved for the whole task, weights searched on the shots."),
     "instance": instance, "fft": fft,
 }
 
@@ -182,7 +190,7 @@ def parse_methods(text: str) -> list[str]:
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in RUNNERS]
     if unknown or not chosen:
-        raise InputError(f"--methods names unknown methods: {', '.join(unknown) or repr(text)}.", f"Choose from: {','.join(METHODS)}.")
+        raise InputError(f"--methods names unknown methods: {', '.join(unknown) or repr(text)}.", f"Choose from: {','.join(RUNNERS)}.")
     return list(dict.fromkeys(chosen))
 
 

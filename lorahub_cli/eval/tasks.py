@@ -79,12 +79,3 @@ def load_task_dir(folder: Path) -> Suite:
     if not files:
         raise InputError(f"task folder '{folder}' has no .jsonl files.", 'Put one <task>.jsonl per task, lines {"input": ..., "target": ...}.')
     return Suite(folder.name, {p.stem: read_examples(p) for p in files})
-
-
-def load_demo() -> Suite:
-    """The demo library's held-out tasks (its miniature BBH), after checking the library's hashes."""
-    from ..demo import library
-
-    library.verify()
-    names = [t["name"] for t in library.heldout_tasks()]
-    return Suite("demo", {name: library.heldout_examples(name) for name in names})

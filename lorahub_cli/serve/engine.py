@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .routing import COMPOSE_MODES, RetrievalRouter, ShotRouter, check_mode, weight_matrix
-
-DEFAULTS = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}
+from ..routing import COMPOSE_MODES, RetrievalRouter, ShotRouter, check_mode, weight_matrix
+from ..settings import SERVE as DEFAULTS
 
 
 class InputTooLong(InputError):
@@ -89,28 +88,26 @@ class Engine:
         from ..cards.embedder import load_embedder
         from ..compose.adapters import load_adapter
         from ..compose.bank import LoraBank
-        from ..compose.export import RECIPE_FILE
-        from ..compose.pipeline import ROUTER_FILE
-        from ..io import read_json
+        from ..compose.recipe import RECIPE_FILE, ROUTER_FILE, Recipe
         from ..models import load_base_model
 
         folder = Path(folder)
         hint = "Give a folder written by: lorahub compose --level instance --out DIR"
         if not (folder / RECIPE_FILE).is_file():
             raise InputError(f"'{folder}' has no {RECIPE_FILE}.", hint)
-        recipe = read_json(folder / RECIPE_FILE, hint)
-        if recipe.get("level") != "instance" or not (folder / ROUTER_FILE).is_file():
+        recipe = Recipe.load(folder)
+        if recipe.level != "instance" or not (folder / ROUTER_FILE).is_file():
             raise InputError(f"'{folder}' is not an instance-level composition (no router).", hint)
-        key = recipe["router"]["embedder"]
+        key = recipe.router["embedder"]
         query_embedder = load_embedder(embedder or key.rpartition("@")[0])
         if query_embedder.key != key:
             raise InputError(f"the router was made with {key}, not {query_embedder.key}.", "Drop --embedder.")
-        adapters = [load_adapter(folder / entry["folder"], name=entry["folder"]) for entry in recipe["compositions"]]
-        base = load_base_model(model_path or recipe["base_model"], dtype=dtype, device=device)
+        adapters = [load_adapter(folder / entry["folder"], name=entry["folder"]) for entry in recipe.compositions]
+        base = load_base_model(model_path or recipe.base_model, dtype=dtype, device=device)
         bank = LoraBank(base.model, adapters, formula="linear")
         router = ShotRouter(recipe, load_file(folder / ROUTER_FILE)["shots"], query_embedder,
                             elementwise_ok=bank.elementwise_ok)
-        description = {"source": "composition", "folder": str(folder), "base_model": recipe["base_model"],
+        description = {"source": "composition", "folder": str(folder), "base_model": recipe.base_model,
                        "compositions": len(adapters), "embedder": key}
         return cls(base, bank, router, description=description, **options)
 
@@ -141,7 +138,9 @@ class Engine:
         requests = [self.check(r) for r in requests]
         if not requests:
             return []
-        routes = self.router.route([r.input for r in requests], [r.k for r in requests], [r.compose for r in requests])
+        texts = [r.input for r in requests]
+        routes = (self.router.route(texts, [r.k for r in requests], [r.compose for r in requests]) if self.router.retrieves
+                  else self.router.route(texts))
         outputs = [""] * len(requests)
         for formula in sorted({route.formula for route in routes}):
             rows = [i for i, route in enumerate(routes) if route.formula == formula]

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from ..errors import InputError
 from .batcher import Batcher, QueueFull, ShuttingDown
 from .engine import InputTooLong, Request
-from .routing import COMPOSE_MODES
+from ..routing import COMPOSE_MODES
 
 LIMITS = {"max_batch": 32, "window": 0.01, "max_queue": 256, "max_input_chars": 16_000, "max_prompts": 64}
 Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # the modes the routing module registers

@@ -1,13 +1,13 @@
 """Requests to compositions: which adapters answer each input, with which weights, over one bank.
 
-Two routers, one interface (`route(texts, ks, modes) -> list[Route]`):
+Two routers, each returning one `Route` per input (used by serving and by eval's instance method):
 
 - `RetrievalRouter` (LoraRetriever): every input retrieves its own top-k adapters by
   per-input retrieval against the registry's cards, and composes them with w = 1/k:
   mixture = the linear formula (the average of the k modules' outputs),
   fusion = the elementwise formula (the average of A and of B), single = top-1 alone.
-- `ShotRouter` (iLoraComp, the output of `compose --level instance`): every input goes
-  to its most similar shot, and is answered by that shot's composition alone.
+- `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
+  every input to its most similar shot, answered by that shot's composition alone.
 
 A `Route` names bank columns, so `weight_matrix` turns a list of routes into the
 (rows, N) matrix that `LoraBank.weights` and `generation.generate` take.
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import InputError
+from .errors import InputError
 
 # compose mode -> the bank formula its rows run under; single is a one-hot row of either.
 COMPOSE_MODES = {"mixture": "linear", "fusion": "elementwise", "single": "elementwise"}
@@ -63,8 +63,8 @@ class RetrievalRouter:
         self.elementwise_ok = elementwise_ok
 
     def route(self, texts: list[str], ks: list[int], modes: list[str]) -> list[Route]:
-        from ..io import Example
-        from ..retrieval import per_input
+        from .io import Example
+        from .retrieval import per_input
 
         for k, mode in zip(ks, modes):
             check_mode(mode)
@@ -91,22 +91,23 @@ class ShotRouter:
 
     retrieves = False  # k and the compose mode do not apply
 
-    def __init__(self, recipe: dict, shots: torch.Tensor, embedder, *, elementwise_ok: bool):
-        from ..retrieval import normalise
+    def __init__(self, recipe, shots: torch.Tensor, embedder, *, elementwise_ok: bool):
+        from .retrieval import normalise
 
-        self.recipe, self.embedder = recipe, embedder
+        self.recipe, self.embedder = recipe, embedder  # recipe: an instance-level compose.recipe.Recipe
         self.shots = normalise(shots.float())  # (K, dim)
-        self.names = [entry["folder"] for entry in recipe["compositions"]]
+        self.names = [entry["folder"] for entry in recipe.compositions]
         self.formula = "elementwise" if elementwise_ok else "linear"
 
-    def route(self, texts: list[str], ks: list[int], modes: list[str]) -> list[Route]:
-        from ..retrieval import route
+    def route(self, texts: list[str]) -> list[Route]:
+        """Every input to its nearest shot (k and the compose mode do not apply)."""
+        from .retrieval import route
 
-        instruction = self.recipe["router"].get("instruction", "")
+        instruction = self.recipe.router["instruction"]
         scores, shot_ids = route(self.shots, self.embedder.encode([instruction + t for t in texts]))
         routes = []
         for j, score in zip(shot_ids.tolist(), scores.tolist()):
-            entry = self.recipe["compositions"][j]
+            entry = self.recipe.compositions[j]
             adapters = [{"id": m["id"], "weight": m["weight"]} for m in entry["modules"]]
             info = {"compose": "instance", "shot": j, "composition": entry["folder"], "score": round(score, 6),
                     "adapters": adapters}

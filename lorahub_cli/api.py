@@ -1,0 +1,202 @@
+"""The Python API behind every command: the one module that combines the registry, retrieval,
+models, composition and evaluation.
+
+    from lorahub_cli import api
+    summary = api.compose(Path("shots.jsonl"), Path("my-lora"), ComposeOptions(num_modules=20))  # compose.pipeline
+
+The module imports nothing heavy at load time, so the CLI can import it for every command.
+Each `lorahub` command parses its options, makes one call here and prints what it returns.
+`progress_factory(description, total)` is the optional progress display (a context manager
+that yields `advance`); without it everything runs silently.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import InputError
+from .quiet import no_progress
+from .settings import DEMO, home
+
+# --- registries ----------------------------------------------------------------------------------
+
+
+def open_store(readonly: bool = False):
+    """The user's registry, in $LORAHUB_HOME; `readonly` for commands that only read (they work on a read-only home)."""
+    from .registry import Store
+
+    return Store(home(), readonly=readonly)
+
+
+@contextmanager
+def scratch_store(prefix: str, keep: Path | None = None) -> Iterator:
+    """A registry in `keep`, or in a temporary folder that is removed afterwards (the demos' registries)."""
+    from .registry import Store
+
+    folder = keep or Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield Store(folder)
+    finally:
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def sync(store, entries, *, base_model: str | None = None, workers: int = 4, catalog=None, cards: bool = False,
+         max_examples: int = 1000, embedder: str | None = None, progress_factory=None, warn=None) -> list:
+    """Mirror catalogue or author `entries` into `store`; with `cards`, build the missing cards from the
+    catalogue's training dataset. Returns one MirrorResult per entry; an adapter whose card failed is a failure."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    from .registry.cards import card_from_source
+    from .registry.catalog import sync as sync_entries
+
+    stage = progress_factory or no_progress
+    if cards and not (catalog and catalog.dataset):
+        raise InputError("--cards needs a catalogue that names a training dataset.",
+                         "Build cards with: lorahub card build ID --dataset ...")
+    disable_progress_bars()  # lorahub's bar is the one progress display; the client's would interleave with it
+    with stage(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
+        results = sync_entries(store, entries, base_model=base_model, workers=workers, on_result=lambda r: advance(),
+                               warn=warn)
+    if cards:
+        tasks = {e.repo_id: e.task for e in entries if e.task}
+        todo = [r for r in results if r.status != "failed" and tasks.get(r.id) and not (r.record and r.record.has_card)]
+        with stage(f"Building {len(todo)} cards", len(todo)) as advance:
+            for result in todo:
+                try:
+                    card_from_source(store, result.id, dataset=catalog.dataset,
+                                     filters=[f"{catalog.task_field}={tasks[result.id]}"], max_examples=max_examples,
+                                     embedder=embedder)
+                    result.message = "card built"
+                except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
+                    # The adapter is stored, but the sync did not do what was asked: a failure.
+                    result.status, result.message = "failed", f"mirrored, but its card failed: {error}"
+                advance()
+    return results
+
+
+# --- compose -------------------------------------------------------------------------------------
+
+
+def compose(shots: Path, out: Path, options, *, level: str = "task", overwrite: bool = False,
+            store=None, progress_factory=None) -> dict:
+    """Compose registry adapters for the task `shots` shows and write them to `out`; returns the summary.
+
+    `options`: a compose.pipeline.ComposeOptions (imported there: this module loads torch only when called).
+
+    `options.weights` without explicit `options.modules` composes exactly the weighted modules."""
+    from .compose import pipeline
+    from .compose.export import check_destination
+    from .io import read_examples, sha256_file
+
+    if level not in ("task", "instance"):
+        raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
+    check_destination(out, overwrite, inputs=(shots,))  # before any work: nothing is lost to a late refusal
+    store = store or open_store()
+    start = time.perf_counter()
+    examples = read_examples(shots)
+    if options.weights and options.modules in ("auto", "random"):
+        options.modules = list(options.weights)
+    shots_meta = {"path": str(shots), "sha256": sha256_file(shots), "count": len(examples)}
+    run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
+    searches = len(examples) + options.warm_start if level == "instance" else 1
+    with (progress_factory or no_progress)("Searching weights", options.search.budget * searches) as advance:
+        composition = run(store, examples, shots_meta, options,
+                          progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"))
+    folder = pipeline.write(composition, out, overwrite=overwrite, inputs=(shots,))
+    recipe = composition.recipe
+    summary = {"out": str(folder)}
+    if level == "instance":
+        summary["level"] = "instance"
+    else:
+        summary.update(weights=recipe.weights, loss=recipe.loss)
+    summary.update(evaluations=sum(r.evaluations for r in composition.results if r),
+                   seconds=round(time.perf_counter() - start, 3))
+    if level == "instance":
+        summary["compositions"] = [{"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]},
+                                    "loss": c["loss"]} for c in recipe.compositions]
+    return summary
+
+
+def rebuild(recipe_path: Path, out: Path, *, overwrite: bool = False, store=None) -> dict:
+    """The adapter a task-level recipe describes, rebuilt bit for bit from the registry into `out`."""
+    from .compose import pipeline
+    from .compose.export import check_destination, write_adapter_folder
+    from .compose.recipe import Recipe
+    from .io import write_folder
+
+    check_destination(out, overwrite, inputs=(recipe_path,))
+    start = time.perf_counter()
+    recipe = Recipe.load(recipe_path)
+    adapter = pipeline.rebuild(store or open_store(), recipe)
+    folder = write_folder(out, lambda tmp: write_adapter_folder(tmp, adapter, recipe), overwrite=overwrite)
+    return {"out": str(folder), "weights": recipe.weights, "loss": recipe.loss, "evaluations": 0,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+def evaluate(suite, methods: list[str], seeds: list[int], config, out: Path, *, store=None, title: str | None = None,
+             progress_factory=None) -> dict:
+    """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary.
+    The composing methods draw from `store`, else from the user's registry."""
+    from .eval.api import evaluate as run
+    from .eval.methods import COMPOSING
+
+    if store is None and any(m in COMPOSING for m in methods):
+        store = open_store()
+    return run(suite, methods, seeds, config, out, store=store, title=title, progress_factory=progress_factory)
+
+
+def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out: Path, *,
+                  progress_factory=None) -> dict:
+    """`evaluate` on the demo library's held-out tasks, with its adapters mirrored into a temporary registry."""
+    from dataclasses import replace
+
+    from .demo import library
+    from .models import torch_threads
+
+    suite = library.load_suite().select(tasks)
+    config = replace(config, base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32",
+                     device="cpu")
+    with scratch_store("lorahub-eval-demo-") as store:
+        with (progress_factory or no_progress)("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
+            library.mirror(store, progress=advance)
+        with torch_threads(library.THREADS):
+            return evaluate(suite, methods, seeds, config, out, store=store, title="Demo library: held-out tasks",
+                            progress_factory=progress_factory)
+
+
+# --- the demo ------------------------------------------------------------------------------------
+
+
+def free_folder(folder: Path) -> Path:
+    """`folder`, or folder-2, folder-3, ... if it exists: the demo never replaces anything."""
+    candidate, n = folder, 1
+    while candidate.exists():
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    return candidate
+
+
+def demo(task: str = DEMO["task"], *, seed: int = DEMO["seed"], num_modules: int = DEMO["num_modules"],
+         budget: int | None = None, out: Path | None = None, home: Path | None = None, progress_factory=None) -> dict:
+    """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate, write to `out`
+    (default: a new ./lorahub-demo-TASK); the registry lives in `home` or a temporary folder."""
+    from .demo import library, tour
+    from .io import check_destination
+    from .settings import COMPOSE
+
+    library.verify()
+    library.heldout_examples(task)  # an unknown task fails here, before any work
+    target = out if out is not None else free_folder(Path(f"lorahub-demo-{task}"))
+    check_destination(target)
+    with scratch_store("lorahub-demo-", home) as store:
+        return tour.run(store, target, task=task, seed=seed, num_modules=num_modules,
+                        budget=budget or COMPOSE["budget"], progress_factory=progress_factory)
