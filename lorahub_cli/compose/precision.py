@@ -93,7 +93,7 @@ def search_model(answer: BaseModel, precision: str, keep: set[str]) -> BaseModel
 def _quantize_int8(model: nn.Module, keep: set[str]) -> None:
     """torch.ao dynamic quantisation of every nn.Linear outside `keep`, in place. torchao, its maintained
     replacement, was 1.4x slower per evaluation on CPU here and would be a new dependency
-    (docs/benchmarks.md#search-precision), so torch.ao it is while torch ships it. Its int8 linear passes no
+    (docs/benchmarks.md#search-precision-amx), so torch.ao it is while torch ships it. Its int8 linear passes no
     gradient to its input (silently), which is why int8 is refused for gradient optimisers."""
     from torch.ao.quantization import quantize_dynamic
 
