@@ -44,10 +44,10 @@ OPTIMIZERS = {
         Optimizer("random", "uniform random search in the box, a population per forward pass", "RandomSearch", True),
         Optimizer("adam", "Adam on the weights, gradients back-propagated through the LoRA bank", None, False),
         Optimizer("lbfgs", "L-BFGS-B (scipy) in the box on a smoothed L1, exact gradients through the LoRA bank; "
-                           "stops early when converged", None, False),
+                           "stops early when converged or stalled", None, False),
     )
 }
-GRADIENT = {"adam", "lbfgs"}  # optimisers that back-propagate through the model
+GRADIENT = {o.name for o in OPTIMIZERS.values() if o.nevergrad is None}  # they back-propagate through the model
 TOP = 3  # the best distinct candidates a search hands back for re-scoring in fp32
 
 
