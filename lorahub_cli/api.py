@@ -84,12 +84,13 @@ def sync(store, entries, *, base_model: str | None = None, workers: int = 4, cat
 
 
 def compose(shots: Path, out: Path, options, *, level: str = "task", overwrite: bool = False,
-            store=None, progress_factory=None) -> dict:
+            store=None, progress_factory=None, base=None) -> dict:
     """Compose registry adapters for the task `shots` shows and write them to `out`; returns the summary.
 
     `options`: a compose.pipeline.ComposeOptions (imported there: this module loads torch only when called).
 
-    `options.weights` without explicit `options.modules` composes exactly the weighted modules."""
+    `options.weights` without explicit `options.modules` composes exactly the weighted modules.
+    `base`: a loaded base model to use (and leave unchanged) instead of loading one."""
     from .compose import pipeline
     from .compose.export import check_destination
     from .io import read_examples, sha256_file
@@ -106,21 +107,72 @@ def compose(shots: Path, out: Path, options, *, level: str = "task", overwrite: 
     run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
     searches = len(examples) + options.warm_start if level == "instance" else 1
     with (progress_factory or no_progress)("Searching weights", options.search.budget * searches) as advance:
-        composition = run(store, examples, shots_meta, options,
+        composition = run(store, examples, shots_meta, options, base=base,
                           progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"))
     folder = pipeline.write(composition, out, overwrite=overwrite, inputs=(shots,))
-    recipe = composition.recipe
+    return _summary(folder, composition.recipe, sum(r.evaluations for r in composition.results if r),
+                    time.perf_counter() - start)
+
+
+def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: float | None = None) -> dict:
+    """What `compose` returns for the composition in `folder`."""
     summary = {"out": str(folder)}
-    if level == "instance":
+    if recipe.level == "instance":
         summary["level"] = "instance"
     else:
         summary.update(weights=recipe.weights, loss=recipe.loss)
-    summary.update(evaluations=sum(r.evaluations for r in composition.results if r),
-                   seconds=round(time.perf_counter() - start, 3))
-    if level == "instance":
+    if evaluations is not None:
+        summary["evaluations"] = evaluations
+    if seconds is not None:
+        summary["seconds"] = round(seconds, 3)
+    if recipe.level == "instance":
         summary["compositions"] = [{"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]},
                                     "loss": c["loss"]} for c in recipe.compositions]
     return summary
+
+
+def compose_folder(tasks_dir: Path, out: Path, options, *, level: str = "task", overwrite: bool = False, store=None,
+                   ray=None, progress_factory=None, on_event=None) -> list[dict]:
+    """`compose` for every shots file `tasks_dir/<name>.jsonl`, into `out/<name>/`: here, one after the other on
+    one loaded model, or on Ray actors (`ray`: a scale.cluster.RayOptions) while this process writes every folder.
+
+    Resumable: a folder that holds a lorahub recipe is kept (`overwrite` composes it again); any other existing
+    folder is left alone and its task fails. Returns one row per file, in file order: {"task", "status"
+    (composed, done earlier, failed), and `compose`'s summary or "error"}; a failed task does not stop the others."""
+    from .compose import pipeline
+    from .compose.recipe import Recipe
+    from .errors import LorahubError
+    from .scale import batch
+
+    if level not in ("task", "instance"):
+        raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
+    store = store or open_store()
+    jobs, done, refused = batch.plan(tasks_dir, out, overwrite)
+    rows = {name: {"task": name, "status": "done earlier", **_summary(out / name, Recipe.load(out / name))} for name in done}
+    failed = lambda name, error: {"task": name, "status": "failed", "out": str(out / name), "error": error}  # noqa: E731
+    rows.update({name: failed(name, error) for name, error in refused.items()})
+    with (progress_factory or no_progress)("Composing", len(jobs) + len(rows)) as advance:
+        advance(len(rows))
+        if jobs and ray is None:
+            base = batch.load_shared_base(store, options)
+            for job in jobs:
+                try:
+                    summary = compose(job.path, job.dest, options, level=level, overwrite=overwrite, store=store, base=base)
+                except LorahubError as error:
+                    rows[job.name] = failed(job.name, str(error))
+                    continue
+                rows[job.name] = {"task": job.name, "status": "composed", **summary}
+                advance(description=job.name)
+        elif jobs:
+            for job, result, error in batch.on_ray(ray, store, jobs, options, level, advance, on_event):
+                if error is not None:
+                    rows[job.name] = failed(job.name, error)
+                    continue
+                composition, seconds = result
+                folder = pipeline.write(composition, job.dest, overwrite=overwrite, inputs=(job.path,))
+                evaluations = sum(r.evaluations for r in composition.results if r)
+                rows[job.name] = {"task": job.name, "status": "composed", **_summary(folder, composition.recipe, evaluations, seconds)}
+    return [rows[name] for name in sorted(rows)]
 
 
 def rebuild(recipe_path: Path, out: Path, *, overwrite: bool = False, store=None) -> dict:
@@ -143,19 +195,26 @@ def rebuild(recipe_path: Path, out: Path, *, overwrite: bool = False, store=None
 
 
 def evaluate(suite, methods: list[str], seeds: list[int], config, out: Path, *, store=None, title: str | None = None,
-             progress_factory=None) -> dict:
+             progress_factory=None, ray=None) -> dict:
     """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary.
-    The composing methods draw from `store`, else from the user's registry."""
+    The composing methods draw from `store`, else from the user's registry. With `ray` (a
+    scale.cluster.RayOptions) the missing cells run on Ray actors; this process still writes them."""
     from .eval.api import evaluate as run
     from .eval.methods import COMPOSING
 
     if store is None and any(m in COMPOSING for m in methods):
         store = open_store()
-    return run(suite, methods, seeds, config, out, store=store, title=title, progress_factory=progress_factory)
+    execute = None
+    if ray is not None:
+        from .scale.eval import ray_executor
+
+        execute = ray_executor(ray, config, store)
+    return run(suite, methods, seeds, config, out, store=store, title=title, progress_factory=progress_factory,
+               execute=execute)
 
 
 def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out: Path, *,
-                  progress_factory=None) -> dict:
+                  progress_factory=None, ray=None) -> dict:
     """`evaluate` on the demo library's held-out tasks, with its adapters mirrored into a temporary registry."""
     from dataclasses import replace
 
@@ -169,8 +228,10 @@ def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out:
         with (progress_factory or no_progress)("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
             library.mirror(store, progress=advance)
         with torch_threads(library.THREADS):
+            if ray is not None:  # as many threads per Ray worker as here: the demo model gains nothing from more
+                ray = replace(ray, max_threads=library.THREADS)
             return evaluate(suite, methods, seeds, config, out, store=store, title="Demo library: held-out tasks",
-                            progress_factory=progress_factory)
+                            progress_factory=progress_factory, ray=ray)
 
 
 # --- the demo ------------------------------------------------------------------------------------

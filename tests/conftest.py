@@ -112,3 +112,14 @@ def t5_library(tmp_path_factory):
 def t5_home(t5_library, lorahub_home):
     shutil.copytree(t5_library[0], lorahub_home)
     return lorahub_home, t5_library[1]
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    """Two small tasks of the example library, 12 examples each (evaluation grids)."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for task in ("capitals", "addition"):
+        rows = (EXAMPLES / "data" / f"{task}.jsonl").read_text().splitlines(True)[:12]
+        (folder / f"{task}.jsonl").write_text("".join(rows))
+    return folder

@@ -116,16 +116,6 @@ def test_task_selection_names_unknown_tasks(tmp_path):
 # --- methods end to end ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def task_dir(tmp_path):
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    for task in ("capitals", "addition"):
-        rows = (EXAMPLES / "data" / f"{task}.jsonl").read_text().splitlines(True)[:12]
-        (folder / f"{task}.jsonl").write_text("".join(rows))
-    return folder
-
-
 QUICK = ["--seeds", "1,2", "-n", "2", "--budget", "3", "--limit", "3", "--max-new-tokens", "3", "--dtype", "float32"]
 
 

@@ -18,7 +18,7 @@ LAYERS = [
     ["retrieval", "routing", "compose", "generation", "publish", "retriever", "examples"],
     ["eval.tasks", "eval.scoring"],
     ["eval", "serve.engine", "serve.batcher"],
-    ["demo"],
+    ["demo", "scale"],
     ["api"],
     ["cli", "serve", "__main__", "demo.__main__"],
 ]

@@ -83,8 +83,10 @@ def _usage_errors() -> tuple[type[Exception], ...]:
 
 def main() -> None:
     """Console entry point: a LorahubError is one line on stderr and a non-zero exit."""
+    from ._scale import optional_address
+
     try:
-        code = app(prog_name="lorahub", standalone_mode=False)
+        code = app(args=optional_address(sys.argv[1:]), prog_name="lorahub", standalone_mode=False)
     except LorahubError as error:
         if debug():
             raise

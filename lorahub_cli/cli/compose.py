@@ -11,6 +11,7 @@ from ..errors import InputError
 from ..settings import COMPOSE
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt, choice_help, registered
 from ._output import info, print_json, progress
+from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 
 EXAMPLES = """Examples:\n
   lorahub compose --shots examples.jsonl --out my-lora\n
@@ -18,7 +19,8 @@ EXAMPLES = """Examples:\n
   lorahub compose --shots examples.jsonl --level instance --out per-example\n
   lorahub compose --shots examples.jsonl --modules a,b,c --weights a=0.5,b=0.3,c=-0.2 --out fixed\n
   lorahub compose --from-recipe my-lora/lorahub_recipe.json --out rebuilt\n
-  lorahub compose --formula list"""
+  lorahub compose --formula list\n
+  lorahub compose --tasks shots-folder/ --out compositions/ --ray      # one per shots file, resumable"""
 
 
 OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype, before --search-precision
@@ -76,6 +78,11 @@ def compose(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = COMPOSE["device"],
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = COMPOSE["max_rows"],
     embedder: EmbedderOpt = None,
+    tasks: Annotated[Optional[Path], typer.Option(
+        "--tasks", help="A folder of shots files: one composition each, into --out/<name>/ (resumable).")] = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Compose registry adapters into one LoRA for the task your examples show, with weights found by search."""
@@ -85,14 +92,19 @@ def compose(
 
     if out is None:
         raise InputError("--out is required.", "Example: --out my-lora")
+    scale = ray_options(ray, workers, ray_data)
+    if tasks is not None and (shots is not None or from_recipe is not None):
+        raise InputError("--tasks composes every shots file of a folder.", "Drop --shots and --from-recipe.")
+    if scale is not None and tasks is None:
+        raise InputError("--ray spreads the compositions of a --tasks folder over workers.", "Add --tasks FOLDER, or drop --ray.")
     if from_recipe is not None:
         if shots is not None:
             raise InputError("--from-recipe rebuilds without shots.", "Drop --shots.")
         summary = api.rebuild(from_recipe, out, overwrite=overwrite)
         print_json(summary) if json_ else info(f"Rebuilt {summary['out']} from {from_recipe}.")
         return
-    if shots is None:
-        raise InputError("--shots is required (or --from-recipe).", "Example: --shots examples.jsonl")
+    if shots is None and tasks is None:
+        raise InputError("--shots is required (or --tasks, or --from-recipe).", "Example: --shots examples.jsonl")
     formula_options = {k: v for k, v in {"density": density, "svd_rank": svd_rank}.items() if v is not None}
     options = ComposeOptions(
         base_model=base_model, model_path=model_path, formula=formula, formula_options=formula_options,
@@ -101,6 +113,10 @@ def compose(
                             precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision),
         warm_start=warm_start, device=device, max_rows=batch_size, embedder=embedder,
     )
+    if tasks is not None:
+        from .compose_batch import compose_folder
+
+        return compose_folder(tasks, out, options, level=level, overwrite=overwrite, ray=scale, json_=json_)
     summary = api.compose(shots, out, options, level=level, overwrite=overwrite, progress_factory=progress)
     if json_:
         print_json(summary)

@@ -11,6 +11,7 @@ from ..errors import InputError
 from ..settings import COMPOSE, DEMO, EVAL
 from ._options import EmbedderOpt, JsonOpt, choice_help, registered
 from ._output import info, print_json, progress
+from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 
 app = typer.Typer(help="Evaluate composition methods against baselines, per task and seed, with a report.", no_args_is_help=True)
 
@@ -18,7 +19,8 @@ EXAMPLES = """Examples:\n
   lorahub eval bbh --base-model google/flan-t5-large --out bbh-run\n
   lorahub eval bbh --tasks navigate,snarks --methods zero-shot,batchcomp --seeds 1 --limit 20\n
   lorahub eval tasks my-tasks/ --base-model google/flan-t5-large --methods zero-shot,instance\n
-  lorahub eval demo --methods zero-shot,lorahub,batchcomp"""
+  lorahub eval demo --methods zero-shot,lorahub,batchcomp\n
+  lorahub eval bbh --ray auto --out bbh-run          # on the running Ray cluster; resumable anywhere"""
 
 Tasks = Annotated[str, typer.Option("--tasks", help="all, or task names a,b,c.")]
 Methods = Annotated[str, typer.Option("--methods", callback=registered("method"),
@@ -58,12 +60,12 @@ def _print(summary: dict, out: Path, json_: bool) -> None:
         info(f"  {method:<10} {stats['mean']:5.1f} ± {stats['std']:.1f}")
 
 
-def _run(suite, *, tasks, methods, seeds, out, json_, title=None, **config) -> None:
+def _run(suite, *, tasks, methods, seeds, out, json_, title=None, ray=None, **config) -> None:
     from .. import api
     from ..eval.methods import EvalConfig, parse_methods
 
     summary = api.evaluate(suite.select(tasks), parse_methods(methods), _seeds(seeds), EvalConfig(**config), out, title=title,
-                           progress_factory=None if json_ else progress)
+                           progress_factory=None if json_ else progress, ray=ray)
     _print(summary, out, json_)
 
 
@@ -85,12 +87,16 @@ def bbh(
     embedder: EmbedderOpt = None,
     dtype: Dtype = COMPOSE["dtype"],
     device: Device = COMPOSE["device"],
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Big-Bench Hard (shipped, 27 tasks): the papers' protocol for any base model and your registry's adapters."""
     from ..eval.tasks import load_bbh
 
-    _run(load_bbh(), tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-bbh"), json_=json_,
+    scale = ray_options(ray, workers, ray_data)
+    _run(load_bbh(), tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-bbh"), json_=json_, ray=scale,
          title="Big-Bench Hard", base_model=base_model, model_path=model_path, shots=shots, num_modules=num_modules,
          budget=budget, optimizer=optimizer, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
          embedder=embedder, dtype=dtype, device=device)
@@ -115,13 +121,17 @@ def tasks(
     embedder: EmbedderOpt = None,
     dtype: Dtype = COMPOSE["dtype"],
     device: Device = COMPOSE["device"],
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Your own tasks, one JSONL file each, with the same protocol and report as `eval bbh`."""
     from ..eval.tasks import load_task_dir
 
+    scale = ray_options(ray, workers, ray_data)
     suite = load_task_dir(folder)
-    _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path(f"eval-{suite.name}"), json_=json_,
+    _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path(f"eval-{suite.name}"), json_=json_, ray=scale,
          base_model=base_model, model_path=model_path, shots=shots, num_modules=num_modules, budget=budget,
          optimizer=optimizer, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, embedder=embedder,
          dtype=dtype, device=device)
@@ -140,6 +150,9 @@ def demo(
     batch_size: BatchSize = DEMO["batch_size"],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short).")] = DEMO["max_new_tokens"],
     out: Out = None,
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """The demo library's held-out tasks, offline: its adapters are mirrored into a temporary registry."""
@@ -150,5 +163,5 @@ def demo(
     config = EvalConfig(shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit,
                         batch_size=batch_size, max_new_tokens=max_new_tokens)
     summary = api.evaluate_demo(tasks, parse_methods(methods), _seeds(seeds), config, out,
-                                progress_factory=None if json_ else progress)
+                                progress_factory=None if json_ else progress, ray=ray_options(ray, workers, ray_data))
     _print(summary, out, json_)

@@ -25,14 +25,16 @@ def _check_registry(store, config: EvalConfig, methods: list[str]) -> None:
 
 
 def evaluate(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig, out: Path, *, store=None,
-             title: str | None = None, progress_factory=None) -> dict:
-    """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary."""
+             title: str | None = None, progress_factory=None, execute=None) -> dict:
+    """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary.
+
+    `execute`: compute the missing cells elsewhere (`scale.eval.ray_executor`); this process still writes them."""
     if any(m in COMPOSING for m in methods):
         _check_registry(store, config, methods)
     ctx = Context(config, store)
     total = len(suite.tasks) * len(seeds) * len(methods)
     with (progress_factory or no_progress)("Evaluating", total) as advance:
-        cells = run_grid(suite, methods, seeds, ctx, out, advance=lambda d: advance(description=d))
+        cells = run_grid(suite, methods, seeds, ctx, out, advance=lambda d, step=1: advance(step, description=d), execute=execute)
     setup = {"suite": suite.name, "base model": config.base_model, "model path": config.model_path, "shots": config.shots,
              "test limit": config.limit, "modules (N)": config.num_modules, "optimizer": config.optimizer,
              "budget": config.budget, "l1": config.l1, "max new tokens": config.max_new_tokens}

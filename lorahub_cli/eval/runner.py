@@ -7,23 +7,47 @@ prediction, both scores and the cost. A killed run continues from the finished c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..io import atomic_write_json, read_json
+from ..io import Example, atomic_write_json, read_json
 from . import scoring
-from .methods import Context, run_method
+from .methods import Answer, Context, EvalConfig, run_method
 from .tasks import Suite, split
 
 RUN_FILE = "run.json"
+
+
+@dataclass
+class Job:
+    """One cell to compute: everything a worker needs, and the test examples the driver scores against."""
+
+    task: str
+    seed: int
+    method: str
+    shots: list[Example]
+    inputs: list[str]
+    shot_ids: list[int]
+    test: list[int]
+    targets: list[Example]
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} · seed {self.seed} · {self.method}"
+
+
+# A way to compute cells elsewhere (on Ray): yields each job with its answer and seconds as it finishes.
+Executor = Callable[[list[Job], Callable], Iterable[tuple[Job, Answer, float]]]
 
 
 def cell_path(out: Path, task: str, seed: int, method: str) -> Path:
     return out / "cells" / task / f"seed-{seed}" / f"{method}.json"
 
 
-def _check_run(out: Path, suite: Suite, ctx: Context) -> None:
-    settings = {"suite": suite.name, "config": ctx.config.fingerprint()}
+def _check_run(out: Path, suite: Suite, config: EvalConfig) -> None:
+    settings = {"suite": suite.name, "config": config.fingerprint()}
     path = out / RUN_FILE
     if path.exists():
         saved = read_json(path, f"Remove {path} or choose another --out.")
@@ -35,26 +59,44 @@ def _check_run(out: Path, suite: Suite, ctx: Context) -> None:
         atomic_write_json(path, settings)
 
 
-def run_grid(suite: Suite, methods: list[str], seeds: list[int], ctx: Context, out: Path, advance=lambda description: None) -> list[dict]:
-    """Every cell's result, computing the missing ones; `advance(description)` after each cell."""
-    out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, suite, ctx)
-    cells = []
+def plan(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig) -> Iterator[Job]:
+    """Every cell of the grid, in report order."""
     for task, examples in suite.tasks.items():
         for seed in seeds:
-            shot_ids, test = split(examples, seed, ctx.config.shots, ctx.config.limit)
-            shots = [examples[i] for i in shot_ids]
-            inputs = [examples[i].input for i in test]
+            shot_ids, test = split(examples, seed, config.shots, config.limit)
+            shots, inputs = [examples[i] for i in shot_ids], [examples[i].input for i in test]
             for method in methods:
-                path = cell_path(out, task, seed, method)
-                if path.exists():
-                    cell = read_json(path, f"Delete {path} to recompute that cell.")
-                else:
-                    answer, seconds = run_method(method, ctx, shots, inputs, seed)
-                    cell = {"task": task, "seed": seed, "method": method, "n": len(test), "seconds": round(seconds, 3),
-                            **scoring.score([examples[i] for i in test], answer.predictions), "detail": answer.detail,
-                            "shots": shot_ids, "test": test, "predictions": answer.predictions}
-                    atomic_write_json(path, cell)
-                cells.append(cell)
-                advance(f"{task} · seed {seed} · {method}")
-    return cells
+                yield Job(task, seed, method, shots, inputs, shot_ids, test, [examples[i] for i in test])
+
+
+def _save(out: Path, job: Job, answer: Answer, seconds: float) -> dict:
+    cell = {"task": job.task, "seed": job.seed, "method": job.method, "n": len(job.test), "seconds": round(seconds, 3),
+            **scoring.score(job.targets, answer.predictions), "detail": answer.detail,
+            "shots": job.shot_ids, "test": job.test, "predictions": answer.predictions}
+    atomic_write_json(cell_path(out, job.task, job.seed, job.method), cell)
+    return cell
+
+
+def run_grid(suite: Suite, methods: list[str], seeds: list[int], ctx: Context, out: Path,
+             advance=lambda description, step=1: None, execute: Executor | None = None) -> list[dict]:
+    """Every cell's result, computing the missing ones; `advance(description)` after each cell.
+
+    Cells are computed here, one after the other, or by `execute` (which calls `advance` itself);
+    either way this process alone writes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, suite, ctx.config)
+    jobs, cells, missing = list(plan(suite, methods, seeds, ctx.config)), {}, []
+    for job in jobs:
+        path = cell_path(out, job.task, job.seed, job.method)
+        if path.exists():
+            cells[job.label] = read_json(path, f"Delete {path} to recompute that cell.")
+        elif execute is None:
+            cells[job.label] = _save(out, job, *run_method(job.method, ctx, job.shots, job.inputs, job.seed))
+        else:
+            missing.append(job)
+            continue
+        advance(job.label)
+    if missing:
+        for job, answer, seconds in execute(missing, advance):
+            cells[job.label] = _save(out, job, answer, seconds)
+    return [cells[job.label] for job in jobs]
