@@ -1,138 +1,233 @@
-"""Side by side: `lorahub compose` against the reference LoraHub (PyPI lorahub 0.1.0) on one fixture.
+"""Side by side: `lorahub compose` against the reference LoraHub (PyPI lorahub 0.1.0), over several fixtures.
 
-    python bench/compose.py --shape base [--budget 40] [--out bench/.cache/results/compose-base.json]
+    python bench/compose.py --shape base --fixture-seeds 0,1,2,3,4 [--budget 40] [--configs default,fp32,ngopt]
+    python bench/compose.py --shape large --fixture-seeds 0,1
 
-Same random model, same 20 adapters (r=16, alpha=32, q and v, non-zero B), same 5 BBH shots
-(bench/fixtures.py). The reference runs first, in its own venv (bench/reference.py); then ours, in this
-process, once per optimiser. Every returned weight vector is scored with the same independent rule,
-fixtures.true_objective (the weights applied to the adapters on disk, mean token CE + 0.05 mean|w|).
-Reported: wall time of the whole compose call (model and module loading included), evaluations, time per
-evaluation, the true objective, the time to reach the reference's true objective, the objective curve,
-and achieved FLOP/s (FLOPs of one evaluation counted by torch's FlopCounterMode) against a measured
-matmul peak.
+For every fixture seed (a different random model, 20 adapters and BBH task: bench/fixtures.py), the reference
+runs first (bench/reference.py, its own venv, its own process), then each of our configurations, each in a
+fresh process of this python, so end-to-end time and peak memory (ru_maxrss, read before any scoring) are
+whole-process numbers on both sides. Every returned weight vector is scored by one independent rule,
+fixtures.true_objective (the weights applied to the adapters on disk, fp32, mean token CE + 0.05 mean|w|).
+The time to the reference's true objective re-scores our best-so-far weights the same way, at each
+improvement, until one reaches it; to that moment is added what our run spent after its search (fp32
+re-scoring, export), so it is the time a run stopped there would have taken. The load average is recorded
+before and after every run: the machine may be shared. Results: one JSON per run under
+bench/.cache/results/, and a summary (median and worst ratios) printed and written to --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+RESULTS = BENCH / ".cache" / "results"
 
-from fixtures import fixture, true_objective  # noqa: E402
-
-from lorahub_cli.compose.pipeline import ComposeOptions, compose_task  # noqa: E402
-from lorahub_cli.compose.search import SearchConfig  # noqa: E402
-from lorahub_cli.io import read_examples, sha256_file  # noqa: E402
-from lorahub_cli.registry import Store  # noqa: E402
-from lorahub_cli.registry.mirror import add_local  # noqa: E402
-
-
-def matmul_peak(dtype=torch.float32, n=2048, repeats=10) -> float:
-    """FLOP/s of a large square matrix product on this machine: the ceiling for any implementation."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n ** 3 * repeats / (time.perf_counter() - start)
+# Our configurations: name -> (optimizer or None for the default, search precision)
+CONFIGS = {
+    "default": (None, "auto"),
+    "lbfgs": ("lbfgs", "auto"),
+    "lbfgs-fp32": ("lbfgs", "fp32"),
+    "ngopt": ("ngopt", "auto"),
+    "ngopt-fp32": ("ngopt", "fp32"),
+    "ngopt-int8": ("ngopt", "int8"),
+}
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def eval_flops(store: Store, ids: list[str], manifest: dict) -> float:
-    """FLOPs of one loss evaluation of our bank (one candidate x 5 shots)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from lorahub_cli.compose.pipeline import _Session, load_modules
-
-    shots = read_examples(manifest["shots_jsonl"])
-    options = ComposeOptions(model_path=manifest["model_dir"], dtype="float32", device="cpu")
-    session = _Session(load_modules(store, [store.get(i) for i in ids]), shots, options)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        session.loss_fn(torch.full((1, len(ids)), 0.1))
-    return float(counter.get_total_flops())
+def cpu_flags() -> list[str]:
+    try:
+        present = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in FLAGS if f in present]
 
 
-def run_ours(store: Store, ids: list[str], manifest: dict, optimizer: str, budget: int, population: int) -> dict:
-    shots = read_examples(manifest["shots_jsonl"])
-    meta = {"path": manifest["shots_jsonl"], "sha256": sha256_file(manifest["shots_jsonl"]), "count": len(shots)}
-    options = ComposeOptions(modules=ids, model_path=manifest["model_dir"], dtype="float32", device="cpu",
-                             search=SearchConfig(optimizer=optimizer, budget=budget, seed=1, population=population))
-    marks = []
-    start = time.perf_counter()
-    composition = compose_task(store, shots, meta, options, progress=lambda best: marks.append((time.perf_counter() - start, best)))
-    total = time.perf_counter() - start
-    result = composition.results[0]
-    return {"optimizer": optimizer, "engine": result.engine, "seconds_total": total, "evaluations": result.evaluations,
-            "seconds_per_eval": result.seconds / result.evaluations, "seconds_search": result.seconds,
-            "seconds_setup": marks[0][0] - result.curve[0]["seconds"], "reported_objective": result.objective,
-            "weights": result.weights, "curve": [{"t": t, "best": b} for t, b in marks]}
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def time_to_reach(curve: list[dict], target: float, key: str = "best") -> float | None:
-    return next((point["t"] for point in curve if point[key] <= target + 1e-9), None)
+# --- one run of ours, in its own process -------------------------------------------------------
+
+
+def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path, threads: int) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    from fixtures import Scorer, fixture
+
+    from lorahub_cli.compose import search as search_module
+    from lorahub_cli.compose.pipeline import ComposeOptions, compose_task
+    from lorahub_cli.compose.search import SearchConfig
+    from lorahub_cli.io import read_examples, sha256_file
+    from lorahub_cli.registry import Store
+    from lorahub_cli.registry.mirror import add_local
+
+    manifest = fixture(shape, seed=fixture_seed)
+    optimizer, precision = CONFIGS[config]
+    # Instrumentation only: remember every evaluated weight vector and when (the recipe keeps no weights per step).
+    evaluated: list[tuple[float, list[float]]] = []
+    record = search_module._Tracker.record
+
+    def recording(self, W, losses):
+        objectives = record(self, W, losses)
+        now = time.perf_counter()
+        evaluated.extend((now, w) for w in W.detach().double().tolist())
+        return objectives
+
+    search_module._Tracker.record = recording
+    with tempfile.TemporaryDirectory() as home:
+        store = Store(Path(home))
+        ids = [add_local(store, Path(d), name=f"m{i:02d}").id for i, d in enumerate(manifest["adapter_dirs"])]
+        shots = read_examples(manifest["shots_jsonl"])
+        meta = {"path": manifest["shots_jsonl"], "sha256": sha256_file(manifest["shots_jsonl"]), "count": len(shots)}
+        config_kwargs = {"budget": budget, "seed": 1, "precision": precision} | ({"optimizer": optimizer} if optimizer else {})
+        options = ComposeOptions(modules=ids, model_path=manifest["model_dir"], device="cpu", search=SearchConfig(**config_kwargs))
+        loadavg_before = list(os.getloadavg())
+        start = time.perf_counter()
+        composition = compose_task(store, shots, meta, options)
+        total = time.perf_counter() - start
+        loadavg_after = list(os.getloadavg())
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result, recipe = composition.results[0], composition.recipe
+    after_search = total - (evaluated[-1][0] - start) if evaluated else 0.0
+    # Re-stamp every evaluation from the start of compose_task; the best-so-far by the search's own objective.
+    curve = [{"evaluation": i + 1, "t": t - start, "search_objective": point["objective"], "weights": w}
+             for i, ((t, w), point) in enumerate(zip(evaluated, result.curve))]
+    ours = {"config": config, "optimizer": recipe["search"]["optimizer"], "engine": result.engine,
+            "search_precision": recipe["search"]["precision_used"],
+            "seconds_total": total, "seconds_search": result.seconds, "seconds_after_search": after_search,
+            "evaluations": result.evaluations, "loss_fp32": recipe["loss"], "objective_fp32": recipe["objective"],
+            "weights": [m["weight"] for m in recipe["modules"]], "peak_rss_mb": peak,
+            "loadavg_before": loadavg_before, "loadavg_after": loadavg_after, "threads": torch.get_num_threads()}
+    scorer = Scorer(manifest["model_dir"], manifest["adapter_dirs"], manifest["shots_jsonl"])
+    ours["true_objective"] = scorer.score(ours["weights"])["objective"]
+    out.write_text(json.dumps({"ours": ours, "curve": curve}) + "\n")
+    print(f"  ours {config}: {total:.1f} s, {result.evaluations} evals, true objective {ours['true_objective']:.4f}, "
+          f"peak {peak:.0f} MB", file=sys.stderr)
+
+
+def time_to_objective(run_path: Path, manifest: dict, target: float) -> tuple[float | None, int]:
+    """When our best-so-far weights (by the search's objective) first have a true objective <= target."""
+    from fixtures import Scorer
+
+    data = json.loads(run_path.read_text())
+    best, improvements = float("inf"), []
+    for point in data["curve"]:
+        if point["search_objective"] < best:
+            best = point["search_objective"]
+            improvements.append(point)
+    final = data["ours"]["true_objective"]
+    if final > target + 1e-9 and all(p["weights"] != data["ours"]["weights"] for p in improvements):
+        return None, 0
+    scorer = Scorer(manifest["model_dir"], manifest["adapter_dirs"], manifest["shots_jsonl"])
+    for scored, point in enumerate(improvements, 1):
+        if scorer.score(point["weights"])["objective"] <= target + 1e-9:
+            return point["t"] + data["ours"]["seconds_after_search"], scored
+    return (data["ours"]["seconds_total"], len(improvements)) if final <= target + 1e-9 else (None, len(improvements))
+
+
+# --- the driver ------------------------------------------------------------------------------------
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", default="base")
+    parser.add_argument("--fixture-seeds", default="0,1,2,3,4")
     parser.add_argument("--budget", type=int, default=40)
-    parser.add_argument("--optimizers", default="ngopt,adam,cma")
-    parser.add_argument("--population", type=int, default=4)
+    parser.add_argument("--configs", default="lbfgs,lbfgs-fp32,ngopt",
+                        help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--reference-json", type=Path, help="reuse a reference result instead of running it")
+    parser.add_argument("--one", nargs=2, metavar=("FIXTURE_SEED", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = args.out or BENCH / ".cache" / "results" / f"compose-{args.shape}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    manifest = fixture(args.shape)
+    if args.one:
+        run_ours(args.shape, int(args.one[0]), args.one[1], args.budget, args.run_out, args.threads)
+        return
 
-    if args.reference_json:
-        reference = json.loads(args.reference_json.read_text())
-    else:
-        ref_out = out.with_name(f"ref-{args.shape}.json")
+    from fixtures import fixture
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = args.out or RESULTS / f"compose-{args.shape}.json"
+    configs = {name: {int(x) for x in seeds.split("+")} if seeds else None
+               for name, _, seeds in (c.partition("@") for c in args.configs.split(","))}
+    machine = {"cpu": cpu_model(), "flags": cpu_flags(), "cores": os.cpu_count()}
+    print(f"CPU: {machine['cpu']}; flags: {' '.join(machine['flags'])}", file=sys.stderr)
+    rows = []
+    for seed in map(int, args.fixture_seeds.split(",")):
+        manifest = fixture(args.shape, seed=seed)
+        ref_out = RESULTS / f"ref-{args.shape}-s{seed}.json"
+        print(f"fixture {args.shape} seed {seed} ({manifest['bbh_task']}): reference", file=sys.stderr)
         subprocess.run([sys.executable, str(BENCH / "reference.py"), "--shape", args.shape, "--budget", str(args.budget),
-                        "--seed", "1", "--out", str(ref_out)], check=True)
+                        "--seed", "1", "--fixture-seed", str(seed), "--threads", str(args.threads), "--out", str(ref_out)],
+                       check=True, stdout=subprocess.DEVNULL)
         reference = json.loads(ref_out.read_text())
-    target = reference["true_objective"]
-
-    with tempfile.TemporaryDirectory() as home:
-        store = Store(Path(home))
-        ids = [add_local(store, Path(d), name=f"m{i:02d}").id for i, d in enumerate(manifest["adapter_dirs"])]
-        ours = []
-        for optimizer in args.optimizers.split(","):
-            run = run_ours(store, ids, manifest, optimizer, args.budget, args.population)
-            run["true_objective"] = true_objective(manifest["model_dir"], manifest["adapter_dirs"], run["weights"], manifest["shots_jsonl"])
-            run["time_to_reference_objective"] = time_to_reach(run["curve"], target)
-            ours.append(run)
-            print(f"{optimizer}: {run['seconds_total']:.1f} s, {run['evaluations']} evals, "
-                  f"{run['seconds_per_eval']:.3f} s/eval, true objective {run['true_objective']:.4f} "
-                  f"(reference {target:.4f}), reached it at {run['time_to_reference_objective']}", file=sys.stderr)
-        flops = eval_flops(store, ids, manifest)
-    peak = matmul_peak()
-    ref_curve = [{"t": p["t"], "best": min(q["loss"] for q in reference["curve"][: i + 1])} for i, p in enumerate(reference["curve"])]
-    report = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
-        "shape": args.shape, "budget": args.budget, "reference": {k: reference[k] for k in (
-            "seconds_total", "seconds_per_eval", "evaluations", "true_objective", "reported_best", "optimizer")},
-        "reference_curve": ref_curve, "ours": ours, "flops_per_eval": flops, "matmul_peak_flops": peak,
-    }
-    for run in ours:
-        run["speedup_end_to_end"] = reference["seconds_total"] / run["seconds_total"]
-        run["speedup_to_reference_objective"] = (reference["seconds_total"] / run["time_to_reference_objective"]
-                                                 if run["time_to_reference_objective"] else None)
-        run["achieved_flops"] = flops / run["seconds_per_eval"] * (3 if run["optimizer"] == "adam" else 1)
+        target = reference["true_objective"]
+        print(f"  reference: {reference['seconds_total']:.1f} s, true objective {target:.4f}, "
+              f"peak {reference['peak_rss_mb']:.0f} MB", file=sys.stderr)
+        row = {"fixture_seed": seed, "bbh_task": manifest["bbh_task"],
+               "reference": {k: reference[k] for k in ("seconds_total", "evaluations", "true_objective", "peak_rss_mb",
+                                                       "loadavg_before", "loadavg_after")}, "ours": {}}
+        for config in (c for c, only in configs.items() if only is None or seed in only):
+            run_out = RESULTS / f"ours-{args.shape}-s{seed}-{config}.json"
+            subprocess.run([sys.executable, __file__, "--shape", args.shape, "--budget", str(args.budget), "--threads",
+                            str(args.threads), "--one", str(seed), config, "--run-out", str(run_out)], check=True)
+            ours = json.loads(run_out.read_text())["ours"]
+            reach, scored = time_to_objective(run_out, manifest, target)
+            ours |= {"time_to_reference_objective": reach, "points_scored": scored,
+                     "speedup_end_to_end": reference["seconds_total"] / ours["seconds_total"],
+                     "speedup_to_reference_objective": reference["seconds_total"] / reach if reach else None,
+                     "objective_vs_reference": ours["true_objective"] - target,
+                     "memory_vs_reference": ours["peak_rss_mb"] / reference["peak_rss_mb"]}
+            row["ours"][config] = {k: v for k, v in ours.items() if k != "weights"}
+        rows.append(row)
+        out.write_text(json.dumps({"machine": machine, "shape": args.shape, "budget": args.budget, "rows": rows}, indent=2) + "\n")
+    summary = summarize(rows, list(configs))
+    report = {"machine": machine, "shape": args.shape, "budget": args.budget, "rows": rows, "summary": summary}
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k not in ("reference_curve",)} | {
-        "ours": [{k: v for k, v in r.items() if k not in ("curve", "weights")} for r in ours]}, indent=2))
+    print(json.dumps({"machine": machine, "summary": summary}, indent=2))
+
+
+def summarize(rows: list[dict], configs: list[str]) -> dict:
+    summary = {}
+    for config in configs:
+        runs = [row["ours"][config] for row in rows if config in row["ours"]]
+        speed = [r["speedup_end_to_end"] for r in runs]
+        reach = [r["speedup_to_reference_objective"] or 0.0 for r in runs]  # never reached: 0
+        memory = [r["memory_vs_reference"] for r in runs]
+        summary[config] = {
+            "speedup_end_to_end": {"median": statistics.median(speed), "worst": min(speed)},
+            "speedup_to_reference_objective": {"median": statistics.median(reach), "worst": min(reach)},
+            "objective_no_worse_than_reference": sum(r["objective_vs_reference"] <= 1e-9 for r in runs),
+            "runs": len(runs),
+            "memory_vs_reference": {"median": statistics.median(memory), "worst": max(memory)},
+        }
+    for config in configs:
+        # Target (c): auto's precision against fp32 for the same optimiser, relative to the objective.
+        pairs = [(row["ours"][config], row["ours"][f"{config}-fp32"]) for row in rows
+                 if config in row["ours"] and f"{config}-fp32" in row["ours"]]
+        if pairs:
+            gaps = [(auto["true_objective"] - fp32["true_objective"]) / abs(fp32["true_objective"]) for auto, fp32 in pairs]
+            summary[f"{config}_auto_vs_fp32_relative_gap"] = {"values": gaps, "worse_by_more_than_1pct": sum(g > 0.01 for g in gaps)}
+    return summary
 
 
 if __name__ == "__main__":

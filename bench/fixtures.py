@@ -38,21 +38,9 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_ROOT = BENCH_DIR / ".cache" / "fixtures"
-
-
-def shared_dir() -> Path:
-    """/work/shared next to the checkout (/work/main), or next to the main checkout of a git worktree."""
-    import subprocess
-
-    beside = BENCH_DIR.parent.parent / "shared"
-    if beside.is_dir():
-        return beside
-    common = subprocess.run(["git", "rev-parse", "--path-format=absolute", "--git-common-dir"], cwd=BENCH_DIR,
-                            capture_output=True, text=True).stdout.strip()
-    return Path(common).parent.parent / "shared" if common else beside
-
-
-BBH_DIR = shared_dir() / "data" / "bbh"
+# /work/shared/data/bbh: beside the checkout (/work/main) or above a worktree (/work/wt/NAME)
+BBH_DIR = next((p / "shared" / "data" / "bbh" for p in BENCH_DIR.parents if (p / "shared" / "data" / "bbh").is_dir()),
+               BENCH_DIR.parent.parent / "shared" / "data" / "bbh")
 
 # ---- every default in one block -------------------------------------------------
 MODEL_SEED = 0  # torch seed for the base model's random weights
@@ -64,10 +52,14 @@ LORA_DROPOUT = 0.1
 LORA_TARGETS = ["q", "v"]
 LORA_B_STD = 0.02  # B ~ N(0, 0.02^2); A ~ U(+-1/sqrt(d_in)) like PEFT's kaiming init of A
 BBH_TASK = "logical_deduction_three_objects"  # inputs of 77-113 WordPiece tokens
+# Fixture seed s > 0: model seed s, adapter i seed ADAPTER_SEED + 100 s + i, shots from BBH_TASKS[s % len]. Seed 0
+# is the original fixture above (kept, so older results stay comparable).
+BBH_TASKS = [BBH_TASK, "date_understanding", "tracking_shuffled_objects_three_objects", "disambiguation_qa",
+             "movie_recommendation", "snarks", "ruin_names", "hyperbaton"]
 SHOT_SEED = 42
 N_SHOTS = 5
 L1_COEF = 0.05  # LoraHub's regulariser: 0.05 * mean(|w|)
-FORMAT_VERSION = 1  # bump when the fixture recipe changes (forces a rebuild)
+FORMAT_VERSION = 2  # bump when the fixture recipe changes (forces a rebuild)
 
 
 @dataclass(frozen=True)
@@ -147,20 +139,33 @@ def _random_adapter_state(peft_model, seed: int) -> dict[str, torch.Tensor]:
     return values
 
 
-def _build(shape_name: str, dest: Path, bbh_dir: Path) -> None:
+@dataclass(frozen=True)
+class Seeds:
+    model: int
+    adapter: int  # adapter i uses adapter + i
+    task: str
+
+    @staticmethod
+    def of(seed: int) -> Seeds:
+        if seed == 0:
+            return Seeds(MODEL_SEED, ADAPTER_SEED, BBH_TASK)
+        return Seeds(seed, ADAPTER_SEED + 100 * seed, BBH_TASKS[seed % len(BBH_TASKS)])
+
+
+def _build(shape_name: str, dest: Path, bbh_dir: Path, seeds: Seeds) -> None:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import T5ForConditionalGeneration
 
     shape = SHAPES[shape_name]
     model_dir, adapters_dir = dest / "model", dest / "adapters"
     tok = _tokenizer()
-    torch.manual_seed(MODEL_SEED)
+    torch.manual_seed(seeds.model)
     model = T5ForConditionalGeneration(_t5_config(shape, tok)).eval()
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     print(f"saved {shape_name} model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)", file=sys.stderr)
 
-    final_model_dir = str((dest.parent / shape_name / "model").resolve())  # where it will live after the rename
+    final_model_dir = str((dest.parent / dest.name.removeprefix(".").removesuffix(".building") / "model").resolve())  # after the rename
     config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
@@ -172,29 +177,31 @@ def _build(shape_name: str, dest: Path, bbh_dir: Path) -> None:
     peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = final_model_dir
     for i in range(N_ADAPTERS):
-        values = _random_adapter_state(peft_model, ADAPTER_SEED + i)
+        values = _random_adapter_state(peft_model, seeds.adapter + i)
         with torch.no_grad():
             for name, param in peft_model.named_parameters():
                 if name in values:
                     param.copy_(values[name])
         peft_model.save_pretrained(adapters_dir / f"lora-{i:02d}")
 
-    shots = _read_bbh_shots(BBH_TASK, bbh_dir)
+    shots = _read_bbh_shots(seeds.task, bbh_dir)
     with open(dest / "shots.jsonl", "w") as f:
         for shot in shots:
             f.write(json.dumps(shot) + "\n")
 
 
-def _manifest(shape_name: str, dest: Path) -> dict:
+def _manifest(shape_name: str, dest: Path, seed: int) -> dict:
+    seeds = Seeds.of(seed)
     return {
         "format_version": FORMAT_VERSION,
         "shape": shape_name,
+        "fixture_seed": seed,
         "t5": asdict(SHAPES[shape_name]),
-        "model_seed": MODEL_SEED,
-        "adapter_seeds": [ADAPTER_SEED + i for i in range(N_ADAPTERS)],
+        "model_seed": seeds.model,
+        "adapter_seeds": [seeds.adapter + i for i in range(N_ADAPTERS)],
         "lora": {"r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT,
                  "target_modules": LORA_TARGETS, "b_std": LORA_B_STD},
-        "bbh_task": BBH_TASK,
+        "bbh_task": seeds.task,
         "shot_seed": SHOT_SEED,
         "model_dir": str(dest / "model"),
         "adapter_dirs": [str(dest / "adapters" / f"lora-{i:02d}") for i in range(N_ADAPTERS)],
@@ -213,8 +220,8 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def fixture(shape: str, root: str | Path | None = None, force: bool = False) -> dict:
-    """Build the fixture for ``shape`` if it is missing; return its manifest.
+def fixture(shape: str, root: str | Path | None = None, force: bool = False, seed: int = 0) -> dict:
+    """Build the fixture for ``shape`` and fixture ``seed`` if it is missing; return its manifest.
 
     Keys: model_dir, adapter_dirs (list of 20), shots_jsonl, plus the recipe
     (seeds, LoRA settings, BBH task). Building is atomic (a temp folder renamed
@@ -223,21 +230,22 @@ def fixture(shape: str, root: str | Path | None = None, force: bool = False) -> 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; allowed: {', '.join(SHAPES)}")
     root = Path(root or DEFAULT_ROOT).resolve()
-    dest = root / shape
-    with _locked(root / f".{shape}.lock"):
+    name = shape if seed == 0 else f"{shape}-s{seed}"
+    dest = root / name
+    with _locked(root / f".{name}.lock"):
         manifest_path = dest / "fixture.json"
         if manifest_path.exists() and not force:
             manifest = json.loads(manifest_path.read_text())
             if manifest.get("format_version") == FORMAT_VERSION:
                 return manifest
-        tmp = root / f".{shape}.building"
+        tmp = root / f".{name}.building"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         t0 = time.perf_counter()
-        _build(shape, tmp, BBH_DIR)
+        _build(shape, tmp, BBH_DIR, Seeds.of(seed))
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
-        manifest = _manifest(shape, dest)
+        manifest = _manifest(shape, dest, seed)
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"built fixture {dest} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         return manifest
@@ -378,12 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=list(SHAPES), default="base")
     parser.add_argument("--root", default=None, help=f"fixtures folder (default {DEFAULT_ROOT})")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
+    parser.add_argument("--fixture-seed", type=int, default=0, help="0: the original fixture; others: other random models, adapters, BBH task")
     parser.add_argument("--score", metavar="JSON",
                         help='print the true objective of the "weights" in this JSON file (or a JSON list)')
     parser.add_argument("--bf16", action="store_true", help="score in bf16 instead of fp32")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    fx = fixture(args.shape, args.root, force=args.force)
+    fx = fixture(args.shape, args.root, force=args.force, seed=args.fixture_seed)
     if args.score:
         data = json.loads(Path(args.score).read_text())
         weights = data["weights"] if isinstance(data, dict) else data

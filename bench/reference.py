@@ -23,6 +23,7 @@ Afterwards the returned weights are scored with the ``fixtures.true_objective`` 
 from __future__ import annotations
 
 import argparse
+import resource
 import contextlib
 import json
 import os
@@ -68,7 +69,7 @@ def _run(args) -> dict:
     sys.path.insert(0, str(BENCH_DIR))
     import fixtures  # noqa: E402  (this folder; pure-PyTorch/PEFT code independent of both sides)
 
-    fx = fixtures.fixture(args.shape, args.root)
+    fx = fixtures.fixture(args.shape, args.root, seed=args.fixture_seed)
     shots = fixtures.read_shots(fx["shots_jsonl"])
 
     t_import = time.perf_counter()
@@ -148,6 +149,7 @@ def _run(args) -> dict:
             seed=args.seed,
         )
         state["t_end"] = time.perf_counter()
+        state["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before any scoring
         seconds_total = state["t_end"] - state["t0"]
         state["loadavg_after"] = list(os.getloadavg())
     alg.load_base_model_and_lora_modules, alg.get_score, ng.optimizers.NGOpt = orig_load, orig_get_score, orig_ngopt
@@ -249,6 +251,7 @@ def _run(args) -> dict:
         "optimizer": optimizer_name,
         "shims": SHIMS,
         "loadavg_before": state["loadavg_before"],
+        "peak_rss_mb": state["peak_rss_mb"],
         "loadavg_after": state["loadavg_after"],
     }
     result["notes"] = [
@@ -280,7 +283,7 @@ def _run(args) -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(), "lorahub_file": lorahub.__file__,
     }
-    result["fixture"] = {k: fx[k] for k in ("model_dir", "shots_jsonl", "bbh_task", "model_seed", "adapter_seeds")}
+    result["fixture"] = {k: fx[k] for k in ("model_dir", "shots_jsonl", "bbh_task", "model_seed", "adapter_seeds", "fixture_seed")}
     return result
 
 
@@ -323,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", default="base", help="fixture shape: base, large (tiny for smoke tests)")
     parser.add_argument("--budget", type=int, default=40, help="nevergrad budget (max_inference_step)")
     parser.add_argument("--seed", type=int, default=1, help="seed passed to lorahub_learning")
+    parser.add_argument("--fixture-seed", type=int, default=0, help="which fixture (bench/fixtures.py)")
     parser.add_argument("--out", required=True, help="result JSON path")
     parser.add_argument("--root", default=None, help="fixtures folder (default bench/.cache/fixtures)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -6,44 +6,58 @@ import json
 import sys
 from pathlib import Path
 
-CHECKPOINTS = (5, 10, 20, 40, 60, 90, 120, 180)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compose import summarize  # noqa: E402
 
 
-def best_at(curve: list[dict], t: float) -> str:
-    seen = [p["best"] for p in curve if p["t"] <= t]
-    return f"{min(seen):.1f}" if seen else "–"
+def _reach(run: dict) -> str:
+    return f"{run['time_to_reference_objective']:.1f}" if run["time_to_reference_objective"] else "not reached"
+
+
+def _load(values: list[float]) -> str:
+    return f"{values[0]:.1f}"
 
 
 def table(result: dict) -> str:
-    ref = result["reference"]
-    peak = result["matmul_peak_flops"]
-    lines = [
-        f"### {result['shape']} shape (budget {result['budget']}, fp32, {result['machine']['threads']} threads)",
-        "",
-        "| run | end to end (s) | evaluations | s / evaluation | true objective | time to reach the reference's true objective (s) | speedup end to end | speedup to the reference's objective | matmul FLOP/s (share of peak) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| reference lorahub 0.1.0 ({ref['optimizer']}) | {ref['seconds_total']:.1f} | {ref['evaluations']} | {ref['seconds_per_eval']:.3f} | "
-        f"{ref['true_objective']:.2f} (its own best: {ref['reported_best']:.2f}) | {ref['seconds_total']:.1f} | 1.00 | 1.00 | "
-        f"{result['flops_per_eval'] / ref['seconds_per_eval'] / 1e9:.0f} G ({result['flops_per_eval'] / ref['seconds_per_eval'] / peak:.0%}) |",
-    ]
-    for run in result["ours"]:
-        reach = run["time_to_reference_objective"]
-        reach_text = f"{reach:.1f}" if reach else "not reached"
-        speedup_text = f"{run['speedup_to_reference_objective']:.2f}" if reach else "–"
-        lines.append(
-            f"| lorahub `--optimizer {run['optimizer']}` ({run['engine']}) | {run['seconds_total']:.1f} | {run['evaluations']} | "
-            f"{run['seconds_per_eval']:.3f} | {run['true_objective']:.2f} | {reach_text} | "
-            f"{run['speedup_end_to_end']:.2f} | {speedup_text} | "
-            f"{run['achieved_flops'] / 1e9:.0f} G ({run['achieved_flops'] / peak:.0%}) |"
-        )
-    lines += ["", f"One evaluation (5 shots, one candidate) is {result['flops_per_eval'] / 1e9:.1f} GFLOP (torch FlopCounterMode); "
-              f"measured fp32 matmul peak {peak / 1e9:.0f} GFLOP/s (2048 x 2048 x 2048). FLOP/s = FLOPs of one evaluation / "
-              "time per evaluation; an Adam step is counted as 3 forward passes (forward + backward).", "",
-              "Best objective reached by time t (seconds since the compose call started):", "",
-              "| run | " + " | ".join(f"t={t}" for t in CHECKPOINTS) + " |", "| --- |" + " ---: |" * len(CHECKPOINTS)]
-    lines.append("| reference | " + " | ".join(best_at(result["reference_curve"], t) for t in CHECKPOINTS) + " |")
-    for run in result["ours"]:
-        lines.append(f"| {run['optimizer']} | " + " | ".join(best_at(run["curve"], t) for t in CHECKPOINTS) + " |")
+    machine = result["machine"]
+    configs = list(dict.fromkeys(c for row in result["rows"] for c in row["ours"]))
+    lines = [f"### {result['shape']} shape, budget {result['budget']}: {len(result['rows'])} fixture seeds",
+             "", f"CPU: {machine['cpu']}; flags: {' '.join(machine['flags'])}; {machine['cores']} cores.", "",
+             "| seed (BBH task) | run | precision | end to end (s) | evaluations | true objective | to the reference's objective (s) "
+             "| speedup end to end | speedup to its objective | peak RSS (MB) | load avg before / after |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in result["rows"]:
+        ref = row["reference"]
+        lines.append(f"| {row['fixture_seed']} ({row['bbh_task']}) | reference 0.1.0 | fp32 | {ref['seconds_total']:.1f} | "
+                     f"{ref['evaluations']} | {ref['true_objective']:.2f} | {ref['seconds_total']:.1f} | 1.00 | 1.00 | "
+                     f"{ref['peak_rss_mb']:.0f} | {_load(ref['loadavg_before'])} / {_load(ref['loadavg_after'])} |")
+        for config in configs:
+            run = row["ours"].get(config)
+            if run is None:
+                continue
+            to_objective = f"{run['speedup_to_reference_objective']:.2f}" if run["speedup_to_reference_objective"] else "–"
+            lines.append(f"| | `{config}` ({run['engine']}) | {run['search_precision']} | {run['seconds_total']:.1f} | "
+                         f"{run['evaluations']} | {run['true_objective']:.2f} | {_reach(run)} | {run['speedup_end_to_end']:.2f} | "
+                         f"{to_objective} | {run['peak_rss_mb']:.0f} | {_load(run['loadavg_before'])} / {_load(run['loadavg_after'])} |")
+    # A run stopped before its last seed has rows but no summary yet.
+    summary = result.get("summary") or summarize(result["rows"], configs)
+    lines += ["", "| run | speedup end to end, median (worst) | speedup to the reference's objective, median (worst) "
+              "| true objective no worse than the reference | peak memory / reference's, median (worst) |",
+              "| --- | ---: | ---: | ---: | ---: |"]
+    for config in configs:
+        s = summary.get(config)
+        if not s:
+            continue
+        lines.append(f"| `{config}` | {s['speedup_end_to_end']['median']:.2f} ({s['speedup_end_to_end']['worst']:.2f}) | "
+                     f"{s['speedup_to_reference_objective']['median']:.2f} ({s['speedup_to_reference_objective']['worst']:.2f}) | "
+                     f"{s['objective_no_worse_than_reference']} of {s['runs']} | "
+                     f"{s['memory_vs_reference']['median']:.2f} ({s['memory_vs_reference']['worst']:.2f}) |")
+    for key, gap in summary.items():
+        if key.endswith("_auto_vs_fp32_relative_gap"):
+            values = ", ".join(f"{g:+.1%}" for g in gap["values"])
+            lines.append(f"\n`{key.removesuffix('_auto_vs_fp32_relative_gap')}` with `--search-precision auto` against fp32, "
+                         f"true objective relative gap per seed: {values}; worse by more than 1% on {gap['worse_by_more_than_1pct']} seed(s).")
     return "\n".join(lines) + "\n"
 
 

@@ -22,13 +22,14 @@ CARD_NEAREST_EXAMPLES = 3
 COMPOSE = {
     "formula": "elementwise",
     "num_modules": 20,  # LoraHub's N
-    "optimizer": "ngopt",  # LoraHub's choice
+    "optimizer": "ngopt",  # LoraHub's choice, and the best quality per second measured (docs/benchmarks.md)
     "budget": 40,  # loss evaluations per search (LoraHub: 40)
     "l1": 0.05,  # LoraHub's penalty on mean |w|
     "seed": 42,
     "population": 8,  # candidates per forward pass (cma, de, random)
     "max_rows": 64,  # rows (candidates x shots) per forward pass
-    "dtype": "auto",
+    "dtype": "auto",  # the base model eval loads: auto picks bf16 where fast
+    "search_precision": "auto",  # what a compose search evaluates candidates in (compose/precision.py); the answer is fp32
     "device": "auto",
 }
 EVAL = {"shots": 5, "seeds": "1,2,3", "max_new_tokens": 256, "batch_size": 16,

@@ -41,7 +41,7 @@ def reference_loss(model, base_dir, shots):
 def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path, cpu_kind):
     home, base_dir = t5_home
     out = tmp_path / "composed"
-    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--json")
+    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--optimizer", "ngopt", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert set(summary) == {"out", "weights", "loss", "evaluations", "seconds"} and summary["evaluations"] == 6
@@ -49,7 +49,8 @@ def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path, cpu_k
     recipe = json.loads((out / "lorahub_recipe.json").read_text())
     assert recipe["formula"] == "elementwise" and recipe["selection"]["method"] == "auto"
     assert recipe["search"]["optimizer"] == "ngopt" and "Cobyla" in recipe["search"]["engine"]
-    assert recipe["search"]["dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[cpu_kind], "the search's own numbers are labelled"
+    assert recipe["search"]["precision_used"] == cpu_kind, "auto follows the CPU; the search's own numbers are labelled"
+    assert recipe["dtype"] == "float32"
     assert len(recipe["search"]["curve"]) == 6 and recipe["search"]["curve"][0]["loss"] > 0
     assert recipe["shots"]["count"] == 5 and set(recipe["versions"]) >= {"lorahub", "torch", "transformers", "peft"}
     assert all(len(m["sha256"]) == 64 for m in recipe["modules"])
@@ -169,7 +170,7 @@ def test_errors_before_any_work(cli, t5_home, tmp_path):
     bad = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--weights", "capitals=abc")
     assert "--weights item 'capitals=abc' is not ID=NUMBER" in bad.stderr
     unknown = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--optimizer", "sgd")
-    assert unknown.code == 2 and "optimizer 'sgd' is not known. Choose one of: ngopt, cma, de, random, adam." in unknown.stderr
+    assert unknown.code == 2 and "optimizer 'sgd' is not known. Choose one of: ngopt, cma, de, random, adam, lbfgs." in unknown.stderr
     # A rank-8 adapter cannot join rank-4 ones in LoraHub's elementwise formula; linear takes it.
     home, base_dir = t5_home
     store = Store(home)
@@ -193,6 +194,7 @@ def test_interrupt_leaves_no_output(cli, t5_home, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(search_module, "_nevergrad", interrupted)
+    monkeypatch.setattr(search_module, "_lbfgs", interrupted)
     out = tmp_path / "never"
     result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "2", "--budget", "3")
     assert result.code == 130 and not out.exists()

@@ -23,6 +23,9 @@ EXAMPLES = """Examples:\n
   lorahub compose --tasks shots-folder/ --out compositions/ --ray      # one per shots file, resumable"""
 
 
+OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype, before --search-precision
+
+
 def parse_weights(text: str) -> dict[str, float]:
     weights = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -70,7 +73,8 @@ def compose(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Fixed weights id=w,...: compose without search.")] = None,
     from_recipe: Annotated[Optional[Path], typer.Option("--from-recipe", help="Rebuild the adapter a lorahub_recipe.json describes.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if lorahub compose wrote it.")] = False,
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")] = COMPOSE["dtype"],
+    search_precision: Annotated[str, typer.Option("--search-precision", help="What the search evaluates candidates in: auto (bf16 where fast), fp32, bf16 or int8. The answer is fp32.")] = COMPOSE["search_precision"],
+    dtype: Annotated[Optional[str], typer.Option("--dtype", hidden=True, help="Old name of --search-precision: float32 or bfloat16.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = COMPOSE["device"],
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = COMPOSE["max_rows"],
     embedder: EmbedderOpt = None,
@@ -105,8 +109,9 @@ def compose(
     options = ComposeOptions(
         base_model=base_model, model_path=model_path, formula=formula, formula_options=formula_options,
         modules=parse_modules(modules), num_modules=num_modules, weights=parse_weights(weights) if weights else None,
-        search=SearchConfig(optimizer=optimizer, budget=budget, l1=l1, seed=seed, population=population),
-        warm_start=warm_start, dtype=dtype, device=device, max_rows=batch_size, embedder=embedder,
+        search=SearchConfig(optimizer=optimizer, budget=budget, l1=l1, seed=seed, population=population,
+                            precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision),
+        warm_start=warm_start, device=device, max_rows=batch_size, embedder=embedder,
     )
     if tasks is not None:
         from .compose_batch import compose_folder

@@ -84,20 +84,20 @@ class GroupedRows:
 class BankedLayer(nn.Module):
     """A frozen base layer plus N LoRA adapters evaluated under per-row weights."""
 
-    def __init__(self, base: nn.Module, As, Bs, scalings, state: _BankState):
+    def __init__(self, base: nn.Module, As, Bs, scalings, state: _BankState, lora_dtype: torch.dtype | None = None):
         super().__init__()
         self.base = base
         self.state = state
-        ref = base.weight
+        ref = {"device": base.weight.device, "dtype": lora_dtype or base.weight.dtype}  # of the factors
         ranks = [a.shape[0] for a in As]
         # Factors side by side: the linear mode needs the concatenation, the elementwise
         # mode views it as (N, r, ...) when all ranks are equal.
-        self.register_buffer("lora_A", torch.cat(list(As)).to(ref), persistent=False)  # (R, d_in)
-        self.register_buffer("lora_B", torch.cat(list(Bs), dim=1).to(ref), persistent=False)  # (d_out, R)
+        self.register_buffer("lora_A", torch.cat(list(As)).to(**ref), persistent=False)  # (R, d_in)
+        self.register_buffer("lora_B", torch.cat(list(Bs), dim=1).to(**ref), persistent=False)  # (d_out, R)
         owner = torch.repeat_interleave(torch.arange(len(As)), torch.tensor(ranks))  # (R,): adapter of each rank column
-        self.register_buffer("owner", owner.to(ref.device), persistent=False)
+        self.register_buffer("owner", owner.to(ref["device"]), persistent=False)
         col_scaling = torch.tensor(scalings, dtype=torch.float32)[owner]  # (R,): s_i of each rank column
-        self.register_buffer("col_scaling", col_scaling.to(ref), persistent=False)
+        self.register_buffer("col_scaling", col_scaling.to(**ref), persistent=False)
         self.n, self.rank = len(As), ranks[0] if len(set(ranks)) == 1 else None
 
     # Some transformers code reads `.weight` / `.bias` of the layers it built (dtype probes, init).
@@ -120,15 +120,16 @@ class BankedLayer(nn.Module):
                 f"a batch of {rows} rows cannot be split among {P} weight vectors.",
                 "Make the batch P * K rows for P weight vectors (K rows each).",
             )
-        W = W.to(x.dtype)  # (P, N); the cast stays in the autograd graph
-        xg = x.reshape(P, -1, x.shape[-1])  # (P, K*T, d_in): the K rows of vector p are contiguous
+        dtype = self.lora_A.dtype  # the LoRA path may run in higher precision than the base layer
+        W = W.to(dtype)  # (P, N); the cast stays in the autograd graph
+        xg = x.to(dtype).reshape(P, -1, x.shape[-1])  # (P, K*T, d_in): the K rows of vector p are contiguous
         if self.state.grouped is not None:
             delta = self._grouped(xg, self.state.grouped)
         elif self.state.mode == "linear":
             delta = self._linear(xg, W)
         else:
             delta = self._elementwise(xg, W)
-        return y + delta.reshape(*y.shape[:-1], -1)  # (rows, ..., d_out)
+        return y + delta.reshape(*y.shape[:-1], -1).to(y.dtype)  # (rows, ..., d_out)
 
     def _linear(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         # y_p = sum_i w_pi s_i (x A_i^T) B_i^T: one rank-R LoRA whose middle is scaled per row.
@@ -174,10 +175,12 @@ class LoraBank:
     """N adapters injected into `model` in place; see the module docstring.
 
     `formula` is the default for `weights()`: "elementwise" (LoraHub; also fusion, with
-    rows of 1/k) or "linear". Call `remove()` to restore the original modules.
+    rows of 1/k) or "linear". `lora_dtype`: the dtype of the LoRA path (default: each base
+    layer's), e.g. fp32 over a bf16 or int8 base. Call `remove()` to restore the original modules.
     """
 
-    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter], formula: str = "elementwise"):
+    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter], formula: str = "elementwise",
+                 lora_dtype: torch.dtype | None = None):
         check_compatible(adapters)
         self.model = model
         self.names = [a.name for a in adapters]
@@ -193,7 +196,7 @@ class LoraBank:
         for module, base in targets.items():
             As = [a.modules[module][0] for a in adapters]
             Bs = [a.modules[module][1] for a in adapters]
-            _set_submodule(model, module, BankedLayer(base, As, Bs, [a.scaling for a in adapters], self._state))
+            _set_submodule(model, module, BankedLayer(base, As, Bs, [a.scaling for a in adapters], self._state, lora_dtype))
             self._originals[module] = base
 
     @property
@@ -226,7 +229,8 @@ class LoraBank:
             grouped = not (W.requires_grad and torch.is_grad_enabled()) and int(W.ne(0).sum(dim=1).max()) <= self.n // 2
         saved = self._state.weights, self._state.mode, self._state.used, self._state.grouped
         self._state.weights, self._state.mode = W, mode
-        self._state.used = None if bool(used.all()) else used
+        # Skipping unweighed adapters is exact for the value, not for the gradient of a zero weight.
+        self._state.used = None if bool(used.all()) or W.requires_grad else used
         self._state.grouped = GroupedRows(W, self._ranks, self._scalings, mode) if grouped else None
         try:
             yield

@@ -7,6 +7,8 @@ nearest shot). Both return a `Composition` that `write` saves as folders.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -22,11 +24,12 @@ from ..registry.store import AdapterRecord, Store
 from ..settings import COMPOSE
 from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
+from . import precision as precisions
 from .export import MODEL_CARD, check_destination, instance_card, write_adapter_folder
 from .formulas import RANDOM_OPTION, compose, get_formula, resolve_options
 from .objective import loss_function
 from .recipe import ROUTER_FILE, Recipe
-from .search import SearchConfig, SearchResult, search
+from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, l1_penalty, search
 
 
 @dataclass
@@ -40,7 +43,6 @@ class ComposeOptions:
     search: SearchConfig = field(default_factory=SearchConfig)
     weights: dict[str, float] | None = None  # fixed weights: no search
     warm_start: bool = False  # instance level: start every shot's search from the task-level weights
-    dtype: str = COMPOSE["dtype"]
     device: str = COMPOSE["device"]
     max_rows: int = COMPOSE["max_rows"]
     embedder: str | None = None
@@ -120,13 +122,14 @@ def _versions() -> dict:
             "peft": peft.__version__, "nevergrad": nevergrad.__version__}
 
 
-def _search_entry(config: SearchConfig, result: SearchResult | None, dtype: torch.dtype) -> dict | None:
-    """The search as it ran; its losses and objectives are in `dtype` (the recipe's own `loss` is fp32)."""
+def _search_entry(config: SearchConfig, result: SearchResult | None, used: str) -> dict | None:
+    """The search as it ran: its losses and objectives (best, curve) are in precision `used`; `rescored` are the
+    fp32 objectives of its best candidates, the lowest of which was chosen (the recipe's `loss` is fp32)."""
     if result is None:
         return None
-    return {**config.to_json(), "dtype": str(dtype).removeprefix("torch."), "engine": result.engine,
-            "evaluations": result.evaluations, "seconds": round(result.seconds, 3), "loss": result.loss,
-            "objective": result.objective, "nonfinite": result.nonfinite, "curve": result.curve}
+    return {**config.to_json(), "precision_used": used, "engine": result.engine, "evaluations": result.evaluations,
+            "seconds": round(result.seconds, 3), "loss": result.loss, "objective": result.objective,
+            "rescored": result.rescored, "nonfinite": result.nonfinite, "curve": result.curve}
 
 
 def _scores(loss: float, weights, config: SearchConfig) -> dict:
@@ -154,40 +157,82 @@ def _fixed_weights(records: list[AdapterRecord], options: ComposeOptions) -> lis
 
 
 class _Session:
-    """A base model with a bank of adapters and the encoded shots: everything a search needs."""
+    """Everything a search needs: the base model in fp32 (the answer: every reported number is computed on it),
+    the model the search evaluates candidates on (the same one, or a bf16 / int8 copy: precision.py) with the
+    bank of adapters on it, and the encoded shots."""
 
     def __init__(self, adapters: list[LoraAdapter], shots: list[Example], options: ComposeOptions, base: BaseModel | None = None):
         name = options.model_path or options.base_model or adapters[0].base_model_name_or_path
-        self.base: BaseModel = base or load_base_model(name, dtype=options.dtype, device=options.device)
-        self.batch = encode(self.base, shots)
-        self.adapters, self.max_rows = adapters, options.max_rows
+        self.given = base or load_base_model(name, dtype="float32", device=options.device)
+        self.answer = self.given.fp32()
+        self.batch = encode(self.answer, shots)
+        self.adapters, self.max_rows, self.options = adapters, options.max_rows, options
         # Fixed-weight PEFT merges are scored by evaluating their result, never searched.
         self.formula = options.formula if get_formula(options.formula).bank_mode else "elementwise"
-        self._inject()
+        self.bank: LoraBank | None = None
+
+    @functools.cached_property
+    def precision(self) -> str:
+        config = self.options.search
+        return precisions.resolve(config.precision, self.answer.device, gradient=config.optimizer in GRADIENT)
+
+    @functools.cached_property
+    def searcher(self) -> BaseModel:
+        if self.precision == "bf16" and self.given.dtype == torch.bfloat16:
+            return self.given  # the caller's model already runs in the search's precision
+        return precisions.search_model(self.answer, self.precision, keep=set(self.adapters[0].modules))
+
+    @property
+    def loss_fn(self):
+        if self.bank is None:
+            self._inject()
+        return self._loss_fn
 
     def _inject(self) -> None:
-        self.bank = LoraBank(self.base.model, self.adapters, formula=self.formula)
-        self.loss_fn = loss_function(self.base, self.bank, self.batch, formula=self.bank.formula, max_rows=self.max_rows)
+        # The LoRA path stays fp32 over a bf16 or int8 base.
+        self.bank = LoraBank(self.searcher.model, self.adapters, formula=self.formula, lora_dtype=torch.float32)
+        self._loss_fn = loss_function(self.searcher, self.bank, self.batch, formula=self.bank.formula, max_rows=self.max_rows)
+
+    def rescore(self, result: SearchResult, columns: list[int] | None = None) -> SearchResult:
+        """The answer chosen in fp32: the search's best few candidates re-scored on the fp32 model, the best
+        of them returned. A search that ran in fp32 is returned as it is."""
+        if self.searcher is self.answer or not result.top:
+            return result
+        bank = LoraBank(self.answer.model, self.adapters, formula=self.formula)
+        try:
+            loss_fn = loss_function(self.answer, bank, self.batch, formula=bank.formula, max_rows=self.max_rows)
+            if columns is not None:
+                loss_fn = _on_columns(loss_fn, bank.n, columns)
+            W = torch.tensor(result.top)
+            with torch.no_grad():
+                losses = loss_fn(W).double()
+        finally:
+            bank.remove()
+        objectives = torch.nan_to_num(losses + l1_penalty(W.double(), self.options.search.l1), nan=float("inf"))
+        best = int(objectives.argmin())
+        return dataclasses.replace(result, weights=result.top[best], rescored=[float(o) for o in objectives])
 
     def evaluate(self, adapter: LoraAdapter) -> float:
-        """The fp32 loss of a composed adapter on its own (a one-adapter bank at weight 1), whatever dtype the
-        search ran in: the number the recipe reports, and a check of the export."""
-        answer = self.base.fp32()
-        if answer is self.base:
+        """The fp32 loss of a composed adapter on its own (a one-adapter bank at weight 1), whatever precision
+        the search ran in: the number the recipe reports, and a check of the export."""
+        on_answer = self.bank is not None and self.searcher is self.answer
+        if on_answer:
             self.bank.remove()
-        single = LoraBank(answer.model, [adapter], formula="elementwise")
+        single = LoraBank(self.answer.model, [adapter], formula="elementwise")
         try:
             with torch.no_grad():
-                loss = loss_function(answer, single, self.batch, formula="elementwise")(torch.ones(1, 1))
+                loss = loss_function(self.answer, single, self.batch, formula="elementwise")(torch.ones(1, 1))
         finally:
             single.remove()
-            if answer is self.base:
+            if on_answer:
                 self._inject()
         return float(loss[0])
 
     def close(self) -> None:
         """Give the base model back unchanged, for a caller that reuses it."""
-        self.bank.remove()
+        if self.bank is not None:
+            self.bank.remove()
+            self.bank = None
 
 
 def _on_columns(loss_fn, width: int, columns: list[int]):
@@ -203,22 +248,26 @@ def _on_columns(loss_fn, width: int, columns: list[int]):
 def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=None, init=None, progress=None) -> SearchResult:
     """Search N weights; with `columns`, the N weights are these columns of a larger bank (others 0)."""
     loss_fn = session.loss_fn if columns is None else _on_columns(session.loss_fn, session.bank.n, columns)
-    if init is None and options.search.optimizer == "adam" and session.bank.formula == "elementwise":
-        # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero:
-        # a gradient method must start elsewhere. The even average (fusion) is the natural point.
+    if init is None and options.search.optimizer == "lbfgs":
+        init = [LBFGS_START] * n  # beside 0, where the elementwise gradient is exactly zero (search.py)
+    elif init is None and options.search.optimizer == "adam" and session.bank.formula == "elementwise":
+        # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero: a gradient
+        # method must start elsewhere. The even average (fusion) is the natural point.
         init = [1.0 / n] * n
-    return search(loss_fn, n, options.search, init=init, progress=progress)
+    result = search(loss_fn, n, options.search, init=init, progress=progress)
+    return session.rescore(result, columns)
 
 
 # --- the two levels ------------------------------------------------------------------------------
 
 
 def _recipe(options: ComposeOptions, session: _Session, level: str, task_type: str | None, shots_meta: dict, selection: dict,
-            **parts) -> Recipe:
+            searched: bool, **parts) -> Recipe:
     return Recipe(level=level, base_model=session.adapters[0].base_model_name_or_path, formula=options.formula,
                   task_type=task_type, formula_options=options.merge_options(), selection=selection, shots=shots_meta,
-                  dtype=str(session.base.dtype).removeprefix("torch."), device=str(session.base.device), versions=_versions(),
-                  lorahub_version=__version__, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **parts)
+                  dtype="float32", search_precision=session.precision if searched else None, device=str(session.answer.device),
+                  versions=_versions(), lorahub_version=__version__,
+                  created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **parts)
 
 
 def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None,
@@ -243,8 +292,9 @@ def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: 
         loss = session.evaluate(adapter)
     finally:
         session.close()
-    recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection, modules=_module_entries(records, weights),
-                     search=_search_entry(options.search, result, session.base.dtype), **_scores(loss, weights, options.search))
+    recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection, result is not None,
+                     modules=_module_entries(records, weights), search=_search_entry(options.search, result, session.precision),
+                     **_scores(loss, weights, options.search))
     return Composition(recipe, [adapter], [result])
 
 
@@ -284,7 +334,7 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
             compositions.append(adapter)
             results.append(result)
             entries.append({"shot": j, "folder": f"compositions/shot-{j}", "modules": _module_entries(chosen, result.weights),
-                            "search": _search_entry(options.search, result, session.base.dtype),
+                            "search": _search_entry(options.search, result, session.precision),
                             **_scores(session.evaluate(adapter), result.weights, options.search)})
     finally:
         session.close()
@@ -294,8 +344,8 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
     warm_entry = None
     if warm:
         warm_entry = {"modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
-                      "search": _search_entry(options.search, warm_result, session.base.dtype)}
-    recipe = _recipe(options, session, "instance", compositions[0].task_type, shots_meta, selection, warm_start=warm_entry,
+                      "search": _search_entry(options.search, warm_result, session.precision)}
+    recipe = _recipe(options, session, "instance", compositions[0].task_type, shots_meta, selection, True, warm_start=warm_entry,
                      compositions=entries, router={"file": ROUTER_FILE, "embedder": selection["embedder"],
                                                    "instruction": index.recipe.instruction, "shots": [s.input for s in shots]})
     return Composition(recipe, compositions, results, router)

@@ -40,7 +40,8 @@ class Recipe:
     formula_options: dict = field(default_factory=dict)  # resolved: every option the merge used, seed included
     selection: dict = field(default_factory=dict)  # how the modules were chosen
     shots: dict = field(default_factory=dict)  # path, sha256, count of the shots file
-    dtype: str = "float32"  # of the search's forward passes
+    dtype: str = "float32"  # of every reported number and of the exported tensors
+    search_precision: str | None = None  # what the search evaluated candidates in (fp32, bf16, int8); None: no search
     device: str = "cpu"
     versions: dict = field(default_factory=dict)
     # task level
@@ -71,7 +72,7 @@ class Recipe:
     # --- JSON ------------------------------------------------------------------------------
 
     _ORDER = ("format", "lorahub_version", "created_at", "level", "base_model", "task_type", "formula",
-              "formula_options", "selection", "shots", "dtype", "device", "versions")
+              "formula_options", "selection", "shots", "dtype", "search_precision", "device", "versions")
 
     def _fields(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -112,8 +113,8 @@ class Recipe:
         if data["level"] not in LEVELS:
             raise InputError(f"{where}: field 'level' is '{data['level']}', not task or instance.", _HINT)
         optional = {"task_type": (str, type(None)), "formula_options": dict, "selection": dict, "shots": dict,
-                    "dtype": str, "device": str, "versions": dict, "format": int, "lorahub_version": str,
-                    "created_at": str}
+                    "dtype": str, "search_precision": (str, type(None)), "device": str, "versions": dict, "format": int,
+                    "lorahub_version": str, "created_at": str}
         check.fields(data, optional, "", required=False)
         if data.get("format", FORMAT) != FORMAT:
             raise InputError(f"{where}: recipe format {data['format']} is not {FORMAT}.",

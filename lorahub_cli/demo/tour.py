@@ -52,7 +52,8 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
     ranking = retrieval.task_level(index, index.embedder(), few, num_modules)["results"]
     base = load_base_model(str(library.base_model_path()), dtype="float32", device="cpu")
     options = pipeline.ComposeOptions(base_model=library.BASE_MODEL, modules=[r["id"] for r in ranking],
-                                      search=SearchConfig(budget=budget, seed=seed))
+                                      # LoraHub's search in fp32: the demo gives the result docs/demo.md shows on every CPU.
+                                      search=SearchConfig(optimizer="ngopt", budget=budget, seed=seed, precision="fp32"))
     with stage("Searching composition weights", budget) as advance:
         composition = pipeline.compose_task(store, few, {"task": task, "seed": seed, "count": shots}, options,
                                             progress=lambda best: advance(), base=base)

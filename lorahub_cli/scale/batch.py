@@ -73,7 +73,8 @@ def load_shared_base(store, options: pipeline.ComposeOptions):
     from ..models import load_base_model
 
     name = base_model_name(store, options)
-    return load_base_model(name, dtype=options.dtype, device=options.device) if name else None
+    # In fp32: it is every composition's answer model; each search makes its own copy in its precision.
+    return load_base_model(name, dtype="float32", device=options.device) if name else None
 
 
 def _compose(store, job: BatchJob, options, level: str, base) -> pipeline.Composition:
