@@ -30,16 +30,15 @@ def machine(monkeypatch):
     return set_
 
 
-def test_auto_follows_cpu_flags_and_device(machine):
-    machine(cpu_bf16=True)
-    assert precision.resolve("auto", CPU, gradient=True) == "bf16"  # AMX / AVX512-BF16
-    machine(cpu_bf16=False)
-    assert precision.resolve("auto", CPU, gradient=True) == "fp32"  # AVX2 only: bf16 would be emulated
-    assert precision.resolve("auto", CPU, gradient=False) == "fp32"
-    machine(cuda_bf16=True)
-    assert precision.resolve("auto", CUDA, gradient=True) == "bf16"
-    machine(cuda_bf16=False, cpu_bf16=True)
-    assert precision.resolve("auto", CUDA, gradient=True) == "fp32"
+def test_auto_is_fp32_on_every_machine(machine):
+    # The benchmark's bf16 search ended worse than fp32 (docs/benchmarks.md), so auto does not follow the CPU.
+    for cpu_bf16, cuda_bf16 in [(True, False), (False, False), (False, True), (True, True)]:
+        machine(cpu_bf16=cpu_bf16, cuda_bf16=cuda_bf16)
+        for device in (CPU, CUDA):
+            for gradient in (True, False):
+                assert precision.resolve("auto", device, gradient=gradient) == "fp32"
+    machine(cpu_bf16=True, cuda_bf16=True)
+    assert precision.resolve("bf16", CPU, gradient=True) == precision.resolve("bf16", CUDA, gradient=True) == "bf16"
 
 
 def test_an_unavailable_precision_is_an_error_not_a_slowdown(machine):

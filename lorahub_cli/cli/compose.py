@@ -73,7 +73,7 @@ def compose(
     weights: Annotated[Optional[str], typer.Option("--weights", help="Fixed weights id=w,...: compose without search.")] = None,
     from_recipe: Annotated[Optional[Path], typer.Option("--from-recipe", help="Rebuild the adapter a lorahub_recipe.json describes.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if lorahub compose wrote it.")] = False,
-    search_precision: Annotated[str, typer.Option("--search-precision", help="What the search evaluates candidates in: auto (bf16 where fast), fp32, bf16 or int8. The answer is fp32.")] = COMPOSE["search_precision"],
+    search_precision: Annotated[str, typer.Option("--search-precision", help="What the search evaluates candidates in: auto (fp32 today), fp32, bf16 (faster with AMX / AVX512-BF16 / CUDA) or int8. The answer is fp32.")] = COMPOSE["search_precision"],
     dtype: Annotated[Optional[str], typer.Option("--dtype", hidden=True, help="Old name of --search-precision: float32 or bfloat16.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = COMPOSE["device"],
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = COMPOSE["max_rows"],

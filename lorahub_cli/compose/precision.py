@@ -11,7 +11,9 @@ re-scores the best candidates on the fp32 model and reports fp32 numbers only (d
     int8  a copy whose linear layers other than the bank's hold int8 weights and quantise their
           activations per token (torch.ao dynamic quantisation, x86/fbgemm kernels); CPU only, and no
           gradients through those layers, so gradient-free optimisers only
-    auto  bf16 where it is fast (above), fp32 elsewhere: the choice docs/benchmarks.md measured
+    auto  fp32 for now: on AMX the bf16 search was 2x faster but ended 11-17% worse than the fp32 search on
+          2 of 2 fixtures (docs/benchmarks.md), which breaks the rule that `auto` must not cost quality, and
+          would make the same command give different weights on different CPU kinds
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def resolve(requested: str, device: torch.device, *, gradient: bool) -> str:
     if requested not in PRECISIONS:
         raise InputError(f"--search-precision '{requested}' is not known.", f"Choose one of: {', '.join(PRECISIONS)}.")
     if requested == "auto":
-        return "bf16" if _fast_bf16(device) else "fp32"
+        return "fp32"
     if requested == "bf16" and not _fast_bf16(device):
         where = "this GPU" if device.type == "cuda" else "this CPU (no AMX or AVX512-BF16 instructions)"
         raise InputError(f"--search-precision bf16: {where} would emulate bf16, many times slower than fp32.",
