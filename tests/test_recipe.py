@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -174,7 +175,13 @@ def test_sigint_during_compose_says_interrupted_and_writes_nothing(t5_home, tmp_
     process = subprocess.Popen([sys.executable, "-m", "lorahub_cli", "compose", "--shots", str(SHOTS), "--out", str(out),
                                 "-n", "4", "--budget", "100000", "--dtype", "float32"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(15)  # into loading the model or searching (a budget of 100,000 does not end by itself)
+    # Interrupt once the command is past start-up and into its work (torch is loaded only inside it), however
+    # slow a busy machine is; a budget of 100,000 does not end by itself.
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None and "libtorch" not in maps.read_text(errors="replace"):
+        time.sleep(0.2)
+    time.sleep(3)
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     # 130 from sys.exit, or -2 when the interpreter ends itself by SIGINT after the message (CPython does that
