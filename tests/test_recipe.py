@@ -175,15 +175,20 @@ def test_sigint_during_compose_says_interrupted_and_writes_nothing(t5_home, tmp_
     process = subprocess.Popen([sys.executable, "-m", "lorahub_cli", "compose", "--shots", str(SHOTS), "--out", str(out),
                                 "-n", "4", "--budget", "100000", "--dtype", "float32"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Interrupt once the command is past start-up and into its work (torch is loaded only inside it), however
-    # slow a busy machine is; a budget of 100,000 does not end by itself.
-    maps = Path(f"/proc/{process.pid}/maps")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None and "libtorch" not in maps.read_text(errors="replace"):
-        time.sleep(0.2)
-    time.sleep(3)
-    process.send_signal(signal.SIGINT)
-    stdout, stderr = process.communicate(timeout=60)
+    try:
+        # Interrupt once the command is past start-up and into its work (torch is loaded only inside it), however
+        # slow a busy machine is; a budget of 100,000 does not end by itself.
+        maps = Path(f"/proc/{process.pid}/maps")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None and "libtorch" not in maps.read_text(errors="replace"):
+            time.sleep(0.2)
+        time.sleep(3)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:  # a failed wait above must not leave a search running for hours
+            process.kill()
+            process.wait()
     # 130 from sys.exit, or -2 when the interpreter ends itself by SIGINT after the message (CPython does that
     # for an interrupt it sees late); a shell reports both as exit status 130.
     assert process.returncode in (130, -signal.SIGINT), stderr
