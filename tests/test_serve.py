@@ -347,15 +347,21 @@ def test_waiting_requests_are_batched_by_length_oldest_first():
     assert [sorted(map(len, b)) for b in batches] == [[4], [48, 49, 50], [1, 2, 3], [47]]
 
 
+def hold_one_and_queue_one(pool, url: str, engine):
+    """Request "a" running inside the gated engine and request "b" waiting in the queue: their futures."""
+    held = pool.submit(post, url + "/v1/generate", {"input": "a"})
+    engine.started.wait(10)
+    queued = pool.submit(post, url + "/v1/generate", {"input": "b"})
+    while get(url + "/health")["queued"] < 1:
+        time.sleep(0.01)
+    return held, queued
+
+
 def test_server_sheds_load_with_503_and_drains_on_shutdown():
     engine = GatedEngine(delay=0.2)
     with running(create_app(engine, max_batch=1, window=0.0, max_queue=1)) as (url, server):
         with ThreadPoolExecutor(3) as pool:
-            held = pool.submit(post, url + "/v1/generate", {"input": "a"})
-            engine.started.wait(10)
-            queued = pool.submit(post, url + "/v1/generate", {"input": "b"})
-            while get(url + "/health")["queued"] < 1:
-                time.sleep(0.01)
+            held, queued = hold_one_and_queue_one(pool, url, engine)
             status, reply = post(url + "/v1/generate", {"input": "c"})
             assert status == 503 and "already waiting" in reply["error"]["message"]
             server.should_exit = True  # graceful: open requests finish before the server stops
@@ -392,11 +398,7 @@ def test_requests_still_open_when_the_shutdown_timeout_expires_get_a_json_503():
     try:
         with running(create_app(engine, max_batch=1, window=0.0, max_queue=4), shutdown_timeout=0.5) as (url, server):
             with ThreadPoolExecutor(2) as pool:
-                held = pool.submit(post, url + "/v1/generate", {"input": "a"})
-                engine.started.wait(10)
-                queued = pool.submit(post, url + "/v1/generate", {"input": "b"})
-                while get(url + "/health")["queued"] < 1:
-                    time.sleep(0.01)
+                held, queued = hold_one_and_queue_one(pool, url, engine)
                 began = time.monotonic()
                 server.should_exit = True
                 for future in (held, queued):
