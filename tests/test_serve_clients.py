@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.request
 
@@ -207,3 +208,33 @@ def test_serve_warns_on_a_public_host_without_a_key(cli, monkeypatch):
     assert result.code == 7 and "no API key" not in result.stderr
     result = cli("serve", "--api-key", " ")
     assert result.code == 2 and "the API key is empty" in result.stderr
+
+
+def test_stream_events_are_sent_as_each_token_is_decoded(engine):
+    """With every decoder forward pass slowed to 0.2 s, each client gets the first token's event before the last
+    forward pass starts: events are sent token by token, not when the answer is done."""
+    text = task_inputs("sentiment", 1)[0]
+    expected = engine.run([Request(text, max_new_tokens=6)])[0]
+    assert len(expected.tokens) >= 4, "long enough for the timing to tell"
+    forwards = []
+
+    def slow(module, args, kwargs):
+        forwards.append(time.monotonic())
+        time.sleep(0.2)
+
+    hook = engine.base.model.register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        with running(create_app(engine, window=0.0)) as (url, _):
+            hf = InferenceClient(base_url=url)  # held: the client owns the open stream
+            clients = {"huggingface_hub": lambda: hf.text_generation(text, max_new_tokens=6, stream=True, details=True),
+                       "lorax": lambda: lorax.Client(url).generate_stream(text, max_new_tokens=6)}
+            for name, stream in clients.items():
+                forwards.clear()
+                arrivals = [(time.monotonic(), event) for event in stream()]
+                assert [event.token.id for _, event in arrivals] == expected.tokens, name
+                assert arrivals[-1][1].generated_text == expected.output and arrivals[0][1].generated_text is None
+                assert arrivals[-1][1].details.finish_reason == expected.finish_reason, name
+                assert len(forwards) == len(expected.tokens), name
+                assert arrivals[0][0] < forwards[-1], f"{name}: the first event came only after the last forward pass began"
+    finally:
+        hook.remove()
