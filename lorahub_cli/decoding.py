@@ -317,24 +317,44 @@ def _pad(t: torch.Tensor, dim: int, size: int, left: bool) -> torch.Tensor:
     return torch.cat([zeros, t] if left else [t, zeros], dim=dim)
 
 
+def _compact(t: torch.Tensor, holes: list[int], movers: list[int], n: int) -> torch.Tensor:
+    """Rows `movers` moved into rows `holes` in place, then the first n rows (a view): dropping k rows of a
+    batch copies at most k rows, not the batch."""
+    if holes:
+        t[holes] = t[movers]
+    return t[:n]
+
+
 def _select(batch: _Batch, keep: list[int], seq2seq: bool) -> _Batch:
-    """The rows `keep` only; then the cache columns no remaining row attends to are cut off."""
-    index = torch.tensor(keep, device=batch.mask.device)
+    """The rows `keep` only (the last kept rows move into the places of the rows that left, so the row
+    order changes); then cache columns that no remaining row attends to are cut off."""
+    n = len(keep)
+    kept = set(keep)
+    holes = [i for i in range(n) if i not in kept]
+    movers = [i for i in keep if i >= n]
+    compact = lambda t: _compact(t, holes, movers, n)  # noqa: E731
+    rows = batch.rows
+    for hole, mover in zip(holes, movers):
+        rows[hole] = rows[mover]
+    batch.rows = rows[:n]
     self_cache, cross_cache = _caches(batch.cache)
-    mask = batch.mask[index]
-    start = int(mask.any(dim=0).nonzero()[0])  # left padding every remaining row masks
-    _store(self_cache, [(k[index, :, start:], v[index, :, start:]) for k, v in _tensors(self_cache)])
-    batch.rows = [batch.rows[i] for i in keep]
-    batch.mask, batch.next = mask[:, start:], batch.next[index]
+    batch.mask, batch.next = compact(batch.mask), compact(batch.next)
+    start = int(batch.mask.any(dim=0).nonzero()[0])  # left padding every remaining row masks
+    # Self-attention caches are copied by the next step's concatenation anyway: a view is enough.
+    _store(self_cache, [(compact(k)[:, :, start:], compact(v)[:, :, start:]) for k, v in _tensors(self_cache)])
+    batch.mask = batch.mask[:, start:]
     if batch.positions is not None:
-        batch.positions = batch.positions[index]
+        batch.positions = compact(batch.positions)
     if seq2seq:
-        encoder_mask = batch.encoder_mask[index]
-        end = int(encoder_mask.any(dim=0).nonzero()[-1]) + 1  # right padding every remaining row masks
-        batch.encoder, batch.encoder_mask = batch.encoder[index, :end], encoder_mask[:, :end]
-        _store(cross_cache, [(k[index, :, :end], v[index, :, :end]) for k, v in _tensors(cross_cache)])
+        batch.encoder, batch.encoder_mask = compact(batch.encoder), compact(batch.encoder_mask)
+        cross = [(compact(k), compact(v)) for k, v in _tensors(cross_cache)]
+        end = int(batch.encoder_mask.any(dim=0).nonzero()[-1]) + 1  # right padding every remaining row masks
+        if end <= 3 * batch.encoder_mask.shape[1] // 4:  # worth a copy (every step reads these)
+            batch.encoder, batch.encoder_mask = batch.encoder[:, :end].contiguous(), batch.encoder_mask[:, :end].contiguous()
+            cross = [(k[:, :, :end].contiguous(), v[:, :, :end].contiguous()) for k, v in cross]
+        _store(cross_cache, cross)
     if batch.bank_rows is not None:
-        batch.bank_rows = batch.bank_rows.select(index)
+        batch.bank_rows = batch.bank_rows.compact(holes, movers, n)
     return batch
 
 

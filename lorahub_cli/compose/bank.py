@@ -81,16 +81,18 @@ class GroupedRows:
         self.columns, self.scale = columns.to(W.device), scale
 
 
-    def select(self, index: torch.Tensor) -> GroupedRows:
-        """These rows only (index into dim 0), keeping the factors gathered so far."""
-        out = object.__new__(GroupedRows)
-        out.mode = self.mode
+    def compact(self, holes: list[int], movers: list[int], n: int) -> GroupedRows:
+        """In place: rows `movers` into rows `holes`, then the first n rows (see decoding._compact)."""
+        def compact(t: torch.Tensor) -> torch.Tensor:
+            if holes:
+                t[holes] = t[movers]
+            return t[:n]
         if self.mode == "elementwise":
-            out.adapters, out.weights = self.adapters[index], self.weights[index]
+            self.adapters, self.weights = compact(self.adapters), compact(self.weights)
         else:
-            out.columns, out.scale = self.columns[index], self.scale[index]
-        out.cache = {layer: (A[index], B[index]) for layer, (A, B) in self.cache.items()}
-        return out
+            self.columns, self.scale = compact(self.columns), compact(self.scale)
+        self.cache = {layer: (compact(A), compact(B)) for layer, (A, B) in self.cache.items()}
+        return self
 
     @staticmethod
     def cat(first: GroupedRows, second: GroupedRows) -> GroupedRows:
@@ -119,8 +121,8 @@ def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class BankRows:
     """Per-row composition weights W (P, N) with their bank mode and, on the grouped path, each row's
-    gathered factors. A decoding loop whose batch changes keeps it across steps and selects or
-    concatenates rows, so factors are gathered once per request, not once per step."""
+    gathered factors. A decoding loop whose batch changes keeps it across steps and drops (`compact`) or
+    appends (`cat`) rows, so factors are gathered once per request, not once per step."""
 
     def __init__(self, bank: LoraBank, W: torch.Tensor, mode: str, grouped: GroupedRows | None):
         self.bank, self.W, self.mode, self.grouped = bank, W, mode, grouped
@@ -128,9 +130,15 @@ class BankRows:
     def __len__(self) -> int:
         return self.W.shape[0]
 
-    def select(self, index: torch.Tensor) -> BankRows:
-        index = index.to(self.W.device)
-        return BankRows(self.bank, self.W[index], self.mode, None if self.grouped is None else self.grouped.select(index))
+    def compact(self, holes: list[int], movers: list[int], n: int) -> BankRows:
+        """In place: rows `movers` into rows `holes`, then the first n rows; copies the moved rows only."""
+        W = self.W
+        if holes:
+            W[holes] = W[movers]
+        self.W = W[:n]
+        if self.grouped is not None:
+            self.grouped.compact(holes, movers, n)
+        return self
 
     def cat(self, other: BankRows) -> BankRows:
         if self.mode != other.mode:
@@ -287,7 +295,7 @@ class LoraBank:
 
     @contextmanager
     def use(self, rows: BankRows) -> Iterator[None]:
-        """Compose with `rows` (from `rows()`, `BankRows.select` or `BankRows.cat`) inside the context."""
+        """Compose with `rows` (from `rows()`, `BankRows.compact` or `BankRows.cat`) inside the context."""
         if not self._originals:
             raise InputError("this bank was removed.", "Build a new LoraBank.")
         W = rows.W
