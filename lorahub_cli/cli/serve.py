@@ -40,7 +40,7 @@ def serve(
     composition: CompositionOpt = None,
     batch_size: BatchSizeOpt = SERVE["batch_size"],
     batching: BatchingOpt = "continuous",
-    window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long a batch waits for more requests.")] = 10.0,
+    window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long a request that finds the server idle waits for others to start with.")] = 10.0,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")] = 256,
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
