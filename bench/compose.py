@@ -113,11 +113,11 @@ def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path,
     # Re-stamp every evaluation from the start of compose_task; the best-so-far by the search's own objective.
     curve = [{"evaluation": i + 1, "t": t - start, "search_objective": point["objective"], "weights": w}
              for i, ((t, w), point) in enumerate(zip(evaluated, result.curve))]
-    ours = {"config": config, "optimizer": recipe["search"]["optimizer"], "engine": result.engine,
-            "search_precision": recipe["search"]["precision_used"],
+    ours = {"config": config, "optimizer": recipe.search["optimizer"], "engine": result.engine,
+            "search_precision": recipe.search["precision_used"],
             "seconds_total": total, "seconds_search": result.seconds, "seconds_after_search": after_search,
-            "evaluations": result.evaluations, "loss_fp32": recipe["loss"], "objective_fp32": recipe["objective"],
-            "weights": [m["weight"] for m in recipe["modules"]], "peak_rss_mb": peak,
+            "evaluations": result.evaluations, "loss_fp32": recipe.loss, "objective_fp32": recipe.objective,
+            "weights": [m["weight"] for m in recipe.modules], "peak_rss_mb": peak,
             "loadavg_before": loadavg_before, "loadavg_after": loadavg_after, "threads": torch.get_num_threads()}
     scorer = Scorer(manifest["model_dir"], manifest["adapter_dirs"], manifest["shots_jsonl"])
     ours["true_objective"] = scorer.score(ours["weights"])["objective"]
@@ -158,6 +158,8 @@ def main() -> None:
                         help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only")
     parser.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="reuse a seed's reference result from an earlier run at the same budget (bench/.cache/results)")
     parser.add_argument("--one", nargs=2, metavar=("FIXTURE_SEED", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,9 +180,11 @@ def main() -> None:
         manifest = fixture(args.shape, seed=seed)
         ref_out = RESULTS / f"ref-{args.shape}-s{seed}.json"
         print(f"fixture {args.shape} seed {seed} ({manifest['bbh_task']}): reference", file=sys.stderr)
-        subprocess.run([sys.executable, str(BENCH / "reference.py"), "--shape", args.shape, "--budget", str(args.budget),
-                        "--seed", "1", "--fixture-seed", str(seed), "--threads", str(args.threads), "--out", str(ref_out)],
-                       check=True, stdout=subprocess.DEVNULL)
+        reuse = args.reuse_reference and ref_out.is_file() and json.loads(ref_out.read_text()).get("budget") == args.budget
+        if not reuse:
+            subprocess.run([sys.executable, str(BENCH / "reference.py"), "--shape", args.shape, "--budget", str(args.budget),
+                            "--seed", "1", "--fixture-seed", str(seed), "--threads", str(args.threads), "--out", str(ref_out)],
+                           check=True, stdout=subprocess.DEVNULL)
         reference = json.loads(ref_out.read_text())
         target = reference["true_objective"]
         print(f"  reference: {reference['seconds_total']:.1f} s, true objective {target:.4f}, "
