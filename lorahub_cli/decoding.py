@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compose.bank import append_rows
 from .errors import InputError
 
 
@@ -116,8 +117,8 @@ class _Batch:
     mask: torch.Tensor  # (B, S): the (decoder) self-attention cache's columns, 1 = a real token
     next: torch.Tensor  # (B,): each row's last token, the next step's input
     positions: torch.Tensor | None = None  # (B,): decoder-only, the next token's position id
-    encoder: torch.Tensor | None = None  # (B, L, d): seq2seq encoder states
-    encoder_mask: torch.Tensor | None = None  # (B, L)
+    encoder_mask: torch.Tensor | None = None  # (B, L): seq2seq, the encoder states' (in the cross-attention caches)
+    encoder_like: torch.Tensor | None = None  # a zero of the encoder states' dtype and width (see _decode)
     bank_rows: object = None  # compose.bank.BankRows
 
 
@@ -182,7 +183,7 @@ class Decoder:
         if self.batch is not None:
             self.batch = self._decode(self.batch, done)
         if fresh is not None:
-            self.batch = fresh if self.batch is None else _merge(self.batch, fresh, self.base.is_seq2seq)
+            self.batch = fresh if self.batch is None else _merge(self.batch, fresh, self.base.is_seq2seq, self.max_batch)
         return done
 
     def _composed(self, bank_rows):
@@ -217,7 +218,8 @@ class Decoder:
                                        attention_mask=enc_mask, decoder_input_ids=first, decoder_attention_mask=mask)
                 for layer in encoder_layers:  # the decoding steps never use the encoder's layers again
                     bank_rows.grouped.cache.pop(layer, None)
-                batch = _Batch(rows, cache, mask, first[:, 0], encoder=encoder, encoder_mask=enc_mask, bank_rows=bank_rows)
+                batch = _Batch(rows, cache, mask, first[:, 0], encoder_mask=enc_mask, bank_rows=bank_rows,
+                               encoder_like=encoder.new_zeros((1, 1, encoder.shape[-1])))
             else:
                 ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=dev)
                 mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=dev)
@@ -235,7 +237,10 @@ class Decoder:
             if self.base.is_seq2seq:
                 from transformers.modeling_outputs import BaseModelOutput
 
-                logits = self._forward(batch.cache, encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoder),
+                # After the first step every layer reads the encoder side from its cross-attention cache: the
+                # states themselves only give the mask its shape, so a broadcast zero stands in for them.
+                encoder = batch.encoder_like.expand(*batch.encoder_mask.shape, -1)
+                logits = self._forward(batch.cache, encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
                                        attention_mask=batch.encoder_mask, decoder_input_ids=batch.next[:, None],
                                        decoder_attention_mask=mask)
             else:
@@ -346,11 +351,11 @@ def _select(batch: _Batch, keep: list[int], seq2seq: bool) -> _Batch:
     if batch.positions is not None:
         batch.positions = compact(batch.positions)
     if seq2seq:
-        batch.encoder, batch.encoder_mask = compact(batch.encoder), compact(batch.encoder_mask)
+        batch.encoder_mask = compact(batch.encoder_mask)
         cross = [(compact(k), compact(v)) for k, v in _tensors(cross_cache)]
         end = int(batch.encoder_mask.any(dim=0).nonzero()[-1]) + 1  # right padding every remaining row masks
         if end <= 3 * batch.encoder_mask.shape[1] // 4:  # worth a copy (every step reads these)
-            batch.encoder, batch.encoder_mask = batch.encoder[:, :end].contiguous(), batch.encoder_mask[:, :end].contiguous()
+            batch.encoder_mask = batch.encoder_mask[:, :end].contiguous()
             cross = [(k[:, :, :end].contiguous(), v[:, :, :end].contiguous()) for k, v in cross]
         _store(cross_cache, cross)
     if batch.bank_rows is not None:
@@ -358,8 +363,10 @@ def _select(batch: _Batch, keep: list[int], seq2seq: bool) -> _Batch:
     return batch
 
 
-def _merge(a: _Batch, b: _Batch, seq2seq: bool) -> _Batch:
-    """The rows of a, then those of b, in one batch: a's cache objects, padded (see the module docstring)."""
+def _merge(a: _Batch, b: _Batch, seq2seq: bool, capacity: int) -> _Batch:
+    """The rows of a, then those of b, in one batch: a's cache objects, padded (see the module docstring).
+    The cross-attention caches and gathered bank factors go into spare rows (room for `capacity` rows) when
+    the widths agree; the self-attention caches are concatenated (the next step copies them anyway)."""
     a_self, a_cross = _caches(a.cache)
     b_self, b_cross = _caches(b.cache)
     width = max(a.mask.shape[1], b.mask.shape[1])
@@ -371,12 +378,11 @@ def _merge(a: _Batch, b: _Batch, seq2seq: bool) -> _Batch:
     if a.positions is not None:
         a.positions = torch.cat([a.positions, b.positions])
     if seq2seq:
-        length = max(a.encoder.shape[1], b.encoder.shape[1])
-        a.encoder = torch.cat([_pad(a.encoder, 1, length, False), _pad(b.encoder, 1, length, False)])
+        length = max(a.encoder_mask.shape[1], b.encoder_mask.shape[1])
         a.encoder_mask = torch.cat([_pad(a.encoder_mask, 1, length, False), _pad(b.encoder_mask, 1, length, False)])
-        _store(a_cross, [(torch.cat([_pad(ka, 2, length, False), _pad(kb, 2, length, False)]),
-                          torch.cat([_pad(va, 2, length, False), _pad(vb, 2, length, False)]))
+        _store(a_cross, [(append_rows(_pad(ka, 2, length, False), _pad(kb, 2, length, False), capacity),
+                          append_rows(_pad(va, 2, length, False), _pad(vb, 2, length, False), capacity))
                          for (ka, va), (kb, vb) in zip(_tensors(a_cross), _tensors(b_cross))])
     if a.bank_rows is not None:
-        a.bank_rows = a.bank_rows.cat(b.bank_rows)
+        a.bank_rows = a.bank_rows.cat(b.bank_rows, capacity)
     return a

@@ -24,6 +24,7 @@ Two ways to evaluate a forward pass, chosen per `weights` context:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -95,9 +96,10 @@ class GroupedRows:
         return self
 
     @staticmethod
-    def cat(first: GroupedRows, second: GroupedRows) -> GroupedRows:
+    def cat(first: GroupedRows, second: GroupedRows, capacity: int = 0) -> GroupedRows:
         """The rows of `first`, then those of `second`. Rows are padded to a common width with zero-weighted
-        columns (exact zeros); a layer whose factors only one side had gathered is gathered again when used."""
+        columns (exact zeros); a layer whose factors only one side had gathered is gathered again when used.
+        Gathered factors go into spare rows of first's buffers when they fit (`append_rows`)."""
         out = object.__new__(GroupedRows)
         out.mode = first.mode
         if first.mode == "elementwise":
@@ -106,17 +108,34 @@ class GroupedRows:
         else:
             out.columns = _cat_padded(first.columns, second.columns)
             out.scale = _cat_padded(first.scale, second.scale)
-        out.cache = {layer: (_cat_padded(A, second.cache[layer][0]), _cat_padded(B, second.cache[layer][1]))
+        out.cache = {layer: (_cat_padded(A, second.cache[layer][0], capacity), _cat_padded(B, second.cache[layer][1], capacity))
                      for layer, (A, B) in first.cache.items() if layer in second.cache}
         return out
 
 
-def _cat_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _cat_padded(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Tensor:
     """a and b concatenated along dim 0, each zero-padded along dim 1 to the wider of the two."""
     width = max(a.shape[1], b.shape[1])
     pad = lambda t: t if t.shape[1] == width else torch.cat(  # noqa: E731
         [t, t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:])], dim=1)
-    return torch.cat([pad(a), pad(b)])
+    return append_rows(pad(a), pad(b), capacity)
+
+
+def append_rows(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Tensor:
+    """torch.cat([a, b]) along dim 0, for buffers only the caller holds. When `a` is the first rows of a larger
+    contiguous allocation (what this function and an in-place compaction leave), b is written into the spare
+    rows and nothing is copied; else the result gets an allocation of `capacity` rows (at least n + m), so
+    the next appends copy only what they add."""
+    n, m = a.shape[0], b.shape[0]
+    shape = (n + m, *a.shape[1:])
+    if (a.is_contiguous() and a.storage_offset() == 0 and a.dtype == b.dtype
+            and math.prod(shape) * a.element_size() <= a.untyped_storage().nbytes()):
+        out = a.new_empty(0).set_(a.untyped_storage(), 0, shape)
+        out[n:] = b
+        return out
+    out = a.new_empty((max(capacity, n + m), *a.shape[1:]))
+    out[:n], out[n:n + m] = a, b
+    return out[:n + m]
 
 
 class BankRows:
@@ -140,12 +159,13 @@ class BankRows:
             self.grouped.compact(holes, movers, n)
         return self
 
-    def cat(self, other: BankRows) -> BankRows:
+    def cat(self, other: BankRows, capacity: int = 0) -> BankRows:
+        """The rows of self, then other's; `capacity`: rows to allocate room for (see `append_rows`)."""
         if self.mode != other.mode:
             raise ValueError("rows of two bank modes cannot share a forward pass")
         if (self.grouped is None) != (other.grouped is None):  # one side dense: decide again for the whole batch
             return self.bank.rows(torch.cat([self.W, other.W]), formula=self.mode)  # mode names are formula names
-        grouped = None if self.grouped is None else GroupedRows.cat(self.grouped, other.grouped)
+        grouped = None if self.grouped is None else GroupedRows.cat(self.grouped, other.grouped, capacity)
         return BankRows(self.bank, torch.cat([self.W, other.W]), self.mode, grouped)
 
 
