@@ -280,6 +280,19 @@ class Decoder:
         return _select(batch, keep, self.base.is_seq2seq) if keep else None
 
 
+def drain(stepper, n: int, progress=None) -> list:
+    """Step a Decoder (or an engine's Decoding) whose keys are 0..n-1 until it is idle; results by key.
+    `progress(k)` after each step that finished k rows."""
+    results = [None] * n
+    while stepper.busy:
+        finished = stepper.step()
+        for key, result in finished:
+            results[key] = result
+        if progress and finished:
+            progress(len(finished))
+    return results
+
+
 # --- cache surgery -----------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoding import Decoder, Generated, finish, steppable
+from .decoding import Decoder, Generated, drain, finish, steppable
 from .errors import InputError
 from .models import BaseModel
 
@@ -89,14 +89,7 @@ def generate_details(
     decoder = Decoder(base, bank=bank, formula=formula, max_batch=batch_size)
     for i in _batches([len(x) for x in ids], len(ids))[0]:  # longest first, as static batches go
         decoder.add(i, ids[i], max_new_tokens=limits[i], stop=stops[i], weights=None if W is None else W[i])
-    outputs: list[Generated | None] = [None] * len(inputs)
-    while decoder.busy:
-        finished = decoder.step()
-        for i, generated in finished:
-            outputs[i] = generated
-        if progress and finished:
-            progress(len(finished))
-    return outputs
+    return drain(decoder, len(inputs), progress)
 
 
 BATCHING = ("continuous", "static")

@@ -155,3 +155,15 @@ def test_generate_details_continuous_equals_static_with_stops(world):
     for s, c in zip(static, continuous):
         assert (c.text, c.tokens, c.finish_reason, c.prompt_tokens) == (s.text, s.tokens, s.finish_reason, s.prompt_tokens)
         torch.testing.assert_close(c.logprobs, s.logprobs, rtol=0, atol=1e-4)
+
+
+def test_append_rows_fills_spare_rows_in_place_and_equals_cat():
+    from lorahub_cli.compose.bank import append_rows
+
+    a, b, c = torch.randn(3, 2, 5), torch.randn(1, 2, 5), torch.randn(2, 2, 5)
+    ab = append_rows(a, b, capacity=8)  # a has no spare rows: a new buffer with room for 8
+    assert torch.equal(ab, torch.cat([a, b])) and ab.untyped_storage().nbytes() == 8 * 10 * 4
+    abc = append_rows(ab, c, capacity=8)
+    assert torch.equal(abc, torch.cat([a, b, c])) and abc.data_ptr() == ab.data_ptr(), "written into the spare rows"
+    full = append_rows(abc, torch.randn(3, 2, 5), capacity=8)  # 9 rows do not fit in 8: a new buffer
+    assert full.shape[0] == 9 and full.data_ptr() != abc.data_ptr() and torch.equal(full[:6], abc)

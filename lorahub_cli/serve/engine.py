@@ -196,16 +196,11 @@ class Engine:
         if not requests:
             return []
         if self.batching == "continuous":
+            from ..decoding import drain
+
             session = self.decoding()
             session.add(requests, keys=list(range(len(requests))))
-            answers: list[Answer | None] = [None] * len(requests)
-            while session.busy:
-                finished = session.step()
-                for i, answer in finished:
-                    answers[i] = answer
-                if progress and finished:
-                    progress(len(finished))
-            return answers
+            return drain(session, len(requests), progress)
         from ..generation import generate_details
 
         routes = self.routes(requests)
