@@ -2,11 +2,13 @@
 
     texts = generate(base, inputs, bank=bank, weights=W)   # W: (len(inputs), N) or (N,)
 
-Rows are sorted by length and batched; every batch runs under `bank.weights(W[rows])`,
-so inputs that use different adapters share forward passes. Without a bank it is the
-base model. Decoding is greedy (no sampling, one beam), as in the papers' protocol.
-`max_new_tokens` may be one limit per input: a batch decodes to its largest limit and
-each row keeps its own first tokens, which greedy decoding makes equal to stopping there.
+Rows run longest input first, up to `batch_size` at a time, each under its own weight
+vector in the bank, so inputs that use different adapters share forward passes. Without a
+bank it is the base model. Decoding is greedy (no sampling, one beam), as in the papers'
+protocol. `max_new_tokens` may be one limit per input. `batching="continuous"` (default):
+`decoding.Decoder`'s step loop, where a row leaves at its end and the next input takes its
+place; "static": batches through `model.generate`, each decoding to its largest limit (each
+row keeps its own first tokens, which greedy decoding makes equal to stopping there).
 
 `generate_details` also returns each row's token ids, their log-probabilities (of the
 distribution greedy decoding chose from) and why it stopped: "eos_token", "stop_sequence"

@@ -81,7 +81,6 @@ class GroupedRows:
                     at += ranks[i]
         self.columns, self.scale = columns.to(W.device), scale
 
-
     def compact(self, holes: list[int], movers: list[int], n: int) -> GroupedRows:
         """In place: rows `movers` into rows `holes`, then the first n rows (see decoding._compact)."""
         def compact(t: torch.Tensor) -> torch.Tensor:
@@ -145,9 +144,6 @@ class BankRows:
 
     def __init__(self, bank: LoraBank, W: torch.Tensor, mode: str, grouped: GroupedRows | None):
         self.bank, self.W, self.mode, self.grouped = bank, W, mode, grouped
-
-    def __len__(self) -> int:
-        return self.W.shape[0]
 
     def compact(self, holes: list[int], movers: list[int], n: int) -> BankRows:
         """In place: rows `movers` into rows `holes`, then the first n rows; copies the moved rows only."""
@@ -333,8 +329,6 @@ class LoraBank:
     @contextmanager
     def weights(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> Iterator[None]:
         """Compose with W, shape (P, N) or (N,); `rows()` says what `formula` and `grouped` do."""
-        if not self._originals:
-            raise InputError("this bank was removed.", "Build a new LoraBank.")
         with self.use(self.rows(W, formula, grouped)):
             yield
 

@@ -1,7 +1,7 @@
 """Concurrent requests into shared batches: a bounded queue and one worker thread.
 
     batcher = Batcher(engine.run, max_batch=32, window=0.01, max_queue=256, size=lambda r: len(r.input))
-    batcher = Batcher(engine.run, session=engine.decoding, ...)   # continuous batching
+    batcher = Batcher(session=engine.decoding, max_batch=32, ...)     # continuous batching instead
     batcher.start()
     future = batcher.submit(request)      # QueueFull when max_queue requests already wait
     answer = future.result()

@@ -68,7 +68,7 @@ class Engine:
         self.base, self.bank, self.router = base, bank, router
         self.k, self.compose, self.max_new_tokens = k, check_mode(compose), max_new_tokens
         self.batch_size, self.max_input_tokens = batch_size, max_input_tokens
-        # A model the step loop cannot run exactly (generation.steppable) is served in static batches.
+        # A model the step loop cannot run exactly (decoding.steppable) is served in static batches.
         self.batching = check_batching(batching) if steppable(base) else "static"
         self.description = description or {}
 
