@@ -106,6 +106,7 @@ class _Row:
     stops: list[str]
     weights: torch.Tensor | None  # (N,)
     on_token: Callable | None  # (token id, log-probability, Generated when this token ended the row, else None)
+    cancelled: Callable[[], bool] | None  # true: nobody waits for the row any more; it leaves with no answer
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
@@ -149,12 +150,14 @@ class Decoder:
     # --- the queue -------------------------------------------------------------------------------
 
     def add(self, key, ids: list[int], *, max_new_tokens: int, stop=(), weights: torch.Tensor | None = None,
-            on_token: Callable | None = None) -> None:
+            on_token: Callable | None = None, cancelled: Callable[[], bool] | None = None) -> None:
+        """Queue a row. `on_token(token, logprob, Generated or None)` as each token is decoded; `cancelled()`
+        true at a step: the row leaves then, reported by `step` with None for its Generated."""
         if (weights is None) != (self.bank is None):
             raise InputError("a row's weights and the decoder's bank must be given together.", "Pass both or neither.")
         if max_new_tokens < 1 or not ids:
             raise InputError(f"a row of {len(ids)} tokens asks for {max_new_tokens} new tokens.", "Give both 1 or more.")
-        self.waiting.append(_Row(key, list(ids), max_new_tokens, list(stop), weights, on_token))
+        self.waiting.append(_Row(key, list(ids), max_new_tokens, list(stop), weights, on_token, cancelled))
 
     @property
     def running(self) -> int:
@@ -174,9 +177,13 @@ class Decoder:
     # --- a step ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def step(self) -> list[tuple[object, Generated]]:
-        """Admit and prefill waiting rows, decode one token for the running ones; the rows that finished."""
-        done: list[tuple[object, Generated]] = []
+    def step(self) -> list[tuple[object, Generated | None]]:
+        """Admit and prefill waiting rows, decode one token for the running ones; the rows that finished
+        (None for a row that was cancelled)."""
+        done: list[tuple[object, Generated | None]] = []
+        for row in [r for r in self.waiting if r.cancelled is not None and r.cancelled()]:
+            self.waiting.remove(row)
+            done.append((row.key, None))
         room = self.max_batch - self.running
         joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
         fresh = self._prefill(joining, done) if joining else None
@@ -263,6 +270,9 @@ class Decoder:
         eos = self.tok.eos_token_id
         keep = []
         for i, (row, token) in enumerate(zip(batch.rows, chosen.tolist())):
+            if row.cancelled is not None and row.cancelled():
+                done.append((row.key, None))
+                continue
             row.tokens.append(token)
             row.logprobs.append(logprobs[i])
             ended = (token == eos or len(row.tokens) >= row.limit

@@ -449,7 +449,7 @@ class SteppedEngine:
             load = running
             busy = property(lambda self: bool(self.rows))
 
-            def add(self, requests, keys, on_token=None):
+            def add(self, requests, keys, on_token=None, cancelled=None):
                 self.rows = self.rows + [[r, key, callback, 0] for r, key, callback in zip(requests, keys, on_token)]
 
             def step(self):

@@ -238,3 +238,35 @@ def test_stream_events_are_sent_as_each_token_is_decoded(engine):
                 assert arrivals[0][0] < forwards[-1], f"{name}: the first event came only after the last forward pass began"
     finally:
         hook.remove()
+
+
+def test_a_stream_whose_client_leaves_stops_costing_work(engine):
+    """The client reads one event and closes the connection: the request's row leaves the batch at the next
+    step instead of decoding to its limit."""
+    import http.client
+    from urllib.parse import urlparse
+
+    text = task_inputs("capitals", 1)[0]
+    assert len(engine.run([Request(text, max_new_tokens=LIMIT)])[0].tokens) == LIMIT, "it would decode to the limit"
+    forwards = []
+
+    def slow(module, args, kwargs):
+        forwards.append(time.monotonic())
+        time.sleep(0.1)
+
+    hook = engine.base.model.register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        with running(create_app(engine, window=0.0)) as (url, _):
+            where = urlparse(url)
+            connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+            connection.request("POST", "/generate_stream", json.dumps({"inputs": text, "parameters": {"max_new_tokens": LIMIT}}),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data:")
+            connection.close()
+            deadline = time.monotonic() + 10
+            while len(forwards) < LIMIT and time.monotonic() < deadline and (not forwards or time.monotonic() - forwards[-1] < 1.0):
+                time.sleep(0.05)
+    finally:
+        hook.remove()
+    assert len(forwards) < LIMIT // 2, f"{len(forwards)} forward passes for a request whose client left after the first"

@@ -201,7 +201,9 @@ class Batcher:
                 with self._cond:  # abandon() reads _running from another thread
                     self._running.update(futures)
                 try:
-                    session.add([item[0] for item in joining], keys=futures, on_token=[item[3] for item in joining])
+                    # A future cancelled (a stream whose client left) takes its row out at the next step.
+                    session.add([item[0] for item in joining], keys=futures, on_token=[item[3] for item in joining],
+                                cancelled=[future.cancelled for future in futures])
                 except BaseException as error:  # noqa: BLE001 - every accepted request must hear back
                     self._release(futures, error=error)
                     continue

@@ -254,10 +254,11 @@ class Decoding:
     def busy(self) -> bool:
         return any(d.busy for d in self.decoders.values())
 
-    def add(self, requests: list[Request], keys: list, on_token: list | None = None) -> None:
+    def add(self, requests: list[Request], keys: list, on_token: list | None = None, cancelled: list | None = None) -> None:
         """Queue checked requests, longest input first (a step admits them in that order, so the rows
         prefilled together are of similar length). `on_token[i]`: called with (token id, log-probability,
-        the Answer when this token ended the request, else None)."""
+        the Answer when this token ended the request, else None); `cancelled[i]()` true: the request
+        leaves at the next step, answered None."""
         from ..decoding import Decoder
 
         engine = self.engine
@@ -274,13 +275,15 @@ class Decoding:
             if callback is not None:
                 callback = _answering(callback, request, route)
             decoder.add((keys[i], request, route), ids[i], max_new_tokens=request.max_new_tokens, stop=list(request.stop),
-                        weights=weight_matrix([route], engine.bank.n)[0], on_token=callback)
+                        weights=weight_matrix([route], engine.bank.n)[0], on_token=callback,
+                        cancelled=cancelled[i] if cancelled else None)
 
     def step(self) -> list[tuple[object, Answer]]:
         finished = []
         for decoder in self.decoders.values():
             if decoder.busy:
-                finished += [(key, _answer(request, route, g)) for (key, request, route), g in decoder.step()]
+                finished += [(key, None if g is None else _answer(request, route, g))
+                             for (key, request, route), g in decoder.step()]
         return finished
 
     def abandon(self) -> list:

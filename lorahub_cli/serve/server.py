@@ -256,23 +256,29 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
         future.add_done_callback(put)
 
         async def events():
-            sent = 0
-            while True:
-                item = await queue.get()
-                if isinstance(item, Future):  # settled; with continuous batching its last token came first
-                    error = item.exception()
-                    if error is not None:
-                        kind = "overloaded" if isinstance(error, ShuttingDown) else "generation"
-                        yield f"data:{json.dumps({'error': str(error), 'error_type': kind})}\n\n"
-                    else:
-                        for event in apis.tgi_events(item.result(), parameters, tokenizer)[sent:]:
-                            yield event
-                    return
-                token, logprob, final = item
-                yield apis.tgi_event(sent, apis.tgi_token(token, logprob, tokenizer), final, parameters)
-                sent += 1
-                if final is not None:
-                    return
+            sent, ended = 0, False
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, Future):  # settled; with continuous batching its last token came first
+                        ended = True
+                        error = item.exception()
+                        if error is not None:
+                            kind = "overloaded" if isinstance(error, ShuttingDown) else "generation"
+                            yield f"data:{json.dumps({'error': str(error), 'error_type': kind})}\n\n"
+                        else:
+                            for event in apis.tgi_events(item.result(), parameters, tokenizer)[sent:]:
+                                yield event
+                        return
+                    token, logprob, final = item
+                    yield apis.tgi_event(sent, apis.tgi_token(token, logprob, tokenizer), final, parameters)
+                    sent += 1
+                    if final is not None:
+                        ended = True
+                        return
+            finally:
+                if not ended:  # the client disconnected: the row leaves the batch at the next step
+                    future.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
