@@ -167,3 +167,23 @@ def test_append_rows_fills_spare_rows_in_place_and_equals_cat():
     assert torch.equal(abc, torch.cat([a, b, c])) and abc.data_ptr() == ab.data_ptr(), "written into the spare rows"
     full = append_rows(abc, torch.randn(3, 2, 5), capacity=8)  # 9 rows do not fit in 8: a new buffer
     assert full.shape[0] == 9 and full.data_ptr() != abc.data_ptr() and torch.equal(full[:6], abc)
+
+
+def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unchanged(world):
+    kind, base, bank, ids = world
+    base.tokenizer.eos_token_id = None
+    W = row_weights("linear")
+    limits = [6, 6, 6]
+    alone = run_alone(base, bank, "linear", ids[:3], W, limits)
+    gone = {"flag": False}
+    decoder = Decoder(base, bank=bank, formula="linear", max_batch=3)
+    for i in range(3):
+        decoder.add(i, ids[i], max_new_tokens=6, weights=W[i], cancelled=(lambda: gone["flag"]) if i == 1 else None)
+    results, running = {}, []
+    while decoder.busy:
+        if len(running) == 2:
+            gone["flag"] = True
+        results.update(decoder.step())
+        running.append(decoder.running)
+    assert running == [3, 3, 2, 2, 2, 0] and results[1] is None
+    assert [results[0].tokens, results[2].tokens] == [alone[0].tokens, alone[2].tokens]

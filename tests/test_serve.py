@@ -177,6 +177,14 @@ def test_generate_from_an_instance_level_composition(cli, home, library, tmp_pat
     assert result.code == 2 and "do not apply" in result.stderr
 
 
+def test_an_unknown_batching_is_refused_before_loading(cli, home, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"input": "hi"}\n')
+    result = cli("generate", "--inputs", requests, "--batching", "dynamic")
+    assert result.code == 2 and "batching 'dynamic' is not one of continuous, static" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"input": "hi", "k": "3"}', "requests.jsonl:1: field 'k' must be an integer"),
     ('{"input": "hi", "compose": "blend"}', "compose 'blend' is not one of mixture, fusion, single"),
