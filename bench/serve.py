@@ -29,6 +29,15 @@ process (so peak memory is its own):
   --rate-requests requests posted at a fixed arrival rate (--rate-share of ours-mixture's
   in-process throughput in this run), p50 / p95 from post to answer.
 - the base model alone (no adapter, same batches): the ceiling no adapter method can pass.
+- ours-mixture-static, ours-http-static: ours-mixture and ours-http with `--batching static` (whole batches
+  through `model.generate`, each until its longest answer is done; nothing joins a running batch), the
+  baseline of continuous batching (the default, `lorahub_cli/decoding.py`). Their rows give the ratio
+  continuous / static in process and over HTTP (throughput, and p50 / p95 at the same arrival rate).
+
+Mixed answer lengths (`--answer-lengths 4-64`): request i asks for its own max_new_tokens, drawn
+uniformly from the range (seeded, the same in every method); `--eos` lets the end-of-sequence token end
+rows (only the other special tokens are suppressed). Static batches then decode each batch to its longest
+answer; continuous batching lets each row leave at its end and waiting requests join.
 
 The baselines get the routes for free (computed once beforehand with the same retrieval);
 ours pays for its retrieval. Throughput = requests / generation seconds (models loaded
@@ -49,6 +58,7 @@ import json
 import os
 import platform
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -73,7 +83,18 @@ K = 3
 BATCH = 32
 CLIENTS = 64
 MAX_INPUT_TOKENS = 512
-METHODS = ("ours-mixture", "merge-per-group", "ours-single", "peft-adapter-names", "ours-http", "base-model")
+METHODS = ("ours-mixture", "merge-per-group", "ours-single", "peft-adapter-names", "ours-http", "base-model",
+           "ours-mixture-static", "ours-http-static")
+LENGTH_SEED = 12  # request i's max_new_tokens under --answer-lengths: random.Random(LENGTH_SEED), i-th draw
+
+
+def answer_limits(n: int, spec: str | None, max_new_tokens: int) -> list[int]:
+    """Each request's max_new_tokens: --answer-lengths LO-HI drawn seeded, else --max-new-tokens for all."""
+    if not spec:
+        return [max_new_tokens] * n
+    lo, hi = (int(x) for x in spec.split("-"))
+    draw = random.Random(LENGTH_SEED)
+    return [draw.randint(lo, hi) for _ in range(n)]
 
 
 # --- the world: fixture, registry with cards, requests, routes (built once, cached) -------------
@@ -194,24 +215,28 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
 # --- the methods, each run in a worker process -------------------------------------------------
 
 
-def suppress_special(model, tokenizer) -> None:
+def suppress_special(model, tokenizer, keep_eos: bool = False) -> None:
     """The random model's greedy choice is [PAD] whatever the adapter, which would make every output empty
-    and every comparison of outputs vacuous: special tokens are ruled out, so outputs show the adapters."""
-    model.generation_config.suppress_tokens = list(tokenizer.all_special_ids)
+    and every comparison of outputs vacuous: special tokens are ruled out, so outputs show the adapters.
+    `keep_eos`: the end-of-sequence token stays possible (--eos), so rows may end early."""
+    kept = {tokenizer.eos_token_id} if keep_eos else set()
+    model.generation_config.suppress_tokens = [t for t in tokenizer.all_special_ids if t not in kept]
 
 
-def ours(world, mode: str, max_new_tokens: int) -> dict:
+def ours(world, mode: str, limits: list[int], eos: bool, batching: str = "continuous") -> dict:
     from lorahub_cli.registry import Store
     from lorahub_cli.serve.engine import Engine, Request
 
     engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", k=K, compose=mode,
-                                  max_new_tokens=max_new_tokens, batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS)
-    suppress_special(engine.base.model, engine.base.tokenizer)
+                                  max_new_tokens=max(limits), batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS,
+                                  batching=batching)
+    suppress_special(engine.base.model, engine.base.tokenizer, eos)
     texts = [r["input"] for r in world["requests"]]
-    engine.run([Request(t) for t in texts[:2]])  # warm-up (first-call allocations)
+    engine.run([Request(t, max_new_tokens=2) for t in texts[:2]])  # warm-up (first-call allocations)
     start = time.perf_counter()
-    answers = engine.run([Request(t) for t in texts])
+    answers = engine.run([Request(t, max_new_tokens=m) for t, m in zip(texts, limits)])
     return {"seconds": time.perf_counter() - start, "outputs": [a.output for a in answers],
+            "generated_tokens": sum(len(a.tokens) for a in answers), "batching": engine.batching,
             "routes": [[x["id"] for x in a.route["adapters"]] for a in answers], **memory(engine, world)}
 
 
@@ -236,20 +261,21 @@ def sample_units(units: list[list[int]], fraction: float) -> list[list[int]]:
     return chosen
 
 
-def base_model(world, max_new_tokens: int) -> dict:
+def base_model(world, limits: list[int], eos: bool) -> dict:
     from lorahub_cli.generation import generate
     from lorahub_cli.models import load_base_model
 
     base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
-    suppress_special(base.model, base.tokenizer)
+    suppress_special(base.model, base.tokenizer, eos)
     texts = [r["input"] for r in world["requests"]]
-    generate(base, texts[:2], max_new_tokens=2)  # warm-up
+    generate(base, texts[:2], max_new_tokens=2, batching="static")  # warm-up
     start = time.perf_counter()
-    outputs = generate(base, texts, max_new_tokens=max_new_tokens, batch_size=BATCH, max_input_length=MAX_INPUT_TOKENS)
+    outputs = generate(base, texts, max_new_tokens=limits, batch_size=BATCH, max_input_length=MAX_INPUT_TOKENS,
+                       batching="static")
     return {"seconds": time.perf_counter() - start, "outputs": outputs}
 
 
-def merge_per_group(world, max_new_tokens: int, fraction: float) -> dict:
+def merge_per_group(world, limits: list[int], eos: bool, fraction: float) -> dict:
     """LoraRetriever's reference approach, made as fast as it goes: per group of requests with the same
     retrieved set, read the adapters from disk and merge their average delta into the base weights."""
     from safetensors.torch import load_file
@@ -258,11 +284,11 @@ def merge_per_group(world, max_new_tokens: int, fraction: float) -> dict:
     from lorahub_cli.models import load_base_model
 
     base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
-    suppress_special(base.model, base.tokenizer)
+    suppress_special(base.model, base.tokenizer, eos)
     groups = defaultdict(list)
     for i, r in enumerate(world["requests"]):
         groups[tuple(sorted(r["routes"]))].append(i)
-    generate(base, [world["requests"][0]["input"]], max_new_tokens=2)  # warm-up
+    generate(base, [world["requests"][0]["input"]], max_new_tokens=2, batching="static")  # warm-up
     outputs = [None] * len(world["requests"])
     chosen = sample_units(list(groups.values()), fraction)
     start = time.perf_counter()
@@ -285,7 +311,8 @@ def merge_per_group(world, max_new_tokens: int, fraction: float) -> dict:
                 weight = base.model.get_submodule(module).weight
                 saved[module] = weight.clone()
                 weight += delta
-        texts = generate(base, [world["requests"][i]["input"] for i in rows], max_new_tokens=max_new_tokens, batch_size=BATCH)
+        texts = generate(base, [world["requests"][i]["input"] for i in rows], max_new_tokens=[limits[i] for i in rows],
+                         batch_size=BATCH, batching="static")
         with torch.no_grad():
             for module, weight in saved.items():
                 base.model.get_submodule(module).weight.copy_(weight)
@@ -295,7 +322,7 @@ def merge_per_group(world, max_new_tokens: int, fraction: float) -> dict:
             "units": f"{len(chosen)} of {len(groups)} groups"}
 
 
-def peft_adapter_names(world, max_new_tokens: int, fraction: float) -> dict:
+def peft_adapter_names(world, limits: list[int], eos: bool, fraction: float) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -306,7 +333,7 @@ def peft_adapter_names(world, max_new_tokens: int, fraction: float) -> dict:
     for name in names[1:]:
         model.load_adapter(world["adapter_dirs"][name], adapter_name=name)
     model.eval()
-    suppress_special(model.get_base_model(), tok)
+    suppress_special(model.get_base_model(), tok, eos)
     requests = world["requests"]
     order = sorted(range(len(requests)), key=lambda i: -len(tok(requests[i]["input"])["input_ids"]))
     outputs = [None] * len(requests)
@@ -321,8 +348,11 @@ def peft_adapter_names(world, max_new_tokens: int, fraction: float) -> dict:
                     max_length=MAX_INPUT_TOKENS)
         with torch.no_grad():
             out = model.generate(**batch, adapter_names=[requests[i]["routes"][0] for i in rows], do_sample=False,
-                                 num_beams=1, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(out[:, 1:], skip_special_tokens=True)
+                                 num_beams=1, max_new_tokens=max(limits[i] for i in rows), pad_token_id=tok.pad_token_id)
+        # Each row up to its own limit (greedy: the same as stopping there) and its first end-of-sequence.
+        cut = [row[1:1 + limits[i]] for i, row in zip(rows, out.tolist())]
+        cut = [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in cut]
+        return tok.batch_decode(cut, skip_special_tokens=True)
 
     run(order[:2])  # warm-up
     start = time.perf_counter()
@@ -333,7 +363,7 @@ def peft_adapter_names(world, max_new_tokens: int, fraction: float) -> dict:
             "units": f"{len(chosen)} of {len(batches)} batches"}
 
 
-def ours_http(world, max_new_tokens: int, rate: float, rate_requests: int) -> dict:
+def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: int, batching: str = "continuous") -> dict:
     """The served app under uvicorn; one asyncio client (no thread per client competing for the cores)."""
     import asyncio
     import threading
@@ -346,9 +376,10 @@ def ours_http(world, max_new_tokens: int, rate: float, rate_requests: int) -> di
     from lorahub_cli.serve.server import create_app
 
     engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", k=K, compose="mixture",
-                                  max_new_tokens=max_new_tokens, batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS)
-    suppress_special(engine.base.model, engine.base.tokenizer)
-    engine.run([Request(r["input"]) for r in world["requests"][:2]])  # warm-up
+                                  max_new_tokens=max(limits), batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS,
+                                  batching=batching)
+    suppress_special(engine.base.model, engine.base.tokenizer, eos)
+    engine.run([Request(r["input"], max_new_tokens=2) for r in world["requests"][:2]])  # warm-up
     app = create_app(engine, max_batch=BATCH, window=0.01, max_queue=1024)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -358,27 +389,29 @@ def ours_http(world, max_new_tokens: int, rate: float, rate_requests: int) -> di
     texts = [r["input"] for r in world["requests"]]
     stats = app.state.batcher.stats
 
-    async def post(session, text, delay=0.0):
+    async def post(session, text, limit, delay=0.0):
         await asyncio.sleep(delay)
         begin = time.perf_counter()
-        async with session.post(url, json={"input": text}) as response:
+        async with session.post(url, json={"input": text, "max_new_tokens": limit}) as response:
             output = (await response.json())["output"]
         return output, time.perf_counter() - begin
 
     async def all_at_once():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS),
                                          timeout=aiohttp.ClientTimeout(total=3600)) as session:
-            return await asyncio.gather(*(post(session, t) for t in texts))
+            return await asyncio.gather(*(post(session, t, m) for t, m in zip(texts, limits)))
 
     async def fixed_rate():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=3600)) as session:
-            return await asyncio.gather(*(post(session, t, i / rate) for i, t in enumerate(texts[:rate_requests])))
+            return await asyncio.gather(*(post(session, t, limits[i], i / rate)
+                                          for i, t in enumerate(texts[:rate_requests])))
 
     start = time.perf_counter()
     results = asyncio.run(all_at_once())
     seconds = time.perf_counter() - start
-    batches = {"batches": stats.batches, "largest_batch": stats.largest_batch, "busy_seconds": stats.busy_seconds}
+    batches = {"batches": stats.batches, "largest_batch": stats.largest_batch, "busy_seconds": stats.busy_seconds,
+               "steps": stats.steps, "batching": engine.batching}
     timed = asyncio.run(fixed_rate()) if rate_requests else []
     server.should_exit = True
     latencies = sorted(latency for _, latency in timed)
@@ -388,16 +421,19 @@ def ours_http(world, max_new_tokens: int, rate: float, rate_requests: int) -> di
 
 
 def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, peft_fraction: float, out: Path,
-           rate: float, rate_requests: int) -> None:
-    torch.set_num_threads(2)
+           rate: float, rate_requests: int, answer_lengths: str | None, eos: bool, threads: int) -> None:
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     world = json.loads(world_file.read_text())
-    run = {"ours-mixture": lambda: ours(world, "mixture", max_new_tokens),
-           "ours-single": lambda: ours(world, "single", max_new_tokens),
-           "merge-per-group": lambda: merge_per_group(world, max_new_tokens, fraction),
-           "peft-adapter-names": lambda: peft_adapter_names(world, max_new_tokens, peft_fraction),
-           "ours-http": lambda: ours_http(world, max_new_tokens, rate, rate_requests),
-           "base-model": lambda: base_model(world, max_new_tokens)}[method]
+    limits = answer_limits(len(world["requests"]), answer_lengths, max_new_tokens)
+    run = {"ours-mixture": lambda: ours(world, "mixture", limits, eos),
+           "ours-mixture-static": lambda: ours(world, "mixture", limits, eos, batching="static"),
+           "ours-single": lambda: ours(world, "single", limits, eos),
+           "merge-per-group": lambda: merge_per_group(world, limits, eos, fraction),
+           "peft-adapter-names": lambda: peft_adapter_names(world, limits, eos, peft_fraction),
+           "ours-http": lambda: ours_http(world, limits, eos, rate, rate_requests),
+           "ours-http-static": lambda: ours_http(world, limits, eos, rate, rate_requests, batching="static"),
+           "base-model": lambda: base_model(world, limits, eos)}[method]
     result = run()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(result))
@@ -436,6 +472,10 @@ def main() -> None:
                                                                      "ours-mixture's in-process throughput.")
     parser.add_argument("--rate-requests", type=int, default=64, help="Requests of the fixed-rate latency run.")
     parser.add_argument("--reuse", action="store_true", help="Take the results of methods not in --methods from the last run.")
+    parser.add_argument("--answer-lengths", metavar="LO-HI", help="Each request's own max_new_tokens, drawn seeded from "
+                                                                  "LO..HI (default: --max-new-tokens for all).")
+    parser.add_argument("--eos", action="store_true", help="Let the end-of-sequence token end answers (default: suppressed).")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per method process.")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -445,14 +485,16 @@ def main() -> None:
     args.peft_sample = args.peft_sample or args.sample
     if args.worker:
         return worker(args.worker, args.world, args.max_new_tokens, args.sample, args.peft_sample, args.out, args.rate,
-                      args.rate_requests)
+                      args.rate_requests, args.answer_lengths, args.eos, args.threads)
+    if args.answer_lengths and not re.fullmatch(r"\d+-\d+", args.answer_lengths):
+        parser.error(f"--answer-lengths {args.answer_lengths}: give LO-HI, e.g. 4-64.")
     began_all, load_start = time.perf_counter(), open("/proc/loadavg").read().split()[:3]
     world = build_world(args.setting, args.requests)
     root = CACHE / args.setting
     world_file = root / f"world-{args.requests}.json"
     results = {}
     setting = {"setting": args.setting, "requests": args.requests, "max_new_tokens": args.max_new_tokens, "sample": args.sample,
-               "peft_sample": args.peft_sample}
+               "peft_sample": args.peft_sample, "answer_lengths": args.answer_lengths, "eos": args.eos, "threads": args.threads}
     for method in METHODS if args.reuse else ():
         cached = root / f"result-{method}.json"
         if method not in args.methods.split(",") and cached.exists():
@@ -465,7 +507,8 @@ def main() -> None:
         rate = args.rate_share * args.requests / results["ours-mixture"]["seconds"] if "ours-mixture" in results else 1.0
         subprocess.run([sys.executable, __file__, "--worker", method, "--world", str(world_file), "--setting", args.setting,
                         "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample),
-                        "--peft-sample", str(args.peft_sample), "--out", str(out),
+                        "--peft-sample", str(args.peft_sample), "--out", str(out), "--threads", str(args.threads),
+                        *(["--answer-lengths", args.answer_lengths] if args.answer_lengths else []), *(["--eos"] if args.eos else []),
                         "--rate", str(rate), "--rate-requests", str(args.rate_requests if "ours-mixture" in results else 0)],
                        check=True)
         results[method] = r = {**json.loads(out.read_text()), "setting": setting}
@@ -483,15 +526,17 @@ def main() -> None:
     request_rate = {m: r.get("answered", args.requests) / r["seconds"] for m, r in results.items()}
     sets = len({tuple(sorted(r["routes"])) for r in world["requests"]})
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
-          f"2 threads; /proc/loadavg at the start {' '.join(load_start)}, at the end "
+          f"{args.threads} threads; /proc/loadavg at the start {' '.join(load_start)}, at the end "
           f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {time.perf_counter() - began_all:.0f} s in all")
     print(f"setting {args.setting}: {args.requests} requests from {world.get('traffic_tasks', 20)} tasks over "
           f"{world.get('adapters', 20)} adapters ({sets} distinct retrieved sets), k = {K}, batch {BATCH}, "
-          f"{args.max_new_tokens} new tokens each (greedy)")
+          + (f"max_new_tokens per request from {args.answer_lengths} (seeded)" if args.answer_lengths
+             else f"{args.max_new_tokens} new tokens each") + (", EOS ends answers" if args.eos else "") + " (greedy)")
     print("| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) "
           "| peak RSS (MB) | vs its baseline (requests/s, input tokens/s) | outputs equal to |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    pairs = {"ours-mixture": "merge-per-group", "ours-single": "peft-adapter-names", "ours-http": "ours-mixture"}
+    pairs = {"ours-mixture": "merge-per-group", "ours-single": "peft-adapter-names", "ours-http": "ours-mixture",
+             "ours-mixture-static": "ours-mixture", "ours-http-static": "ours-http"}
     for method, r in sorted(results.items(), key=lambda item: METHODS.index(item[0])):
         latency = f"{r['p50']:.1f} / {r['p95']:.1f} at {r['rate']:.2f}/s" if "p50" in r else "–"
         baseline = pairs.get(method)
@@ -501,10 +546,22 @@ def main() -> None:
         answered = f"{r['answered']} ({r['units']})" if "units" in r else str(args.requests)
         print(f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {request_rate[method]:.2f} "
               f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |")
-    if "batches" in results.get("ours-http", {}):
-        r = results["ours-http"]
-        print(f"ours-http: {r['batches']} batches (largest {r['largest_batch']}), the model busy {r['busy_seconds']:.1f} s "
-              f"of the {r['seconds']:.1f} s")
+    for method in ("ours-http", "ours-http-static"):
+        if "batches" in results.get(method, {}):
+            r = results[method]
+            steps = f", {r['steps']} decoding steps" if r.get("steps") else ""
+            print(f"{method}: {r['batches']} batches (largest {r['largest_batch']}{steps}), the model busy "
+                  f"{r['busy_seconds']:.1f} s of the {r['seconds']:.1f} s")
+    for continuous, static in (("ours-mixture", "ours-mixture-static"), ("ours-http", "ours-http-static")):
+        if continuous in results and static in results:
+            a, b = results[continuous], results[static]
+            line = (f"continuous / static batching, {continuous}: {request_rate[continuous] / request_rate[static]:.2f}x "
+                    f"requests/s ({a['seconds']:.1f} s against {b['seconds']:.1f} s)")
+            if "p50" in a and "p50" in b:
+                line += f"; p50 {a['p50']:.2f} s against {b['p50']:.2f} s, p95 {a['p95']:.2f} s against {b['p95']:.2f} s"
+            if "generated_tokens" in a:
+                line += f"; {a['generated_tokens']} tokens generated"
+            print(line + f"; outputs equal {same(a['outputs'], b['outputs'])}")
     for method in ("ours-mixture", "ours-single"):
         if "bank_mb" in results.get(method, {}):
             r = results[method]

@@ -2,11 +2,13 @@
 
     texts = generate(base, inputs, bank=bank, weights=W)   # W: (len(inputs), N) or (N,)
 
-Rows are sorted by length and batched; every batch runs under `bank.weights(W[rows])`,
-so inputs that use different adapters share forward passes. Without a bank it is the
-base model. Decoding is greedy (no sampling, one beam), as in the papers' protocol.
-`max_new_tokens` may be one limit per input: a batch decodes to its largest limit and
-each row keeps its own first tokens, which greedy decoding makes equal to stopping there.
+Rows run longest input first, up to `batch_size` at a time, each under its own weight
+vector in the bank, so inputs that use different adapters share forward passes. Without a
+bank it is the base model. Decoding is greedy (no sampling, one beam), as in the papers'
+protocol. `max_new_tokens` may be one limit per input. `batching="continuous"` (default):
+`decoding.Decoder`'s step loop, where a row leaves at its end and the next input takes its
+place; "static": batches through `model.generate`, each decoding to its largest limit (each
+row keeps its own first tokens, which greedy decoding makes equal to stopping there).
 
 `generate_details` also returns each row's token ids, their log-probabilities (of the
 distribution greedy decoding chose from) and why it stopped: "eos_token", "stop_sequence"
@@ -15,10 +17,9 @@ distribution greedy decoding chose from) and why it stopped: "eos_token", "stop_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from .decoding import Decoder, Generated, drain, finish, steppable
 from .errors import InputError
 from .models import BaseModel
 
@@ -40,15 +41,6 @@ def _row_weights(weights, rows: int, n: int) -> torch.Tensor | None:
     return W
 
 
-@dataclass
-class Generated:
-    text: str
-    tokens: list[int]  # the generated ids up to the stop (EOS included when it was generated)
-    logprobs: list[float]  # log p of each of them under the distribution it was chosen from
-    finish_reason: str  # eos_token | stop_sequence | length
-    prompt_tokens: int
-
-
 class _ChosenLogprobs:
     """A last logits processor: under greedy decoding the chosen token is the arg max of the processed
     scores, so its log-probability is the max of their log-softmax. One (rows,) tensor per step."""
@@ -66,18 +58,6 @@ def generate(base: BaseModel, inputs: list[str], **options) -> list[str]:
     return [g.text for g in generate_details(base, inputs, **options)]
 
 
-def _cut(tok, ids: list[int], stops: list[str]) -> tuple[list[int], str | None]:
-    """The shortest prefix of `ids` whose text holds a stop string, and the text before that string."""
-    if not stops or not any(stop in tok.decode(ids, skip_special_tokens=True) for stop in stops):
-        return ids, None
-    for end in range(1, len(ids) + 1):
-        text = tok.decode(ids[:end], skip_special_tokens=True)
-        hits = [text.index(stop) for stop in stops if stop in text]
-        if hits:
-            return ids[:end], text[:min(hits)]
-    return ids, None
-
-
 @torch.no_grad()
 def generate_details(
     base: BaseModel,
@@ -91,22 +71,46 @@ def generate_details(
     batch_size: int = 16,
     max_input_length: int = 1024,
     progress=None,
+    batching: str = "continuous",
 ) -> list[Generated]:
-    """As `generate`, with each row's tokens, log-probabilities and finish reason; `stop`: strings per input."""
-    from transformers import LogitsProcessorList
-
+    """As `generate`, with each row's tokens, log-probabilities and finish reason; `stop`: strings per input.
+    `batching`: "continuous" (the step loop of `Decoder`) or "static" (whole batches through `model.generate`)."""
     if weights is not None and bank is None:
         raise InputError("weights were given without a LoRA bank.", "Pass bank= with the adapters the weights refer to.")
     limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if batch_size < 1 or len(limits) != len(inputs) or min(limits, default=1) < 1:
         raise InputError(f"batch size {batch_size} and max new tokens {max_new_tokens} must be 1 or more, one limit "
                          "or one per input.", "Give --batch-size and --max-new-tokens of 1 or more.")
+    check_batching(batching)
     tok = base.tokenizer
     ids = tok(list(inputs), truncation=True, max_length=max_input_length)["input_ids"]
     W = _row_weights(weights, len(inputs), bank.n) if bank is not None else None
-    pad = tok.pad_token_id
     stops = stop or [[] for _ in inputs]
-    outputs: list[Generated | None] = [None] * len(inputs)
+    if batching == "static" or not steppable(base):
+        return _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, progress)
+    decoder = Decoder(base, bank=bank, formula=formula, max_batch=batch_size)
+    for i in _batches([len(x) for x in ids], len(ids))[0]:  # longest first, as static batches go
+        decoder.add(i, ids[i], max_new_tokens=limits[i], stop=stops[i], weights=None if W is None else W[i])
+    return drain(decoder, len(inputs), progress)
+
+
+BATCHING = ("continuous", "static")
+
+
+def check_batching(batching: str) -> str:
+    if batching not in BATCHING:
+        raise InputError(f"batching '{batching}' is not one of {', '.join(BATCHING)}.", "Use --batching continuous or static.")
+    return batching
+
+
+def _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, progress) -> list[Generated]:
+    """Whole batches of similar length through `model.generate`: a batch decodes until its longest row is
+    done (finished rows are padded), and nothing joins it. Kept as the baseline of continuous batching."""
+    from transformers import LogitsProcessorList
+
+    tok = base.tokenizer
+    pad = tok.pad_token_id
+    outputs: list[Generated | None] = [None] * len(ids)
     for batch in _batches([len(x) for x in ids], batch_size):
         rows = [ids[i] for i in batch]
         width = max(map(len, rows))
@@ -130,21 +134,7 @@ def generate_details(
         out = (out[:, 1:] if base.is_seq2seq else out[:, width:]).tolist()
         chosen = torch.stack(recorder.steps, dim=1).tolist() if recorder.steps else [[] for _ in batch]  # (rows, steps)
         for row, i in enumerate(batch):
-            outputs[i] = _finish(tok, out[row][:limits[i]], chosen[row], stops[i], len(ids[i]))
+            outputs[i] = finish(tok, out[row][:limits[i]], chosen[row], stops[i], len(ids[i]))
         if progress:
             progress(len(batch))
     return outputs
-
-
-def _finish(tok, row: list[int], logprobs: list[float], stops: list[str], prompt_tokens: int) -> Generated:
-    """One row's generation: up to its first EOS (the rest is padding of a batch that ran on) or stop string."""
-    eos = tok.eos_token_id
-    reason = "length"
-    if eos is not None and eos in row:
-        row, reason = row[:row.index(eos) + 1], "eos_token"
-    cut, text = _cut(tok, row, stops)
-    if text is not None:
-        row, reason = cut, "stop_sequence"
-    else:
-        text = tok.batch_decode([row], skip_special_tokens=True)[0]
-    return Generated(text.strip(), row, logprobs[:len(row)], reason, prompt_tokens)

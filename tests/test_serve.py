@@ -177,6 +177,14 @@ def test_generate_from_an_instance_level_composition(cli, home, library, tmp_pat
     assert result.code == 2 and "do not apply" in result.stderr
 
 
+def test_an_unknown_batching_is_refused_before_loading(cli, home, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"input": "hi"}\n')
+    result = cli("generate", "--inputs", requests, "--batching", "dynamic")
+    assert result.code == 2 and "batching 'dynamic' is not one of continuous, static" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"input": "hi", "k": "3"}', "requests.jsonl:1: field 'k' must be an integer"),
     ('{"input": "hi", "compose": "blend"}', "compose 'blend' is not one of mixture, fusion, single"),
@@ -419,3 +427,115 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(cli):
         result = cli("serve", "--port", port)
     assert result.code == 2 and f"127.0.0.1:{port} is in use" in result.stderr, result.stderr
     assert "Serving" not in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
+
+
+# --- continuous batching in the server -------------------------------------------------------------
+
+
+class SteppedEngine:
+    """A continuous-batching engine for the batcher tests: a request "abc" decodes "A", "B", "C", one letter a
+    step; every step first takes a permit from `permits` (a semaphore the test releases). Logs each step's rows."""
+
+    batching = "continuous"
+
+    def __init__(self):
+        self.permits, self.started, self.log = threading.Semaphore(0), threading.Event(), []
+
+    def check(self, request):
+        return request
+
+    def info(self):
+        return {}
+
+    def decoding(self):
+        engine = self
+
+        class Session:
+            rows: list = []
+
+            running = property(lambda self: len(self.rows))
+            load = running
+            busy = property(lambda self: bool(self.rows))
+
+            def add(self, requests, keys, on_token=None, cancelled=None):
+                self.rows = self.rows + [[r, key, callback, 0] for r, key, callback in zip(requests, keys, on_token)]
+
+            def step(self):
+                engine.started.set()
+                assert engine.permits.acquire(timeout=10)
+                engine.log.append([r.input for r, *_ in self.rows])
+                done = []
+                for row in self.rows:
+                    request, key, callback, n = row
+                    row[3] = n + 1
+                    final = Answer(request.input, request.input.upper(), {}) if n + 1 == len(request.input) else None
+                    if callback is not None:
+                        callback(request.input[n].upper(), -0.5, final)
+                    if final is not None:
+                        done.append((key, final))
+                self.rows = [row for row in self.rows if row[3] < len(row[0].input)]
+                return done
+
+            def abandon(self):
+                keys, self.rows = [row[1] for row in self.rows], []
+                return keys
+
+        return Session()
+
+
+def test_continuous_batcher_joins_waiting_requests_at_a_step_and_answers_each_when_it_ends():
+    engine = SteppedEngine()
+    batcher = Batcher(session=engine.decoding, max_batch=2, window=0.0, max_queue=2).start()
+    streamed = []
+    first = batcher.submit(Request("abc"), on_token=lambda *event: streamed.append(event))
+    engine.started.wait(10)  # the worker holds "abc" in its first step
+    waiting = [batcher.submit(Request(t)) for t in ("de", "f")]
+    with pytest.raises(QueueFull, match="2 requests are already waiting"):
+        batcher.submit(Request("g"))
+    engine.permits.release(10)
+    assert [f.result(10).output for f in [first, *waiting]] == ["ABC", "DE", "F"]
+    # "de" joins the running "abc" at the next step (room for one); "f" when both have left.
+    assert engine.log == [["abc"], ["abc", "de"], ["abc", "de"], ["f"]]
+    assert [token for token, _, _ in streamed] == ["A", "B", "C"] and streamed[-1][2].output == "ABC"
+    assert [final for _, _, final in streamed[:2]] == [None, None]
+    batcher.close()
+    assert batcher.stats.steps == 4 and batcher.stats.requests == 3 and batcher.stats.largest_batch == 2
+
+
+def test_continuous_server_sheds_load_and_answers_open_requests_503_at_the_shutdown_deadline():
+    engine = SteppedEngine()
+    try:
+        with running(create_app(engine, max_batch=1, window=0.0, max_queue=1), shutdown_timeout=0.5) as (url, server):
+            with ThreadPoolExecutor(2) as pool:
+                held, queued = hold_one_and_queue_one(pool, url, engine)
+                status, reply = post(url + "/v1/generate", {"input": "c"})
+                assert status == 503 and "already waiting" in reply["error"]["message"]
+                assert get(url + "/health")["batching"] == "continuous"
+                server.should_exit = True
+                for future in (held, queued):
+                    status, reply = future.result(10)
+                    assert status == 503 and "shutting down" in reply["error"]["message"], reply
+    finally:
+        engine.permits.release(100)
+
+
+def test_continuous_server_drains_open_requests_on_shutdown():
+    engine = SteppedEngine()
+    with running(create_app(engine, max_batch=1, window=0.0, max_queue=1)) as (url, server):
+        with ThreadPoolExecutor(2) as pool:
+            held, queued = hold_one_and_queue_one(pool, url, engine)
+            server.should_exit = True  # graceful: open requests finish before the server stops
+            engine.permits.release(100)
+            assert held.result(10) == (200, {"input": "a", "output": "A"})
+            assert queued.result(10)[1]["output"] == "B"
+
+
+def test_static_and_continuous_batching_give_the_same_answers(home):
+    texts = [t for task in TASKS for t in task_inputs(task, 2)]
+    requests = [Request(t, k=1 + i % 3, compose=("mixture", "fusion", "single")[i % 3], max_new_tokens=1 + i % NEW_TOKENS)
+                for i, t in enumerate(texts)]
+    continuous = engine_for(home, max_new_tokens=NEW_TOKENS, batch_size=3)
+    static = engine_for(home, max_new_tokens=NEW_TOKENS, batch_size=3, batching="static")
+    assert (continuous.batching, static.batching) == ("continuous", "static")
+    for a, b in zip(continuous.run(requests), static.run(requests)):
+        assert (a.output, a.tokens, a.finish_reason, a.route) == (b.output, b.tokens, b.finish_reason, b.route)

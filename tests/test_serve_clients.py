@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from contextlib import contextmanager
 import urllib.error
 import urllib.request
 
@@ -207,3 +209,63 @@ def test_serve_warns_on_a_public_host_without_a_key(cli, monkeypatch):
     assert result.code == 7 and "no API key" not in result.stderr
     result = cli("serve", "--api-key", " ")
     assert result.code == 2 and "the API key is empty" in result.stderr
+
+
+@contextmanager
+def slowed(engine, seconds: float):
+    """Every forward pass of the engine's model waits `seconds` first; yields the list of their start times."""
+    forwards = []
+
+    def slow(module, args, kwargs):
+        forwards.append(time.monotonic())
+        time.sleep(seconds)
+
+    hook = engine.base.model.register_forward_pre_hook(slow, with_kwargs=True)
+    try:
+        yield forwards
+    finally:
+        hook.remove()
+
+
+def test_stream_events_are_sent_as_each_token_is_decoded(engine):
+    """With every decoder forward pass slowed to 0.2 s, each client gets the first token's event before the last
+    forward pass starts: events are sent token by token, not when the answer is done."""
+    text = task_inputs("sentiment", 1)[0]
+    expected = engine.run([Request(text, max_new_tokens=6)])[0]
+    assert len(expected.tokens) >= 4, "long enough for the timing to tell"
+    with slowed(engine, 0.2) as forwards:
+        with running(create_app(engine, window=0.0)) as (url, _):
+            hf = InferenceClient(base_url=url)  # held: the client owns the open stream
+            clients = {"huggingface_hub": lambda: hf.text_generation(text, max_new_tokens=6, stream=True, details=True),
+                       "lorax": lambda: lorax.Client(url).generate_stream(text, max_new_tokens=6)}
+            for name, stream in clients.items():
+                forwards.clear()
+                arrivals = [(time.monotonic(), event) for event in stream()]
+                assert [event.token.id for _, event in arrivals] == expected.tokens, name
+                assert arrivals[-1][1].generated_text == expected.output and arrivals[0][1].generated_text is None
+                assert arrivals[-1][1].details.finish_reason == expected.finish_reason, name
+                assert len(forwards) == len(expected.tokens), name
+                assert arrivals[0][0] < forwards[-1], f"{name}: the first event came only after the last forward pass began"
+
+
+def test_a_stream_whose_client_leaves_stops_costing_work(engine):
+    """The client reads one event and closes the connection: the request's row leaves the batch at the next
+    step instead of decoding to its limit."""
+    import http.client
+    from urllib.parse import urlparse
+
+    text = task_inputs("capitals", 1)[0]
+    assert len(engine.run([Request(text, max_new_tokens=LIMIT)])[0].tokens) == LIMIT, "it would decode to the limit"
+    with slowed(engine, 0.1) as forwards:
+        with running(create_app(engine, window=0.0)) as (url, _):
+            where = urlparse(url)
+            connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+            connection.request("POST", "/generate_stream", json.dumps({"inputs": text, "parameters": {"max_new_tokens": LIMIT}}),
+                               {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 200 and response.readline().startswith(b"data:")
+            connection.close()
+            deadline = time.monotonic() + 10
+            while len(forwards) < LIMIT and time.monotonic() < deadline and (not forwards or time.monotonic() - forwards[-1] < 1.0):
+                time.sleep(0.05)
+    assert len(forwards) < LIMIT // 2, f"{len(forwards)} forward passes for a request whose client left after the first"

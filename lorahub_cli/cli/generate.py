@@ -32,14 +32,18 @@ ModelPathOpt = Annotated[Optional[str], typer.Option("--model-path", help="Load 
 MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per request (greedy).")]
 MaxInputTokensOpt = Annotated[int, typer.Option("--max-input-tokens", min=1, help="Longest input accepted, in tokens.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Most requests per forward pass.")]
+BatchingOpt = Annotated[str, typer.Option("--batching", help="continuous (requests join and leave between decoding steps) "
+                                          "or static (whole batches, each until its longest answer is done).")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
 
 def build_engine(*, composition, k, compose, base_model, model_path, embedder, dtype, device, **limits):
     """The engine `generate` and `serve` share: per-input retrieval over the registry, or a composition's router."""
+    from ..generation import check_batching
     from ..serve.engine import Engine
 
+    check_batching(limits.get("batching", "continuous"))  # before minutes of loading
     if composition is not None:
         if k is not None or compose is not None or base_model is not None:
             raise InputError("--composition routes each input to a shot's composition; -k, --compose and --base-model "
@@ -60,6 +64,7 @@ def generate(
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     batch_size: BatchSizeOpt = SERVE["batch_size"],
+    batching: BatchingOpt = "continuous",
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
@@ -75,7 +80,7 @@ def generate(
     start = time.perf_counter()
     engine = build_engine(composition=composition, k=k, compose=compose, base_model=base_model, model_path=model_path,
                           embedder=embedder, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                          max_input_tokens=max_input_tokens, batch_size=batch_size)
+                          max_input_tokens=max_input_tokens, batch_size=batch_size, batching=batching)
     loaded = time.perf_counter()
     with progress("Generating", len(requests)) as advance:
         answers = [a.to_json() for a in engine.run(requests, progress=advance)]

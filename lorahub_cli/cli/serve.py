@@ -11,6 +11,7 @@ from ..settings import SERVE
 from ._options import BaseModelOpt, EmbedderOpt
 from ._output import info, warn
 from .generate import (
+    BatchingOpt,
     BatchSizeOpt,
     ComposeOpt,
     CompositionOpt,
@@ -38,7 +39,8 @@ def serve(
     compose: ComposeOpt = None,
     composition: CompositionOpt = None,
     batch_size: BatchSizeOpt = SERVE["batch_size"],
-    window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long a batch waits for more requests.")] = 10.0,
+    batching: BatchingOpt = "continuous",
+    window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long a request that finds the server idle waits for others to start with.")] = 10.0,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")] = 256,
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
@@ -63,7 +65,7 @@ def serve(
              f"Set --api-key or {API_KEY_ENV}.")
     engine = build_engine(composition=composition, k=k, compose=compose, base_model=base_model, model_path=model_path,
                           embedder=embedder, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                          max_input_tokens=max_input_tokens, batch_size=batch_size)
+                          max_input_tokens=max_input_tokens, batch_size=batch_size, batching=batching)
     app = create_app(engine, max_batch=batch_size, window=window_ms / 1000, max_queue=max_queue,
                      max_input_chars=max_input_chars, api_key=api_key)
     described = engine.info()

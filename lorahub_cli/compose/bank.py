@@ -24,6 +24,7 @@ Two ways to evaluate a forward pass, chosen per `weights` context:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -79,6 +80,89 @@ class GroupedRows:
                     scale[p, at:at + ranks[i]] = w * scalings[i]
                     at += ranks[i]
         self.columns, self.scale = columns.to(W.device), scale
+
+    def compact(self, holes: list[int], movers: list[int], n: int) -> GroupedRows:
+        """In place: rows `movers` into rows `holes`, then the first n rows (see decoding._compact)."""
+        def compact(t: torch.Tensor) -> torch.Tensor:
+            if holes:
+                t[holes] = t[movers]
+            return t[:n]
+        if self.mode == "elementwise":
+            self.adapters, self.weights = compact(self.adapters), compact(self.weights)
+        else:
+            self.columns, self.scale = compact(self.columns), compact(self.scale)
+        self.cache = {layer: (compact(A), compact(B)) for layer, (A, B) in self.cache.items()}
+        return self
+
+    @staticmethod
+    def cat(first: GroupedRows, second: GroupedRows, capacity: int = 0) -> GroupedRows:
+        """The rows of `first`, then those of `second`. Rows are padded to a common width with zero-weighted
+        columns (exact zeros); a layer whose factors only one side had gathered is gathered again when used.
+        Gathered factors go into spare rows of first's buffers when they fit (`append_rows`)."""
+        out = object.__new__(GroupedRows)
+        out.mode = first.mode
+        if first.mode == "elementwise":
+            out.adapters = _cat_padded(first.adapters, second.adapters)
+            out.weights = _cat_padded(first.weights, second.weights)
+        else:
+            out.columns = _cat_padded(first.columns, second.columns)
+            out.scale = _cat_padded(first.scale, second.scale)
+        out.cache = {layer: (_cat_padded(A, second.cache[layer][0], capacity), _cat_padded(B, second.cache[layer][1], capacity))
+                     for layer, (A, B) in first.cache.items() if layer in second.cache}
+        return out
+
+
+def _cat_padded(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Tensor:
+    """a and b concatenated along dim 0, each zero-padded along dim 1 to the wider of the two."""
+    width = max(a.shape[1], b.shape[1])
+    pad = lambda t: t if t.shape[1] == width else torch.cat(  # noqa: E731
+        [t, t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:])], dim=1)
+    return append_rows(pad(a), pad(b), capacity)
+
+
+def append_rows(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Tensor:
+    """torch.cat([a, b]) along dim 0, for buffers only the caller holds. When `a` is the first rows of a larger
+    contiguous allocation (what this function and an in-place compaction leave), b is written into the spare
+    rows and nothing is copied; else the result gets an allocation of `capacity` rows (at least n + m), so
+    the next appends copy only what they add."""
+    n, m = a.shape[0], b.shape[0]
+    shape = (n + m, *a.shape[1:])
+    if (a.is_contiguous() and a.storage_offset() == 0 and a.dtype == b.dtype
+            and math.prod(shape) * a.element_size() <= a.untyped_storage().nbytes()):
+        out = a.new_empty(0).set_(a.untyped_storage(), 0, shape)
+        out[n:] = b
+        return out
+    out = a.new_empty((max(capacity, n + m), *a.shape[1:]))
+    out[:n], out[n:n + m] = a, b
+    return out[:n + m]
+
+
+class BankRows:
+    """Per-row composition weights W (P, N) with their bank mode and, on the grouped path, each row's
+    gathered factors. A decoding loop whose batch changes keeps it across steps and drops (`compact`) or
+    appends (`cat`) rows, so factors are gathered once per request, not once per step."""
+
+    def __init__(self, bank: LoraBank, W: torch.Tensor, mode: str, grouped: GroupedRows | None):
+        self.bank, self.W, self.mode, self.grouped = bank, W, mode, grouped
+
+    def compact(self, holes: list[int], movers: list[int], n: int) -> BankRows:
+        """In place: rows `movers` into rows `holes`, then the first n rows; copies the moved rows only."""
+        W = self.W
+        if holes:
+            W[holes] = W[movers]
+        self.W = W[:n]
+        if self.grouped is not None:
+            self.grouped.compact(holes, movers, n)
+        return self
+
+    def cat(self, other: BankRows, capacity: int = 0) -> BankRows:
+        """The rows of self, then other's; `capacity`: rows to allocate room for (see `append_rows`)."""
+        if self.mode != other.mode:
+            raise ValueError("rows of two bank modes cannot share a forward pass")
+        if (self.grouped is None) != (other.grouped is None):  # one side dense: decide again for the whole batch
+            return self.bank.rows(torch.cat([self.W, other.W]), formula=self.mode)  # mode names are formula names
+        grouped = None if self.grouped is None else GroupedRows.cat(self.grouped, other.grouped, capacity)
+        return BankRows(self.bank, torch.cat([self.W, other.W]), self.mode, grouped)
 
 
 class BankedLayer(nn.Module):
@@ -208,13 +292,10 @@ class LoraBank:
         """Whether the elementwise formula is defined: one rank and one scaling for all adapters."""
         return self._elementwise_ok
 
-    @contextmanager
-    def weights(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> Iterator[None]:
-        """Compose with W, shape (P, N) or (N,) for one vector for the whole batch. `grouped`: each row
-        computes only its own adapters (None: when every row weighs at most half the bank and W needs no
-        gradient; see the module docstring)."""
-        if not self._originals:
-            raise InputError("this bank was removed.", "Build a new LoraBank.")
+    def rows(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> BankRows:
+        """W (shape (P, N), or (N,) for one vector for the whole batch) checked and ready to compose with:
+        `use(rows)` runs under it. `grouped`: each row computes only its own adapters (None: when every row
+        weighs at most half the bank and W needs no gradient; see the module docstring)."""
         W = W if torch.is_tensor(W) else torch.as_tensor(W, dtype=torch.float32)
         W = W.unsqueeze(0) if W.ndim == 1 else W
         if W.ndim != 2 or W.shape[1] != self.n or not W.is_floating_point():
@@ -224,18 +305,32 @@ class LoraBank:
             )
         mode = self._mode(formula or self.formula)
         W = W.to(next(self.model.parameters()).device)  # once here, not in every layer
-        used = W.ne(0).any(dim=0)
         if grouped is None:
             grouped = not (W.requires_grad and torch.is_grad_enabled()) and int(W.ne(0).sum(dim=1).max()) <= self.n // 2
+        return BankRows(self, W, mode, GroupedRows(W, self._ranks, self._scalings, mode) if grouped else None)
+
+    @contextmanager
+    def use(self, rows: BankRows) -> Iterator[None]:
+        """Compose with `rows` (from `rows()`, `BankRows.compact` or `BankRows.cat`) inside the context."""
+        if not self._originals:
+            raise InputError("this bank was removed.", "Build a new LoraBank.")
+        W = rows.W
+        used = W.ne(0).any(dim=0)
         saved = self._state.weights, self._state.mode, self._state.used, self._state.grouped
-        self._state.weights, self._state.mode = W, mode
+        self._state.weights, self._state.mode = W, rows.mode
         # Skipping unweighed adapters is exact for the value, not for the gradient of a zero weight.
         self._state.used = None if bool(used.all()) or W.requires_grad else used
-        self._state.grouped = GroupedRows(W, self._ranks, self._scalings, mode) if grouped else None
+        self._state.grouped = rows.grouped
         try:
             yield
         finally:
             self._state.weights, self._state.mode, self._state.used, self._state.grouped = saved
+
+    @contextmanager
+    def weights(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> Iterator[None]:
+        """Compose with W, shape (P, N) or (N,); `rows()` says what `formula` and `grouped` do."""
+        with self.use(self.rows(W, formula, grouped)):
+            yield
 
     def remove(self) -> nn.Module:
         """Put the original modules back and unfreeze what was trainable; returns the model."""

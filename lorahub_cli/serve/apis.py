@@ -140,25 +140,28 @@ def tgi_answer(answer: Answer, p: TgiParameters | None, tokenizer) -> dict:
 
 
 def tokens(answer: Answer, tokenizer) -> list[dict]:
-    special = set(tokenizer.all_special_ids)
-    return [{"id": t, "text": tokenizer.decode([t]), "logprob": lp, "special": t in special}
-            for t, lp in zip(answer.tokens, answer.logprobs)]
+    return [tgi_token(t, lp, tokenizer) for t, lp in zip(answer.tokens, answer.logprobs)]
+
+
+def tgi_token(token: int, logprob: float, tokenizer) -> dict:
+    return {"id": token, "text": tokenizer.decode([token]), "logprob": logprob, "special": token in tokenizer.all_special_ids}
+
+
+def tgi_event(index: int, token: dict, answer: Answer | None, p: TgiParameters | None) -> str:
+    """One server-sent event of TGI's generate_stream; the last (`answer` given) carries the text and details."""
+    p = p or TgiParameters()
+    event = {"index": index, "token": token, "generated_text": None, "details": None}
+    if answer is not None:
+        event["generated_text"] = answer.input + answer.output if p.return_full_text else answer.output
+        event["details"] = {"finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens),
+                            "prompt_tokens": answer.prompt_tokens, "seed": None}
+    return f"data:{json.dumps(event)}\n\n"
 
 
 def tgi_events(answer: Answer, p: TgiParameters | None, tokenizer) -> list[str]:
-    """The server-sent events of TGI's generate_stream: one per token, the last with the text and details."""
-    p = p or TgiParameters()
+    """Every event of a finished answer: one per token, the last with the text and details."""
     items = tokens(answer, tokenizer)
-    events = []
-    for index, token in enumerate(items):
-        last = index == len(items) - 1
-        event = {"index": index, "token": token, "generated_text": None, "details": None}
-        if last:
-            event["generated_text"] = answer.input + answer.output if p.return_full_text else answer.output
-            event["details"] = {"finish_reason": answer.finish_reason, "generated_tokens": len(items),
-                                "prompt_tokens": answer.prompt_tokens, "seed": None}
-        events.append(f"data:{json.dumps(event)}\n\n")
-    return events
+    return [tgi_event(i, token, answer if i == len(items) - 1 else None, p) for i, token in enumerate(items)]
 
 
 # --- OpenAI ----------------------------------------------------------------------------------------

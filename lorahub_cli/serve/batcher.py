@@ -1,15 +1,22 @@
 """Concurrent requests into shared batches: a bounded queue and one worker thread.
 
     batcher = Batcher(engine.run, max_batch=32, window=0.01, max_queue=256, size=lambda r: len(r.input))
+    batcher = Batcher(session=engine.decoding, max_batch=32, ...)     # continuous batching instead
     batcher.start()
     future = batcher.submit(request)      # QueueFull when max_queue requests already wait
     answer = future.result()
     batcher.close()                       # stop accepting, answer everything accepted, stop
 
-The worker takes the first waiting request, then keeps collecting for at most `window`
-seconds or until `max_batch` requests, and runs them as one call, so requests that
-arrive together share forward passes. While a batch runs, new requests wait and fill
-the next batch without waiting for the window.
+Static batches (`run`): the worker takes the first waiting request, then keeps collecting
+for at most `window` seconds or until `max_batch` requests, and runs them as one call, so
+requests that arrive together share forward passes. While a batch runs, new requests wait
+and fill the next batch without waiting for the window.
+
+Continuous batching (`session`, a factory of `engine.Decoding`): the worker drives the
+session one decoding step at a time. Before each step, waiting requests join while fewer
+than `max_batch` rows are running (an idle worker first collects for `window`); a request
+is answered at the step that finishes it, and `submit(request, on_token)` hears of each of
+its tokens as it is decoded.
 
 Length buckets: when more than `max_batch` requests wait, the batch is the oldest
 waiting request and the `max_batch - 1` others nearest to it in `size` (input length),
@@ -43,25 +50,33 @@ class ShuttingDown(LorahubError):
 
 @dataclass
 class Stats:
-    batches: int = 0
+    batches: int = 0  # static: batches run; continuous: groups of requests that joined at one step
     requests: int = 0
-    largest_batch: int = 0
+    largest_batch: int = 0  # the most rows decoded together
     busy_seconds: float = 0.0
+    steps: int = 0  # continuous: decoding steps
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list], list], *, max_batch: int = 32, window: float = 0.01, max_queue: int = 256,
-                 size: Callable[[object], int] | None = None):
+    def __init__(self, run: Callable[[list], list] | None = None, *, session: Callable[[], object] | None = None,
+                 max_batch: int = 32, window: float = 0.01, max_queue: int = 256, size: Callable[[object], int] | None = None):
         if max_batch < 1 or max_queue < 1 or window < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and window >= 0")
-        self.run, self.max_batch, self.window, self.max_queue = run, max_batch, window, max_queue
+        if (run is None) == (session is None):
+            raise ValueError("give run (static batches) or session (continuous batching)")
+        self.run, self.session, self.max_batch, self.window, self.max_queue = run, session, max_batch, window, max_queue
         self.size = size or (lambda request: 0)
         self.stats = Stats()
-        self._waiting: list[tuple[object, Future, int]] = []  # (request, future, size), oldest first
+        self._waiting: list[tuple[object, Future, int, Callable | None]] = []  # (request, future, size, on_token), oldest first
         self._cond = threading.Condition()  # guards _waiting, _accepting, _stopping
         self._accepting = self._stopping = False
-        self._running: list[Future] = []  # the batch the worker holds
-        self._thread = threading.Thread(target=self._work, name="lorahub-batcher", daemon=True)
+        self._running: set[Future] = set()  # the requests the worker holds
+        work = self._work if session is None else self._work_steps
+        self._thread = threading.Thread(target=work, name="lorahub-batcher", daemon=True)
+
+    @property
+    def continuous(self) -> bool:
+        return self.session is not None
 
     @property
     def queued(self) -> int:
@@ -76,7 +91,9 @@ class Batcher:
         self._thread.start()
         return self
 
-    def submit(self, request) -> Future:
+    def submit(self, request, on_token: Callable | None = None) -> Future:
+        """Queue a request; its future's result is the answer. `on_token(token, logprob, answer or None)` is
+        called from the worker thread as each token is decoded (continuous batching only)."""
         future: Future = Future()
         size = self.size(request)
         with self._cond:
@@ -84,7 +101,7 @@ class Batcher:
                 raise ShuttingDown("the server is shutting down.", "Retry against another instance.")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{self.max_queue} requests are already waiting.", "Retry in a moment.")
-            self._waiting.append((request, future, size))
+            self._waiting.append((request, future, size, on_token))
             self._cond.notify()
         return future
 
@@ -105,7 +122,7 @@ class Batcher:
         """Refuse new requests and fail every accepted one not yet answered with ShuttingDown; how many."""
         with self._cond:
             self._accepting = False
-            open_ = [future for _, future, _ in self._waiting] + list(self._running)
+            open_ = [item[1] for item in self._waiting] + list(self._running)
             self._waiting = []
         error = ShuttingDown("the server is shutting down and this request did not finish in time.",
                              "Retry against another instance.")
@@ -118,33 +135,40 @@ class Batcher:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            deadline = time.monotonic() + self.window
-            while len(self._waiting) < self.max_batch and not self._stopping:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            waiting = self._waiting
-            if len(waiting) <= self.max_batch:
-                self._waiting = []
-                return waiting
-            # The oldest and its max_batch - 1 nearest in size: the tightest run of sorted sizes that holds it.
-            order = sorted(range(len(waiting)), key=lambda i: waiting[i][2])
-            at = order.index(0)
-            lo = min(max(0, at - self.max_batch + 1), len(order) - self.max_batch)
-            best = min(range(lo, min(at, len(order) - self.max_batch) + 1),
-                       key=lambda s: waiting[order[s + self.max_batch - 1]][2] - waiting[order[s]][2])
-            chosen = set(order[best:best + self.max_batch])
-            self._waiting = [item for i, item in enumerate(waiting) if i not in chosen]
-            return [item for i, item in enumerate(waiting) if i in chosen]
+            self._collect()
+            return self._take(self.max_batch)
+
+    def _collect(self) -> None:
+        """With the lock held and a request waiting: wait up to `window` for up to max_batch of them."""
+        deadline = time.monotonic() + self.window
+        while len(self._waiting) < self.max_batch and not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._cond.wait(left)
+
+    def _take(self, n: int) -> list:
+        """With the lock held: the oldest waiting request and its n - 1 nearest in size, removed from the queue."""
+        waiting = self._waiting
+        if len(waiting) <= n:
+            self._waiting = []
+            return waiting
+        # The oldest and its n - 1 nearest in size: the tightest run of sorted sizes that holds it.
+        order = sorted(range(len(waiting)), key=lambda i: waiting[i][2])
+        at = order.index(0)
+        lo = min(max(0, at - n + 1), len(order) - n)
+        best = min(range(lo, min(at, len(order) - n) + 1), key=lambda s: waiting[order[s + n - 1]][2] - waiting[order[s]][2])
+        chosen = set(order[best:best + n])
+        self._waiting = [item for i, item in enumerate(waiting) if i not in chosen]
+        return [item for i, item in enumerate(waiting) if i in chosen]
 
     def _work(self) -> None:
         while (batch := self._next_batch()) is not None:
             self._answer(batch)
 
     def _answer(self, batch: list) -> None:
-        requests, futures = [r for r, _, _ in batch], [f for _, f, _ in batch]
-        self._running = futures
+        requests, futures = [item[0] for item in batch], [item[1] for item in batch]
+        self._running = set(futures)
         start = time.perf_counter()
         try:
             answers = self.run(requests)
@@ -154,10 +178,52 @@ class Batcher:
         else:
             for future, answer in zip(futures, answers):
                 _settle(future, answer)
-        self._running = []
+        self._running = set()
         s = self.stats
         s.batches, s.requests = s.batches + 1, s.requests + len(batch)
         s.largest_batch, s.busy_seconds = max(s.largest_batch, len(batch)), s.busy_seconds + time.perf_counter() - start
+
+    def _work_steps(self) -> None:
+        session = self.session()
+        while True:
+            with self._cond:
+                while not self._waiting and not session.busy:
+                    if self._stopping:
+                        return
+                    self._cond.wait()
+                if self._waiting and not session.busy:
+                    self._collect()
+                room = self.max_batch - session.load
+                joining = self._take(room) if room > 0 and self._waiting else []
+            start = time.perf_counter()
+            if joining:
+                futures = [item[1] for item in joining]
+                with self._cond:  # abandon() reads _running from another thread
+                    self._running.update(futures)
+                try:
+                    # A future cancelled (a stream whose client left) takes its row out at the next step.
+                    session.add([item[0] for item in joining], keys=futures, on_token=[item[3] for item in joining],
+                                cancelled=[future.cancelled for future in futures])
+                except BaseException as error:  # noqa: BLE001 - every accepted request must hear back
+                    self._release(futures, error=error)
+                    continue
+                self.stats.batches, self.stats.requests = self.stats.batches + 1, self.stats.requests + len(joining)
+            try:
+                finished = session.step()
+            except BaseException as error:  # noqa: BLE001 - a failed step fails the requests it held
+                self._release(session.abandon(), error=error)
+                session = self.session()
+                continue
+            s = self.stats
+            s.steps, s.largest_batch = s.steps + 1, max(s.largest_batch, session.running + len(finished))
+            self._release([future for future, _ in finished], [answer for _, answer in finished])
+            s.busy_seconds += time.perf_counter() - start
+
+    def _release(self, futures: list, answers: list | None = None, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._running.difference_update(futures)
+        for i, future in enumerate(futures):
+            _settle(future, None if answers is None else answers[i], error)
 
 
 def _settle(future: Future, result=None, error: BaseException | None = None) -> bool:

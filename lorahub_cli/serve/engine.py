@@ -57,13 +57,19 @@ class Engine:
 
     def __init__(self, base, bank, router, *, k: int = DEFAULTS["k"], compose: str = DEFAULTS["compose"],
                  max_new_tokens: int = DEFAULTS["max_new_tokens"], batch_size: int = DEFAULTS["batch_size"],
-                 max_input_tokens: int = DEFAULTS["max_input_tokens"], description: dict | None = None):
+                 max_input_tokens: int = DEFAULTS["max_input_tokens"], batching: str = "continuous",
+                 description: dict | None = None):
+        from ..decoding import steppable
+        from ..generation import check_batching
+
         if k < 1 or max_new_tokens < 1 or batch_size < 1 or max_input_tokens < 1:
             raise InputError(f"k ({k}), max new tokens ({max_new_tokens}), batch size ({batch_size}) and max input "
                              f"tokens ({max_input_tokens}) must be 1 or more.", "Give positive values.")
         self.base, self.bank, self.router = base, bank, router
         self.k, self.compose, self.max_new_tokens = k, check_mode(compose), max_new_tokens
         self.batch_size, self.max_input_tokens = batch_size, max_input_tokens
+        # A model the step loop cannot run exactly (decoding.steppable) is served in static batches.
+        self.batching = check_batching(batching) if steppable(base) else "static"
         self.description = description or {}
 
     # --- building ---------------------------------------------------------------------------
@@ -163,13 +169,8 @@ class Engine:
                 "adapters": [{"id": name, "weight": weight} for name, weight in adapters]}
         return Route(tuple(column[name] for name, _ in adapters), tuple(w for _, w in adapters), formula, info)
 
-    def run(self, requests: list[Request], progress=None) -> list[Answer]:
-        """Answers in request order. Every request is checked before any is generated."""
-        from ..generation import generate_details
-
-        requests = [self.check(r) for r in requests]
-        if not requests:
-            return []
+    def routes(self, requests: list[Request]) -> list[Route]:
+        """Each checked request's route: retrieval (in one call for all) or its named adapters."""
         routes: list[Route] = [None] * len(requests)  # type: ignore[list-item]
         routed = [i for i, r in enumerate(requests) if r.adapters is None]  # named adapters skip the router
         if routed:
@@ -182,6 +183,27 @@ class Engine:
         for i, r in enumerate(requests):
             if r.adapters is not None:
                 routes[i] = self.named_route(r.adapters)
+        return routes
+
+    def decoding(self) -> Decoding:
+        """A continuous-batching session over this engine (see `Decoding`)."""
+        return Decoding(self)
+
+    def run(self, requests: list[Request], progress=None) -> list[Answer]:
+        """Answers in request order. Every request is checked before any is generated. Continuous batching:
+        the requests are a `Decoding` session's queue at its first step; static: batches of `batch_size`."""
+        requests = [self.check(r) for r in requests]
+        if not requests:
+            return []
+        if self.batching == "continuous":
+            from ..decoding import drain
+
+            session = self.decoding()
+            session.add(requests, keys=list(range(len(requests))))
+            return drain(session, len(requests), progress)
+        from ..generation import generate_details
+
+        routes = self.routes(requests)
         outputs = [None] * len(requests)
         for formula in sorted({route.formula for route in routes}):
             rows = [i for i, route in enumerate(routes) if route.formula == formula]
@@ -189,16 +211,88 @@ class Engine:
                 self.base, [requests[i].input for i in rows], bank=self.bank,
                 weights=weight_matrix([routes[i] for i in rows], self.bank.n), formula=formula,
                 max_new_tokens=[requests[i].max_new_tokens for i in rows], stop=[list(requests[i].stop) for i in rows],
-                batch_size=self.batch_size, max_input_length=self.max_input_tokens, progress=progress)
+                batch_size=self.batch_size, max_input_length=self.max_input_tokens, progress=progress, batching="static")
             for i, g in zip(rows, generated):
                 outputs[i] = g
-        return [Answer(r.input, g.text, route.info, g.tokens, g.logprobs, g.finish_reason, g.prompt_tokens)
-                for r, g, route in zip(requests, outputs, routes)]
+        return [_answer(r, route, g) for r, g, route in zip(requests, outputs, routes)]
 
     def info(self) -> dict:
         return {**self.description, "k": self.k, "compose": self.compose, "compose_modes": list(COMPOSE_MODES),
                 "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-                "max_input_tokens": self.max_input_tokens}
+                "max_input_tokens": self.max_input_tokens, "batching": self.batching}
+
+
+def _answer(request: Request, route: Route, g) -> Answer:
+    return Answer(request.input, g.text, route.info, g.tokens, g.logprobs, g.finish_reason, g.prompt_tokens)
+
+
+class Decoding:
+    """Continuous batching over an engine: checked requests are added (routed, then queued) at any time,
+    and each `step()` advances every row by one token and returns the answers that finished. One decoder
+    per bank formula (a forward pass evaluates one), each running up to the engine's batch size.
+
+        session = engine.decoding()
+        session.add(requests, keys)              # on_token: per request, called as each token is decoded
+        while session.busy:
+            for key, answer in session.step(): ...
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.decoders: dict[str, object] = {}  # formula -> decoding.Decoder
+
+    @property
+    def running(self) -> int:
+        return sum(d.running for d in self.decoders.values())
+
+    @property
+    def load(self) -> int:
+        """Rows running or queued in the decoders."""
+        return sum(d.running + len(d.waiting) for d in self.decoders.values())
+
+    @property
+    def busy(self) -> bool:
+        return any(d.busy for d in self.decoders.values())
+
+    def add(self, requests: list[Request], keys: list, on_token: list | None = None, cancelled: list | None = None) -> None:
+        """Queue checked requests, longest input first (a step admits them in that order, so the rows
+        prefilled together are of similar length). `on_token[i]`: called with (token id, log-probability,
+        the Answer when this token ended the request, else None); `cancelled[i]()` true: the request
+        leaves at the next step, answered None."""
+        from ..decoding import Decoder
+
+        engine = self.engine
+        routes = engine.routes(requests)
+        ids = engine.base.tokenizer([r.input for r in requests], truncation=True,
+                                    max_length=engine.max_input_tokens)["input_ids"]
+        for i in sorted(range(len(requests)), key=lambda i: -len(ids[i])):
+            request, route = requests[i], routes[i]
+            decoder = self.decoders.get(route.formula)
+            if decoder is None:
+                decoder = self.decoders[route.formula] = Decoder(engine.base, bank=engine.bank, formula=route.formula,
+                                                                 max_batch=engine.batch_size)
+            callback = on_token[i] if on_token else None
+            if callback is not None:
+                callback = _answering(callback, request, route)
+            decoder.add((keys[i], request, route), ids[i], max_new_tokens=request.max_new_tokens, stop=list(request.stop),
+                        weights=weight_matrix([route], engine.bank.n)[0], on_token=callback,
+                        cancelled=cancelled[i] if cancelled else None)
+
+    def step(self) -> list[tuple[object, Answer]]:
+        finished = []
+        for decoder in self.decoders.values():
+            if decoder.busy:
+                finished += [(key, None if g is None else _answer(request, route, g))
+                             for (key, request, route), g in decoder.step()]
+        return finished
+
+    def abandon(self) -> list:
+        """Drop every request; their keys."""
+        return [key for d in self.decoders.values() for key, _, _ in d.abandon()]
+
+
+def _answering(callback, request: Request, route: Route):
+    return lambda token, logprob, g: callback(token, logprob, None if g is None else _answer(request, route, g))
 
 
 def read_requests(path: str | Path) -> list[Request]:

@@ -25,6 +25,7 @@ import hmac
 import json
 import socket
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from typing import Optional
 
@@ -128,7 +129,10 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
                max_prompts: int = LIMITS["max_prompts"], api_key: str | None = None) -> FastAPI:
     """An app serving `engine` (anything with check(Request), run(list[Request]) and info(); `bank.names` and
     `base.tokenizer` for the adapter-naming and token-level APIs)."""
-    batcher = Batcher(engine.run, max_batch=max_batch, window=window, max_queue=max_queue, size=lambda r: len(r.input))
+    # Continuous batching when the engine offers it (a step loop, `engine.decoding`), else static batches of `run`.
+    continuous = getattr(engine, "batching", "static") == "continuous"
+    batcher = Batcher(None if continuous else engine.run, session=engine.decoding if continuous else None,
+                      max_batch=max_batch, window=window, max_queue=max_queue, size=lambda r: len(r.input))
     # Room for max_prompts inputs of max_input_chars UTF-8 characters (up to 4 bytes each) and the JSON around them.
     max_body = 4 * max_input_chars * max_prompts + 65_536
     started = int(time.time())
@@ -198,7 +202,8 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
     async def health():
         s = batcher.stats
         return {"status": "ok" if batcher.accepting else "draining", "queued": batcher.queued,
-                "batches": s.batches, "requests": s.requests, "largest_batch": s.largest_batch,
+                "batches": s.batches, "requests": s.requests, "largest_batch": s.largest_batch, "steps": s.steps,
+                "batching": "continuous" if batcher.continuous else "static",
                 "limits": {"max_batch": max_batch, "window": window, "max_queue": max_queue,
                            "max_input_chars": max_input_chars, "max_prompts": max_prompts},
                 "auth": api_key is not None, "engine": engine.info()}
@@ -222,13 +227,60 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
 
     async def tgi(request: HttpRequest, stream: bool | None):
         body = await _parse(request, apis.TgiBody)
-        (result,) = await answer([translated(lambda: apis.tgi_request(body))])
+        wanted = translated(lambda: apis.tgi_request(body))
         tokenizer = engine.base.tokenizer
         if stream if stream is not None else body.stream:
-            events = apis.tgi_events(result, body.parameters, tokenizer)
-            return StreamingResponse(iter(events), media_type="text/event-stream")
+            return await tgi_stream(wanted, body.parameters, tokenizer)
+        (result,) = await answer([wanted])
         reply = apis.tgi_answer(result, body.parameters, tokenizer)
         return [reply] if request.url.path == "/" else reply
+
+    async def tgi_stream(wanted: Request, parameters, tokenizer) -> StreamingResponse:
+        """TGI's server-sent events, each token's sent as soon as the worker has decoded it (continuous
+        batching; static batches send them all when the batch ends). A failure after the first event is an
+        error event, as TGI sends it."""
+        checked = check(wanted)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:  # from the worker thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop has closed: nobody listens any more
+                pass
+
+        try:
+            future = batcher.submit(checked, on_token=lambda token, logprob, final: put((token, logprob, final)))
+        except (QueueFull, ShuttingDown) as error:
+            raise HttpError(503, str(error), "overloaded", {"Retry-After": "1"}) from None
+        future.add_done_callback(put)
+
+        async def events():
+            sent, ended = 0, False
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, Future):  # settled; with continuous batching its last token came first
+                        ended = True
+                        error = item.exception()
+                        if error is not None:
+                            kind = "overloaded" if isinstance(error, ShuttingDown) else "generation"
+                            yield f"data:{json.dumps({'error': str(error), 'error_type': kind})}\n\n"
+                        else:
+                            for event in apis.tgi_events(item.result(), parameters, tokenizer)[sent:]:
+                                yield event
+                        return
+                    token, logprob, final = item
+                    yield apis.tgi_event(sent, apis.tgi_token(token, logprob, tokenizer), final, parameters)
+                    sent += 1
+                    if final is not None:
+                        ended = True
+                        return
+            finally:
+                if not ended:  # the client disconnected: the row leaves the batch at the next step
+                    future.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/generate")
     async def tgi_generate(request: HttpRequest):
