@@ -22,10 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, NotFoundError
 from ..io import read_json
+from ..registry.store import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
 
-CONFIG_FILE = "adapter_config.json"
-SAFETENSORS_FILE = "adapter_model.safetensors"
-PICKLE_FILE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
 

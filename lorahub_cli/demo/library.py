@@ -88,16 +88,17 @@ def mirror(store, progress=None, path: Path | None = None) -> list:
 
     `progress()` is called once per adapter. Returns one MirrorResult per adapter.
     """
-    from ..registry.mirror import SAFETENSORS, MirrorResult, add_local
+    from ..registry.mirror import MirrorResult, add_local
+    from ..registry.store import SAFETENSORS_FILE
 
     root = _root(path)
     meta = verify(root)
     results = []
     for task in upstream_tasks(root):
         folder = root / ADAPTERS_DIR / task["name"]
-        wanted = meta["files"][f"{ADAPTERS_DIR}/{task['name']}/{SAFETENSORS}"]["sha256"]
+        wanted = meta["files"][f"{ADAPTERS_DIR}/{task['name']}/{SAFETENSORS_FILE}"]["sha256"]
         existing = store.find(adapter_id(task["name"]))
-        if existing and existing.has_card and existing.files.get(SAFETENSORS) == wanted:
+        if existing and existing.has_card and existing.files.get(SAFETENSORS_FILE) == wanted:
             results.append(MirrorResult(existing.id, "skipped", None, "already in the registry", existing))
         else:
             results.append(add_local(store, folder, name=adapter_id(task["name"]), base_model=BASE_MODEL))

@@ -14,12 +14,9 @@ from pathlib import Path
 from ..cards.card import CARD_FILES, Card
 from ..errors import InputError, IntegrityError, LorahubError
 from ..io import read_json, sha256_file
-from .store import AdapterRecord, Store, check_id, nonfinite_tensors
+from .store import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE, AdapterRecord, Store, check_id, nonfinite_tensors
 
-CONFIG = "adapter_config.json"
-SAFETENSORS = "adapter_model.safetensors"
-PICKLE = "adapter_model.bin"
-WANTED = (CONFIG, SAFETENSORS, PICKLE, "README.md", *CARD_FILES)
+WANTED = (CONFIG_FILE, SAFETENSORS_FILE, PICKLE_FILE, "README.md", *CARD_FILES)
 
 
 @dataclass
@@ -36,7 +33,7 @@ class MirrorResult:
 
 def _read_config(folder: Path, label: str, shown: str) -> dict:
     """The adapter's config; errors name `shown`, where the user's copy is (not the staging folder)."""
-    config = read_json(folder / CONFIG, f"Re-save '{label}' with PEFT.", shown=shown)
+    config = read_json(folder / CONFIG_FILE, f"Re-save '{label}' with PEFT.", shown=shown)
     if not isinstance(config, dict):
         raise InputError(f"{shown} is not a JSON object (it holds a {type(config).__name__}).",
                          f"Re-save '{label}' with PEFT.")
@@ -48,7 +45,7 @@ def _read_config(folder: Path, label: str, shown: str) -> dict:
         )
     for key in ("r", "target_modules", "base_model_name_or_path"):
         if not config.get(key):
-            raise InputError(f"'{label}' has no '{key}' in {CONFIG}.", "Re-save the adapter with PEFT.")
+            raise InputError(f"'{label}' has no '{key}' in {CONFIG_FILE}.", "Re-save the adapter with PEFT.")
     return config
 
 
@@ -57,35 +54,35 @@ def _convert_pickle(folder: Path, label: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    original = folder / PICKLE
+    original = folder / PICKLE_FILE
     digest = sha256_file(original)
     try:
         state = torch.load(original, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for unsafe or broken pickles
         raise InputError(
-            f"'{label}': {PICKLE} cannot be loaded safely ({type(error).__name__}: {str(error).splitlines()[0][:120]}).",
+            f"'{label}': {PICKLE_FILE} cannot be loaded safely ({type(error).__name__}: {str(error).splitlines()[0][:120]}).",
             "Only plain tensor state dicts are accepted; convert it to safetensors yourself if you trust it.",
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"'{label}': {PICKLE} is not a state dict of tensors.", "Re-save the adapter with PEFT.")
+        raise InputError(f"'{label}': {PICKLE_FILE} is not a state dict of tensors.", "Re-save the adapter with PEFT.")
     # safetensors refuses shared or non-contiguous storage; clone each tensor.
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, folder / SAFETENSORS, metadata={"format": "pt"})
+    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, folder / SAFETENSORS_FILE, metadata={"format": "pt"})
     original.unlink()
-    return {"file": PICKLE, "sha256": digest}
+    return {"file": PICKLE_FILE, "sha256": digest}
 
 
 def _check_weights(folder: Path, label: str) -> None:
     from safetensors import safe_open
 
     try:
-        with safe_open(folder / SAFETENSORS, framework="pt") as handle:
+        with safe_open(folder / SAFETENSORS_FILE, framework="pt") as handle:
             keys = list(handle.keys())
     except Exception as error:  # noqa: BLE001 - a truncated file raises a bare SafetensorError
-        raise IntegrityError(f"'{label}': {SAFETENSORS} is damaged ({error}).", "Download or save it again.") from None
+        raise IntegrityError(f"'{label}': {SAFETENSORS_FILE} is damaged ({error}).", "Download or save it again.") from None
     if not any("lora_A" in k for k in keys) or not any("lora_B" in k for k in keys):
-        raise InputError(f"'{label}': {SAFETENSORS} holds no lora_A/lora_B weights.", "Is this a LoRA adapter?")
-    if bad := nonfinite_tensors(folder / SAFETENSORS):
-        raise InputError(f"'{label}': {SAFETENSORS} holds NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]}.",
+        raise InputError(f"'{label}': {SAFETENSORS_FILE} holds no lora_A/lora_B weights.", "Is this a LoRA adapter?")
+    if bad := nonfinite_tensors(folder / SAFETENSORS_FILE):
+        raise InputError(f"'{label}': {SAFETENSORS_FILE} holds NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]}.",
                          "The adapter is broken; retrain or re-export it.")
 
 
@@ -129,12 +126,12 @@ def ingest(
             "Drop --base-model or choose adapters for that base model.",
         )
     converted = None
-    if not (staged / SAFETENSORS).is_file():
-        if not (staged / PICKLE).is_file():
-            raise InputError(f"'{adapter_id}' has no {SAFETENSORS} or {PICKLE}.", "Is this a LoRA adapter folder?")
+    if not (staged / SAFETENSORS_FILE).is_file():
+        if not (staged / PICKLE_FILE).is_file():
+            raise InputError(f"'{adapter_id}' has no {SAFETENSORS_FILE} or {PICKLE_FILE}.", "Is this a LoRA adapter folder?")
         converted = _convert_pickle(staged, adapter_id)
     else:
-        (staged / PICKLE).unlink(missing_ok=True)
+        (staged / PICKLE_FILE).unlink(missing_ok=True)
     _check_weights(staged, adapter_id)
     if card_job is None:
         card = _shipped_card(staged, adapter_id, warn)
@@ -161,7 +158,7 @@ def ingest(
         card_status="ready" if card else "none",
         card_embedder=card.embedder_key if card else None,
     )
-    key = revision or files[SAFETENSORS]
+    key = revision or files[SAFETENSORS_FILE]
     return store.commit(record, staged, key)
 
 
@@ -179,8 +176,8 @@ def _existing(store: Store, adapter_id: str, source: str, replace: bool) -> Adap
 def add_local(store: Store, folder: Path, *, name: str | None = None, base_model: str | None = None,
               replace: bool = False, card_job=None, warn=lambda m: None) -> MirrorResult:
     folder = Path(folder).expanduser().resolve()
-    if not (folder / CONFIG).is_file():
-        raise InputError(f"'{folder}' has no {CONFIG}.", "Give a PEFT adapter folder (saved with save_pretrained).")
+    if not (folder / CONFIG_FILE).is_file():
+        raise InputError(f"'{folder}' has no {CONFIG_FILE}.", "Give a PEFT adapter folder (saved with save_pretrained).")
     adapter_id = folder.name if name is None else name
     existed = _existing(store, adapter_id, str(folder), replace) is not None
     with store.staging() as staged:
@@ -188,7 +185,7 @@ def add_local(store: Store, folder: Path, *, name: str | None = None, base_model
             if (folder / file).is_file():
                 shutil.copy2(folder / file, staged / file)
         record = ingest(store, staged, adapter_id=adapter_id, source=str(folder), source_type="local", revision=None,
-                        expected_base_model=base_model, shown=str(folder / CONFIG), card_job=card_job, warn=warn)
+                        expected_base_model=base_model, shown=str(folder / CONFIG_FILE), card_job=card_job, warn=warn)
     return MirrorResult(adapter_id, "updated" if existed else "added", None, record=record)
 
 
@@ -216,9 +213,9 @@ def add_hub(
     if existing and existing.source == repo_id and existing.revision == info.sha and not force and card_job is None:
         return MirrorResult(adapter_id, "skipped", info.sha, "already mirrored at this commit", existing)
     names = {s.rfilename for s in info.siblings or []}
-    if CONFIG not in names:
+    if CONFIG_FILE not in names:
         raise InputError(
-            f"Hub repo '{repo_id}' is not a LoRA adapter: it has no {CONFIG}.",
+            f"Hub repo '{repo_id}' is not a LoRA adapter: it has no {CONFIG_FILE}.",
             "Give the id of a PEFT adapter repository.",
         )
     with store.staging() as staged, hub_errors(repo_id, revision):
@@ -230,7 +227,7 @@ def add_hub(
                 (download / file).rename(staged / file)
         shutil.rmtree(download)
         record = ingest(store, staged, adapter_id=adapter_id, source=repo_id, source_type="hub", revision=info.sha,
-                        expected_base_model=base_model, shown=f"{repo_id}/{CONFIG}", card_job=card_job, warn=warn)
+                        expected_base_model=base_model, shown=f"{repo_id}/{CONFIG_FILE}", card_job=card_job, warn=warn)
     return MirrorResult(adapter_id, "updated" if existing else "added", info.sha, record=record)
 
 

@@ -62,7 +62,10 @@ COLUMNS = (
 JSON_COLUMNS = {"target_modules", "files", "converted_from"}
 METADATA = "lorahub_adapter.json"  # a content folder's own copy of its index row
 REBUILD_HINT = "Rebuild it from the stored adapters with: lorahub registry rebuild"
-SAFETENSORS = "adapter_model.safetensors"
+# A PEFT adapter folder's files; a pickle .bin is converted to safetensors when it is stored.
+CONFIG_FILE = "adapter_config.json"
+SAFETENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
 
 # The Hub's repo id rules (NAMESPACE/NAME; letters, digits, '.', '_', '-'; no '--' or '..'; no leading or
 # trailing '.' or '-'), or one such NAME for a local adapter: an id is also a folder name, so nothing else.
@@ -352,7 +355,7 @@ class Store:
                     problems.append({"id": record.id, "file": name, "problem": "missing"})
                 elif (actual := sha256_file(path)) != expected:
                     problems.append({"id": record.id, "file": name, "problem": f"sha256 {actual[:12]}… != {expected[:12]}…"})
-                elif name == SAFETENSORS and (bad := nonfinite_tensors(path)):
+                elif name == SAFETENSORS_FILE and (bad := nonfinite_tensors(path)):
                     problems.append({"id": record.id, "file": name, "problem": f"NaN or inf in {', '.join(bad[:3])}"})
         leftovers = [{"path": folder, "kind": "staging"} for folder in self._dead_staging()]
         indexed = {record.folder for record in records}
@@ -440,7 +443,7 @@ def _record_from_folder(content: Path, folder: Path) -> AdapterRecord:
     from ..cards.card import CARD_FILES, Card
 
     try:
-        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
         targets = config["target_modules"]
         record_id = folder.parent.name.replace("--", "/")
         files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != METADATA}
