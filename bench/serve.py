@@ -25,7 +25,7 @@ process (so peak memory is its own):
 - (b) PEFT mixed batch: all 20 adapters loaded in one PeftModel, `generate(adapter_names=
   [top-1 of each row])`, batches of 32: one adapter per row is the most PEFT offers.
 - ours over HTTP: `lorahub serve`'s app (uvicorn, batch window 10 ms, mixture). Throughput: every
-  request posted at once from one asyncio client (aiohttp, at most 64 connections). Latency: then
+  request posted at once from one asyncio client (aiohttp, at most --clients connections, default 64). Latency: then
   --rate-requests requests posted at a fixed arrival rate (--rate-share of ours-mixture's
   in-process throughput in this run), p50 / p95 from post to answer.
 - the base model alone (no adapter, same batches): the ceiling no adapter method can pass.
@@ -363,7 +363,8 @@ def peft_adapter_names(world, limits: list[int], eos: bool, fraction: float) -> 
             "units": f"{len(chosen)} of {len(batches)} batches"}
 
 
-def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: int, batching: str = "continuous") -> dict:
+def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: int, batching: str = "continuous",
+              clients: int = CLIENTS) -> dict:
     """The served app under uvicorn; one asyncio client (no thread per client competing for the cores)."""
     import asyncio
     import threading
@@ -397,7 +398,7 @@ def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: i
         return output, time.perf_counter() - begin
 
     async def all_at_once():
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CLIENTS),
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
                                          timeout=aiohttp.ClientTimeout(total=3600)) as session:
             return await asyncio.gather(*(post(session, t, m) for t, m in zip(texts, limits)))
 
@@ -410,7 +411,7 @@ def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: i
     start = time.perf_counter()
     results = asyncio.run(all_at_once())
     seconds = time.perf_counter() - start
-    batches = {"batches": stats.batches, "largest_batch": stats.largest_batch, "busy_seconds": stats.busy_seconds,
+    batches = {"clients": clients, "batches": stats.batches, "largest_batch": stats.largest_batch, "busy_seconds": stats.busy_seconds,
                "steps": stats.steps, "batching": engine.batching}
     timed = asyncio.run(fixed_rate()) if rate_requests else []
     server.should_exit = True
@@ -421,7 +422,7 @@ def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: i
 
 
 def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, peft_fraction: float, out: Path,
-           rate: float, rate_requests: int, answer_lengths: str | None, eos: bool, threads: int) -> None:
+           rate: float, rate_requests: int, answer_lengths: str | None, eos: bool, threads: int, clients: int) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     world = json.loads(world_file.read_text())
@@ -431,8 +432,8 @@ def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, 
            "ours-single": lambda: ours(world, "single", limits, eos),
            "merge-per-group": lambda: merge_per_group(world, limits, eos, fraction),
            "peft-adapter-names": lambda: peft_adapter_names(world, limits, eos, peft_fraction),
-           "ours-http": lambda: ours_http(world, limits, eos, rate, rate_requests),
-           "ours-http-static": lambda: ours_http(world, limits, eos, rate, rate_requests, batching="static"),
+           "ours-http": lambda: ours_http(world, limits, eos, rate, rate_requests, clients=clients),
+           "ours-http-static": lambda: ours_http(world, limits, eos, rate, rate_requests, batching="static", clients=clients),
            "base-model": lambda: base_model(world, limits, eos)}[method]
     result = run()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -476,6 +477,7 @@ def main() -> None:
                                                                   "LO..HI (default: --max-new-tokens for all).")
     parser.add_argument("--eos", action="store_true", help="Let the end-of-sequence token end answers (default: suppressed).")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method process.")
+    parser.add_argument("--clients", type=int, default=CLIENTS, help="HTTP throughput run: requests in flight at once.")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -485,7 +487,7 @@ def main() -> None:
     args.peft_sample = args.peft_sample or args.sample
     if args.worker:
         return worker(args.worker, args.world, args.max_new_tokens, args.sample, args.peft_sample, args.out, args.rate,
-                      args.rate_requests, args.answer_lengths, args.eos, args.threads)
+                      args.rate_requests, args.answer_lengths, args.eos, args.threads, args.clients)
     if args.answer_lengths and not re.fullmatch(r"\d+-\d+", args.answer_lengths):
         parser.error(f"--answer-lengths {args.answer_lengths}: give LO-HI, e.g. 4-64.")
     began_all, load_start = time.perf_counter(), open("/proc/loadavg").read().split()[:3]
@@ -507,7 +509,7 @@ def main() -> None:
         rate = args.rate_share * args.requests / results["ours-mixture"]["seconds"] if "ours-mixture" in results else 1.0
         subprocess.run([sys.executable, __file__, "--worker", method, "--world", str(world_file), "--setting", args.setting,
                         "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample),
-                        "--peft-sample", str(args.peft_sample), "--out", str(out), "--threads", str(args.threads),
+                        "--peft-sample", str(args.peft_sample), "--out", str(out), "--threads", str(args.threads), "--clients", str(args.clients),
                         *(["--answer-lengths", args.answer_lengths] if args.answer_lengths else []), *(["--eos"] if args.eos else []),
                         "--rate", str(rate), "--rate-requests", str(args.rate_requests if "ours-mixture" in results else 0)],
                        check=True)
@@ -550,7 +552,8 @@ def main() -> None:
         if "batches" in results.get(method, {}):
             r = results[method]
             steps = f", {r['steps']} decoding steps" if r.get("steps") else ""
-            print(f"{method}: {r['batches']} batches (largest {r['largest_batch']}{steps}), the model busy "
+            clients = f"{r['clients']} requests in flight, " if r.get("clients") else ""
+            print(f"{method}: {clients}{r['batches']} batches (largest {r['largest_batch']}{steps}), the model busy "
                   f"{r['busy_seconds']:.1f} s of the {r['seconds']:.1f} s")
     for continuous, static in (("ours-mixture", "ours-mixture-static"), ("ours-http", "ours-http-static")):
         if continuous in results and static in results:
