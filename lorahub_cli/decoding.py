@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compose.bank import append_rows
+from .compose.bank import append_rows, compact_rows
 from .errors import InputError
 
 
@@ -345,14 +345,6 @@ def _pad(t: torch.Tensor, dim: int, size: int, left: bool) -> torch.Tensor:
     return torch.cat([zeros, t] if left else [t, zeros], dim=dim)
 
 
-def _compact(t: torch.Tensor, holes: list[int], movers: list[int], n: int) -> torch.Tensor:
-    """Rows `movers` moved into rows `holes` in place, then the first n rows (a view): dropping k rows of a
-    batch copies at most k rows, not the batch."""
-    if holes:
-        t[holes] = t[movers]
-    return t[:n]
-
-
 def _select(batch: _Batch, keep: list[int], seq2seq: bool) -> _Batch:
     """The rows `keep` only (the last kept rows move into the places of the rows that left, so the row
     order changes); then cache columns that no remaining row attends to are cut off."""
@@ -360,7 +352,7 @@ def _select(batch: _Batch, keep: list[int], seq2seq: bool) -> _Batch:
     kept = set(keep)
     holes = [i for i in range(n) if i not in kept]
     movers = [i for i in keep if i >= n]
-    compact = lambda t: _compact(t, holes, movers, n)  # noqa: E731
+    compact = lambda t: compact_rows(t, holes, movers, n)  # noqa: E731
     rows = batch.rows
     for hole, mover in zip(holes, movers):
         rows[hole] = rows[mover]

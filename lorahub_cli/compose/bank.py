@@ -82,11 +82,8 @@ class GroupedRows:
         self.columns, self.scale = columns.to(W.device), scale
 
     def compact(self, holes: list[int], movers: list[int], n: int) -> GroupedRows:
-        """In place: rows `movers` into rows `holes`, then the first n rows (see decoding._compact)."""
-        def compact(t: torch.Tensor) -> torch.Tensor:
-            if holes:
-                t[holes] = t[movers]
-            return t[:n]
+        """In place: rows `movers` into rows `holes`, then the first n rows (`compact_rows`)."""
+        compact = lambda t: compact_rows(t, holes, movers, n)  # noqa: E731
         if self.mode == "elementwise":
             self.adapters, self.weights = compact(self.adapters), compact(self.weights)
         else:
@@ -120,6 +117,14 @@ def _cat_padded(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Te
     return append_rows(pad(a), pad(b), capacity)
 
 
+def compact_rows(t: torch.Tensor, holes: list[int], movers: list[int], n: int) -> torch.Tensor:
+    """Rows `movers` moved into rows `holes` in place, then the first n rows (a view): dropping k rows of a
+    batch copies at most k rows, not the batch."""
+    if holes:
+        t[holes] = t[movers]
+    return t[:n]
+
+
 def append_rows(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Tensor:
     """torch.cat([a, b]) along dim 0, for buffers only the caller holds. When `a` is the first rows of a larger
     contiguous allocation (what this function and an in-place compaction leave), b is written into the spare
@@ -147,10 +152,7 @@ class BankRows:
 
     def compact(self, holes: list[int], movers: list[int], n: int) -> BankRows:
         """In place: rows `movers` into rows `holes`, then the first n rows; copies the moved rows only."""
-        W = self.W
-        if holes:
-            W[holes] = W[movers]
-        self.W = W[:n]
+        self.W = compact_rows(self.W, holes, movers, n)
         if self.grouped is not None:
             self.grouped.compact(holes, movers, n)
         return self
