@@ -235,12 +235,17 @@ def get(url: str) -> dict:
         return json.loads(response.read())
 
 
-@pytest.fixture(scope="module")
-def tiny_engine(library):
-    engine = Engine.from_registry(Store(library / "home"), dtype="float32", device="cpu", max_new_tokens=NEW_TOKENS,
+def library_engine(library, max_new_tokens: int) -> Engine:
+    """An fp32 engine over the test library, batches of 8, decoding ids as text (`decode_ids`)."""
+    engine = Engine.from_registry(Store(library / "home"), dtype="float32", device="cpu", max_new_tokens=max_new_tokens,
                                   batch_size=8, max_input_tokens=200)
     decode_ids(engine.base.tokenizer)
     return engine
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(library):
+    return library_engine(library, NEW_TOKENS)
 
 
 def test_server_routes_concurrent_requests_and_batches_them(tiny_engine):

@@ -26,9 +26,9 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
 from lorahub_cli.compose.formulas import compose
 from lorahub_cli.registry import Store
-from lorahub_cli.serve.engine import Engine, Request
+from lorahub_cli.serve.engine import Request
 from lorahub_cli.serve.server import create_app
-from test_serve import decode_ids, library, running, task_inputs  # noqa: F401  (library: a fixture)
+from test_serve import decode_ids, library, library_engine, running, task_inputs  # noqa: F401  (library: a fixture)
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -39,10 +39,7 @@ LIMIT = 20  # the server's --max-new-tokens: above OpenAI's default of 16, so th
 
 @pytest.fixture(scope="module")
 def engine(library):
-    engine = Engine.from_registry(Store(library / "home"), dtype="float32", device="cpu", max_new_tokens=LIMIT,
-                                  batch_size=8, max_input_tokens=200)
-    decode_ids(engine.base.tokenizer)
-    return engine
+    return library_engine(library, LIMIT)
 
 
 @pytest.fixture(scope="module")
