@@ -100,8 +100,12 @@ def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path,
         ids = [add_local(store, Path(d), name=f"m{i:02d}").id for i, d in enumerate(manifest["adapter_dirs"])]
         shots = read_examples(manifest["shots_jsonl"])
         meta = {"path": manifest["shots_jsonl"], "sha256": sha256_file(manifest["shots_jsonl"]), "count": len(shots)}
-        config_kwargs = {"budget": budget, "seed": 1, "precision": precision} | ({"optimizer": optimizer} if optimizer else {})
-        options = ComposeOptions(modules=ids, model_path=manifest["model_dir"], device="cpu", search=SearchConfig(**config_kwargs))
+        config_kwargs = {"budget": budget, "seed": 1, "precision": precision} | (
+            {"optimizer": optimizer} if optimizer else {}
+        )
+        options = ComposeOptions(
+            modules=ids, model_path=manifest["model_dir"], device="cpu", search=SearchConfig(**config_kwargs)
+        )
         loadavg_before = list(os.getloadavg())
         start = time.perf_counter()
         composition = compose_task(store, shots, meta, options)
@@ -111,19 +115,35 @@ def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path,
     result, recipe = composition.results[0], composition.recipe
     after_search = total - (evaluated[-1][0] - start) if evaluated else 0.0
     # Re-stamp every evaluation from the start of compose_task; the best-so-far by the search's own objective.
-    curve = [{"evaluation": i + 1, "t": t - start, "search_objective": point["objective"], "weights": w}
-             for i, ((t, w), point) in enumerate(zip(evaluated, result.curve))]
-    ours = {"config": config, "optimizer": recipe.search["optimizer"], "engine": result.engine,
-            "search_precision": recipe.search["precision_used"],
-            "seconds_total": total, "seconds_search": result.seconds, "seconds_after_search": after_search,
-            "evaluations": result.evaluations, "loss_fp32": recipe.loss, "objective_fp32": recipe.objective,
-            "weights": [m["weight"] for m in recipe.modules], "peak_rss_mb": peak,
-            "loadavg_before": loadavg_before, "loadavg_after": loadavg_after, "threads": torch.get_num_threads()}
+    curve = [
+        {"evaluation": i + 1, "t": t - start, "search_objective": point["objective"], "weights": w}
+        for i, ((t, w), point) in enumerate(zip(evaluated, result.curve))
+    ]
+    ours = {
+        "config": config,
+        "optimizer": recipe.search["optimizer"],
+        "engine": result.engine,
+        "search_precision": recipe.search["precision_used"],
+        "seconds_total": total,
+        "seconds_search": result.seconds,
+        "seconds_after_search": after_search,
+        "evaluations": result.evaluations,
+        "loss_fp32": recipe.loss,
+        "objective_fp32": recipe.objective,
+        "weights": [m["weight"] for m in recipe.modules],
+        "peak_rss_mb": peak,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg_after,
+        "threads": torch.get_num_threads(),
+    }
     scorer = Scorer(manifest["model_dir"], manifest["adapter_dirs"], manifest["shots_jsonl"])
     ours["true_objective"] = scorer.score(ours["weights"])["objective"]
     out.write_text(json.dumps({"ours": ours, "curve": curve}) + "\n")
-    print(f"  ours {config}: {total:.1f} s, {result.evaluations} evals, true objective {ours['true_objective']:.4f}, "
-          f"peak {peak:.0f} MB", file=sys.stderr)
+    print(
+        f"  ours {config}: {total:.1f} s, {result.evaluations} evals, true objective {ours['true_objective']:.4f}, "
+        f"peak {peak:.0f} MB",
+        file=sys.stderr,
+    )
 
 
 def time_to_objective(run_path: Path, manifest: dict, target: float) -> tuple[float | None, int]:
@@ -154,12 +174,18 @@ def main() -> None:
     parser.add_argument("--shape", default="base")
     parser.add_argument("--fixture-seeds", default="0,1,2,3,4")
     parser.add_argument("--budget", type=int, default=40)
-    parser.add_argument("--configs", default="lbfgs,lbfgs-fp32,ngopt",
-                        help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only")
+    parser.add_argument(
+        "--configs",
+        default="lbfgs,lbfgs-fp32,ngopt",
+        help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--reuse-reference", action="store_true",
-                        help="reuse a seed's reference result from an earlier run at the same budget (bench/.cache/results)")
+    parser.add_argument(
+        "--reuse-reference",
+        action="store_true",
+        help="reuse a seed's reference result from an earlier run at the same budget (bench/.cache/results)",
+    )
     parser.add_argument("--one", nargs=2, metavar=("FIXTURE_SEED", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -171,8 +197,10 @@ def main() -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = args.out or RESULTS / f"compose-{args.shape}.json"
-    configs = {name: {int(x) for x in seeds.split("+")} if seeds else None
-               for name, _, seeds in (c.partition("@") for c in args.configs.split(","))}
+    configs = {
+        name: {int(x) for x in seeds.split("+")} if seeds else None
+        for name, _, seeds in (c.partition("@") for c in args.configs.split(","))
+    }
     machine = {"cpu": cpu_model(), "flags": cpu_flags(), "cores": os.cpu_count()}
     print(f"CPU: {machine['cpu']}; flags: {' '.join(machine['flags'])}", file=sys.stderr)
     rows = []
@@ -180,32 +208,88 @@ def main() -> None:
         manifest = fixture(args.shape, seed=seed)
         ref_out = RESULTS / f"ref-{args.shape}-s{seed}.json"
         print(f"fixture {args.shape} seed {seed} ({manifest['bbh_task']}): reference", file=sys.stderr)
-        reuse = args.reuse_reference and ref_out.is_file() and json.loads(ref_out.read_text()).get("budget") == args.budget
+        reuse = (
+            args.reuse_reference and ref_out.is_file() and json.loads(ref_out.read_text()).get("budget") == args.budget
+        )
         if not reuse:
-            subprocess.run([sys.executable, str(BENCH / "reference.py"), "--shape", args.shape, "--budget", str(args.budget),
-                            "--seed", "1", "--fixture-seed", str(seed), "--threads", str(args.threads), "--out", str(ref_out)],
-                           check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(BENCH / "reference.py"),
+                    "--shape",
+                    args.shape,
+                    "--budget",
+                    str(args.budget),
+                    "--seed",
+                    "1",
+                    "--fixture-seed",
+                    str(seed),
+                    "--threads",
+                    str(args.threads),
+                    "--out",
+                    str(ref_out),
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
         reference = json.loads(ref_out.read_text())
         target = reference["true_objective"]
-        print(f"  reference: {reference['seconds_total']:.1f} s, true objective {target:.4f}, "
-              f"peak {reference['peak_rss_mb']:.0f} MB", file=sys.stderr)
-        row = {"fixture_seed": seed, "bbh_task": manifest["bbh_task"],
-               "reference": {k: reference[k] for k in ("seconds_total", "evaluations", "true_objective", "peak_rss_mb",
-                                                       "loadavg_before", "loadavg_after")}, "ours": {}}
+        print(
+            f"  reference: {reference['seconds_total']:.1f} s, true objective {target:.4f}, "
+            f"peak {reference['peak_rss_mb']:.0f} MB",
+            file=sys.stderr,
+        )
+        row = {
+            "fixture_seed": seed,
+            "bbh_task": manifest["bbh_task"],
+            "reference": {
+                k: reference[k]
+                for k in (
+                    "seconds_total",
+                    "evaluations",
+                    "true_objective",
+                    "peak_rss_mb",
+                    "loadavg_before",
+                    "loadavg_after",
+                )
+            },
+            "ours": {},
+        }
         for config in (c for c, only in configs.items() if only is None or seed in only):
             run_out = RESULTS / f"ours-{args.shape}-s{seed}-{config}.json"
-            subprocess.run([sys.executable, __file__, "--shape", args.shape, "--budget", str(args.budget), "--threads",
-                            str(args.threads), "--one", str(seed), config, "--run-out", str(run_out)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--shape",
+                    args.shape,
+                    "--budget",
+                    str(args.budget),
+                    "--threads",
+                    str(args.threads),
+                    "--one",
+                    str(seed),
+                    config,
+                    "--run-out",
+                    str(run_out),
+                ],
+                check=True,
+            )
             ours = json.loads(run_out.read_text())["ours"]
             reach, scored = time_to_objective(run_out, manifest, target)
-            ours |= {"time_to_reference_objective": reach, "points_scored": scored,
-                     "speedup_end_to_end": reference["seconds_total"] / ours["seconds_total"],
-                     "speedup_to_reference_objective": reference["seconds_total"] / reach if reach else None,
-                     "objective_vs_reference": ours["true_objective"] - target,
-                     "memory_vs_reference": ours["peak_rss_mb"] / reference["peak_rss_mb"]}
+            ours |= {
+                "time_to_reference_objective": reach,
+                "points_scored": scored,
+                "speedup_end_to_end": reference["seconds_total"] / ours["seconds_total"],
+                "speedup_to_reference_objective": reference["seconds_total"] / reach if reach else None,
+                "objective_vs_reference": ours["true_objective"] - target,
+                "memory_vs_reference": ours["peak_rss_mb"] / reference["peak_rss_mb"],
+            }
             row["ours"][config] = {k: v for k, v in ours.items() if k != "weights"}
         rows.append(row)
-        out.write_text(json.dumps({"machine": machine, "shape": args.shape, "budget": args.budget, "rows": rows}, indent=2) + "\n")
+        out.write_text(
+            json.dumps({"machine": machine, "shape": args.shape, "budget": args.budget, "rows": rows}, indent=2) + "\n"
+        )
     summary = summarize(rows, list(configs))
     report = {"machine": machine, "shape": args.shape, "budget": args.budget, "rows": rows, "summary": summary}
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -234,11 +318,18 @@ def summarize(rows: list[dict], configs: list[str]) -> dict:
             run = row["ours"].get(config)
             if run is None or run["search_precision"] == "fp32":
                 continue
-            fp32 = [r for r in row["ours"].values() if r["optimizer"] == run["optimizer"] and r["search_precision"] == "fp32"]
+            fp32 = [
+                r
+                for r in row["ours"].values()
+                if r["optimizer"] == run["optimizer"] and r["search_precision"] == "fp32"
+            ]
             if fp32:
                 gaps.append((run["true_objective"] - fp32[0]["true_objective"]) / abs(fp32[0]["true_objective"]))
         if gaps:
-            summary[f"{config}_vs_fp32_relative_gap"] = {"values": gaps, "worse_by_more_than_1pct": sum(g > 0.01 for g in gaps)}
+            summary[f"{config}_vs_fp32_relative_gap"] = {
+                "values": gaps,
+                "worse_by_more_than_1pct": sum(g > 0.01 for g in gaps),
+            }
     return summary
 
 

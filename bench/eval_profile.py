@@ -35,8 +35,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as home:
         store = Store(Path(home))
         records = [add_local(store, Path(d), name=f"m{i:02d}").record for i, d in enumerate(manifest["adapter_dirs"])]
-        options = ComposeOptions(model_path=manifest["model_dir"], device="cpu",
-                                 search=SearchConfig(optimizer="ngopt", precision=args.search_precision))
+        options = ComposeOptions(
+            model_path=manifest["model_dir"],
+            device="cpu",
+            search=SearchConfig(optimizer="ngopt", precision=args.search_precision),
+        )
         session = _Session(load_modules(store, records), read_examples(manifest["shots_jsonl"]), options)
         W = torch.full((args.population, len(records)), 0.1)
         with torch.no_grad():

@@ -39,8 +39,10 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_ROOT = BENCH_DIR / ".cache" / "fixtures"
 # /work/shared/data/bbh: beside the checkout (/work/main) or above a worktree (/work/wt/NAME)
-BBH_DIR = next((p / "shared" / "data" / "bbh" for p in BENCH_DIR.parents if (p / "shared" / "data" / "bbh").is_dir()),
-               BENCH_DIR.parent.parent / "shared" / "data" / "bbh")
+BBH_DIR = next(
+    (p / "shared" / "data" / "bbh" for p in BENCH_DIR.parents if (p / "shared" / "data" / "bbh").is_dir()),
+    BENCH_DIR.parent.parent / "shared" / "data" / "bbh",
+)
 
 # ---- every default in one block -------------------------------------------------
 MODEL_SEED = 0  # torch seed for the base model's random weights
@@ -54,8 +56,16 @@ LORA_B_STD = 0.02  # B ~ N(0, 0.02^2); A ~ U(+-1/sqrt(d_in)) like PEFT's kaiming
 BBH_TASK = "logical_deduction_three_objects"  # inputs of 77-113 WordPiece tokens
 # Fixture seed s > 0: model seed s, adapter i seed ADAPTER_SEED + 100 s + i, shots from BBH_TASKS[s % len]. Seed 0
 # is the original fixture above (kept, so older results stay comparable).
-BBH_TASKS = [BBH_TASK, "date_understanding", "tracking_shuffled_objects_three_objects", "disambiguation_qa",
-             "movie_recommendation", "snarks", "ruin_names", "hyperbaton"]
+BBH_TASKS = [
+    BBH_TASK,
+    "date_understanding",
+    "tracking_shuffled_objects_three_objects",
+    "disambiguation_qa",
+    "movie_recommendation",
+    "snarks",
+    "ruin_names",
+    "hyperbaton",
+]
 SHOT_SEED = 42
 N_SHOTS = 5
 L1_COEF = 0.05  # LoraHub's regulariser: 0.05 * mean(|w|)
@@ -165,7 +175,9 @@ def _build(shape_name: str, dest: Path, bbh_dir: Path, seeds: Seeds) -> None:
     tok.save_pretrained(model_dir)
     print(f"saved {shape_name} model ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params)", file=sys.stderr)
 
-    final_model_dir = str((dest.parent / dest.name.removeprefix(".").removesuffix(".building") / "model").resolve())  # after the rename
+    final_model_dir = str(
+        (dest.parent / dest.name.removeprefix(".").removesuffix(".building") / "model").resolve()
+    )  # after the rename
     config = LoraConfig(
         r=LORA_R,
         lora_alpha=LORA_ALPHA,
@@ -199,8 +211,13 @@ def _manifest(shape_name: str, dest: Path, seed: int) -> dict:
         "t5": asdict(SHAPES[shape_name]),
         "model_seed": seeds.model,
         "adapter_seeds": [seeds.adapter + i for i in range(N_ADAPTERS)],
-        "lora": {"r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT,
-                 "target_modules": LORA_TARGETS, "b_std": LORA_B_STD},
+        "lora": {
+            "r": LORA_R,
+            "lora_alpha": LORA_ALPHA,
+            "lora_dropout": LORA_DROPOUT,
+            "target_modules": LORA_TARGETS,
+            "b_std": LORA_B_STD,
+        },
         "bbh_task": seeds.task,
         "shot_seed": SHOT_SEED,
         "model_dir": str(dest / "model"),
@@ -301,10 +318,10 @@ class Scorer:
         self.lora_keys = {k for k, _ in self.model.named_parameters() if "lora_" in k}
 
         shots = read_shots(shots_jsonl)
-        self.enc = tok([s["input"] for s in shots], max_length=2048, padding=True, truncation=True,
-                       return_tensors="pt")
-        labels = tok([s["target"] for s in shots], max_length=2048, padding=True, truncation=True,
-                     return_tensors="pt")["input_ids"]
+        self.enc = tok([s["input"] for s in shots], max_length=2048, padding=True, truncation=True, return_tensors="pt")
+        labels = tok([s["target"] for s in shots], max_length=2048, padding=True, truncation=True, return_tensors="pt")[
+            "input_ids"
+        ]
         labels[labels == tok.pad_token_id] = -100  # (shots, target_len)
         self.labels = labels
 
@@ -323,15 +340,21 @@ class Scorer:
         result = set_peft_model_state_dict(self.model, state)
         missing = [k for k in getattr(result, "missing_keys", []) if k in self.lora_keys]
         if getattr(result, "unexpected_keys", None) or missing:
-            raise RuntimeError(f"composed adapter does not fit the model: missing {missing[:3]}, "
-                               f"unexpected {list(result.unexpected_keys)[:3]}")
+            raise RuntimeError(
+                f"composed adapter does not fit the model: missing {missing[:3]}, "
+                f"unexpected {list(result.unexpected_keys)[:3]}"
+            )
         model = copy.deepcopy(self.model).merge_and_unload() if merged else self.model
         with torch.no_grad():
-            logits = model(input_ids=self.enc["input_ids"], attention_mask=self.enc["attention_mask"],
-                           labels=self.labels).logits  # (shots, target_len, vocab)
+            logits = model(
+                input_ids=self.enc["input_ids"], attention_mask=self.enc["attention_mask"], labels=self.labels
+            ).logits  # (shots, target_len, vocab)
             ce_sum = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), self.labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
+                logits.float().reshape(-1, logits.shape[-1]),
+                self.labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
         n_tokens = int((self.labels != -100).sum())
         ce = float(ce_sum) / n_tokens
         l1 = L1_COEF * sum(abs(w) for w in weights) / len(weights)
@@ -381,14 +404,21 @@ def true_objective(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", choices=list(SHAPES), default="base")
     parser.add_argument("--root", default=None, help=f"fixtures folder (default {DEFAULT_ROOT})")
     parser.add_argument("--force", action="store_true", help="rebuild even if present")
-    parser.add_argument("--fixture-seed", type=int, default=0, help="0: the original fixture; others: other random models, adapters, BBH task")
-    parser.add_argument("--score", metavar="JSON",
-                        help='print the true objective of the "weights" in this JSON file (or a JSON list)')
+    parser.add_argument(
+        "--fixture-seed",
+        type=int,
+        default=0,
+        help="0: the original fixture; others: other random models, adapters, BBH task",
+    )
+    parser.add_argument(
+        "--score", metavar="JSON", help='print the true objective of the "weights" in this JSON file (or a JSON list)'
+    )
     parser.add_argument("--bf16", action="store_true", help="score in bf16 instead of fp32")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -396,8 +426,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.score:
         data = json.loads(Path(args.score).read_text())
         weights = data["weights"] if isinstance(data, dict) else data
-        parts = true_objective(fx["model_dir"], fx["adapter_dirs"], weights, fx["shots_jsonl"],
-                               dtype=torch.bfloat16 if args.bf16 else torch.float32, return_parts=True)
+        parts = true_objective(
+            fx["model_dir"],
+            fx["adapter_dirs"],
+            weights,
+            fx["shots_jsonl"],
+            dtype=torch.bfloat16 if args.bf16 else torch.float32,
+            return_parts=True,
+        )
         print(json.dumps(parts))
     else:
         print(json.dumps(fx, indent=2))

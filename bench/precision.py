@@ -43,7 +43,11 @@ def torchao_int8(answer, keep):
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     model = copy.deepcopy(answer.model)
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn not in keep)
+    quantize_(
+        model,
+        Int8DynamicActivationInt8WeightConfig(),
+        filter_fn=lambda m, fqn: type(m) is nn.Linear and fqn not in keep,
+    )
     return type(answer)(model.eval(), answer.tokenizer, answer.is_seq2seq, answer.device, torch.float32, answer.name)
 
 
@@ -82,8 +86,13 @@ def main() -> None:
     keep = set(adapters[0].modules)
     batch = encode(answer, read_examples(manifest["shots_jsonl"]))
     W = torch.rand(args.candidates, len(adapters), generator=torch.Generator().manual_seed(0)) * 1.0 - 0.5
-    report = {"machine": {"cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads()},
-              "shape": args.shape, "fixture_seed": args.fixture_seed, "loadavg_before": list(os.getloadavg()), "precisions": {}}
+    report = {
+        "machine": {"cpu": cpu_model(), "flags": cpu_flags(), "threads": torch.get_num_threads()},
+        "shape": args.shape,
+        "fixture_seed": args.fixture_seed,
+        "loadavg_before": list(os.getloadavg()),
+        "precisions": {},
+    }
     reference = None
     for name in args.precisions.split(","):
         try:
@@ -95,10 +104,10 @@ def main() -> None:
         loss_fn = loss_function(model, bank, batch, formula="elementwise")
         with torch.no_grad():
             losses = [float(x) for x in loss_fn(W)]
-            seconds = timed(lambda: loss_fn(W[:1]), args.repeats)
+            seconds = timed(lambda f=loss_fn: f(W[:1]), args.repeats)
         entry = {"seconds_per_eval": seconds}
 
-        def gradient():
+        def gradient(loss_fn=loss_fn):
             w = W[0].clone().requires_grad_(True)
             loss_fn(w[None])[0].backward()
 

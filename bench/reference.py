@@ -23,11 +23,11 @@ Afterwards the returned weights are scored with the ``fixtures.true_objective`` 
 from __future__ import annotations
 
 import argparse
-import resource
 import contextlib
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -74,14 +74,13 @@ def _run(args) -> dict:
 
     t_import = time.perf_counter()
     _apply_shims()
+    import lorahub
+    import lorahub.algorithm as alg
     import nevergrad as ng
     import numpy as np
     import peft
     import torch
     import transformers
-
-    import lorahub
-    import lorahub.algorithm as alg
 
     seconds_import = time.perf_counter() - t_import
     if args.threads:
@@ -116,14 +115,16 @@ def _run(args) -> dict:
         value = orig_get_score(weights, model, cache, example_dataset, batch_size, loss_wrapper, get_regular)
         dt = time.perf_counter() - t
         state["eval_modes"].append(any(m.training for m in model.modules()))
-        state["curve"].append({
-            "t": time.perf_counter() - state["t0"],  # since lorahub_learning was called
-            "seconds": dt,
-            "value": float(value),  # what the reference minimises (its scale)
-            "ref_loss": float(parts["loss"]),  # its get_loss: batch-mean CE / number of shots
-            "l1": float(value) - float(parts["loss"]),
-            "weights": [float(w) for w in weights],
-        })
+        state["curve"].append(
+            {
+                "t": time.perf_counter() - state["t0"],  # since lorahub_learning was called
+                "seconds": dt,
+                "value": float(value),  # what the reference minimises (its scale)
+                "ref_loss": float(parts["loss"]),  # its get_loss: batch-mean CE / number of shots
+                "l1": float(value) - float(parts["loss"]),
+                "weights": [float(w) for w in weights],
+            }
+        )
         return value
 
     def ngopt_wrapper(*a, **kw):
@@ -225,7 +226,9 @@ def _run(args) -> dict:
         "seed": args.seed,
         "seconds_total": seconds_total,
         "seconds_per_eval": sum(secs) / len(secs),
-        "seconds_per_eval_median": secs[len(secs) // 2] if len(secs) % 2 else (secs[len(secs) // 2 - 1] + secs[len(secs) // 2]) / 2,
+        "seconds_per_eval_median": secs[len(secs) // 2]
+        if len(secs) % 2
+        else (secs[len(secs) // 2 - 1] + secs[len(secs) // 2]) / 2,
         "evaluations": len(curve),
         "curve": curve,
         "weights": weights,
@@ -265,25 +268,38 @@ def _run(args) -> dict:
         "loaded, tokenising, all evaluations, final merge); seconds_process adds interpreter imports.",
         f"cache entries sharing storage with the live model after loading: {tied}; "
         f"cache entries that differ from disk after the run: {changed}.",
-        (f"replaying the run from disk with module {replay['tied_module']} = previous composition gives "
-         f"best_seen {replay['best_seen']:.4f} (reference {result['best_seen']:.4f}) and returned model "
-         f"{replay['returned_model']:.4f} merged / {replay['returned_model_unmerged']:.4f} unmerged "
-         f"(reference {result['returned_model']:.4f}); norm of the returned composition "
-         f"{replay['norm_returned_composition']:.1f} vs {replay['norm_true_composition']:.1f} for the same weights "
-         f"on the disk adapters (one module: {replay['norm_single_module_mean']:.1f})") if replay else
-        "no single tied module: replay skipped",
+        (
+            f"replaying the run from disk with module {replay['tied_module']} = previous composition gives "
+            f"best_seen {replay['best_seen']:.4f} (reference {result['best_seen']:.4f}) and returned model "
+            f"{replay['returned_model']:.4f} merged / {replay['returned_model_unmerged']:.4f} unmerged "
+            f"(reference {result['returned_model']:.4f}); norm of the returned composition "
+            f"{replay['norm_returned_composition']:.1f} vs {replay['norm_true_composition']:.1f} for the same weights "
+            f"on the disk adapters (one module: {replay['norm_single_module_mean']:.1f})"
+        )
+        if replay
+        else "no single tied module: replay skipped",
         f"NGOpt delegated to {optimizer_name}.",
         f"any module in training mode during an evaluation: {any(state['eval_modes'])}.",
         f"sanity: first evaluation (w = 0) reference {curve[0]['loss']:.4f} vs true {true_first['objective']:.4f}.",
     ]
     result["env"] = {
-        "lorahub": _version("lorahub"), "torch": torch.__version__, "transformers": transformers.__version__,
-        "peft": peft.__version__, "nevergrad": ng.__version__, "datasets": _version("datasets"),
-        "numpy": np.__version__, "scipy": _version("scipy"), "threads": torch.get_num_threads(), "cpu": _cpu(),
+        "lorahub": _version("lorahub"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "nevergrad": ng.__version__,
+        "datasets": _version("datasets"),
+        "numpy": np.__version__,
+        "scipy": _version("scipy"),
+        "threads": torch.get_num_threads(),
+        "cpu": _cpu(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(), "lorahub_file": lorahub.__file__,
+        "python": platform.python_version(),
+        "lorahub_file": lorahub.__file__,
     }
-    result["fixture"] = {k: fx[k] for k in ("model_dir", "shots_jsonl", "bbh_task", "model_seed", "adapter_seeds", "fixture_seed")}
+    result["fixture"] = {
+        k: fx[k] for k in ("model_dir", "shots_jsonl", "bbh_task", "model_seed", "adapter_seeds", "fixture_seed")
+    }
     return result
 
 
@@ -339,8 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.rename(out)
-    summary = {k: result[k] for k in ("shape", "budget", "seconds_total", "seconds_per_eval", "evaluations",
-                                      "reported_best", "best_seen", "returned_model", "true_objective")}
+    summary = {
+        k: result[k]
+        for k in (
+            "shape",
+            "budget",
+            "seconds_total",
+            "seconds_per_eval",
+            "evaluations",
+            "reported_best",
+            "best_seen",
+            "returned_model",
+            "true_objective",
+        )
+    }
     print(json.dumps(summary))
     return 0
 

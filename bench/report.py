@@ -22,42 +22,64 @@ def _load(values: list[float]) -> str:
 def table(result: dict) -> str:
     machine = result["machine"]
     configs = list(dict.fromkeys(c for row in result["rows"] for c in row["ours"]))
-    lines = [f"### {result['shape']} shape, budget {result['budget']}: {len(result['rows'])} fixture seeds",
-             "", f"CPU: {machine['cpu']}; flags: {' '.join(machine['flags'])}; {machine['cores']} cores.", "",
-             "| seed (BBH task) | run | precision | end to end (s) | evaluations | true objective | to the reference's objective (s) "
-             "| speedup end to end | speedup to its objective | peak RSS (MB) | load avg before / after |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"### {result['shape']} shape, budget {result['budget']}: {len(result['rows'])} fixture seeds",
+        "",
+        f"CPU: {machine['cpu']}; flags: {' '.join(machine['flags'])}; {machine['cores']} cores.",
+        "",
+        "| seed (BBH task) | run | precision | end to end (s) | evaluations | true objective "
+        "| to the reference's objective (s) "
+        "| speedup end to end | speedup to its objective | peak RSS (MB) | load avg before / after |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for row in result["rows"]:
         ref = row["reference"]
-        lines.append(f"| {row['fixture_seed']} ({row['bbh_task']}) | reference 0.1.0 | fp32 | {ref['seconds_total']:.1f} | "
-                     f"{ref['evaluations']} | {ref['true_objective']:.2f} | {ref['seconds_total']:.1f} | 1.00 | 1.00 | "
-                     f"{ref['peak_rss_mb']:.0f} | {_load(ref['loadavg_before'])} / {_load(ref['loadavg_after'])} |")
+        lines.append(
+            f"| {row['fixture_seed']} ({row['bbh_task']}) | reference 0.1.0 | fp32 | {ref['seconds_total']:.1f} | "
+            f"{ref['evaluations']} | {ref['true_objective']:.2f} | {ref['seconds_total']:.1f} | 1.00 | 1.00 | "
+            f"{ref['peak_rss_mb']:.0f} | {_load(ref['loadavg_before'])} / {_load(ref['loadavg_after'])} |"
+        )
         for config in configs:
             run = row["ours"].get(config)
             if run is None:
                 continue
-            to_objective = f"{run['speedup_to_reference_objective']:.2f}" if run["speedup_to_reference_objective"] else "–"
-            lines.append(f"| | `{config}` ({run['engine']}) | {run['search_precision']} | {run['seconds_total']:.1f} | "
-                         f"{run['evaluations']} | {run['true_objective']:.2f} | {_reach(run)} | {run['speedup_end_to_end']:.2f} | "
-                         f"{to_objective} | {run['peak_rss_mb']:.0f} | {_load(run['loadavg_before'])} / {_load(run['loadavg_after'])} |")
+            to_objective = (
+                f"{run['speedup_to_reference_objective']:.2f}" if run["speedup_to_reference_objective"] else "–"
+            )
+            lines.append(
+                f"| | `{config}` ({run['engine']}) | {run['search_precision']} | {run['seconds_total']:.1f} | "
+                f"{run['evaluations']} | {run['true_objective']:.2f} | {_reach(run)} | "
+                f"{run['speedup_end_to_end']:.2f} | "
+                f"{to_objective} | {run['peak_rss_mb']:.0f} | "
+                f"{_load(run['loadavg_before'])} / {_load(run['loadavg_after'])} |"
+            )
     # A run stopped before its last seed has rows but no summary yet.
     summary = result.get("summary") or summarize(result["rows"], configs)
-    lines += ["", "| run | speedup end to end, median (worst) | speedup to the reference's objective, median (worst) "
-              "| true objective no worse than the reference | peak memory / reference's, median (worst) |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| run | speedup end to end, median (worst) | speedup to the reference's objective, median (worst) "
+        "| true objective no worse than the reference | peak memory / reference's, median (worst) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for config in configs:
         s = summary.get(config)
         if not s:
             continue
-        lines.append(f"| `{config}` | {s['speedup_end_to_end']['median']:.2f} ({s['speedup_end_to_end']['worst']:.2f}) | "
-                     f"{s['speedup_to_reference_objective']['median']:.2f} ({s['speedup_to_reference_objective']['worst']:.2f}) | "
-                     f"{s['objective_no_worse_than_reference']} of {s['runs']} | "
-                     f"{s['memory_vs_reference']['median']:.2f} ({s['memory_vs_reference']['worst']:.2f}) |")
+        lines.append(
+            f"| `{config}` | {s['speedup_end_to_end']['median']:.2f} ({s['speedup_end_to_end']['worst']:.2f}) | "
+            f"{s['speedup_to_reference_objective']['median']:.2f} "
+            f"({s['speedup_to_reference_objective']['worst']:.2f}) | "
+            f"{s['objective_no_worse_than_reference']} of {s['runs']} | "
+            f"{s['memory_vs_reference']['median']:.2f} ({s['memory_vs_reference']['worst']:.2f}) |"
+        )
     for key, gap in summary.items():
         if key.endswith("_vs_fp32_relative_gap"):
             values = ", ".join(f"{g:+.1%}" for g in gap["values"])
-            lines.append(f"\n`{key.removesuffix('_vs_fp32_relative_gap')}` against the same optimiser searching in fp32, "
-                         f"true objective relative gap per seed: {values}; worse by more than 1% on {gap['worse_by_more_than_1pct']} seed(s).")
+            lines.append(
+                f"\n`{key.removesuffix('_vs_fp32_relative_gap')}` against the same optimiser searching in fp32, "
+                f"true objective relative gap per seed: {values}; "
+                f"worse by more than 1% on {gap['worse_by_more_than_1pct']} seed(s)."
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -64,7 +64,12 @@ def main() -> None:
     embed = timed(lambda: embedder.encode([query_text]), 20)
     ranked = timed(lambda: retrieval.top_k(query, index.matrix, 20), args.repeats)
     rows = list(index.matrix)
-    loop = timed(lambda: sorted(((float(torch.cosine_similarity(query[0], row, dim=0)), i) for i, row in enumerate(rows)), reverse=True)[:20], 5)
+    loop = timed(
+        lambda: sorted(
+            ((float(torch.cosine_similarity(query[0], row, dim=0)), i) for i, row in enumerate(rows)), reverse=True
+        )[:20],
+        5,
+    )
     ms = lambda xs: statistics.median(xs) * 1000  # noqa: E731
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
     print(f"cards: {args.cards} x {index.matrix.shape[1]} float32")

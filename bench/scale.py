@@ -38,15 +38,34 @@ def cells(out: Path) -> dict:
 def run(name: str, args: argparse.Namespace, folder: Path) -> dict:
     out = folder / name
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "lorahub_cli", "eval", "demo", "--seeds", args.seeds, "--tasks", args.tasks,
-               "--out", str(out), "--json", *CONFIGS[name]]
+    command = [
+        sys.executable,
+        "-m",
+        "lorahub_cli",
+        "eval",
+        "demo",
+        "--seeds",
+        args.seeds,
+        "--tasks",
+        args.tasks,
+        "--out",
+        str(out),
+        "--json",
+        *CONFIGS[name],
+    ]
     before = loadavg()
     start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     found = cells(out)
-    return {"config": name, "wall_s": round(wall, 1), "cells": len(found),
-            "cell_compute_s": round(sum(c["seconds"] for c in found.values()), 1), "load_before": before, "load_after": loadavg()}
+    return {
+        "config": name,
+        "wall_s": round(wall, 1),
+        "cells": len(found),
+        "cell_compute_s": round(sum(c["seconds"] for c in found.values()), 1),
+        "load_before": before,
+        "load_after": loadavg(),
+    }
 
 
 def probe(calls: int = 200) -> dict:
@@ -61,7 +80,9 @@ def probe(calls: int = 200) -> dict:
     start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     init = time.perf_counter() - start
-    config = EvalConfig(base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32", device="cpu")
+    config = EvalConfig(
+        base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32", device="cpu"
+    )
     start = time.perf_counter()
     actor = ray.remote(EvalWorker).options(num_cpus=1).remote(config, None, None, 1)
     ray.get(actor.setup.remote())
@@ -71,7 +92,12 @@ def probe(calls: int = 200) -> dict:
         ray.get(actor.__ray_ready__.remote())
     trip = (time.perf_counter() - start) / calls
     ray.shutdown()
-    return {"probe": "ray", "init_s": round(init, 2), "worker_start_s": round(setup, 2), "round_trip_ms": round(1000 * trip, 2)}
+    return {
+        "probe": "ray",
+        "init_s": round(init, 2),
+        "worker_start_s": round(setup, 2),
+        "round_trip_ms": round(1000 * trip, 2),
+    }
 
 
 def main() -> None:
@@ -81,7 +107,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path("bench/.cache/scale"))
-    parser.add_argument("--probe", action="store_true", help="Also time Ray's start, a worker's start and a round trip.")
+    parser.add_argument(
+        "--probe", action="store_true", help="Also time Ray's start, a worker's start and a round trip."
+    )
     args = parser.parse_args()
     print(json.dumps({"cpu_flags": cpu_flags(), "command": " ".join(sys.argv)}), flush=True)
     if args.probe:

@@ -43,8 +43,9 @@ The baselines get the routes for free (computed once beforehand with the same re
 ours pays for its retrieval. Throughput = requests / generation seconds (models loaded
 beforehand). To keep the run near ten minutes on two shared cores, the baselines time a
 seeded sample of their work (--sample, default 0.25: random whole groups for (a); for (b)
-every fourth of the length-sorted batches of 32 that ours runs, from a seeded offset) and their throughput is the requests
-they answered over the time they took; ours answers all 256. Greedy decoding; the random model never emits end-of-sequence, so every
+every fourth of the length-sorted batches of 32 that ours runs, from a seeded offset) and their throughput is the
+requests they answered over the time they took; ours answers all 256. Greedy decoding; the random model never emits
+end-of-sequence, so every
 request generates exactly --max-new-tokens tokens. Outputs are compared request by
 request: ours-mixture with (a), ours-single with (b). The random model's greedy choice is [PAD]
 whatever the adapter, so special tokens are suppressed in every method (outputs then differ by
@@ -83,8 +84,16 @@ K = 3
 BATCH = 32
 CLIENTS = 64
 MAX_INPUT_TOKENS = 512
-METHODS = ("ours-mixture", "merge-per-group", "ours-single", "peft-adapter-names", "ours-http", "base-model",
-           "ours-mixture-static", "ours-http-static")
+METHODS = (
+    "ours-mixture",
+    "merge-per-group",
+    "ours-single",
+    "peft-adapter-names",
+    "ours-http",
+    "base-model",
+    "ours-mixture-static",
+    "ours-http-static",
+)
 LENGTH_SEED = 12  # request i's max_new_tokens under --answer-lengths: random.Random(LENGTH_SEED), i-th draw
 
 
@@ -150,8 +159,11 @@ def large_library():
         task_inputs[f"example-{name}"] = [r["input"] for r in example_tasks.generate(name, 150, seed=0)]
     adapter_dirs = random_modules(fixture("base")["model_dir"], list(task_inputs))
     tok = _tokenizer()
-    fits = [t for t, xs in task_inputs.items()
-            if max(len(tok(x)["input_ids"]) for x in xs[CARD_EXAMPLES:CARD_EXAMPLES + 60]) <= MAX_INPUT_TOKENS]
+    fits = [
+        t
+        for t, xs in task_inputs.items()
+        if max(len(tok(x)["input_ids"]) for x in xs[CARD_EXAMPLES : CARD_EXAMPLES + 60]) <= MAX_INPUT_TOKENS
+    ]
     traffic = sorted(random.Random(1).sample(fits, LIBRARY_TRAFFIC_TASKS))
     return task_inputs, adapter_dirs, traffic
 
@@ -167,8 +179,14 @@ def random_modules(model_dir: str, names: list[str]) -> dict[str, str]:
     if all((Path(d) / "adapter_model.safetensors").is_file() for d in dirs.values()):
         return dirs
     model = T5ForConditionalGeneration.from_pretrained(model_dir)
-    config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT, target_modules=list(LORA_TARGETS),
-                        task_type=TaskType.SEQ_2_SEQ_LM, base_model_name_or_path=model_dir)
+    config = LoraConfig(
+        r=LORA_R,
+        lora_alpha=LORA_ALPHA,
+        lora_dropout=LORA_DROPOUT,
+        target_modules=list(LORA_TARGETS),
+        task_type=TaskType.SEQ_2_SEQ_LM,
+        base_model_name_or_path=model_dir,
+    )
     peft_model = get_peft_model(model, config)
     for i, name in enumerate(names):
         values = _random_adapter_state(peft_model, LIBRARY_SEED + i)
@@ -200,16 +218,26 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
             card_from_source(store, task, data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
     rng = random.Random(0)
     # Evenly over the traffic's tasks, shuffled so every batch mixes them.
-    chosen = [(t, rng.choice(task_inputs[t][CARD_EXAMPLES:])) for t in (traffic * (n_requests // len(traffic) + 1))[:n_requests]]
+    chosen = [
+        (t, rng.choice(task_inputs[t][CARD_EXAMPLES:]))
+        for t in (traffic * (n_requests // len(traffic) + 1))[:n_requests]
+    ]
     rng.shuffle(chosen)
     index = retrieval.CardIndex.from_store(store)
     ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K)["inputs"]
     from fixtures import fixture
 
-    return {"home": str(root / "home"), "model_dir": fixture("base")["model_dir"], "adapters": len(task_inputs),
-            "traffic_tasks": len(traffic), "adapter_dirs": {t: str(store.get(t).path) for t in task_inputs},
-            "requests": [{"task": t, "input": text, "routes": [r["id"] for r in entry["results"]]}
-                         for (t, text), entry in zip(chosen, ranked)]}
+    return {
+        "home": str(root / "home"),
+        "model_dir": fixture("base")["model_dir"],
+        "adapters": len(task_inputs),
+        "traffic_tasks": len(traffic),
+        "adapter_dirs": {t: str(store.get(t).path) for t in task_inputs},
+        "requests": [
+            {"task": t, "input": text, "routes": [r["id"] for r in entry["results"]]}
+            for (t, text), entry in zip(chosen, ranked)
+        ],
+    }
 
 
 # --- the methods, each run in a worker process -------------------------------------------------
@@ -227,25 +255,42 @@ def ours(world, mode: str, limits: list[int], eos: bool, batching: str = "contin
     from lorahub_cli.registry import Store
     from lorahub_cli.serve.engine import Engine, Request
 
-    engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", k=K, compose=mode,
-                                  max_new_tokens=max(limits), batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS,
-                                  batching=batching)
+    engine = Engine.from_registry(
+        Store(Path(world["home"])),
+        dtype="float32",
+        device="cpu",
+        k=K,
+        compose=mode,
+        max_new_tokens=max(limits),
+        batch_size=BATCH,
+        max_input_tokens=MAX_INPUT_TOKENS,
+        batching=batching,
+    )
     suppress_special(engine.base.model, engine.base.tokenizer, eos)
     texts = [r["input"] for r in world["requests"]]
     engine.run([Request(t, max_new_tokens=2) for t in texts[:2]])  # warm-up (first-call allocations)
     start = time.perf_counter()
     answers = engine.run([Request(t, max_new_tokens=m) for t, m in zip(texts, limits)])
-    return {"seconds": time.perf_counter() - start, "outputs": [a.output for a in answers],
-            "generated_tokens": sum(len(a.tokens) for a in answers), "batching": engine.batching,
-            "routes": [[x["id"] for x in a.route["adapters"]] for a in answers], **memory(engine, world)}
+    return {
+        "seconds": time.perf_counter() - start,
+        "outputs": [a.output for a in answers],
+        "generated_tokens": sum(len(a.tokens) for a in answers),
+        "batching": engine.batching,
+        "routes": [[x["id"] for x in a.route["adapters"]] for a in answers],
+        **memory(engine, world),
+    }
 
 
 def memory(engine, world) -> dict:
     """The bank's factor buffers against the adapters' own safetensors files, and the base model's parameters."""
     from lorahub_cli.compose.bank import BankedLayer
 
-    bank = sum(b.numel() * b.element_size() for m in engine.base.model.modules() if isinstance(m, BankedLayer)
-               for b in (m.lora_A, m.lora_B, m.owner, m.col_scaling))
+    bank = sum(
+        b.numel() * b.element_size()
+        for m in engine.base.model.modules()
+        if isinstance(m, BankedLayer)
+        for b in (m.lora_A, m.lora_B, m.owner, m.col_scaling)
+    )
     files = sum((Path(d) / "adapter_model.safetensors").stat().st_size for d in world["adapter_dirs"].values())
     base = sum(p.numel() * p.element_size() for p in engine.base.model.parameters())
     return {"bank_mb": bank / 2**20, "adapter_files_mb": files / 2**20, "base_mb": base / 2**20}
@@ -270,8 +315,9 @@ def base_model(world, limits: list[int], eos: bool) -> dict:
     texts = [r["input"] for r in world["requests"]]
     generate(base, texts[:2], max_new_tokens=2, batching="static")  # warm-up
     start = time.perf_counter()
-    outputs = generate(base, texts, max_new_tokens=limits, batch_size=BATCH, max_input_length=MAX_INPUT_TOKENS,
-                       batching="static")
+    outputs = generate(
+        base, texts, max_new_tokens=limits, batch_size=BATCH, max_input_length=MAX_INPUT_TOKENS, batching="static"
+    )
     return {"seconds": time.perf_counter() - start, "outputs": outputs}
 
 
@@ -311,15 +357,24 @@ def merge_per_group(world, limits: list[int], eos: bool, fraction: float) -> dic
                 weight = base.model.get_submodule(module).weight
                 saved[module] = weight.clone()
                 weight += delta
-        texts = generate(base, [world["requests"][i]["input"] for i in rows], max_new_tokens=[limits[i] for i in rows],
-                         batch_size=BATCH, batching="static")
+        texts = generate(
+            base,
+            [world["requests"][i]["input"] for i in rows],
+            max_new_tokens=[limits[i] for i in rows],
+            batch_size=BATCH,
+            batching="static",
+        )
         with torch.no_grad():
             for module, weight in saved.items():
                 base.model.get_submodule(module).weight.copy_(weight)
         for i, text in zip(rows, texts):
             outputs[i] = text
-    return {"seconds": time.perf_counter() - start, "outputs": outputs, "answered": sum(map(len, chosen)),
-            "units": f"{len(chosen)} of {len(groups)} groups"}
+    return {
+        "seconds": time.perf_counter() - start,
+        "outputs": outputs,
+        "answered": sum(map(len, chosen)),
+        "units": f"{len(chosen)} of {len(groups)} groups",
+    }
 
 
 def peft_adapter_names(world, limits: list[int], eos: bool, fraction: float) -> dict:
@@ -339,19 +394,30 @@ def peft_adapter_names(world, limits: list[int], eos: bool, fraction: float) -> 
     outputs = [None] * len(requests)
     # The batches ours forms (all requests sorted by length, 32 a batch), every step-th from a seeded offset:
     # the sample spans short and long inputs and pads exactly as ours does.
-    batches = [order[b:b + BATCH] for b in range(0, len(order), BATCH)]
+    batches = [order[b : b + BATCH] for b in range(0, len(order), BATCH)]
     step = max(1, round(1 / fraction))
-    chosen = batches[random.Random(0).randrange(step)::step]
+    chosen = batches[random.Random(0).randrange(step) :: step]
 
     def run(rows):
-        batch = tok([requests[i]["input"] for i in rows], return_tensors="pt", padding=True, truncation=True,
-                    max_length=MAX_INPUT_TOKENS)
+        batch = tok(
+            [requests[i]["input"] for i in rows],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=MAX_INPUT_TOKENS,
+        )
         with torch.no_grad():
-            out = model.generate(**batch, adapter_names=[requests[i]["routes"][0] for i in rows], do_sample=False,
-                                 num_beams=1, max_new_tokens=max(limits[i] for i in rows), pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **batch,
+                adapter_names=[requests[i]["routes"][0] for i in rows],
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max(limits[i] for i in rows),
+                pad_token_id=tok.pad_token_id,
+            )
         # Each row up to its own limit (greedy: the same as stopping there) and its first end-of-sequence.
-        cut = [row[1:1 + limits[i]] for i, row in zip(rows, out.tolist())]
-        cut = [row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in cut]
+        cut = [row[1 : 1 + limits[i]] for i, row in zip(rows, out.tolist())]
+        cut = [row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row for row in cut]
         return tok.batch_decode(cut, skip_special_tokens=True)
 
     run(order[:2])  # warm-up
@@ -359,12 +425,23 @@ def peft_adapter_names(world, limits: list[int], eos: bool, fraction: float) -> 
     for rows in chosen:
         for i, text in zip(rows, run(rows)):
             outputs[i] = text.strip()
-    return {"seconds": time.perf_counter() - start, "outputs": outputs, "answered": sum(map(len, chosen)),
-            "units": f"{len(chosen)} of {len(batches)} batches"}
+    return {
+        "seconds": time.perf_counter() - start,
+        "outputs": outputs,
+        "answered": sum(map(len, chosen)),
+        "units": f"{len(chosen)} of {len(batches)} batches",
+    }
 
 
-def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: int, batching: str = "continuous",
-              clients: int = CLIENTS) -> dict:
+def ours_http(
+    world,
+    limits: list[int],
+    eos: bool,
+    rate: float,
+    rate_requests: int,
+    batching: str = "continuous",
+    clients: int = CLIENTS,
+) -> dict:
     """The served app under uvicorn; one asyncio client (no thread per client competing for the cores)."""
     import asyncio
     import threading
@@ -376,9 +453,17 @@ def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: i
     from lorahub_cli.serve.engine import Engine, Request
     from lorahub_cli.serve.server import create_app
 
-    engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", k=K, compose="mixture",
-                                  max_new_tokens=max(limits), batch_size=BATCH, max_input_tokens=MAX_INPUT_TOKENS,
-                                  batching=batching)
+    engine = Engine.from_registry(
+        Store(Path(world["home"])),
+        dtype="float32",
+        device="cpu",
+        k=K,
+        compose="mixture",
+        max_new_tokens=max(limits),
+        batch_size=BATCH,
+        max_input_tokens=MAX_INPUT_TOKENS,
+        batching=batching,
+    )
     suppress_special(engine.base.model, engine.base.tokenizer, eos)
     engine.run([Request(r["input"], max_new_tokens=2) for r in world["requests"][:2]])  # warm-up
     app = create_app(engine, max_batch=BATCH, window=0.01, max_queue=1024)
@@ -398,43 +483,72 @@ def ours_http(world, limits: list[int], eos: bool, rate: float, rate_requests: i
         return output, time.perf_counter() - begin
 
     async def all_at_once():
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
-                                         timeout=aiohttp.ClientTimeout(total=3600)) as session:
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=clients), timeout=aiohttp.ClientTimeout(total=3600)
+        ) as session:
             return await asyncio.gather(*(post(session, t, m) for t, m in zip(texts, limits)))
 
     async def fixed_rate():
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                         timeout=aiohttp.ClientTimeout(total=3600)) as session:
-            return await asyncio.gather(*(post(session, t, limits[i], i / rate)
-                                          for i, t in enumerate(texts[:rate_requests])))
+        async with aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=3600)
+        ) as session:
+            return await asyncio.gather(
+                *(post(session, t, limits[i], i / rate) for i, t in enumerate(texts[:rate_requests]))
+            )
 
     start = time.perf_counter()
     results = asyncio.run(all_at_once())
     seconds = time.perf_counter() - start
-    batches = {"clients": clients, "batches": stats.batches, "largest_batch": stats.largest_batch, "busy_seconds": stats.busy_seconds,
-               "steps": stats.steps, "batching": engine.batching}
+    batches = {
+        "clients": clients,
+        "batches": stats.batches,
+        "largest_batch": stats.largest_batch,
+        "busy_seconds": stats.busy_seconds,
+        "steps": stats.steps,
+        "batching": engine.batching,
+    }
     timed = asyncio.run(fixed_rate()) if rate_requests else []
     server.should_exit = True
     latencies = sorted(latency for _, latency in timed)
     pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    return {"seconds": seconds, "outputs": [o for o, _ in results], **batches,
-            **({"p50": pick(0.5), "p95": pick(0.95), "rate": rate, "rate_requests": rate_requests} if latencies else {})}
+    return {
+        "seconds": seconds,
+        "outputs": [o for o, _ in results],
+        **batches,
+        **({"p50": pick(0.5), "p95": pick(0.95), "rate": rate, "rate_requests": rate_requests} if latencies else {}),
+    }
 
 
-def worker(method: str, world_file: Path, max_new_tokens: int, fraction: float, peft_fraction: float, out: Path,
-           rate: float, rate_requests: int, answer_lengths: str | None, eos: bool, threads: int, clients: int) -> None:
+def worker(
+    method: str,
+    world_file: Path,
+    max_new_tokens: int,
+    fraction: float,
+    peft_fraction: float,
+    out: Path,
+    rate: float,
+    rate_requests: int,
+    answer_lengths: str | None,
+    eos: bool,
+    threads: int,
+    clients: int,
+) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     world = json.loads(world_file.read_text())
     limits = answer_limits(len(world["requests"]), answer_lengths, max_new_tokens)
-    run = {"ours-mixture": lambda: ours(world, "mixture", limits, eos),
-           "ours-mixture-static": lambda: ours(world, "mixture", limits, eos, batching="static"),
-           "ours-single": lambda: ours(world, "single", limits, eos),
-           "merge-per-group": lambda: merge_per_group(world, limits, eos, fraction),
-           "peft-adapter-names": lambda: peft_adapter_names(world, limits, eos, peft_fraction),
-           "ours-http": lambda: ours_http(world, limits, eos, rate, rate_requests, clients=clients),
-           "ours-http-static": lambda: ours_http(world, limits, eos, rate, rate_requests, batching="static", clients=clients),
-           "base-model": lambda: base_model(world, limits, eos)}[method]
+    run = {
+        "ours-mixture": lambda: ours(world, "mixture", limits, eos),
+        "ours-mixture-static": lambda: ours(world, "mixture", limits, eos, batching="static"),
+        "ours-single": lambda: ours(world, "single", limits, eos),
+        "merge-per-group": lambda: merge_per_group(world, limits, eos, fraction),
+        "peft-adapter-names": lambda: peft_adapter_names(world, limits, eos, peft_fraction),
+        "ours-http": lambda: ours_http(world, limits, eos, rate, rate_requests, clients=clients),
+        "ours-http-static": lambda: ours_http(
+            world, limits, eos, rate, rate_requests, batching="static", clients=clients
+        ),
+        "base-model": lambda: base_model(world, limits, eos),
+    }[method]
     result = run()
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(result))
@@ -456,7 +570,9 @@ def cpu_flags() -> str:
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?"
+    )
     wanted = ["avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"]
     return f"{model}; " + " ".join(f for f in wanted if f in flags)
 
@@ -469,13 +585,24 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sample", type=float, default=0.25, help="Share of the traffic the baselines answer.")
     parser.add_argument("--peft-sample", type=float, help="Share PEFT answers (default: --sample).")
-    parser.add_argument("--rate-share", type=float, default=0.7, help="HTTP latency run: arrival rate as a share of "
-                                                                     "ours-mixture's in-process throughput.")
+    parser.add_argument(
+        "--rate-share",
+        type=float,
+        default=0.7,
+        help="HTTP latency run: arrival rate as a share of ours-mixture's in-process throughput.",
+    )
     parser.add_argument("--rate-requests", type=int, default=64, help="Requests of the fixed-rate latency run.")
-    parser.add_argument("--reuse", action="store_true", help="Take the results of methods not in --methods from the last run.")
-    parser.add_argument("--answer-lengths", metavar="LO-HI", help="Each request's own max_new_tokens, drawn seeded from "
-                                                                  "LO..HI (default: --max-new-tokens for all).")
-    parser.add_argument("--eos", action="store_true", help="Let the end-of-sequence token end answers (default: suppressed).")
+    parser.add_argument(
+        "--reuse", action="store_true", help="Take the results of methods not in --methods from the last run."
+    )
+    parser.add_argument(
+        "--answer-lengths",
+        metavar="LO-HI",
+        help="Each request's own max_new_tokens, drawn seeded from LO..HI (default: --max-new-tokens for all).",
+    )
+    parser.add_argument(
+        "--eos", action="store_true", help="Let the end-of-sequence token end answers (default: suppressed)."
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method process.")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="HTTP throughput run: requests in flight at once.")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -486,8 +613,20 @@ def main() -> None:
     args.max_new_tokens = args.max_new_tokens or (16 if args.setting == "today" else 32)
     args.peft_sample = args.peft_sample or args.sample
     if args.worker:
-        return worker(args.worker, args.world, args.max_new_tokens, args.sample, args.peft_sample, args.out, args.rate,
-                      args.rate_requests, args.answer_lengths, args.eos, args.threads, args.clients)
+        return worker(
+            args.worker,
+            args.world,
+            args.max_new_tokens,
+            args.sample,
+            args.peft_sample,
+            args.out,
+            args.rate,
+            args.rate_requests,
+            args.answer_lengths,
+            args.eos,
+            args.threads,
+            args.clients,
+        )
     if args.answer_lengths and not re.fullmatch(r"\d+-\d+", args.answer_lengths):
         parser.error(f"--answer-lengths {args.answer_lengths}: give LO-HI, e.g. 4-64.")
     began_all, load_start = time.perf_counter(), open("/proc/loadavg").read().split()[:3]
@@ -495,8 +634,16 @@ def main() -> None:
     root = CACHE / args.setting
     world_file = root / f"world-{args.requests}.json"
     results = {}
-    setting = {"setting": args.setting, "requests": args.requests, "max_new_tokens": args.max_new_tokens, "sample": args.sample,
-               "peft_sample": args.peft_sample, "answer_lengths": args.answer_lengths, "eos": args.eos, "threads": args.threads}
+    setting = {
+        "setting": args.setting,
+        "requests": args.requests,
+        "max_new_tokens": args.max_new_tokens,
+        "sample": args.sample,
+        "peft_sample": args.peft_sample,
+        "answer_lengths": args.answer_lengths,
+        "eos": args.eos,
+        "threads": args.threads,
+    }
     for method in METHODS if args.reuse else ():
         cached = root / f"result-{method}.json"
         if method not in args.methods.split(",") and cached.exists():
@@ -506,17 +653,48 @@ def main() -> None:
     for method in filter(None, args.methods.split(",")):
         out = root / f"result-{method}.json"
         began = time.perf_counter()
-        rate = args.rate_share * args.requests / results["ours-mixture"]["seconds"] if "ours-mixture" in results else 1.0
-        subprocess.run([sys.executable, __file__, "--worker", method, "--world", str(world_file), "--setting", args.setting,
-                        "--max-new-tokens", str(args.max_new_tokens), "--sample", str(args.sample),
-                        "--peft-sample", str(args.peft_sample), "--out", str(out), "--threads", str(args.threads), "--clients", str(args.clients),
-                        *(["--answer-lengths", args.answer_lengths] if args.answer_lengths else []), *(["--eos"] if args.eos else []),
-                        "--rate", str(rate), "--rate-requests", str(args.rate_requests if "ours-mixture" in results else 0)],
-                       check=True)
+        rate = (
+            args.rate_share * args.requests / results["ours-mixture"]["seconds"] if "ours-mixture" in results else 1.0
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                method,
+                "--world",
+                str(world_file),
+                "--setting",
+                args.setting,
+                "--max-new-tokens",
+                str(args.max_new_tokens),
+                "--sample",
+                str(args.sample),
+                "--peft-sample",
+                str(args.peft_sample),
+                "--out",
+                str(out),
+                "--threads",
+                str(args.threads),
+                "--clients",
+                str(args.clients),
+                *(["--answer-lengths", args.answer_lengths] if args.answer_lengths else []),
+                *(["--eos"] if args.eos else []),
+                "--rate",
+                str(rate),
+                "--rate-requests",
+                str(args.rate_requests if "ours-mixture" in results else 0),
+            ],
+            check=True,
+        )
         results[method] = r = {**json.loads(out.read_text()), "setting": setting}
         out.write_text(json.dumps(r))
-        print(f"{method}: {r['seconds']:.1f} s generating, {time.perf_counter() - began:.1f} s in all, "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        print(
+            f"{method}: {r['seconds']:.1f} s generating, {time.perf_counter() - began:.1f} s in all, "
+            f"peak RSS {r['peak_rss_mb']:.0f} MB",
+            file=sys.stderr,
+            flush=True,
+        )
     # The sampled baselines answer a sample whose inputs may be shorter or longer than the traffic's: the ratios
     # are given per request and per input token (the encoder's work is linear in input tokens).
     from fixtures import _tokenizer
@@ -527,49 +705,78 @@ def main() -> None:
     token_rate = {m: tokens[m] / r["seconds"] for m, r in results.items()}
     request_rate = {m: r.get("answered", args.requests) / r["seconds"] for m, r in results.items()}
     sets = len({tuple(sorted(r["routes"])) for r in world["requests"]})
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
-          f"{args.threads} threads; /proc/loadavg at the start {' '.join(load_start)}, at the end "
-          f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {time.perf_counter() - began_all:.0f} s in all")
-    print(f"setting {args.setting}: {args.requests} requests from {world.get('traffic_tasks', 20)} tasks over "
-          f"{world.get('adapters', 20)} adapters ({sets} distinct retrieved sets), k = {K}, batch {BATCH}, "
-          + (f"max_new_tokens per request from {args.answer_lengths} (seeded)" if args.answer_lengths
-             else f"{args.max_new_tokens} new tokens each") + (", EOS ends answers" if args.eos else "") + " (greedy)")
-    print("| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) "
-          "| peak RSS (MB) | vs its baseline (requests/s, input tokens/s) | outputs equal to |")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
+        f"{args.threads} threads; /proc/loadavg at the start {' '.join(load_start)}, at the end "
+        f"{' '.join(open('/proc/loadavg').read().split()[:3])}; {time.perf_counter() - began_all:.0f} s in all"
+    )
+    print(
+        f"setting {args.setting}: {args.requests} requests from {world.get('traffic_tasks', 20)} tasks over "
+        f"{world.get('adapters', 20)} adapters ({sets} distinct retrieved sets), k = {K}, batch {BATCH}, "
+        + (
+            f"max_new_tokens per request from {args.answer_lengths} (seeded)"
+            if args.answer_lengths
+            else f"{args.max_new_tokens} new tokens each"
+        )
+        + (", EOS ends answers" if args.eos else "")
+        + " (greedy)"
+    )
+    print(
+        "| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) "
+        "| peak RSS (MB) | vs its baseline (requests/s, input tokens/s) | outputs equal to |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
-    pairs = {"ours-mixture": "merge-per-group", "ours-single": "peft-adapter-names", "ours-http": "ours-mixture",
-             "ours-mixture-static": "ours-mixture", "ours-http-static": "ours-http"}
+    pairs = {
+        "ours-mixture": "merge-per-group",
+        "ours-single": "peft-adapter-names",
+        "ours-http": "ours-mixture",
+        "ours-mixture-static": "ours-mixture",
+        "ours-http-static": "ours-http",
+    }
     for method, r in sorted(results.items(), key=lambda item: METHODS.index(item[0])):
         latency = f"{r['p50']:.1f} / {r['p95']:.1f} at {r['rate']:.2f}/s" if "p50" in r else "–"
         baseline = pairs.get(method)
-        ratio = (f"{request_rate[method] / request_rate[baseline]:.2f}x, {token_rate[method] / token_rate[baseline]:.2f}x"
-                 if baseline in results else "–")
+        ratio = (
+            f"{request_rate[method] / request_rate[baseline]:.2f}x, {token_rate[method] / token_rate[baseline]:.2f}x"
+            if baseline in results
+            else "–"
+        )
         equal = f"{same(r['outputs'], results[baseline]['outputs'])} of {baseline}" if baseline in results else "–"
         answered = f"{r['answered']} ({r['units']})" if "units" in r else str(args.requests)
-        print(f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {request_rate[method]:.2f} "
-              f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |")
+        print(
+            f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {request_rate[method]:.2f} "
+            f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |"
+        )
     for method in ("ours-http", "ours-http-static"):
         if "batches" in results.get(method, {}):
             r = results[method]
             steps = f", {r['steps']} decoding steps" if r.get("steps") else ""
             clients = f"{r['clients']} requests in flight, " if r.get("clients") else ""
-            print(f"{method}: {clients}{r['batches']} batches (largest {r['largest_batch']}{steps}), the model busy "
-                  f"{r['busy_seconds']:.1f} s of the {r['seconds']:.1f} s")
+            print(
+                f"{method}: {clients}{r['batches']} batches (largest {r['largest_batch']}{steps}), the model busy "
+                f"{r['busy_seconds']:.1f} s of the {r['seconds']:.1f} s"
+            )
     for continuous, static in (("ours-mixture", "ours-mixture-static"), ("ours-http", "ours-http-static")):
         if continuous in results and static in results:
             a, b = results[continuous], results[static]
-            line = (f"continuous / static batching, {continuous}: {request_rate[continuous] / request_rate[static]:.2f}x "
-                    f"requests/s ({a['seconds']:.1f} s against {b['seconds']:.1f} s)")
+            line = (
+                f"continuous / static batching, {continuous}: {request_rate[continuous] / request_rate[static]:.2f}x "
+                f"requests/s ({a['seconds']:.1f} s against {b['seconds']:.1f} s)"
+            )
             if "p50" in a and "p50" in b:
-                line += f"; p50 {a['p50']:.2f} s against {b['p50']:.2f} s, p95 {a['p95']:.2f} s against {b['p95']:.2f} s"
+                line += (
+                    f"; p50 {a['p50']:.2f} s against {b['p50']:.2f} s, p95 {a['p95']:.2f} s against {b['p95']:.2f} s"
+                )
             if "generated_tokens" in a:
                 line += f"; {a['generated_tokens']} tokens generated"
             print(line + f"; outputs equal {same(a['outputs'], b['outputs'])}")
     for method in ("ours-mixture", "ours-single"):
         if "bank_mb" in results.get(method, {}):
             r = results[method]
-            print(f"{method}: bank {r['bank_mb']:.0f} MB for adapter files of {r['adapter_files_mb']:.0f} MB; "
-                  f"base model {r['base_mb']:.0f} MB; peak RSS {r['peak_rss_mb']:.0f} MB")
+            print(
+                f"{method}: bank {r['bank_mb']:.0f} MB for adapter files of {r['adapter_files_mb']:.0f} MB; "
+                f"base model {r['base_mb']:.0f} MB; peak RSS {r['peak_rss_mb']:.0f} MB"
+            )
 
 
 if __name__ == "__main__":

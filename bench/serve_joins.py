@@ -28,8 +28,16 @@ from lorahub_cli.serve.engine import Decoding, Engine, Request  # noqa: E402
 def main() -> None:
     torch.set_num_threads(2)
     world = json.loads((serve.CACHE / "library" / "world-256.json").read_text())
-    engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", k=serve.K, compose="mixture",
-                                  max_new_tokens=32, batch_size=serve.BATCH, max_input_tokens=serve.MAX_INPUT_TOKENS)
+    engine = Engine.from_registry(
+        Store(Path(world["home"])),
+        dtype="float32",
+        device="cpu",
+        k=serve.K,
+        compose="mixture",
+        max_new_tokens=32,
+        batch_size=serve.BATCH,
+        max_input_tokens=serve.MAX_INPUT_TOKENS,
+    )
     serve.suppress_special(engine.base.model, engine.base.tokenizer, False)
     texts = [r["input"] for r in world["requests"]]
     engine.run([Request(t, max_new_tokens=2) for t in texts[:2]])  # warm-up
@@ -45,8 +53,10 @@ def main() -> None:
     for label, chosen in (("with a join", True), ("without", False)):
         times = sorted(t for t, rows, j in steps if j == chosen and rows >= 12)
         if times:
-            print(f"steps {label} (12 or more rows running): {len(times)}, median {times[len(times) // 2]:.3f} s, "
-                  f"range {times[0]:.3f}-{times[-1]:.3f} s")
+            print(
+                f"steps {label} (12 or more rows running): {len(times)}, median {times[len(times) // 2]:.3f} s, "
+                f"range {times[0]:.3f}-{times[-1]:.3f} s"
+            )
 
 
 if __name__ == "__main__":

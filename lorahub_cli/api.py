@@ -46,8 +46,19 @@ def scratch_store(prefix: str, keep: Path | None = None) -> Iterator:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def sync(store, entries, *, base_model: str | None = None, workers: int = 4, catalog=None, cards: bool = False,
-         max_examples: int = 1000, embedder: str | None = None, progress_factory=None, warn=None) -> list:
+def sync(
+    store,
+    entries,
+    *,
+    base_model: str | None = None,
+    workers: int = 4,
+    catalog=None,
+    cards: bool = False,
+    max_examples: int = 1000,
+    embedder: str | None = None,
+    progress_factory=None,
+    warn=None,
+) -> list:
     """Mirror catalogue or author `entries` into `store`; with `cards`, build the missing cards from the
     catalogue's training dataset. Returns one MirrorResult per entry; an adapter whose card failed is a failure."""
     from huggingface_hub.utils import disable_progress_bars
@@ -57,21 +68,29 @@ def sync(store, entries, *, base_model: str | None = None, workers: int = 4, cat
 
     stage = progress_factory or no_progress
     if cards and not (catalog and catalog.dataset):
-        raise InputError("--cards needs a catalogue that names a training dataset.",
-                         "Build cards with: lorahub card build ID --dataset ...")
+        raise InputError(
+            "--cards needs a catalogue that names a training dataset.",
+            "Build cards with: lorahub card build ID --dataset ...",
+        )
     disable_progress_bars()  # lorahub's bar is the one progress display; the client's would interleave with it
     with stage(f"Mirroring {len(entries)} adapters", len(entries)) as advance:
-        results = sync_entries(store, entries, base_model=base_model, workers=workers, on_result=lambda r: advance(),
-                               warn=warn)
+        results = sync_entries(
+            store, entries, base_model=base_model, workers=workers, on_result=lambda r: advance(), warn=warn
+        )
     if cards:
         tasks = {e.repo_id: e.task for e in entries if e.task}
         todo = [r for r in results if r.status != "failed" and tasks.get(r.id) and not (r.record and r.record.has_card)]
         with stage(f"Building {len(todo)} cards", len(todo)) as advance:
             for result in todo:
                 try:
-                    card_from_source(store, result.id, dataset=catalog.dataset,
-                                     filters=[f"{catalog.task_field}={tasks[result.id]}"], max_examples=max_examples,
-                                     embedder=embedder)
+                    card_from_source(
+                        store,
+                        result.id,
+                        dataset=catalog.dataset,
+                        filters=[f"{catalog.task_field}={tasks[result.id]}"],
+                        max_examples=max_examples,
+                        embedder=embedder,
+                    )
                     result.message = "card built"
                 except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
                     # The adapter is stored, but the sync did not do what was asked: a failure.
@@ -83,8 +102,17 @@ def sync(store, entries, *, base_model: str | None = None, workers: int = 4, cat
 # --- compose -------------------------------------------------------------------------------------
 
 
-def compose(shots: Path, out: Path, options, *, level: str = "task", overwrite: bool = False,
-            store=None, progress_factory=None, base=None) -> dict:
+def compose(
+    shots: Path,
+    out: Path,
+    options,
+    *,
+    level: str = "task",
+    overwrite: bool = False,
+    store=None,
+    progress_factory=None,
+    base=None,
+) -> dict:
     """Compose registry adapters for the task `shots` shows and write them to `out`; returns the summary.
 
     `options`: a compose.pipeline.ComposeOptions (imported there: this module loads torch only when called).
@@ -107,11 +135,18 @@ def compose(shots: Path, out: Path, options, *, level: str = "task", overwrite: 
     run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
     searches = len(examples) + options.warm_start if level == "instance" else 1
     with (progress_factory or no_progress)("Searching weights", options.search.budget * searches) as advance:
-        composition = run(store, examples, shots_meta, options, base=base,
-                          progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"))
+        composition = run(
+            store,
+            examples,
+            shots_meta,
+            options,
+            base=base,
+            progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"),
+        )
     folder = pipeline.write(composition, out, overwrite=overwrite, inputs=(shots,))
-    return _summary(folder, composition.recipe, sum(r.evaluations for r in composition.results if r),
-                    time.perf_counter() - start)
+    return _summary(
+        folder, composition.recipe, sum(r.evaluations for r in composition.results if r), time.perf_counter() - start
+    )
 
 
 def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: float | None = None) -> dict:
@@ -126,13 +161,25 @@ def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: floa
     if seconds is not None:
         summary["seconds"] = round(seconds, 3)
     if recipe.level == "instance":
-        summary["compositions"] = [{"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]},
-                                    "loss": c["loss"]} for c in recipe.compositions]
+        summary["compositions"] = [
+            {"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]}, "loss": c["loss"]}
+            for c in recipe.compositions
+        ]
     return summary
 
 
-def compose_folder(tasks_dir: Path, out: Path, options, *, level: str = "task", overwrite: bool = False, store=None,
-                   ray=None, progress_factory=None, on_event=None) -> list[dict]:
+def compose_folder(
+    tasks_dir: Path,
+    out: Path,
+    options,
+    *,
+    level: str = "task",
+    overwrite: bool = False,
+    store=None,
+    ray=None,
+    progress_factory=None,
+    on_event=None,
+) -> list[dict]:
     """`compose` for every shots file `tasks_dir/<name>.jsonl`, into `out/<name>/`: here, one after the other on
     one loaded model, or on Ray actors (`ray`: a scale.cluster.RayOptions) while this process writes every folder.
 
@@ -148,7 +195,9 @@ def compose_folder(tasks_dir: Path, out: Path, options, *, level: str = "task", 
         raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
     store = store or open_store()
     jobs, done, refused = batch.plan(tasks_dir, out, overwrite)
-    rows = {name: {"task": name, "status": "done earlier", **_summary(out / name, Recipe.load(out / name))} for name in done}
+    rows = {
+        name: {"task": name, "status": "done earlier", **_summary(out / name, Recipe.load(out / name))} for name in done
+    }
     failed = lambda name, error: {"task": name, "status": "failed", "out": str(out / name), "error": error}  # noqa: E731
     rows.update({name: failed(name, error) for name, error in refused.items()})
     with (progress_factory or no_progress)("Composing", len(jobs) + len(rows)) as advance:
@@ -157,7 +206,9 @@ def compose_folder(tasks_dir: Path, out: Path, options, *, level: str = "task", 
             base = batch.load_shared_base(store, options)
             for job in jobs:
                 try:
-                    summary = compose(job.path, job.dest, options, level=level, overwrite=overwrite, store=store, base=base)
+                    summary = compose(
+                        job.path, job.dest, options, level=level, overwrite=overwrite, store=store, base=base
+                    )
                 except LorahubError as error:
                     rows[job.name] = failed(job.name, str(error))
                     continue
@@ -171,7 +222,11 @@ def compose_folder(tasks_dir: Path, out: Path, options, *, level: str = "task", 
                 composition, seconds = result
                 folder = pipeline.write(composition, job.dest, overwrite=overwrite, inputs=(job.path,))
                 evaluations = sum(r.evaluations for r in composition.results if r)
-                rows[job.name] = {"task": job.name, "status": "composed", **_summary(folder, composition.recipe, evaluations, seconds)}
+                rows[job.name] = {
+                    "task": job.name,
+                    "status": "composed",
+                    **_summary(folder, composition.recipe, evaluations, seconds),
+                }
     return [rows[name] for name in sorted(rows)]
 
 
@@ -187,15 +242,30 @@ def rebuild(recipe_path: Path, out: Path, *, overwrite: bool = False, store=None
     recipe = Recipe.load(recipe_path)
     adapter = pipeline.rebuild(store or open_store(), recipe)
     folder = write_folder(out, lambda tmp: write_adapter_folder(tmp, adapter, recipe), overwrite=overwrite)
-    return {"out": str(folder), "weights": recipe.weights, "loss": recipe.loss, "evaluations": 0,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "out": str(folder),
+        "weights": recipe.weights,
+        "loss": recipe.loss,
+        "evaluations": 0,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 # --- evaluate ------------------------------------------------------------------------------------
 
 
-def evaluate(suite, methods: list[str], seeds: list[int], config, out: Path, *, store=None, title: str | None = None,
-             progress_factory=None, ray=None) -> dict:
+def evaluate(
+    suite,
+    methods: list[str],
+    seeds: list[int],
+    config,
+    out: Path,
+    *,
+    store=None,
+    title: str | None = None,
+    progress_factory=None,
+    ray=None,
+) -> dict:
     """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary.
     The composing methods draw from `store`, else from the user's registry. With `ray` (a
     scale.cluster.RayOptions) the missing cells run on Ray actors; this process still writes them."""
@@ -209,12 +279,14 @@ def evaluate(suite, methods: list[str], seeds: list[int], config, out: Path, *, 
         from .scale.eval import ray_executor
 
         execute = ray_executor(ray, config, store)
-    return run(suite, methods, seeds, config, out, store=store, title=title, progress_factory=progress_factory,
-               execute=execute)
+    return run(
+        suite, methods, seeds, config, out, store=store, title=title, progress_factory=progress_factory, execute=execute
+    )
 
 
-def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out: Path, *,
-                  progress_factory=None, ray=None) -> dict:
+def evaluate_demo(
+    tasks: str, methods: list[str], seeds: list[int], config, out: Path, *, progress_factory=None, ray=None
+) -> dict:
     """`evaluate` on the demo library's held-out tasks, with its adapters mirrored into a temporary registry."""
     from dataclasses import replace
 
@@ -222,16 +294,26 @@ def evaluate_demo(tasks: str, methods: list[str], seeds: list[int], config, out:
     from .models import torch_threads
 
     suite = library.load_suite().select(tasks)
-    config = replace(config, base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32",
-                     device="cpu")
+    config = replace(
+        config, base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32", device="cpu"
+    )
     with scratch_store("lorahub-eval-demo-") as store:
         with (progress_factory or no_progress)("Mirroring the demo adapters", len(library.upstream_tasks())) as advance:
             library.mirror(store, progress=advance)
         with torch_threads(library.THREADS):
             if ray is not None:  # as many threads per Ray worker as here: the demo model gains nothing from more
                 ray = replace(ray, max_threads=library.THREADS)
-            return evaluate(suite, methods, seeds, config, out, store=store, title="Demo library: held-out tasks",
-                            progress_factory=progress_factory, ray=ray)
+            return evaluate(
+                suite,
+                methods,
+                seeds,
+                config,
+                out,
+                store=store,
+                title="Demo library: held-out tasks",
+                progress_factory=progress_factory,
+                ray=ray,
+            )
 
 
 # --- the demo ------------------------------------------------------------------------------------
@@ -246,8 +328,16 @@ def free_folder(folder: Path) -> Path:
     return candidate
 
 
-def demo(task: str = DEMO["task"], *, seed: int = DEMO["seed"], num_modules: int = DEMO["num_modules"],
-         budget: int | None = None, out: Path | None = None, home: Path | None = None, progress_factory=None) -> dict:
+def demo(
+    task: str = DEMO["task"],
+    *,
+    seed: int = DEMO["seed"],
+    num_modules: int = DEMO["num_modules"],
+    budget: int | None = None,
+    out: Path | None = None,
+    home: Path | None = None,
+    progress_factory=None,
+) -> dict:
     """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate, write to `out`
     (default: a new ./lorahub-demo-TASK); the registry lives in `home` or a temporary folder."""
     from .demo import library, tour
@@ -259,5 +349,12 @@ def demo(task: str = DEMO["task"], *, seed: int = DEMO["seed"], num_modules: int
     target = out if out is not None else free_folder(Path(f"lorahub-demo-{task}"))
     check_destination(target)
     with scratch_store("lorahub-demo-", home) as store:
-        return tour.run(store, target, task=task, seed=seed, num_modules=num_modules,
-                        budget=budget or COMPOSE["budget"], progress_factory=progress_factory)
+        return tour.run(
+            store,
+            target,
+            task=task,
+            seed=seed,
+            num_modules=num_modules,
+            budget=budget or COMPOSE["budget"],
+            progress_factory=progress_factory,
+        )

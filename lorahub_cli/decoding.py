@@ -58,7 +58,7 @@ def cut(tok, ids: list[int], stops: list[str]) -> tuple[list[int], str | None]:
         text = tok.decode(ids[:end], skip_special_tokens=True)
         hits = [text.index(stop) for stop in stops if stop in text]
         if hits:
-            return ids[:end], text[:min(hits)]
+            return ids[:end], text[: min(hits)]
     return ids, None
 
 
@@ -67,21 +67,30 @@ def finish(tok, row: list[int], logprobs: list[float], stops: list[str], prompt_
     eos = tok.eos_token_id
     reason = "length"
     if eos is not None and eos in row:
-        row, reason = row[:row.index(eos) + 1], "eos_token"
+        row, reason = row[: row.index(eos) + 1], "eos_token"
     cut_ids, text = cut(tok, row, stops)
     if text is not None:
         row, reason = cut_ids, "stop_sequence"
     else:
         text = tok.batch_decode([row], skip_special_tokens=True)[0]
-    return Generated(text.strip(), row, logprobs[:len(row)], reason, prompt_tokens)
+    return Generated(text.strip(), row, logprobs[: len(row)], reason, prompt_tokens)
 
 
 # Generation-config fields that change greedy scores, at the values that leave them alone.
-_UNSUPPORTED_SCORES = {"repetition_penalty": (None, 1.0), "encoder_repetition_penalty": (None, 1.0),
-                       "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
-                       "bad_words_ids": (None,), "min_length": (None, 0), "min_new_tokens": (None, 0),
-                       "forced_bos_token_id": (None,), "forced_eos_token_id": (None,), "sequence_bias": (None,),
-                       "exponential_decay_length_penalty": (None,), "renormalize_logits": (None, False)}
+_UNSUPPORTED_SCORES = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "renormalize_logits": (None, False),
+}
 
 
 def steppable(base) -> bool:
@@ -89,7 +98,9 @@ def steppable(base) -> bool:
     (not sliding-window) attention and per-row position ids, and no score option the loop does not apply."""
     config = base.model.config
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) or any("sliding" in str(t) for t in getattr(text, "layer_types", None) or ()):
+    if getattr(text, "sliding_window", None) or any(
+        "sliding" in str(t) for t in getattr(text, "layer_types", None) or ()
+    ):
         return False
     params = inspect.signature(type(base.model).forward).parameters
     if not base.is_seq2seq and "position_ids" not in params:
@@ -129,8 +140,11 @@ class Decoder:
 
     def __init__(self, base, *, bank=None, formula: str | None = None, max_batch: int = 16):
         if not steppable(base):
-            raise InputError("this model cannot be decoded step by step here (sliding-window attention, no "
-                             "position ids, or a generation config option that changes scores).", "Use --batching static.")
+            raise InputError(
+                "this model cannot be decoded step by step here (sliding-window attention, no "
+                "position ids, or a generation config option that changes scores).",
+                "Use --batching static.",
+            )
         if max_batch < 1:
             raise InputError(f"the batch size is {max_batch}.", "Give a batch size of 1 or more.")
         self.base, self.bank, self.formula, self.max_batch = base, bank, formula, max_batch
@@ -149,14 +163,25 @@ class Decoder:
 
     # --- the queue -------------------------------------------------------------------------------
 
-    def add(self, key, ids: list[int], *, max_new_tokens: int, stop=(), weights: torch.Tensor | None = None,
-            on_token: Callable | None = None, cancelled: Callable[[], bool] | None = None) -> None:
+    def add(
+        self,
+        key,
+        ids: list[int],
+        *,
+        max_new_tokens: int,
+        stop=(),
+        weights: torch.Tensor | None = None,
+        on_token: Callable | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
         """Queue a row. `on_token(token, logprob, Generated or None)` as each token is decoded; `cancelled()`
         true at a step: the row leaves then, reported by `step` with None for its Generated."""
         if (weights is None) != (self.bank is None):
             raise InputError("a row's weights and the decoder's bank must be given together.", "Pass both or neither.")
         if max_new_tokens < 1 or not ids:
-            raise InputError(f"a row of {len(ids)} tokens asks for {max_new_tokens} new tokens.", "Give both 1 or more.")
+            raise InputError(
+                f"a row of {len(ids)} tokens asks for {max_new_tokens} new tokens.", "Give both 1 or more."
+            )
         self.waiting.append(_Row(key, list(ids), max_new_tokens, list(stop), weights, on_token, cancelled))
 
     @property
@@ -190,7 +215,9 @@ class Decoder:
         if self.batch is not None:
             self.batch = self._decode(self.batch, done)
         if fresh is not None:
-            self.batch = fresh if self.batch is None else _merge(self.batch, fresh, self.base.is_seq2seq, self.max_batch)
+            self.batch = (
+                fresh if self.batch is None else _merge(self.batch, fresh, self.base.is_seq2seq, self.max_batch)
+            )
         return done
 
     def _composed(self, bank_rows):
@@ -216,23 +243,39 @@ class Decoder:
 
                 ids = torch.tensor([r.prompt + [pad] * (width - len(r.prompt)) for r in rows], device=dev)
                 enc_mask = torch.tensor([[1] * len(r.prompt) + [0] * (width - len(r.prompt)) for r in rows], device=dev)
-                encoder = self.model.get_encoder()(input_ids=ids, attention_mask=enc_mask, return_dict=True).last_hidden_state
+                encoder = self.model.get_encoder()(
+                    input_ids=ids, attention_mask=enc_mask, return_dict=True
+                ).last_hidden_state
                 encoder_layers = set(bank_rows.grouped.cache) if bank_rows is not None and bank_rows.grouped else set()
                 cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
                 first = torch.full((len(rows), 1), self._start, dtype=torch.long, device=dev)
                 mask = torch.ones(len(rows), 1, dtype=torch.long, device=dev)
-                logits = self._forward(cache, encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
-                                       attention_mask=enc_mask, decoder_input_ids=first, decoder_attention_mask=mask)
+                logits = self._forward(
+                    cache,
+                    encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
+                    attention_mask=enc_mask,
+                    decoder_input_ids=first,
+                    decoder_attention_mask=mask,
+                )
                 for layer in encoder_layers:  # the decoding steps never use the encoder's layers again
                     bank_rows.grouped.cache.pop(layer, None)
-                batch = _Batch(rows, cache, mask, first[:, 0], encoder_mask=enc_mask, bank_rows=bank_rows,
-                               encoder_like=encoder.new_zeros((1, 1, encoder.shape[-1])))
+                batch = _Batch(
+                    rows,
+                    cache,
+                    mask,
+                    first[:, 0],
+                    encoder_mask=enc_mask,
+                    bank_rows=bank_rows,
+                    encoder_like=encoder.new_zeros((1, 1, encoder.shape[-1])),
+                )
             else:
                 ids = torch.tensor([[pad] * (width - len(r.prompt)) + r.prompt for r in rows], device=dev)
                 mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=dev)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 cache = DynamicCache()
-                logits = self._forward(cache, input_ids=ids, attention_mask=mask, position_ids=positions, **self._keep_last)
+                logits = self._forward(
+                    cache, input_ids=ids, attention_mask=mask, position_ids=positions, **self._keep_last
+                )
                 batch = _Batch(rows, cache, mask, ids[:, -1], positions=mask.sum(-1), bank_rows=bank_rows)
         _check_layers(cache)
         return self._choose(batch, logits, done)
@@ -247,12 +290,20 @@ class Decoder:
                 # After the first step every layer reads the encoder side from its cross-attention cache: the
                 # states themselves only give the mask its shape, so a broadcast zero stands in for them.
                 encoder = batch.encoder_like.expand(*batch.encoder_mask.shape, -1)
-                logits = self._forward(batch.cache, encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
-                                       attention_mask=batch.encoder_mask, decoder_input_ids=batch.next[:, None],
-                                       decoder_attention_mask=mask)
+                logits = self._forward(
+                    batch.cache,
+                    encoder_outputs=BaseModelOutput(last_hidden_state=encoder),
+                    attention_mask=batch.encoder_mask,
+                    decoder_input_ids=batch.next[:, None],
+                    decoder_attention_mask=mask,
+                )
             else:
-                logits = self._forward(batch.cache, input_ids=batch.next[:, None], attention_mask=mask,
-                                       position_ids=batch.positions[:, None])
+                logits = self._forward(
+                    batch.cache,
+                    input_ids=batch.next[:, None],
+                    attention_mask=mask,
+                    position_ids=batch.positions[:, None],
+                )
                 batch.positions = batch.positions + 1
         batch.mask = mask
         return self._choose(batch, logits, done)
@@ -264,7 +315,9 @@ class Decoder:
             scores[:, self._suppress] = -float("inf")
         if self._begin_suppress:
             first = torch.tensor([not r.tokens for r in batch.rows], device=scores.device)
-            scores[:, self._begin_suppress] = torch.where(first[:, None], -float("inf"), scores[:, self._begin_suppress])
+            scores[:, self._begin_suppress] = torch.where(
+                first[:, None], -float("inf"), scores[:, self._begin_suppress]
+            )
         chosen = scores.argmax(dim=-1)
         logprobs = torch.log_softmax(scores, dim=-1).amax(dim=-1).tolist()
         eos = self.tok.eos_token_id
@@ -275,8 +328,11 @@ class Decoder:
                 continue
             row.tokens.append(token)
             row.logprobs.append(logprobs[i])
-            ended = (token == eos or len(row.tokens) >= row.limit
-                     or (row.stops and any(s in self.tok.decode(row.tokens, skip_special_tokens=True) for s in row.stops)))
+            ended = (
+                token == eos
+                or len(row.tokens) >= row.limit
+                or (row.stops and any(s in self.tok.decode(row.tokens, skip_special_tokens=True) for s in row.stops))
+            )
             generated = finish(self.tok, row.tokens, row.logprobs, row.stops, len(row.prompt)) if ended else None
             if row.on_token is not None:
                 row.on_token(token, logprobs[i], generated)
@@ -332,7 +388,9 @@ def _check_layers(cache) -> None:
     for part in _caches(cache):
         for layer in getattr(part, "layers", []) if part is not None else []:
             if getattr(layer, "is_sliding", False):
-                raise InputError("this model's cache slides; continuous batching pads full caches.", "Use --batching static.")
+                raise InputError(
+                    "this model's cache slides; continuous batching pads full caches.", "Use --batching static."
+                )
 
 
 def _pad(t: torch.Tensor, dim: int, size: int, left: bool) -> torch.Tensor:
@@ -385,9 +443,16 @@ def _merge(a: _Batch, b: _Batch, seq2seq: bool, capacity: int) -> _Batch:
     a_self, a_cross = _caches(a.cache)
     b_self, b_cross = _caches(b.cache)
     width = max(a.mask.shape[1], b.mask.shape[1])
-    _store(a_self, [(torch.cat([_pad(ka, 2, width, True), _pad(kb, 2, width, True)]),
-                     torch.cat([_pad(va, 2, width, True), _pad(vb, 2, width, True)]))
-                    for (ka, va), (kb, vb) in zip(_tensors(a_self), _tensors(b_self))])
+    _store(
+        a_self,
+        [
+            (
+                torch.cat([_pad(ka, 2, width, True), _pad(kb, 2, width, True)]),
+                torch.cat([_pad(va, 2, width, True), _pad(vb, 2, width, True)]),
+            )
+            for (ka, va), (kb, vb) in zip(_tensors(a_self), _tensors(b_self))
+        ],
+    )
     a.mask = torch.cat([_pad(a.mask, 1, width, True), _pad(b.mask, 1, width, True)])
     a.rows, a.next = a.rows + b.rows, torch.cat([a.next, b.next])
     if a.positions is not None:
@@ -395,9 +460,16 @@ def _merge(a: _Batch, b: _Batch, seq2seq: bool, capacity: int) -> _Batch:
     if seq2seq:
         length = max(a.encoder_mask.shape[1], b.encoder_mask.shape[1])
         a.encoder_mask = torch.cat([_pad(a.encoder_mask, 1, length, False), _pad(b.encoder_mask, 1, length, False)])
-        _store(a_cross, [(append_rows(_pad(ka, 2, length, False), _pad(kb, 2, length, False), capacity),
-                          append_rows(_pad(va, 2, length, False), _pad(vb, 2, length, False), capacity))
-                         for (ka, va), (kb, vb) in zip(_tensors(a_cross), _tensors(b_cross))])
+        _store(
+            a_cross,
+            [
+                (
+                    append_rows(_pad(ka, 2, length, False), _pad(kb, 2, length, False), capacity),
+                    append_rows(_pad(va, 2, length, False), _pad(vb, 2, length, False), capacity),
+                )
+                for (ka, va), (kb, vb) in zip(_tensors(a_cross), _tensors(b_cross))
+            ],
+        )
     if a.bank_rows is not None:
         a.bank_rows = a.bank_rows.cat(b.bank_rows, capacity)
     return a

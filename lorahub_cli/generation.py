@@ -27,7 +27,7 @@ from .models import BaseModel
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first), so little padding is computed."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def _row_weights(weights, rows: int, n: int) -> torch.Tensor | None:
@@ -36,8 +36,10 @@ def _row_weights(weights, rows: int, n: int) -> torch.Tensor | None:
     W = torch.as_tensor(weights, dtype=torch.float32)
     W = W.expand(rows, n) if W.ndim == 1 else W
     if W.shape != (rows, n):
-        raise InputError(f"weights of shape {tuple(W.shape)} do not fit {rows} inputs and {n} adapters.",
-                         f"Give one weight vector of length {n}, or one per input.")
+        raise InputError(
+            f"weights of shape {tuple(W.shape)} do not fit {rows} inputs and {n} adapters.",
+            f"Give one weight vector of length {n}, or one per input.",
+        )
     return W
 
 
@@ -76,11 +78,16 @@ def generate_details(
     """As `generate`, with each row's tokens, log-probabilities and finish reason; `stop`: strings per input.
     `batching`: "continuous" (the step loop of `Decoder`) or "static" (whole batches through `model.generate`)."""
     if weights is not None and bank is None:
-        raise InputError("weights were given without a LoRA bank.", "Pass bank= with the adapters the weights refer to.")
+        raise InputError(
+            "weights were given without a LoRA bank.", "Pass bank= with the adapters the weights refer to."
+        )
     limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if batch_size < 1 or len(limits) != len(inputs) or min(limits, default=1) < 1:
-        raise InputError(f"batch size {batch_size} and max new tokens {max_new_tokens} must be 1 or more, one limit "
-                         "or one per input.", "Give --batch-size and --max-new-tokens of 1 or more.")
+        raise InputError(
+            f"batch size {batch_size} and max new tokens {max_new_tokens} must be 1 or more, one limit "
+            "or one per input.",
+            "Give --batch-size and --max-new-tokens of 1 or more.",
+        )
     check_batching(batching)
     tok = base.tokenizer
     ids = tok(list(inputs), truncation=True, max_length=max_input_length)["input_ids"]
@@ -99,7 +106,9 @@ BATCHING = ("continuous", "static")
 
 def check_batching(batching: str) -> str:
     if batching not in BATCHING:
-        raise InputError(f"batching '{batching}' is not one of {', '.join(BATCHING)}.", "Use --batching continuous or static.")
+        raise InputError(
+            f"batching '{batching}' is not one of {', '.join(BATCHING)}.", "Use --batching continuous or static."
+        )
     return batching
 
 
@@ -122,9 +131,16 @@ def _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, pro
             input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
             mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
         recorder = _ChosenLogprobs()
-        kwargs = dict(input_ids=input_ids.to(base.device), attention_mask=mask.to(base.device), do_sample=False,
-                      num_beams=1, max_new_tokens=max(limits[i] for i in batch), pad_token_id=pad, eos_token_id=tok.eos_token_id,
-                      logits_processor=LogitsProcessorList([recorder]))
+        kwargs = dict(
+            input_ids=input_ids.to(base.device),
+            attention_mask=mask.to(base.device),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max(limits[i] for i in batch),
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+            logits_processor=LogitsProcessorList([recorder]),
+        )
         if W is None:
             out = base.model.generate(**kwargs)
         else:
@@ -134,7 +150,7 @@ def _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, pro
         out = (out[:, 1:] if base.is_seq2seq else out[:, width:]).tolist()
         chosen = torch.stack(recorder.steps, dim=1).tolist() if recorder.steps else [[] for _ in batch]  # (rows, steps)
         for row, i in enumerate(batch):
-            outputs[i] = finish(tok, out[row][:limits[i]], chosen[row], stops[i], len(ids[i]))
+            outputs[i] = finish(tok, out[row][: limits[i]], chosen[row], stops[i], len(ids[i]))
         if progress:
             progress(len(batch))
     return outputs

@@ -12,8 +12,7 @@ from .errors import HubError, HubUnreachableError, InputError, NotFoundError
 
 TOKEN_HINT = "Check that your token may access it: run `hf auth login` or set HF_TOKEN."
 OFFLINE_HINT = (
-    "Check your connection, or point HF_ENDPOINT at a reachable Hub mirror; "
-    "unset HF_HUB_OFFLINE if it is set."
+    "Check your connection, or point HF_ENDPOINT at a reachable Hub mirror; unset HF_HUB_OFFLINE if it is set."
 )
 
 
@@ -61,11 +60,15 @@ def hub_errors(what: str, revision: str | None = None):
     except errors.EntryNotFoundError as error:
         raise NotFoundError(f"a file of '{what}' was not found: {error}", "Check the repository's files.") from None
     except errors.OfflineModeIsEnabled:
-        raise HubError(f"cannot reach the Hub for '{what}': HF_HUB_OFFLINE is set.", "Unset HF_HUB_OFFLINE to go online.") from None
+        raise HubError(
+            f"cannot reach the Hub for '{what}': HF_HUB_OFFLINE is set.", "Unset HF_HUB_OFFLINE to go online."
+        ) from None
     except errors.HfHubHTTPError as error:
         status = getattr(getattr(error, "response", None), "status_code", "?")
-        hint = {401: TOKEN_HINT, 403: TOKEN_HINT}.get(status, OFFLINE_HINT if status == "?" or status >= 500 else
-                                                       f"The Hub said: {str(error).splitlines()[0][:200]}")
+        hint = {401: TOKEN_HINT, 403: TOKEN_HINT}.get(
+            status,
+            OFFLINE_HINT if status == "?" or status >= 500 else f"The Hub said: {str(error).splitlines()[0][:200]}",
+        )
         raise HubError(f"the Hub at {endpoint()} refused a request for '{what}' (HTTP {status}).", hint) from None
     except errors.HFValidationError as error:
         raise InputError(f"'{what}' is not a valid Hub repo id ({error}).", "Use NAMESPACE/NAME.") from None
@@ -73,11 +76,15 @@ def hub_errors(what: str, revision: str | None = None):
         # transformers reports a Hub it cannot reach, or a name that is neither a folder nor a repo, as OSError.
         text = str(error)
         if "couldn't connect" in text or _is_network_failure(error):
-            raise HubUnreachableError(f"cannot reach the Hub at {endpoint()} for '{what}', and it is not in the local cache.",
-                           OFFLINE_HINT + " For a model on disk, pass its folder (--model-path).") from None
+            raise HubUnreachableError(
+                f"cannot reach the Hub at {endpoint()} for '{what}', and it is not in the local cache.",
+                OFFLINE_HINT + " For a model on disk, pass its folder (--model-path).",
+            ) from None
         if "not a valid model identifier" in text or "not a local folder" in text:
-            raise NotFoundError(f"'{what}' is neither a local folder nor a model on {endpoint()}.",
-                                "Check the name, or give the folder of a local copy (--model-path).") from None
+            raise NotFoundError(
+                f"'{what}' is neither a local folder nor a model on {endpoint()}.",
+                "Check the name, or give the folder of a local copy (--model-path).",
+            ) from None
         raise
     except Exception as error:
         if _is_network_failure(error):

@@ -36,8 +36,10 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise InputError(f"file '{path}' does not exist.", "Check the path.")
     if (size := path.stat().st_size) > MAX_FILE_BYTES:
-        raise InputError(f"{path} is {size / 2**20:.0f} MiB; a shots or inputs file may hold at most "
-                         f"{MAX_FILE_BYTES >> 20} MiB.", "Keep the examples you need, or split the file.")
+        raise InputError(
+            f"{path} is {size / 2**20:.0f} MiB; a shots or inputs file may hold at most {MAX_FILE_BYTES >> 20} MiB.",
+            "Keep the examples you need, or split the file.",
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -52,8 +54,11 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         if len(line) > MAX_EXAMPLE_CHARS:
-            raise InputError(f"{path}:{number}: the line has {len(line):,} characters; one example may have at most "
-                             f"{MAX_EXAMPLE_CHARS:,}.", "Shorten the example.")
+            raise InputError(
+                f"{path}:{number}: the line has {len(line):,} characters; one example may have at most "
+                f"{MAX_EXAMPLE_CHARS:,}.",
+                "Shorten the example.",
+            )
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
@@ -62,8 +67,10 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
                 'Each line must be one JSON object like {"input": "...", "target": "..."}.',
             ) from None
         except RecursionError:
-            raise InputError(f"{path}:{number}: the JSON is nested too deeply.",
-                             'Each line must be one flat JSON object like {"input": "...", "target": "..."}.') from None
+            raise InputError(
+                f"{path}:{number}: the JSON is nested too deeply.",
+                'Each line must be one flat JSON object like {"input": "...", "target": "..."}.',
+            ) from None
         if not isinstance(obj, dict):
             raise InputError(
                 f"{path}:{number}: expected a JSON object, got {type(obj).__name__}.",
@@ -89,7 +96,9 @@ def _field(path: Path, number: int, obj: dict, names: tuple[str, ...], required:
             except UnicodeEncodeError as error:
                 raise InputError(
                     f"{path}:{number}: field '{name}' holds a lone surrogate (\\u{ord(value[error.start]):04x}), "
-                    "which is not text.", "Fix or remove that \\u escape.") from None
+                    "which is not text.",
+                    "Fix or remove that \\u escape.",
+                ) from None
             return value
     if required:
         wanted = " or ".join(f"'{n}'" for n in names)
@@ -128,7 +137,11 @@ def read_json(path: str | Path, hint: str, shown: str | None = None):
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error).replace(str(path), shown or str(path))
+        reason = (
+            "nested too deeply"
+            if isinstance(error, RecursionError)
+            else str(error).replace(str(path), shown or str(path))
+        )
         raise InputError(f"{shown or path} is not valid JSON ({reason}).", hint) from None
 
 
@@ -184,8 +197,9 @@ def check_writable(out: str | Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".lorahub-probe-", dir=ancestor))
     except OSError as error:
-        raise InputError(f"cannot write '{out}': {error.strerror} in '{ancestor}'.",
-                         "Choose a folder you can write to.") from None
+        raise InputError(
+            f"cannot write '{out}': {error.strerror} in '{ancestor}'.", "Choose a folder you can write to."
+        ) from None
 
 
 def write_folder(out: str | Path, fill, *, overwrite: bool = False) -> Path:

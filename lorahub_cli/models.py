@@ -94,8 +94,12 @@ class BaseModel:
             return self
         if self._fp32 is None:
             if self.name is None:
-                raise InputError(f"this {self.dtype} model has no name to load it again in float32.", "Load it with load_base_model.")
-            self._fp32 = load_base_model(self.name, dtype="float32", device=str(self.device), trust_remote_code=self.trust_remote_code)
+                raise InputError(
+                    f"this {self.dtype} model has no name to load it again in float32.", "Load it with load_base_model."
+                )
+            self._fp32 = load_base_model(
+                self.name, dtype="float32", device=str(self.device), trust_remote_code=self.trust_remote_code
+            )
         return self._fp32
 
 
@@ -112,7 +116,9 @@ def local_model_path(name: str) -> Path | None:
     return shipped_dir().joinpath(*parts) if parts else None
 
 
-def load_base_model(name_or_path: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False) -> BaseModel:
+def load_base_model(
+    name_or_path: str, *, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False
+) -> BaseModel:
     """Load a seq2seq or causal LM and its tokenizer, frozen, in eval mode; a LOCAL_MODELS name loads lorahub's copy."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -154,10 +160,15 @@ def _ids(tokenizer, texts: list[str], max_length: int, add_special_tokens: bool 
     return tokenizer(texts, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length)["input_ids"]
 
 
-def encode(base: BaseModel, examples: list[Example], *, max_input_length: int = 1024, max_target_length: int = 256) -> EncodedBatch:
+def encode(
+    base: BaseModel, examples: list[Example], *, max_input_length: int = 1024, max_target_length: int = 256
+) -> EncodedBatch:
     """Tokenise (input, target) pairs: encoder inputs + labels for seq2seq, prompt + target for causal LMs."""
     if any(e.target is None for e in examples):
-        raise InputError("every shot needs a target to compute a loss.", 'Each line must look like {"input": "...", "target": "..."}.')
+        raise InputError(
+            "every shot needs a target to compute a loss.",
+            'Each line must look like {"input": "...", "target": "..."}.',
+        )
     tok, pad = base.tokenizer, base.tokenizer.pad_token_id
     inputs = _ids(tok, [e.input for e in examples], max_input_length)
     if base.is_seq2seq:
@@ -165,7 +176,10 @@ def encode(base: BaseModel, examples: list[Example], *, max_input_length: int = 
         width, label_width = max(map(len, inputs)), max(map(len, targets))
         ids = torch.tensor([x + [pad] * (width - len(x)) for x in inputs])
         labels = torch.tensor([t + [-100] * (label_width - len(t)) for t in targets])
-        batch = {"input_ids": ids, "attention_mask": (torch.arange(width) < torch.tensor([[len(x)] for x in inputs])).long()}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": (torch.arange(width) < torch.tensor([[len(x)] for x in inputs])).long(),
+        }
         batch["decoder_input_ids"] = base.model.prepare_decoder_input_ids_from_labels(labels=labels)
     else:
         # The target continues the prompt after a space; no special tokens inside the sequence.
@@ -180,7 +194,9 @@ def encode(base: BaseModel, examples: list[Example], *, max_input_length: int = 
         labels = torch.tensor([[-100] * (width - len(t)) + t for t in targets])
         batch = {"input_ids": ids, "attention_mask": mask}
     n_tokens = (labels != -100).sum(dim=1)
-    return EncodedBatch({k: v.to(base.device) for k, v in batch.items()}, labels.to(base.device), n_tokens.to(base.device))
+    return EncodedBatch(
+        {k: v.to(base.device) for k, v in batch.items()}, labels.to(base.device), n_tokens.to(base.device)
+    )
 
 
 def token_losses(base: BaseModel, batch: EncodedBatch) -> torch.Tensor:
@@ -192,7 +208,7 @@ def token_losses(base: BaseModel, batch: EncodedBatch) -> torch.Tensor:
         keep = int((batch.labels != -100).sum(dim=1).max()) + 1
         position_ids = (batch.inputs["attention_mask"].cumsum(-1) - 1).clamp_min(0)
         logits = base.model(**batch.inputs, position_ids=position_ids, use_cache=False, logits_to_keep=keep).logits
-        logits, labels = logits[:, :-1], batch.labels[:, -(keep - 1):]  # position t predicts token t + 1
+        logits, labels = logits[:, :-1], batch.labels[:, -(keep - 1) :]  # position t predicts token t + 1
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (rows, T)
     return ce.sum(dim=1)
 

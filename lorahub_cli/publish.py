@@ -92,7 +92,10 @@ def _read_recipe(folder: Path) -> dict:
         raise InputError(f"'{folder}' has no {RECIPE_FILE}.", "Push a folder written by: lorahub compose --out DIR")
     recipe = read_json(path, "Write the folder again with lorahub compose.")
     if not isinstance(recipe, dict):
-        raise InputError(f"{path} holds a {type(recipe).__name__}, not a JSON object.", "Write the folder again with lorahub compose.")
+        raise InputError(
+            f"{path} holds a {type(recipe).__name__}, not a JSON object.",
+            "Write the folder again with lorahub compose.",
+        )
     return recipe
 
 
@@ -110,7 +113,11 @@ def _instance_files(folder: Path, recipe: dict) -> list[Path]:
     from .compose.recipe import RECIPE_FILE, ROUTER_FILE
 
     entries = recipe.get("compositions")
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) and isinstance(e.get("folder"), str) for e in entries):
+    if (
+        not isinstance(entries, list)
+        or not entries
+        or not all(isinstance(e, dict) and isinstance(e.get("folder"), str) for e in entries)
+    ):
         raise InputError(
             f"{folder / RECIPE_FILE} is an instance-level recipe without a list of compositions and their folders.",
             "Write the folder again with: lorahub compose --level instance --out DIR",
@@ -122,14 +129,18 @@ def _instance_files(folder: Path, recipe: dict) -> list[Path]:
         # The recipe decides which folders are uploaded: it must not reach outside this one.
         if not shot.resolve().is_relative_to(root) or shot.resolve() == root or not shot.is_dir():
             raise InputError(
-                f"{folder / RECIPE_FILE} lists composition folder '{entry['folder']}', which is not a folder inside '{folder}'.",
+                f"{folder / RECIPE_FILE} lists composition folder '{entry['folder']}', "
+                f"which is not a folder inside '{folder}'.",
                 "Write the folder again with: lorahub compose --level instance --out DIR",
             )
         _read_recipe(shot)
         files += _task_files(shot)
     router = folder / ROUTER_FILE
     if not router.is_file():
-        raise InputError(f"'{folder}' is an instance-level composition without {ROUTER_FILE}.", "Write the folder again with lorahub compose.")
+        raise InputError(
+            f"'{folder}' is an instance-level composition without {ROUTER_FILE}.",
+            "Write the folder again with lorahub compose.",
+        )
     _check_safetensors(router)
     return files + [router]
 
@@ -141,17 +152,23 @@ def _check_adapter(folder: Path) -> None:
 
     for name in (CONFIG_FILE, SAFETENSORS_FILE):
         if not (folder / name).is_file():
-            raise InputError(f"'{folder}' has no {name}.", "Push a PEFT LoRA folder written by: lorahub compose --out DIR")
+            raise InputError(
+                f"'{folder}' has no {name}.", "Push a PEFT LoRA folder written by: lorahub compose --out DIR"
+            )
     try:
         load_adapter(folder)
         config = LoraConfig.from_pretrained(str(folder))
     except LorahubError as error:
         raise InputError(error.message, error.hint) from None
     except Exception as error:  # noqa: BLE001 - whatever the reason, this folder does not load
-        raise InputError(f"the adapter in '{folder}' does not load ({type(error).__name__}: {error}).",
-                         "Write the folder again with lorahub compose.") from None
+        raise InputError(
+            f"the adapter in '{folder}' does not load ({type(error).__name__}: {error}).",
+            "Write the folder again with lorahub compose.",
+        ) from None
     if not isinstance(config, LoraConfig):
-        raise InputError(f"{folder / CONFIG_FILE} is a {type(config).__name__}, not a LoRA config.", "Push a LoRA adapter.")
+        raise InputError(
+            f"{folder / CONFIG_FILE} is a {type(config).__name__}, not a LoRA config.", "Push a LoRA adapter."
+        )
 
 
 def _check_safetensors(path: Path) -> None:
@@ -160,7 +177,9 @@ def _check_safetensors(path: Path) -> None:
     try:
         load_file(path)
     except Exception as error:  # noqa: BLE001 - SafetensorError, OSError: the file is unreadable either way
-        raise InputError(f"{path} is not a readable safetensors file ({error}).", "Write the folder again with lorahub compose.") from None
+        raise InputError(
+            f"{path} is not a readable safetensors file ({error}).", "Write the folder again with lorahub compose."
+        ) from None
 
 
 def _extras(folder: Path) -> list[Path]:
@@ -175,7 +194,9 @@ def _extras(folder: Path) -> list[Path]:
             Card.load(folder)
         except LorahubError as error:
             # Whoever mirrors the repo would drop a torn or damaged card with a warning: refuse it here instead.
-            raise InputError(error.message, f"Rebuild the card, or delete {' and '.join(present)} to push without it.") from None
+            raise InputError(
+                error.message, f"Rebuild the card, or delete {' and '.join(present)} to push without it."
+            ) from None
         extras += [folder / name for name in CARD_FILES]
     return extras
 

@@ -23,7 +23,9 @@ from .registry.store import Store
 
 
 def top_k(queries: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cosine top-k. queries (q, d) and keys (n, d) with unit rows -> (scores, indices), each (q, min(k, n)), descending."""
+    """Cosine top-k.
+
+    queries (q, d) and keys (n, d) with unit rows -> (scores, indices), each (q, min(k, n)), descending."""
     scores = queries @ keys.T  # (q, n)
     return torch.topk(scores, min(k, keys.shape[0]), dim=1, largest=True, sorted=True)
 

@@ -45,8 +45,10 @@ def weight_matrix(routes: list[Route], n: int) -> torch.Tensor:
 
 def check_mode(mode: str) -> str:
     if mode not in COMPOSE_MODES:
-        raise InputError(f"compose mode '{mode}' is not one of {', '.join(COMPOSE_MODES)}.",
-                         "Use mixture (average of outputs), fusion (average of A and B) or single (top-1).")
+        raise InputError(
+            f"compose mode '{mode}' is not one of {', '.join(COMPOSE_MODES)}.",
+            "Use mixture (average of outputs), fusion (average of A and B) or single (top-1).",
+        )
     return mode
 
 
@@ -71,8 +73,10 @@ class RetrievalRouter:
             if k < 1:
                 raise InputError(f"k = {k} must be 1 or more.", "Use -k 3 (LoraRetriever's setting).")
             if mode == "fusion" and not self.elementwise_ok:
-                raise InputError("fusion averages A and B, which needs adapters of one rank and one scaling.",
-                                 "Use --compose mixture.")
+                raise InputError(
+                    "fusion averages A and B, which needs adapters of one rank and one scaling.",
+                    "Use --compose mixture.",
+                )
         ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks))["inputs"]
         column = {name: i for i, name in enumerate(self.names)}
         routes = []
@@ -81,8 +85,9 @@ class RetrievalRouter:
             weights = tuple(1.0 / len(chosen) for _ in chosen)
             formula = self.single_formula if mode == "single" else COMPOSE_MODES[mode]
             adapters = [{"id": r["id"], "weight": w, "score": r["score"]} for r, w in zip(chosen, weights)]
-            routes.append(Route(tuple(column[r["id"]] for r in chosen), weights, formula,
-                                {"compose": mode, "adapters": adapters}))
+            routes.append(
+                Route(tuple(column[r["id"]] for r in chosen), weights, formula, {"compose": mode, "adapters": adapters})
+            )
         return routes
 
 
@@ -109,7 +114,12 @@ class ShotRouter:
         for j, score in zip(shot_ids.tolist(), scores.tolist()):
             entry = self.recipe.compositions[j]
             adapters = [{"id": m["id"], "weight": m["weight"]} for m in entry["modules"]]
-            info = {"compose": "instance", "shot": j, "composition": entry["folder"], "score": round(score, 6),
-                    "adapters": adapters}
+            info = {
+                "compose": "instance",
+                "shot": j,
+                "composition": entry["folder"],
+                "score": round(score, 6),
+                "adapters": adapters,
+            }
             routes.append(Route((j,), (1.0,), self.formula, info))
         return routes

@@ -29,11 +29,17 @@ COMPOSE = {
     "population": 8,  # candidates per forward pass (cma, de, random)
     "max_rows": 64,  # rows (candidates x shots) per forward pass
     "dtype": "auto",  # the base model eval loads: auto picks bf16 where fast
-    "search_precision": "auto",  # what a compose search evaluates candidates in (compose/precision.py); the answer is fp32
+    # what a compose search evaluates candidates in (compose/precision.py); the answer is fp32
+    "search_precision": "auto",
     "device": "auto",
 }
-EVAL = {"shots": 5, "seeds": "1,2,3", "max_new_tokens": 256, "batch_size": 16,
-        "methods": "zero-shot,icl,lorahub,batchcomp,instance,fft"}
+EVAL = {
+    "shots": 5,
+    "seeds": "1,2,3",
+    "max_new_tokens": 256,
+    "batch_size": 16,
+    "methods": "zero-shot,icl,lorahub,batchcomp,instance,fft",
+}
 # The demo's default held-out task: see docs/demo.md (the demo table) for why this one.
 DEMO = {"task": "larger_option", "seed": 1, "shots": 5, "num_modules": 5, "max_new_tokens": 32, "batch_size": 32}
 SERVE = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from hubserver import hub, hub_env  # noqa: F401  (fixtures)
+from tiny_models import make_lora_adapter, save_tiny_base
 
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
 from lorahub_cli.settings import shipped_dir
-from tiny_models import make_lora_adapter, save_tiny_base
 
 EXAMPLES = shipped_dir() / "examples"
 

@@ -15,6 +15,14 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import (
+    KINDS,
+    logits,
+    make_adapters,
+    one_thread,  # noqa: F401  (fixture)
+    tiny_batch,
+    tiny_model,
+)
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
@@ -22,8 +30,6 @@ from lorahub_cli.compose.adapters import load_adapter, save_adapter
 from lorahub_cli.compose.bank import BankedLayer, LoraBank
 from lorahub_cli.compose.formulas import FORMULAS, compose
 from lorahub_cli.errors import InputError
-from tiny_models import one_thread  # noqa: F401  (fixture)
-from tiny_models import KINDS, logits, make_adapters, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -189,7 +195,7 @@ def test_gradient_wrt_weights_matches_a_merged_model(adapter_sets, kind, formula
     for p in range(P):
         w = W[p].detach().clone().requires_grad_(True)
 
-        def delta_of(module):
+        def delta_of(module, w=w):
             As = [a.modules[module][0] for a in adapters]
             Bs = [a.modules[module][1] for a in adapters]
             A, B, s = merge(As, Bs, [a.scaling for a in adapters], w)  # differentiable in w
@@ -266,7 +272,9 @@ SPARSE_N = 6
 
 @pytest.fixture(scope="module")
 def sparse_sets(tmp_path_factory):
-    return adapter_kinds(tmp_path_factory.mktemp("sparse"), SPARSE_N, ranks=[2, 4, 3, 1, 5, 2], alphas=[4, 8, 3, 2, 5, 1])
+    return adapter_kinds(
+        tmp_path_factory.mktemp("sparse"), SPARSE_N, ranks=[2, 4, 3, 1, 5, 2], alphas=[4, 8, 3, 2, 5, 1]
+    )
 
 
 def sparse_weights() -> torch.Tensor:

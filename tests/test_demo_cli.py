@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from tiny_models import one_thread  # noqa: F401  (fixture)
 
 from lorahub_cli.api import free_folder as _free
 from lorahub_cli.demo import library
 from lorahub_cli.settings import DEMO
-from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +20,9 @@ def test_demo_runs_the_whole_pipeline_offline(cli, tmp_path, monkeypatch):
     result = cli("demo", "--out", tmp_path / "adapter", "--budget", "10", "--json")
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["task"] == task and summary["shots"] == 5 and summary["test"] == len(library.heldout_examples(task)) - 5
+    assert (
+        summary["task"] == task and summary["shots"] == 5 and summary["test"] == len(library.heldout_examples(task)) - 5
+    )
     assert len(summary["retrieved"]) == 5 and all(r["id"].startswith("demo/") for r in summary["retrieved"])
     assert set(summary["weights"]) == {r["id"] for r in summary["retrieved"]}
     assert set(summary["exact_match"]) == set(summary["option_letter"]) == {"zero-shot", "composed"}
@@ -43,8 +45,23 @@ def test_demo_refuses_an_unknown_task(cli):
 def test_eval_demo_on_one_task(cli, tmp_path):
     task = library.heldout_tasks()[0]["name"]
     out = tmp_path / "run"
-    result = cli("eval", "demo", "--tasks", task, "--methods", "zero-shot,batchcomp", "--seeds", "1", "--limit", "6",
-                 "--budget", "4", "--out", out, "--json")
+    result = cli(
+        "eval",
+        "demo",
+        "--tasks",
+        task,
+        "--methods",
+        "zero-shot,batchcomp",
+        "--seeds",
+        "1",
+        "--limit",
+        "6",
+        "--budget",
+        "4",
+        "--out",
+        out,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert list(summary["tasks"]) == [task] and set(summary["tasks"][task]) == {"zero-shot", "batchcomp"}
@@ -67,8 +84,12 @@ def test_compose_on_a_demo_registry_needs_no_model_flag(cli, tmp_path, monkeypat
     home = tmp_path / "demo-home"
     assert cli("demo", "--home", home, "--out", tmp_path / "first", "--budget", "3", "--json").code == 0
     shots = tmp_path / "shots.jsonl"
-    shots.write_text("".join(json.dumps({"input": e.input, "target": e.target}) + "\n"
-                             for e in library.heldout_examples("sentiment_option")[:5]))
+    shots.write_text(
+        "".join(
+            json.dumps({"input": e.input, "target": e.target}) + "\n"
+            for e in library.heldout_examples("sentiment_option")[:5]
+        )
+    )
     monkeypatch.setenv("LORAHUB_HOME", str(home))
     out = tmp_path / "composed"
     result = cli("compose", "--shots", shots, "--out", out, "-n", "3", "--budget", "3", "--dtype", "float32")

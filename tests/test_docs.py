@@ -11,10 +11,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_cli_reference_is_current():
     generated = subprocess.run(
         [sys.executable, "-m", "typer", "lorahub_cli.cli.app", "utils", "docs", "--name", "lorahub"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     ).stdout
     assert generated.strip() == (ROOT / "docs" / "cli.md").read_text().strip(), (
-        "docs/cli.md is stale: regenerate it with  typer lorahub_cli.cli.app utils docs --name lorahub --output docs/cli.md"
+        "docs/cli.md is stale: regenerate it with  "
+        "typer lorahub_cli.cli.app utils docs --name lorahub --output docs/cli.md"
     )
 
 

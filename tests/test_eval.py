@@ -7,8 +7,9 @@ import json
 import shutil
 
 import pytest
-
 from conftest import EXAMPLES
+from tiny_models import one_thread  # noqa: F401  (fixture)
+
 from lorahub_cli.errors import InputError, IntegrityError
 from lorahub_cli.eval import methods as methods_module
 from lorahub_cli.eval import report, scoring, tasks
@@ -16,7 +17,6 @@ from lorahub_cli.eval.methods import METHODS, Context, EvalConfig
 from lorahub_cli.eval.runner import cell_path, run_grid
 from lorahub_cli.io import Example
 from lorahub_cli.registry import Store
-from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,10 +24,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # --- scoring ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prediction, target, expected", [
-    ("Paris", "paris", True), ("  Paris. ", "Paris", True), ("(A)", "(A)", True), ("(a).", "(A)", True),
-    ("Pari", "Paris", False), ("A", "(A)", False), ("", "Yes", False), ("3.5", "35", True),  # every '.' goes
-])
+@pytest.mark.parametrize(
+    "prediction, target, expected",
+    [
+        ("Paris", "paris", True),
+        ("  Paris. ", "Paris", True),
+        ("(A)", "(A)", True),
+        ("(a).", "(A)", True),
+        ("Pari", "Paris", False),
+        ("A", "(A)", False),
+        ("", "Yes", False),
+        ("3.5", "35", True),  # every '.' goes
+    ],
+)
 def test_exact_match_is_the_references_normalisation(prediction, target, expected):
     assert scoring.exact_match(prediction, target) is expected
 
@@ -35,10 +44,22 @@ def test_exact_match_is_the_references_normalisation(prediction, target, expecte
 QUESTION = "Which is a city?\nOptions:\n(A) Paris\n(B) Blue\n(C) Seven"
 
 
-@pytest.mark.parametrize("prediction, expected", [
-    ("(A)", True), ("A", True), ("a.", True), ("(A) Paris", True), ("Paris", True), ("paris.", True),
-    ("(B)", False), ("Blue", False), ("Lyon", False), ("", False), ("Apples", False),
-])
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        ("(A)", True),
+        ("A", True),
+        ("a.", True),
+        ("(A) Paris", True),
+        ("Paris", True),
+        ("paris.", True),
+        ("(B)", False),
+        ("Blue", False),
+        ("Lyon", False),
+        ("", False),
+        ("Apples", False),
+    ],
+)
 def test_option_letter_reads_a_letter_or_the_options_text(prediction, expected):
     assert scoring.option_letter_match(prediction, "(A)", QUESTION) is expected
 
@@ -46,9 +67,17 @@ def test_option_letter_reads_a_letter_or_the_options_text(prediction, expected):
 INLINE = "The cast was dull. The tone is: (A) negative (B) positive"
 
 
-@pytest.mark.parametrize("prediction, expected", [
-    ("(A)", True), ("negative", True), ("A", True), ("positive", False), ("(B) positive", False), ("neg", False),
-])
+@pytest.mark.parametrize(
+    "prediction, expected",
+    [
+        ("(A)", True),
+        ("negative", True),
+        ("A", True),
+        ("positive", False),
+        ("(B) positive", False),
+        ("neg", False),
+    ],
+)
 def test_options_listed_inline_are_read_too(prediction, expected):
     assert scoring.options(INLINE) == {"A": "negative", "B": "positive"}
     assert scoring.option_letter_match(prediction, "(A)", INLINE) is expected
@@ -122,7 +151,19 @@ QUICK = ["--seeds", "1,2", "-n", "2", "--budget", "3", "--limit", "3", "--max-ne
 def test_every_method_runs_and_writes_the_report(cli, t5_home, task_dir, tmp_path):
     _, base_dir = t5_home
     out = tmp_path / "run"
-    result = cli("eval", "tasks", task_dir, "--base-model", base_dir, "--methods", ",".join(METHODS), "--out", out, *QUICK, "--json")
+    result = cli(
+        "eval",
+        "tasks",
+        task_dir,
+        "--base-model",
+        base_dir,
+        "--methods",
+        ",".join(METHODS),
+        "--out",
+        out,
+        *QUICK,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert set(summary["tasks"]) == {"capitals", "addition"}
@@ -145,7 +186,9 @@ def test_every_method_runs_and_writes_the_report(cli, t5_home, task_dir, tmp_pat
 def test_composing_leaves_the_shared_base_model_unchanged(t5_home, task_dir):
     home, base_dir = t5_home
     suite = tasks.load_task_dir(task_dir)
-    ctx = Context(EvalConfig(base_model=str(base_dir), num_modules=2, budget=3, max_new_tokens=4, dtype="float32"), Store(home))
+    ctx = Context(
+        EvalConfig(base_model=str(base_dir), num_modules=2, budget=3, max_new_tokens=4, dtype="float32"), Store(home)
+    )
     shots, inputs = suite.tasks["capitals"][:5], [e.input for e in suite.tasks["capitals"][5:9]]
     before = methods_module.zero_shot(ctx, shots, inputs, 1).predictions
     for method in ("lorahub", "batchcomp", "instance"):
@@ -174,8 +217,12 @@ def test_a_killed_run_resumes_from_the_finished_cells(t5_home, task_dir, tmp_pat
         run_grid(suite, ["zero-shot", "icl"], [1, 2], Context(config), out)
     finished = sorted(p.relative_to(out).as_posix() for p in out.glob("cells/**/*.json"))
     # Killed in capitals' first cell: both of addition's seeds are done, nothing of capitals, nothing partial.
-    assert finished == ["cells/addition/seed-1/icl.json", "cells/addition/seed-1/zero-shot.json",
-                        "cells/addition/seed-2/icl.json", "cells/addition/seed-2/zero-shot.json"]
+    assert finished == [
+        "cells/addition/seed-1/icl.json",
+        "cells/addition/seed-1/zero-shot.json",
+        "cells/addition/seed-2/icl.json",
+        "cells/addition/seed-2/zero-shot.json",
+    ]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == finished + ["run.json"]
     calls.clear()
     cells = run_grid(suite, ["zero-shot", "icl"], [1, 2], Context(config), out)
@@ -190,13 +237,28 @@ def test_a_killed_run_resumes_from_the_finished_cells(t5_home, task_dir, tmp_pat
 
 
 def cell(task, seed, method, em):
-    return {"task": task, "seed": seed, "method": method, "exact_match": em, "option_letter": em, "seconds": 1.0,
-            "detail": {}}
+    return {
+        "task": task,
+        "seed": seed,
+        "method": method,
+        "exact_match": em,
+        "option_letter": em,
+        "seconds": 1.0,
+        "detail": {},
+    }
 
 
 def test_summary_statistics_by_hand():
-    cells = [cell("t1", 1, "a", 50.0), cell("t1", 2, "a", 70.0), cell("t1", 1, "b", 40.0), cell("t1", 2, "b", 40.0),
-             cell("t2", 1, "a", 5.0), cell("t2", 2, "a", 0.0), cell("t2", 1, "b", 9.0), cell("t2", 2, "b", 1.0)]
+    cells = [
+        cell("t1", 1, "a", 50.0),
+        cell("t1", 2, "a", 70.0),
+        cell("t1", 1, "b", 40.0),
+        cell("t1", 2, "b", 40.0),
+        cell("t2", 1, "a", 5.0),
+        cell("t2", 2, "a", 0.0),
+        cell("t2", 1, "b", 9.0),
+        cell("t2", 2, "b", 1.0),
+    ]
     summary = report.summarize(cells)
     assert summary["tasks"]["t1"]["a"] == {"mean": 60.0, "std": 14.14, "n": 2}
     assert summary["average"]["a"]["mean"] == pytest.approx((60 + 2.5) / 2)
@@ -209,8 +271,24 @@ def test_summary_statistics_by_hand():
 def test_eval_bbh_reports_the_malformed_targets(cli, t5_home, tmp_path):
     _, base_dir = t5_home
     out = tmp_path / "bbh"
-    result = cli("eval", "bbh", "--base-model", base_dir, "--tasks", "navigate,ruin_names", "--methods", "zero-shot,icl",
-                 "--seeds", "3", "--limit", "2", "--max-new-tokens", "2", "--out", out)
+    result = cli(
+        "eval",
+        "bbh",
+        "--base-model",
+        base_dir,
+        "--tasks",
+        "navigate,ruin_names",
+        "--methods",
+        "zero-shot,icl",
+        "--seeds",
+        "3",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--out",
+        out,
+    )
     assert result.code == 0, result.stderr
     text = (out / "report.md").read_text()
     assert "| navigate |" in text and "| ruin_names |" in text and "ruin_names #99" in text
@@ -220,7 +298,16 @@ def test_eval_bbh_reports_the_malformed_targets(cli, t5_home, tmp_path):
 
 
 def test_composing_methods_need_enough_adapters_before_any_model_loads(cli, tmp_path):
-    result = cli("eval", "tasks", EXAMPLES / "shots", "--base-model", "no/such-model", "--methods", "batchcomp",
-                 "--out", tmp_path / "run")
+    result = cli(
+        "eval",
+        "tasks",
+        EXAMPLES / "shots",
+        "--base-model",
+        "no/such-model",
+        "--methods",
+        "batchcomp",
+        "--out",
+        tmp_path / "run",
+    )
     assert result.code == 2 and "the registry has 0 adapters for base model 'no/such-model'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

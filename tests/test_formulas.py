@@ -15,12 +15,19 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import merge_utils
 from safetensors.torch import load_file
+from tiny_models import (
+    KINDS,
+    logits,
+    make_adapters,
+    make_lora_adapter,
+    one_thread,  # noqa: F401  (fixture)
+    tiny_batch,
+    tiny_model,
+)
 
 from lorahub_cli.compose.adapters import LoraAdapter, check_compatible, load_adapter, save_adapter
 from lorahub_cli.compose.formulas import FORMULAS, compose, elementwise, fusion, linear
 from lorahub_cli.errors import InputError, NotFoundError
-from tiny_models import one_thread  # noqa: F401  (fixture)
-from tiny_models import KINDS, logits, make_adapters, make_lora_adapter, tiny_batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
+from tiny_models import (
+    KINDS,
+    make_adapters,
+    one_thread,  # noqa: F401  (fixture)
+    save_tiny_base,
+)
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
@@ -14,8 +20,6 @@ from lorahub_cli.errors import InputError
 from lorahub_cli.generation import generate
 from lorahub_cli.io import Example
 from lorahub_cli.models import encode, load_base_model, token_losses
-from tiny_models import one_thread  # noqa: F401  (fixture)
-from tiny_models import KINDS, make_adapters, save_tiny_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,8 +30,10 @@ NEW_TOKENS = 8
 def decode_ids(tokenizer):
     """Decode to token ids: a tiny random model's bytes are mostly invalid UTF-8, which text
     decoding drops, so only ids show every difference."""
+
     def batch_decode(rows, skip_special_tokens=True):
         return [" ".join(str(int(t)) for t in row if int(t) > 2) for row in rows]
+
     tokenizer.batch_decode = batch_decode
     tokenizer.decode = lambda row, skip_special_tokens=True: batch_decode([row])[0]
     return tokenizer
@@ -55,10 +61,16 @@ def peft_generate(kind, folder, adapter, text, tmp_path):
     model = PeftModel.from_pretrained(loader.from_pretrained(folder / "base"), tmp_path / adapter.name).eval()
     base = load(folder)
     ids = base.tokenizer([text], return_tensors="pt")
-    out = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS,
-                         pad_token_id=base.tokenizer.pad_token_id, eos_token_id=base.tokenizer.eos_token_id)
+    out = model.generate(
+        **ids,
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=NEW_TOKENS,
+        pad_token_id=base.tokenizer.pad_token_id,
+        eos_token_id=base.tokenizer.eos_token_id,
+    )
     if kind != "t5":
-        out = out[:, ids["input_ids"].shape[1]:]
+        out = out[:, ids["input_ids"].shape[1] :]
     return base.tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 
@@ -86,7 +98,10 @@ def test_batched_generation_equals_single_requests(world, cpu_kind):
     bank = LoraBank(base.model, adapters)
     W = torch.randn(len(INPUTS), 3, generator=torch.Generator().manual_seed(2)) * 4
     together = generate(base, INPUTS, bank=bank, weights=W, max_new_tokens=NEW_TOKENS, batch_size=len(INPUTS))
-    alone = [generate(base, [text], bank=bank, weights=W[row], max_new_tokens=NEW_TOKENS)[0] for row, text in enumerate(INPUTS)]
+    alone = [
+        generate(base, [text], bank=bank, weights=W[row], max_new_tokens=NEW_TOKENS)[0]
+        for row, text in enumerate(INPUTS)
+    ]
     assert len(set(alone)) > 1  # the rows really differ, so a mixed-up row would show
     if cpu_kind == "fp32":
         assert together == alone

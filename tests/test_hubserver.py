@@ -9,6 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hubserver import TOKEN
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -16,8 +17,6 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from hubserver import TOKEN
 
 README = """---
 license: mit
@@ -194,10 +193,7 @@ def test_private_repo_is_invisible_without_a_token(hub, api):
 
 def test_subprocess_reaches_the_server_through_hf_endpoint(hub, hub_env, tmp_path):
     sha = hub.commit("alice/adapter", {"adapter_config.json": b'{"r": 4}'}, private=True)
-    code = (
-        "from huggingface_hub import snapshot_download; "
-        "print(snapshot_download('alice/adapter', cache_dir='cache'))"
-    )
+    code = "from huggingface_hub import snapshot_download; print(snapshot_download('alice/adapter', cache_dir='cache'))"
 
     run = subprocess.run(
         [sys.executable, "-c", code], env=hub_env, cwd=tmp_path, capture_output=True, text=True, timeout=60

@@ -11,7 +11,9 @@ def write(tmp_path, content: bytes | str, name="shots.jsonl"):
 
 
 def test_reads_targets_and_aliases(tmp_path):
-    path = write(tmp_path, '{"input": "a", "target": "1"}\n\n{"input": "b", "output": "2"}\n{"input": "c", "completion": "3"}\n')
+    path = write(
+        tmp_path, '{"input": "a", "target": "1"}\n\n{"input": "b", "output": "2"}\n{"input": "c", "completion": "3"}\n'
+    )
     assert read_examples(path) == [Example("a", "1"), Example("b", "2"), Example("c", "3")]
 
 
@@ -30,7 +32,10 @@ def test_inputs_may_lack_targets(tmp_path):
         ('{"input": 3, "target": "a"}\n', r"shots.jsonl:1: field 'input' must be a string, got int"),
         ('{"input": "  ", "target": "a"}\n', r"shots.jsonl:1: field 'input' is empty"),
         ("\n\n", r"shots.jsonl is empty"),
-        (b'{"input": "a", "target": "b"}\n{"input": "\xff"}\n', r"shots.jsonl:2: the file is not valid UTF-8 \(byte 0xff\)"),
+        (
+            b'{"input": "a", "target": "b"}\n{"input": "\xff"}\n',
+            r"shots.jsonl:2: the file is not valid UTF-8 \(byte 0xff\)",
+        ),
     ],
 )
 def test_bad_files_name_the_line_and_the_problem(tmp_path, content, expected):
@@ -48,11 +53,16 @@ def test_missing_file(tmp_path):
     "content, expected",
     [
         ('{"input": "' + "[" * 100_000 + '", "target": "a"}\n', None),  # deep nesting inside a string is fine
-        ('{"input": ' + "[" * 100_000 + "]" * 100_000 + ', "target": "a"}\n', r"shots.jsonl:1: the JSON is nested too deeply"),
+        (
+            '{"input": ' + "[" * 100_000 + "]" * 100_000 + ', "target": "a"}\n',
+            r"shots.jsonl:1: the JSON is nested too deeply",
+        ),
         ('{"input": "\\ud800", "target": "a"}\n', r"shots.jsonl:1: field 'input' holds a lone surrogate \(\\ud800\)"),
         ('{"input": "a", "target": "\\udfff"}\n', r"shots.jsonl:1: field 'target' holds a lone surrogate \(\\udfff\)"),
-        ('{"input": "a", "target": "b"}\n{"input": "' + "x" * (2 << 20) + '", "target": "b"}\n',
-         r"shots.jsonl:2: the line has 2,097,\d+ characters; one example may have at most 1,048,576"),
+        (
+            '{"input": "a", "target": "b"}\n{"input": "' + "x" * (2 << 20) + '", "target": "b"}\n',
+            r"shots.jsonl:2: the line has 2,097,\d+ characters; one example may have at most 1,048,576",
+        ),
     ],
     ids=["brackets-in-a-string", "deep-nesting", "surrogate-input", "surrogate-target", "huge-line"],
 )

@@ -62,15 +62,20 @@ def imports(path: Path, name: str | None = None) -> list[tuple[int, str]]:
                 continue
             found += [(node.lineno, t or "lorahub_cli") for t in targets]
         elif isinstance(node, ast.Import):
-            found += [(node.lineno, a.name.removeprefix("lorahub_cli").lstrip(".") or "lorahub_cli")
-                      for a in node.names if a.name.startswith("lorahub_cli")]
+            found += [
+                (node.lineno, a.name.removeprefix("lorahub_cli").lstrip(".") or "lorahub_cli")
+                for a in node.names
+                if a.name.startswith("lorahub_cli")
+            ]
     return found
 
 
 def known(name: str) -> str:
     """`name`, or the longest prefix of it that is a module (for `from ..x import function`)."""
-    while name != "lorahub_cli" and not ((PACKAGE / name.replace(".", "/")).with_suffix(".py").is_file()
-                                         or (PACKAGE / name.replace(".", "/") / "__init__.py").is_file()):
+    while name != "lorahub_cli" and not (
+        (PACKAGE / name.replace(".", "/")).with_suffix(".py").is_file()
+        or (PACKAGE / name.replace(".", "/") / "__init__.py").is_file()
+    ):
         name = name.rpartition(".")[0] or "lorahub_cli"
     return name
 
@@ -82,8 +87,10 @@ def test_no_import_goes_up_a_layer():
         for line, target in imports(path):
             target = known(target)
             if layer(target) > layer(importer):
-                wrong.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {importer} (layer {layer(importer)}) "
-                             f"imports {target} (layer {layer(target)})")
+                wrong.append(
+                    f"{path.relative_to(PACKAGE.parent)}:{line}: {importer} (layer {layer(importer)}) "
+                    f"imports {target} (layer {layer(target)})"
+                )
     assert not wrong, "\n".join(wrong)
 
 
@@ -94,8 +101,11 @@ def test_no_library_module_imports_typer_or_rich():
         if any(name == e or name.startswith(e + ".") for e in ENTRY_POINTS):
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            modules = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            )
             wrong += [f"{name}:{node.lineno} imports {m}" for m in modules if m.split(".")[0] in ("typer", "click")]
     assert not wrong, "\n".join(wrong)
 

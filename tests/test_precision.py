@@ -5,16 +5,16 @@ import json
 
 import pytest
 import torch
+from conftest import SHOTS
 from peft import PeftModel
 from safetensors.torch import load_file
+from test_compose import reference_loss
 from transformers import AutoModelForSeq2SeqLM
 
-from conftest import SHOTS
 from lorahub_cli import models
 from lorahub_cli.compose import precision
 from lorahub_cli.errors import InputError
 from lorahub_cli.io import read_examples
-from test_compose import reference_loss
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -22,11 +22,13 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 @pytest.fixture
 def machine(monkeypatch):
     """Set what the CPU and the GPU can do."""
+
     def set_(*, cpu_bf16=False, cuda_bf16=False, int8_kernels=True):
         monkeypatch.setattr(models, "cpu_has_fast_bf16", lambda: cpu_bf16)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
         engines = torch.backends.quantized.supported_engines if int8_kernels else ["none"]
         monkeypatch.setattr(precision, "_supported_engines", lambda: engines)
+
     return set_
 
 
@@ -63,18 +65,46 @@ def test_cli_errors_are_one_line(cli, t5_home, tmp_path, machine):
     machine(cpu_bf16=False)
     result = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--search-precision", "bf16", "-n", "2")
     assert result.code == 2 and result.stderr.count("\n") <= 2 and "--search-precision auto or fp32" in result.stderr
-    result = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--search-precision", "int8", "--optimizer", "lbfgs", "-n", "2")
+    result = cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--out",
+        tmp_path / "x",
+        "--search-precision",
+        "int8",
+        "--optimizer",
+        "lbfgs",
+        "-n",
+        "2",
+    )
     assert result.code == 2 and "int8 has no gradients" in result.stderr
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("searched_in, optimizer", [("fp32", "lbfgs"), ("bf16", "lbfgs"), ("int8", "ngopt"), ("bf16", "ngopt")])
+@pytest.mark.parametrize(
+    "searched_in, optimizer", [("fp32", "lbfgs"), ("bf16", "lbfgs"), ("int8", "ngopt"), ("bf16", "ngopt")]
+)
 def test_the_answer_is_fp32_whatever_the_search_ran_in(cli, t5_home, tmp_path, machine, searched_in, optimizer):
     machine(cpu_bf16=True)  # bf16 allowed here whatever this CPU is
     home, base_dir = t5_home
     out = tmp_path / searched_in
-    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--budget", "6", "--optimizer", optimizer,
-                 "--search-precision", searched_in, "--json")
+    result = cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--out",
+        out,
+        "-n",
+        "3",
+        "--budget",
+        "6",
+        "--optimizer",
+        optimizer,
+        "--search-precision",
+        searched_in,
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     recipe = json.loads((out / "lorahub_recipe.json").read_text())
@@ -89,7 +119,9 @@ def test_the_answer_is_fp32_whatever_the_search_ran_in(cli, t5_home, tmp_path, m
         assert search["rescored"] is None
     else:
         # The answer was chosen in fp32 among the search's best candidates: the lowest fp32 objective.
-        assert 1 <= len(search["rescored"]) <= 3 and recipe["objective"] == pytest.approx(min(search["rescored"]), rel=1e-5)
+        assert 1 <= len(search["rescored"]) <= 3 and recipe["objective"] == pytest.approx(
+            min(search["rescored"]), rel=1e-5
+        )
     # The exported tensors are the fp32 composition of the modules on disk: the search's copy never touched them.
     composed = load_file(out / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in composed.values())
@@ -105,8 +137,21 @@ def test_fixed_weights_are_exact_under_any_precision(cli, t5_home, tmp_path, mac
 
     for searched_in in ("bf16", "int8"):
         out = tmp_path / searched_in
-        result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition", "--weights", "capitals=0,addition=1",
-                     "--search-precision", searched_in, "--optimizer", "ngopt", "--out", out)
+        result = cli(
+            "compose",
+            "--shots",
+            SHOTS,
+            "--modules",
+            "capitals,addition",
+            "--weights",
+            "capitals=0,addition=1",
+            "--search-precision",
+            searched_in,
+            "--optimizer",
+            "ngopt",
+            "--out",
+            out,
+        )
         assert result.code == 0, result.stderr
         original = load_file(Store(home).get("addition").path / "adapter_model.safetensors")
         composed = load_file(out / "adapter_model.safetensors")
@@ -120,8 +165,12 @@ def test_search_copies_leave_the_fp32_model_alone(t5_home):
     bf16 = precision.search_model(base, "bf16", keep)
     int8 = precision.search_model(base, "int8", keep)
     assert bf16.dtype == torch.bfloat16 and next(bf16.model.parameters()).dtype == torch.bfloat16
-    assert type(int8.model.get_submodule("encoder.block.0.layer.0.SelfAttention.q")) is torch.nn.Linear, "bank layers stay fp32"
-    assert type(int8.model.get_submodule("encoder.block.0.layer.0.SelfAttention.k")) is not torch.nn.Linear, "others are int8"
+    assert type(int8.model.get_submodule("encoder.block.0.layer.0.SelfAttention.q")) is torch.nn.Linear, (
+        "bank layers stay fp32"
+    )
+    assert type(int8.model.get_submodule("encoder.block.0.layer.0.SelfAttention.k")) is not torch.nn.Linear, (
+        "others are int8"
+    )
     assert precision.search_model(base, "fp32", keep) is base
     after = base.model.state_dict()
     assert all(torch.equal(before[k], after[k]) and after[k].dtype == before[k].dtype for k in before)

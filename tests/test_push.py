@@ -15,11 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from hubserver import TOKEN
 from huggingface_hub import HfApi, snapshot_download
 from peft import PeftModel
 from safetensors.torch import save_file
+from test_registry_hub import online  # noqa: F401  (fixture)
+from tiny_models import (
+    logits,
+    make_adapters,
+    one_thread,  # noqa: F401  (fixture)
+    tiny_batch,
+    tiny_t5,
+)
 
-from hubserver import TOKEN
 from lorahub_cli import __version__
 from lorahub_cli.cards.card import Card, Recipe
 from lorahub_cli.compose import export
@@ -29,9 +37,6 @@ from lorahub_cli.compose.recipe import Recipe as ComposeRecipe
 from lorahub_cli.errors import HubError, InputError
 from lorahub_cli.io import write_folder
 from lorahub_cli.publish import DEFAULT_MESSAGE, check_folder, push_folder
-from test_registry_hub import online  # noqa: F401  (fixture)
-from tiny_models import one_thread  # noqa: F401  (fixture)
-from tiny_models import logits, make_adapters, tiny_batch, tiny_t5
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,11 +46,18 @@ TASK_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "
 
 def recipe(weights=WEIGHTS) -> ComposeRecipe:
     return ComposeRecipe(
-        level="task", base_model="tiny-random/t5", task_type="SEQ_2_SEQ_LM", formula="elementwise",
-        modules=[{"id": f"lib/a{i}", "source": f"lib/a{i}", "revision": None, "sha256": "0" * 64, "weight": w}
-                 for i, w in enumerate(weights)],
+        level="task",
+        base_model="tiny-random/t5",
+        task_type="SEQ_2_SEQ_LM",
+        formula="elementwise",
+        modules=[
+            {"id": f"lib/a{i}", "source": f"lib/a{i}", "revision": None, "sha256": "0" * 64, "weight": w}
+            for i, w in enumerate(weights)
+        ],
         versions={"lorahub": __version__, "torch": torch.__version__, "transformers": "x", "peft": "x"},
-        shots={"count": 5, "sha256": "0" * 64}, search=None, loss=1.0,
+        shots={"count": 5, "sha256": "0" * 64},
+        search=None,
+        loss=1.0,
     )
 
 
@@ -73,10 +85,18 @@ def instance_folder(adapters, out: Path) -> Path:
     from lorahub_cli.compose.pipeline import Composition, write
 
     shots = [compose(adapters, w, "elementwise", name=f"shot-{j}") for j, w in enumerate([WEIGHTS, [0.2, 0.5, -0.3]])]
-    entries = [{"shot": j, "folder": f"compositions/shot-{j}", "modules": recipe().modules, "search": None, "loss": 1.0}
-               for j in range(2)]
-    full = dataclasses.replace(recipe(), level="instance", modules=[], loss=None, compositions=entries,
-                               router={"file": "router.safetensors", "embedder": "e@1", "instruction": "", "shots": ["a", "b"]})
+    entries = [
+        {"shot": j, "folder": f"compositions/shot-{j}", "modules": recipe().modules, "search": None, "loss": 1.0}
+        for j in range(2)
+    ]
+    full = dataclasses.replace(
+        recipe(),
+        level="instance",
+        modules=[],
+        loss=None,
+        compositions=entries,
+        router={"file": "router.safetensors", "embedder": "e@1", "instruction": "", "shots": ["a", "b"]},
+    )
     return write(Composition(full, shots, [None, None], torch.randn(2, 8)), out)
 
 
@@ -99,8 +119,9 @@ def test_pushed_adapter_gives_identical_logits(online, composed, tmp_path):
     assert all_files(composed) == before, "push writes nothing into the folder"
     assert not any(TOKEN.encode() in data for data in uploaded.values())
 
-    downloaded = snapshot_download("me/composed", revision=result.commit, endpoint=online.endpoint,
-                                   cache_dir=tmp_path / "cache")
+    downloaded = snapshot_download(
+        "me/composed", revision=result.commit, endpoint=online.endpoint, cache_dir=tmp_path / "cache"
+    )
     batch = tiny_batch(tiny_t5(), rows=3)
     with torch.no_grad():
         local = logits(PeftModel.from_pretrained(tiny_t5(), str(composed)).eval(), batch)
@@ -113,8 +134,14 @@ def test_pushed_adapter_gives_identical_logits(online, composed, tmp_path):
 
 
 def test_embedding_card_travels_with_the_adapter(online, composed):
-    Card(embedder_id="sentence-transformers/x", embedder_revision="1", recipe=Recipe(), n_examples=3,
-         centroid=torch.nn.functional.normalize(torch.randn(8), dim=0), nearest=[]).save(composed)
+    Card(
+        embedder_id="sentence-transformers/x",
+        embedder_revision="1",
+        recipe=Recipe(),
+        n_examples=3,
+        centroid=torch.nn.functional.normalize(torch.randn(8), dim=0),
+        nearest=[],
+    ).save(composed)
     result = push_folder(composed, "me/with-card")
     assert result.files == sorted(TASK_FILES + ["lorahub_card.json", "lorahub_card.safetensors"])
     assert set(online.files("me/with-card")) == set(result.files)
@@ -133,8 +160,13 @@ def test_branch_private_and_a_second_push(online, composed):
     again = push_folder(composed, "me/private", private=True, branch="exp")
     assert again.commit == first.commit == online.head("me/private", branch="exp")
 
-    write_folder(composed, lambda tmp: export.write_adapter_folder(
-        tmp, load_adapter(composed), dataclasses.replace(recipe(), shots={"count": 6, "sha256": "1" * 64})), overwrite=True)
+    write_folder(
+        composed,
+        lambda tmp: export.write_adapter_folder(
+            tmp, load_adapter(composed), dataclasses.replace(recipe(), shots={"count": 6, "sha256": "1" * 64})
+        ),
+        overwrite=True,
+    )
     changed = push_folder(composed, "me/private", branch="exp")
     assert changed.commit != first.commit == online._repos["model", "me/private"].commits[changed.commit].parent
     assert online._repos["model", "me/private"].commits[changed.commit].message == DEFAULT_MESSAGE
@@ -176,7 +208,9 @@ def break_folder(folder: Path, case: str) -> None:
         save_file({"base_model.model.shared.weight": torch.zeros(2, 2)}, folder / "adapter_model.safetensors")
     elif case == "bad config":
         # load_adapter accepts it, but peft.LoraConfig refuses it.
-        config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": "q", "layers_to_transform": [0]}))
+        config.write_text(
+            json.dumps({**json.loads(config.read_text()), "target_modules": "q", "layers_to_transform": [0]})
+        )
     elif case == "half a card":
         (folder / "lorahub_card.json").write_text("{}")
 
@@ -209,7 +243,9 @@ def test_instance_level_checks(adapters, tmp_path):
     with pytest.raises(InputError, match=r"shot-1' has no adapter_model.safetensors"):
         check_folder(folder)
     shutil.rmtree(folder / "compositions" / "shot-1")
-    with pytest.raises(InputError, match="lists composition folder 'compositions/shot-1', which is not a folder inside"):
+    with pytest.raises(
+        InputError, match="lists composition folder 'compositions/shot-1', which is not a folder inside"
+    ):
         check_folder(folder)
     recipe_path = folder / "lorahub_recipe.json"
     full = json.loads(recipe_path.read_text())
@@ -225,7 +261,9 @@ def test_instance_level_checks(adapters, tmp_path):
         check_folder(folder)
 
 
-@pytest.mark.parametrize("repo", ["my-lora", "me/my-lora/extra", "me/", "/my-lora", "me/my lora", "me/my..lora", "me/-lora"])
+@pytest.mark.parametrize(
+    "repo", ["my-lora", "me/my-lora/extra", "me/", "/my-lora", "me/my lora", "me/my..lora", "me/-lora"]
+)
 def test_repo_id_must_be_namespace_slash_name(online, composed, repo):
     with pytest.raises(InputError, match=f"--repo '{repo}' is not a Hub repo id"):
         push_folder(composed, repo)
@@ -280,8 +318,13 @@ def test_cli_end_to_end(hub, hub_env, composed, tmp_path):
     env = {**hub_env, "LORAHUB_HOME": str(tmp_path / "home"), "NO_COLOR": "1"}
 
     def lorahub(*args):
-        return subprocess.run([sys.executable, "-c", LORAHUB, "push", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-c", LORAHUB, "push", *map(str, args)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     bad = lorahub(composed, "--repo", "my-lora")
     assert bad.returncode == 2 and bad.stdout == ""
@@ -290,8 +333,13 @@ def test_cli_end_to_end(hub, hub_env, composed, tmp_path):
     done = lorahub(composed, "--repo", "me/cli-lora", "--branch", "v1", "-m", "from the CLI", "--json")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert result == {"repo": "me/cli-lora", "url": f"{hub.endpoint}/me/cli-lora/tree/v1",
-                      "commit": hub.head("me/cli-lora", branch="v1"), "branch": "v1", "files": TASK_FILES}
+    assert result == {
+        "repo": "me/cli-lora",
+        "url": f"{hub.endpoint}/me/cli-lora/tree/v1",
+        "commit": hub.head("me/cli-lora", branch="v1"),
+        "branch": "v1",
+        "files": TASK_FILES,
+    }
     assert "Pushing" in done.stderr and "4 files on me/cli-lora@v1 at commit" in done.stderr
     assert hub._repos["model", "me/cli-lora"].commits[result["commit"]].message == "from the CLI"
     # The token was sent, and went nowhere else.

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,18 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import SHOTS
+from tiny_models import make_adapters, one_thread, tiny_t5  # noqa: F401  (fixture)
+
 from lorahub_cli.compose.adapters import load_adapter
 from lorahub_cli.compose.formulas import FORMULAS, compose
 from lorahub_cli.compose.recipe import RECIPE_FILE, Recipe
 from lorahub_cli.errors import InputError
-from tiny_models import make_adapters, one_thread, tiny_t5  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FORMULA_OPTIONS = {"elementwise": [], "linear": [], "fusion": [], "ties": ["--density", "0.5"],
-                   "dare_linear": ["--density", "0.5"], "svd": ["--svd-rank", "3"]}
+FORMULA_OPTIONS = {
+    "elementwise": [],
+    "linear": [],
+    "fusion": [],
+    "ties": ["--density", "0.5"],
+    "dare_linear": ["--density", "0.5"],
+    "svd": ["--svd-rank", "3"],
+}
 
 
 def test_every_registered_formula_is_covered():
@@ -36,8 +42,15 @@ def test_every_registered_formula_is_covered():
 
 def _task_recipe() -> dict:
     module = {"id": "a", "source": "a", "revision": None, "sha256": "0" * 64, "weight": 0.5}
-    return {"format": 1, "level": "task", "base_model": "m", "formula": "elementwise", "modules": [module], "search": None,
-            "loss": 1.25}
+    return {
+        "format": 1,
+        "level": "task",
+        "base_model": "m",
+        "formula": "elementwise",
+        "modules": [module],
+        "search": None,
+        "loss": 1.25,
+    }
 
 
 def test_recipe_round_trips(tmp_path):
@@ -45,18 +58,26 @@ def test_recipe_round_trips(tmp_path):
     recipe.save(tmp_path)
     again = Recipe.load(tmp_path)
     assert again == recipe and again.weights == {"a": 0.5}
-    assert list(json.loads((tmp_path / RECIPE_FILE).read_text()))[:4] == ["format", "lorahub_version", "created_at", "level"]
+    assert list(json.loads((tmp_path / RECIPE_FILE).read_text()))[:4] == [
+        "format",
+        "lorahub_version",
+        "created_at",
+        "level",
+    ]
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda r: r.pop("modules"), "'modules' is missing"),
-    (lambda r: r.update(loss="low"), "'loss' has the wrong type"),
-    (lambda r: r["modules"][0].pop("sha256"), "'modules[0].sha256' is missing"),
-    (lambda r: r["modules"][0].update(weight=True), "'modules[0].weight' has the wrong type"),
-    (lambda r: r.update(level="batch"), "'level' is 'batch'"),
-    (lambda r: r.update(format=2), "recipe format 2"),
-    (lambda r: r.update(level="instance"), "'compositions' is missing"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda r: r.pop("modules"), "'modules' is missing"),
+        (lambda r: r.update(loss="low"), "'loss' has the wrong type"),
+        (lambda r: r["modules"][0].pop("sha256"), "'modules[0].sha256' is missing"),
+        (lambda r: r["modules"][0].update(weight=True), "'modules[0].weight' has the wrong type"),
+        (lambda r: r.update(level="batch"), "'level' is 'batch'"),
+        (lambda r: r.update(format=2), "recipe format 2"),
+        (lambda r: r.update(level="instance"), "'compositions' is missing"),
+    ],
+)
 def test_a_bad_recipe_names_its_field(tmp_path, change, field):
     data = _task_recipe()
     change(data)
@@ -73,7 +94,8 @@ def test_from_recipe_with_a_bad_field_is_one_line(cli, t5_home, tmp_path):
     result = cli("compose", "--from-recipe", path, "--out", tmp_path / "x")
     assert result.code == 2 and result.stderr.strip().splitlines() == [
         f"Error: {path}: field 'modules[0].weight' is missing. Give a lorahub_recipe.json written by lorahub compose "
-        "(or compose again)."]
+        "(or compose again)."
+    ]
 
 
 # --- rebuilding every formula bit for bit -------------------------------------------------------
@@ -82,8 +104,22 @@ def test_from_recipe_with_a_bad_field_is_one_line(cli, t5_home, tmp_path):
 @pytest.mark.parametrize("formula", sorted(FORMULA_OPTIONS))
 def test_from_recipe_rebuilds_every_formula_bit_for_bit(cli, t5_home, tmp_path, formula):
     out, rebuilt = tmp_path / "a", tmp_path / "b"
-    result = cli("compose", "--shots", SHOTS, "--modules", "capitals,addition,sentiment", "--formula", formula,
-                 *FORMULA_OPTIONS[formula], "--budget", "3", "--dtype", "float32", "--out", out)
+    result = cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--modules",
+        "capitals,addition,sentiment",
+        "--formula",
+        formula,
+        *FORMULA_OPTIONS[formula],
+        "--budget",
+        "3",
+        "--dtype",
+        "float32",
+        "--out",
+        out,
+    )
     assert result.code == 0, result.stderr
     recipe = Recipe.load(out)
     if formula == "dare_linear":
@@ -109,8 +145,18 @@ def test_dare_linear_depends_on_its_seed_only(tmp_path):
 
 
 def _compose(cli, out, *extra):
-    return cli("compose", "--shots", SHOTS, "--modules", "capitals,addition", "--weights", "capitals=0.5,addition=0.5",
-               "--out", out, *extra)
+    return cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--modules",
+        "capitals,addition",
+        "--weights",
+        "capitals=0.5,addition=0.5",
+        "--out",
+        out,
+        *extra,
+    )
 
 
 def test_overwrite_replaces_a_folder_compose_wrote(cli, t5_home, tmp_path):
@@ -127,7 +173,9 @@ def test_overwrite_refuses_the_working_directory_and_its_parents(cli, t5_home, t
     shots.write_bytes(SHOTS.read_bytes())
     monkeypatch.chdir(work)
     for out in (".", ".."):
-        result = cli("compose", "--shots", shots, "--modules", "capitals", "--weights", "capitals=1", "--out", out, "--overwrite")
+        result = cli(
+            "compose", "--shots", shots, "--modules", "capitals", "--weights", "capitals=1", "--out", out, "--overwrite"
+        )
         assert result.code == 2 and "refusing to replace" in result.stderr and "working directory" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert shots.read_bytes() == SHOTS.read_bytes()
@@ -151,7 +199,9 @@ def test_overwrite_refuses_a_folder_holding_the_inputs_or_foreign_files(cli, t5_
     (out / "notes.txt").unlink()
     shots = out / "shots.jsonl"
     shots.write_bytes(SHOTS.read_bytes())
-    result = cli("compose", "--shots", shots, "--modules", "capitals", "--weights", "capitals=1", "--out", out, "--overwrite")
+    result = cli(
+        "compose", "--shots", shots, "--modules", "capitals", "--weights", "capitals=1", "--out", out, "--overwrite"
+    )
     assert result.code == 2 and "holds the input" in result.stderr and shots.is_file()
     plain = tmp_path / "plain"
     plain.mkdir()
@@ -172,15 +222,38 @@ def test_an_unwritable_out_fails_before_the_search(cli, lorahub_home, tmp_path):
 def test_sigint_during_compose_says_interrupted_and_writes_nothing(t5_home, tmp_path):
     out = tmp_path / "never"
     env = {**os.environ, "LORAHUB_HOME": str(t5_home[0])}
-    process = subprocess.Popen([sys.executable, "-m", "lorahub_cli", "compose", "--shots", str(SHOTS), "--out", str(out),
-                                "-n", "4", "--budget", "100000", "--dtype", "float32"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lorahub_cli",
+            "compose",
+            "--shots",
+            str(SHOTS),
+            "--out",
+            str(out),
+            "-n",
+            "4",
+            "--budget",
+            "100000",
+            "--dtype",
+            "float32",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # Interrupt once the command is past start-up and into its work (torch is loaded only inside it), however
         # slow a busy machine is; a budget of 100,000 does not end by itself.
         maps = Path(f"/proc/{process.pid}/maps")
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and process.poll() is None and "libtorch" not in maps.read_text(errors="replace"):
+        while (
+            time.monotonic() < deadline
+            and process.poll() is None
+            and "libtorch" not in maps.read_text(errors="replace")
+        ):
             time.sleep(0.2)
         time.sleep(3)
         process.send_signal(signal.SIGINT)
@@ -212,9 +285,14 @@ def test_the_home_is_the_user_data_folder_unless_an_old_cache_home_exists(tmp_pa
     assert home() == tmp_path / "mine"
 
 
-@pytest.mark.parametrize("args, registry", [(["compose", "--formula", "list"], "FORMULAS"),
-                                            (["compose", "--optimizer", "list"], "OPTIMIZERS"),
-                                            (["eval", "demo", "--methods", "list"], "RUNNERS")])
+@pytest.mark.parametrize(
+    "args, registry",
+    [
+        (["compose", "--formula", "list"], "FORMULAS"),
+        (["compose", "--optimizer", "list"], "OPTIMIZERS"),
+        (["eval", "demo", "--methods", "list"], "RUNNERS"),
+    ],
+)
 def test_choices_come_from_the_registries(cli, args, registry, monkeypatch):
     from lorahub_cli.compose import formulas, search
     from lorahub_cli.eval import methods
@@ -224,5 +302,11 @@ def test_choices_come_from_the_registries(cli, args, registry, monkeypatch):
     result = cli(*args)
     assert result.code == 0 and list(json.loads(result.stdout)) == list(entries)
     assert all(json.loads(result.stdout).values()), "every entry has a summary"
-    bad = cli(*args[:-1], "nope", "--out", "x", "--shots", str(SHOTS)) if args[0] == "compose" else cli(*args[:-1], "zero-shot,nope")
-    assert bad.code == 2 and "nope" in bad.stderr and "newly_registered" in bad.stderr, "the library checks against the registry"
+    bad = (
+        cli(*args[:-1], "nope", "--out", "x", "--shots", str(SHOTS))
+        if args[0] == "compose"
+        else cli(*args[:-1], "zero-shot,nope")
+    )
+    assert bad.code == 2 and "nope" in bad.stderr and "newly_registered" in bad.stderr, (
+        "the library checks against the registry"
+    )

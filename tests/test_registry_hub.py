@@ -11,10 +11,10 @@ from urllib.parse import unquote
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import EXAMPLES
 from hubserver import TOKEN
+from safetensors.torch import load_file
+
 from lorahub_cli.errors import HubError, InputError, NotFoundError
 from lorahub_cli.io import sha256_file
 from lorahub_cli.registry import Store
@@ -39,7 +39,9 @@ def online(hub, monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -52,7 +54,9 @@ def test_mirror_pins_the_commit_and_skips_a_rerun(online, lorahub_home):
     result = add_hub(store, "lib/sentiment")
     record = store.get("lib/sentiment")
     assert result.status == "added" and record.revision == sha and record.source == "lib/sentiment"
-    assert record.files["adapter_model.safetensors"] == sha256_file(EXAMPLES / "adapters/sentiment/adapter_model.safetensors")
+    assert record.files["adapter_model.safetensors"] == sha256_file(
+        EXAMPLES / "adapters/sentiment/adapter_model.safetensors"
+    )
     assert add_hub(store, "lib/sentiment").status == "skipped"
     new_sha = online.commit("lib/sentiment", {"README.md": b"---\nlibrary_name: peft\n---\nhello\n"})
     assert add_hub(store, "lib/sentiment").status == "updated" and store.get("lib/sentiment").revision == new_sha
@@ -118,24 +122,40 @@ def dataset_repo(hub):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    rows = [{"inputs": r["input"], "targets": r["target"], "task": task}
-            for task in ("addition", "capitals", "sentiment")
-            for r in map(json.loads, (EXAMPLES / "data" / f"{task}.jsonl").read_text().splitlines())]
+    rows = [
+        {"inputs": r["input"], "targets": r["target"], "task": task}
+        for task in ("addition", "capitals", "sentiment")
+        for r in map(json.loads, (EXAMPLES / "data" / f"{task}.jsonl").read_text().splitlines())
+    ]
     buffer = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(rows[80:]), buffer)
-    hub.commit("lib/flan", {
-        "data/train-00000.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:80]).encode(),
-        "data/train-00001.parquet": buffer.getvalue(),
-        "data/validation-00000.jsonl": b'{"inputs": "x", "targets": "y", "task": "addition"}\n',
-    }, repo_type="dataset")
+    hub.commit(
+        "lib/flan",
+        {
+            "data/train-00000.jsonl": "".join(json.dumps(r) + "\n" for r in rows[:80]).encode(),
+            "data/train-00001.parquet": buffer.getvalue(),
+            "data/validation-00000.jsonl": b'{"inputs": "x", "targets": "y", "task": "addition"}\n',
+        },
+        repo_type="dataset",
+    )
     return rows
 
 
 def test_cards_from_a_hub_dataset(online, lorahub_home, cli):
     rows = dataset_repo(online)
     online.commit("lib/capitals", adapter_files("capitals"))
-    result = cli("registry", "add", "lib/capitals", "--dataset", "lib/flan", "--filter", "task=capitals",
-                 "--max-examples", "50", "--json")
+    result = cli(
+        "registry",
+        "add",
+        "lib/capitals",
+        "--dataset",
+        "lib/flan",
+        "--filter",
+        "task=capitals",
+        "--max-examples",
+        "50",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     assert json.loads(result.stdout)["adapter"]["has_card"] is True
     card = json.loads(cli("card", "show", "lib/capitals", "--json").stdout)
@@ -152,11 +172,16 @@ def test_cards_from_a_hub_dataset(online, lorahub_home, cli):
 
 def write_catalog(tmp_path, repos, dataset=None):
     path = tmp_path / "catalog.json"
-    path.write_text(json.dumps({
-        "name": "test", "base_model": "lorahub-examples/tiny-t5",
-        "training_data": {"hub_dataset": dataset} if dataset else {},
-        "modules": [{"repo_id": r, "task": r.split("-")[-1]} for r in repos],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "name": "test",
+                "base_model": "lorahub-examples/tiny-t5",
+                "training_data": {"hub_dataset": dataset} if dataset else {},
+                "modules": [{"repo_id": r, "task": r.split("-")[-1]} for r in repos],
+            }
+        )
+    )
     return path
 
 
@@ -181,7 +206,10 @@ def test_catalog_sync_survives_a_broken_repo_and_builds_cards(online, lorahub_ho
     assert ranked["results"][0]["id"] == "lib/t5-addition"
     # Re-running skips what is mirrored; the repaired repo is now added.
     online.unfail("lib/t5-broken")
-    again = {r["id"]: r["status"] for r in json.loads(cli("registry", "sync", "--catalog", str(catalog), "--json").stdout)["results"]}
+    again = {
+        r["id"]: r["status"]
+        for r in json.loads(cli("registry", "sync", "--catalog", str(catalog), "--json").stdout)["results"]
+    }
     assert again == {**{f"lib/t5-{t}": "skipped" for t in tasks}, "lib/t5-broken": "added", "lib/t5-missing": "failed"}
 
 
@@ -193,7 +221,11 @@ def test_sync_by_author_and_search(online, lorahub_home, cli):
     result = cli("registry", "sync", "--author", "lib", "--search", "t5-", "--json")
     assert result.code == 0, result.stderr
     assert sorted(r["id"] for r in json.loads(result.stdout)["results"]) == [
-        "lib/t5-addition", "lib/t5-capitals", "lib/t5-sentiment", "lib/t5-weekdays"]
+        "lib/t5-addition",
+        "lib/t5-capitals",
+        "lib/t5-sentiment",
+        "lib/t5-weekdays",
+    ]
 
 
 def test_shipped_catalogues_load():
@@ -236,15 +268,21 @@ TASKS = ("addition", "capitals", "sentiment")
 
 
 def example_rows(task):
-    return [{"inputs": r["input"], "targets": r["target"]}
-            for r in map(json.loads, (EXAMPLES / "data" / f"{task}.jsonl").read_text().splitlines())]
+    return [
+        {"inputs": r["input"], "targets": r["target"]}
+        for r in map(json.loads, (EXAMPLES / "data" / f"{task}.jsonl").read_text().splitlines())
+    ]
 
 
 def flanv2_per_task_repo(hub, repo="lib/flanv2"):
     """Built like lorahub/flanv2 as public code reads it: one `.json` file per task at the top level, holding
     JSON Lines with `inputs`/`targets` and no task column; a file's stem up to any ':' is the task."""
-    names = {"addition": "addition.json", "capitals": "capitals:1.0.0.json", "sentiment": "sentiment.json",
-             "capitals_extra": "capitals_extra.json"}
+    names = {
+        "addition": "addition.json",
+        "capitals": "capitals:1.0.0.json",
+        "sentiment": "sentiment.json",
+        "capitals_extra": "capitals_extra.json",
+    }
     files = {}
     for task, name in names.items():
         rows = example_rows(task if task in TASKS else "weekdays")
@@ -259,8 +297,11 @@ def table_repo(hub, column, repo="lib/flan-table"):
 
 
 def downloads(hub, repo):
-    return {unquote(path.split("/resolve/", 1)[1].split("/", 1)[1]) for method, path, _ in hub.requests
-            if method == "GET" and f"/datasets/{repo}/resolve/" in path}
+    return {
+        unquote(path.split("/resolve/", 1)[1].split("/", 1)[1])
+        for method, path, _ in hub.requests
+        if method == "GET" and f"/datasets/{repo}/resolve/" in path
+    }
 
 
 def test_cards_from_a_per_task_layout_download_only_that_tasks_file(online, lorahub_home, cli):
@@ -283,7 +324,9 @@ def test_cards_from_a_per_task_layout_download_only_that_tasks_file(online, lora
 def test_cards_from_a_table_with_a_task_column(online, lorahub_home, cli, column):
     table_repo(online, column)
     online.commit("lib/sentiment", adapter_files("sentiment"))
-    result = cli("registry", "add", "lib/sentiment", "--dataset", "lib/flan-table", "--filter", "task=sentiment", "--json")
+    result = cli(
+        "registry", "add", "lib/sentiment", "--dataset", "lib/flan-table", "--filter", "task=sentiment", "--json"
+    )
     assert result.code == 0, result.stderr
     card = json.loads(cli("card", "show", "lib/sentiment", "--json").stdout)
     sentiment = {r["inputs"] for r in example_rows("sentiment")}
@@ -307,7 +350,10 @@ def test_sync_cards_from_the_per_task_layout_and_failed_cards_fail(online, lorah
     assert result.code == 1, "weekdays has no data file: its card fails, and so does the sync"
     report = json.loads(result.stdout)
     statuses = {r["id"]: (r["status"], r["message"]) for r in report["results"]}
-    assert statuses["lib/t5-addition"] == ("added", "card built") and statuses["lib/t5-capitals"] == ("added", "card built")
+    assert statuses["lib/t5-addition"] == ("added", "card built") and statuses["lib/t5-capitals"] == (
+        "added",
+        "card built",
+    )
     assert statuses["lib/t5-weekdays"][0] == "failed" and "card failed" in statuses["lib/t5-weekdays"][1]
     assert report["failed"] == 1
     assert downloads(online, "lib/flanv2") <= {names["addition"], names["capitals"], names["sentiment"]}
@@ -334,5 +380,7 @@ def test_repeated_sync_errors_are_summarised(online, lorahub_home, tmp_path, cli
     catalog = write_catalog(tmp_path, ["lib/t5-addition"] + [f"lib/t5-missing{i}" for i in range(20)])
     result = cli("registry", "sync", "--catalog", str(catalog))
     assert result.code == 1
-    assert result.stderr.count("was not found") == 1 and "failed ×20" in result.stderr and "and 17 more" in result.stderr
+    assert (
+        result.stderr.count("was not found") == 1 and "failed ×20" in result.stderr and "and 17 more" in result.stderr
+    )
     assert "Fetching" not in result.stderr, "one progress display: huggingface_hub's own bars are off"

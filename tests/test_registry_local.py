@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
+from conftest import EXAMPLES
 from safetensors.torch import load_file
 
-from conftest import EXAMPLES
 from lorahub_cli.errors import InputError, IntegrityError, NotFoundError
 from lorahub_cli.io import sha256_file
 from lorahub_cli.registry import Store
@@ -27,7 +27,12 @@ def test_add_local_records_everything(lorahub_home):
     record = store.get("sent")
     assert result.status == "added"
     assert record.source == str(ADAPTER.resolve()) and record.source_type == "local" and record.revision is None
-    assert (record.base_model, record.r, record.lora_alpha, record.target_modules) == ("lorahub-examples/tiny-t5", 4, 8.0, ["q", "v"])
+    assert (record.base_model, record.r, record.lora_alpha, record.target_modules) == (
+        "lorahub-examples/tiny-t5",
+        4,
+        8.0,
+        ["q", "v"],
+    )
     assert record.task_type == "SEQ_2_SEQ_LM" and record.peft_type == "LORA" and not record.has_card
     assert record.files["adapter_model.safetensors"] == sha256_file(ADAPTER / "adapter_model.safetensors")
     assert record.size == sum((record.path / f).stat().st_size for f in record.files)
@@ -101,7 +106,10 @@ def test_verify_catches_corruption_and_truncation(lorahub_home, cli):
     config = store.get("b").path / "adapter_config.json"
     config.write_bytes(config.read_bytes()[:10])
     problems, _ = store.verify()
-    assert {(p["id"], p["file"]) for p in problems} == {("a", "adapter_model.safetensors"), ("b", "adapter_config.json")}
+    assert {(p["id"], p["file"]) for p in problems} == {
+        ("a", "adapter_model.safetensors"),
+        ("b", "adapter_config.json"),
+    }
     with pytest.raises(IntegrityError):
         store.check_file(store.get("a"), "adapter_model.safetensors")
     result = cli("registry", "verify", "--json")
@@ -132,7 +140,9 @@ for i in range(int(sys.argv[3])):
 
 
 def run_add_many(home, prefix, rounds):
-    return subprocess.Popen([sys.executable, "-c", ADD_MANY, str(home), str(EXAMPLES / "adapters"), str(rounds), prefix])
+    return subprocess.Popen(
+        [sys.executable, "-c", ADD_MANY, str(home), str(EXAMPLES / "adapters"), str(rounds), prefix]
+    )
 
 
 def test_two_processes_adding_at_once(lorahub_home):

@@ -7,11 +7,9 @@ import sqlite3
 import time
 
 import pytest
-import torch
+from conftest import EXAMPLES
 from safetensors.torch import load_file, save_file
 
-from conftest import EXAMPLES
-from lorahub_cli.errors import InputError, IntegrityError
 from lorahub_cli.io import sha256_file
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.mirror import add_local
@@ -35,8 +33,12 @@ def age(path, seconds=3600):
 def test_an_empty_index_is_an_error_naming_rebuild_and_prune_deletes_nothing(cli, lorahub_home):
     weights = stored_home(lorahub_home, cli)
     (lorahub_home / "registry.sqlite").write_bytes(b"")
-    for args in (["registry", "verify"], ["registry", "verify", "--prune"], ["registry", "list"],
-                 ["registry", "add", ADAPTERS / "capitals"]):
+    for args in (
+        ["registry", "verify"],
+        ["registry", "verify", "--prune"],
+        ["registry", "list"],
+        ["registry", "add", ADAPTERS / "capitals"],
+    ):
         result = cli(*args)
         assert result.code != 0 and result.stderr.count("\n") == 1, (args, result.stderr)
         assert "is empty (0 bytes), but 2 stored adapter folder(s) exist" in result.stderr
@@ -106,23 +108,38 @@ def test_add_with_a_bad_card_adds_nothing(cli, lorahub_home, tmp_path):
     bad.write_text('{"input": "a", "target": "b"}\n{"input": \n')
     result = cli("registry", "add", ADAPTERS / "sentiment", "--data", bad)
     assert result.code == 2 and f"{bad}:2: not valid JSON" in result.stderr
-    missing = cli("registry", "add", ADAPTERS / "sentiment", "--data", EXAMPLES / "data" / "sentiment.jsonl",
-                  "--embedder", str(tmp_path / "no-such-embedder"))
+    missing = cli(
+        "registry",
+        "add",
+        ADAPTERS / "sentiment",
+        "--data",
+        EXAMPLES / "data" / "sentiment.jsonl",
+        "--embedder",
+        str(tmp_path / "no-such-embedder"),
+    )
     assert missing.code != 0 and missing.stderr.count("\n") == 1
     assert json.loads(cli("registry", "list", "--json").stdout) == []
     assert not list((lorahub_home / "adapters").iterdir()) and not list((lorahub_home / "tmp").iterdir())
 
 
 def test_readding_an_id_from_another_source_needs_replace(cli, lorahub_home):
-    assert cli("registry", "add", ADAPTERS / "sentiment", "--name", "mine",
-               "--data", EXAMPLES / "data" / "sentiment.jsonl").code == 0
+    assert (
+        cli(
+            "registry", "add", ADAPTERS / "sentiment", "--name", "mine", "--data", EXAMPLES / "data" / "sentiment.jsonl"
+        ).code
+        == 0
+    )
     refused = cli("registry", "add", ADAPTERS / "addition", "--name", "mine")
-    assert refused.code == 2 and "'mine' already holds an adapter from" in refused.stderr and "--replace" in refused.stderr
+    assert (
+        refused.code == 2 and "'mine' already holds an adapter from" in refused.stderr and "--replace" in refused.stderr
+    )
     kept = json.loads(cli("registry", "show", "mine", "--json").stdout)
     assert kept["source"] == str((ADAPTERS / "sentiment").resolve()) and kept["has_card"]
     assert cli("registry", "add", ADAPTERS / "sentiment", "--name", "mine").code == 0, "same source: updated in place"
     assert cli("registry", "add", ADAPTERS / "addition", "--name", "mine", "--replace").code == 0
-    assert json.loads(cli("registry", "show", "mine", "--json").stdout)["source"] == str((ADAPTERS / "addition").resolve())
+    assert json.loads(cli("registry", "show", "mine", "--json").stdout)["source"] == str(
+        (ADAPTERS / "addition").resolve()
+    )
 
 
 @pytest.mark.parametrize("bad_id", ["..", "../../x", "/abs/path", "a/b/c", "a--b", ".hidden", "x y", "ns/..", ""])
@@ -169,8 +186,9 @@ def test_nan_weights_are_refused_at_add_and_by_verify(cli, lorahub_home, tmp_pat
     assert problems == [{"id": "old", "file": "adapter_model.safetensors", "problem": f"NaN or inf in {key}"}]
 
 
-@pytest.mark.parametrize("config, expected", [("[1, 2]", "is not a JSON object (it holds a list)"),
-                                              ("{not json", "is not valid JSON")])
+@pytest.mark.parametrize(
+    "config, expected", [("[1, 2]", "is not a JSON object (it holds a list)"), ("{not json", "is not valid JSON")]
+)
 def test_a_bad_config_names_the_users_file(cli, lorahub_home, tmp_path, config, expected):
     folder = tmp_path / "odd"
     shutil.copytree(ADAPTERS / "sentiment", folder)
@@ -185,12 +203,19 @@ def test_home_that_is_a_file(cli, lorahub_home):
     lorahub_home.write_text("not a folder")
     for args in (["registry", "list"], ["registry", "add", ADAPTERS / "sentiment"]):
         result = cli(*args)
-        assert result.code == 1 and result.stderr == f"Error: the lorahub home '{lorahub_home}' is a file, not a folder. Point LORAHUB_HOME at a folder.\n"
+        assert (
+            result.code == 1
+            and result.stderr
+            == f"Error: the lorahub home '{lorahub_home}' is a file, not a folder. Point LORAHUB_HOME at a folder.\n"
+        )
 
 
 def snapshot(home):
-    return {str(p.relative_to(home)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
-            for p in home.rglob("*") if not p.name.endswith(("-shm", "-wal"))}
+    return {
+        str(p.relative_to(home)): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+        for p in home.rglob("*")
+        if not p.name.endswith(("-shm", "-wal"))
+    }
 
 
 @pytest.mark.parametrize("writable", [True, False])
@@ -202,8 +227,13 @@ def test_reading_commands_never_write(cli, lorahub_home, monkeypatch, writable):
     if not writable:
         real = os.access
         monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if mode & os.W_OK else real(path, mode, **kw))
-    for args in (["registry", "list", "--json"], ["registry", "show", "sentiment"], ["registry", "verify"],
-                 ["retrieve", "--query", "I loved it", "-k", "1"], ["card", "show", "sentiment"]):
+    for args in (
+        ["registry", "list", "--json"],
+        ["registry", "show", "sentiment"],
+        ["registry", "verify"],
+        ["retrieve", "--query", "I loved it", "-k", "1"],
+        ["card", "show", "sentiment"],
+    ):
         result = cli(*args)
         assert result.code == 0, (args, result.stderr)
     assert snapshot(lorahub_home) == before
@@ -238,5 +268,6 @@ def test_an_unwritable_staging_folder_is_one_line(cli, lorahub_home, monkeypatch
     monkeypatch.setattr(type(lorahub_home), "mkdir", refuse)
     result = cli("registry", "add", ADAPTERS / "sentiment")
     assert result.code == 1 and result.stderr.startswith(
-        f"Error: the registry at '{lorahub_home}' is not writable (Permission denied).")
+        f"Error: the registry at '{lorahub_home}' is not writable (Permission denied)."
+    )
     assert result.stderr.count("\n") == 1

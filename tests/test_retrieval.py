@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import EXAMPLES
+
 from lorahub_cli import retrieval
 from lorahub_cli.cards.card import Card
 from lorahub_cli.cards.embedder import Embedder
@@ -20,7 +20,7 @@ def test_top_k_is_descending_cosine():
     keys = retrieval.normalise(torch.randn(50, 8, generator=generator))
     queries = retrieval.normalise(torch.randn(3, 8, generator=generator))
     scores, indices = retrieval.top_k(queries, keys, 5)
-    cosine = (queries.numpy() @ keys.numpy().T)
+    cosine = queries.numpy() @ keys.numpy().T
     for q in range(3):
         expected = np.argsort(-cosine[q])[:5]
         assert indices[q].tolist() == expected.tolist()

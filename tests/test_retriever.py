@@ -11,23 +11,25 @@ import json
 import random
 
 import pytest
-
 from conftest import EXAMPLES
+from tiny_models import one_thread  # noqa: F401  (fixture)
+
 from lorahub_cli.examples.tasks import ANIMALS, CAPITALS, SUBJECTS, WORDS
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
 from lorahub_cli.settings import LORARETRIEVER_INSTRUCTION
-from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-PAIRS = [("Sort these words alphabetically: {}", "Sort these words by length: {}"),
-         ("Count the vowels in: {}", "Count the consonants in: {}"),
-         ("What is the first word of: {}", "What is the last word of: {}"),
-         ("Translate into French: {}", "Translate into German: {}"),
-         ("Write in capital letters: {}", "Write in small letters: {}"),
-         ("How many words are in: {}", "How many letters are in: {}")]
+PAIRS = [
+    ("Sort these words alphabetically: {}", "Sort these words by length: {}"),
+    ("Count the vowels in: {}", "Count the consonants in: {}"),
+    ("What is the first word of: {}", "What is the last word of: {}"),
+    ("Translate into French: {}", "Translate into German: {}"),
+    ("Write in capital letters: {}", "Write in small letters: {}"),
+    ("How many words are in: {}", "How many letters are in: {}"),
+]
 CONTENTS = [
     lambda rng: ", ".join(rng.sample(WORDS, rng.randint(3, 6))),
     lambda rng: f"The {rng.choice(SUBJECTS)} of the film was about {rng.choice(sorted(ANIMALS))}s.",
@@ -59,8 +61,23 @@ def paired_registry(lorahub_home, tmp_path):
 
 def test_training_improves_retrieval_of_held_out_tasks_and_cards_record_the_embedder(cli, paired_registry, tmp_path):
     out = tmp_path / "retriever"
-    result = cli("retriever", "train", "--out", out, "--tasks-fraction", "0.5", "--batch-size", "8", "--lr", "5e-5",
-                 "--max-examples", str(EXAMPLES_PER_TASK), "--eval-queries", "6", "--json")
+    result = cli(
+        "retriever",
+        "train",
+        "--out",
+        out,
+        "--tasks-fraction",
+        "0.5",
+        "--batch-size",
+        "8",
+        "--lr",
+        "5e-5",
+        "--max-examples",
+        str(EXAMPLES_PER_TASK),
+        "--eval-queries",
+        "6",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert len(report["train_adapters"]) == 6 and not set(report["train_adapters"]) & set(report["held_out_adapters"])
@@ -72,8 +89,19 @@ def test_training_improves_retrieval_of_held_out_tasks_and_cards_record_the_embe
 
     # The trained folder is an embedder: cards rebuilt with it record it, and retrieval then uses it.
     for record in paired_registry.list():
-        built = cli("card", "build", record.id, "--data", tmp_path / f"{record.id}.jsonl", "--inputs-only",
-                    "--instruction", LORARETRIEVER_INSTRUCTION, "--embedder", out, "--json")
+        built = cli(
+            "card",
+            "build",
+            record.id,
+            "--data",
+            tmp_path / f"{record.id}.jsonl",
+            "--inputs-only",
+            "--instruction",
+            LORARETRIEVER_INSTRUCTION,
+            "--embedder",
+            out,
+            "--json",
+        )
         assert built.code == 0, built.stderr
     card = json.loads(built.stdout)
     assert card["embedder"]["id"] == str(out.resolve()) and card["embedder"]["revision"].startswith("local-")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -15,14 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import EXAMPLES
+from tiny_models import one_thread  # noqa: F401  (fixture)
+
 from lorahub_cli.eval import tasks
 from lorahub_cli.eval.api import evaluate
 from lorahub_cli.eval.methods import EvalConfig
 from lorahub_cli.eval.runner import cell_path
 from lorahub_cli.registry import Store
-from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NO_RAY = "the ray extra is not installed (pip install -e '.[ray]'); CI installs it"
@@ -37,7 +36,9 @@ def ray_cluster(tmp_path_factory):
     own = len(str(root)) > 45
     if own:
         root = Path(tempfile.mkdtemp(prefix="lhray-"))
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(root), log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=str(root), log_to_driver=False, logging_level=logging.WARNING
+    )
     try:
         yield ray
     finally:
@@ -62,10 +63,26 @@ def test_the_grid_on_ray_matches_the_local_run_cell_by_cell(cli, ray_cluster, t5
     _, base_dir = t5_home
     methods = "zero-shot,icl,lorahub,batchcomp,instance,fft"
     local, remote = tmp_path / "local", tmp_path / "ray"
-    result = cli("eval", "tasks", task_dir, "--base-model", base_dir, "--methods", methods, "--out", local, *QUICK, "--json")
+    result = cli(
+        "eval", "tasks", task_dir, "--base-model", base_dir, "--methods", methods, "--out", local, *QUICK, "--json"
+    )
     assert result.code == 0, result.stderr
-    result = cli("eval", "tasks", task_dir, "--base-model", base_dir, "--methods", methods, "--out", remote, *QUICK,
-                 "--ray", "--workers", "2", "--json")
+    result = cli(
+        "eval",
+        "tasks",
+        task_dir,
+        "--base-model",
+        base_dir,
+        "--methods",
+        methods,
+        "--out",
+        remote,
+        *QUICK,
+        "--ray",
+        "--workers",
+        "2",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     expected = cells_of(local)
     assert len(expected) == 2 * 2 * 6 and cells_of(remote) == expected  # predictions, scores, choices, search losses
@@ -83,8 +100,17 @@ def run_api(base_dir, home, task_dir, out, methods, on_event, **config):
     from lorahub_cli.scale.cluster import RayOptions
     from lorahub_cli.scale.eval import ray_executor
 
-    config = EvalConfig(**{"base_model": str(base_dir), "num_modules": 2, "budget": 3, "limit": 3, "max_new_tokens": 3,
-                           "dtype": "float32", **config})
+    config = EvalConfig(
+        **{
+            "base_model": str(base_dir),
+            "num_modules": 2,
+            "budget": 3,
+            "limit": 3,
+            "max_new_tokens": 3,
+            "dtype": "float32",
+            **config,
+        }
+    )
     store = Store(home)
     execute = ray_executor(RayOptions(workers=2), config, store, on_event=on_event)
     return evaluate(tasks.load_task_dir(task_dir), methods, [1, 2], config, out, store=store, execute=execute)
@@ -108,8 +134,13 @@ def test_a_cell_lost_with_its_actor_runs_again_and_every_cell_finishes_once(ray_
     assert [kind for kind, _ in events].count("retried") == 1 and "failed" not in [kind for kind, _ in events]
     assert len(cells_of(out)) == 8 and set(summary["average"]) == {"zero-shot", "fft"}
     fresh = tmp_path / "local"
-    evaluate(tasks.load_task_dir(task_dir), ["zero-shot", "fft"], [1, 2],
-             EvalConfig(base_model=str(base_dir), limit=3, max_new_tokens=3, dtype="float32", fft_epochs=4), fresh)
+    evaluate(
+        tasks.load_task_dir(task_dir),
+        ["zero-shot", "fft"],
+        [1, 2],
+        EvalConfig(base_model=str(base_dir), limit=3, max_new_tokens=3, dtype="float32", fft_epochs=4),
+        fresh,
+    )
     assert cells_of(out) == cells_of(fresh)
 
 
@@ -121,25 +152,61 @@ def test_a_cell_failing_for_its_own_reason_is_reported_once_not_retried(ray_clus
     events = []
     out = tmp_path / "run"
     with pytest.raises(Exception) as failure:
-        run_api(base_dir, home, task_dir, out, ["zero-shot", "lorahub"], lambda kind, job, actor: events.append((kind, job.label)),
-                num_modules=4)
+        run_api(
+            base_dir,
+            home,
+            task_dir,
+            out,
+            ["zero-shot", "lorahub"],
+            lambda kind, job, actor: events.append((kind, job.label)),
+            num_modules=4,
+        )
     message = str(failure.value)
-    assert message.startswith("4 of 8 cells failed") and "file 'adapter_model.safetensors' of adapter 'sentiment'" in message
+    assert (
+        message.startswith("4 of 8 cells failed")
+        and "file 'adapter_model.safetensors' of adapter 'sentiment'" in message
+    )
     failed = [label for kind, label in events if kind == "failed"]
     assert sorted(failed) == sorted(set(failed)) and len(failed) == 4 and all("lorahub" in f for f in failed)
     assert "retried" not in [kind for kind, _ in events]
-    assert sorted(cells_of(out)) == sorted(cell_path(out, t, s, "zero-shot").relative_to(out).as_posix()
-                                           for t in ("capitals", "addition") for s in (1, 2))
+    assert sorted(cells_of(out)) == sorted(
+        cell_path(out, t, s, "zero-shot").relative_to(out).as_posix() for t in ("capitals", "addition") for s in (1, 2)
+    )
 
 
-def test_a_resumed_run_after_a_driver_kill_computes_only_the_missing_cells(cli, ray_cluster, t5_home, task_dir, tmp_path):
+def test_a_resumed_run_after_a_driver_kill_computes_only_the_missing_cells(
+    cli, ray_cluster, t5_home, task_dir, tmp_path
+):
     _, base_dir = t5_home
     out = tmp_path / "run"
-    args = ["eval", "tasks", str(task_dir), "--base-model", str(base_dir), "--methods", "zero-shot,fft", "--seeds", "1,2,3",
-            "--limit", "3", "--max-new-tokens", "3", "--dtype", "float32", "--out", str(out), "--workers", "2"]
+    args = [
+        "eval",
+        "tasks",
+        str(task_dir),
+        "--base-model",
+        str(base_dir),
+        "--methods",
+        "zero-shot,fft",
+        "--seeds",
+        "1,2,3",
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+    ]
     address = ray_cluster.get_runtime_context().gcs_address
-    driver = subprocess.Popen([sys.executable, "-m", "lorahub_cli", *args, "--ray", address],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "lorahub_cli", *args, "--ray", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not list(out.glob("cells/*/seed-*/*.json")):
@@ -203,7 +270,11 @@ def test_compose_a_folder_resumes_and_reports_each_task(cli, t5_home, shots_dir,
     result = cli("compose", "--tasks", shots_dir, "--out", out, "--base-model", base_dir, *COMPOSE)
     assert result.code == 0, result.stderr
     rows = json.loads(result.stdout)["tasks"]
-    assert [(r["task"], r["status"]) for r in rows] == [("addition", "done earlier"), ("capitals", "done earlier"), ("weekdays", "composed")]
+    assert [(r["task"], r["status"]) for r in rows] == [
+        ("addition", "done earlier"),
+        ("capitals", "done earlier"),
+        ("weekdays", "composed"),
+    ]
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # resumed: the finished ones were kept
 
 
@@ -211,13 +282,28 @@ def test_compose_a_folder_on_ray_gives_the_local_compositions(cli, ray_cluster, 
     _, base_dir = t5_home
     local, remote = tmp_path / "local", tmp_path / "ray"
     assert cli("compose", "--tasks", shots_dir, "--out", local, "--base-model", base_dir, *COMPOSE).code == 0
-    result = cli("compose", "--tasks", shots_dir, "--out", remote, "--base-model", base_dir, *COMPOSE,
-                 "--ray", "--workers", "2", "--ray-data", "object-store")
+    result = cli(
+        "compose",
+        "--tasks",
+        shots_dir,
+        "--out",
+        remote,
+        "--base-model",
+        base_dir,
+        *COMPOSE,
+        "--ray",
+        "--workers",
+        "2",
+        "--ray-data",
+        "object-store",
+    )
     assert result.code == 0, result.stderr
     assert [r["status"] for r in json.loads(result.stdout)["tasks"]] == ["composed"] * 3
     assert recipes(remote) == recipes(local) and len(recipes(local)) == 3
     for task in ("capitals", "addition", "weekdays"):
-        assert (remote / task / "adapter_model.safetensors").read_bytes() == (local / task / "adapter_model.safetensors").read_bytes()
+        assert (remote / task / "adapter_model.safetensors").read_bytes() == (
+            local / task / "adapter_model.safetensors"
+        ).read_bytes()
     # The workers read the registry and the model from the copy shipped through the object store.
     from ray._private.worker import global_worker
 

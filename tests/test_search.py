@@ -14,6 +14,7 @@ def quadratic(calls):
     def loss_fn(W):
         calls.append(W.shape[0])
         return ((W - TARGET) ** 2).sum(dim=1)
+
     return loss_fn
 
 
@@ -38,19 +39,23 @@ def test_budget_population_and_bounds(name):
 def test_gradient_free_and_adam_both_improve_on_the_start():
     for name in ("ngopt", "adam", "cma", "lbfgs"):
         result = search(quadratic([]), 5, SearchConfig(optimizer=name, budget=60, l1=0.0, seed=1, learning_rate=0.1))
-        assert result.objective < 0.5 * float((TARGET ** 2).sum()), name
+        assert result.objective < 0.5 * float((TARGET**2).sum()), name
 
 
 def test_l1_is_on_mean_absolute_weight():
-    result = search(lambda W: torch.zeros(W.shape[0]), 4, SearchConfig(optimizer="ngopt", budget=1, l1=0.05),
-                    init=np.array([1.0, -1.0, 0.5, 0.5]))
+    result = search(
+        lambda W: torch.zeros(W.shape[0]),
+        4,
+        SearchConfig(optimizer="ngopt", budget=1, l1=0.05),
+        init=np.array([1.0, -1.0, 0.5, 0.5]),
+    )
     assert result.curve[0]["objective"] == pytest.approx(0.05 * 0.75)
 
 
 def test_ngopt_starts_at_init_and_is_deterministic():
     runs = [search(quadratic([]), 5, SearchConfig(optimizer="ngopt", budget=12, seed=3)) for _ in range(2)]
     assert runs[0].weights == runs[1].weights
-    assert runs[0].curve[0]["loss"] == pytest.approx(float((TARGET ** 2).sum())), "the first candidate is w = 0"
+    assert runs[0].curve[0]["loss"] == pytest.approx(float((TARGET**2).sum())), "the first candidate is w = 0"
     warm = search(quadratic([]), 5, SearchConfig(optimizer="ngopt", budget=1), init=TARGET.numpy())
     assert warm.loss == pytest.approx(0.0, abs=1e-12)
     assert "Cobyla" in runs[0].engine
@@ -58,7 +63,7 @@ def test_ngopt_starts_at_init_and_is_deterministic():
 
 def test_non_finite_losses_count_as_infinite():
     def sometimes_nan(W):
-        losses = (W ** 2).sum(dim=1)
+        losses = (W**2).sum(dim=1)
         losses[W[:, 0] > 0] = float("nan")
         return losses
 
@@ -84,14 +89,17 @@ def test_lbfgs_stays_in_the_box_applies_l1_and_is_deterministic():
     config = SearchConfig(optimizer="lbfgs", budget=40, l1=0.5, seed=0)
     runs = [search(loss_fn, 5, config, init=np.full(5, 0.05)) for _ in range(2)]
     assert runs[0].weights == runs[1].weights and runs[0].curve == [
-        {**c, "seconds": runs[0].curve[i]["seconds"]} for i, c in enumerate(runs[1].curve)], "deterministic"
+        {**c, "seconds": runs[0].curve[i]["seconds"]} for i, c in enumerate(runs[1].curve)
+    ], "deterministic"
     w = runs[0].weights
     assert (w[0], w[1]) == (BOUNDS[1], BOUNDS[0]), "the optimum beyond the box ends on its bound"
     # With l1 = 0.5 on mean |w| (0.1 per weight), the small targets are pulled to 0 (within the smoothing).
     assert abs(w[2]) < 2e-3 and abs(w[3]) < 2e-3
     assert w[4] == pytest.approx(0.9 - 0.05, abs=2e-3), "d/dw (w - 0.9)^2 + 0.1 |w| = 0 at w = 0.85"
     # What is recorded and returned is the true objective, with |w| (not the smoothed one).
-    assert runs[0].objective == pytest.approx(float(loss_fn(torch.tensor([w]))[0]) + 0.5 * float(np.mean(np.abs(w))), rel=1e-9)
+    assert runs[0].objective == pytest.approx(
+        float(loss_fn(torch.tensor([w]))[0]) + 0.5 * float(np.mean(np.abs(w))), rel=1e-9
+    )
     assert all(BOUNDS[0] <= x <= BOUNDS[1] for c in runs[0].top for x in c)
 
 
@@ -107,7 +115,7 @@ def test_lbfgs_backs_off_from_non_finite_losses_and_keeps_its_budget():
     result = search(cliff, 5, SearchConfig(optimizer="lbfgs", budget=25, l1=0.0))
     assert result.nonfinite > 0 and np.isfinite(result.objective) and result.weights[0] <= 0.4
     assert any(c["loss"] == float("inf") for c in result.curve)
-    assert result.objective < float((TARGET ** 2).sum()), "it still improved on the start"
+    assert result.objective < float((TARGET**2).sum()), "it still improved on the start"
     assert sum(calls) == result.evaluations <= 25
     short = search(quadratic([]), 5, SearchConfig(optimizer="lbfgs", budget=2, l1=0.0))
     assert short.evaluations == 2, "the budget is a hard limit"

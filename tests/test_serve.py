@@ -17,10 +17,11 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import EXAMPLES
 from peft import PeftModel
+from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-from conftest import EXAMPLES
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
 from lorahub_cli.compose.formulas import compose
 from lorahub_cli.io import Example
@@ -30,7 +31,6 @@ from lorahub_cli.registry.mirror import add_local
 from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown
 from lorahub_cli.serve.engine import Answer, Engine, Request
 from lorahub_cli.serve.server import create_app, make_server
-from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,8 +46,10 @@ def task_inputs(task: str, n: int = 2) -> list[str]:
 
 def decode_ids(tokenizer):
     """Token ids as text: a random model's bytes are mostly invalid UTF-8, which decoding would drop."""
+
     def batch_decode(rows, skip_special_tokens=True):
         return [" ".join(str(int(t)) for t in row if int(t) > 2) for row in rows]
+
     tokenizer.batch_decode = batch_decode
     tokenizer.decode = lambda ids, skip_special_tokens=True: batch_decode([ids])[0]
     return tokenizer
@@ -61,9 +63,13 @@ def library(tmp_path_factory):
     store = Store(root / "home")
     for seed, task in enumerate(TASKS):
         # alpha 128: at w = 1/k the composed delta must move a tiny random model off its one repeated token.
-        folder = make_lora_adapter(model, root / "adapters" / task, alpha=128, seed=seed, base_model_name=str(root / "base"))
+        folder = make_lora_adapter(
+            model, root / "adapters" / task, alpha=128, seed=seed, base_model_name=str(root / "base")
+        )
         add_local(store, folder, name=task)
-        card_from_source(store, task, data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION)
+        card_from_source(
+            store, task, data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION
+        )
     return root
 
 
@@ -94,23 +100,37 @@ def alone(library, store, text: str, k: int, mode: str) -> str:
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
     ids_in = tokenizer([text], return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**ids_in, do_sample=False, num_beams=1, max_new_tokens=NEW_TOKENS,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **ids_in,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=NEW_TOKENS,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     return tokenizer.batch_decode(out[:, 1:])[0]
 
 
 def test_mixed_batch_rows_equal_each_request_alone(library, home):
     """Different tasks, k and compose modes in one call; batches of 4 mix them all."""
     engine = engine_for(home, max_new_tokens=NEW_TOKENS, batch_size=4)
-    plan = [("capitals", 3, "mixture"), ("addition", 1, "mixture"), ("sentiment", 2, "fusion"),
-            ("antonyms", 3, "fusion"), ("weekdays", 2, "single"), ("capitals", 2, "mixture")]
+    plan = [
+        ("capitals", 3, "mixture"),
+        ("addition", 1, "mixture"),
+        ("sentiment", 2, "fusion"),
+        ("antonyms", 3, "fusion"),
+        ("weekdays", 2, "single"),
+        ("capitals", 2, "mixture"),
+    ]
     requests = [Request(text, k, mode) for (task, k, mode) in plan for text in task_inputs(task, 1)]
     answers = engine.run(requests)
     for request, answer in zip(requests, answers):
         assert answer.route["compose"] == request.compose
         assert len(answer.route["adapters"]) == (1 if request.compose == "single" else request.k)
         assert answer.output == alone(library, Store(home), request.input, request.k, request.compose), request
-    assert [a.route["adapters"][0]["id"] for a in answers] == [task for task, _, _ in plan], "each input retrieves its task"
+    assert [a.route["adapters"][0]["id"] for a in answers] == [task for task, _, _ in plan], (
+        "each input retrieves its task"
+    )
     assert len({a.output for a in answers}) > 2, "the rows differ, so the comparison can fail"
 
 
@@ -122,12 +142,16 @@ def test_batching_does_not_change_outputs_and_limits_are_per_request(home):
     one_by_one = [engine.run([Request(t)])[0] for t in texts]
     for a, b, m in zip(together, one_by_one, limits):
         assert a.output.split() == b.output.split()[:m]
-        assert [(x["id"], x["weight"]) for x in a.route["adapters"]] == [(x["id"], x["weight"]) for x in b.route["adapters"]]
+        assert [(x["id"], x["weight"]) for x in a.route["adapters"]] == [
+            (x["id"], x["weight"]) for x in b.route["adapters"]
+        ]
 
 
 def test_generate_cli_writes_answers_with_their_adapters(cli, home, tmp_path):
     requests = tmp_path / "requests.jsonl"
-    rows = [{"input": t} for t in task_inputs("capitals", 2)] + [{"input": task_inputs("addition", 1)[0], "k": 1, "compose": "single"}]
+    rows = [{"input": t} for t in task_inputs("capitals", 2)] + [
+        {"input": task_inputs("addition", 1)[0], "k": 1, "compose": "single"}
+    ]
     requests.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers.jsonl"
     result = cli("generate", "--inputs", requests, "--max-new-tokens", "4", "--dtype", "float32", "--out", out)
@@ -135,9 +159,26 @@ def test_generate_cli_writes_answers_with_their_adapters(cli, home, tmp_path):
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["input"] for a in answers] == [r["input"] for r in rows]
     assert [len(a["adapters"]) for a in answers] == [3, 3, 1] and answers[2]["compose"] == "single"
-    assert answers[0]["adapters"][0] == {"id": "capitals", "weight": pytest.approx(1 / 3), "score": pytest.approx(answers[0]["adapters"][0]["score"])}
+    assert answers[0]["adapters"][0] == {
+        "id": "capitals",
+        "weight": pytest.approx(1 / 3),
+        "score": pytest.approx(answers[0]["adapters"][0]["score"]),
+    }
     assert answers[2]["adapters"][0]["id"] == "addition" and answers[2]["adapters"][0]["weight"] == 1.0
-    result = cli("generate", "--inputs", requests, "--max-new-tokens", "4", "--dtype", "float32", "--compose", "fusion", "-k", "2", "--json")
+    result = cli(
+        "generate",
+        "--inputs",
+        requests,
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--compose",
+        "fusion",
+        "-k",
+        "2",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["requests"] == 3 and summary["engine"]["adapters"] == len(TASKS)
@@ -146,14 +187,44 @@ def test_generate_cli_writes_answers_with_their_adapters(cli, home, tmp_path):
 
 def test_generate_from_an_instance_level_composition(cli, home, library, tmp_path):
     shots = tmp_path / "shots.jsonl"
-    shots.write_text("".join((EXAMPLES / "shots" / f"{t}.jsonl").read_text().splitlines(True)[0] for t in ("capitals", "addition", "sentiment")))
+    shots.write_text(
+        "".join(
+            (EXAMPLES / "shots" / f"{t}.jsonl").read_text().splitlines(True)[0]
+            for t in ("capitals", "addition", "sentiment")
+        )
+    )
     composition = tmp_path / "instance"
-    result = cli("compose", "--shots", shots, "--level", "instance", "-n", "2", "--budget", "2", "--dtype", "float32", "--out", composition)
+    result = cli(
+        "compose",
+        "--shots",
+        shots,
+        "--level",
+        "instance",
+        "-n",
+        "2",
+        "--budget",
+        "2",
+        "--dtype",
+        "float32",
+        "--out",
+        composition,
+    )
     assert result.code == 0, result.stderr
     requests = tmp_path / "requests.jsonl"
     texts = [task_inputs(t, 1)[0] for t in ("sentiment", "capitals", "addition")]
     requests.write_text("".join(json.dumps({"input": t}) + "\n" for t in texts))
-    result = cli("generate", "--inputs", requests, "--composition", composition, "--max-new-tokens", "4", "--dtype", "float32", "--json")
+    result = cli(
+        "generate",
+        "--inputs",
+        requests,
+        "--composition",
+        composition,
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--json",
+    )
     assert result.code == 0, result.stderr
     answers = json.loads(result.stdout)["answers"]
     assert [a["shot"] for a in answers] == [2, 0, 1], "each input goes to the shot of its own task"
@@ -168,7 +239,9 @@ def test_generate_from_an_instance_level_composition(cli, home, library, tmp_pat
     decode_ids(engine.base.tokenizer)
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
     for answer, routed in zip(answers, engine.run([Request(t) for t in texts])):
-        model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), composition / answer["composition"]).eval()
+        model = PeftModel.from_pretrained(
+            AutoModelForSeq2SeqLM.from_pretrained(library / "base"), composition / answer["composition"]
+        ).eval()
         ids = tokenizer([answer["input"]], return_tensors="pt")
         with torch.no_grad():
             out = model.generate(**ids, do_sample=False, num_beams=1, max_new_tokens=4, pad_token_id=0, eos_token_id=1)
@@ -185,13 +258,16 @@ def test_an_unknown_batching_is_refused_before_loading(cli, home, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"input": "hi", "k": "3"}', "requests.jsonl:1: field 'k' must be an integer"),
-    ('{"input": "hi", "compose": "blend"}', "compose 'blend' is not one of mixture, fusion, single"),
-    ('{"input": "hi", "k": 99}', "k = 99 is outside 1..5"),
-    ('{"input": "hi", "max_new_tokens": 500}', "max_new_tokens = 500 is outside 1..128"),
-    ('{"text": "hi"}', "missing field 'input'"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"input": "hi", "k": "3"}', "requests.jsonl:1: field 'k' must be an integer"),
+        ('{"input": "hi", "compose": "blend"}', "compose 'blend' is not one of mixture, fusion, single"),
+        ('{"input": "hi", "k": 99}', "k = 99 is outside 1..5"),
+        ('{"input": "hi", "max_new_tokens": 500}', "max_new_tokens = 500 is outside 1..128"),
+        ('{"text": "hi"}', "missing field 'input'"),
+    ],
+)
 def test_bad_requests_are_one_line_errors(cli, home, tmp_path, line, message):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(line + "\n")
@@ -237,8 +313,14 @@ def get(url: str) -> dict:
 
 def library_engine(library, max_new_tokens: int) -> Engine:
     """An fp32 engine over the test library, batches of 8, decoding ids as text (`decode_ids`)."""
-    engine = Engine.from_registry(Store(library / "home"), dtype="float32", device="cpu", max_new_tokens=max_new_tokens,
-                                  batch_size=8, max_input_tokens=200)
+    engine = Engine.from_registry(
+        Store(library / "home"),
+        dtype="float32",
+        device="cpu",
+        max_new_tokens=max_new_tokens,
+        batch_size=8,
+        max_input_tokens=200,
+    )
     decode_ids(engine.base.tokenizer)
     return engine
 
@@ -269,10 +351,15 @@ def test_server_routes_concurrent_requests_and_batches_them(tiny_engine):
 def test_openai_completions_route(tiny_engine):
     prompts = task_inputs("capitals", 1) + task_inputs("addition", 1)
     with running(create_app(tiny_engine)) as (url, _):
-        status, reply = post(url + "/v1/completions", {"model": "x", "prompt": prompts, "max_tokens": 3, "k": 2, "temperature": 0})
+        status, reply = post(
+            url + "/v1/completions", {"model": "x", "prompt": prompts, "max_tokens": 3, "k": 2, "temperature": 0}
+        )
         # `curl -d` labels JSON as a form; the body is read as JSON all the same.
-        form_status, form_reply = post(url + "/v1/generate", {"input": prompts[0], "k": 2, "max_new_tokens": 3},
-                                       content_type="application/x-www-form-urlencoded")
+        form_status, form_reply = post(
+            url + "/v1/generate",
+            {"input": prompts[0], "k": 2, "max_new_tokens": 3},
+            content_type="application/x-www-form-urlencoded",
+        )
     assert status == 200 and reply["object"] == "text_completion"
     expected = tiny_engine.run([Request(p, 2, max_new_tokens=3) for p in prompts])
     assert [c["text"] for c in reply["choices"]] == [e.output for e in expected]
@@ -280,26 +367,39 @@ def test_openai_completions_route(tiny_engine):
     assert form_status == 200 and form_reply["output"] == expected[0].output
 
 
-@pytest.mark.parametrize("path, body, status, message", [
-    ("/v1/generate", b'{"input": "hi"', 400, "the body is not valid JSON"),
-    ("/v1/generate", b'[1, 2]', 400, "Input should be a valid dictionary"),
-    ("/v1/generate", {"k": 2}, 400, "input: Field required"),
-    ("/v1/generate", {"input": "hi", "k": "2"}, 400, "k: Input should be a valid integer"),
-    ("/v1/generate", {"input": "hi", "compose": "blend"}, 400, "compose: Input should be 'mixture', 'fusion' or 'single'"),
-    ("/v1/generate", {"input": "hi", "top_k": 2}, 400, "top_k: Extra inputs are not permitted"),
-    ("/v1/generate", {"input": "  "}, 400, "the input is empty"),
-    ("/v1/generate", {"input": "hi", "k": 9}, 400, "k = 9 is outside 1..5"),
-    ("/v1/generate", {"input": "hi", "max_new_tokens": 7}, 400, "max_new_tokens = 7 is outside 1..6"),
-    ("/v1/generate", {"input": "x" * 300}, 413, "the input is 301 tokens, more than the limit of 200"),
-    ("/v1/generate", {"input": "x" * 20_000}, 413, "20000 characters, more than the limit of 16000"),
-    ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "greedily"),
-    ("/v1/completions", {"prompt": []}, 400, "give 1 to 64 prompts"),
-    ("/v1/generate", b'{"input": "\\ud800"}', 400, "lone surrogate"),
-    ("/v1/generate", b'{"input": "\\udc00 and more"}', 400, "lone surrogate"),
-    pytest.param("/v1/generate", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply", id="deep-list"),
-    pytest.param("/v1/generate", b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply",
-                 id="deep-field"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, message",
+    [
+        ("/v1/generate", b'{"input": "hi"', 400, "the body is not valid JSON"),
+        ("/v1/generate", b"[1, 2]", 400, "Input should be a valid dictionary"),
+        ("/v1/generate", {"k": 2}, 400, "input: Field required"),
+        ("/v1/generate", {"input": "hi", "k": "2"}, 400, "k: Input should be a valid integer"),
+        (
+            "/v1/generate",
+            {"input": "hi", "compose": "blend"},
+            400,
+            "compose: Input should be 'mixture', 'fusion' or 'single'",
+        ),
+        ("/v1/generate", {"input": "hi", "top_k": 2}, 400, "top_k: Extra inputs are not permitted"),
+        ("/v1/generate", {"input": "  "}, 400, "the input is empty"),
+        ("/v1/generate", {"input": "hi", "k": 9}, 400, "k = 9 is outside 1..5"),
+        ("/v1/generate", {"input": "hi", "max_new_tokens": 7}, 400, "max_new_tokens = 7 is outside 1..6"),
+        ("/v1/generate", {"input": "x" * 300}, 413, "the input is 301 tokens, more than the limit of 200"),
+        ("/v1/generate", {"input": "x" * 20_000}, 413, "20000 characters, more than the limit of 16000"),
+        ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "greedily"),
+        ("/v1/completions", {"prompt": []}, 400, "give 1 to 64 prompts"),
+        ("/v1/generate", b'{"input": "\\ud800"}', 400, "lone surrogate"),
+        ("/v1/generate", b'{"input": "\\udc00 and more"}', 400, "lone surrogate"),
+        pytest.param("/v1/generate", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply", id="deep-list"),
+        pytest.param(
+            "/v1/generate",
+            b'{"input": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            400,
+            "nested too deeply",
+            id="deep-field",
+        ),
+    ],
+)
 def test_malformed_requests_get_a_4xx_with_a_message(tiny_engine, path, body, status, message):
     with running(create_app(tiny_engine)) as (url, _):
         got, reply = post(url + path, body)
@@ -431,7 +531,11 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(cli):
         port = taken.getsockname()[1]
         result = cli("serve", "--port", port)
     assert result.code == 2 and f"127.0.0.1:{port} is in use" in result.stderr, result.stderr
-    assert "Serving" not in result.stderr and "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2
+    assert (
+        "Serving" not in result.stderr
+        and "Traceback" not in result.stderr
+        and len(result.stderr.strip().splitlines()) <= 2
+    )
 
 
 # --- continuous batching in the server -------------------------------------------------------------
@@ -537,8 +641,10 @@ def test_continuous_server_drains_open_requests_on_shutdown():
 
 def test_static_and_continuous_batching_give_the_same_answers(home):
     texts = [t for task in TASKS for t in task_inputs(task, 2)]
-    requests = [Request(t, k=1 + i % 3, compose=("mixture", "fusion", "single")[i % 3], max_new_tokens=1 + i % NEW_TOKENS)
-                for i, t in enumerate(texts)]
+    requests = [
+        Request(t, k=1 + i % 3, compose=("mixture", "fusion", "single")[i % 3], max_new_tokens=1 + i % NEW_TOKENS)
+        for i, t in enumerate(texts)
+    ]
     continuous = engine_for(home, max_new_tokens=NEW_TOKENS, batch_size=3)
     static = engine_for(home, max_new_tokens=NEW_TOKENS, batch_size=3, batching="static")
     assert (continuous.batching, static.batching) == ("continuous", "static")

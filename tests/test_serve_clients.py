@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 
 import lorax
 import openai
@@ -21,6 +21,8 @@ import pytest
 import torch
 from huggingface_hub import InferenceClient
 from peft import PeftModel
+from test_serve import decode_ids, library, library_engine, running, task_inputs  # noqa: F401  (library: a fixture)
+from tiny_models import one_thread  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
@@ -28,8 +30,6 @@ from lorahub_cli.compose.formulas import compose
 from lorahub_cli.registry import Store
 from lorahub_cli.serve.engine import Request
 from lorahub_cli.serve.server import create_app
-from test_serve import decode_ids, library, library_engine, running, task_inputs  # noqa: F401  (library: a fixture)
-from tiny_models import one_thread  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,12 +52,20 @@ def peft_alone(library, ids: list[str], weights: list[float], text: str, new_tok
     """The named adapters merged by `compose` (elementwise: A = sum w A_i, B = sum w B_i), loaded by PEFT."""
     store = Store(library / "home")
     adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
-    folder = save_adapter(compose(adapters, weights, "elementwise", name="merged"), library / "merged" / "-".join(ids) / str(weights))
+    folder = save_adapter(
+        compose(adapters, weights, "elementwise", name="merged"), library / "merged" / "-".join(ids) / str(weights)
+    )
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
     with torch.no_grad():
-        out = model.generate(**tokenizer([text], return_tensors="pt"), do_sample=False, num_beams=1,
-                             max_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out = model.generate(
+            **tokenizer([text], return_tensors="pt"),
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
     return tokenizer.batch_decode(out[:, 1:])[0]
 
 
@@ -68,14 +76,18 @@ def test_lorax_client_adapter_id_and_linear_merge_equal_peft(library, server):
     assert one.generated_text == peft_alone(library, ["addition"], [1.0], text, 5)
     assert one.details.generated_tokens == len(one.details.tokens) <= 5 and one.details.prompt_tokens > 0
     assert all(t.logprob <= 0 for t in one.details.tokens)
-    merged = lorax.types.MergedAdapters(ids=["capitals", "sentiment"], weights=[0.7, 0.3], merge_strategy="linear", density=1.0)
+    merged = lorax.types.MergedAdapters(
+        ids=["capitals", "sentiment"], weights=[0.7, 0.3], merge_strategy="linear", density=1.0
+    )
     both = client.generate(text, merged_adapters=merged, max_new_tokens=5)
     assert both.generated_text == peft_alone(library, ["capitals", "sentiment"], [0.7, 0.3], text, 5)
     assert both.generated_text != one.generated_text, "the adapters change the answer, so equality means something"
     streamed = list(client.generate_stream(text, merged_adapters=merged, max_new_tokens=5))
     assert streamed[-1].generated_text == both.generated_text and len(streamed) == both.details.generated_tokens
     assert [s.token.id for s in streamed] == [t.id for t in both.details.tokens]
-    ties = lorax.types.MergedAdapters(ids=["capitals", "sentiment"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5)
+    ties = lorax.types.MergedAdapters(
+        ids=["capitals", "sentiment"], weights=[0.5, 0.5], merge_strategy="ties", density=0.5
+    )
     with pytest.raises(lorax.errors.ValidationError, match="merge_strategy 'ties' is not served per request"):
         client.generate(text, merged_adapters=ties, max_new_tokens=5)
     with pytest.raises(lorax.errors.ValidationError, match="adapter 'nope' is not served here"):
@@ -91,7 +103,8 @@ def test_huggingface_inference_client_text_generation(engine, server):
     assert detailed.generated_text == expected.output and detailed.details.finish_reason == expected.finish_reason
     assert [t.id for t in detailed.details.tokens] == expected.tokens
     assert "".join(client.text_generation(text, max_new_tokens=4, stream=True)) == "".join(
-        engine.base.tokenizer.decode([t]) for t in expected.tokens)
+        engine.base.tokenizer.decode([t]) for t in expected.tokens
+    )
     single = engine.run([Request(text, adapters=(("weekdays", 1.0),), max_new_tokens=4)])[0]
     assert client.text_generation(text, max_new_tokens=4, adapter_id="weekdays") == single.output != expected.output
     with pytest.raises(Exception, match="do_sample"):
@@ -106,7 +119,9 @@ def test_openai_completions_usage_stop_models_and_refusals(engine, server):
     reply = client.completions.create(model=models[0], prompt=prompts)  # max_tokens: OpenAI's default, 16
     expected = engine.run([Request(p, max_new_tokens=16) for p in prompts])
     assert [c.text for c in reply.choices] == [e.output for e in expected]
-    assert [c.finish_reason for c in reply.choices] == [("stop" if e.finish_reason != "length" else "length") for e in expected]
+    assert [c.finish_reason for c in reply.choices] == [
+        ("stop" if e.finish_reason != "length" else "length") for e in expected
+    ]
     assert all(len(e.tokens) == 16 or e.finish_reason == "eos_token" for e in expected)
     assert reply.usage.completion_tokens == sum(len(e.tokens) for e in expected)
     assert reply.usage.prompt_tokens == sum(e.prompt_tokens for e in expected) > 0
@@ -118,35 +133,71 @@ def test_openai_completions_usage_stop_models_and_refusals(engine, server):
     ends = next(i for i in range(1, len(words) + 1) if stop in " ".join(words[:i]))  # tokens until the stop shows
     assert 1 < ends < len(words), "the answer is long enough to stop in the middle"
     stopped = client.completions.create(model=models[0], prompt=prompts[0], max_tokens=16, stop=[stop, "never-there"])
-    assert stopped.choices[0].text == full[:full.index(stop)] and stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text == full[: full.index(stop)] and stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens == ends
     # model = an adapter id: that adapter alone.
     alone = client.completions.create(model="capitals", prompt=prompts[1], max_tokens=4)
-    assert alone.choices[0].text == engine.run([Request(prompts[1], adapters=(("capitals", 1.0),), max_new_tokens=4)])[0].output
-    for field, value in [("logprobs", 2), ("echo", True), ("best_of", 2), ("suffix", "!"), ("n", 2), ("temperature", 0.8)]:
+    assert (
+        alone.choices[0].text
+        == engine.run([Request(prompts[1], adapters=(("capitals", 1.0),), max_new_tokens=4)])[0].output
+    )
+    for field, value in [
+        ("logprobs", 2),
+        ("echo", True),
+        ("best_of", 2),
+        ("suffix", "!"),
+        ("n", 2),
+        ("temperature", 0.8),
+    ]:
         with pytest.raises(openai.BadRequestError, match=f"{field} = .* is not supported"):
             client.completions.create(model=models[0], prompt="hi", **{field: value})
 
 
-@pytest.mark.parametrize("path, body, message", [
-    ("/generate", {"parameters": {"max_new_tokens": 2}}, "inputs: Field required"),
-    ("/generate", {"inputs": "hi", "parameters": {"foo": 1}}, "parameters.foo: Extra inputs are not permitted"),
-    ("/generate", {"inputs": "hi", "parameters": {"temperature": 0.5}}, "parameters.temperature = 0.5 is not supported"),
-    ("/generate", {"inputs": "hi", "parameters": {"adapter_id": "capitals", "k": 2}}, "Drop k and compose"),
-    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, "max_new_tokens = 500 is outside 1..20"),
-    ("/", {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals"], "weights": [0.5, 0.5]}}},
-     "1 ids and 2 weights"),
-    ("/", {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals", "x"], "weights": [0.5, 0.5]}}},
-     "adapter 'x' is not served here"),
-    ("/generate_stream", {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals", "addition"],
-     "weights": [0.5, 0.5], "merge_strategy": "dare_ties", "density": 0.3}}}, "merge_strategy 'dare_ties' is not served"),
-    ("/generate", b'{"inputs": "\\ud800"}', "lone surrogate"),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1}}, "logit_bias"),
-    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop sequences"),
-    ("/v1/completions", {"prompt": "hi", "model": "capitals", "k": 2}, "Drop them"),
-    ("/v1/completions", {"prompt": "hi", "max_tokenz": 3}, "max_tokenz: Extra inputs are not permitted"),
-    ("/v1/completions", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        ("/generate", {"parameters": {"max_new_tokens": 2}}, "inputs: Field required"),
+        ("/generate", {"inputs": "hi", "parameters": {"foo": 1}}, "parameters.foo: Extra inputs are not permitted"),
+        (
+            "/generate",
+            {"inputs": "hi", "parameters": {"temperature": 0.5}},
+            "parameters.temperature = 0.5 is not supported",
+        ),
+        ("/generate", {"inputs": "hi", "parameters": {"adapter_id": "capitals", "k": 2}}, "Drop k and compose"),
+        ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, "max_new_tokens = 500 is outside 1..20"),
+        (
+            "/",
+            {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals"], "weights": [0.5, 0.5]}}},
+            "1 ids and 2 weights",
+        ),
+        (
+            "/",
+            {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["capitals", "x"], "weights": [0.5, 0.5]}}},
+            "adapter 'x' is not served here",
+        ),
+        (
+            "/generate_stream",
+            {
+                "inputs": "hi",
+                "parameters": {
+                    "merged_adapters": {
+                        "ids": ["capitals", "addition"],
+                        "weights": [0.5, 0.5],
+                        "merge_strategy": "dare_ties",
+                        "density": 0.3,
+                    }
+                },
+            },
+            "merge_strategy 'dare_ties' is not served",
+        ),
+        ("/generate", b'{"inputs": "\\ud800"}', "lone surrogate"),
+        ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop sequences"),
+        ("/v1/completions", {"prompt": "hi", "model": "capitals", "k": 2}, "Drop them"),
+        ("/v1/completions", {"prompt": "hi", "max_tokenz": 3}, "max_tokenz: Extra inputs are not permitted"),
+        ("/v1/completions", b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+    ],
+)
 def test_malformed_tgi_lorax_and_openai_requests_get_json_4xx(server, path, body, message):
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(server + path, data=data, headers={"Content-Type": "application/json"})
@@ -169,7 +220,9 @@ def test_api_key_is_required_on_every_route_but_health(engine, caplog):
         assert health["status"] == "ok" and health["auth"] is True and KEY not in json.dumps(health)
         for path in ("/v1/models", "/v1/generate", "/generate", "/"):
             for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
-                request = urllib.request.Request(url + path, data=None if path == "/v1/models" else b"{}", headers=header)
+                request = urllib.request.Request(
+                    url + path, data=None if path == "/v1/models" else b"{}", headers=header
+                )
                 with pytest.raises(urllib.error.HTTPError) as error:
                     urllib.request.urlopen(request, timeout=10)
                 assert error.value.code == 401 and error.value.headers["WWW-Authenticate"] == "Bearer"
@@ -177,7 +230,9 @@ def test_api_key_is_required_on_every_route_but_health(engine, caplog):
                 assert "Authorization: Bearer <key>" in json.dumps(body) and KEY not in json.dumps(body)
 
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).completions.create(model="m", prompt=text)
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).completions.create(
+                model="m", prompt=text
+            )
         good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert KEY not in json.dumps([m.model_dump() for m in good.models.list().data])
         expected = engine.run([Request(text, max_new_tokens=3)])[0].output
@@ -233,8 +288,10 @@ def test_stream_events_are_sent_as_each_token_is_decoded(engine):
     with slowed(engine, 0.2) as forwards:
         with running(create_app(engine, window=0.0)) as (url, _):
             hf = InferenceClient(base_url=url)  # held: the client owns the open stream
-            clients = {"huggingface_hub": lambda: hf.text_generation(text, max_new_tokens=6, stream=True, details=True),
-                       "lorax": lambda: lorax.Client(url).generate_stream(text, max_new_tokens=6)}
+            clients = {
+                "huggingface_hub": lambda: hf.text_generation(text, max_new_tokens=6, stream=True, details=True),
+                "lorax": lambda: lorax.Client(url).generate_stream(text, max_new_tokens=6),
+            }
             for name, stream in clients.items():
                 forwards.clear()
                 arrivals = [(time.monotonic(), event) for event in stream()]
@@ -242,7 +299,9 @@ def test_stream_events_are_sent_as_each_token_is_decoded(engine):
                 assert arrivals[-1][1].generated_text == expected.output and arrivals[0][1].generated_text is None
                 assert arrivals[-1][1].details.finish_reason == expected.finish_reason, name
                 assert len(forwards) == len(expected.tokens), name
-                assert arrivals[0][0] < forwards[-1], f"{name}: the first event came only after the last forward pass began"
+                assert arrivals[0][0] < forwards[-1], (
+                    f"{name}: the first event came only after the last forward pass began"
+                )
 
 
 def test_a_stream_whose_client_leaves_stops_costing_work(engine):
@@ -257,12 +316,20 @@ def test_a_stream_whose_client_leaves_stops_costing_work(engine):
         with running(create_app(engine, window=0.0)) as (url, _):
             where = urlparse(url)
             connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
-            connection.request("POST", "/generate_stream", json.dumps({"inputs": text, "parameters": {"max_new_tokens": LIMIT}}),
-                               {"Content-Type": "application/json"})
+            connection.request(
+                "POST",
+                "/generate_stream",
+                json.dumps({"inputs": text, "parameters": {"max_new_tokens": LIMIT}}),
+                {"Content-Type": "application/json"},
+            )
             response = connection.getresponse()
             assert response.status == 200 and response.readline().startswith(b"data:")
             connection.close()
             deadline = time.monotonic() + 10
-            while len(forwards) < LIMIT and time.monotonic() < deadline and (not forwards or time.monotonic() - forwards[-1] < 1.0):
+            while (
+                len(forwards) < LIMIT
+                and time.monotonic() < deadline
+                and (not forwards or time.monotonic() - forwards[-1] < 1.0)
+            ):
                 time.sleep(0.05)
     assert len(forwards) < LIMIT // 2, f"{len(forwards)} forward passes for a request whose client left after the first"

@@ -151,8 +151,7 @@ def build_card(
     centroid = mean / mean.norm().clamp_min(1e-12)
     order = torch.argsort(vectors @ centroid, descending=True)
     nearest = [
-        {"input": examples[i].input, "target": examples[i].target}
-        for i in order[:CARD_NEAREST_EXAMPLES].tolist()
+        {"input": examples[i].input, "target": examples[i].target} for i in order[:CARD_NEAREST_EXAMPLES].tolist()
     ]
     # An evenly spaced sample keeps the spread of the data, unlike the most central ones.
     if keep_embeddings and len(examples) > keep_embeddings:

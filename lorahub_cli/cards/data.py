@@ -41,7 +41,9 @@ class DatasetSpec:
     def parse(cls, text: str) -> DatasetSpec:
         match = SPEC.match(text.strip())
         if not match:
-            raise InputError(f"dataset '{text}' is not of the form HUB_ID[:CONFIG][@SPLIT].", "Example: lorahub/flanv2@train")
+            raise InputError(
+                f"dataset '{text}' is not of the form HUB_ID[:CONFIG][@SPLIT].", "Example: lorahub/flanv2@train"
+            )
         return cls(match["repo"], match["config"], match["split"] or "train")
 
 
@@ -55,7 +57,9 @@ def parse_filters(filters: list[str] | None) -> dict[str, str]:
     return parsed
 
 
-def from_jsonl(path: Path, input_field: str | None, target_field: str | None, max_examples: int) -> tuple[list[Example], dict]:
+def from_jsonl(
+    path: Path, input_field: str | None, target_field: str | None, max_examples: int
+) -> tuple[list[Example], dict]:
     examples = read_examples(path, input_field=input_field or "input", target_field=target_field)
     return examples[:max_examples], {"type": "file", "path": str(Path(path).resolve()), "sha256": sha256_file(path)}
 
@@ -93,7 +97,9 @@ def _json_lines(path: Path, opener=open):
                 try:
                     yield json.loads(line)
                 except (json.JSONDecodeError, RecursionError) as error:
-                    raise InputError(f"{path.name}:{number}: not valid JSON ({error}).", "The dataset file is malformed.") from None
+                    raise InputError(
+                        f"{path.name}:{number}: not valid JSON ({error}).", "The dataset file is malformed."
+                    ) from None
 
 
 def _rows(path: Path):
@@ -200,13 +206,17 @@ def from_hub_dataset(
                 "Name a smaller config (HUB_ID:CONFIG), or build the card from a local file with --data.",
             )
         with hub_errors(spec.repo_id):
-            local = Path(hf_hub_download(spec.repo_id, name, repo_type="dataset", revision=info.sha, endpoint=endpoint()))
+            local = Path(
+                hf_hub_download(spec.repo_id, name, repo_type="dataset", revision=info.sha, endpoint=endpoint())
+            )
         downloaded += local.stat().st_size
         where = f"{spec.repo_id}/{name}"
         for row in _rows(local):
             if not _matches(row, filters, where):
                 continue
-            examples.append(Example(_pick(row, input_field, INPUT_FIELDS, where), _pick(row, target_field, TARGET_FIELDS, where)))
+            examples.append(
+                Example(_pick(row, input_field, INPUT_FIELDS, where), _pick(row, target_field, TARGET_FIELDS, where))
+            )
             if len(examples) >= max_examples:
                 break
         if len(examples) >= max_examples:
@@ -216,9 +226,16 @@ def from_hub_dataset(
             f"no rows of dataset '{spec.repo_id}' match {filters or ({task_key: task} if task else 'the split')}.",
             "Check the --filter field and value.",
         )
-    source = {"type": "hub-dataset", "repo_id": spec.repo_id, "revision": info.sha, "config": spec.config,
-              "split": spec.split, "filters": {**filters, **({task_key: task} if task else {})}, "layout": layout,
-              "files": files if layout == "per-task file" else None}
+    source = {
+        "type": "hub-dataset",
+        "repo_id": spec.repo_id,
+        "revision": info.sha,
+        "config": spec.config,
+        "split": spec.split,
+        "filters": {**filters, **({task_key: task} if task else {})},
+        "layout": layout,
+        "files": files if layout == "per-task file" else None,
+    }
     return examples, source
 
 

@@ -96,7 +96,9 @@ def _load(name_or_path: str | None) -> Embedder:
         model = SentenceTransformer(str(local), trust_remote_code=False)
         return Embedder(str(local.resolve()), _folder_revision(local), model, str(local))
     if local.exists() or name_or_path.count("/") > 1:
-        raise InputError(f"embedder '{name_or_path}' is not a model folder.", "Give a sentence-transformers id or folder.")
+        raise InputError(
+            f"embedder '{name_or_path}' is not a model folder.", "Give a sentence-transformers id or folder."
+        )
     from huggingface_hub import snapshot_download
 
     from ..hub import hub_errors

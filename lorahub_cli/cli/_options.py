@@ -3,33 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 BaseModelOpt = Annotated[
-    Optional[str], typer.Option("--base-model", "-b", help="Only adapters trained on this base model.")
+    str | None, typer.Option("--base-model", "-b", help="Only adapters trained on this base model.")
 ]
 EmbedderOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option(
         "--embedder",
         help="Sentence-transformers model id or local path (default: the offline all-MiniLM-L6-v2).",
     ),
 ]
 DataOpt = Annotated[
-    Optional[Path], typer.Option("--data", help="The adapter's training data as JSONL (input/target per line).")
+    Path | None, typer.Option("--data", help="The adapter's training data as JSONL (input/target per line).")
 ]
 DatasetOpt = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--dataset", help="Training data from a Hub dataset: HUB_ID[:CONFIG][@SPLIT]."),
 ]
 FilterOpt = Annotated[
-    Optional[list[str]], typer.Option("--filter", help="Keep dataset rows where FIELD=VALUE (repeatable).")
+    list[str] | None, typer.Option("--filter", help="Keep dataset rows where FIELD=VALUE (repeatable).")
 ]
-InputFieldOpt = Annotated[Optional[str], typer.Option("--input-field", help="Dataset field with the input text.")]
-TargetFieldOpt = Annotated[Optional[str], typer.Option("--target-field", help="Dataset field with the target text.")]
+InputFieldOpt = Annotated[str | None, typer.Option("--input-field", help="Dataset field with the input text.")]
+TargetFieldOpt = Annotated[str | None, typer.Option("--target-field", help="Dataset field with the target text.")]
 MaxExamplesOpt = Annotated[
     int, typer.Option("--max-examples", min=1, help="Use at most this many training examples for the card.")
 ]
@@ -59,8 +59,10 @@ def registry(kind: str) -> dict[str, str]:
 
     module, name = REGISTRIES[kind]
     entries = getattr(importlib.import_module(module), name)
-    return {key: getattr(value, "summary", None) or (value.__doc__ or "").strip().split("\n")[0]
-            for key, value in entries.items()}
+    return {
+        key: getattr(value, "summary", None) or (value.__doc__ or "").strip().split("\n")[0]
+        for key, value in entries.items()
+    }
 
 
 def registered(kind: str):

@@ -7,8 +7,8 @@ import sys
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)

@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 LOCAL = "local"
 
-RayOpt = Annotated[Optional[str], typer.Option(
-    "--ray", metavar="[ADDRESS]",
-    help="Run on Ray: alone, a Ray started on this machine; `auto`, the running cluster; or HOST:PORT / ray://HOST:PORT. Needs the ray extra.")]
-WorkersOpt = Annotated[Optional[int], typer.Option(
-    "--workers", min=1, help="With --ray: actors, each holding one loaded model (default: one per GPU, else one per node).")]
-RayDataOpt = Annotated[str, typer.Option(
-    "--ray-data", help="With --ray: how the registry and model folder reach workers: auto, object-store or shared-path.")]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Run on Ray: alone, a Ray started on this machine; `auto`, the running cluster; "
+        "or HOST:PORT / ray://HOST:PORT. Needs the ray extra.",
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="With --ray: actors, each holding one loaded model (default: one per GPU, else one per node).",
+    ),
+]
+RayDataOpt = Annotated[
+    str,
+    typer.Option(
+        "--ray-data",
+        help="With --ray: how the registry and model folder reach workers: auto, object-store or shared-path.",
+    ),
+]
 
 
 def optional_address(args: list[str]) -> list[str]:
@@ -38,7 +55,9 @@ def ray_options(ray: str | None, workers: int | None, ray_data: str, max_threads
 
     if ray is None:
         if workers is not None or ray_data != "auto":
-            raise InputError("--workers and --ray-data apply to Ray runs.", "Add --ray (or --ray auto to join a cluster).")
+            raise InputError(
+                "--workers and --ray-data apply to Ray runs.", "Add --ray (or --ray auto to join a cluster)."
+            )
         return None
     from ..scale.cluster import RayOptions, import_ray
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -45,7 +45,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     version: Annotated[
-        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+        bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = None,
 ) -> None:
     pass
@@ -107,8 +107,10 @@ def main() -> None:
     except Exception as error:  # noqa: BLE001 - the last line of defence before a traceback
         if debug():
             raise
-        sys.stderr.write(f"Internal error: {type(error).__name__}: {error}\n"
-                         "  Re-run with LORAHUB_DEBUG=1 for a traceback, and please report it.\n")
+        sys.stderr.write(
+            f"Internal error: {type(error).__name__}: {error}\n"
+            "  Re-run with LORAHUB_DEBUG=1 for a traceback, and please report it.\n"
+        )
         sys.exit(1)
     if code == 130:
         # Typer turns Ctrl-C inside a command into a return value of 130, silently.

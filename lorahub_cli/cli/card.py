@@ -29,7 +29,8 @@ app = typer.Typer(help="Build and inspect adapters' embedding cards.", no_args_i
     epilog="""Examples:\n
   lorahub card build sentiment --data train.jsonl\n
   lorahub card build lorahub/flan_t5_large-ag_news_subset --dataset lorahub/flanv2 --filter task=ag_news_subset\n
-  lorahub card build sentiment --data train.jsonl --inputs-only --instruction "Represent the sentence for similar task retrieval: \""""
+  lorahub card build sentiment --data train.jsonl --inputs-only \\\n
+    --instruction "Represent the sentence for similar task retrieval: \""""
 )
 def build(
     adapter_id: Annotated[str, typer.Argument(help="Registry id.")],
@@ -47,9 +48,22 @@ def build(
     """Build (or rebuild) an adapter's card from its training data."""
     from ..registry.cards import card_from_source
 
-    record, card = card_from_source(open_store(), adapter_id, **card_options(
-        data=data, dataset=dataset, filters=filter, input_field=input_field, target_field=target_field,
-        max_examples=max_examples, embedder=embedder, inputs_only=inputs_only, instruction=instruction, quiet=json_))
+    record, card = card_from_source(
+        open_store(),
+        adapter_id,
+        **card_options(
+            data=data,
+            dataset=dataset,
+            filters=filter,
+            input_field=input_field,
+            target_field=target_field,
+            max_examples=max_examples,
+            embedder=embedder,
+            inputs_only=inputs_only,
+            instruction=instruction,
+            quiet=json_,
+        ),
+    )
     if json_:
         print_json({"id": record.id, **card.metadata()})
     else:
@@ -69,7 +83,10 @@ def show(adapter_id: Annotated[str, typer.Argument(help="Registry id.")], json_:
     meta = card.metadata()
     out.print(f"[bold]{record.id}[/bold]")
     out.print(f"embedder: {card.embedder_key} ({card.dim}-d)", markup=False)
-    out.print(f"examples: {card.n_examples} (kept {meta['example_embeddings']} embeddings); recipe: {meta['recipe']}", markup=False)
+    out.print(
+        f"examples: {card.n_examples} (kept {meta['example_embeddings']} embeddings); recipe: {meta['recipe']}",
+        markup=False,
+    )
     out.print(f"source: {card.source}", markup=False)
     for example in card.nearest:
         out.print(f"  - {example['input'][:100]!r} -> {str(example['target'])[:60]!r}", markup=False)

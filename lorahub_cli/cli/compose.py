@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -44,7 +44,11 @@ def parse_modules(text: str) -> str | list[str]:
         return text
     path = Path(text)
     if path.is_file():
-        ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and not line.startswith("#")]
+        ids = [
+            line.strip()
+            for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
         if not ids:
             raise InputError(f"module list '{path}' is empty.", "Put one registry id per line.")
         return ids
@@ -52,34 +56,85 @@ def parse_modules(text: str) -> str | list[str]:
 
 
 def compose(
-    shots: Annotated[Optional[Path], typer.Option("--shots", help="Few-shot examples of the task (JSONL, input + target).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder to write the composed adapter to.")] = None,
+    shots: Annotated[
+        Path | None, typer.Option("--shots", help="Few-shot examples of the task (JSONL, input + target).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to write the composed adapter to.")] = None,
     base_model: BaseModelOpt = None,
-    model_path: Annotated[Optional[str], typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")] = None,
-    formula: Annotated[str, typer.Option("--formula", callback=registered("formula"), help=choice_help(
-        "formula", "How the modules combine (elementwise: LoraHub's)."))] = COMPOSE["formula"],
-    density: Annotated[Optional[float], typer.Option("--density", help="For ties and dare_linear: fraction of entries kept.")] = None,
-    svd_rank: Annotated[Optional[int], typer.Option("--svd-rank", help="For svd: rank of the result (default: the largest module rank).")] = None,
-    modules: Annotated[str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")] = "auto",
-    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")] = COMPOSE["num_modules"],
-    optimizer: Annotated[str, typer.Option("--optimizer", callback=registered("optimizer"), help=choice_help(
-        "optimizer", "The weight search (ngopt: LoraHub's)."))] = COMPOSE["optimizer"],
+    model_path: Annotated[
+        str | None,
+        typer.Option("--model-path", help="Load the base model from this folder or id instead of its name."),
+    ] = None,
+    formula: Annotated[
+        str,
+        typer.Option(
+            "--formula",
+            callback=registered("formula"),
+            help=choice_help("formula", "How the modules combine (elementwise: LoraHub's)."),
+        ),
+    ] = COMPOSE["formula"],
+    density: Annotated[
+        float | None, typer.Option("--density", help="For ties and dare_linear: fraction of entries kept.")
+    ] = None,
+    svd_rank: Annotated[
+        int | None,
+        typer.Option("--svd-rank", help="For svd: rank of the result (default: the largest module rank)."),
+    ] = None,
+    modules: Annotated[
+        str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")
+    ] = "auto",
+    num_modules: Annotated[
+        int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")
+    ] = COMPOSE["num_modules"],
+    optimizer: Annotated[
+        str,
+        typer.Option(
+            "--optimizer",
+            callback=registered("optimizer"),
+            help=choice_help("optimizer", "The weight search (ngopt: LoraHub's)."),
+        ),
+    ] = COMPOSE["optimizer"],
     budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")] = COMPOSE["budget"],
     l1: Annotated[float, typer.Option("--l1", min=0.0, help="Penalty on mean |w| added to the loss.")] = COMPOSE["l1"],
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the search, of random module selection and of dare_linear.")] = COMPOSE["seed"],
-    population: Annotated[int, typer.Option("--population", min=1, help="Candidates per forward pass (cma, de, random).")] = COMPOSE["population"],
-    level: Annotated[str, typer.Option("--level", help="task (one composition) or instance (one per shot + router).")] = "task",
-    warm_start: Annotated[bool, typer.Option("--warm-start", help="Instance level: start each shot's search from a task-level search.")] = False,
-    weights: Annotated[Optional[str], typer.Option("--weights", help="Fixed weights id=w,...: compose without search.")] = None,
-    from_recipe: Annotated[Optional[Path], typer.Option("--from-recipe", help="Rebuild the adapter a lorahub_recipe.json describes.")] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the search, of random module selection and of dare_linear.")
+    ] = COMPOSE["seed"],
+    population: Annotated[
+        int, typer.Option("--population", min=1, help="Candidates per forward pass (cma, de, random).")
+    ] = COMPOSE["population"],
+    level: Annotated[
+        str, typer.Option("--level", help="task (one composition) or instance (one per shot + router).")
+    ] = "task",
+    warm_start: Annotated[
+        bool, typer.Option("--warm-start", help="Instance level: start each shot's search from a task-level search.")
+    ] = False,
+    weights: Annotated[
+        str | None, typer.Option("--weights", help="Fixed weights id=w,...: compose without search.")
+    ] = None,
+    from_recipe: Annotated[
+        Path | None, typer.Option("--from-recipe", help="Rebuild the adapter a lorahub_recipe.json describes.")
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if lorahub compose wrote it.")] = False,
-    search_precision: Annotated[str, typer.Option("--search-precision", help="What the search evaluates candidates in: auto (fp32 today), fp32, bf16 (faster with AMX / AVX512-BF16 / CUDA) or int8. The answer is fp32.")] = COMPOSE["search_precision"],
-    dtype: Annotated[Optional[str], typer.Option("--dtype", hidden=True, help="Old name of --search-precision: float32 or bfloat16.")] = None,
+    search_precision: Annotated[
+        str,
+        typer.Option(
+            "--search-precision",
+            help="What the search evaluates candidates in: auto (fp32 today), fp32, "
+            "bf16 (faster with AMX / AVX512-BF16 / CUDA) or int8. The answer is fp32.",
+        ),
+    ] = COMPOSE["search_precision"],
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", hidden=True, help="Old name of --search-precision: float32 or bfloat16.")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = COMPOSE["device"],
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")] = COMPOSE["max_rows"],
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")
+    ] = COMPOSE["max_rows"],
     embedder: EmbedderOpt = None,
-    tasks: Annotated[Optional[Path], typer.Option(
-        "--tasks", help="A folder of shots files: one composition each, into --out/<name>/ (resumable).")] = None,
+    tasks: Annotated[
+        Path | None,
+        typer.Option("--tasks", help="A folder of shots files: one composition each, into --out/<name>/ (resumable)."),
+    ] = None,
     ray: RayOpt = None,
     workers: WorkersOpt = None,
     ray_data: RayDataOpt = "auto",
@@ -96,7 +151,9 @@ def compose(
     if tasks is not None and (shots is not None or from_recipe is not None):
         raise InputError("--tasks composes every shots file of a folder.", "Drop --shots and --from-recipe.")
     if scale is not None and tasks is None:
-        raise InputError("--ray spreads the compositions of a --tasks folder over workers.", "Add --tasks FOLDER, or drop --ray.")
+        raise InputError(
+            "--ray spreads the compositions of a --tasks folder over workers.", "Add --tasks FOLDER, or drop --ray."
+        )
     if from_recipe is not None:
         if shots is not None:
             raise InputError("--from-recipe rebuilds without shots.", "Drop --shots.")
@@ -107,11 +164,25 @@ def compose(
         raise InputError("--shots is required (or --tasks, or --from-recipe).", "Example: --shots examples.jsonl")
     formula_options = {k: v for k, v in {"density": density, "svd_rank": svd_rank}.items() if v is not None}
     options = ComposeOptions(
-        base_model=base_model, model_path=model_path, formula=formula, formula_options=formula_options,
-        modules=parse_modules(modules), num_modules=num_modules, weights=parse_weights(weights) if weights else None,
-        search=SearchConfig(optimizer=optimizer, budget=budget, l1=l1, seed=seed, population=population,
-                            precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision),
-        warm_start=warm_start, device=device, max_rows=batch_size, embedder=embedder,
+        base_model=base_model,
+        model_path=model_path,
+        formula=formula,
+        formula_options=formula_options,
+        modules=parse_modules(modules),
+        num_modules=num_modules,
+        weights=parse_weights(weights) if weights else None,
+        search=SearchConfig(
+            optimizer=optimizer,
+            budget=budget,
+            l1=l1,
+            seed=seed,
+            population=population,
+            precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision,
+        ),
+        warm_start=warm_start,
+        device=device,
+        max_rows=batch_size,
+        embedder=embedder,
     )
     if tasks is not None:
         from .compose_batch import compose_folder

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,20 +17,36 @@ EXAMPLES = """Examples:\n
 
 
 def demo(
-    task: Annotated[Optional[str], typer.Option("--task", help="Held-out task of the demo library.")] = DEMO["task"],
+    task: Annotated[str | None, typer.Option("--task", help="Held-out task of the demo library.")] = DEMO["task"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shots/test split and of the search.")] = DEMO["seed"],
-    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules to retrieve and compose.")] = DEMO["num_modules"],
+    num_modules: Annotated[
+        int, typer.Option("-n", "--num-modules", min=1, help="Modules to retrieve and compose.")
+    ] = DEMO["num_modules"],
     budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations of the search.")] = COMPOSE["budget"],
-    out_dir: Annotated[Optional[Path], typer.Option("--out", "-o", help="Where to write the composed adapter (default: ./lorahub-demo-TASK, never overwritten).")] = None,
-    home: Annotated[Optional[Path], typer.Option("--home", help="Keep the demo registry in this folder (default: a temporary one).")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="Where to write the composed adapter (default: ./lorahub-demo-TASK, never overwritten)."
+        ),
+    ] = None,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="Keep the demo registry in this folder (default: a temporary one).")
+    ] = None,
     json_: JsonOpt = False,
 ) -> None:
     """The whole pipeline offline on the embedded demo library: mirror, retrieve, compose, evaluate, write."""
     from .. import api
     from ..demo import tour
 
-    result = api.demo(task, seed=seed, num_modules=num_modules, budget=budget, out=out_dir, home=home,
-                      progress_factory=None if json_ else progress)
+    result = api.demo(
+        task,
+        seed=seed,
+        num_modules=num_modules,
+        budget=budget,
+        out=out_dir,
+        home=home,
+        progress_factory=None if json_ else progress,
+    )
     if json_:
         print_json(result)
         return
@@ -39,11 +55,17 @@ def demo(
     info("Retrieved for the shots: " + ", ".join(f"{r['id']} ({r['score']:.2f})" for r in result["retrieved"]))
     info("Searched weights: " + ", ".join(f"{k}={v:+.3f}" for k, v in result["weights"].items()))
     em, letter = result["exact_match"], result["option_letter"]
-    out.print(f"Exact match on the test set: zero-shot {em['zero-shot']:.1f}%, composed {em['composed']:.1f}% "
-              f"(option letter, which forgives the answer format: {letter['zero-shot']:.1f}% and {letter['composed']:.1f}%)")
+    out.print(
+        f"Exact match on the test set: zero-shot {em['zero-shot']:.1f}%, composed {em['composed']:.1f}% "
+        f"(option letter, which forgives the answer format: {letter['zero-shot']:.1f}% and {letter['composed']:.1f}%)"
+    )
     info(f"Always giving the most frequent answer would score {result['majority_answer']:.1f}%.")
     out.print(tour.verdict(result))
     for row in result["examples"]:
-        info(f"  {row['input']!r} -> base {row['zero-shot']!r}, composed {row['composed']!r} (target {row['target']!r})")
-    info(f"Wrote the composed adapter to {result['out']} ({result['seconds']:.0f} s in all). "
-         "Next: `lorahub eval demo` for the full table.")
+        info(
+            f"  {row['input']!r} -> base {row['zero-shot']!r}, composed {row['composed']!r} (target {row['target']!r})"
+        )
+    info(
+        f"Wrote the composed adapter to {result['out']} ({result['seconds']:.0f} s in all). "
+        "Next: `lorahub eval demo` for the full table."
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,9 @@ from ._options import EmbedderOpt, JsonOpt, choice_help, registered
 from ._output import info, print_json, progress
 from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 
-app = typer.Typer(help="Evaluate composition methods against baselines, per task and seed, with a report.", no_args_is_help=True)
+app = typer.Typer(
+    help="Evaluate composition methods against baselines, per task and seed, with a report.", no_args_is_help=True
+)
 
 EXAMPLES = """Examples:\n
   lorahub eval bbh --base-model google/flan-t5-large --out bbh-run\n
@@ -23,20 +25,39 @@ EXAMPLES = """Examples:\n
   lorahub eval bbh --ray auto --out bbh-run          # on the running Ray cluster; resumable anywhere"""
 
 Tasks = Annotated[str, typer.Option("--tasks", help="all, or task names a,b,c.")]
-Methods = Annotated[str, typer.Option("--methods", callback=registered("method"),
-                                      help=choice_help("method", "Comma-separated method names."))]
-Shots = Annotated[int, typer.Option("--shots", min=1, help="Examples per task used as shots; the rest is the test set.")]
+Methods = Annotated[
+    str,
+    typer.Option(
+        "--methods", callback=registered("method"), help=choice_help("method", "Comma-separated method names.")
+    ),
+]
+Shots = Annotated[
+    int, typer.Option("--shots", min=1, help="Examples per task used as shots; the rest is the test set.")
+]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds: one split (and search) per seed.")]
 NumModules = Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition.")]
 Budget = Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")]
-Limit = Annotated[Optional[int], typer.Option("--limit", min=1, help="Cap the test set per task (quick runs).")]
+Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Cap the test set per task (quick runs).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per generation batch.")]
 MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens.")]
-Out = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run folder: cells, results.json, report.md, plot.png. Resumes if it exists.")]
-BaseModel = Annotated[Optional[str], typer.Option("--base-model", "-b", help="Base model: its name in the registry, loaded from the Hub.")]
-ModelPath = Annotated[Optional[str], typer.Option("--model-path", help="Load the base model from this folder instead of its name.")]
-Optimizer = Annotated[str, typer.Option("--optimizer", callback=registered("optimizer"),
-                                        help=choice_help("optimizer", "The weight search (ngopt: LoraHub's)."))]
+Out = Annotated[
+    Path | None,
+    typer.Option("--out", "-o", help="Run folder: cells, results.json, report.md, plot.png. Resumes if it exists."),
+]
+BaseModel = Annotated[
+    str | None, typer.Option("--base-model", "-b", help="Base model: its name in the registry, loaded from the Hub.")
+]
+ModelPath = Annotated[
+    str | None, typer.Option("--model-path", help="Load the base model from this folder instead of its name.")
+]
+Optimizer = Annotated[
+    str,
+    typer.Option(
+        "--optimizer",
+        callback=registered("optimizer"),
+        help=choice_help("optimizer", "The weight search (ngopt: LoraHub's)."),
+    ),
+]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
@@ -64,8 +85,16 @@ def _run(suite, *, tasks, methods, seeds, out, json_, title=None, ray=None, **co
     from .. import api
     from ..eval.methods import EvalConfig, parse_methods
 
-    summary = api.evaluate(suite.select(tasks), parse_methods(methods), _seeds(seeds), EvalConfig(**config), out, title=title,
-                           progress_factory=None if json_ else progress, ray=ray)
+    summary = api.evaluate(
+        suite.select(tasks),
+        parse_methods(methods),
+        _seeds(seeds),
+        EvalConfig(**config),
+        out,
+        title=title,
+        progress_factory=None if json_ else progress,
+        ray=ray,
+    )
     _print(summary, out, json_)
 
 
@@ -96,15 +125,35 @@ def bbh(
     from ..eval.tasks import load_bbh
 
     scale = ray_options(ray, workers, ray_data)
-    _run(load_bbh(), tasks=tasks, methods=methods, seeds=seeds, out=out or Path("eval-bbh"), json_=json_, ray=scale,
-         title="Big-Bench Hard", base_model=base_model, model_path=model_path, shots=shots, num_modules=num_modules,
-         budget=budget, optimizer=optimizer, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-         embedder=embedder, dtype=dtype, device=device)
+    _run(
+        load_bbh(),
+        tasks=tasks,
+        methods=methods,
+        seeds=seeds,
+        out=out or Path("eval-bbh"),
+        json_=json_,
+        ray=scale,
+        title="Big-Bench Hard",
+        base_model=base_model,
+        model_path=model_path,
+        shots=shots,
+        num_modules=num_modules,
+        budget=budget,
+        optimizer=optimizer,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        embedder=embedder,
+        dtype=dtype,
+        device=device,
+    )
 
 
 @app.command(epilog=EXAMPLES)
 def tasks(
-    folder: Annotated[Path, typer.Argument(help="A folder of <task>.jsonl files, lines {\"input\": ..., \"target\": ...}.")],
+    folder: Annotated[
+        Path, typer.Argument(help='A folder of <task>.jsonl files, lines {"input": ..., "target": ...}.')
+    ],
     base_model: BaseModel = None,
     model_path: ModelPath = None,
     tasks: Tasks = "all",
@@ -131,10 +180,27 @@ def tasks(
 
     scale = ray_options(ray, workers, ray_data)
     suite = load_task_dir(folder)
-    _run(suite, tasks=tasks, methods=methods, seeds=seeds, out=out or Path(f"eval-{suite.name}"), json_=json_, ray=scale,
-         base_model=base_model, model_path=model_path, shots=shots, num_modules=num_modules, budget=budget,
-         optimizer=optimizer, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, embedder=embedder,
-         dtype=dtype, device=device)
+    _run(
+        suite,
+        tasks=tasks,
+        methods=methods,
+        seeds=seeds,
+        out=out or Path(f"eval-{suite.name}"),
+        json_=json_,
+        ray=scale,
+        base_model=base_model,
+        model_path=model_path,
+        shots=shots,
+        num_modules=num_modules,
+        budget=budget,
+        optimizer=optimizer,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        embedder=embedder,
+        dtype=dtype,
+        device=device,
+    )
 
 
 @app.command(epilog=EXAMPLES)
@@ -143,12 +209,19 @@ def demo(
     methods: Methods = EVAL["methods"],
     shots: Shots = EVAL["shots"],
     seeds: Seeds = EVAL["seeds"],
-    num_modules: Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition (the demo library has about 20).")] = DEMO["num_modules"],
+    num_modules: Annotated[
+        int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition (the demo library has about 20).")
+    ] = DEMO["num_modules"],
     budget: Budget = COMPOSE["budget"],
     optimizer: Optimizer = COMPOSE["optimizer"],
     limit: Limit = None,
     batch_size: BatchSize = DEMO["batch_size"],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short).")] = DEMO["max_new_tokens"],
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short)."
+        ),
+    ] = DEMO["max_new_tokens"],
     out: Out = None,
     ray: RayOpt = None,
     workers: WorkersOpt = None,
@@ -160,8 +233,22 @@ def demo(
     from ..eval.methods import EvalConfig, parse_methods
 
     out = out or Path("eval-demo")
-    config = EvalConfig(shots=shots, num_modules=num_modules, budget=budget, optimizer=optimizer, limit=limit,
-                        batch_size=batch_size, max_new_tokens=max_new_tokens)
-    summary = api.evaluate_demo(tasks, parse_methods(methods), _seeds(seeds), config, out,
-                                progress_factory=None if json_ else progress, ray=ray_options(ray, workers, ray_data))
+    config = EvalConfig(
+        shots=shots,
+        num_modules=num_modules,
+        budget=budget,
+        optimizer=optimizer,
+        limit=limit,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+    )
+    summary = api.evaluate_demo(
+        tasks,
+        parse_methods(methods),
+        _seeds(seeds),
+        config,
+        out,
+        progress_factory=None if json_ else progress,
+        ray=ray_options(ray, workers, ray_data),
+    )
     _print(summary, out, json_)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,19 +21,35 @@ EXAMPLES = """Examples:\n
   lorahub generate --inputs requests.jsonl --compose single --json\n
   lorahub generate --inputs requests.jsonl --composition per-example --out answers.jsonl"""
 
-KOpt = Annotated[Optional[int], typer.Option("-k", "--top-k", min=1, help="Adapters retrieved per request (default 3).")]
+KOpt = Annotated[int | None, typer.Option("-k", "--top-k", min=1, help="Adapters retrieved per request (default 3).")]
 ComposeOpt = Annotated[
-    Optional[str], typer.Option("--compose", help="mixture (average of outputs, default), fusion (average of A and B) or single (top-1).")
+    str | None,
+    typer.Option(
+        "--compose", help="mixture (average of outputs, default), fusion (average of A and B) or single (top-1)."
+    ),
 ]
 CompositionOpt = Annotated[
-    Optional[Path], typer.Option("--composition", help="A `compose --level instance` folder: each input goes to its nearest shot's composition.")
+    Path | None,
+    typer.Option(
+        "--composition", help="A `compose --level instance` folder: each input goes to its nearest shot's composition."
+    ),
 ]
-ModelPathOpt = Annotated[Optional[str], typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")]
-MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per request (greedy).")]
+ModelPathOpt = Annotated[
+    str | None, typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")
+]
+MaxNewTokensOpt = Annotated[
+    int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per request (greedy).")
+]
 MaxInputTokensOpt = Annotated[int, typer.Option("--max-input-tokens", min=1, help="Longest input accepted, in tokens.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Most requests per forward pass.")]
-BatchingOpt = Annotated[str, typer.Option("--batching", help="continuous (requests join and leave between decoding steps) "
-                                          "or static (whole batches, each until its longest answer is done).")]
+BatchingOpt = Annotated[
+    str,
+    typer.Option(
+        "--batching",
+        help="continuous (requests join and leave between decoding steps) "
+        "or static (whole batches, each until its longest answer is done).",
+    ),
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
@@ -46,21 +62,36 @@ def build_engine(*, composition, k, compose, base_model, model_path, embedder, d
     check_batching(limits.get("batching", "continuous"))  # before minutes of loading
     if composition is not None:
         if k is not None or compose is not None or base_model is not None:
-            raise InputError("--composition routes each input to a shot's composition; -k, --compose and --base-model "
-                             "do not apply.", "Drop them, or drop --composition to retrieve per input.")
-        return Engine.from_composition(composition, model_path=model_path, embedder=embedder, dtype=dtype,
-                                       device=device, **limits)
-    return Engine.from_registry(open_store(), base_model=base_model, model_path=model_path, embedder=embedder,
-                                dtype=dtype, device=device, k=SERVE["k"] if k is None else k,
-                                compose=compose or SERVE["compose"], **limits)
+            raise InputError(
+                "--composition routes each input to a shot's composition; -k, --compose and --base-model do not apply.",
+                "Drop them, or drop --composition to retrieve per input.",
+            )
+        return Engine.from_composition(
+            composition, model_path=model_path, embedder=embedder, dtype=dtype, device=device, **limits
+        )
+    return Engine.from_registry(
+        open_store(),
+        base_model=base_model,
+        model_path=model_path,
+        embedder=embedder,
+        dtype=dtype,
+        device=device,
+        k=SERVE["k"] if k is None else k,
+        compose=compose or SERVE["compose"],
+        **limits,
+    )
 
 
 def generate(
-    inputs: Annotated[Path, typer.Option("--inputs", help="Requests (JSONL): input, optionally k, compose, max_new_tokens per line.")],
+    inputs: Annotated[
+        Path, typer.Option("--inputs", help="Requests (JSONL): input, optionally k, compose, max_new_tokens per line.")
+    ],
     k: KOpt = None,
     compose: ComposeOpt = None,
     composition: CompositionOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the answers (JSONL) here instead of stdout.")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the answers (JSONL) here instead of stdout.")
+    ] = None,
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     batch_size: BatchSizeOpt = SERVE["batch_size"],
@@ -78,9 +109,20 @@ def generate(
 
     requests = read_requests(inputs)
     start = time.perf_counter()
-    engine = build_engine(composition=composition, k=k, compose=compose, base_model=base_model, model_path=model_path,
-                          embedder=embedder, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                          max_input_tokens=max_input_tokens, batch_size=batch_size, batching=batching)
+    engine = build_engine(
+        composition=composition,
+        k=k,
+        compose=compose,
+        base_model=base_model,
+        model_path=model_path,
+        embedder=embedder,
+        dtype=dtype,
+        device=device,
+        max_new_tokens=max_new_tokens,
+        max_input_tokens=max_input_tokens,
+        batch_size=batch_size,
+        batching=batching,
+    )
     loaded = time.perf_counter()
     with progress("Generating", len(requests)) as advance:
         answers = [a.to_json() for a in engine.run(requests, progress=advance)]
@@ -88,8 +130,13 @@ def generate(
     lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
     if out is not None:
         atomic_write_bytes(out, lines.encode("utf-8"))
-    summary = {"requests": len(answers), "out": str(out) if out else None, "load_seconds": round(loaded - start, 3),
-               "generate_seconds": round(seconds, 3), "engine": engine.info()}
+    summary = {
+        "requests": len(answers),
+        "out": str(out) if out else None,
+        "load_seconds": round(loaded - start, 3),
+        "generate_seconds": round(seconds, 3),
+        "engine": engine.info(),
+    }
     if json_:
         print_json({**summary, "answers": answers})
     elif out is None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,8 +20,12 @@ EXAMPLES = """Examples:\n
 def push(
     folder: Annotated[Path, typer.Argument(help="A folder written by `lorahub compose --out`.")],
     repo: Annotated[str, typer.Option("--repo", help="Hub repo id NAMESPACE/NAME; created if missing.")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
-    branch: Annotated[Optional[str], typer.Option("--branch", help="Commit to this branch, created from main if missing.")] = None,
+    private: Annotated[
+        bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")
+    ] = False,
+    branch: Annotated[
+        str | None, typer.Option("--branch", help="Commit to this branch, created from main if missing.")
+    ] = None,
     message: Annotated[str, typer.Option("--message", "-m", help="Commit message.")] = DEFAULT_MESSAGE,
     json_: JsonOpt = False,
 ) -> None:

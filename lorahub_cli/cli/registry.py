@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -46,8 +46,8 @@ def card_options(**options) -> dict:
 )
 def add(
     source: Annotated[str, typer.Argument(help="A Hub repo id (NAMESPACE/NAME) or a local PEFT adapter folder.")],
-    revision: Annotated[Optional[str], typer.Option("--revision", help="Branch, tag or commit (Hub only).")] = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Registry id (default: repo id or folder name).")] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit (Hub only).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Registry id (default: repo id or folder name).")] = None,
     base_model: BaseModelOpt = None,
     data: DataOpt = None,
     dataset: DatasetOpt = None,
@@ -59,7 +59,9 @@ def add(
     inputs_only: InputsOnlyOpt = False,
     instruction: InstructionOpt = "",
     force: Annotated[bool, typer.Option("--force", help="Mirror again even if this commit is stored.")] = False,
-    replace: Annotated[bool, typer.Option("--replace", help="Replace an adapter of the same id from another source.")] = False,
+    replace: Annotated[
+        bool, typer.Option("--replace", help="Replace an adapter of the same id from another source.")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too.
@@ -74,22 +76,45 @@ def add(
         raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
     card_job = None
     if data is not None or dataset is not None:
-        card_job = prepare_card(**card_options(
-            data=data, dataset=dataset, filters=filter, input_field=input_field, target_field=target_field,
-            max_examples=max_examples, embedder=embedder, inputs_only=inputs_only, instruction=instruction, quiet=json_))
+        card_job = prepare_card(
+            **card_options(
+                data=data,
+                dataset=dataset,
+                filters=filter,
+                input_field=input_field,
+                target_field=target_field,
+                max_examples=max_examples,
+                embedder=embedder,
+                inputs_only=inputs_only,
+                instruction=instruction,
+                quiet=json_,
+            )
+        )
     if local:
-        result = add_local(store, Path(source), name=name, base_model=base_model, replace=replace,
-                           card_job=card_job, warn=warn)
+        result = add_local(
+            store, Path(source), name=name, base_model=base_model, replace=replace, card_job=card_job, warn=warn
+        )
     else:
-        result = add_hub(store, source, revision=revision, name=name, base_model=base_model, force=force,
-                         replace=replace, card_job=card_job, warn=warn)
+        result = add_hub(
+            store,
+            source,
+            revision=revision,
+            name=name,
+            base_model=base_model,
+            force=force,
+            replace=replace,
+            card_job=card_job,
+            warn=warn,
+        )
     record = result.record
     if json_:
         print_json({**result.to_json(), "adapter": record.to_json()})
     else:
         where = f"@{record.revision[:12]}" if record.revision else ""
         card = "with card" if record.has_card else "no card"
-        info(f"{result.status.capitalize()} [bold]{record.id}[/bold]{where} ({record.base_model}, r={record.r}, {card}).")
+        info(
+            f"{result.status.capitalize()} [bold]{record.id}[/bold]{where} ({record.base_model}, r={record.r}, {card})."
+        )
 
 
 def _summary(results) -> Table:
@@ -117,17 +142,27 @@ def _summary(results) -> Table:
   lorahub registry sync --author lorahub --search flan_t5_large"""
 )
 def sync(
-    catalog: Annotated[Optional[str], typer.Option("--catalog", help="A shipped catalogue name or a catalogue JSON file.")] = None,
-    author: Annotated[Optional[str], typer.Option("--author", help="Mirror every model repo of this Hub user or org.")] = None,
-    search: Annotated[Optional[str], typer.Option("--search", help="With --author: only repos whose id contains this.")] = None,
-    cards: Annotated[bool, typer.Option("--cards", help="Also build cards from the catalogue's training dataset.")] = False,
+    catalog: Annotated[
+        str | None, typer.Option("--catalog", help="A shipped catalogue name or a catalogue JSON file.")
+    ] = None,
+    author: Annotated[
+        str | None, typer.Option("--author", help="Mirror every model repo of this Hub user or org.")
+    ] = None,
+    search: Annotated[
+        str | None, typer.Option("--search", help="With --author: only repos whose id contains this.")
+    ] = None,
+    cards: Annotated[
+        bool, typer.Option("--cards", help="Also build cards from the catalogue's training dataset.")
+    ] = False,
     base_model: BaseModelOpt = None,
     workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = 4,
     max_examples: MaxExamplesOpt = 1000,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Mirror many adapters in parallel. Re-running skips what is stored at the same commit; failures do not stop the rest."""
+    """Mirror many adapters in parallel.
+
+    Re-running skips what is stored at the same commit; failures do not stop the rest."""
     from .. import api
     from ..registry.catalog import Catalog, list_author
 
@@ -138,9 +173,18 @@ def sync(
     store = open_store()
     loaded = Catalog.load(catalog) if catalog else None
     entries = loaded.entries if loaded else list_author(author, search)
-    results = api.sync(store, entries, base_model=base_model or (loaded.base_model if loaded else None), workers=workers,
-                       catalog=loaded, cards=cards, max_examples=max_examples, embedder=embedder, progress_factory=progress,
-                       warn=warn)
+    results = api.sync(
+        store,
+        entries,
+        base_model=base_model or (loaded.base_model if loaded else None),
+        workers=workers,
+        catalog=loaded,
+        cards=cards,
+        max_examples=max_examples,
+        embedder=embedder,
+        progress_factory=progress,
+        warn=warn,
+    )
     failed = sum(r.status == "failed" for r in results)
     if json_:
         print_json({"results": [r.to_json() for r in results], "failed": failed})
@@ -172,8 +216,15 @@ def list_(base_model: BaseModelOpt = None, json_: JsonOpt = False) -> None:
         table.add_column(column, overflow="fold")
     for r in records:
         source = f"{r.source}@{r.revision[:8]}" if r.revision else r.source
-        table.add_row(r.id, r.base_model, str(r.r), f"{r.lora_alpha:g}", ",".join(r.target_modules), source,
-                      "yes" if r.has_card else "-")
+        table.add_row(
+            r.id,
+            r.base_model,
+            str(r.r),
+            f"{r.lora_alpha:g}",
+            ",".join(r.target_modules),
+            source,
+            "yes" if r.has_card else "-",
+        )
     out.print(table)
 
 
@@ -201,7 +252,9 @@ def remove(
         info(f"Would delete {record.id} ({record.path}).")
         return
     if not yes:
-        raise InputError(f"removing '{adapter_id}' deletes its files.", "Confirm with --yes (or look first with --dry-run).")
+        raise InputError(
+            f"removing '{adapter_id}' deletes its files.", "Confirm with --yes (or look first with --dry-run)."
+        )
     store.remove(adapter_id)
     info(f"Removed {adapter_id}.")
 
@@ -215,7 +268,9 @@ LEFTOVER_TEXT = {
 
 @app.command(epilog="Examples:\n\n  lorahub registry verify\n\n  lorahub registry verify --prune --json")
 def verify(
-    prune: Annotated[bool, typer.Option("--prune", help="Delete staging folders of interrupted adds and superseded versions.")] = False,
+    prune: Annotated[
+        bool, typer.Option("--prune", help="Delete staging folders of interrupted adds and superseded versions.")
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Re-hash every stored file and check the weights; exits non-zero if any is missing, corrupted or not finite.
@@ -225,15 +280,24 @@ def verify(
     with progress("Verifying", None):
         problems, leftovers = store.verify(prune=prune)
     if json_:
-        print_json({"ok": not problems, "problems": problems, "pruned": prune,
-                    "leftovers": [{"path": str(item["path"]), "kind": item["kind"]} for item in leftovers]})
+        print_json(
+            {
+                "ok": not problems,
+                "problems": problems,
+                "pruned": prune,
+                "leftovers": [{"path": str(item["path"]), "kind": item["kind"]} for item in leftovers],
+            }
+        )
     else:
         for p in problems:
             err.print(f"[red]{p['id']}[/red]: {p['file']}: {p['problem']}")
         for kind, text in LEFTOVER_TEXT.items():
             if count := sum(item["kind"] == kind for item in leftovers):
                 pruned = prune and kind != "unindexed"
-                info(f"{count} {text}" + (" pruned." if pruned else "; remove them with --prune." if kind != "unindexed" else "."))
+                info(
+                    f"{count} {text}"
+                    + (" pruned." if pruned else "; remove them with --prune." if kind != "unindexed" else ".")
+                )
         info(f"{len(store.list())} adapters checked, {len(problems)} problem(s).")
     if problems:
         raise IntegrityError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,11 +21,18 @@ EXAMPLES = """Examples:\n
 
 
 def retrieve(
-    shots: Annotated[Optional[Path], typer.Option("--shots", help="Few-shot examples (JSONL with input and target).")] = None,
-    query: Annotated[Optional[str], typer.Option("--query", help="One input text.")] = None,
-    inputs: Annotated[Optional[Path], typer.Option("--inputs", help="Inputs (JSONL): per-input top-k, or routes with --level instance.")] = None,
+    shots: Annotated[
+        Path | None, typer.Option("--shots", help="Few-shot examples (JSONL with input and target).")
+    ] = None,
+    query: Annotated[str | None, typer.Option("--query", help="One input text.")] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option("--inputs", help="Inputs (JSONL): per-input top-k, or routes with --level instance."),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="How many adapters to return.")] = DEFAULT_TOP_K,
-    level: Annotated[str, typer.Option("--level", help="task (BatchComp) or instance (iLoraComp); for --shots.")] = "task",
+    level: Annotated[
+        str, typer.Option("--level", help="task (BatchComp) or instance (iLoraComp); for --shots.")
+    ] = "task",
     base_model: BaseModelOpt = None,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,
@@ -37,12 +44,16 @@ def retrieve(
     if level not in ("task", "instance"):
         raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
     if (shots is not None) + (query is not None) + (inputs is not None and shots is None) != 1:
-        raise InputError("give --shots FILE, --query TEXT or --inputs FILE (with --shots only for --level instance).",
-                         "See: lorahub retrieve --help")
+        raise InputError(
+            "give --shots FILE, --query TEXT or --inputs FILE (with --shots only for --level instance).",
+            "See: lorahub retrieve --help",
+        )
     if query is not None and not query.strip():
         raise InputError("--query is empty.", "Give some text to match.")
     if inputs is not None and shots is not None and level != "instance":
-        raise InputError("--inputs with --shots routes inputs to shots, which needs --level instance.", "Add --level instance.")
+        raise InputError(
+            "--inputs with --shots routes inputs to shots, which needs --level instance.", "Add --level instance."
+        )
     index = retrieval.CardIndex.from_store(open_store(readonly=True), base_model)
     model = index.embedder(embedder)
     if shots is not None:
@@ -50,7 +61,9 @@ def retrieve(
         if level == "task":
             answer = retrieval.task_level(index, model, examples, k)
         else:
-            answer = retrieval.instance_level(index, model, examples, k, read_examples(inputs, require_target=False) if inputs else None)
+            answer = retrieval.instance_level(
+                index, model, examples, k, read_examples(inputs, require_target=False) if inputs else None
+            )
     elif query is not None:
         answer = {"level": "query", **retrieval.per_input(index, model, [Example(query)], k)["inputs"][0]}
         del answer["index"]

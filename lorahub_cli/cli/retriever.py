@@ -13,7 +13,9 @@ from ..settings import LORARETRIEVER_INSTRUCTION
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
 from ._output import info, out, print_json, progress
 
-app = typer.Typer(help="Train a retriever: the card embedder fine-tuned to tell adapters' tasks apart.", no_args_is_help=True)
+app = typer.Typer(
+    help="Train a retriever: the card embedder fine-tuned to tell adapters' tasks apart.", no_args_is_help=True
+)
 
 
 @app.command(
@@ -24,14 +26,24 @@ app = typer.Typer(help="Train a retriever: the card embedder fine-tuned to tell 
     --instruction "Represent the sentence for similar task retrieval: \""""
 )
 def train(
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the trained embedder (sentence-transformers format).")],
-    tasks_fraction: Annotated[float, typer.Option("--tasks-fraction", help="Share of adapters to train on; the rest are held out.")] = 0.4,
+    out_dir: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for the trained embedder (sentence-transformers format).")
+    ],
+    tasks_fraction: Annotated[
+        float, typer.Option("--tasks-fraction", help="Share of adapters to train on; the rest are held out.")
+    ] = 0.4,
     epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training adapters' examples.")] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=2, help="Adapters per step (in-batch negatives).")] = 32,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=2, help="Adapters per step (in-batch negatives).")
+    ] = 32,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (linear warm-up and decay).")] = 2e-5,
-    max_examples: Annotated[int, typer.Option("--max-examples", min=2, help="Examples read per adapter from its card's data.")] = 200,
+    max_examples: Annotated[
+        int, typer.Option("--max-examples", min=2, help="Examples read per adapter from its card's data.")
+    ] = 200,
     eval_queries: Annotated[int, typer.Option("--eval-queries", min=1, help="Queries per held-out adapter.")] = 20,
-    instruction: Annotated[str, typer.Option("--instruction", help="Prefix of every text; use the one your cards use.")] = LORARETRIEVER_INSTRUCTION,
+    instruction: Annotated[
+        str, typer.Option("--instruction", help="Prefix of every text; use the one your cards use.")
+    ] = LORARETRIEVER_INSTRUCTION,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the pairs and the initialisation.")] = 42,
     base_model: BaseModelOpt = None,
     embedder: EmbedderOpt = None,
@@ -40,19 +52,34 @@ def train(
     """Fine-tune the embedder contrastively on some adapters' training data; report retrieval of the held-out ones."""
     from ..retriever.train import RetrieverConfig, train_retriever
 
-    config = RetrieverConfig(tasks_fraction=tasks_fraction, epochs=epochs, batch_size=batch_size, learning_rate=lr,
-                             max_examples=max_examples, eval_queries=eval_queries, instruction=instruction, seed=seed)
+    config = RetrieverConfig(
+        tasks_fraction=tasks_fraction,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        max_examples=max_examples,
+        eval_queries=eval_queries,
+        instruction=instruction,
+        seed=seed,
+    )
     with progress("Training", None) as advance:
-        report = train_retriever(open_store(), out_dir, config, base_model=base_model, embedder=embedder, progress=advance)
+        report = train_retriever(
+            open_store(), out_dir, config, base_model=base_model, embedder=embedder, progress=advance
+        )
     if json_:
         print_json(report)
         return
-    table = Table(title=f"Retrieval of {len(report['held_out_adapters'])} held-out adapters "
-                        f"({report['untuned']['queries']} queries, among all {len(report['train_adapters']) + len(report['held_out_adapters'])})",
-                  title_justify="left")
+    table = Table(
+        title=f"Retrieval of {len(report['held_out_adapters'])} held-out adapters "
+        f"({report['untuned']['queries']} queries, "
+        f"among all {len(report['train_adapters']) + len(report['held_out_adapters'])})",
+        title_justify="left",
+    )
     for column in ("embedder", "top-1", "top-3"):
         table.add_column(column, justify="left" if column == "embedder" else "right")
     table.add_row("untuned", f"{report['untuned']['top1']:.3f}", f"{report['untuned']['top3']:.3f}")
     table.add_row("tuned", f"{report['tuned']['top1']:.3f}", f"{report['tuned']['top3']:.3f}")
     out.print(table)
-    info(f"Saved to {report['out']}. Rebuild cards with it: lorahub card build ID --embedder {report['out']} --data ...")
+    info(
+        f"Saved to {report['out']}. Rebuild cards with it: lorahub card build ID --embedder {report['out']} --data ..."
+    )

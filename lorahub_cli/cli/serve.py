@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -40,14 +40,35 @@ def serve(
     composition: CompositionOpt = None,
     batch_size: BatchSizeOpt = SERVE["batch_size"],
     batching: BatchingOpt = "continuous",
-    window_ms: Annotated[float, typer.Option("--batch-window-ms", min=0, help="How long a request that finds the server idle waits for others to start with.")] = 10.0,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")] = 256,
+    window_ms: Annotated[
+        float,
+        typer.Option(
+            "--batch-window-ms",
+            min=0,
+            help="How long a request that finds the server idle waits for others to start with.",
+        ),
+    ] = 10.0,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")
+    ] = 256,
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
-    max_input_chars: Annotated[int, typer.Option("--max-input-chars", min=1, help="Longest input accepted, in characters.")] = 16_000,
-    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", min=0, help="Seconds to finish open requests on SIGTERM.")] = 60.0,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar=API_KEY_ENV, show_envvar=True, show_default=False,
-                                                   help="Require 'Authorization: Bearer KEY' on every route but /health.")] = None,
+    max_input_chars: Annotated[
+        int, typer.Option("--max-input-chars", min=1, help="Longest input accepted, in characters.")
+    ] = 16_000,
+    shutdown_timeout: Annotated[
+        float, typer.Option("--shutdown-timeout", min=0, help="Seconds to finish open requests on SIGTERM.")
+    ] = 60.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar=API_KEY_ENV,
+            show_envvar=True,
+            show_default=False,
+            help="Require 'Authorization: Bearer KEY' on every route but /health.",
+        ),
+    ] = None,
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
@@ -61,15 +82,38 @@ def serve(
         raise InputError("the API key is empty.", f"Give a non-empty --api-key or {API_KEY_ENV}, or neither.")
     check_port(host, port)  # before minutes of loading, not after
     if api_key is None and not is_loopback(host):
-        warn(f"{host} is reachable from other machines and no API key is set: anyone who can reach it can use it. "
-             f"Set --api-key or {API_KEY_ENV}.")
-    engine = build_engine(composition=composition, k=k, compose=compose, base_model=base_model, model_path=model_path,
-                          embedder=embedder, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                          max_input_tokens=max_input_tokens, batch_size=batch_size, batching=batching)
-    app = create_app(engine, max_batch=batch_size, window=window_ms / 1000, max_queue=max_queue,
-                     max_input_chars=max_input_chars, api_key=api_key)
+        warn(
+            f"{host} is reachable from other machines and no API key is set: anyone who can reach it can use it. "
+            f"Set --api-key or {API_KEY_ENV}."
+        )
+    engine = build_engine(
+        composition=composition,
+        k=k,
+        compose=compose,
+        base_model=base_model,
+        model_path=model_path,
+        embedder=embedder,
+        dtype=dtype,
+        device=device,
+        max_new_tokens=max_new_tokens,
+        max_input_tokens=max_input_tokens,
+        batch_size=batch_size,
+        batching=batching,
+    )
+    app = create_app(
+        engine,
+        max_batch=batch_size,
+        window=window_ms / 1000,
+        max_queue=max_queue,
+        max_input_chars=max_input_chars,
+        api_key=api_key,
+    )
     described = engine.info()
-    held = f"{described['adapters']} adapters" if "adapters" in described else f"{described['compositions']} compositions"
-    info(f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions, "
-         f"/generate, /generate_stream, /; GET /v1/models, /health){'; API key required' if api_key else ''}.")
+    held = (
+        f"{described['adapters']} adapters" if "adapters" in described else f"{described['compositions']} compositions"
+    )
+    info(
+        f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions, "
+        f"/generate, /generate_stream, /; GET /v1/models, /health){'; API key required' if api_key else ''}."
+    )
     run(app, host=host, port=port, shutdown_timeout=shutdown_timeout)

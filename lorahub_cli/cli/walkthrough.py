@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,7 +19,10 @@ EXAMPLES = """Examples:\n
 def walkthrough(
     task: Annotated[str, typer.Option("--task", help="Which example task's shots to retrieve for.")] = "sentiment",
     k: Annotated[int, typer.Option("-k", min=1, help="Adapters to show per ranking.")] = 3,
-    home: Annotated[Optional[Path], typer.Option("--home", help="Keep the walk-through registry in this folder (default: a temporary one).")] = None,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="Keep the walk-through registry in this folder (default: a temporary one)."),
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
 ) -> None:
     """Register the shipped example adapters with embedding cards and retrieve for their held-out examples. Offline.
@@ -41,11 +44,17 @@ def walkthrough(
     info(f"Registered {result['adapters']} adapters with cards in {folder}" + ("" if home else " (temporary)") + ".")
     out.print(ranking_table(f"Task-level retrieval for the 5 '{task}' shots", result["task_level"]["results"]))
     routes = result["instance_level"]["routes"]
-    out.print(f"Instance level: {len(routes)} '{task}' inputs routed to shots "
-              f"{sorted({r['shot'] for r in routes})}; each shot's own top-1: "
-              f"{sorted({s['results'][0]['id'] for s in result['instance_level']['shots']})}")
+    out.print(
+        f"Instance level: {len(routes)} '{task}' inputs routed to shots "
+        f"{sorted({r['shot'] for r in routes})}; each shot's own top-1: "
+        f"{sorted({s['results'][0]['id'] for s in result['instance_level']['shots']})}"
+    )
     stats = result["per_input"]
-    out.print(f"Per-input retrieval over {stats['inputs']} mixed inputs of {len(names)} tasks: "
-              f"top-1 is the input's own task's adapter for {stats['top1_correct']}/{stats['inputs']}.")
-    info("These example adapters have random weights and their base model is not shipped: they show the registry "
-         "and retrieval, not composition. `lorahub demo` composes trained adapters on a shipped base.")
+    out.print(
+        f"Per-input retrieval over {stats['inputs']} mixed inputs of {len(names)} tasks: "
+        f"top-1 is the input's own task's adapter for {stats['top1_correct']}/{stats['inputs']}."
+    )
+    info(
+        "These example adapters have random weights and their base model is not shipped: they show the registry "
+        "and retrieval, not composition. `lorahub demo` composes trained adapters on a shipped base."
+    )

@@ -76,8 +76,8 @@ class GroupedRows:
             at = 0
             for i, w in zip(row, row_weights):
                 if w != 0:
-                    columns[p, at:at + ranks[i]] = torch.arange(offsets[i], offsets[i + 1])
-                    scale[p, at:at + ranks[i]] = w * scalings[i]
+                    columns[p, at : at + ranks[i]] = torch.arange(offsets[i], offsets[i + 1])
+                    scale[p, at : at + ranks[i]] = w * scalings[i]
                     at += ranks[i]
         self.columns, self.scale = columns.to(W.device), scale
 
@@ -104,16 +104,23 @@ class GroupedRows:
         else:
             out.columns = _cat_padded(first.columns, second.columns)
             out.scale = _cat_padded(first.scale, second.scale)
-        out.cache = {layer: (_cat_padded(A, second.cache[layer][0], capacity), _cat_padded(B, second.cache[layer][1], capacity))
-                     for layer, (A, B) in first.cache.items() if layer in second.cache}
+        out.cache = {
+            layer: (_cat_padded(A, second.cache[layer][0], capacity), _cat_padded(B, second.cache[layer][1], capacity))
+            for layer, (A, B) in first.cache.items()
+            if layer in second.cache
+        }
         return out
 
 
 def _cat_padded(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Tensor:
     """a and b concatenated along dim 0, each zero-padded along dim 1 to the wider of the two."""
     width = max(a.shape[1], b.shape[1])
-    pad = lambda t: t if t.shape[1] == width else torch.cat(  # noqa: E731
-        [t, t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:])], dim=1)
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[1] == width:
+            return t
+        return torch.cat([t, t.new_zeros(t.shape[0], width - t.shape[1], *t.shape[2:])], dim=1)
+
     return append_rows(pad(a), pad(b), capacity)
 
 
@@ -132,14 +139,18 @@ def append_rows(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Te
     the next appends copy only what they add."""
     n, m = a.shape[0], b.shape[0]
     shape = (n + m, *a.shape[1:])
-    if (a.is_contiguous() and a.storage_offset() == 0 and a.dtype == b.dtype
-            and math.prod(shape) * a.element_size() <= a.untyped_storage().nbytes()):
+    if (
+        a.is_contiguous()
+        and a.storage_offset() == 0
+        and a.dtype == b.dtype
+        and math.prod(shape) * a.element_size() <= a.untyped_storage().nbytes()
+    ):
         out = a.new_empty(0).set_(a.untyped_storage(), 0, shape)
         out[n:] = b
         return out
     out = a.new_empty((max(capacity, n + m), *a.shape[1:]))
-    out[:n], out[n:n + m] = a, b
-    return out[:n + m]
+    out[:n], out[n : n + m] = a, b
+    return out[: n + m]
 
 
 class BankRows:
@@ -265,8 +276,13 @@ class LoraBank:
     layer's), e.g. fp32 over a bf16 or int8 base. Call `remove()` to restore the original modules.
     """
 
-    def __init__(self, model: nn.Module, adapters: Sequence[LoraAdapter], formula: str = "elementwise",
-                 lora_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Sequence[LoraAdapter],
+        formula: str = "elementwise",
+        lora_dtype: torch.dtype | None = None,
+    ):
         check_compatible(adapters)
         self.model = model
         self.names = [a.name for a in adapters]
@@ -282,7 +298,9 @@ class LoraBank:
         for module, base in targets.items():
             As = [a.modules[module][0] for a in adapters]
             Bs = [a.modules[module][1] for a in adapters]
-            _set_submodule(model, module, BankedLayer(base, As, Bs, [a.scaling for a in adapters], self._state, lora_dtype))
+            _set_submodule(
+                model, module, BankedLayer(base, As, Bs, [a.scaling for a in adapters], self._state, lora_dtype)
+            )
             self._originals[module] = base
 
     @property

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
 from .. import io
 from ..cards.card import CARD_FILES
+from ..errors import InputError
 from ..settings import home
 from .adapters import CONFIG_FILE, SAFETENSORS_FILE, LoraAdapter, save_adapter
 from .recipe import RECIPE_FILE, ROUTER_FILE, Recipe
@@ -38,8 +38,9 @@ def _check_replaceable(out: Path, inputs: tuple[Path, ...]) -> None:
     if cwd.is_relative_to(out):
         raise InputError(f"refusing to replace '{out}': it is the working directory or one of its parents.", hint)
     if lorahub_home.is_relative_to(out) or out.is_relative_to(lorahub_home):
-        raise InputError(f"refusing to replace '{out}': it holds the lorahub home ({lorahub_home}) or is inside it.",
-                         hint)
+        raise InputError(
+            f"refusing to replace '{out}': it holds the lorahub home ({lorahub_home}) or is inside it.", hint
+        )
     for path in inputs:
         if Path(path).resolve().is_relative_to(out):
             raise InputError(f"refusing to replace '{out}': it holds the input '{path}'.", hint)
@@ -47,8 +48,9 @@ def _check_replaceable(out: Path, inputs: tuple[Path, ...]) -> None:
         raise InputError(f"refusing to replace '{out}': it has no {RECIPE_FILE}, so lorahub did not write it.", hint)
     for path in out.rglob("*"):
         if not _written_by_compose(path.relative_to(out).parts, path.is_dir()):
-            raise InputError(f"refusing to replace '{out}': it holds '{path.relative_to(out)}', which lorahub did "
-                             "not write.", hint)
+            raise InputError(
+                f"refusing to replace '{out}': it holds '{path.relative_to(out)}', which lorahub did not write.", hint
+            )
 
 
 def _written_by_compose(parts: tuple[str, ...], is_dir: bool) -> bool:
@@ -101,16 +103,22 @@ def _use(recipe: Recipe) -> list[str]:
     lines = ["", "## Use", ""]
     if local is not None:
         # A model shipped inside lorahub (the demo's): it is not on the Hub, so name where it is.
-        lines += [f"`{recipe.base_model}` is not on the Hub: it ships inside lorahub (`pip install lorahub-cli`), "
-                  "whose commands resolve that name to their own copy. With PEFT, load the base from that copy:", ""]
+        lines += [
+            f"`{recipe.base_model}` is not on the Hub: it ships inside lorahub (`pip install lorahub-cli`), "
+            "whose commands resolve that name to their own copy. With PEFT, load the base from that copy:",
+            "",
+        ]
     lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}", ""]
     if local is not None:
-        lines += ["from lorahub_cli.models import local_model_path", "",
-                  f"base = {auto}.from_pretrained(local_model_path(\"{recipe.base_model}\"))"]
+        lines += [
+            "from lorahub_cli.models import local_model_path",
+            "",
+            f'base = {auto}.from_pretrained(local_model_path("{recipe.base_model}"))',
+        ]
     else:
-        lines += [f"base = {auto}.from_pretrained(\"{recipe.base_model}\")"]
+        lines += [f'base = {auto}.from_pretrained("{recipe.base_model}")']
     lines += [
-        "model = PeftModel.from_pretrained(base, \"PATH_OR_REPO\")",
+        'model = PeftModel.from_pretrained(base, "PATH_OR_REPO")',
         "```",
         "",
         f"`{RECIPE_FILE}` holds everything needed to rebuild this adapter bit for bit: "
@@ -127,7 +135,8 @@ def instance_card(recipe: Recipe) -> str:
         f"\n\nThis is an instance-level composition: {len(recipe.compositions)} adapters under `{COMPOSITIONS}/`, "
         f"one per example, and `{ROUTER_FILE}`, the examples' input embeddings. Each input is answered by the "
         f"composition of the example whose input is most similar (see `{RECIPE_FILE}`). The table above "
-        "shows the first composition.\n")
+        "shows the first composition.\n"
+    )
 
 
 def write_adapter_folder(tmp: Path, adapter: LoraAdapter, recipe: Recipe) -> None:

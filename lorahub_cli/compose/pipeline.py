@@ -22,9 +22,9 @@ from ..io import Example, write_folder
 from ..models import BaseModel, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
 from ..settings import COMPOSE
+from . import precision as precisions
 from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
-from . import precision as precisions
 from .export import MODEL_CARD, check_destination, instance_card, write_adapter_folder
 from .formulas import RANDOM_OPTION, compose, get_formula, resolve_options
 from .objective import loss_function
@@ -73,7 +73,10 @@ def _candidates(store: Store, base_model: str | None) -> list[AdapterRecord]:
         raise InputError(f"the registry has no adapters{where}.", "Add some with: lorahub registry add SOURCE")
     bases = sorted({r.base_model for r in records})
     if len(bases) > 1:
-        raise InputError(f"the registry holds adapters for several base models ({', '.join(bases)}).", "Choose one with --base-model.")
+        raise InputError(
+            f"the registry holds adapters for several base models ({', '.join(bases)}).",
+            "Choose one with --base-model.",
+        )
     return records
 
 
@@ -85,17 +88,26 @@ def select_modules(store: Store, shots: list[Example], options: ComposeOptions) 
     if options.modules == "random":
         pool = _candidates(store, options.base_model)
         if len(pool) < options.num_modules:
-            raise InputError(f"the registry has {len(pool)} adapters, fewer than -n {options.num_modules}.", f"Use -n {len(pool)} or add adapters.")
+            raise InputError(
+                f"the registry has {len(pool)} adapters, fewer than -n {options.num_modules}.",
+                f"Use -n {len(pool)} or add adapters.",
+            )
         chosen = random.Random(options.search.seed).sample(pool, options.num_modules)
         return chosen, {"method": "random", "seed": options.search.seed, "n": options.num_modules}
     if options.modules != "auto":
-        raise InputError(f"--modules '{options.modules}' is not auto, random or a list of ids.", "Example: --modules auto")
+        raise InputError(
+            f"--modules '{options.modules}' is not auto, random or a list of ids.", "Example: --modules auto"
+        )
     from .. import retrieval
 
     index = retrieval.CardIndex.from_store(store, options.base_model)
     ranked = retrieval.task_level(index, index.embedder(options.embedder), shots, options.num_modules)["results"]
-    selection = {"method": "auto", "n": options.num_modules, "embedder": f"{index.embedder_id}@{index.embedder_revision}",
-                 "scores": {r["id"]: r["score"] for r in ranked}}
+    selection = {
+        "method": "auto",
+        "n": options.num_modules,
+        "embedder": f"{index.embedder_id}@{index.embedder_revision}",
+        "scores": {r["id"]: r["score"] for r in ranked},
+    }
     return [store.get(r["id"]) for r in ranked], selection
 
 
@@ -109,8 +121,16 @@ def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter
 
 
 def _module_entries(records: list[AdapterRecord], weights) -> list[dict]:
-    return [{"id": r.id, "source": r.source, "revision": r.revision, "sha256": r.files[SAFETENSORS_FILE],
-             "weight": float(w)} for r, w in zip(records, weights)]
+    return [
+        {
+            "id": r.id,
+            "source": r.source,
+            "revision": r.revision,
+            "sha256": r.files[SAFETENSORS_FILE],
+            "weight": float(w),
+        }
+        for r, w in zip(records, weights)
+    ]
 
 
 def _versions() -> dict:
@@ -118,8 +138,13 @@ def _versions() -> dict:
     import peft
     import transformers
 
-    return {"lorahub": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "nevergrad": nevergrad.__version__}
+    return {
+        "lorahub": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "nevergrad": nevergrad.__version__,
+    }
 
 
 def _search_entry(config: SearchConfig, result: SearchResult | None, used: str) -> dict | None:
@@ -127,14 +152,26 @@ def _search_entry(config: SearchConfig, result: SearchResult | None, used: str) 
     fp32 objectives of its best candidates, the lowest of which was chosen (the recipe's `loss` is fp32)."""
     if result is None:
         return None
-    return {**config.to_json(), "precision_used": used, "engine": result.engine, "evaluations": result.evaluations,
-            "seconds": round(result.seconds, 3), "loss": result.loss, "objective": result.objective,
-            "rescored": result.rescored, "nonfinite": result.nonfinite, "curve": result.curve}
+    return {
+        **config.to_json(),
+        "precision_used": used,
+        "engine": result.engine,
+        "evaluations": result.evaluations,
+        "seconds": round(result.seconds, 3),
+        "loss": result.loss,
+        "objective": result.objective,
+        "rescored": result.rescored,
+        "nonfinite": result.nonfinite,
+        "curve": result.curve,
+    }
 
 
 def _scores(loss: float, weights, config: SearchConfig) -> dict:
     """The fp32 few-shot loss of the exported adapter and its objective (loss + l1 * mean |w|)."""
-    return {"loss": loss, "objective": loss + config.l1 * float(torch.tensor(weights, dtype=torch.float64).abs().mean())}
+    return {
+        "loss": loss,
+        "objective": loss + config.l1 * float(torch.tensor(weights, dtype=torch.float64).abs().mean()),
+    }
 
 
 # --- the search ----------------------------------------------------------------------------------
@@ -148,7 +185,10 @@ def _fixed_weights(records: list[AdapterRecord], options: ComposeOptions) -> lis
     if options.weights is not None:
         unknown = sorted(set(options.weights) - {r.id for r in records})
         if unknown:
-            raise InputError(f"--weights names adapters that are not among the modules: {', '.join(unknown)}.", "Give a weight for each module id.")
+            raise InputError(
+                f"--weights names adapters that are not among the modules: {', '.join(unknown)}.",
+                "Give a weight for each module id.",
+            )
         return [float(options.weights.get(r.id, 0.0)) for r in records]
     if spec.bank_mode is None:
         # ties / dare_linear / svd are fixed-weight merges: without weights, an even average.
@@ -161,7 +201,9 @@ class _Session:
     the model the search evaluates candidates on (the same one, or a bf16 / int8 copy: precision.py) with the
     bank of adapters on it, and the encoded shots."""
 
-    def __init__(self, adapters: list[LoraAdapter], shots: list[Example], options: ComposeOptions, base: BaseModel | None = None):
+    def __init__(
+        self, adapters: list[LoraAdapter], shots: list[Example], options: ComposeOptions, base: BaseModel | None = None
+    ):
         name = options.model_path or options.base_model or adapters[0].base_model_name_or_path
         self.given = base or load_base_model(name, dtype="float32", device=options.device)
         self.answer = self.given.fp32()
@@ -191,7 +233,9 @@ class _Session:
     def _inject(self) -> None:
         # The LoRA path stays fp32 over a bf16 or int8 base.
         self.bank = LoraBank(self.searcher.model, self.adapters, formula=self.formula, lora_dtype=torch.float32)
-        self._loss_fn = loss_function(self.searcher, self.bank, self.batch, formula=self.bank.formula, max_rows=self.max_rows)
+        self._loss_fn = loss_function(
+            self.searcher, self.bank, self.batch, formula=self.bank.formula, max_rows=self.max_rows
+        )
 
     def rescore(self, result: SearchResult, columns: list[int] | None = None) -> SearchResult:
         """The answer chosen in fp32: the search's best few candidates re-scored on the fp32 model, the best
@@ -245,7 +289,9 @@ def _on_columns(loss_fn, width: int, columns: list[int]):
     return on_columns
 
 
-def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=None, init=None, progress=None) -> SearchResult:
+def _run_search(
+    session: _Session, n: int, options: ComposeOptions, *, columns=None, init=None, progress=None
+) -> SearchResult:
     """Search N weights; with `columns`, the N weights are these columns of a larger bank (others 0)."""
     loss_fn = session.loss_fn if columns is None else _on_columns(session.loss_fn, session.bank.n, columns)
     if init is None and options.search.optimizer == "lbfgs":
@@ -261,17 +307,42 @@ def _run_search(session: _Session, n: int, options: ComposeOptions, *, columns=N
 # --- the two levels ------------------------------------------------------------------------------
 
 
-def _recipe(options: ComposeOptions, session: _Session, level: str, task_type: str | None, shots_meta: dict, selection: dict,
-            searched: bool, **parts) -> Recipe:
-    return Recipe(level=level, base_model=session.adapters[0].base_model_name_or_path, formula=options.formula,
-                  task_type=task_type, formula_options=options.merge_options(), selection=selection, shots=shots_meta,
-                  dtype="float32", search_precision=session.precision if searched else None, device=str(session.answer.device),
-                  versions=_versions(), lorahub_version=__version__,
-                  created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **parts)
+def _recipe(
+    options: ComposeOptions,
+    session: _Session,
+    level: str,
+    task_type: str | None,
+    shots_meta: dict,
+    selection: dict,
+    searched: bool,
+    **parts,
+) -> Recipe:
+    return Recipe(
+        level=level,
+        base_model=session.adapters[0].base_model_name_or_path,
+        formula=options.formula,
+        task_type=task_type,
+        formula_options=options.merge_options(),
+        selection=selection,
+        shots=shots_meta,
+        dtype="float32",
+        search_precision=session.precision if searched else None,
+        device=str(session.answer.device),
+        versions=_versions(),
+        lorahub_version=__version__,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **parts,
+    )
 
 
-def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None,
-                 base: BaseModel | None = None) -> Composition:
+def compose_task(
+    store: Store,
+    shots: list[Example],
+    shots_meta: dict,
+    options: ComposeOptions,
+    progress=None,
+    base: BaseModel | None = None,
+) -> Composition:
     """One composition for the whole task (LoraHub with --modules random, BatchComp with auto).
 
     `base`: an already loaded base model to use (and leave unchanged) instead of loading one."""
@@ -280,7 +351,10 @@ def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: 
     records, selection = select_modules(store, shots, options)
     adapters = load_modules(store, records)
     weights = _fixed_weights(records, options)
-    merge = lambda w: compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)  # noqa: E731
+
+    def merge(w):
+        return compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)
+
     check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
     session = _Session(adapters, shots, options, base)
     try:
@@ -292,27 +366,48 @@ def compose_task(store: Store, shots: list[Example], shots_meta: dict, options: 
         loss = session.evaluate(adapter)
     finally:
         session.close()
-    recipe = _recipe(options, session, "task", adapter.task_type, shots_meta, selection, result is not None,
-                     modules=_module_entries(records, weights), search=_search_entry(options.search, result, session.precision),
-                     **_scores(loss, weights, options.search))
+    recipe = _recipe(
+        options,
+        session,
+        "task",
+        adapter.task_type,
+        shots_meta,
+        selection,
+        result is not None,
+        modules=_module_entries(records, weights),
+        search=_search_entry(options.search, result, session.precision),
+        **_scores(loss, weights, options.search),
+    )
     return Composition(recipe, [adapter], [result])
 
 
-def compose_instance(store: Store, shots: list[Example], shots_meta: dict, options: ComposeOptions, progress=None,
-                     base: BaseModel | None = None) -> Composition:
+def compose_instance(
+    store: Store,
+    shots: list[Example],
+    shots_meta: dict,
+    options: ComposeOptions,
+    progress=None,
+    base: BaseModel | None = None,
+) -> Composition:
     """iLoraComp: per shot, the top-N modules by that shot's embedding, weights searched on all K shots."""
     from .. import retrieval
 
     spec = get_formula(options.formula)
     if spec.bank_mode is None or spec.fixed_weights or options.weights is not None:
-        raise InputError("--level instance searches weights per shot.", "Use --formula elementwise or linear, without --weights.")
+        raise InputError(
+            "--level instance searches weights per shot.", "Use --formula elementwise or linear, without --weights."
+        )
     if isinstance(options.modules, list) or options.modules != "auto":
         raise InputError("--level instance retrieves modules per shot.", "Use --modules auto (the default).")
     index = retrieval.CardIndex.from_store(store, options.base_model)
     embedder = index.embedder(options.embedder)
     per_shot = retrieval.instance_level(index, embedder, shots, options.num_modules)["shots"]
     sets = [[r["id"] for r in shot["results"]] for shot in per_shot]
-    task_ids = [r["id"] for r in retrieval.task_level(index, embedder, shots, options.num_modules)["results"]] if options.warm_start else []
+    task_ids = (
+        [r["id"] for r in retrieval.task_level(index, embedder, shots, options.num_modules)["results"]]
+        if options.warm_start
+        else []
+    )
     union = list(dict.fromkeys([i for ids in sets for i in ids] + task_ids))
     records = [store.get(i) for i in union]
     adapters = load_modules(store, records)
@@ -322,32 +417,63 @@ def compose_instance(store: Store, shots: list[Example], shots_meta: dict, optio
         position = {i: p for p, i in enumerate(union)}
         warm, results = None, []
         if options.warm_start:
-            warm_result = _run_search(session, len(task_ids), options, columns=[position[i] for i in task_ids], progress=progress)
+            warm_result = _run_search(
+                session, len(task_ids), options, columns=[position[i] for i in task_ids], progress=progress
+            )
             warm = dict(zip(task_ids, warm_result.weights))
             results.append(warm_result)
         compositions, entries = [], []
         for j, ids in enumerate(sets):
             init = [warm.get(i, 0.0) for i in ids] if warm else None
-            result = _run_search(session, len(ids), options, columns=[position[i] for i in ids], init=init, progress=progress)
+            result = _run_search(
+                session, len(ids), options, columns=[position[i] for i in ids], init=init, progress=progress
+            )
             chosen = [records[position[i]] for i in ids]
             adapter = compose([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
             compositions.append(adapter)
             results.append(result)
-            entries.append({"shot": j, "folder": f"compositions/shot-{j}", "modules": _module_entries(chosen, result.weights),
-                            "search": _search_entry(options.search, result, session.precision),
-                            **_scores(session.evaluate(adapter), result.weights, options.search)})
+            entries.append(
+                {
+                    "shot": j,
+                    "folder": f"compositions/shot-{j}",
+                    "modules": _module_entries(chosen, result.weights),
+                    "search": _search_entry(options.search, result, session.precision),
+                    **_scores(session.evaluate(adapter), result.weights, options.search),
+                }
+            )
     finally:
         session.close()
     router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
-    selection = {"method": "auto", "level": "instance", "n": options.num_modules, "warm_start": options.warm_start,
-                 "embedder": f"{index.embedder_id}@{index.embedder_revision}"}
+    selection = {
+        "method": "auto",
+        "level": "instance",
+        "n": options.num_modules,
+        "warm_start": options.warm_start,
+        "embedder": f"{index.embedder_id}@{index.embedder_revision}",
+    }
     warm_entry = None
     if warm:
-        warm_entry = {"modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
-                      "search": _search_entry(options.search, warm_result, session.precision)}
-    recipe = _recipe(options, session, "instance", compositions[0].task_type, shots_meta, selection, True, warm_start=warm_entry,
-                     compositions=entries, router={"file": ROUTER_FILE, "embedder": selection["embedder"],
-                                                   "instruction": index.recipe.instruction, "shots": [s.input for s in shots]})
+        warm_entry = {
+            "modules": _module_entries([records[position[i]] for i in task_ids], warm_result.weights),
+            "search": _search_entry(options.search, warm_result, session.precision),
+        }
+    recipe = _recipe(
+        options,
+        session,
+        "instance",
+        compositions[0].task_type,
+        shots_meta,
+        selection,
+        True,
+        warm_start=warm_entry,
+        compositions=entries,
+        router={
+            "file": ROUTER_FILE,
+            "embedder": selection["embedder"],
+            "instruction": index.recipe.instruction,
+            "shots": [s.input for s in shots],
+        },
+    )
     return Composition(recipe, compositions, results, router)
 
 
@@ -378,13 +504,19 @@ def write(composition: Composition, out: Path, *, overwrite: bool = False, input
 def rebuild(store: Store, recipe: Recipe) -> LoraAdapter:
     """The adapter a task-level recipe describes, from the registry's modules, checked against their hashes."""
     if recipe.level != "task":
-        raise InputError("--from-recipe rebuilds task-level recipes.", "Rebuild each compositions/shot-*/lorahub_recipe.json instead.")
+        raise InputError(
+            "--from-recipe rebuilds task-level recipes.",
+            "Rebuild each compositions/shot-*/lorahub_recipe.json instead.",
+        )
     records = []
     for module in recipe.modules:
         record = store.get(module["id"])
         if record.files.get(SAFETENSORS_FILE) != module["sha256"]:
-            raise InputError(f"module '{module['id']}' in the registry is not the one the recipe used (sha256 differs).",
-                             f"Mirror the recorded revision: lorahub registry add {module['source']} --revision {module['revision']}")
+            raise InputError(
+                f"module '{module['id']}' in the registry is not the one the recipe used (sha256 differs).",
+                "Mirror the recorded revision: "
+                f"lorahub registry add {module['source']} --revision {module['revision']}",
+            )
         records.append(record)
     spec = get_formula(recipe.formula)
     weights = None if spec.fixed_weights else [m["weight"] for m in recipe.modules]

@@ -24,8 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-from ..errors import InputError
 from .. import models
+from ..errors import InputError
 from ..models import BaseModel
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
@@ -41,17 +41,26 @@ def resolve(requested: str, device: torch.device, *, gradient: bool) -> str:
         return "fp32"
     if requested == "bf16" and not _fast_bf16(device):
         where = "this GPU" if device.type == "cuda" else "this CPU (no AMX or AVX512-BF16 instructions)"
-        raise InputError(f"--search-precision bf16: {where} would emulate bf16, many times slower than fp32.",
-                         "Use --search-precision auto or fp32.")
+        raise InputError(
+            f"--search-precision bf16: {where} would emulate bf16, many times slower than fp32.",
+            "Use --search-precision auto or fp32.",
+        )
     if requested == "int8":
         if device.type != "cpu":
-            raise InputError(f"--search-precision int8 runs on CPU only, not on {device}.", "Use --search-precision auto, fp32 or bf16.")
+            raise InputError(
+                f"--search-precision int8 runs on CPU only, not on {device}.",
+                "Use --search-precision auto, fp32 or bf16.",
+            )
         if gradient:
-            raise InputError("--search-precision int8 has no gradients, so it cannot run a gradient optimiser.",
-                             "Use --optimizer ngopt (or cma, de, random), or --search-precision auto.")
+            raise InputError(
+                "--search-precision int8 has no gradients, so it cannot run a gradient optimiser.",
+                "Use --optimizer ngopt (or cma, de, random), or --search-precision auto.",
+            )
         if _int8_engine() is None:
-            raise InputError("--search-precision int8: this torch build has no int8 CPU kernels (fbgemm, x86 or onednn).",
-                             "Use --search-precision auto or fp32.")
+            raise InputError(
+                "--search-precision int8: this torch build has no int8 CPU kernels (fbgemm, x86 or onednn).",
+                "Use --search-precision auto or fp32.",
+            )
     return requested
 
 
@@ -88,8 +97,9 @@ def search_model(answer: BaseModel, precision: str, keep: set[str]) -> BaseModel
     model = copy.deepcopy(answer.model, memo)
     if precision == "int8":
         _quantize_int8(model, keep)
-    return BaseModel(model.eval(), answer.tokenizer, answer.is_seq2seq, answer.device, dtype, answer.name,
-                     answer.trust_remote_code)
+    return BaseModel(
+        model.eval(), answer.tokenizer, answer.is_seq2seq, answer.device, dtype, answer.name, answer.trust_remote_code
+    )
 
 
 def _quantize_int8(model: nn.Module, keep: set[str]) -> None:

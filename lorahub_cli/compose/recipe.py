@@ -65,14 +65,38 @@ class Recipe:
 
     def shot(self, entry: dict) -> Recipe:
         """The task-level recipe of one instance-level composition (written in its own folder)."""
-        return Recipe(**{**self._fields(), "level": "task", "modules": entry["modules"], "search": entry["search"],
-                         "loss": entry["loss"], "objective": entry.get("objective"), "warm_start": None,
-                         "compositions": [], "router": None})
+        return Recipe(
+            **{
+                **self._fields(),
+                "level": "task",
+                "modules": entry["modules"],
+                "search": entry["search"],
+                "loss": entry["loss"],
+                "objective": entry.get("objective"),
+                "warm_start": None,
+                "compositions": [],
+                "router": None,
+            }
+        )
 
     # --- JSON ------------------------------------------------------------------------------
 
-    _ORDER = ("format", "lorahub_version", "created_at", "level", "base_model", "task_type", "formula",
-              "formula_options", "selection", "shots", "dtype", "search_precision", "device", "versions")
+    _ORDER = (
+        "format",
+        "lorahub_version",
+        "created_at",
+        "level",
+        "base_model",
+        "task_type",
+        "formula",
+        "formula_options",
+        "selection",
+        "shots",
+        "dtype",
+        "search_precision",
+        "device",
+        "versions",
+    )
 
     def _fields(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -112,13 +136,25 @@ class Recipe:
         check.fields(data, {"level": str, "base_model": str, "formula": str}, "")
         if data["level"] not in LEVELS:
             raise InputError(f"{where}: field 'level' is '{data['level']}', not task or instance.", _HINT)
-        optional = {"task_type": (str, type(None)), "formula_options": dict, "selection": dict, "shots": dict,
-                    "dtype": str, "search_precision": (str, type(None)), "device": str, "versions": dict, "format": int,
-                    "lorahub_version": str, "created_at": str}
+        optional = {
+            "task_type": (str, type(None)),
+            "formula_options": dict,
+            "selection": dict,
+            "shots": dict,
+            "dtype": str,
+            "search_precision": (str, type(None)),
+            "device": str,
+            "versions": dict,
+            "format": int,
+            "lorahub_version": str,
+            "created_at": str,
+        }
         check.fields(data, optional, "", required=False)
         if data.get("format", FORMAT) != FORMAT:
-            raise InputError(f"{where}: recipe format {data['format']} is not {FORMAT}.",
-                             "Upgrade lorahub: pip install -U lorahub-cli")
+            raise InputError(
+                f"{where}: recipe format {data['format']} is not {FORMAT}.",
+                "Upgrade lorahub: pip install -U lorahub-cli",
+            )
         if data["level"] == "task":
             check.fields(data, {"modules": list, "loss": _NUMBER}, "")
             check.fields(data, {"search": (dict, type(None)), "objective": _NUMBER}, "", required=False)
@@ -143,8 +179,9 @@ class _Checker:
 
     def fields(self, obj, spec: dict, prefix: str, *, required: bool = True) -> None:
         if not isinstance(obj, dict):
-            raise InputError(f"{self.where}: field '{prefix.rstrip('.')}' must be an object, "
-                             f"got {type(obj).__name__}.", _HINT)
+            raise InputError(
+                f"{self.where}: field '{prefix.rstrip('.')}' must be an object, got {type(obj).__name__}.", _HINT
+            )
         for name, kind in spec.items():
             if name not in obj:
                 if required:
@@ -152,8 +189,11 @@ class _Checker:
                 continue
             value = obj[name]
             if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, _NUMBER)):
-                raise InputError(f"{self.where}: field '{prefix}{name}' has the wrong type ({type(value).__name__}: "
-                                 f"{str(value)[:40]!r}).", _HINT)
+                raise InputError(
+                    f"{self.where}: field '{prefix}{name}' has the wrong type ({type(value).__name__}: "
+                    f"{str(value)[:40]!r}).",
+                    _HINT,
+                )
 
     def modules(self, modules: list, name: str) -> None:
         if not modules:

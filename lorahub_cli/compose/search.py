@@ -43,8 +43,13 @@ OPTIMIZERS = {
         Optimizer("de", "differential evolution (TwoPointsDE), a population per forward pass", "TwoPointsDE", True),
         Optimizer("random", "uniform random search in the box, a population per forward pass", "RandomSearch", True),
         Optimizer("adam", "Adam on the weights, gradients back-propagated through the LoRA bank", None, False),
-        Optimizer("lbfgs", "L-BFGS-B (scipy) in the box on a smoothed L1, exact gradients through the LoRA bank; "
-                           "stops early when converged or stalled", None, False),
+        Optimizer(
+            "lbfgs",
+            "L-BFGS-B (scipy) in the box on a smoothed L1, exact gradients through the LoRA bank; "
+            "stops early when converged or stalled",
+            None,
+            False,
+        ),
     )
 }
 GRADIENT = {o.name for o in OPTIMIZERS.values() if o.nevergrad is None}  # they back-propagate through the model
@@ -59,7 +64,9 @@ class SearchConfig:
     seed: int = COMPOSE["seed"]
     population: int = COMPOSE["population"]  # candidates per forward pass for population optimisers
     learning_rate: float = 0.05  # adam only
-    precision: str = COMPOSE["search_precision"]  # what candidates are evaluated in: auto, fp32, bf16, int8 (precision.py)
+    precision: str = COMPOSE[
+        "search_precision"
+    ]  # what candidates are evaluated in: auto, fp32, bf16, int8 (precision.py)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -69,7 +76,9 @@ class SearchConfig:
         if self.l1 < 0:
             raise InputError(f"l1 {self.l1} is negative.", "Give --l1 0 or more.")
         if self.precision not in PRECISIONS:
-            raise InputError(f"--search-precision '{self.precision}' is not known.", f"Choose one of: {', '.join(PRECISIONS)}.")
+            raise InputError(
+                f"--search-precision '{self.precision}' is not known.", f"Choose one of: {', '.join(PRECISIONS)}."
+            )
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -117,8 +126,15 @@ class _Tracker:
                 self.best_at = len(self.curve) + 1
             if np.isfinite(objective) and all(weights != w.tolist() for _, weights in self.top):
                 self.top = sorted([*self.top, (objective, w.tolist())], key=lambda t: t[0])[:TOP]
-            self.curve.append({"evaluation": len(self.curve) + 1, "seconds": round(time.perf_counter() - self.start, 4),
-                               "loss": loss, "objective": objective, "best": self.best[0]})
+            self.curve.append(
+                {
+                    "evaluation": len(self.curve) + 1,
+                    "seconds": round(time.perf_counter() - self.start, 4),
+                    "loss": loss,
+                    "objective": objective,
+                    "best": self.best[0],
+                }
+            )
             objectives.append(objective)
             if self.progress:
                 self.progress(self.best[0])
@@ -126,8 +142,17 @@ class _Tracker:
 
     def result(self, engine: str) -> SearchResult:
         objective, loss, weights = self.best
-        return SearchResult(weights, objective, loss, len(self.curve), time.perf_counter() - self.start,
-                            self.curve, self.nonfinite, engine, [w for _, w in self.top])
+        return SearchResult(
+            weights,
+            objective,
+            loss,
+            len(self.curve),
+            time.perf_counter() - self.start,
+            self.curve,
+            self.nonfinite,
+            engine,
+            [w for _, w in self.top],
+        )
 
 
 def _stop_threads(optimizer) -> None:
@@ -155,7 +180,9 @@ def _nevergrad(loss_fn, n: int, init: np.ndarray, config: SearchConfig, tracker:
     parametrization = ng.p.Array(init=init).set_bounds(*BOUNDS)
     parametrization.random_state = np.random.RandomState(config.seed)
     workers = min(config.population, config.budget) if spec.population else 1
-    optimizer = ng.optimizers.registry[spec.nevergrad](parametrization=parametrization, budget=config.budget, num_workers=workers)
+    optimizer = ng.optimizers.registry[spec.nevergrad](
+        parametrization=parametrization, budget=config.budget, num_workers=workers
+    )
     try:
         while len(tracker.curve) < config.budget:
             asked = [optimizer.ask() for _ in range(min(workers, config.budget - len(tracker.curve)))]
@@ -216,8 +243,10 @@ def _lbfgs(loss_fn, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tr
         if not torch.isfinite(loss):
             return None
         loss.backward()
-        smooth = np.sqrt(x ** 2 + SMOOTH ** 2)
-        return float(loss.detach()) + config.l1 * float(smooth.mean()), w.grad.double().numpy() + config.l1 * x / smooth / n
+        smooth = np.sqrt(x**2 + SMOOTH**2)
+        return float(loss.detach()) + config.l1 * float(
+            smooth.mean()
+        ), w.grad.double().numpy() + config.l1 * x / smooth / n
 
     def run(start: np.ndarray, first: tuple[float, np.ndarray], step: float) -> None:
         scale = np.sqrt(step / max(np.abs(first[1]).max(), 1e-12))  # w = start + scale * z; first step = scale^2 g
@@ -229,8 +258,14 @@ def _lbfgs(loss_fn, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tr
             return (NONFINITE, np.zeros(n)) if value is None else (value[0], scale * value[1])
 
         bounds = list(zip((BOUNDS[0] - start) / scale, (BOUNDS[1] - start) / scale))
-        minimize(objective, np.zeros(n), jac=True, method="L-BFGS-B", bounds=bounds,
-                 options={"maxfun": config.budget, "maxiter": config.budget})
+        minimize(
+            objective,
+            np.zeros(n),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"maxfun": config.budget, "maxiter": config.budget},
+        )
 
     start, step = np.asarray(init, dtype=float), FIRST_STEP
     try:
@@ -247,8 +282,13 @@ def _lbfgs(loss_fn, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tr
     return "L-BFGS-B"
 
 
-def search(loss_fn: Callable[[torch.Tensor], torch.Tensor], n: int, config: SearchConfig,
-           init: np.ndarray | None = None, progress=None) -> SearchResult:
+def search(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    config: SearchConfig,
+    init: np.ndarray | None = None,
+    progress=None,
+) -> SearchResult:
     """Minimise loss + l1 * mean|w| over N weights in [-1.5, 1.5]; returns the best candidate seen."""
     init = np.zeros(n) if init is None else np.clip(np.asarray(init, dtype=float), *BOUNDS)
     tracker = _Tracker(config, progress)

@@ -25,18 +25,26 @@ def main() -> None:
 
 @app.command()
 def build(
-    out: Annotated[Path | None, typer.Option(help="Folder to write (replaced once complete). Default: registry/demo.")] = None,
-    reduced: Annotated[bool, typer.Option(help="A much smaller model and fewer tasks and steps, for CI (seconds).")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder to write (replaced once complete). Default: registry/demo.")
+    ] = None,
+    reduced: Annotated[
+        bool, typer.Option(help="A much smaller model and fewer tasks and steps, for CI (seconds).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the data, the initial weights and every training run.")] = 0,
-    threads: Annotated[int, typer.Option(min=1, help="Torch threads (results can differ in the last bits between thread counts).")] = 1,
+    threads: Annotated[
+        int, typer.Option(min=1, help="Torch threads (results can differ in the last bits between thread counts).")
+    ] = 1,
 ) -> None:
     """Train the tiny base model and the upstream LoRAs, write cards, held-out tasks and the manifest."""
     from .build import build as run
 
     target = out or demo_dir()
     meta = run(target, reduced=reduced, seed=seed, threads=threads, progress_factory=progress)
-    info(f"Wrote {target} ({meta['total_size'] / 1e6:.1f} MB in {len(meta['files'])} files, "
-         f"{meta['build']['seconds']} s); see {target / MANIFEST}.")
+    info(
+        f"Wrote {target} ({meta['total_size'] / 1e6:.1f} MB in {len(meta['files'])} files, "
+        f"{meta['build']['seconds']} s); see {target / MANIFEST}."
+    )
 
 
 if __name__ == "__main__":

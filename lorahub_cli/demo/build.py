@@ -53,23 +53,41 @@ class BuildConfig:
             raise InputError(f"unknown demo tasks {unknown}.", "Use task names from lorahub_cli/demo/world.py.")
         missing = sorted({s for n in self.heldout for s in TASKS[n].skills} - set(self.upstream))
         if missing:
-            raise InputError(f"held-out tasks reuse {missing}, which are not upstream tasks of this build.",
-                             "Add them to `upstream` or drop those held-out tasks.")
+            raise InputError(
+                f"held-out tasks reuse {missing}, which are not upstream tasks of this build.",
+                "Add them to `upstream` or drop those held-out tasks.",
+            )
 
 
 # d_model 128 with r=4 keeps LoraHub's rank-to-width ratio (16 / 1024) within a factor of two.
 # The budgets fit a build of about 20 minutes on one busy core (0.7-0.9 s per base step): the base
 # sees each upstream example about 2.5 times, each LoRA its own data about 1.6 times.
 FULL = BuildConfig(
-    shape=dict(d_model=128, d_kv=32, d_ff=512, num_layers=3, num_decoder_layers=3, num_heads=4,
-               relative_attention_num_buckets=16, relative_attention_max_distance=64),
+    shape=dict(
+        d_model=128,
+        d_kv=32,
+        d_ff=512,
+        num_layers=3,
+        num_decoder_layers=3,
+        num_heads=4,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=64,
+    ),
     base=Schedule(steps=800, batch_size=64, lr=2e-3, warmup=80),
     lora=Schedule(steps=50, batch_size=32, lr=3e-3, warmup=5),
 )
 # The same code path on a model too small to learn much: it exists so that CI can run the build.
 REDUCED = BuildConfig(
-    shape=dict(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=4,
-               relative_attention_num_buckets=8, relative_attention_max_distance=32),
+    shape=dict(
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+    ),
     base=Schedule(steps=20, batch_size=16, lr=3e-3, warmup=2),
     lora=Schedule(steps=5, batch_size=16, lr=3e-3),
     upstream=("reverse_word", "spell_dashes", "first_letter", "last_letter"),
@@ -92,16 +110,26 @@ def _versions() -> dict:
 
     from .. import __version__
 
-    return {"lorahub": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
+    return {
+        "lorahub": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _lora_config(config: BuildConfig):
     from peft import LoraConfig
 
     # LoraHub's recipe (q and v, dropout 0.1, alpha = 2r) with the rank scaled to the model.
-    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.1, target_modules=["q", "v"],
-                      task_type="SEQ_2_SEQ_LM")
+    return LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=0.1,
+        target_modules=["q", "v"],
+        task_type="SEQ_2_SEQ_LM",
+    )
 
 
 def _save_adapter(peft_model, folder: Path) -> None:
@@ -153,8 +181,11 @@ def _build_into(root: Path, config: BuildConfig, seed: int, command: str, progre
             model.peft_config["default"].base_model_name_or_path = BASE_MODEL
             loss = training.train(model, tok, data[name], config.lora, seed + 1 + index, advance)
             _save_adapter(model, root / ADAPTERS_DIR / name)
-            upstream_metrics[name] = {"base": training.accuracy(base, tok, evals[name]),
-                                      "lora": training.accuracy(model, tok, evals[name]), "lora_final_loss": loss}
+            upstream_metrics[name] = {
+                "base": training.accuracy(base, tok, evals[name]),
+                "lora": training.accuracy(model, tok, evals[name]),
+                "lora_final_loss": loss,
+            }
             del model
     heldout_metrics = {name: {"base_zero_shot": training.accuracy(base, tok, rows)} for name, rows in heldout.items()}
 
@@ -166,27 +197,45 @@ def _build_into(root: Path, config: BuildConfig, seed: int, command: str, progre
             _card(data[name], embedder, source).save(root / ADAPTERS_DIR / name)
             advance()
 
-    files = {p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-             for p in sorted(root.rglob("*")) if p.is_file()}
+    files = {
+        p.relative_to(root).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
     return {
         "format": FORMAT_VERSION,
-        "build": {"command": command, "seed": seed, "seconds": round(time.monotonic() - started),
-                  "threads": torch.get_num_threads(), "versions": _versions()},
-        "base_model": {"name": BASE_MODEL, "path": BASE_DIR, "shape": config.shape,
-                       "parameters": sum(p.numel() for p in base.parameters()), "dtype": "float32",
-                       "tokenizer": "ByT5 bytes (vocabulary 259)", "final_loss": base_loss},
+        "build": {
+            "command": command,
+            "seed": seed,
+            "seconds": round(time.monotonic() - started),
+            "threads": torch.get_num_threads(),
+            "versions": _versions(),
+        },
+        "base_model": {
+            "name": BASE_MODEL,
+            "path": BASE_DIR,
+            "shape": config.shape,
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "dtype": "float32",
+            "tokenizer": "ByT5 bytes (vocabulary 259)",
+            "final_loss": base_loss,
+        },
         "config": asdict(config),
         "embedder": {"id": embedder.id, "revision": embedder.revision},
         "tasks": [TASKS[n].metadata() for n in config.upstream + config.heldout],
-        "metrics": {"exact_match": "greedy, strip + lower-case + delete '.'",
-                    "upstream": upstream_metrics, "heldout": heldout_metrics},
+        "metrics": {
+            "exact_match": "greedy, strip + lower-case + delete '.'",
+            "upstream": upstream_metrics,
+            "heldout": heldout_metrics,
+        },
         "files": files,
         "total_size": sum(f["size"] for f in files.values()),
     }
 
 
-def build(out: Path, *, reduced: bool = False, seed: int = 0, threads: int = 1,
-          progress_factory: Callable | None = None) -> dict:
+def build(
+    out: Path, *, reduced: bool = False, seed: int = 0, threads: int = 1, progress_factory: Callable | None = None
+) -> dict:
     """Build the library into `out` (replacing it only once complete); returns the manifest.
 
     One thread by default: on two cores shared with other processes, two OpenMP threads

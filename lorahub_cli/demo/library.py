@@ -49,7 +49,9 @@ def verify(path: Path | None = None) -> dict:
     for name, entry in sorted(meta["files"].items()):
         file = root / name
         if not file.is_file():
-            raise IntegrityError(f"demo library file '{file}' is missing.", f"Reinstall lorahub or rebuild with: {REBUILD}")
+            raise IntegrityError(
+                f"demo library file '{file}' is missing.", f"Reinstall lorahub or rebuild with: {REBUILD}"
+            )
         if sha256_file(file) != entry["sha256"]:
             raise IntegrityError(
                 f"demo library file '{file}' does not match its sha256 in {MANIFEST}.",
@@ -79,7 +81,9 @@ def adapter_id(task: str) -> str:
 def heldout_examples(task: str, path: Path | None = None) -> list[Example]:
     names = [t["name"] for t in heldout_tasks(path)]
     if task not in names:
-        raise NotFoundError(f"'{task}' is not a held-out task of the demo library.", f"Choose one of: {', '.join(names)}.")
+        raise NotFoundError(
+            f"'{task}' is not a held-out task of the demo library.", f"Choose one of: {', '.join(names)}."
+        )
     return read_examples(_root(path) / HELDOUT_DIR / f"{task}.jsonl")
 
 

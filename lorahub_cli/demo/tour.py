@@ -24,8 +24,18 @@ def run(store, out: Path, **options) -> dict:
         return _run(store, out, **options)
 
 
-def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modules: int = 5,
-         budget: int = 40, max_new_tokens: int = 32, progress_factory=None) -> dict:
+def _run(
+    store,
+    out: Path,
+    *,
+    task: str,
+    seed: int = 1,
+    shots: int = 5,
+    num_modules: int = 5,
+    budget: int = 40,
+    max_new_tokens: int = 32,
+    progress_factory=None,
+) -> dict:
     import torch
 
     from .. import retrieval
@@ -51,12 +61,21 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
     index = retrieval.CardIndex.from_store(store, library.BASE_MODEL)
     ranking = retrieval.task_level(index, index.embedder(), few, num_modules)["results"]
     base = load_base_model(str(library.base_model_path()), dtype="float32", device="cpu")
-    options = pipeline.ComposeOptions(base_model=library.BASE_MODEL, modules=[r["id"] for r in ranking],
-                                      # LoraHub's search in fp32: the demo gives the result docs/demo.md shows on every CPU.
-                                      search=SearchConfig(optimizer="ngopt", budget=budget, seed=seed, precision="fp32"))
+    options = pipeline.ComposeOptions(
+        base_model=library.BASE_MODEL,
+        modules=[r["id"] for r in ranking],
+        # LoraHub's search in fp32: the demo gives the result docs/demo.md shows on every CPU.
+        search=SearchConfig(optimizer="ngopt", budget=budget, seed=seed, precision="fp32"),
+    )
     with stage("Searching composition weights", budget) as advance:
-        composition = pipeline.compose_task(store, few, {"task": task, "seed": seed, "count": shots}, options,
-                                            progress=lambda best: advance(), base=base)
+        composition = pipeline.compose_task(
+            store,
+            few,
+            {"task": task, "seed": seed, "count": shots},
+            options,
+            progress=lambda best: advance(),
+            base=base,
+        )
     folder = pipeline.write(composition, out)
 
     inputs = [e.input for e in test]
@@ -65,24 +84,36 @@ def _run(store, out: Path, *, task: str, seed: int = 1, shots: int = 5, num_modu
     bank = LoraBank(base.model, composition.adapters)
     try:
         with stage("Answering the test set (composed)", len(inputs)) as advance:
-            composed = generate(base, inputs, bank=bank, weights=torch.ones(1), max_new_tokens=max_new_tokens, progress=advance)
+            composed = generate(
+                base, inputs, bank=bank, weights=torch.ones(1), max_new_tokens=max_new_tokens, progress=advance
+            )
     finally:
         bank.remove()
 
     plain_score, composed_score = score(test, plain), score(test, composed)
     return {
-        "task": task, "description": heldout[task].get("description"), "skills": heldout[task].get("skills"),
-        "seed": seed, "shots": len(few), "test": len(test), "registry": str(store.home),
+        "task": task,
+        "description": heldout[task].get("description"),
+        "skills": heldout[task].get("skills"),
+        "seed": seed,
+        "shots": len(few),
+        "test": len(test),
+        "registry": str(store.home),
         "retrieved": [{"id": r["id"], "score": r["score"]} for r in ranking],
         "weights": composition.recipe.weights,
         "loss": composition.recipe.loss,
-        **{metric: {"zero-shot": round(plain_score[metric], 1), "composed": round(composed_score[metric], 1)}
-           for metric in ("exact_match", "option_letter")},
+        **{
+            metric: {"zero-shot": round(plain_score[metric], 1), "composed": round(composed_score[metric], 1)}
+            for metric in ("exact_match", "option_letter")
+        },
         # The score of always giving the test set's most frequent answer: what "better than chance" must beat.
         "majority_answer": round(100 * Counter(e.target for e in test).most_common(1)[0][1] / len(test), 1),
-        "examples": [{"input": e.input, "target": e.target, "zero-shot": p, "composed": c}
-                     for e, p, c in list(zip(test, plain, composed))[:3]],
-        "out": str(folder), "seconds": round(time.perf_counter() - start, 1),
+        "examples": [
+            {"input": e.input, "target": e.target, "zero-shot": p, "composed": c}
+            for e, p, c in list(zip(test, plain, composed))[:3]
+        ],
+        "out": str(folder),
+        "seconds": round(time.perf_counter() - start, 1),
     }
 
 
@@ -90,10 +121,15 @@ def verdict(result: dict) -> str:
     """What the demo's numbers mean, in plain words: the line a newcomer reads after the scores."""
     zero, composed = result["exact_match"]["zero-shot"], result["exact_match"]["composed"]
     majority = result["majority_answer"]
-    gain = (f"The composition moved the base from {zero:.1f}% to {composed:.1f}%"
-            if composed > zero else f"The composition did not improve on the base ({zero:.1f}% -> {composed:.1f}%)")
+    gain = (
+        f"The composition moved the base from {zero:.1f}% to {composed:.1f}%"
+        if composed > zero
+        else f"The composition did not improve on the base ({zero:.1f}% -> {composed:.1f}%)"
+    )
     if composed <= majority:
-        return (f"{gain}, but it does not beat always giving the most frequent answer ({majority:.1f}%): what five "
-                "shots taught it here is the answer format, not the skill. That is the honest reading of the whole "
-                "demo table too (docs/demo.md): composition fixes formats, fine-tuning stays ahead.")
+        return (
+            f"{gain}, but it does not beat always giving the most frequent answer ({majority:.1f}%): what five "
+            "shots taught it here is the answer format, not the skill. That is the honest reading of the whole "
+            "demo table too (docs/demo.md): composition fixes formats, fine-tuning stays ahead."
+        )
     return f"{gain}, {composed - majority:.1f} points above always giving the most frequent answer ({majority:.1f}%)."

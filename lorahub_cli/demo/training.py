@@ -33,8 +33,9 @@ def tiny_t5(shape: dict, seed: int):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=len(tokenizer()), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
-                      dropout_rate=0.0, **shape)
+    config = T5Config(
+        vocab_size=len(tokenizer()), decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0, **shape
+    )
     return T5ForConditionalGeneration(config)
 
 
@@ -45,7 +46,9 @@ def encode(tok, rows: list[dict]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": labels}
 
 
-def train(model, tok, rows: list[dict], recipe: Schedule, seed: int, advance: Callable[[], None] = lambda: None) -> float:
+def train(
+    model, tok, rows: list[dict], recipe: Schedule, seed: int, advance: Callable[[], None] = lambda: None
+) -> float:
     """AdamW with linear warm-up then linear decay, batches drawn with a seeded RNG; returns the last loss."""
     rng = random.Random(seed)
     torch.manual_seed(seed)

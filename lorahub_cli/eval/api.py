@@ -18,14 +18,27 @@ def _check_registry(store, config: EvalConfig, methods: list[str]) -> None:
 
     candidates = store.list(config.base_model)
     if len(candidates) < config.num_modules:
-        raise InputError(f"the registry has {len(candidates)} adapters for base model '{config.base_model}', fewer than -n {config.num_modules}.",
-                         "Add adapters (lorahub registry sync --catalog ... --cards) or lower -n.")
+        raise InputError(
+            f"the registry has {len(candidates)} adapters for base model '{config.base_model}', "
+            f"fewer than -n {config.num_modules}.",
+            "Add adapters (lorahub registry sync --catalog ... --cards) or lower -n.",
+        )
     if any(m in ("batchcomp", "instance") for m in methods):
         retrieval.CardIndex.from_store(store, config.base_model)  # raises, naming the fix, when no card exists
 
 
-def evaluate(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig, out: Path, *, store=None,
-             title: str | None = None, progress_factory=None, execute=None) -> dict:
+def evaluate(
+    suite: Suite,
+    methods: list[str],
+    seeds: list[int],
+    config: EvalConfig,
+    out: Path,
+    *,
+    store=None,
+    title: str | None = None,
+    progress_factory=None,
+    execute=None,
+) -> dict:
     """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary.
 
     `execute`: compute the missing cells elsewhere (`scale.eval.ray_executor`); this process still writes them."""
@@ -34,8 +47,19 @@ def evaluate(suite: Suite, methods: list[str], seeds: list[int], config: EvalCon
     ctx = Context(config, store)
     total = len(suite.tasks) * len(seeds) * len(methods)
     with (progress_factory or no_progress)("Evaluating", total) as advance:
-        cells = run_grid(suite, methods, seeds, ctx, out, advance=lambda d, step=1: advance(step, description=d), execute=execute)
-    setup = {"suite": suite.name, "base model": config.base_model, "model path": config.model_path, "shots": config.shots,
-             "test limit": config.limit, "modules (N)": config.num_modules, "optimizer": config.optimizer,
-             "budget": config.budget, "l1": config.l1, "max new tokens": config.max_new_tokens}
+        cells = run_grid(
+            suite, methods, seeds, ctx, out, advance=lambda d, step=1: advance(step, description=d), execute=execute
+        )
+    setup = {
+        "suite": suite.name,
+        "base model": config.base_model,
+        "model path": config.model_path,
+        "shots": config.shots,
+        "test limit": config.limit,
+        "modules (N)": config.num_modules,
+        "optimizer": config.optimizer,
+        "budget": config.budget,
+        "l1": config.l1,
+        "max new tokens": config.max_new_tokens,
+    }
     return write_report(out, title or f"{suite.name} evaluation", setup, cells, suite.notes)

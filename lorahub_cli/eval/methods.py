@@ -76,15 +76,23 @@ class Context:
         if self._base is None:
             name = self.config.model_path or self.config.base_model
             if name is None:
-                raise InputError("no base model was given.", "Give --base-model NAME (and --model-path for a local copy).")
+                raise InputError(
+                    "no base model was given.", "Give --base-model NAME (and --model-path for a local copy)."
+                )
             self._base = load_base_model(name, dtype=self.config.dtype, device=self.config.device)
         return self._base
 
     def generate(self, inputs: list[str], *, bank=None, weights=None, base: BaseModel | None = None) -> list[str]:
         from ..generation import generate
 
-        return generate(base or self.base, inputs, bank=bank, weights=weights, max_new_tokens=self.config.max_new_tokens,
-                        batch_size=self.config.batch_size)
+        return generate(
+            base or self.base,
+            inputs,
+            bank=bank,
+            weights=weights,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
+        )
 
 
 def icl_prompt(shots: list[Example], question: str) -> str:
@@ -108,12 +116,19 @@ def _compose_options(ctx: Context, modules: str, seed: int):
     from ..compose.search import SearchConfig
 
     c = ctx.config
-    return ComposeOptions(base_model=c.base_model, modules=modules, num_modules=c.num_modules, embedder=c.embedder,
-                          search=SearchConfig(optimizer=c.optimizer, budget=c.budget, l1=c.l1, seed=seed))
+    return ComposeOptions(
+        base_model=c.base_model,
+        modules=modules,
+        num_modules=c.num_modules,
+        embedder=c.embedder,
+        search=SearchConfig(optimizer=c.optimizer, budget=c.budget, l1=c.l1, seed=seed),
+    )
 
 
 def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
-    """Generate under a bank of composed adapters; "linear" with one-hot rows is each adapter exactly, whatever its rank."""
+    """Generate under a bank of composed adapters.
+
+    "linear" with one-hot rows is each adapter exactly, whatever its rank."""
     from ..compose.bank import LoraBank
 
     bank = LoraBank(ctx.base.model, adapters, formula="linear")
@@ -127,11 +142,19 @@ def _task_level(modules: str, summary: str):
     def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
         from ..compose.pipeline import compose_task
 
-        composition = compose_task(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed), base=ctx.base)
+        composition = compose_task(
+            ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed), base=ctx.base
+        )
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
-        return Answer(predictions, {"modules": {k: round(w, 6) for k, w in recipe.weights.items()},
-                                    "loss": recipe.loss, "evaluations": result.evaluations if result else 0})
+        return Answer(
+            predictions,
+            {
+                "modules": {k: round(w, 6) for k, w in recipe.weights.items()},
+                "loss": recipe.loss,
+                "evaluations": result.evaluations if result else 0,
+            },
+        )
 
     method.__doc__ = summary
     return method
@@ -143,15 +166,22 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     from ..compose.pipeline import compose_instance
     from ..routing import ShotRouter, weight_matrix
 
-    composition = compose_instance(ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base)
+    composition = compose_instance(
+        ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base
+    )
     recipe = composition.recipe
     embedder = load_embedder(ctx.config.embedder or recipe.router["embedder"].rsplit("@", 1)[0])
     # The same routing `lorahub generate` applies to a saved instance-level composition.
     routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs)
     predictions = _with_bank(ctx, composition.adapters, inputs, weight_matrix(routes, len(composition.adapters)))
-    return Answer(predictions, {"routes": [r.info["shot"] for r in routes],
-                                "evaluations": sum(r.evaluations for r in composition.results if r),
-                                "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]} for c in recipe.compositions]})
+    return Answer(
+        predictions,
+        {
+            "routes": [r.info["shot"] for r in routes],
+            "evaluations": sum(r.evaluations for r in composition.results if r),
+            "compositions": [{m["id"]: round(m["weight"], 6) for m in c["modules"]} for c in recipe.compositions],
+        },
+    )
 
 
 def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
@@ -160,15 +190,20 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
     The loss is the token-mean cross-entropy."""
     c = ctx.config
     torch.manual_seed(seed)
-    tuned = BaseModel(copy.deepcopy(ctx.base.model).train().requires_grad_(True), ctx.base.tokenizer,
-                      ctx.base.is_seq2seq, ctx.base.device, ctx.base.dtype)
+    tuned = BaseModel(
+        copy.deepcopy(ctx.base.model).train().requires_grad_(True),
+        ctx.base.tokenizer,
+        ctx.base.is_seq2seq,
+        ctx.base.device,
+        ctx.base.dtype,
+    )
     optimizer = torch.optim.AdamW(tuned.model.parameters(), lr=c.fft_lr)
     order = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(c.fft_epochs):
         index = torch.randperm(len(shots), generator=order).tolist()
         for start in range(0, len(shots), c.fft_batch):
-            batch = encode(tuned, [shots[i] for i in index[start:start + c.fft_batch]])
+            batch = encode(tuned, [shots[i] for i in index[start : start + c.fft_batch]])
             loss = mean_token_loss(token_losses(tuned, batch), batch.n_tokens, 1)[0]
             optimizer.zero_grad()
             loss.backward()
@@ -180,9 +215,14 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
 
 
 RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
-    "zero-shot": zero_shot, "icl": icl, "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
-    "batchcomp": _task_level("auto", "BatchComp: the N modules retrieved for the whole task, weights searched on the shots."),
-    "instance": instance, "fft": fft,
+    "zero-shot": zero_shot,
+    "icl": icl,
+    "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
+    "batchcomp": _task_level(
+        "auto", "BatchComp: the N modules retrieved for the whole task, weights searched on the shots."
+    ),
+    "instance": instance,
+    "fft": fft,
 }
 
 
@@ -190,7 +230,10 @@ def parse_methods(text: str) -> list[str]:
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in RUNNERS]
     if unknown or not chosen:
-        raise InputError(f"--methods names unknown methods: {', '.join(unknown) or repr(text)}.", f"Choose from: {','.join(RUNNERS)}.")
+        raise InputError(
+            f"--methods names unknown methods: {', '.join(unknown) or repr(text)}.",
+            f"Choose from: {','.join(RUNNERS)}.",
+        )
     return list(dict.fromkeys(chosen))
 
 

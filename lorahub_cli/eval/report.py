@@ -20,12 +20,18 @@ FLOOR = 10.0  # average-3: tasks where every method is under this are left out
 
 
 def _stats(values: list[float]) -> dict:
-    return {"mean": round(statistics.fmean(values), 2), "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {
+        "mean": round(statistics.fmean(values), 2),
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
 
 
 def summarize(cells: list[dict], metric: str = "exact_match") -> dict:
-    """{"tasks": {task: {method: stats}}, "average": {method: stats}, "average_3": ..., "excluded_from_average_3": [...]}"""
+    """The statistics of a run.
+
+    {"tasks": {task: {method: stats}}, "average": {method: stats}, "average_3": ...,
+     "excluded_from_average_3": [...]}"""
     tasks = list(dict.fromkeys(c["task"] for c in cells))
     methods = sorted({c["method"] for c in cells}, key=lambda m: METHODS.index(m) if m in METHODS else len(METHODS))
     seeds = sorted({c["seed"] for c in cells})
@@ -36,11 +42,19 @@ def summarize(cells: list[dict], metric: str = "exact_match") -> dict:
     def average(over: list[str]) -> dict:
         if not over:
             return {}
-        per_seed = {m: [statistics.fmean(score[t, s, m] for t in over) for s in seeds if all((t, s, m) in score for t in over)] for m in methods}
+        per_seed = {
+            m: [statistics.fmean(score[t, s, m] for t in over) for s in seeds if all((t, s, m) in score for t in over)]
+            for m in methods
+        }
         return {m: _stats(v) for m, v in per_seed.items() if v}
 
     kept = [t for t in tasks if t not in excluded]
-    return {"tasks": per_task, "average": average(tasks), "average_3": average(kept), "excluded_from_average_3": excluded}
+    return {
+        "tasks": per_task,
+        "average": average(tasks),
+        "average_3": average(kept),
+        "excluded_from_average_3": excluded,
+    }
 
 
 def win_loss(summary: dict) -> dict:
@@ -52,16 +66,26 @@ def win_loss(summary: dict) -> dict:
         for b in methods:
             if m != b:
                 diffs = [tasks[t][m]["mean"] - tasks[t][b]["mean"] for t in tasks]
-                table[f"{m} vs {b}"] = {"win": sum(d > 0 for d in diffs), "loss": sum(d < 0 for d in diffs), "tie": sum(d == 0 for d in diffs)}
+                table[f"{m} vs {b}"] = {
+                    "win": sum(d > 0 for d in diffs),
+                    "loss": sum(d < 0 for d in diffs),
+                    "tie": sum(d == 0 for d in diffs),
+                }
     return table
 
 
 def cost(cells: list[dict]) -> dict:
     """Per method: mean seconds per cell and mean loss evaluations (searches) per cell."""
     methods = list(dict.fromkeys(c["method"] for c in cells))
-    return {m: {"seconds_per_cell": round(statistics.fmean(c["seconds"] for c in cells if c["method"] == m), 2),
-                "evaluations_per_cell": round(statistics.fmean(c["detail"].get("evaluations", 0) for c in cells if c["method"] == m), 1)}
-            for m in methods}
+    return {
+        m: {
+            "seconds_per_cell": round(statistics.fmean(c["seconds"] for c in cells if c["method"] == m), 2),
+            "evaluations_per_cell": round(
+                statistics.fmean(c["detail"].get("evaluations", 0) for c in cells if c["method"] == m), 1
+            ),
+        }
+        for m in methods
+    }
 
 
 def _fmt(stats: dict | None) -> str:
@@ -75,28 +99,52 @@ def _table(summary: dict) -> list[str]:
         lines.append(f"| {task} | " + " | ".join(_fmt(row[m]) for m in methods) + " |")
     lines.append("| **average** | " + " | ".join(f"**{_fmt(summary['average'].get(m))}**" for m in methods) + " |")
     if summary["excluded_from_average_3"]:
-        lines.append("| **average-3** | " + " | ".join(f"**{_fmt(summary['average_3'].get(m))}**" for m in methods) + " |")
+        lines.append(
+            "| **average-3** | " + " | ".join(f"**{_fmt(summary['average_3'].get(m))}**" for m in methods) + " |"
+        )
     return lines
 
 
 def markdown(title: str, setup: dict, cells: list[dict], notes: list[str]) -> str:
     seeds = sorted({c["seed"] for c in cells})
-    lines = [f"# {title}", "", "Settings: " + ", ".join(f"{k} = {v}" for k, v in setup.items() if v is not None) + ".",
-             f"Seeds: {', '.join(map(str, seeds))}. Scores are percentages, mean ± sample std over seeds.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        "Settings: " + ", ".join(f"{k} = {v}" for k, v in setup.items() if v is not None) + ".",
+        f"Seeds: {', '.join(map(str, seeds))}. Scores are percentages, mean ± sample std over seeds.",
+        "",
+    ]
     for metric, label in METRICS.items():
         summary = summarize(cells, metric)
         lines += [f"## {label.capitalize()}", ""]
         if metric == "option_letter":
-            lines += ["For targets of the form (X), the first option the prediction names, as a letter or by its text, is "
-                      "compared with X; other targets are scored by exact match. Exact match above is the primary metric.", ""]
+            lines += [
+                "For targets of the form (X), the first option the prediction names, as a letter or by its text, is "
+                "compared with X; other targets are scored by exact match. Exact match above is the primary metric.",
+                "",
+            ]
         lines += _table(summary) + [""]
         if summary["excluded_from_average_3"]:
-            lines += [f"average-3 leaves out the tasks where every method scores under {FLOOR:.0f}%: "
-                      f"{', '.join(summary['excluded_from_average_3'])}.", ""]
+            lines += [
+                f"average-3 leaves out the tasks where every method scores under {FLOOR:.0f}%: "
+                f"{', '.join(summary['excluded_from_average_3'])}.",
+                "",
+            ]
     summary = summarize(cells)
-    lines += ["## Wins and losses (exact match, per task mean)", "", "| method vs baseline | win | loss | tie |", "|---|---:|---:|---:|"]
+    lines += [
+        "## Wins and losses (exact match, per task mean)",
+        "",
+        "| method vs baseline | win | loss | tie |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| {pair} | {r['win']} | {r['loss']} | {r['tie']} |" for pair, r in win_loss(summary).items()]
-    lines += ["", "## Cost per cell", "", "| method | seconds per cell | loss evaluations per cell |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "## Cost per cell",
+        "",
+        "| method | seconds per cell | loss evaluations per cell |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {m} | {c['seconds_per_cell']} | {c['evaluations_per_cell']} |" for m, c in cost(cells).items()]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -120,7 +168,9 @@ def plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(tasks) * max(1, len(methods) / 3)), 4.5))
     for j, m in enumerate(methods):
         xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
-        ax.bar(xs, [rows[t][m]["mean"] for t in tasks], width, yerr=[rows[t][m]["std"] for t in tasks], label=m, capsize=2)
+        ax.bar(
+            xs, [rows[t][m]["mean"] for t in tasks], width, yerr=[rows[t][m]["std"] for t in tasks], label=m, capsize=2
+        )
     ax.set_xticks(range(len(tasks)), tasks, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("exact match (%)")
     ax.set_ylim(0, 100)
@@ -135,8 +185,14 @@ def plot(summary: dict, path: Path) -> None:
 def write_report(out: Path, title: str, setup: dict, cells: list[dict], notes: list[str]) -> dict:
     """results.json, report.md and plot.png in `out`; returns the summary `--json` prints."""
     summary = summarize(cells)
-    results = {**summary, "option_letter": summarize(cells, "option_letter"), "win_loss": win_loss(summary),
-               "cost": cost(cells), "settings": setup, "notes": notes}
+    results = {
+        **summary,
+        "option_letter": summarize(cells, "option_letter"),
+        "win_loss": win_loss(summary),
+        "cost": cost(cells),
+        "settings": setup,
+        "notes": notes,
+    }
     atomic_write_json(out / "results.json", results)
     atomic_write_bytes(out / "report.md", markdown(title, setup, cells, notes).encode("utf-8"))
     plot(summary, out / "plot.png")

@@ -54,7 +54,10 @@ def _check_run(out: Path, suite: Suite, config: EvalConfig) -> None:
         if saved != settings:
             changed = sorted(k for k in settings["config"] if saved.get("config", {}).get(k) != settings["config"][k])
             what = ", ".join(changed) or "the suite"
-            raise InputError(f"--out {out} holds a run with other settings ({what}).", "Use the same settings to resume, or another --out.")
+            raise InputError(
+                f"--out {out} holds a run with other settings ({what}).",
+                "Use the same settings to resume, or another --out.",
+            )
     else:
         atomic_write_json(path, settings)
 
@@ -70,15 +73,31 @@ def plan(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig)
 
 
 def _save(out: Path, job: Job, answer: Answer, seconds: float) -> dict:
-    cell = {"task": job.task, "seed": job.seed, "method": job.method, "n": len(job.test), "seconds": round(seconds, 3),
-            **scoring.score(job.targets, answer.predictions), "detail": answer.detail,
-            "shots": job.shot_ids, "test": job.test, "predictions": answer.predictions}
+    cell = {
+        "task": job.task,
+        "seed": job.seed,
+        "method": job.method,
+        "n": len(job.test),
+        "seconds": round(seconds, 3),
+        **scoring.score(job.targets, answer.predictions),
+        "detail": answer.detail,
+        "shots": job.shot_ids,
+        "test": job.test,
+        "predictions": answer.predictions,
+    }
     atomic_write_json(cell_path(out, job.task, job.seed, job.method), cell)
     return cell
 
 
-def run_grid(suite: Suite, methods: list[str], seeds: list[int], ctx: Context, out: Path,
-             advance=lambda description, step=1: None, execute: Executor | None = None) -> list[dict]:
+def run_grid(
+    suite: Suite,
+    methods: list[str],
+    seeds: list[int],
+    ctx: Context,
+    out: Path,
+    advance=lambda description, step=1: None,
+    execute: Executor | None = None,
+) -> list[dict]:
     """Every cell's result, computing the missing ones; `advance(description)` after each cell.
 
     Cells are computed here, one after the other, or by `execute` (which calls `advance` itself);

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import IntegrityError, InputError, NotFoundError
+from ..errors import InputError, IntegrityError, NotFoundError
 from ..io import Example, read_examples, read_json, sha256_file
 from ..settings import shipped_dir
 
@@ -24,16 +24,20 @@ class Suite:
         chosen = [n.strip() for n in names.split(",") if n.strip()]
         unknown = [n for n in chosen if n not in self.tasks]
         if unknown or not chosen:
-            raise InputError(f"--tasks names tasks that {self.name} does not have: {', '.join(unknown) or names!r}.",
-                             f"Choose from: {', '.join(sorted(self.tasks))}.")
+            raise InputError(
+                f"--tasks names tasks that {self.name} does not have: {', '.join(unknown) or names!r}.",
+                f"Choose from: {', '.join(sorted(self.tasks))}.",
+            )
         return Suite(self.name, {n: self.tasks[n] for n in chosen}, self.notes)
 
 
 def split(examples: list[Example], seed: int, shots: int, limit: int | None = None) -> tuple[list[int], list[int]]:
     """Indices of the shots and of the test set: shuffle with `seed`, the first `shots` are the shots."""
     if len(examples) <= shots:
-        raise InputError(f"a task has {len(examples)} examples, too few for {shots} shots and a test set.",
-                         "Give a smaller --shots or more examples.")
+        raise InputError(
+            f"a task has {len(examples)} examples, too few for {shots} shots and a test set.",
+            "Give a smaller --shots or more examples.",
+        )
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     test = order[shots:]
@@ -57,7 +61,9 @@ def load_bbh() -> Suite:
     manifest = read_json(folder / "manifest.json", fix)
     entries = manifest["tasks"]
     if len(entries) != BBH_TASKS or sum(e["examples"] for e in entries.values()) != BBH_EXAMPLES:
-        raise IntegrityError(f"the BBH manifest lists {len(entries)} tasks, not {BBH_TASKS} with {BBH_EXAMPLES} examples.", fix)
+        raise IntegrityError(
+            f"the BBH manifest lists {len(entries)} tasks, not {BBH_TASKS} with {BBH_EXAMPLES} examples.", fix
+        )
     tasks = {}
     for name, entry in sorted(entries.items()):
         path = folder / entry["file"]
@@ -66,8 +72,10 @@ def load_bbh() -> Suite:
         rows = read_json(path, fix)["examples"]
         tasks[name] = [Example(r["input"], r["target"]) for r in rows]
     malformed = ", ".join(f"{m['task']} #{m['index']}" for m in manifest["malformed_targets"])
-    notes = [f"Three BBH targets are malformed and kept as published ({malformed}): they give option text where "
-             "an option letter is expected, so exact match counts them wrong for any model that answers with a letter."]
+    notes = [
+        f"Three BBH targets are malformed and kept as published ({malformed}): they give option text where "
+        "an option letter is expected, so exact match counts them wrong for any model that answers with a letter."
+    ]
     return Suite("bbh", tasks, notes)
 
 
@@ -77,5 +85,8 @@ def load_task_dir(folder: Path) -> Suite:
         raise NotFoundError(f"task folder '{folder}' does not exist.", "Give a folder of <task>.jsonl files.")
     files = sorted(folder.glob("*.jsonl"))
     if not files:
-        raise InputError(f"task folder '{folder}' has no .jsonl files.", 'Put one <task>.jsonl per task, lines {"input": ..., "target": ...}.')
+        raise InputError(
+            f"task folder '{folder}' has no .jsonl files.",
+            'Put one <task>.jsonl per task, lines {"input": ..., "target": ...}.',
+        )
     return Suite(folder.name, {p.stem: read_examples(p) for p in files})

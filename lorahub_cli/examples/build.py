@@ -26,8 +26,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def tiny_t5():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    config = T5Config(vocab_size=256, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    config = T5Config(
+        vocab_size=256,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return T5ForConditionalGeneration(config)
 
 
@@ -36,8 +45,14 @@ def build_adapter(folder: Path, seed: int) -> None:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM",
-                        init_lora_weights=False, base_model_name_or_path=BASE_MODEL)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q", "v"],
+        task_type="SEQ_2_SEQ_LM",
+        init_lora_weights=False,
+        base_model_name_or_path=BASE_MODEL,
+    )
     model = get_peft_model(tiny_t5(), config)
     model.save_pretrained(folder)
     # PEFT records the model's own (empty) name; the library is about BASE_MODEL.

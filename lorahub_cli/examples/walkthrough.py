@@ -43,6 +43,8 @@ def run(store: Store, task: str, k: int = 3, advance=lambda: None) -> dict:
         "adapters": len(index.ids),
         "task": task,
         "task_level": retrieval.task_level(index, embedder, shots, k),
-        "instance_level": retrieval.instance_level(index, embedder, shots, k, read_examples(root / "inputs" / f"{task}.jsonl", require_target=False)),
+        "instance_level": retrieval.instance_level(
+            index, embedder, shots, k, read_examples(root / "inputs" / f"{task}.jsonl", require_target=False)
+        ),
         "per_input": {"inputs": len(inputs), "top1_correct": hits},
     }

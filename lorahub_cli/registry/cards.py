@@ -19,13 +19,13 @@ def attach_card(
     examples: list[Example],
     *,
     embedder: Embedder,
-    recipe: Recipe = Recipe(),
+    recipe: Recipe | None = None,
     source: dict | None = None,
     progress=None,
 ) -> tuple[AdapterRecord, Card]:
     """Embed an adapter's training examples, write its card next to its weights, and index it."""
     record = store.get(adapter_id)
-    card = build_card(examples, embedder, recipe, source=source, progress=progress)
+    card = build_card(examples, embedder, recipe or Recipe(), source=source, progress=progress)
     files = card.save(record.path)
     return store.update_card(adapter_id, files, card.embedder_key), card
 
@@ -43,7 +43,9 @@ class CardJob:
     def build(self, adapter_id: str) -> Card:
         if self.progress_factory is None:
             return build_card(self.examples, self.embedder, self.recipe, source=self.source)
-        with self.progress_factory(f"Embedding {len(self.examples)} examples of {adapter_id}", len(self.examples)) as advance:
+        with self.progress_factory(
+            f"Embedding {len(self.examples)} examples of {adapter_id}", len(self.examples)
+        ) as advance:
             return build_card(self.examples, self.embedder, self.recipe, source=self.source, progress=advance)
 
 

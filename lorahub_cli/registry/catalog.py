@@ -66,8 +66,15 @@ def list_author(author: str, search: str | None = None) -> list[CatalogEntry]:
         return [CatalogEntry(m.id) for m in api().list_models(author=author, search=search)]
 
 
-def sync(store, entries: list[CatalogEntry], *, base_model: str | None = None, workers: int = 4,
-         on_result=None, warn=lambda m: None) -> list[MirrorResult]:
+def sync(
+    store,
+    entries: list[CatalogEntry],
+    *,
+    base_model: str | None = None,
+    workers: int = 4,
+    on_result=None,
+    warn=lambda m: None,
+) -> list[MirrorResult]:
     """Mirror every entry in parallel; one failure never stops the others, but an unreachable Hub stops them all.
 
     `on_result(result)` runs in the caller's thread as each entry finishes (progress). Raises

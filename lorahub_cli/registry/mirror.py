@@ -35,8 +35,9 @@ def _read_config(folder: Path, label: str, shown: str) -> dict:
     """The adapter's config; errors name `shown`, where the user's copy is (not the staging folder)."""
     config = read_json(folder / CONFIG_FILE, f"Re-save '{label}' with PEFT.", shown=shown)
     if not isinstance(config, dict):
-        raise InputError(f"{shown} is not a JSON object (it holds a {type(config).__name__}).",
-                         f"Re-save '{label}' with PEFT.")
+        raise InputError(
+            f"{shown} is not a JSON object (it holds a {type(config).__name__}).", f"Re-save '{label}' with PEFT."
+        )
     peft_type = str(config.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise InputError(
@@ -60,13 +61,18 @@ def _convert_pickle(folder: Path, label: str) -> dict:
         state = torch.load(original, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch raises many types for unsafe or broken pickles
         raise InputError(
-            f"'{label}': {PICKLE_FILE} cannot be loaded safely ({type(error).__name__}: {str(error).splitlines()[0][:120]}).",
+            f"'{label}': {PICKLE_FILE} cannot be loaded safely "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:120]}).",
             "Only plain tensor state dicts are accepted; convert it to safetensors yourself if you trust it.",
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise InputError(f"'{label}': {PICKLE_FILE} is not a state dict of tensors.", "Re-save the adapter with PEFT.")
     # safetensors refuses shared or non-contiguous storage; clone each tensor.
-    save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, folder / SAFETENSORS_FILE, metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in state.items()},
+        folder / SAFETENSORS_FILE,
+        metadata={"format": "pt"},
+    )
     original.unlink()
     return {"file": PICKLE_FILE, "sha256": digest}
 
@@ -78,12 +84,16 @@ def _check_weights(folder: Path, label: str) -> None:
         with safe_open(folder / SAFETENSORS_FILE, framework="pt") as handle:
             keys = list(handle.keys())
     except Exception as error:  # noqa: BLE001 - a truncated file raises a bare SafetensorError
-        raise IntegrityError(f"'{label}': {SAFETENSORS_FILE} is damaged ({error}).", "Download or save it again.") from None
+        raise IntegrityError(
+            f"'{label}': {SAFETENSORS_FILE} is damaged ({error}).", "Download or save it again."
+        ) from None
     if not any("lora_A" in k for k in keys) or not any("lora_B" in k for k in keys):
         raise InputError(f"'{label}': {SAFETENSORS_FILE} holds no lora_A/lora_B weights.", "Is this a LoRA adapter?")
     if bad := nonfinite_tensors(folder / SAFETENSORS_FILE):
-        raise InputError(f"'{label}': {SAFETENSORS_FILE} holds NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]}.",
-                         "The adapter is broken; retrain or re-export it.")
+        raise InputError(
+            f"'{label}': {SAFETENSORS_FILE} holds NaN or inf in {len(bad)} tensor(s), e.g. {bad[0]}.",
+            "The adapter is broken; retrain or re-export it.",
+        )
 
 
 def _shipped_card(folder: Path, label: str, warn) -> Card | None:
@@ -128,7 +138,9 @@ def ingest(
     converted = None
     if not (staged / SAFETENSORS_FILE).is_file():
         if not (staged / PICKLE_FILE).is_file():
-            raise InputError(f"'{adapter_id}' has no {SAFETENSORS_FILE} or {PICKLE_FILE}.", "Is this a LoRA adapter folder?")
+            raise InputError(
+                f"'{adapter_id}' has no {SAFETENSORS_FILE} or {PICKLE_FILE}.", "Is this a LoRA adapter folder?"
+            )
         converted = _convert_pickle(staged, adapter_id)
     else:
         (staged / PICKLE_FILE).unlink(missing_ok=True)
@@ -173,19 +185,39 @@ def _existing(store: Store, adapter_id: str, source: str, replace: bool) -> Adap
     return existing
 
 
-def add_local(store: Store, folder: Path, *, name: str | None = None, base_model: str | None = None,
-              replace: bool = False, card_job=None, warn=lambda m: None) -> MirrorResult:
+def add_local(
+    store: Store,
+    folder: Path,
+    *,
+    name: str | None = None,
+    base_model: str | None = None,
+    replace: bool = False,
+    card_job=None,
+    warn=lambda m: None,
+) -> MirrorResult:
     folder = Path(folder).expanduser().resolve()
     if not (folder / CONFIG_FILE).is_file():
-        raise InputError(f"'{folder}' has no {CONFIG_FILE}.", "Give a PEFT adapter folder (saved with save_pretrained).")
+        raise InputError(
+            f"'{folder}' has no {CONFIG_FILE}.", "Give a PEFT adapter folder (saved with save_pretrained)."
+        )
     adapter_id = folder.name if name is None else name
     existed = _existing(store, adapter_id, str(folder), replace) is not None
     with store.staging() as staged:
         for file in WANTED:
             if (folder / file).is_file():
                 shutil.copy2(folder / file, staged / file)
-        record = ingest(store, staged, adapter_id=adapter_id, source=str(folder), source_type="local", revision=None,
-                        expected_base_model=base_model, shown=str(folder / CONFIG_FILE), card_job=card_job, warn=warn)
+        record = ingest(
+            store,
+            staged,
+            adapter_id=adapter_id,
+            source=str(folder),
+            source_type="local",
+            revision=None,
+            expected_base_model=base_model,
+            shown=str(folder / CONFIG_FILE),
+            card_job=card_job,
+            warn=warn,
+        )
     return MirrorResult(adapter_id, "updated" if existed else "added", None, record=record)
 
 
@@ -220,14 +252,30 @@ def add_hub(
         )
     with store.staging() as staged, hub_errors(repo_id, revision):
         download = staged / "download"
-        snapshot_download(repo_id, revision=info.sha, allow_patterns=[n for n in WANTED if n in names],
-                          local_dir=download, max_workers=2, endpoint=endpoint())
+        snapshot_download(
+            repo_id,
+            revision=info.sha,
+            allow_patterns=[n for n in WANTED if n in names],
+            local_dir=download,
+            max_workers=2,
+            endpoint=endpoint(),
+        )
         for file in WANTED:
             if (download / file).is_file():
                 (download / file).rename(staged / file)
         shutil.rmtree(download)
-        record = ingest(store, staged, adapter_id=adapter_id, source=repo_id, source_type="hub", revision=info.sha,
-                        expected_base_model=base_model, shown=f"{repo_id}/{CONFIG_FILE}", card_job=card_job, warn=warn)
+        record = ingest(
+            store,
+            staged,
+            adapter_id=adapter_id,
+            source=repo_id,
+            source_type="hub",
+            revision=info.sha,
+            expected_base_model=base_model,
+            shown=f"{repo_id}/{CONFIG_FILE}",
+            card_job=card_job,
+            warn=warn,
+        )
     return MirrorResult(adapter_id, "updated" if existing else "added", info.sha, record=record)
 
 

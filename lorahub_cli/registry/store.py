@@ -165,8 +165,9 @@ class Store:
         self.tmp = self.home / "tmp"
         self.db_path = self.home / "registry.sqlite"
         if self.home.exists() and not self.home.is_dir():
-            raise LorahubError(f"the lorahub home '{self.home}' is a file, not a folder.",
-                               "Point LORAHUB_HOME at a folder.")
+            raise LorahubError(
+                f"the lorahub home '{self.home}' is a file, not a folder.", "Point LORAHUB_HOME at a folder."
+            )
         if not readonly:
             try:
                 self.content.mkdir(parents=True, exist_ok=True)
@@ -187,20 +188,32 @@ class Store:
         stored = len(self._content_folders())
         if stored:
             state = "empty (0 bytes)" if self.db_path.is_file() else "missing"
-            raise IntegrityError(f"the registry index '{self.db_path}' is {state}, but {stored} stored adapter "
-                                 "folder(s) exist.", REBUILD_HINT)
+            raise IntegrityError(
+                f"the registry index '{self.db_path}' is {state}, but {stored} stored adapter folder(s) exist.",
+                REBUILD_HINT,
+            )
 
     def _content_folders(self) -> list[Path]:
         if not self.content.is_dir():
             return []
-        return sorted(folder for parent in self.content.iterdir() if parent.is_dir()
-                      for folder in parent.iterdir() if folder.is_dir())
+        return sorted(
+            folder
+            for parent in self.content.iterdir()
+            if parent.is_dir()
+            for folder in parent.iterdir()
+            if folder.is_dir()
+        )
 
     def _index_error(self, error: sqlite3.DatabaseError) -> LorahubError:
         text = str(error)
         if "readonly" in text or "read-only" in text or "unable to open" in text:
-            return self._not_writable(text) if not self.readonly else LorahubError(
-                f"cannot open the registry index '{self.db_path}' ({text}).", "Check the folder's permissions.")
+            return (
+                self._not_writable(text)
+                if not self.readonly
+                else LorahubError(
+                    f"cannot open the registry index '{self.db_path}' ({text}).", "Check the folder's permissions."
+                )
+            )
         if "locked" in text or "busy" in text:
             return LorahubError(f"the registry index is busy ({text}).", "Another lorahub is writing; try again.")
         return IntegrityError(f"the registry index '{self.db_path}' is damaged ({text}).", REBUILD_HINT)
@@ -210,7 +223,11 @@ class Store:
         # One connection per operation: sqlite3 connections must not cross threads,
         # and sync runs many mirrors in parallel.
         try:
-            db = self._open_readonly() if self.readonly else sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            db = (
+                self._open_readonly()
+                if self.readonly
+                else sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+            )
             try:
                 if not self.readonly:
                     db.execute("PRAGMA journal_mode=WAL")
@@ -298,7 +315,9 @@ class Store:
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             old = db.execute("SELECT folder FROM adapters WHERE id = ?", (record.id,)).fetchone()
-            db.execute(f"INSERT OR REPLACE INTO adapters ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", row)
+            db.execute(
+                f"INSERT OR REPLACE INTO adapters ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", row
+            )
             db.execute("COMMIT")
         if old and old["folder"] != relative:
             shutil.rmtree(self.content / old["folder"], ignore_errors=True)
@@ -354,7 +373,9 @@ class Store:
                 if not path.is_file():
                     problems.append({"id": record.id, "file": name, "problem": "missing"})
                 elif (actual := sha256_file(path)) != expected:
-                    problems.append({"id": record.id, "file": name, "problem": f"sha256 {actual[:12]}… != {expected[:12]}…"})
+                    problems.append(
+                        {"id": record.id, "file": name, "problem": f"sha256 {actual[:12]}… != {expected[:12]}…"}
+                    )
                 elif name == SAFETENSORS_FILE and (bad := nonfinite_tensors(path)):
                     problems.append({"id": record.id, "file": name, "problem": f"NaN or inf in {', '.join(bad[:3])}"})
         leftovers = [{"path": folder, "kind": "staging"} for folder in self._dead_staging()]
@@ -363,7 +384,9 @@ class Store:
         for folder in self._content_folders():
             relative = f"{folder.parent.name}/{folder.name}"
             if relative not in indexed and time.time() - folder.stat().st_mtime > 60:
-                leftovers.append({"path": folder, "kind": "superseded" if folder.parent.name in parents else "unindexed"})
+                leftovers.append(
+                    {"path": folder, "kind": "superseded" if folder.parent.name in parents else "unindexed"}
+                )
         if prune:
             for leftover in leftovers:
                 if leftover["kind"] != "unindexed":
@@ -373,8 +396,11 @@ class Store:
     def _dead_staging(self) -> list[Path]:
         if not self.tmp.is_dir():
             return []
-        return [folder for folder in self.tmp.iterdir()
-                if (pid := folder.name.split("-", 1)[0]).isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))]
+        return [
+            folder
+            for folder in self.tmp.iterdir()
+            if (pid := folder.name.split("-", 1)[0]).isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        ]
 
     def rebuild(self) -> tuple[list[AdapterRecord], Path | None]:
         """Re-create the index from the content folders. Returns (indexed records, where the old index was kept).
@@ -397,14 +423,21 @@ class Store:
             db.execute("BEGIN")
             for _, record in chosen.values():
                 values = asdict(record)
-                db.execute(f"INSERT INTO adapters ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-                           [json.dumps(values[c]) if c in JSON_COLUMNS and values[c] is not None else values[c] for c in COLUMNS])
+                db.execute(
+                    f"INSERT INTO adapters ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+                    [
+                        json.dumps(values[c]) if c in JSON_COLUMNS and values[c] is not None else values[c]
+                        for c in COLUMNS
+                    ],
+                )
             db.execute("COMMIT")
         finally:
             db.close()
         kept = None
         if self.db_path.exists():
-            kept = self.home / f"registry.sqlite.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:4]}"
+            kept = (
+                self.home / f"registry.sqlite.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:4]}"
+            )
             os.replace(self.db_path, kept)
         for suffix in ("-wal", "-shm"):  # a stale WAL would be replayed into the new index
             side = self.home / f"registry.sqlite{suffix}"
@@ -452,16 +485,28 @@ def _record_from_folder(content: Path, folder: Path) -> AdapterRecord:
         except LorahubError:
             embedder = None
         return AdapterRecord(
-            id=record_id, source=f"unknown (index rebuilt from {relative})", source_type="local", revision=None,
-            base_model=config["base_model_name_or_path"], peft_type="LORA", r=int(config["r"]),
+            id=record_id,
+            source=f"unknown (index rebuilt from {relative})",
+            source_type="local",
+            revision=None,
+            base_model=config["base_model_name_or_path"],
+            peft_type="LORA",
+            r=int(config["r"]),
             lora_alpha=float(config.get("lora_alpha", config["r"])),
             target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
-            task_type=config.get("task_type"), files=files, size=sum((folder / n).stat().st_size for n in files),
-            folder=relative, card_status="ready" if embedder else "none", card_embedder=embedder, path=folder,
+            task_type=config.get("task_type"),
+            files=files,
+            size=sum((folder / n).stat().st_size for n in files),
+            folder=relative,
+            card_status="ready" if embedder else "none",
+            card_embedder=embedder,
+            path=folder,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise IntegrityError(f"stored folder '{folder}' has no readable metadata or adapter_config.json ({error}).",
-                             "Move it out of the registry, then run: lorahub registry rebuild") from None
+        raise IntegrityError(
+            f"stored folder '{folder}' has no readable metadata or adapter_config.json ({error}).",
+            "Move it out of the registry, then run: lorahub registry rebuild",
+        ) from None
 
 
 def nonfinite_tensors(path: Path) -> list[str]:
@@ -470,5 +515,8 @@ def nonfinite_tensors(path: Path) -> list[str]:
     from safetensors import safe_open
 
     with safe_open(path, framework="pt") as handle:
-        return [name for name in handle.keys()
-                if (t := handle.get_tensor(name)).is_floating_point() and not bool(torch.isfinite(t).all())]
+        return [
+            name
+            for name in handle.keys()
+            if (t := handle.get_tensor(name)).is_floating_point() and not bool(torch.isfinite(t).all())
+        ]

@@ -43,12 +43,18 @@ class RetrieverConfig:
 
     def __post_init__(self):
         if not 0 < self.tasks_fraction < 1:
-            raise InputError(f"--tasks-fraction {self.tasks_fraction} must be between 0 and 1.", "Example: --tasks-fraction 0.4")
+            raise InputError(
+                f"--tasks-fraction {self.tasks_fraction} must be between 0 and 1.", "Example: --tasks-fraction 0.4"
+            )
         if min(self.epochs, self.batch_size, self.max_examples, self.eval_queries) < 1 or self.batch_size < 2:
-            raise InputError("epochs, max examples and eval queries must be 1 or more, batch size 2 or more.",
-                             "Example: --epochs 1 --batch-size 32")
+            raise InputError(
+                "epochs, max examples and eval queries must be 1 or more, batch size 2 or more.",
+                "Example: --epochs 1 --batch-size 32",
+            )
         if self.learning_rate <= 0 or not 0 <= self.warmup_fraction < 1:
-            raise InputError("the learning rate must be positive and the warm-up fraction in [0, 1).", "Example: --lr 2e-5")
+            raise InputError(
+                "the learning rate must be positive and the warm-up fraction in [0, 1).", "Example: --lr 2e-5"
+            )
 
 
 @dataclass
@@ -60,8 +66,10 @@ class Split:
 def split_adapters(ids: list[str], fraction: float, seed: int) -> Split:
     """A seeded split by adapter (task): at least two to train on and one held out."""
     if len(ids) < 3:
-        raise InputError(f"training a retriever needs at least 3 adapters with cards, not {len(ids)}.",
-                         "Add adapters with: lorahub registry add SOURCE --data train.jsonl")
+        raise InputError(
+            f"training a retriever needs at least 3 adapters with cards, not {len(ids)}.",
+            "Add adapters with: lorahub registry add SOURCE --data train.jsonl",
+        )
     shuffled = sorted(ids)
     random.Random(seed).shuffle(shuffled)
     n_train = min(len(ids) - 1, max(2, round(fraction * len(ids))))
@@ -107,7 +115,9 @@ def _steps(data: dict[str, list[str]], train: list[str], config: RetrieverConfig
     rng = random.Random(config.seed)
     usable = [i for i in train if len(data[i]) >= 2]
     if len(usable) < 2:
-        raise InputError("at least two training adapters need two or more examples each.", "Lower --tasks-fraction or add data.")
+        raise InputError(
+            "at least two training adapters need two or more examples each.", "Lower --tasks-fraction or add data."
+        )
     per_step = min(config.batch_size, len(usable))
     examples = sum(len(data[i]) for i in usable)
     steps = []
@@ -124,7 +134,8 @@ def train(model, data: dict[str, list[str]], split: Split, config: RetrieverConf
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
     warmup = max(1, int(config.warmup_fraction * len(steps)))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (len(steps) - s) / max(1, len(steps) - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (len(steps) - s) / max(1, len(steps) - warmup)))
+    )
     prefix, losses = config.instruction, []
     model.train()
     for pairs in steps:
@@ -159,7 +170,11 @@ def training_data(store, base_model: str | None, max_examples: int) -> dict[str,
                 raise InputError(f"the training data of '{record.id}' ({source['path']}) is gone.", hint)
             examples, _ = load_training_data(data=Path(source["path"]), max_examples=max_examples)
         elif source.get("type") == "hub-dataset":
-            spec = source["repo_id"] + (f":{source['config']}" if source.get("config") else "") + f"@{source.get('split', 'train')}"
+            spec = (
+                source["repo_id"]
+                + (f":{source['config']}" if source.get("config") else "")
+                + f"@{source.get('split', 'train')}"
+            )
             filters = [f"{k}={v}" for k, v in (source.get("filters") or {}).items()]
             examples, _ = load_training_data(dataset=spec, filters=filters, max_examples=max_examples)
         else:
@@ -168,8 +183,15 @@ def training_data(store, base_model: str | None, max_examples: int) -> dict[str,
     return data
 
 
-def train_retriever(store, out: Path, config: RetrieverConfig, *, base_model: str | None = None,
-                    embedder: str | None = None, progress=None) -> dict:
+def train_retriever(
+    store,
+    out: Path,
+    config: RetrieverConfig,
+    *,
+    base_model: str | None = None,
+    embedder: str | None = None,
+    progress=None,
+) -> dict:
     """Train on a split of the registry's carded adapters, evaluate on the rest, save to `out`; returns the report."""
     from .. import __version__
     from ..cards.embedder import load_embedder
@@ -188,9 +210,17 @@ def train_retriever(store, out: Path, config: RetrieverConfig, *, base_model: st
     untuned = retrieval_accuracy(encode, data, split.held_out, config)
     training = train(model, data, split, config, progress=progress)
     tuned = retrieval_accuracy(encode, data, split.held_out, config)
-    report = {"base_embedder": untrained.key, "config": asdict(config), "train_adapters": split.train,
-              "held_out_adapters": split.held_out, "training": training, "untuned": untuned, "tuned": tuned,
-              "seconds": round(time.perf_counter() - began, 2), "lorahub_version": __version__}
+    report = {
+        "base_embedder": untrained.key,
+        "config": asdict(config),
+        "train_adapters": split.train,
+        "held_out_adapters": split.held_out,
+        "training": training,
+        "untuned": untuned,
+        "tuned": tuned,
+        "seconds": round(time.perf_counter() - began, 2),
+        "lorahub_version": __version__,
+    }
 
     def fill(tmp: Path) -> None:
         model.save(str(tmp))

@@ -39,7 +39,10 @@ def plan(tasks_dir: Path, out: Path, overwrite: bool) -> tuple[list[BatchJob], l
         raise InputError(f"--tasks '{tasks_dir}' is not a folder.", "Give a folder of <task>.jsonl shots files.")
     files = sorted(tasks_dir.glob("*.jsonl"))
     if not files:
-        raise InputError(f"--tasks '{tasks_dir}' has no .jsonl files.", 'Put one <task>.jsonl per task, lines {"input": ..., "target": ...}.')
+        raise InputError(
+            f"--tasks '{tasks_dir}' has no .jsonl files.",
+            'Put one <task>.jsonl per task, lines {"input": ..., "target": ...}.',
+        )
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder.", "Choose another --out.")
     jobs, done, refused = [], [], {}
@@ -56,7 +59,11 @@ def plan(tasks_dir: Path, out: Path, overwrite: bool) -> tuple[list[BatchJob], l
             except LorahubError as error:
                 refused[name] = str(error)
                 continue
-            jobs.append(BatchJob(name, path, examples, {"path": str(path), "sha256": sha256_file(path), "count": len(examples)}, dest))
+            jobs.append(
+                BatchJob(
+                    name, path, examples, {"path": str(path), "sha256": sha256_file(path), "count": len(examples)}, dest
+                )
+            )
     return jobs, done, refused
 
 
@@ -83,7 +90,9 @@ def _compose(store, job: BatchJob, options, level: str, base) -> pipeline.Compos
 
 
 class ComposeWorker(Worker):
-    def __init__(self, options: pipeline.ComposeOptions, level: str, registry: Folder, model: Folder | None, threads: int):
+    def __init__(
+        self, options: pipeline.ComposeOptions, level: str, registry: Folder, model: Folder | None, threads: int
+    ):
         super().__init__(threads)
         self.options, self.level, self.registry, self.model = options, level, registry, model
 
@@ -113,7 +122,12 @@ def on_ray(options, store, jobs: list[BatchJob], compose_options, level: str, ad
         model_path = compose_options.model_path or base_model_name(store, compose_options)
         registry, model = data_for_workers(ray, placement, options, store, compose_options.base_model, model_path)
         actor = ray.remote(ComposeWorker).options(**placement.resources)
-        pool = Pool(ray, lambda: actor.remote(compose_options, level, registry, model, placement.threads), placement.workers, on_event)
+        pool = Pool(
+            ray,
+            lambda: actor.remote(compose_options, level, registry, model, placement.threads),
+            placement.workers,
+            on_event,
+        )
         status = lambda text, step=1: advance(step, description=f"Composing on Ray: {text}")  # noqa: E731
         for outcome in pool.run(jobs, lambda job: job, status):
             yield outcome.job, outcome.result, outcome.error

@@ -22,14 +22,18 @@ def import_ray():
 
 @dataclass
 class RayOptions:
-    address: str = "local"  # local: start a Ray on this machine; auto: join the running cluster; or HOST:PORT, ray://...
+    address: str = (
+        "local"  # local: start a Ray on this machine; auto: join the running cluster; or HOST:PORT, ray://...
+    )
     workers: int | None = None  # actors; default one per GPU, else one per node
     data: str = "auto"  # how the driver's registry and model folder reach the workers (see shipping.py)
     max_threads: int | None = None  # torch threads per actor at most (the demo model gains nothing from more)
 
     def __post_init__(self):
         if self.data not in DATA_MODES:
-            raise InputError(f"--ray-data '{self.data}' is not one of {', '.join(DATA_MODES)}.", "Example: --ray-data object-store")
+            raise InputError(
+                f"--ray-data '{self.data}' is not one of {', '.join(DATA_MODES)}.", "Example: --ray-data object-store"
+            )
         if self.workers is not None and self.workers < 1:
             raise InputError(f"--workers {self.workers} is not a positive number.", "Example: --workers 2")
 
@@ -56,8 +60,10 @@ def _check_reachable(address: str) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except (OSError, ValueError):
-        raise LorahubError(f"no Ray cluster answers at '{address}'.",
-                           "Give the head node's address (`ray start --head` prints it), or --ray alone for a Ray on this machine.") from None
+        raise LorahubError(
+            f"no Ray cluster answers at '{address}'.",
+            "Give the head node's address (`ray start --head` prints it), or --ray alone for a Ray on this machine.",
+        ) from None
 
 
 @contextmanager
@@ -78,8 +84,10 @@ def connect(address: str):
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError) as error:
-        raise LorahubError(f"could not reach a Ray cluster at '{address}': {str(error).splitlines()[0]}",
-                           "Start one with `ray start --head`, or give --ray alone for a Ray on this machine.") from None
+        raise LorahubError(
+            f"could not reach a Ray cluster at '{address}': {str(error).splitlines()[0]}",
+            "Start one with `ray start --head`, or give --ray alone for a Ray on this machine.",
+        ) from None
     try:
         yield ray
     finally:

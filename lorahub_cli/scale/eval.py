@@ -43,7 +43,9 @@ def ray_executor(options: RayOptions, config: EvalConfig, store=None, on_event=N
             advance(f"Starting {placement.workers} Ray workers", step=0)
             registry, model = data_for_workers(ray, placement, options, store, config.base_model, config.model_path)
             actor = ray.remote(EvalWorker).options(**placement.resources)
-            pool = Pool(ray, lambda: actor.remote(config, registry, model, placement.threads), placement.workers, on_event)
+            pool = Pool(
+                ray, lambda: actor.remote(config, registry, model, placement.threads), placement.workers, on_event
+            )
             failures = []
             status = lambda text, step=1: advance(f"Evaluating on Ray: {text}", step=step)  # noqa: E731
             for outcome in pool.run(jobs, lambda job: (job.method, job.shots, job.inputs, job.seed), status):
@@ -53,7 +55,9 @@ def ray_executor(options: RayOptions, config: EvalConfig, store=None, on_event=N
                     yield (outcome.job, *outcome.result)
         if failures:
             listed = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
-            raise LorahubError(f"{len(failures)} of {len(jobs)} cells failed ({listed}).",
-                               "The finished cells are saved: fix the cause and run the same command to compute the rest.")
+            raise LorahubError(
+                f"{len(failures)} of {len(jobs)} cells failed ({listed}).",
+                "The finished cells are saved: fix the cause and run the same command to compute the rest.",
+            )
 
     return execute

@@ -73,7 +73,10 @@ class Pool:
                     advance(self.status(), step=0)
                     self.on_event("started", job, actor)
                 if not setups and not calls:
-                    raise LorahubError("every Ray worker died while starting.", "See the Ray logs (`ray logs`) and the cluster's memory.")
+                    raise LorahubError(
+                        "every Ray worker died while starting.",
+                        "See the Ray logs (`ray logs`) and the cluster's memory.",
+                    )
                 ready, _ = ray.wait(list(setups) + list(calls), num_returns=1)
                 ref = ready[0]
                 if ref in setups:

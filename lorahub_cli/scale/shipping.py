@@ -38,8 +38,10 @@ class Folder:
         """Where this worker reads the folder (called on the worker)."""
         if self.parts is None:
             if not Path(self.path).is_dir():
-                raise NotFoundError(f"'{self.path}' is not on worker {socket.gethostname()}.",
-                                    "Use --ray-data object-store, or put it on a path every node mounts.")
+                raise NotFoundError(
+                    f"'{self.path}' is not on worker {socket.gethostname()}.",
+                    "Use --ray-data object-store, or put it on a path every node mounts.",
+                )
             return Path(self.path)
         target = _cache_root() / self.digest
         if not target.is_dir():

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Literal, Optional  # noqa: UP035
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from ..routing import COMPOSE_MODES
 from .engine import Answer, Request
 
-Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # the modes the routing module registers
+Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # noqa: UP045 - a runtime value, built from a tuple  # the modes the routing module registers
 GREEDY = "this server decodes greedily (the same answer every time)"
 
 
@@ -38,62 +38,70 @@ class ApiError(Exception):
 class MergedAdapters(BaseModel):
     model_config = ConfigDict(extra="forbid")
     ids: list[StrictStr]
-    weights: list[Union[StrictFloat, StrictInt]]
-    merge_strategy: Optional[StrictStr] = None  # LoRAX: linear (default), ties, dare_linear, dare_ties
-    density: Optional[Union[StrictFloat, StrictInt]] = None  # ties and dare only
-    majority_sign_method: Optional[StrictStr] = None  # ties only
+    weights: list[StrictFloat | StrictInt]
+    merge_strategy: StrictStr | None = None  # LoRAX: linear (default), ties, dare_linear, dare_ties
+    density: StrictFloat | StrictInt | None = None  # ties and dare only
+    majority_sign_method: StrictStr | None = None  # ties only
 
 
 class TgiParameters(BaseModel):
     """Every field the TGI and LoRAX clients send (most as null by default), plus lorahub's k and compose."""
 
     model_config = ConfigDict(extra="forbid")
-    adapter_id: Optional[StrictStr] = None
-    adapter_source: Optional[StrictStr] = None
-    merged_adapters: Optional[MergedAdapters] = None
-    api_token: Optional[str] = Field(default=None, repr=False)  # private Hub adapters; nothing is downloaded here
-    max_new_tokens: Optional[StrictInt] = None
-    stop: Optional[list[StrictStr]] = None
+    adapter_id: StrictStr | None = None
+    adapter_source: StrictStr | None = None
+    merged_adapters: MergedAdapters | None = None
+    api_token: str | None = Field(default=None, repr=False)  # private Hub adapters; nothing is downloaded here
+    max_new_tokens: StrictInt | None = None
+    stop: list[StrictStr] | None = None
     details: StrictBool = False
-    return_full_text: Optional[StrictBool] = False
-    seed: Optional[StrictInt] = None  # greedy decoding needs no seed
-    k: Optional[StrictInt] = None
+    return_full_text: StrictBool | None = False
+    seed: StrictInt | None = None  # greedy decoding needs no seed
+    k: StrictInt | None = None
     compose: Compose = None
     # Refused unless left at their defaults: sampling, penalties, extra outputs this server does not compute.
     do_sample: StrictBool = False
-    temperature: Optional[float] = None
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    typical_p: Optional[float] = None
-    best_of: Optional[int] = None
-    repetition_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    typical_p: float | None = None
+    best_of: int | None = None
+    repetition_penalty: float | None = None
+    frequency_penalty: float | None = None
     watermark: StrictBool = False
     ignore_eos_token: StrictBool = False
-    decoder_input_details: Optional[StrictBool] = False
-    top_n_tokens: Optional[int] = None
-    return_k_alternatives: Optional[int] = None
-    truncate: Optional[int] = None
-    grammar: Optional[dict] = None
-    response_format: Optional[dict] = None
+    decoder_input_details: StrictBool | None = False
+    top_n_tokens: int | None = None
+    return_k_alternatives: int | None = None
+    truncate: int | None = None
+    grammar: dict | None = None
+    response_format: dict | None = None
 
 
 class TgiBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: StrictStr
-    parameters: Optional[TgiParameters] = None
+    parameters: TgiParameters | None = None
     stream: StrictBool = False
 
 
 _TGI_UNSUPPORTED = {  # field -> (its default, why it is refused)
-    "do_sample": (False, GREEDY), "temperature": (None, GREEDY), "top_k": (None, GREEDY), "top_p": (None, GREEDY),
-    "typical_p": (None, GREEDY), "best_of": (None, GREEDY), "watermark": (False, "watermarking is not supported"),
-    "repetition_penalty": (None, "penalties are not supported"), "frequency_penalty": (None, "penalties are not supported"),
+    "do_sample": (False, GREEDY),
+    "temperature": (None, GREEDY),
+    "top_k": (None, GREEDY),
+    "top_p": (None, GREEDY),
+    "typical_p": (None, GREEDY),
+    "best_of": (None, GREEDY),
+    "watermark": (False, "watermarking is not supported"),
+    "repetition_penalty": (None, "penalties are not supported"),
+    "frequency_penalty": (None, "penalties are not supported"),
     "ignore_eos_token": (False, "generation always stops at the end-of-sequence token"),
     "decoder_input_details": (False, "prompt log-probabilities are not computed"),
-    "top_n_tokens": (None, "alternative tokens are not computed"), "return_k_alternatives": (None, "alternative tokens are not computed"),
+    "top_n_tokens": (None, "alternative tokens are not computed"),
+    "return_k_alternatives": (None, "alternative tokens are not computed"),
     "truncate": (None, "inputs are never truncated (too long an input is refused)"),
-    "grammar": (None, "constrained decoding is not supported"), "response_format": (None, "constrained decoding is not supported"),
+    "grammar": (None, "constrained decoding is not supported"),
+    "response_format": (None, "constrained decoding is not supported"),
 }
 _OPTIONAL_ONE = {"best_of": 1}  # TGI clients may send best_of=1, which is greedy
 
@@ -119,11 +127,16 @@ def tgi_request(body: TgiBody) -> Request:
 def _merged(m: MergedAdapters) -> tuple[tuple[str, float], ...]:
     strategy = m.merge_strategy or "linear"
     if strategy != "linear":
-        raise ApiError(400, f"merge_strategy '{strategy}' is not served per request (it is a one-off merge of the "
-                            "adapters' weights). Use 'linear', or merge offline with `lorahub compose --formula "
-                            f"{strategy.replace('dare_ties', 'ties')}` and register the result.")
+        raise ApiError(
+            400,
+            f"merge_strategy '{strategy}' is not served per request (it is a one-off merge of the "
+            "adapters' weights). Use 'linear', or merge offline with `lorahub compose --formula "
+            f"{strategy.replace('dare_ties', 'ties')}` and register the result.",
+        )
     if not m.ids or len(m.ids) != len(m.weights):
-        raise ApiError(400, f"merged_adapters has {len(m.ids)} ids and {len(m.weights)} weights; give one weight per id.")
+        raise ApiError(
+            400, f"merged_adapters has {len(m.ids)} ids and {len(m.weights)} weights; give one weight per id."
+        )
     return tuple(zip(m.ids, map(float, m.weights)))
 
 
@@ -133,9 +146,15 @@ def tgi_answer(answer: Answer, p: TgiParameters | None, tokenizer) -> dict:
     text = answer.input + answer.output if p.return_full_text else answer.output
     out = {"generated_text": text, "lorahub": answer.route}
     if p.details:
-        out["details"] = {"finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens),
-                          "prompt_tokens": answer.prompt_tokens, "seed": None, "prefill": [],
-                          "tokens": tokens(answer, tokenizer), "best_of_sequences": None}
+        out["details"] = {
+            "finish_reason": answer.finish_reason,
+            "generated_tokens": len(answer.tokens),
+            "prompt_tokens": answer.prompt_tokens,
+            "seed": None,
+            "prefill": [],
+            "tokens": tokens(answer, tokenizer),
+            "best_of_sequences": None,
+        }
     return out
 
 
@@ -144,7 +163,12 @@ def tokens(answer: Answer, tokenizer) -> list[dict]:
 
 
 def tgi_token(token: int, logprob: float, tokenizer) -> dict:
-    return {"id": token, "text": tokenizer.decode([token]), "logprob": logprob, "special": token in tokenizer.all_special_ids}
+    return {
+        "id": token,
+        "text": tokenizer.decode([token]),
+        "logprob": logprob,
+        "special": token in tokenizer.all_special_ids,
+    }
 
 
 def tgi_event(index: int, token: dict, answer: Answer | None, p: TgiParameters | None) -> str:
@@ -153,8 +177,12 @@ def tgi_event(index: int, token: dict, answer: Answer | None, p: TgiParameters |
     event = {"index": index, "token": token, "generated_text": None, "details": None}
     if answer is not None:
         event["generated_text"] = answer.input + answer.output if p.return_full_text else answer.output
-        event["details"] = {"finish_reason": answer.finish_reason, "generated_tokens": len(answer.tokens),
-                            "prompt_tokens": answer.prompt_tokens, "seed": None}
+        event["details"] = {
+            "finish_reason": answer.finish_reason,
+            "generated_tokens": len(answer.tokens),
+            "prompt_tokens": answer.prompt_tokens,
+            "seed": None,
+        }
     return f"data:{json.dumps(event)}\n\n"
 
 
@@ -169,35 +197,47 @@ def tgi_events(answer: Answer, p: TgiParameters | None, tokenizer) -> list[str]:
 
 class CompletionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: Optional[str] = None  # a served adapter id answers with that adapter; anything else retrieves
-    prompt: Union[StrictStr, list[StrictStr]]
-    max_tokens: Optional[StrictInt] = None  # OpenAI's default is 16 (or the server's limit if lower)
-    stop: Optional[Union[StrictStr, list[StrictStr]]] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    n: Optional[StrictInt] = 1
-    stream: Optional[StrictBool] = False
-    seed: Optional[int] = None
-    user: Optional[str] = None
-    presence_penalty: Optional[float] = None
-    frequency_penalty: Optional[float] = None
-    logit_bias: Optional[dict] = None
-    logprobs: Optional[int] = None
-    echo: Optional[StrictBool] = None
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
-    k: Optional[StrictInt] = None
+    model: str | None = None  # a served adapter id answers with that adapter; anything else retrieves
+    prompt: StrictStr | list[StrictStr]
+    max_tokens: StrictInt | None = None  # OpenAI's default is 16 (or the server's limit if lower)
+    stop: StrictStr | list[StrictStr] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: StrictInt | None = 1
+    stream: StrictBool | None = False
+    seed: int | None = None
+    user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    logprobs: int | None = None
+    echo: StrictBool | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    k: StrictInt | None = None
     compose: Compose = None
 
 
 _OPENAI_UNSUPPORTED = {  # field -> values that mean "not used"
-    "logprobs": (None,), "echo": (None, False), "best_of": (None, 1), "suffix": (None,),
-    "temperature": (None, 0, 0.0), "top_p": (None, 1, 1.0), "n": (None, 1), "stream": (None, False),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "logprobs": (None,),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None,),
+    "temperature": (None, 0, 0.0),
+    "top_p": (None, 1, 1.0),
+    "n": (None, 1),
+    "stream": (None, False),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "logit_bias": (None, {}),
 }
-_OPENAI_WHY = {"temperature": GREEDY, "top_p": GREEDY, "n": GREEDY + ": one completion per prompt",
-               "stream": "streaming is served by POST /generate_stream (TGI)", "logprobs": "log-probabilities are "
-               "returned by POST /generate with details (TGI)"}
+_OPENAI_WHY = {
+    "temperature": GREEDY,
+    "top_p": GREEDY,
+    "n": GREEDY + ": one completion per prompt",
+    "stream": "streaming is served by POST /generate_stream (TGI)",
+    "logprobs": "log-probabilities are returned by POST /generate with details (TGI)",
+}
 
 
 OPENAI_MAX_TOKENS = 16
@@ -226,15 +266,33 @@ def completion_answer(body: CompletionBody, answers: list[Answer], default_model
     finish = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
     prompt_tokens = sum(a.prompt_tokens for a in answers)
     completion_tokens = sum(len(a.tokens) for a in answers)
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": body.model or default_model,
-            "choices": [{"index": i, "text": a.output, "finish_reason": finish[a.finish_reason], "logprobs": None,
-                         "lorahub": a.route} for i, a in enumerate(answers)],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": body.model or default_model,
+        "choices": [
+            {
+                "index": i,
+                "text": a.output,
+                "finish_reason": finish[a.finish_reason],
+                "logprobs": None,
+                "lorahub": a.route,
+            }
+            for i, a in enumerate(answers)
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 def models(default_model: str, adapters: list[str], started: int) -> dict:
     """What `model` can name: the retrieving default (the base model's name) and each served adapter."""
     entry = lambda name, owner: {"id": name, "object": "model", "created": started, "owned_by": owner}  # noqa: E731
-    return {"object": "list", "data": [entry(default_model, "lorahub")] + [entry(a, "lorahub-adapter") for a in adapters]}
+    return {
+        "object": "list",
+        "data": [entry(default_model, "lorahub")] + [entry(a, "lorahub-adapter") for a in adapters],
+    }

@@ -58,8 +58,16 @@ class Stats:
 
 
 class Batcher:
-    def __init__(self, run: Callable[[list], list] | None = None, *, session: Callable[[], object] | None = None,
-                 max_batch: int = 32, window: float = 0.01, max_queue: int = 256, size: Callable[[object], int] | None = None):
+    def __init__(
+        self,
+        run: Callable[[list], list] | None = None,
+        *,
+        session: Callable[[], object] | None = None,
+        max_batch: int = 32,
+        window: float = 0.01,
+        max_queue: int = 256,
+        size: Callable[[object], int] | None = None,
+    ):
         if max_batch < 1 or max_queue < 1 or window < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and window >= 0")
         if (run is None) == (session is None):
@@ -67,7 +75,9 @@ class Batcher:
         self.run, self.session, self.max_batch, self.window, self.max_queue = run, session, max_batch, window, max_queue
         self.size = size or (lambda request: 0)
         self.stats = Stats()
-        self._waiting: list[tuple[object, Future, int, Callable | None]] = []  # (request, future, size, on_token), oldest first
+        self._waiting: list[
+            tuple[object, Future, int, Callable | None]
+        ] = []  # (request, future, size, on_token), oldest first
         self._cond = threading.Condition()  # guards _waiting, _accepting, _stopping
         self._accepting = self._stopping = False
         self._running: set[Future] = set()  # the requests the worker holds
@@ -124,8 +134,9 @@ class Batcher:
             self._accepting = False
             open_ = [item[1] for item in self._waiting] + list(self._running)
             self._waiting = []
-        error = ShuttingDown("the server is shutting down and this request did not finish in time.",
-                             "Retry against another instance.")
+        error = ShuttingDown(
+            "the server is shutting down and this request did not finish in time.", "Retry against another instance."
+        )
         return sum(_settle(future, error=error) for future in open_)
 
     def _next_batch(self) -> list | None:
@@ -157,8 +168,10 @@ class Batcher:
         order = sorted(range(len(waiting)), key=lambda i: waiting[i][2])
         at = order.index(0)
         lo = min(max(0, at - n + 1), len(order) - n)
-        best = min(range(lo, min(at, len(order) - n) + 1), key=lambda s: waiting[order[s + n - 1]][2] - waiting[order[s]][2])
-        chosen = set(order[best:best + n])
+        best = min(
+            range(lo, min(at, len(order) - n) + 1), key=lambda s: waiting[order[s + n - 1]][2] - waiting[order[s]][2]
+        )
+        chosen = set(order[best : best + n])
         self._waiting = [item for i, item in enumerate(waiting) if i not in chosen]
         return [item for i, item in enumerate(waiting) if i in chosen]
 
@@ -202,8 +215,12 @@ class Batcher:
                     self._running.update(futures)
                 try:
                     # A future cancelled (a stream whose client left) takes its row out at the next step.
-                    session.add([item[0] for item in joining], keys=futures, on_token=[item[3] for item in joining],
-                                cancelled=[future.cancelled for future in futures])
+                    session.add(
+                        [item[0] for item in joining],
+                        keys=futures,
+                        on_token=[item[3] for item in joining],
+                        cancelled=[future.cancelled for future in futures],
+                    )
                 except BaseException as error:  # noqa: BLE001 - every accepted request must hear back
                     self._release(futures, error=error)
                     continue

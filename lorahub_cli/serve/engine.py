@@ -55,16 +55,29 @@ class Engine:
     """A base model, its bank and a router. One thread at a time: the bank's weights are one shared state
     for the whole model (the server gives the engine to its batcher's worker thread alone)."""
 
-    def __init__(self, base, bank, router, *, k: int = DEFAULTS["k"], compose: str = DEFAULTS["compose"],
-                 max_new_tokens: int = DEFAULTS["max_new_tokens"], batch_size: int = DEFAULTS["batch_size"],
-                 max_input_tokens: int = DEFAULTS["max_input_tokens"], batching: str = "continuous",
-                 description: dict | None = None):
+    def __init__(
+        self,
+        base,
+        bank,
+        router,
+        *,
+        k: int = DEFAULTS["k"],
+        compose: str = DEFAULTS["compose"],
+        max_new_tokens: int = DEFAULTS["max_new_tokens"],
+        batch_size: int = DEFAULTS["batch_size"],
+        max_input_tokens: int = DEFAULTS["max_input_tokens"],
+        batching: str = "continuous",
+        description: dict | None = None,
+    ):
         from ..decoding import steppable
         from ..generation import check_batching
 
         if k < 1 or max_new_tokens < 1 or batch_size < 1 or max_input_tokens < 1:
-            raise InputError(f"k ({k}), max new tokens ({max_new_tokens}), batch size ({batch_size}) and max input "
-                             f"tokens ({max_input_tokens}) must be 1 or more.", "Give positive values.")
+            raise InputError(
+                f"k ({k}), max new tokens ({max_new_tokens}), batch size ({batch_size}) and max input "
+                f"tokens ({max_input_tokens}) must be 1 or more.",
+                "Give positive values.",
+            )
         self.base, self.bank, self.router = base, bank, router
         self.k, self.compose, self.max_new_tokens = k, check_mode(compose), max_new_tokens
         self.batch_size, self.max_input_tokens = batch_size, max_input_tokens
@@ -75,8 +88,17 @@ class Engine:
     # --- building ---------------------------------------------------------------------------
 
     @classmethod
-    def from_registry(cls, store, *, base_model: str | None = None, model_path: str | None = None,
-                      embedder: str | None = None, dtype: str = "auto", device: str = "auto", **options) -> Engine:
+    def from_registry(
+        cls,
+        store,
+        *,
+        base_model: str | None = None,
+        model_path: str | None = None,
+        embedder: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        **options,
+    ) -> Engine:
         """Every adapter with a card for the base model goes into the bank, so any top-k is served
         without loading; memory grows with the library (r x (d_in + d_out) per targeted layer and adapter)."""
         from .. import retrieval
@@ -90,13 +112,25 @@ class Engine:
         base = load_base_model(model_path or index.base_model, dtype=dtype, device=device)
         bank = LoraBank(base.model, adapters, formula="linear")
         router = RetrievalRouter(index, query_embedder, elementwise_ok=bank.elementwise_ok)
-        description = {"source": "registry", "base_model": index.base_model, "adapters": len(adapters),
-                       "embedder": f"{index.embedder_id}@{index.embedder_revision}"}
+        description = {
+            "source": "registry",
+            "base_model": index.base_model,
+            "adapters": len(adapters),
+            "embedder": f"{index.embedder_id}@{index.embedder_revision}",
+        }
         return cls(base, bank, router, description=description, **options)
 
     @classmethod
-    def from_composition(cls, folder: str | Path, *, model_path: str | None = None, embedder: str | None = None,
-                         dtype: str = "auto", device: str = "auto", **options) -> Engine:
+    def from_composition(
+        cls,
+        folder: str | Path,
+        *,
+        model_path: str | None = None,
+        embedder: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        **options,
+    ) -> Engine:
         """An instance-level composition folder (`compose --level instance`): its shots' compositions and router."""
         from safetensors.torch import load_file
 
@@ -120,10 +154,16 @@ class Engine:
         adapters = [load_adapter(folder / entry["folder"], name=entry["folder"]) for entry in recipe.compositions]
         base = load_base_model(model_path or recipe.base_model, dtype=dtype, device=device)
         bank = LoraBank(base.model, adapters, formula="linear")
-        router = ShotRouter(recipe, load_file(folder / ROUTER_FILE)["shots"], query_embedder,
-                            elementwise_ok=bank.elementwise_ok)
-        description = {"source": "composition", "folder": str(folder), "base_model": recipe.base_model,
-                       "compositions": len(adapters), "embedder": key}
+        router = ShotRouter(
+            recipe, load_file(folder / ROUTER_FILE)["shots"], query_embedder, elementwise_ok=bank.elementwise_ok
+        )
+        description = {
+            "source": "composition",
+            "folder": str(folder),
+            "base_model": recipe.base_model,
+            "compositions": len(adapters),
+            "embedder": key,
+        }
         return cls(base, bank, router, description=description, **options)
 
     # --- serving ------------------------------------------------------------------------------
@@ -140,12 +180,15 @@ class Engine:
         if self.router.retrieves and not 1 <= k <= self.bank.n:
             raise InputError(f"k = {k} is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
         if not 1 <= limit <= self.max_new_tokens:
-            raise InputError(f"max_new_tokens = {limit} is outside 1..{self.max_new_tokens}.",
-                             f"Ask for at most {self.max_new_tokens} new tokens.")
+            raise InputError(
+                f"max_new_tokens = {limit} is outside 1..{self.max_new_tokens}.",
+                f"Ask for at most {self.max_new_tokens} new tokens.",
+            )
         tokens = len(self.base.tokenizer(request.input, truncation=False)["input_ids"])
         if tokens > self.max_input_tokens:
-            raise InputTooLong(f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.",
-                             "Shorten the input.")
+            raise InputTooLong(
+                f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.", "Shorten the input."
+            )
         return replace(request, k=k, compose=mode, max_new_tokens=limit)
 
     def named_route(self, adapters: tuple[tuple[str, float], ...]) -> Route:
@@ -156,17 +199,24 @@ class Engine:
         for name, weight in adapters:
             if name not in column:
                 known = ", ".join(self.bank.names[:5]) + (", ..." if self.bank.n > 5 else "")
-                raise InputError(f"adapter '{name}' is not served here.", f"Use one of the served ids ({known}; GET /v1/models).")
+                raise InputError(
+                    f"adapter '{name}' is not served here.", f"Use one of the served ids ({known}; GET /v1/models)."
+                )
             if not math.isfinite(weight):
                 raise InputError(f"the weight of '{name}' is {weight}.", "Give finite weights.")
         if len({name for name, _ in adapters}) < len(adapters):
             raise InputError("an adapter is named twice.", "Name each adapter once.")
         if len(adapters) > 1 and not self.bank.elementwise_ok:
-            raise InputError("merging A and B separately (LoRAX's linear merge) needs adapters of one rank and one "
-                             "scaling, and these differ.", "Name one adapter, or let the server retrieve (mixture).")
+            raise InputError(
+                "merging A and B separately (LoRAX's linear merge) needs adapters of one rank and one "
+                "scaling, and these differ.",
+                "Name one adapter, or let the server retrieve (mixture).",
+            )
         formula = "elementwise" if self.bank.elementwise_ok else "linear"
-        info = {"compose": "adapter" if len(adapters) == 1 else "merged-linear",
-                "adapters": [{"id": name, "weight": weight} for name, weight in adapters]}
+        info = {
+            "compose": "adapter" if len(adapters) == 1 else "merged-linear",
+            "adapters": [{"id": name, "weight": weight} for name, weight in adapters],
+        }
         return Route(tuple(column[name] for name, _ in adapters), tuple(w for _, w in adapters), formula, info)
 
     def routes(self, requests: list[Request]) -> list[Route]:
@@ -176,8 +226,11 @@ class Engine:
         if routed:
             chosen = [requests[i] for i in routed]
             texts = [r.input for r in chosen]
-            found = (self.router.route(texts, [r.k for r in chosen], [r.compose for r in chosen]) if self.router.retrieves
-                     else self.router.route(texts))
+            found = (
+                self.router.route(texts, [r.k for r in chosen], [r.compose for r in chosen])
+                if self.router.retrieves
+                else self.router.route(texts)
+            )
             for i, route in zip(routed, found):
                 routes[i] = route
         for i, r in enumerate(requests):
@@ -208,18 +261,33 @@ class Engine:
         for formula in sorted({route.formula for route in routes}):
             rows = [i for i, route in enumerate(routes) if route.formula == formula]
             generated = generate_details(
-                self.base, [requests[i].input for i in rows], bank=self.bank,
-                weights=weight_matrix([routes[i] for i in rows], self.bank.n), formula=formula,
-                max_new_tokens=[requests[i].max_new_tokens for i in rows], stop=[list(requests[i].stop) for i in rows],
-                batch_size=self.batch_size, max_input_length=self.max_input_tokens, progress=progress, batching="static")
+                self.base,
+                [requests[i].input for i in rows],
+                bank=self.bank,
+                weights=weight_matrix([routes[i] for i in rows], self.bank.n),
+                formula=formula,
+                max_new_tokens=[requests[i].max_new_tokens for i in rows],
+                stop=[list(requests[i].stop) for i in rows],
+                batch_size=self.batch_size,
+                max_input_length=self.max_input_tokens,
+                progress=progress,
+                batching="static",
+            )
             for i, g in zip(rows, generated):
                 outputs[i] = g
         return [_answer(r, route, g) for r, g, route in zip(requests, outputs, routes)]
 
     def info(self) -> dict:
-        return {**self.description, "k": self.k, "compose": self.compose, "compose_modes": list(COMPOSE_MODES),
-                "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-                "max_input_tokens": self.max_input_tokens, "batching": self.batching}
+        return {
+            **self.description,
+            "k": self.k,
+            "compose": self.compose,
+            "compose_modes": list(COMPOSE_MODES),
+            "max_new_tokens": self.max_new_tokens,
+            "batch_size": self.batch_size,
+            "max_input_tokens": self.max_input_tokens,
+            "batching": self.batching,
+        }
 
 
 def _answer(request: Request, route: Route, g) -> Answer:
@@ -254,7 +322,9 @@ class Decoding:
     def busy(self) -> bool:
         return any(d.busy for d in self.decoders.values())
 
-    def add(self, requests: list[Request], keys: list, on_token: list | None = None, cancelled: list | None = None) -> None:
+    def add(
+        self, requests: list[Request], keys: list, on_token: list | None = None, cancelled: list | None = None
+    ) -> None:
         """Queue checked requests, longest input first (a step admits them in that order, so the rows
         prefilled together are of similar length). `on_token[i]`: called with (token id, log-probability,
         the Answer when this token ended the request, else None); `cancelled[i]()` true: the request
@@ -263,27 +333,37 @@ class Decoding:
 
         engine = self.engine
         routes = engine.routes(requests)
-        ids = engine.base.tokenizer([r.input for r in requests], truncation=True,
-                                    max_length=engine.max_input_tokens)["input_ids"]
+        ids = engine.base.tokenizer([r.input for r in requests], truncation=True, max_length=engine.max_input_tokens)[
+            "input_ids"
+        ]
         for i in sorted(range(len(requests)), key=lambda i: -len(ids[i])):
             request, route = requests[i], routes[i]
             decoder = self.decoders.get(route.formula)
             if decoder is None:
-                decoder = self.decoders[route.formula] = Decoder(engine.base, bank=engine.bank, formula=route.formula,
-                                                                 max_batch=engine.batch_size)
+                decoder = self.decoders[route.formula] = Decoder(
+                    engine.base, bank=engine.bank, formula=route.formula, max_batch=engine.batch_size
+                )
             callback = on_token[i] if on_token else None
             if callback is not None:
                 callback = _answering(callback, request, route)
-            decoder.add((keys[i], request, route), ids[i], max_new_tokens=request.max_new_tokens, stop=list(request.stop),
-                        weights=weight_matrix([route], engine.bank.n)[0], on_token=callback,
-                        cancelled=cancelled[i] if cancelled else None)
+            decoder.add(
+                (keys[i], request, route),
+                ids[i],
+                max_new_tokens=request.max_new_tokens,
+                stop=list(request.stop),
+                weights=weight_matrix([route], engine.bank.n)[0],
+                on_token=callback,
+                cancelled=cancelled[i] if cancelled else None,
+            )
 
     def step(self) -> list[tuple[object, Answer]]:
         finished = []
         for decoder in self.decoders.values():
             if decoder.busy:
-                finished += [(key, None if g is None else _answer(request, route, g))
-                             for (key, request, route), g in decoder.step()]
+                finished += [
+                    (key, None if g is None else _answer(request, route, g))
+                    for (key, request, route), g in decoder.step()
+                ]
         return finished
 
     def abandon(self) -> list:
@@ -304,10 +384,14 @@ def read_requests(path: str | Path) -> list[Request]:
     for (number, obj), example in zip(read_jsonl(path), inputs):
         for name in ("k", "max_new_tokens"):
             if name in obj and (not isinstance(obj[name], int) or isinstance(obj[name], bool)):
-                raise InputError(f"{path}:{number}: field '{name}' must be an integer, got {obj[name]!r}.",
-                                 'Example: {"input": "...", "k": 3}')
+                raise InputError(
+                    f"{path}:{number}: field '{name}' must be an integer, got {obj[name]!r}.",
+                    'Example: {"input": "...", "k": 3}',
+                )
         if "compose" in obj and obj["compose"] not in COMPOSE_MODES:
-            raise InputError(f"{path}:{number}: compose '{obj['compose']}' is not one of {', '.join(COMPOSE_MODES)}.",
-                             'Example: {"input": "...", "compose": "mixture"}')
+            raise InputError(
+                f"{path}:{number}: compose '{obj['compose']}' is not one of {', '.join(COMPOSE_MODES)}.",
+                'Example: {"input": "...", "compose": "mixture"}',
+            )
         requests.append(Request(example.input, obj.get("k"), obj.get("compose"), obj.get("max_new_tokens")))
     return requests

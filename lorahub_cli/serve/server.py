@@ -1,6 +1,7 @@
 """The HTTP server: FastAPI over a `Batcher` over an `Engine`.
 
-    POST /v1/generate       lorahub's own: {"input", "k"?, "compose"?, "max_new_tokens"?} -> {"input", "output", "compose", "adapters"}
+    POST /v1/generate       lorahub's own: {"input", "k"?, "compose"?, "max_new_tokens"?}
+                            -> {"input", "output", "compose", "adapters"}
     POST /v1/completions    OpenAI text completions (greedy; `model` may name one adapter; "k", "compose" extra)
     GET  /v1/models         what `model` can name
     POST /generate          TGI, with LoRAX's adapter_id / merged_adapters
@@ -27,9 +28,9 @@ import socket
 import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Optional
 
-from fastapi import FastAPI, Request as HttpRequest
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -47,9 +48,9 @@ OPEN_ROUTES = ("/health",)  # answered without the API key
 class GenerateBody(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
     input: StrictStr
-    k: Optional[StrictInt] = None
+    k: StrictInt | None = None
     compose: apis.Compose = None
-    max_new_tokens: Optional[StrictInt] = None
+    max_new_tokens: StrictInt | None = None
 
 
 class HttpError(Exception):
@@ -70,7 +71,7 @@ def _load_json(body: bytes):
         try:
             json.dumps(data, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as error:
-            bad = error.object[error.start:error.end].encode("unicode_escape").decode()
+            bad = error.object[error.start : error.end].encode("unicode_escape").decode()
             raise HttpError(400, f"the body holds a lone surrogate ({bad}), which is no text.") from None
     return data
 
@@ -90,8 +91,11 @@ _TGI_KINDS = {"invalid_request_error": "validation", "server_error": "generation
 
 
 def _error(status: int, message: str, kind: str, headers: dict | None = None, path: str = "") -> JSONResponse:
-    body = ({"error": message, "error_type": _TGI_KINDS.get(kind, kind)} if path in TGI_ROUTES
-            else {"error": {"message": message, "type": kind, "code": status}})
+    body = (
+        {"error": message, "error_type": _TGI_KINDS.get(kind, kind)}
+        if path in TGI_ROUTES
+        else {"error": {"message": message, "type": kind, "code": status}}
+    )
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -113,26 +117,49 @@ class _Gate:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 what = "a wrong API key" if given else "no API key"
-                refusal = _error(401, f"{what}: send the header 'Authorization: Bearer <key>' with the key the server "
-                                      "was started with.", "authentication_error", {"WWW-Authenticate": "Bearer"}, path)
+                refusal = _error(
+                    401,
+                    f"{what}: send the header 'Authorization: Bearer <key>' with the key the server was started with.",
+                    "authentication_error",
+                    {"WWW-Authenticate": "Bearer"},
+                    path,
+                )
         length = headers.get(b"content-length", b"")
         if refusal is None and length.isdigit() and int(length) > self.max_body:
-            refusal = _error(413, f"the request body is {int(length)} bytes, more than the limit of {self.max_body}.",
-                             "invalid_request_error", None, path)
+            refusal = _error(
+                413,
+                f"the request body is {int(length)} bytes, more than the limit of {self.max_body}.",
+                "invalid_request_error",
+                None,
+                path,
+            )
         if refusal is not None:
             return await refusal(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = LIMITS["window"],
-               max_queue: int = LIMITS["max_queue"], max_input_chars: int = LIMITS["max_input_chars"],
-               max_prompts: int = LIMITS["max_prompts"], api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine,
+    *,
+    max_batch: int = LIMITS["max_batch"],
+    window: float = LIMITS["window"],
+    max_queue: int = LIMITS["max_queue"],
+    max_input_chars: int = LIMITS["max_input_chars"],
+    max_prompts: int = LIMITS["max_prompts"],
+    api_key: str | None = None,
+) -> FastAPI:
     """An app serving `engine` (anything with check(Request), run(list[Request]) and info(); `bank.names` and
     `base.tokenizer` for the adapter-naming and token-level APIs)."""
     # Continuous batching when the engine offers it (a step loop, `engine.decoding`), else static batches of `run`.
     continuous = getattr(engine, "batching", "static") == "continuous"
-    batcher = Batcher(None if continuous else engine.run, session=engine.decoding if continuous else None,
-                      max_batch=max_batch, window=window, max_queue=max_queue, size=lambda r: len(r.input))
+    batcher = Batcher(
+        None if continuous else engine.run,
+        session=engine.decoding if continuous else None,
+        max_batch=max_batch,
+        window=window,
+        max_queue=max_queue,
+        size=lambda r: len(r.input),
+    )
     # Room for max_prompts inputs of max_input_chars UTF-8 characters (up to 4 bytes each) and the JSON around them.
     max_body = 4 * max_input_chars * max_prompts + 65_536
     started = int(time.time())
@@ -155,8 +182,13 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
     @app.exception_handler(StarletteHTTPException)
     async def routing_error(request: HttpRequest, error: StarletteHTTPException):
         message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
-        return _error(error.status_code, message.get(error.status_code, str(error.detail)), "invalid_request_error",
-                      getattr(error, "headers", None), request.url.path)
+        return _error(
+            error.status_code,
+            message.get(error.status_code, str(error.detail)),
+            "invalid_request_error",
+            getattr(error, "headers", None),
+            request.url.path,
+        )
 
     @app.exception_handler(Exception)
     async def unexpected(request: HttpRequest, error: Exception):
@@ -171,7 +203,9 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
 
     def check(request: Request) -> Request:
         if len(request.input) > max_input_chars:
-            raise HttpError(413, f"the input is {len(request.input)} characters, more than the limit of {max_input_chars}.")
+            raise HttpError(
+                413, f"the input is {len(request.input)} characters, more than the limit of {max_input_chars}."
+            )
         try:
             return engine.check(request)
         except InputTooLong as error:
@@ -201,12 +235,24 @@ def create_app(engine, *, max_batch: int = LIMITS["max_batch"], window: float = 
     @app.get("/health")
     async def health():
         s = batcher.stats
-        return {"status": "ok" if batcher.accepting else "draining", "queued": batcher.queued,
-                "batches": s.batches, "requests": s.requests, "largest_batch": s.largest_batch, "steps": s.steps,
-                "batching": "continuous" if batcher.continuous else "static",
-                "limits": {"max_batch": max_batch, "window": window, "max_queue": max_queue,
-                           "max_input_chars": max_input_chars, "max_prompts": max_prompts},
-                "auth": api_key is not None, "engine": engine.info()}
+        return {
+            "status": "ok" if batcher.accepting else "draining",
+            "queued": batcher.queued,
+            "batches": s.batches,
+            "requests": s.requests,
+            "largest_batch": s.largest_batch,
+            "steps": s.steps,
+            "batching": "continuous" if batcher.continuous else "static",
+            "limits": {
+                "max_batch": max_batch,
+                "window": window,
+                "max_queue": max_queue,
+                "max_input_chars": max_input_chars,
+                "max_prompts": max_prompts,
+            },
+            "auth": api_key is not None,
+            "engine": engine.info(),
+        }
 
     @app.post("/v1/generate")
     async def generate(request: HttpRequest):
@@ -315,7 +361,9 @@ def check_port(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as error:
-        raise InputError(f"cannot listen on host '{host}' ({error.strerror}).", "Give --host 127.0.0.1 or 0.0.0.0.") from None
+        raise InputError(
+            f"cannot listen on host '{host}' ({error.strerror}).", "Give --host 127.0.0.1 or 0.0.0.0."
+        ) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a TIME_WAIT port is free
@@ -323,12 +371,15 @@ def check_port(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as error:
             taken = error.errno == errno.EADDRINUSE
-            raise InputError(f"{host}:{port} is in use." if taken else f"cannot listen on {host}:{port} ({error.strerror}).",
-                             "Choose another --port, or stop what listens there.") from None
+            raise InputError(
+                f"{host}:{port} is in use." if taken else f"cannot listen on {host}:{port} ({error.strerror}).",
+                "Choose another --port, or stop what listens there.",
+            ) from None
 
 
-def make_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 60.0,
-                log_level: str = "info"):
+def make_server(
+    app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 60.0, log_level: str = "info"
+):
     """A uvicorn server whose shutdown keeps the promise: on SIGINT/SIGTERM no new request is accepted, open
     ones get `shutdown_timeout` seconds to finish, and those still open then are answered 503 (not dropped)."""
     import copy
@@ -351,8 +402,14 @@ def make_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shut
                 deadline.cancel()
 
     # uvicorn cancels whatever is still open after its own timeout: give the 503s time to be written first.
-    config = uvicorn.Config(app, host=host, port=port, log_config=logging, log_level=log_level,
-                            timeout_graceful_shutdown=shutdown_timeout + _ANSWER_GRACE)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=logging,
+        log_level=log_level,
+        timeout_graceful_shutdown=shutdown_timeout + _ANSWER_GRACE,
+    )
     return Server(config)
 
 
