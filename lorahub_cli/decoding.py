@@ -1,6 +1,6 @@
 """Greedy decoding, one step at a time, of a batch whose rows come and go (continuous batching).
 
-    decoder = Decoder(base, bank=bank, formula="linear", max_batch=32)
+    decoder = Decoder(base, bank=bank, mode="linear", max_batch=32)
     decoder.add(key, token_ids, max_new_tokens=16, stop=["\\n"], weights=w)   # w: (N,) bank weights
     while decoder.busy:
         for key, generated in decoder.step():   # the rows that finished at this step
@@ -135,10 +135,10 @@ class _Batch:
 
 
 class Decoder:
-    """Continuous batching for one model (and one bank formula: a forward pass evaluates one); see the module
+    """Continuous batching for one model (and one bank mode: a forward pass evaluates one); see the module
     docstring. Not thread-safe: one thread adds and steps."""
 
-    def __init__(self, base, *, bank=None, formula: str | None = None, max_batch: int = 16):
+    def __init__(self, base, *, bank=None, mode: str | None = None, max_batch: int = 16):
         if not steppable(base):
             raise InputError(
                 "this model cannot be decoded step by step here (sliding-window attention, no "
@@ -147,7 +147,7 @@ class Decoder:
             )
         if max_batch < 1:
             raise InputError(f"the batch size is {max_batch}.", "Give a batch size of 1 or more.")
-        self.base, self.bank, self.formula, self.max_batch = base, bank, formula, max_batch
+        self.base, self.bank, self.mode, self.max_batch = base, bank, mode, max_batch
         self.model, self.tok = base.model, base.tokenizer
         self.device = base.device
         params = inspect.signature(type(self.model).forward).parameters
@@ -234,7 +234,7 @@ class Decoder:
         dev = self.device
         bank_rows = None
         if self.bank is not None:
-            bank_rows = self.bank.rows(torch.stack([r.weights for r in rows]), self.formula)
+            bank_rows = self.bank.rows(torch.stack([r.weights for r in rows]), self.mode)
         width = max(len(r.prompt) for r in rows)
         with self._composed(bank_rows):
             if self.base.is_seq2seq:

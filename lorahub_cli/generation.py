@@ -67,7 +67,7 @@ def generate_details(
     *,
     bank=None,
     weights=None,
-    formula: str | None = None,
+    mode: str | None = None,
     max_new_tokens: int | list[int] = 256,
     stop: list[list[str]] | None = None,
     batch_size: int = 16,
@@ -94,8 +94,8 @@ def generate_details(
     W = _row_weights(weights, len(inputs), bank.n) if bank is not None else None
     stops = stop or [[] for _ in inputs]
     if batching == "static" or not steppable(base):
-        return _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, progress)
-    decoder = Decoder(base, bank=bank, formula=formula, max_batch=batch_size)
+        return _generate_static(base, ids, bank, W, mode, limits, stops, batch_size, progress)
+    decoder = Decoder(base, bank=bank, mode=mode, max_batch=batch_size)
     for i in _batches([len(x) for x in ids], len(ids))[0]:  # longest first, as static batches go
         decoder.add(i, ids[i], max_new_tokens=limits[i], stop=stops[i], weights=None if W is None else W[i])
     return drain(decoder, len(inputs), progress)
@@ -112,7 +112,7 @@ def check_batching(batching: str) -> str:
     return batching
 
 
-def _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, progress) -> list[Generated]:
+def _generate_static(base, ids, bank, W, mode, limits, stops, batch_size, progress) -> list[Generated]:
     """Whole batches of similar length through `model.generate`: a batch decodes until its longest row is
     done (finished rows are padded), and nothing joins it. Kept as the baseline of continuous batching."""
     from transformers import LogitsProcessorList
@@ -144,7 +144,7 @@ def _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, pro
         if W is None:
             out = base.model.generate(**kwargs)
         else:
-            with bank.weights(W[batch], formula):
+            with bank.weights(W[batch], mode):
                 out = base.model.generate(**kwargs)
         # A seq2seq output starts with the decoder start token; a causal one with the prompt.
         out = (out[:, 1:] if base.is_seq2seq else out[:, width:]).tolist()

@@ -117,7 +117,7 @@ def test_linear_with_mixed_ranks_and_scalings(adapter_sets, kind):
             want = composed_logits(reference, adapters, W[b], "linear", rows_of(batch, [b]))
             torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="one rank and one scaling"):
-        bank.weights(W, formula="elementwise").__enter__()
+        bank.weights(W, mode="elementwise").__enter__()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -251,8 +251,8 @@ def test_bad_weights_and_batches_are_refused(adapter_sets):
     bank = LoraBank(model, adapter_sets["llama"]["same"])
     with pytest.raises(InputError, match=r"shape \(2, 4\) do not fit a bank of 3 adapters"):
         bank.weights(torch.ones(2, 4)).__enter__()
-    with pytest.raises(InputError, match="cannot evaluate formula 'ties'"):
-        bank.weights(torch.ones(N), formula="ties").__enter__()
+    with pytest.raises(InputError, match="cannot evaluate 'ties'"):
+        bank.weights(torch.ones(N), mode="ties").__enter__()
     with bank.weights(torch.ones(2, N)), pytest.raises(InputError, match="batch of 3 rows cannot be split among 2"):
         logits(model, tiny_batch(model, rows=3))
 

@@ -12,6 +12,10 @@ requests runs in one forward pass. No merged d_out x d_in weight and no
 rows x tokens x N x d_out tensor is ever built. Gradients flow to W; the base and
 adapter weights stay frozen. Without a `weights` context the bank is a no-op.
 
+The bank has two modes (`BANK_MODES`), one per forward pass: "elementwise" (A = sum w_i A_i,
+B = sum w_i B_i: LoraHub's formula, and fusion) and "linear" (the sum of the weighted deltas:
+mixture); a formula's `bank_mode` (compose/formulas.py) names the mode it runs under.
+
 Two ways to evaluate a forward pass, chosen per `weights` context:
 - dense (`_linear`, `_elementwise`): every row against the factors of every adapter some
   row weighs. Right for a search population, whose vectors weigh all N adapters.
@@ -34,7 +38,6 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import InputError
 from .adapters import LoraAdapter, check_compatible
-from .formulas import FORMULAS
 
 BANK_MODES = ("elementwise", "linear")
 
@@ -173,7 +176,7 @@ class BankRows:
         if self.mode != other.mode:
             raise ValueError("rows of two bank modes cannot share a forward pass")
         if (self.grouped is None) != (other.grouped is None):  # one side dense: decide again for the whole batch
-            return self.bank.rows(torch.cat([self.W, other.W]), formula=self.mode)  # mode names are formula names
+            return self.bank.rows(torch.cat([self.W, other.W]), mode=self.mode)
         grouped = None if self.grouped is None else GroupedRows.cat(self.grouped, other.grouped, capacity)
         return BankRows(self.bank, torch.cat([self.W, other.W]), self.mode, grouped)
 
@@ -271,16 +274,17 @@ class BankedLayer(nn.Module):
 class LoraBank:
     """N adapters injected into `model` in place; see the module docstring.
 
-    `formula` is the default for `weights()`: "elementwise" (LoraHub; also fusion, with
-    rows of 1/k) or "linear". `lora_dtype`: the dtype of the LoRA path (default: each base
-    layer's), e.g. fp32 over a bf16 or int8 base. Call `remove()` to restore the original modules.
+    `mode` is the default for `weights()`: "elementwise" (A = sum w_i A_i, B = sum w_i B_i: LoraHub's
+    formula, and fusion with rows of 1/k) or "linear" (the weighted sum of the deltas: mixture); a
+    formula's `bank_mode` names the one it runs under. `lora_dtype`: the dtype of the LoRA path (default:
+    each base layer's), e.g. fp32 over a bf16 or int8 base. Call `remove()` to restore the original modules.
     """
 
     def __init__(
         self,
         model: nn.Module,
         adapters: Sequence[LoraAdapter],
-        formula: str = "elementwise",
+        mode: str = "elementwise",
         lora_dtype: torch.dtype | None = None,
     ):
         check_compatible(adapters)
@@ -288,7 +292,7 @@ class LoraBank:
         self.names = [a.name for a in adapters]
         self._ranks, self._scalings = [a.r for a in adapters], [a.scaling for a in adapters]
         self._elementwise_ok = len({a.r for a in adapters}) == 1 and len({a.scaling for a in adapters}) == 1
-        self.formula = self._mode(formula)
+        self.mode = self._check_mode(mode)
         targets = {module: self._target(model, module, adapters[0]) for module in adapters[0].modules}
         # Everything is checked; from here on the model is modified.
         self._state = _BankState()
@@ -309,10 +313,10 @@ class LoraBank:
 
     @property
     def elementwise_ok(self) -> bool:
-        """Whether the elementwise formula is defined: one rank and one scaling for all adapters."""
+        """Whether mode elementwise is defined: one rank and one scaling for all adapters."""
         return self._elementwise_ok
 
-    def rows(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> BankRows:
+    def rows(self, W: torch.Tensor, mode: str | None = None, grouped: bool | None = None) -> BankRows:
         """W (shape (P, N), or (N,) for one vector for the whole batch) checked and ready to compose with:
         `use(rows)` runs under it. `grouped`: each row computes only its own adapters (None: when every row
         weighs at most half the bank and W needs no gradient; see the module docstring)."""
@@ -323,7 +327,7 @@ class LoraBank:
                 f"weights of shape {tuple(W.shape)} do not fit a bank of {self.n} adapters.",
                 f"Give a float tensor of shape (P, {self.n}).",
             )
-        mode = self._mode(formula or self.formula)
+        mode = self._check_mode(mode or self.mode)
         W = W.to(next(self.model.parameters()).device)  # once here, not in every layer
         if grouped is None:
             grouped = not (W.requires_grad and torch.is_grad_enabled()) and int(W.ne(0).sum(dim=1).max()) <= self.n // 2
@@ -347,9 +351,9 @@ class LoraBank:
             self._state.weights, self._state.mode, self._state.used, self._state.grouped = saved
 
     @contextmanager
-    def weights(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> Iterator[None]:
-        """Compose with W, shape (P, N) or (N,); `rows()` says what `formula` and `grouped` do."""
-        with self.use(self.rows(W, formula, grouped)):
+    def weights(self, W: torch.Tensor, mode: str | None = None, grouped: bool | None = None) -> Iterator[None]:
+        """Compose with W, shape (P, N) or (N,); `rows()` says what `mode` and `grouped` do."""
+        with self.use(self.rows(W, mode, grouped)):
             yield
 
     def remove(self) -> nn.Module:
@@ -361,16 +365,15 @@ class LoraBank:
         self._originals, self._trainable = {}, []
         return self.model
 
-    def _mode(self, formula: str) -> str:
-        spec = FORMULAS.get(formula)
-        if spec is None or spec.bank_mode not in BANK_MODES:
-            bankable = [name for name, f in FORMULAS.items() if f.bank_mode]
-            raise InputError(f"the bank cannot evaluate formula '{formula}'.", f"Choose one of: {', '.join(bankable)}.")
-        if spec.bank_mode == "elementwise" and not self._elementwise_ok:
+    def _check_mode(self, mode: str) -> str:
+        if mode not in BANK_MODES:
             raise InputError(
-                f"formula '{formula}' needs adapters of one rank and one scaling.", "Use formula 'linear'."
+                f"the bank cannot evaluate '{mode}': its modes are {' and '.join(BANK_MODES)}.",
+                "Give a formula's bank mode (compose.formulas.FORMULAS[name].bank_mode).",
             )
-        return spec.bank_mode
+        if mode == "elementwise" and not self._elementwise_ok:
+            raise InputError("mode 'elementwise' needs adapters of one rank and one scaling.", "Use mode 'linear'.")
+        return mode
 
     @staticmethod
     def _target(model: nn.Module, module: str, adapter: LoraAdapter) -> nn.Module:

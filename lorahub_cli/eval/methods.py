@@ -131,7 +131,7 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
     "linear" with one-hot rows is each adapter exactly, whatever its rank."""
     from ..compose.bank import LoraBank
 
-    bank = LoraBank(ctx.base.model, adapters, formula="linear")
+    bank = LoraBank(ctx.base.model, adapters, mode="linear")
     try:
         return ctx.generate(inputs, bank=bank, weights=weights)
     finally:

@@ -5,9 +5,9 @@
 
 The bank holds every adapter a router can choose (every carded adapter of the base
 model, or every shot's composition), injected once: no adapter is loaded per batch.
-Requests that use different adapters share forward passes; only the bank formula
-splits a call (mixture rows run under the linear formula, fusion and single rows
-under the elementwise one), because a forward pass evaluates one formula.
+Requests that use different adapters share forward passes; only the bank mode
+splits a call (mixture rows run in the linear mode, fusion and single rows in the
+elementwise one), because a forward pass evaluates one mode.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError
-from ..routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_mode, weight_matrix
+from ..routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_compose, weight_matrix
 from ..settings import SERVE as DEFAULTS
 
 
@@ -79,7 +79,7 @@ class Engine:
                 "Give positive values.",
             )
         self.base, self.bank, self.router = base, bank, router
-        self.k, self.compose, self.max_new_tokens = k, check_mode(compose), max_new_tokens
+        self.k, self.compose, self.max_new_tokens = k, check_compose(compose), max_new_tokens
         self.batch_size, self.max_input_tokens = batch_size, max_input_tokens
         # A model the step loop cannot run exactly (decoding.steppable) is served in static batches.
         self.batching = check_batching(batching) if steppable(base) else "static"
@@ -110,7 +110,7 @@ class Engine:
         query_embedder = index.embedder(embedder)
         adapters = load_modules(store, [store.get(i) for i in index.ids])
         base = load_base_model(model_path or index.base_model, dtype=dtype, device=device)
-        bank = LoraBank(base.model, adapters, formula="linear")
+        bank = LoraBank(base.model, adapters, mode="linear")
         router = RetrievalRouter(index, query_embedder, elementwise_ok=bank.elementwise_ok)
         description = {
             "source": "registry",
@@ -153,7 +153,7 @@ class Engine:
             raise InputError(f"the router was made with {key}, not {query_embedder.key}.", "Drop --embedder.")
         adapters = [load_adapter(folder / entry["folder"], name=entry["folder"]) for entry in recipe.compositions]
         base = load_base_model(model_path or recipe.base_model, dtype=dtype, device=device)
-        bank = LoraBank(base.model, adapters, formula="linear")
+        bank = LoraBank(base.model, adapters, mode="linear")
         router = ShotRouter(
             recipe, load_file(folder / ROUTER_FILE)["shots"], query_embedder, elementwise_ok=bank.elementwise_ok
         )
@@ -175,7 +175,7 @@ class Engine:
         if request.adapters is not None:
             self.named_route(request.adapters)
         k = self.k if request.k is None else request.k
-        mode = check_mode(self.compose if request.compose is None else request.compose)
+        compose = check_compose(self.compose if request.compose is None else request.compose)
         limit = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
         if self.router.retrieves and not 1 <= k <= self.bank.n:
             raise InputError(f"k = {k} is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
@@ -189,7 +189,7 @@ class Engine:
             raise InputTooLong(
                 f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.", "Shorten the input."
             )
-        return replace(request, k=k, compose=mode, max_new_tokens=limit)
+        return replace(request, k=k, compose=compose, max_new_tokens=limit)
 
     def named_route(self, adapters: tuple[tuple[str, float], ...]) -> Route:
         """The route of named adapters and weights, or an InputError naming the unknown id or bad weight."""
@@ -212,12 +212,12 @@ class Engine:
                 "scaling, and these differ.",
                 "Name one adapter, or let the server retrieve (mixture).",
             )
-        formula = "elementwise" if self.bank.elementwise_ok else "linear"
+        mode = "elementwise" if self.bank.elementwise_ok else "linear"
         info = {
             "compose": "adapter" if len(adapters) == 1 else "merged-linear",
             "adapters": [{"id": name, "weight": weight} for name, weight in adapters],
         }
-        return Route(tuple(column[name] for name, _ in adapters), tuple(w for _, w in adapters), formula, info)
+        return Route(tuple(column[name] for name, _ in adapters), tuple(w for _, w in adapters), mode, info)
 
     def routes(self, requests: list[Request]) -> list[Route]:
         """Each checked request's route: retrieval (in one call for all) or its named adapters."""
@@ -258,14 +258,14 @@ class Engine:
 
         routes = self.routes(requests)
         outputs = [None] * len(requests)
-        for formula in sorted({route.formula for route in routes}):
-            rows = [i for i, route in enumerate(routes) if route.formula == formula]
+        for mode in sorted({route.mode for route in routes}):
+            rows = [i for i, route in enumerate(routes) if route.mode == mode]
             generated = generate_details(
                 self.base,
                 [requests[i].input for i in rows],
                 bank=self.bank,
                 weights=weight_matrix([routes[i] for i in rows], self.bank.n),
-                formula=formula,
+                mode=mode,
                 max_new_tokens=[requests[i].max_new_tokens for i in rows],
                 stop=[list(requests[i].stop) for i in rows],
                 batch_size=self.batch_size,
@@ -297,7 +297,7 @@ def _answer(request: Request, route: Route, g) -> Answer:
 class Decoding:
     """Continuous batching over an engine: checked requests are added (routed, then queued) at any time,
     and each `step()` advances every row by one token and returns the answers that finished. One decoder
-    per bank formula (a forward pass evaluates one), each running up to the engine's batch size.
+    per bank mode (a forward pass evaluates one), each running up to the engine's batch size.
 
         session = engine.decoding()
         session.add(requests, keys)              # on_token: per request, called as each token is decoded
@@ -307,7 +307,7 @@ class Decoding:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.decoders: dict[str, object] = {}  # formula -> decoding.Decoder
+        self.decoders: dict[str, object] = {}  # bank mode -> decoding.Decoder
 
     @property
     def running(self) -> int:
@@ -338,10 +338,10 @@ class Decoding:
         ]
         for i in sorted(range(len(requests)), key=lambda i: -len(ids[i])):
             request, route = requests[i], routes[i]
-            decoder = self.decoders.get(route.formula)
+            decoder = self.decoders.get(route.mode)
             if decoder is None:
-                decoder = self.decoders[route.formula] = Decoder(
-                    engine.base, bank=engine.bank, formula=route.formula, max_batch=engine.batch_size
+                decoder = self.decoders[route.mode] = Decoder(
+                    engine.base, bank=engine.bank, mode=route.mode, max_batch=engine.batch_size
                 )
             callback = on_token[i] if on_token else None
             if callback is not None:
