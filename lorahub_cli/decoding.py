@@ -1,7 +1,7 @@
 """Greedy decoding, one step at a time, of a batch whose rows come and go (continuous batching).
 
     decoder = Decoder(base, bank=bank, mode="linear", max_batch=32)
-    decoder.add(key, token_ids, max_new_tokens=16, stop=["\\n"], weights=w)   # w: (N,) bank weights
+    decoder.add(key, token_ids, max_new_tokens=16, stop=["\\n"], weights=SparseRow((2, 7), (0.5, 0.5)))
     while decoder.busy:
         for key, generated in decoder.step():   # the rows that finished at this step
             ...
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compose.bank import append_rows, compact_rows
+from .compose.bank import SparseRow, append_rows, compact_rows
 from .errors import InputError
 
 
@@ -115,7 +115,7 @@ class _Row:
     prompt: list[int]
     limit: int
     stops: list[str]
-    weights: torch.Tensor | None  # (N,)
+    weights: SparseRow | None  # the row's bank columns and weights
     on_token: Callable | None  # (token id, log-probability, Generated when this token ended the row, else None)
     cancelled: Callable[[], bool] | None  # true: nobody waits for the row any more; it leaves with no answer
     tokens: list[int] = field(default_factory=list)
@@ -170,12 +170,13 @@ class Decoder:
         *,
         max_new_tokens: int,
         stop=(),
-        weights: torch.Tensor | None = None,
+        weights: SparseRow | None = None,
         on_token: Callable | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> None:
-        """Queue a row. `on_token(token, logprob, Generated or None)` as each token is decoded; `cancelled()`
-        true at a step: the row leaves then, reported by `step` with None for its Generated."""
+        """Queue a row; `weights`: its composition over the bank. `on_token(token, logprob, Generated or None)`
+        as each token is decoded; `cancelled()` true at a step: the row leaves then, reported by `step` with None
+        for its Generated."""
         if (weights is None) != (self.bank is None):
             raise InputError("a row's weights and the decoder's bank must be given together.", "Pass both or neither.")
         if max_new_tokens < 1 or not ids:
@@ -234,7 +235,7 @@ class Decoder:
         dev = self.device
         bank_rows = None
         if self.bank is not None:
-            bank_rows = self.bank.rows(torch.stack([r.weights for r in rows]), self.mode)
+            bank_rows = self.bank.sparse_rows([r.weights for r in rows], self.mode)
         width = max(len(r.prompt) for r in rows)
         with self._composed(bank_rows):
             if self.base.is_seq2seq:

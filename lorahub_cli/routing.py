@@ -9,8 +9,8 @@ Two routers, each returning one `Route` per input (used by serving and by eval's
 - `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
   every input to its most similar shot, answered by that shot's composition alone.
 
-A `Route` names bank columns, so `weight_matrix` turns a list of routes into the
-(rows, N) matrix that `LoraBank.weights` and `generation.generate` take.
+A `Route` names bank columns and their weights: `route.row`, a SparseRow, is what
+`generation.generate` and `decoding.Decoder` take, sparse all the way to the bank.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compose.bank import SparseRow
 from .errors import InputError
 
 # compose mode -> the bank mode its rows run under; single is a one-hot row of either.
@@ -34,13 +35,9 @@ class Route:
     mode: str  # linear | elementwise
     info: dict = field(default_factory=dict, compare=False)  # what to tell the user: adapters, shot, scores
 
-
-def weight_matrix(routes: list[Route], n: int) -> torch.Tensor:
-    """(rows, n) float32: row b holds route b's weights in its columns, zeros elsewhere."""
-    W = torch.zeros(len(routes), n)
-    for row, route in enumerate(routes):
-        W[row, list(route.columns)] = torch.tensor(route.weights)
-    return W
+    @property
+    def row(self) -> SparseRow:
+        return SparseRow(self.columns, self.weights)
 
 
 def check_compose(compose: str) -> str:

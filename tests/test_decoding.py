@@ -13,7 +13,7 @@ from tiny_models import (
 )
 
 from lorahub_cli.compose.adapters import load_adapter
-from lorahub_cli.compose.bank import LoraBank
+from lorahub_cli.compose.bank import LoraBank, sparse
 from lorahub_cli.decoding import Decoder
 from lorahub_cli.generation import generate_details
 from lorahub_cli.models import load_base_model
@@ -78,7 +78,7 @@ def run_alone(base, bank, mode, ids, W, limits):
     out = []
     for i, row in enumerate(ids):
         decoder = Decoder(base, bank=bank, mode=mode, max_batch=1)
-        decoder.add(i, row, max_new_tokens=limits[i], weights=W[i])
+        decoder.add(i, row, max_new_tokens=limits[i], weights=sparse(W)[i])
         while decoder.busy:
             out += [g for _, g in decoder.step()]
     return out
@@ -118,7 +118,7 @@ def test_rows_joining_and_leaving_generate_what_each_generates_alone(world, mode
     step = 0
     while decoder.busy or schedule:
         for i in schedule.pop(step, []):
-            decoder.add(i, ids[i], max_new_tokens=limits[i], weights=W[i])
+            decoder.add(i, ids[i], max_new_tokens=limits[i], weights=sparse(W)[i])
         running, waiting = decoder.running, len(decoder.waiting)
         together.update(decoder.step())
         assert decoder.running <= 4
@@ -148,7 +148,7 @@ def test_finished_rows_leave_the_batch(world):
     try:
         decoder = Decoder(base, bank=bank, mode="linear", max_batch=8)
         for i in range(4):
-            decoder.add(i, ids[i], max_new_tokens=limits[i], weights=W[i])
+            decoder.add(i, ids[i], max_new_tokens=limits[i], weights=sparse(W)[i])
         steps = 0
         while decoder.busy:
             decoder.step()
@@ -226,7 +226,9 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unchanged(wo
     gone = {"flag": False}
     decoder = Decoder(base, bank=bank, mode="linear", max_batch=3)
     for i in range(3):
-        decoder.add(i, ids[i], max_new_tokens=6, weights=W[i], cancelled=(lambda: gone["flag"]) if i == 1 else None)
+        decoder.add(
+            i, ids[i], max_new_tokens=6, weights=sparse(W)[i], cancelled=(lambda: gone["flag"]) if i == 1 else None
+        )
     results, running = {}, []
     while decoder.busy:
         if len(running) == 2:

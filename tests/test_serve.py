@@ -650,3 +650,28 @@ def test_static_and_continuous_batching_give_the_same_answers(home):
     assert (continuous.batching, static.batching) == ("continuous", "static")
     for a, b in zip(continuous.run(requests), static.run(requests)):
         assert (a.output, a.tokens, a.finish_reason, a.route) == (b.output, b.tokens, b.finish_reason, b.route)
+
+
+def test_each_request_is_tokenised_once_in_process_and_over_http(tiny_engine, monkeypatch):
+    """The check tokenises a request (to count its tokens) and its ids go on to the decoder: no second pass
+    through the tokenizer, with either batching and over HTTP."""
+    texts = [task_inputs(task, 1)[0] for task in TASKS]
+    tokenizer = type(tiny_engine.base.tokenizer)
+    real, seen = tokenizer.__call__, []
+
+    def counting(self, text, *args, **kwargs):
+        seen.extend([text] if isinstance(text, str) else text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "__call__", counting)
+    for batching in ("continuous", "static"):
+        monkeypatch.setattr(tiny_engine, "batching", batching)
+        seen.clear()
+        answers = tiny_engine.run([Request(t) for t in texts])
+        assert sorted(seen) == sorted(texts), batching
+        assert all(a.prompt_tokens == len(real(tiny_engine.base.tokenizer, a.input)["input_ids"]) for a in answers)
+        with running(create_app(tiny_engine, window=0.0)) as (url, _):
+            seen.clear()
+            for text in texts[:2]:
+                assert post(url + "/v1/generate", {"input": text})[0] == 200
+        assert seen == texts[:2], batching

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import InputError
-from ..routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_compose, weight_matrix
+from ..routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_compose
 from ..settings import SERVE as DEFAULTS
 
 
@@ -35,6 +35,7 @@ class Request:
     # Named adapters and weights instead of retrieval: (("id", 1.0),) is one adapter (LoRAX's adapter_id);
     # several are merged as LoRAX's linear merge does, A = sum w_i A_i and B = sum w_i B_i (the elementwise formula).
     adapters: tuple[tuple[str, float], ...] | None = None
+    ids: list[int] | None = field(default=None, repr=False)  # the input's token ids, set by Engine.check
 
 
 @dataclass
@@ -184,12 +185,17 @@ class Engine:
                 f"max_new_tokens = {limit} is outside 1..{self.max_new_tokens}.",
                 f"Ask for at most {self.max_new_tokens} new tokens.",
             )
-        tokens = len(self.base.tokenizer(request.input, truncation=False)["input_ids"])
-        if tokens > self.max_input_tokens:
+        # Tokenised once, here: the ids travel with the checked request to the decoder.
+        ids = (
+            request.ids
+            if request.ids is not None
+            else self.base.tokenizer(request.input, truncation=False)["input_ids"]
+        )
+        if len(ids) > self.max_input_tokens:
             raise InputTooLong(
-                f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.", "Shorten the input."
+                f"the input is {len(ids)} tokens, more than the limit of {self.max_input_tokens}.", "Shorten the input."
             )
-        return replace(request, k=k, compose=compose, max_new_tokens=limit)
+        return replace(request, k=k, compose=compose, max_new_tokens=limit, ids=ids)
 
     def named_route(self, adapters: tuple[tuple[str, float], ...]) -> Route:
         """The route of named adapters and weights, or an InputError naming the unknown id or bad weight."""
@@ -254,22 +260,21 @@ class Engine:
             session = self.decoding()
             session.add(requests, keys=list(range(len(requests))))
             return drain(session, len(requests), progress)
-        from ..generation import generate_details
+        from ..generation import generate_tokens
 
         routes = self.routes(requests)
         outputs = [None] * len(requests)
         for mode in sorted({route.mode for route in routes}):
             rows = [i for i, route in enumerate(routes) if route.mode == mode]
-            generated = generate_details(
+            generated = generate_tokens(
                 self.base,
-                [requests[i].input for i in rows],
+                [requests[i].ids for i in rows],
                 bank=self.bank,
-                weights=weight_matrix([routes[i] for i in rows], self.bank.n),
+                weights=[routes[i].row for i in rows],
                 mode=mode,
                 max_new_tokens=[requests[i].max_new_tokens for i in rows],
                 stop=[list(requests[i].stop) for i in rows],
                 batch_size=self.batch_size,
-                max_input_length=self.max_input_tokens,
                 progress=progress,
                 batching="static",
             )
@@ -333,10 +338,7 @@ class Decoding:
 
         engine = self.engine
         routes = engine.routes(requests)
-        ids = engine.base.tokenizer([r.input for r in requests], truncation=True, max_length=engine.max_input_tokens)[
-            "input_ids"
-        ]
-        for i in sorted(range(len(requests)), key=lambda i: -len(ids[i])):
+        for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids)):
             request, route = requests[i], routes[i]
             decoder = self.decoders.get(route.mode)
             if decoder is None:
@@ -348,10 +350,10 @@ class Decoding:
                 callback = _answering(callback, request, route)
             decoder.add(
                 (keys[i], request, route),
-                ids[i],
+                request.ids,
                 max_new_tokens=request.max_new_tokens,
                 stop=list(request.stop),
-                weights=weight_matrix([route], engine.bank.n)[0],
+                weights=route.row,
                 on_token=callback,
                 cancelled=cancelled[i] if cancelled else None,
             )
