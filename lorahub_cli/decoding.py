@@ -348,7 +348,7 @@ class Decoder:
 
 
 def drain(stepper, n: int, progress=None) -> list:
-    """Step a Decoder (or an engine's Decoding) whose keys are 0..n-1 until it is idle; results by key.
+    """Step a Decoder (or an engine's Session) whose keys are 0..n-1 until it is idle; results by key.
     `progress(k)` after each step that finished k rows."""
     results = [None] * n
     while stepper.busy:

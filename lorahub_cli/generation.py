@@ -6,7 +6,7 @@ Rows run longest input first, up to `batch_size` at a time, each under its own w
 vector in the bank, so inputs that use different adapters share forward passes (weights given
 as SparseRows, a route's adapters and weights, stay sparse down to the bank). Without a
 bank it is the base model. Decoding is greedy (no sampling, one beam), as in the papers'
-protocol. `max_new_tokens` may be one limit per input. `batching="continuous"` (default):
+protocol. `max_new_tokens` may be one limit per input. `batching="continuous"` (default, settings.SERVE):
 `decoding.Decoder`'s step loop, where a row leaves at its end and the next input takes its
 place; "static": batches through `model.generate`, each decoding to its largest limit (each
 row keeps its own first tokens, which greedy decoding makes equal to stopping there).
@@ -25,6 +25,7 @@ from .compose.bank import SparseRow, sparse
 from .decoding import Decoder, Generated, drain, finish, steppable
 from .errors import InputError
 from .models import BaseModel
+from .settings import SERVE
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -86,7 +87,7 @@ def generate_tokens(
     stop: list[list[str]] | None = None,
     batch_size: int = 16,
     progress=None,
-    batching: str = "continuous",
+    batching: str = SERVE["batching"],
 ) -> list[Generated]:
     """The greedy continuation of every tokenised input; `weights`: a (rows, N) or (N,) tensor, or one
     SparseRow per input; `mode`: the bank mode (default: the bank's); `stop`: strings per input.

@@ -28,8 +28,8 @@ from lorahub_cli.io import Example
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
-from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown
-from lorahub_cli.serve.engine import Answer, Engine, Request
+from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown, Stepper
+from lorahub_cli.serve.engine import Answer, Engine, Request, ServingEngine
 from lorahub_cli.serve.server import create_app, make_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -408,8 +408,10 @@ def test_malformed_requests_get_a_4xx_with_a_message(tiny_engine, path, body, st
     assert health["requests"] == 0, "nothing bad was queued"
 
 
-class GatedEngine:
-    """Answers with the upper-cased input once `gate` is set; counts its calls."""
+class GatedEngine(ServingEngine):
+    """Answers with the upper-cased input once `gate` is set, in static batches; counts its calls."""
+
+    batching, max_new_tokens, base_model, names, tokenizer = "static", 16, "lorahub", [], None
 
     def __init__(self, delay: float = 0.0):
         self.started, self.gate, self.delay, self.calls = threading.Event(), threading.Event(), delay, 0
@@ -541,11 +543,11 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(cli):
 # --- continuous batching in the server -------------------------------------------------------------
 
 
-class SteppedEngine:
+class SteppedEngine(ServingEngine):
     """A continuous-batching engine for the batcher tests: a request "abc" decodes "A", "B", "C", one letter a
     step; every step first takes a permit from `permits` (a semaphore the test releases). Logs each step's rows."""
 
-    batching = "continuous"
+    batching, max_new_tokens, base_model, names, tokenizer = "continuous", 16, "lorahub", [], None
 
     def __init__(self):
         self.permits, self.started, self.log = threading.Semaphore(0), threading.Event(), []
@@ -556,10 +558,10 @@ class SteppedEngine:
     def info(self):
         return {}
 
-    def decoding(self):
+    def session(self):
         engine = self
 
-        class Session:
+        class Session(Stepper):
             rows: list = []
 
             running = property(lambda self: len(self.rows))
@@ -594,7 +596,7 @@ class SteppedEngine:
 
 def test_continuous_batcher_joins_waiting_requests_at_a_step_and_answers_each_when_it_ends():
     engine = SteppedEngine()
-    batcher = Batcher(session=engine.decoding, max_batch=2, window=0.0, max_queue=2).start()
+    batcher = Batcher(session=engine.session, max_batch=2, window=0.0, max_queue=2).start()
     streamed = []
     first = batcher.submit(Request("abc"), on_token=lambda *event: streamed.append(event))
     engine.started.wait(10)  # the worker holds "abc" in its first step

@@ -26,6 +26,11 @@ Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # noqa: UP045 - a runtime val
 GREEDY = "this server decodes greedily (the same answer every time)"
 
 
+# A Request field -> what each API calls it, so that an error names the field the client sent.
+OPENAI_FIELDS: dict[str, str] = {}
+TGI_FIELDS: dict[str, str] = {}
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)

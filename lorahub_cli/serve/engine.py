@@ -2,12 +2,15 @@
 
     engine = Engine.from_registry(store, k=3, compose="mixture")
     answers = engine.run([Request("What is 2 plus 2?"), Request("Translate ...", k=1)])
+    session = engine.session()       # continuous batching, step by step (what the server's batcher drives)
 
 The bank holds every adapter a router can choose (every carded adapter of the base
 model, or every shot's composition), injected once: no adapter is loaded per batch.
 Requests that use different adapters share forward passes; only the bank mode
 splits a call (mixture rows run in the linear mode, fusion and single rows in the
 elementwise one), because a forward pass evaluates one mode.
+
+`ServingEngine` writes down what the HTTP server needs of an engine (`Engine` is the real one).
 """
 
 from __future__ import annotations
@@ -15,14 +18,31 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import InputError
 from ..routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_compose
 from ..settings import SERVE as DEFAULTS
+from .batcher import Stepper
+
+if TYPE_CHECKING:
+    from ..decoding import Decoder
 
 
 class InputTooLong(InputError):
     """An input over the engine's token limit (HTTP 413)."""
+
+
+class FieldError(InputError):
+    """A request field whose value breaks a rule. `field` is the Request's name for it; `named(name)` is the
+    message under the name a client sent (OpenAI's `max_tokens` for `max_new_tokens`)."""
+
+    def __init__(self, field: str, value, rule: str, hint: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(self.named(field), hint)
+
+    def named(self, name: str) -> str:
+        return f"{name} = {self.value} {self.rule}"
 
 
 @dataclass
@@ -52,7 +72,47 @@ class Answer:
         return {"input": self.input, "output": self.output, **self.route}
 
 
-class Engine:
+@runtime_checkable
+class ServingEngine(Protocol):
+    """What the HTTP server (serve/server.py) needs of an engine; `Engine` is the real one, the tests' doubles
+    declare it too. One thread runs it (the batcher's worker), except `check`, called as requests arrive."""
+
+    batching: str  # "continuous": the batcher steps `session()`; "static": it gives `run` whole batches
+    max_new_tokens: int  # the most a request may ask for (OpenAI's default: the lower of 16 and this)
+
+    @property
+    def base_model(self) -> str:
+        """What /v1/models calls the retrieving default (a `model` that names no adapter)."""
+        raise NotImplementedError
+
+    @property
+    def names(self) -> list[str]:
+        """The adapter ids a request may name: OpenAI's `model`, LoRAX's `adapter_id` and `merged_adapters`."""
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self):
+        """`decode([id])` and `all_special_ids`: TGI's token details."""
+        raise NotImplementedError
+
+    def check(self, request: Request) -> Request:
+        """The request with its defaults, or an InputError (FieldError: naming the field; InputTooLong: 413)."""
+        raise NotImplementedError
+
+    def run(self, requests: list[Request]) -> list[Answer]:
+        """Answers in request order (static batching)."""
+        raise NotImplementedError
+
+    def session(self) -> Stepper:
+        """A new continuous-batching session (continuous batching)."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """The engine's settings, as /health reports them."""
+        raise NotImplementedError
+
+
+class Engine(ServingEngine):
     """A base model, its bank and a router. One thread at a time: the bank's weights are one shared state
     for the whole model (the server gives the engine to its batcher's worker thread alone)."""
 
@@ -67,7 +127,7 @@ class Engine:
         max_new_tokens: int = DEFAULTS["max_new_tokens"],
         batch_size: int = DEFAULTS["batch_size"],
         max_input_tokens: int = DEFAULTS["max_input_tokens"],
-        batching: str = "continuous",
+        batching: str = DEFAULTS["batching"],
         description: dict | None = None,
     ):
         from ..decoding import steppable
@@ -179,10 +239,12 @@ class Engine:
         compose = check_compose(self.compose if request.compose is None else request.compose)
         limit = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
         if self.router.retrieves and not 1 <= k <= self.bank.n:
-            raise InputError(f"k = {k} is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
+            raise FieldError("k", k, f"is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
         if not 1 <= limit <= self.max_new_tokens:
-            raise InputError(
-                f"max_new_tokens = {limit} is outside 1..{self.max_new_tokens}.",
+            raise FieldError(
+                "max_new_tokens",
+                limit,
+                f"is outside 1..{self.max_new_tokens}.",
                 f"Ask for at most {self.max_new_tokens} new tokens.",
             )
         # Tokenised once, here: the ids travel with the checked request to the decoder.
@@ -244,20 +306,32 @@ class Engine:
                 routes[i] = self.named_route(r.adapters)
         return routes
 
-    def decoding(self) -> Decoding:
-        """A continuous-batching session over this engine (see `Decoding`)."""
-        return Decoding(self)
+    def session(self) -> Session:
+        """A continuous-batching session over this engine (see `Session`)."""
+        return Session(self)
+
+    @property
+    def base_model(self) -> str:
+        return self.description.get("base_model", "lorahub")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.bank.names)
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
 
     def run(self, requests: list[Request], progress=None) -> list[Answer]:
         """Answers in request order. Every request is checked before any is generated. Continuous batching:
-        the requests are a `Decoding` session's queue at its first step; static: batches of `batch_size`."""
+        the requests are a `Session`'s queue at its first step; static: batches of `batch_size`."""
         requests = [self.check(r) for r in requests]
         if not requests:
             return []
         if self.batching == "continuous":
             from ..decoding import drain
 
-            session = self.decoding()
+            session = self.session()
             session.add(requests, keys=list(range(len(requests))))
             return drain(session, len(requests), progress)
         from ..generation import generate_tokens
@@ -299,12 +373,13 @@ def _answer(request: Request, route: Route, g) -> Answer:
     return Answer(request.input, g.text, route.info, g.tokens, g.logprobs, g.finish_reason, g.prompt_tokens)
 
 
-class Decoding:
-    """Continuous batching over an engine: checked requests are added (routed, then queued) at any time,
-    and each `step()` advances every row by one token and returns the answers that finished. One decoder
-    per bank mode (a forward pass evaluates one), each running up to the engine's batch size.
+class Session(Stepper):
+    """Continuous batching over an engine (the batcher's `Stepper`): checked requests are added (routed, then
+    queued) at any time, and each `step()` advances every row by one token and returns the answers that
+    finished. One `decoding.Decoder` per bank mode (a forward pass evaluates one), each running up to the
+    engine's batch size.
 
-        session = engine.decoding()
+        session = engine.session()
         session.add(requests, keys)              # on_token: per request, called as each token is decoded
         while session.busy:
             for key, answer in session.step(): ...
@@ -312,7 +387,7 @@ class Decoding:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.decoders: dict[str, object] = {}  # bank mode -> decoding.Decoder
+        self.decoders: dict[str, Decoder] = {}  # bank mode -> its decoder
 
     @property
     def running(self) -> int:
