@@ -58,6 +58,11 @@ SERVE = {
     "max_input_chars": 16_000,
     "max_prompts": 64,  # prompts in one OpenAI completion
     "shutdown_timeout": 60.0,  # seconds open requests get on SIGTERM
+    # bounds on a request's fields besides the input (TGI's and OpenAI's limit of 4 stop sequences)
+    "max_stops": 4,
+    "max_stop_chars": 256,
+    "max_id_chars": 256,  # an adapter id (registry ids are at most 193), a merge strategy, OpenAI's user
+    "max_model_chars": 4096,  # OpenAI's model: the base model's name, which may be a local path
 }
 
 

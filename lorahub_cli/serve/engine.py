@@ -42,7 +42,8 @@ class FieldError(InputError):
         super().__init__(self.named(field), hint)
 
     def named(self, name: str) -> str:
-        return f"{name} = {self.value} {self.rule}"
+        shown = str(self.value)
+        return f"{name} = {shown if len(shown) <= 40 else shown[:37] + '...'} {self.rule}"
 
 
 @dataclass
@@ -264,6 +265,10 @@ class Engine(ServingEngine):
         column = {name: i for i, name in enumerate(self.bank.names)}
         if not adapters:
             raise InputError("no adapter was named.", "Name at least one adapter id.")
+        if len(adapters) > self.bank.n:
+            raise InputError(
+                f"{len(adapters)} adapters are named; this server holds {self.bank.n}.", "Name each adapter once."
+            )
         for name, weight in adapters:
             if name not in column:
                 known = ", ".join(self.bank.names[:5]) + (", ..." if self.bank.n > 5 else "")

@@ -24,6 +24,8 @@ import asyncio
 import errno
 import hmac
 import json
+import logging
+import re
 import socket
 import time
 from concurrent.futures import Future
@@ -81,7 +83,7 @@ def _load_json(body: bytes):
     (valid JSON escapes, but no text: the tokenizer and the answer's UTF-8 would fail on it)."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # malformed, not UTF-8, or an integer of more than Python's 4300 digits
         raise HttpError(400, f"the body is not valid JSON ({error}).") from None
     except RecursionError:
         raise HttpError(400, "the body's JSON is nested too deeply.") from None
@@ -119,7 +121,8 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None, pa
 
 class _Gate:
     """Pure ASGI middleware (no per-request task or body copy, unlike @app.middleware): the API key and the
-    body size, checked before any handler runs."""
+    body size, checked before any handler runs. A body sent without Content-Length (chunked) is counted as
+    it arrives: the read that passes the limit fails with a 413, so no more than the limit is ever held."""
 
     def __init__(self, app, *, api_key: str | None, max_body: int):
         self.app, self.max_body = app, max_body
@@ -153,7 +156,21 @@ class _Gate:
             )
         if refusal is not None:
             return await refusal(scope, receive, send)
-        return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HttpError(
+                    413,
+                    f"the request body is more than the limit of {self.max_body} bytes.",
+                    headers={"Connection": "close"},  # the rest of the body is never read
+                )
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 # --- the service the routes share ------------------------------------------------------------------
@@ -432,6 +449,33 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
+# A query parameter whose name says it holds a credential, and a Bearer token: what no log line shows.
+_CREDENTIAL = re.compile(
+    r"(?i)(?<=[?&;'\"])"
+    r"([\w.-]*(?:key|token|secret|passw(?:or)?d|pwd|auth|credential|signature|session|cookie)[\w.-]*)=[^&;#\s'\"]*"
+)
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s'\",;]+")
+
+
+def redact(text: str) -> str:
+    return _BEARER.sub(r"\1 <redacted>", _CREDENTIAL.sub(r"\1=<redacted>", text))
+
+
+class RedactCredentials(logging.Filter):
+    """On uvicorn's log handlers: a key a client put in the URL (`?api_key=...`) is `<redacted>` in the access
+    log, and no Bearer token shows, whatever the level (at trace uvicorn logs every request's scope)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, version, status = record.args  # what uvicorn's AccessFormatter unpacks
+            record.args = (client, method, redact(path), version, status)
+        else:
+            message = record.getMessage()
+            if redact(message) != message:
+                record.msg, record.args = redact(message), ()
+        return True
+
+
 def make_server(
     app: FastAPI,
     *,
@@ -447,9 +491,11 @@ def make_server(
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    logging = copy.deepcopy(LOGGING_CONFIG)
-    for handler in logging["handlers"].values():
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["filters"] = {"redact": {"()": RedactCredentials}}
+    for handler in log_config["handlers"].values():
         handler["stream"] = "ext://sys.stderr"  # stdout is for data
+        handler["filters"] = ["redact"]
     batcher = app.state.batcher
 
     class Server(uvicorn.Server):
@@ -466,7 +512,7 @@ def make_server(
         app,
         host=host,
         port=port,
-        log_config=logging,
+        log_config=log_config,
         log_level=log_level,
         timeout_graceful_shutdown=shutdown_timeout + _ANSWER_GRACE,
     )
