@@ -222,6 +222,24 @@ class Service:
         except (QueueFull, ShuttingDown) as error:
             raise HttpError(503, str(error), "overloaded", {"Retry-After": "1"}) from None
 
+    def stream(self, checked: Request) -> tuple[asyncio.Queue, Future]:
+        """Queue a checked request whose tokens come into the returned queue as the worker decodes them:
+        (token, logprob, the Answer if this token ended it, else None) for each, then its settled future (with
+        continuous batching the last token comes first; a static batch settles with no token before).
+        Cancel the future to take the request out of the batch (a client that left)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def put(item) -> None:  # from the worker thread
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop has closed: nobody listens any more
+                pass
+
+        future = self.submit(checked, on_token=lambda token, logprob, final: put((token, logprob, final)))
+        future.add_done_callback(put)
+        return queue, future
+
     async def answer(self, requests: list[Request], fields: dict[str, str]) -> list[Answer]:
         checked = [self.check(r, fields) for r in requests]  # all or nothing: no request is queued if one is bad
         futures = [self.submit(r) for r in checked]
@@ -316,17 +334,7 @@ def _tgi_stream(service: Service, checked: Request, parameters, tokenizer) -> St
     """TGI's server-sent events, each token's sent as soon as the worker has decoded it (continuous batching;
     static batches send them all when the batch ends). A failure after the first event is an error event, as
     TGI sends it."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-
-    def put(item) -> None:  # from the worker thread
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: nobody listens any more
-            pass
-
-    future = service.submit(checked, on_token=lambda token, logprob, final: put((token, logprob, final)))
-    future.add_done_callback(put)
+    queue, future = service.stream(checked)
 
     async def events():
         sent, ended = 0, False
