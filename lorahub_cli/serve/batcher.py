@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..errors import LorahubError
+from ..settings import SERVE
 
 
 class QueueFull(LorahubError):
@@ -98,9 +99,9 @@ class Batcher:
         run: Callable[[list], list] | None = None,
         *,
         session: Callable[[], Stepper] | None = None,
-        max_batch: int = 32,
-        window: float = 0.01,
-        max_queue: int = 256,
+        max_batch: int = SERVE["batch_size"],
+        window: float = SERVE["batch_window_ms"] / 1000,
+        max_queue: int = SERVE["max_queue"],
         size: Callable[[object], int] | None = None,
     ):
         if max_batch < 1 or max_queue < 1 or window < 0:
