@@ -101,7 +101,7 @@ def main() -> None:
             report["precisions"][name] = {"error": str(error)}
             continue
         bank = LoraBank(model.model, adapters, lora_dtype=torch.float32)
-        loss_fn = loss_function(model, bank, batch, formula="elementwise")
+        loss_fn = loss_function(model, bank, batch, mode="elementwise")
         with torch.no_grad():
             losses = [float(x) for x in loss_fn(W)]
             seconds = timed(lambda f=loss_fn: f(W[:1]), args.repeats)

@@ -358,3 +358,77 @@ def demo(
             budget=budget or COMPOSE["budget"],
             progress_factory=progress_factory,
         )
+
+
+# --- serving: generate and serve -----------------------------------------------------------------
+
+
+def build_engine(
+    *,
+    composition: Path | None = None,
+    k: int | None = None,
+    compose: str | None = None,
+    base_model: str | None = None,
+    model_path: str | None = None,
+    embedder: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    store=None,
+    **limits,
+):
+    """The serve/engine.Engine that `generate` and `serve` share: per-input retrieval over the registry (`store`,
+    default the user's), or the router of an instance-level `composition` folder. `limits`: the Engine's
+    max_new_tokens, max_input_tokens, batch_size and batching."""
+    from .generation import check_batching
+    from .serve.engine import Engine
+    from .settings import SERVE
+
+    check_batching(limits.get("batching", SERVE["batching"]))  # before minutes of loading
+    if composition is not None:
+        if k is not None or compose is not None or base_model is not None:
+            raise InputError(
+                "--composition routes each input to a shot's composition; -k, --compose and --base-model do not apply.",
+                "Drop them, or drop --composition to retrieve per input.",
+            )
+        return Engine.from_composition(
+            composition, model_path=model_path, embedder=embedder, dtype=dtype, device=device, **limits
+        )
+    return Engine.from_registry(
+        store or open_store(),
+        base_model=base_model,
+        model_path=model_path,
+        embedder=embedder,
+        dtype=dtype,
+        device=device,
+        k=SERVE["k"] if k is None else k,
+        compose=compose or SERVE["compose"],
+        **limits,
+    )
+
+
+def generate(inputs: Path, *, out: Path | None = None, progress_factory=None, **engine_options) -> dict:
+    """Answer every request of the JSONL file `inputs` with the engine `build_engine(**engine_options)` builds;
+    write the answers (JSONL) to `out` when given. Returns {"requests", "out", "load_seconds",
+    "generate_seconds", "engine", "answers"}: each answer {"input", "output", "compose", "adapters", ...}."""
+    import json
+
+    from .io import atomic_write_bytes
+    from .serve.engine import read_requests
+
+    requests = read_requests(inputs)  # a bad line fails before minutes of loading
+    start = time.perf_counter()
+    engine = build_engine(**engine_options)
+    loaded = time.perf_counter()
+    with (progress_factory or no_progress)("Generating", len(requests)) as advance:
+        answers = [a.to_json() for a in engine.run(requests, progress=advance)]
+    seconds = time.perf_counter() - loaded
+    if out is not None:
+        atomic_write_bytes(out, "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers).encode("utf-8"))
+    return {
+        "requests": len(answers),
+        "out": str(out) if out else None,
+        "load_seconds": round(loaded - start, 3),
+        "generate_seconds": round(seconds, 3),
+        "engine": engine.info(),
+        "answers": answers,
+    }

@@ -42,7 +42,28 @@ EVAL = {
 }
 # The demo's default held-out task: see docs/demo.md (the demo table) for why this one.
 DEMO = {"task": "larger_option", "seed": 1, "shots": 5, "num_modules": 5, "max_new_tokens": 32, "batch_size": 32}
-SERVE = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}
+SERVE = {
+    # the engine (`lorahub generate` and `lorahub serve`)
+    "k": 3,
+    "compose": "mixture",
+    "max_new_tokens": 128,
+    "batch_size": 32,  # also the server's rows decoded together
+    "max_input_tokens": 1024,
+    "batching": "continuous",
+    # the HTTP server (`lorahub serve`)
+    "host": "127.0.0.1",
+    "port": 8000,
+    "batch_window_ms": 10.0,  # how long an idle server waits for a batch to fill
+    "max_queue": 256,  # waiting requests; beyond it, 503
+    "max_input_chars": 16_000,
+    "max_prompts": 64,  # prompts in one OpenAI completion
+    "shutdown_timeout": 60.0,  # seconds open requests get on SIGTERM
+    # bounds on a request's fields besides the input (TGI's and OpenAI's limit of 4 stop sequences)
+    "max_stops": 4,
+    "max_stop_chars": 256,
+    "max_id_chars": 256,  # an adapter id (registry ids are at most 193), a merge strategy, OpenAI's user
+    "max_model_chars": 4096,  # OpenAI's model: the base model's name, which may be a local path
+}
 
 
 def home() -> Path:

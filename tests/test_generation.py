@@ -78,7 +78,7 @@ def peft_generate(kind, folder, adapter, text, tmp_path):
 def test_each_row_generates_what_its_own_composition_generates_alone(world, formula, tmp_path):
     kind, folder, adapters = world
     base = load(folder)
-    bank = LoraBank(base.model, adapters, formula=formula)
+    bank = LoraBank(base.model, adapters, mode=formula)
     W = torch.randn(len(INPUTS), 3, generator=torch.Generator().manual_seed(1)) * 4
     together = generate(base, INPUTS, bank=bank, weights=W, max_new_tokens=NEW_TOKENS, batch_size=3)
     for row, text in enumerate(INPUTS):

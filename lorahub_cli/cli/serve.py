@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..api import build_engine
 from ..errors import InputError
 from ..settings import SERVE
 from ._options import BaseModelOpt, EmbedderOpt
@@ -21,7 +22,6 @@ from .generate import (
     MaxInputTokensOpt,
     MaxNewTokensOpt,
     ModelPathOpt,
-    build_engine,
 )
 
 API_KEY_ENV = "LORAHUB_API_KEY"
@@ -31,15 +31,17 @@ EXAMPLES = """Examples:\n
   lorahub serve --composition per-example --max-queue 64\n
   curl -s localhost:8000/v1/generate -d '{"input": "What is 12 plus 30?", "k": 3}'"""
 
+HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for every one).")]
+
 
 def serve(
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for every one).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+    host: HostOpt = SERVE["host"],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = SERVE["port"],
     k: KOpt = None,
     compose: ComposeOpt = None,
     composition: CompositionOpt = None,
     batch_size: BatchSizeOpt = SERVE["batch_size"],
-    batching: BatchingOpt = "continuous",
+    batching: BatchingOpt = SERVE["batching"],
     window_ms: Annotated[
         float,
         typer.Option(
@@ -47,18 +49,18 @@ def serve(
             min=0,
             help="How long a request that finds the server idle waits for others to start with.",
         ),
-    ] = 10.0,
+    ] = SERVE["batch_window_ms"],
     max_queue: Annotated[
         int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")
-    ] = 256,
+    ] = SERVE["max_queue"],
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     max_input_chars: Annotated[
         int, typer.Option("--max-input-chars", min=1, help="Longest input accepted, in characters.")
-    ] = 16_000,
+    ] = SERVE["max_input_chars"],
     shutdown_timeout: Annotated[
         float, typer.Option("--shutdown-timeout", min=0, help="Seconds to finish open requests on SIGTERM.")
-    ] = 60.0,
+    ] = SERVE["shutdown_timeout"],
     api_key: Annotated[
         str | None,
         typer.Option(

@@ -8,7 +8,7 @@ from ..models import BaseModel, EncodedBatch, mean_token_loss, token_losses
 from .bank import LoraBank
 
 
-def loss_function(base: BaseModel, bank: LoraBank, shots: EncodedBatch, *, formula: str, max_rows: int = 64):
+def loss_function(base: BaseModel, bank: LoraBank, shots: EncodedBatch, *, mode: str, max_rows: int = 64):
     """loss_fn(W: (P, N)) -> (P,): mean target-token cross-entropy over the K shots for every row of W.
 
     Candidates are evaluated together, P*K rows per forward pass, in chunks of at most
@@ -21,7 +21,7 @@ def loss_function(base: BaseModel, bank: LoraBank, shots: EncodedBatch, *, formu
         losses = []
         for chunk in W.split(per_pass):
             batch = shots.repeat(chunk.shape[0])  # candidate-major: rows p*K .. p*K+K-1 use chunk[p]
-            with bank.weights(chunk, formula):
+            with bank.weights(chunk, mode):
                 sums = token_losses(base, batch)
             losses.append(mean_token_loss(sums, batch.n_tokens, chunk.shape[0]))
         return torch.cat(losses)

@@ -210,7 +210,7 @@ class _Session:
         self.batch = encode(self.answer, shots)
         self.adapters, self.max_rows, self.options = adapters, options.max_rows, options
         # Fixed-weight PEFT merges are scored by evaluating their result, never searched.
-        self.formula = options.formula if get_formula(options.formula).bank_mode else "elementwise"
+        self.mode = get_formula(options.formula).bank_mode or "elementwise"
         self.bank: LoraBank | None = None
 
     @functools.cached_property
@@ -232,19 +232,17 @@ class _Session:
 
     def _inject(self) -> None:
         # The LoRA path stays fp32 over a bf16 or int8 base.
-        self.bank = LoraBank(self.searcher.model, self.adapters, formula=self.formula, lora_dtype=torch.float32)
-        self._loss_fn = loss_function(
-            self.searcher, self.bank, self.batch, formula=self.bank.formula, max_rows=self.max_rows
-        )
+        self.bank = LoraBank(self.searcher.model, self.adapters, mode=self.mode, lora_dtype=torch.float32)
+        self._loss_fn = loss_function(self.searcher, self.bank, self.batch, mode=self.bank.mode, max_rows=self.max_rows)
 
     def rescore(self, result: SearchResult, columns: list[int] | None = None) -> SearchResult:
         """The answer chosen in fp32: the search's best few candidates re-scored on the fp32 model, the best
         of them returned. A search that ran in fp32 is returned as it is."""
         if self.searcher is self.answer or not result.top:
             return result
-        bank = LoraBank(self.answer.model, self.adapters, formula=self.formula)
+        bank = LoraBank(self.answer.model, self.adapters, mode=self.mode)
         try:
-            loss_fn = loss_function(self.answer, bank, self.batch, formula=bank.formula, max_rows=self.max_rows)
+            loss_fn = loss_function(self.answer, bank, self.batch, mode=bank.mode, max_rows=self.max_rows)
             if columns is not None:
                 loss_fn = _on_columns(loss_fn, bank.n, columns)
             W = torch.tensor(result.top)
@@ -262,10 +260,10 @@ class _Session:
         on_answer = self.bank is not None and self.searcher is self.answer
         if on_answer:
             self.bank.remove()
-        single = LoraBank(self.answer.model, [adapter], formula="elementwise")
+        single = LoraBank(self.answer.model, [adapter], mode="elementwise")
         try:
             with torch.no_grad():
-                loss = loss_function(self.answer, single, self.batch, formula="elementwise")(torch.ones(1, 1))
+                loss = loss_function(self.answer, single, self.batch, mode="elementwise")(torch.ones(1, 1))
         finally:
             single.remove()
             if on_answer:
@@ -296,7 +294,7 @@ def _run_search(
     loss_fn = session.loss_fn if columns is None else _on_columns(session.loss_fn, session.bank.n, columns)
     if init is None and options.search.optimizer == "lbfgs":
         init = [LBFGS_START] * n  # beside 0, where the elementwise gradient is exactly zero (search.py)
-    elif init is None and options.search.optimizer == "adam" and session.bank.formula == "elementwise":
+    elif init is None and options.search.optimizer == "adam" and session.bank.mode == "elementwise":
         # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero: a gradient
         # method must start elsewhere. The even average (fusion) is the natural point.
         init = [1.0 / n] * n

@@ -131,7 +131,7 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
     "linear" with one-hot rows is each adapter exactly, whatever its rank."""
     from ..compose.bank import LoraBank
 
-    bank = LoraBank(ctx.base.model, adapters, formula="linear")
+    bank = LoraBank(ctx.base.model, adapters, mode="linear")
     try:
         return ctx.generate(inputs, bank=bank, weights=weights)
     finally:
@@ -164,7 +164,7 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     """iLoraComp: one composition per shot; each input answered by its nearest shot's."""
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
-    from ..routing import ShotRouter, weight_matrix
+    from ..routing import ShotRouter
 
     composition = compose_instance(
         ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base
@@ -173,7 +173,7 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     embedder = load_embedder(ctx.config.embedder or recipe.router["embedder"].rsplit("@", 1)[0])
     # The same routing `lorahub generate` applies to a saved instance-level composition.
     routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs)
-    predictions = _with_bank(ctx, composition.adapters, inputs, weight_matrix(routes, len(composition.adapters)))
+    predictions = _with_bank(ctx, composition.adapters, inputs, [route.row for route in routes])
     return Answer(
         predictions,
         {
