@@ -378,7 +378,7 @@ def build_engine(
 ):
     """The serve/engine.Engine that `generate` and `serve` share: per-input retrieval over the registry (`store`,
     default the user's), or the router of an instance-level `composition` folder. `limits`: the Engine's
-    max_new_tokens, max_input_tokens, batch_size and batching."""
+    max_new_tokens, max_input_tokens, batch_size, batching and admission (decoding.Admission)."""
     from .generation import check_batching
     from .serve.engine import Engine
     from .settings import SERVE
@@ -406,16 +406,23 @@ def build_engine(
     )
 
 
-def generate(inputs: Path, *, out: Path | None = None, progress_factory=None, **engine_options) -> dict:
+def generate(inputs: Path, *, out: Path | None = None, progress_factory=None, sampling=None, **engine_options) -> dict:
     """Answer every request of the JSONL file `inputs` with the engine `build_engine(**engine_options)` builds;
-    write the answers (JSONL) to `out` when given. Returns {"requests", "out", "load_seconds",
+    write the answers (JSONL) to `out` when given. `sampling`: a decoding.Sampling for the fields a line leaves
+    out (line i gets its seed + i; default greedy). Returns {"requests", "out", "load_seconds",
     "generate_seconds", "engine", "answers"}: each answer {"input", "output", "compose", "adapters", ...}."""
     import json
 
+    from .decoding import GREEDY
     from .io import atomic_write_bytes
     from .serve.engine import read_requests
 
-    requests = read_requests(inputs)  # a bad line fails before minutes of loading
+    sampling = sampling or GREEDY
+    problem = sampling.problem()
+    if problem is not None:
+        name, value, rule = problem
+        raise InputError(f"--{name.replace('_', '-')} {value} {rule}.", "Leave it out for the default.")
+    requests = read_requests(inputs, sampling)  # a bad line fails before minutes of loading
     start = time.perf_counter()
     engine = build_engine(**engine_options)
     loaded = time.perf_counter()

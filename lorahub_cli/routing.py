@@ -5,7 +5,9 @@ Two routers, each returning one `Route` per input (used by serving and by eval's
 - `RetrievalRouter` (LoraRetriever): every input retrieves its own top-k adapters by
   per-input retrieval against the registry's cards, and composes them with w = 1/k:
   mixture = the bank's linear mode (the average of the k modules' outputs),
-  fusion = its elementwise mode (the average of A and of B), single = top-1 alone.
+  fusion = its elementwise mode (the average of A and of B), single = top-1 alone;
+  scored = the linear mode with the input's own weights from its retrieval scores
+  (`score_weights`: w = softmax(s / temperature) over its k), so no two inputs share a composition.
 - `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
   every input to its most similar shot, answered by that shot's composition alone.
 
@@ -21,9 +23,10 @@ import torch
 
 from .compose.bank import SparseRow
 from .errors import InputError
+from .settings import SERVE
 
 # compose mode -> the bank mode its rows run under; single is a one-hot row of either.
-COMPOSE_MODES = {"mixture": "linear", "fusion": "elementwise", "single": "elementwise"}
+COMPOSE_MODES = {"mixture": "linear", "fusion": "elementwise", "single": "elementwise", "scored": "linear"}
 
 
 @dataclass(frozen=True)
@@ -44,9 +47,19 @@ def check_compose(compose: str) -> str:
     if compose not in COMPOSE_MODES:
         raise InputError(
             f"compose mode '{compose}' is not one of {', '.join(COMPOSE_MODES)}.",
-            "Use mixture (average of outputs), fusion (average of A and B) or single (top-1).",
+            "Use mixture (average of outputs), fusion (average of A and B), single (top-1) or scored (outputs "
+            "weighted by retrieval scores).",
         )
     return compose
+
+
+def score_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Composition weights from retrieval scores: w_i = exp(s_i / t) / sum_j exp(s_j / t) over the last dimension
+    (an input's k retrieved adapters): positive, summing to 1, larger for the nearer adapter; t -> 0 is top-1,
+    t -> inf is 1/k. scores (..., k) -> weights (..., k)."""
+    if not temperature > 0:
+        raise InputError(f"the score temperature is {temperature}.", "Give a temperature above 0.")
+    return torch.softmax(scores.double() / temperature, dim=-1).float()
 
 
 class RetrievalRouter:
@@ -54,8 +67,8 @@ class RetrievalRouter:
 
     retrieves = True  # requests choose k and the compose mode
 
-    def __init__(self, index, embedder, *, elementwise_ok: bool):
-        self.index, self.embedder = index, embedder
+    def __init__(self, index, embedder, *, elementwise_ok: bool, score_temperature: float = SERVE["score_temperature"]):
+        self.index, self.embedder, self.score_temperature = index, embedder, score_temperature
         self.names = list(index.ids)
         # One-hot rows are exact in either mode; elementwise is cheaper per token.
         self.single_mode = "elementwise" if elementwise_ok else "linear"
@@ -80,6 +93,9 @@ class RetrievalRouter:
         for k, compose, entry in zip(ks, composes, ranked):
             chosen = entry["results"][: 1 if compose == "single" else k]
             weights = tuple(1.0 / len(chosen) for _ in chosen)
+            if compose == "scored":
+                found = torch.tensor([r["score"] for r in chosen])
+                weights = tuple(score_weights(found, self.score_temperature).tolist())
             mode = self.single_mode if compose == "single" else COMPOSE_MODES[compose]
             adapters = [{"id": r["id"], "weight": w, "score": r["score"]} for r, w in zip(chosen, weights)]
             routes.append(

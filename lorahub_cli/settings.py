@@ -50,6 +50,12 @@ SERVE = {
     "batch_size": 32,  # also the server's rows decoded together
     "max_input_tokens": 1024,
     "batching": "continuous",
+    # continuous batching's admission (decoding.Admission; TGI's router options, chosen by bench/serve_joins.py)
+    "waiting_served_ratio": 0.3,  # while rows run, waiting rows join when floor(ratio x running) of them can
+    "max_waiting_steps": 20,  # ... or when this many steps passed since the last join
+    "max_prefill_tokens": 4096,  # padded tokens (rows x longest input) one prefill pass may take
+    # compose "scored": w = softmax(retrieval scores / this) over the top k (routing.score_weights)
+    "score_temperature": 0.1,
     # the HTTP server (`lorahub serve`)
     "host": "127.0.0.1",
     "port": 8000,

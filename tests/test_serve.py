@@ -378,15 +378,20 @@ def test_openai_completions_route(tiny_engine):
             "/v1/generate",
             {"input": "hi", "compose": "blend"},
             400,
-            "compose: Input should be 'mixture', 'fusion' or 'single'",
+            "compose: Input should be 'mixture', 'fusion', 'single' or 'scored'",
         ),
-        ("/v1/generate", {"input": "hi", "top_k": 2}, 400, "top_k: Extra inputs are not permitted"),
+        ("/v1/generate", {"input": "hi", "typical_p": 0.5}, 400, "typical_p: Extra inputs are not permitted"),
         ("/v1/generate", {"input": "  "}, 400, "the input is empty"),
         ("/v1/generate", {"input": "hi", "k": 9}, 400, "k = 9 is outside 1..5"),
         ("/v1/generate", {"input": "hi", "max_new_tokens": 7}, 400, "max_new_tokens = 7 is outside 1..6"),
         ("/v1/generate", {"input": "x" * 300}, 413, "the input is 301 tokens, more than the limit of 200"),
         ("/v1/generate", {"input": "x" * 20_000}, 413, "20000 characters, more than the limit of 16000"),
-        ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "greedily"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "temperature": -0.5},
+            400,
+            "temperature = -0.5 must be 0 (greedy) or more",
+        ),
         ("/v1/completions", {"prompt": []}, 400, "give 1 to 64 prompts"),
         ("/v1/generate", b'{"input": "\\ud800"}', 400, "lone surrogate"),
         ("/v1/generate", b'{"input": "\\udc00 and more"}', 400, "lone surrogate"),
@@ -545,12 +550,14 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(cli):
 
 class SteppedEngine(ServingEngine):
     """A continuous-batching engine for the batcher tests: a request "abc" decodes "A", "B", "C", one letter a
-    step; every step first takes a permit from `permits` (a semaphore the test releases). Logs each step's rows."""
+    step; every step first takes a permit from `permits` (a semaphore the test releases). At most `max_batch` rows
+    run (as a Decoder's batch): the others wait in the session and join, in order, at a step with room. Logs each
+    step's rows."""
 
     batching, max_new_tokens, base_model, names, tokenizer = "continuous", 16, "lorahub", [], None
 
-    def __init__(self):
-        self.permits, self.started, self.log = threading.Semaphore(0), threading.Event(), []
+    def __init__(self, max_batch: int = 2):
+        self.permits, self.started, self.log, self.max_batch = threading.Semaphore(0), threading.Event(), [], max_batch
 
     def check(self, request):
         return request
@@ -563,17 +570,22 @@ class SteppedEngine(ServingEngine):
 
         class Session(Stepper):
             rows: list = []
+            waiting: list = []
+            prefills = 0
 
             running = property(lambda self: len(self.rows))
-            load = running
-            busy = property(lambda self: bool(self.rows))
+            load = property(lambda self: len(self.rows) + len(self.waiting))
+            busy = property(lambda self: bool(self.rows or self.waiting))
 
             def add(self, requests, keys, on_token=None, cancelled=None):
-                self.rows = self.rows + [[r, key, callback, 0] for r, key, callback in zip(requests, keys, on_token)]
+                self.waiting = self.waiting + [[r, key, cb, 0] for r, key, cb in zip(requests, keys, on_token)]
 
             def step(self):
                 engine.started.set()
                 assert engine.permits.acquire(timeout=10)
+                room = engine.max_batch - len(self.rows)
+                joining, self.waiting = self.waiting[:room], self.waiting[room:]
+                self.rows, self.prefills = self.rows + joining, self.prefills + bool(joining)
                 engine.log.append([r.input for r, *_ in self.rows])
                 done = []
                 for row in self.rows:
@@ -588,7 +600,7 @@ class SteppedEngine(ServingEngine):
                 return done
 
             def abandon(self):
-                keys, self.rows = [row[1] for row in self.rows], []
+                keys, self.rows, self.waiting = [row[1] for row in self.rows + self.waiting], [], []
                 return keys
 
         return Session()
@@ -605,16 +617,17 @@ def test_continuous_batcher_joins_waiting_requests_at_a_step_and_answers_each_wh
         batcher.submit(Request("g"))
     engine.permits.release(10)
     assert [f.result(10).output for f in [first, *waiting]] == ["ABC", "DE", "F"]
-    # "de" joins the running "abc" at the next step (room for one); "f" when both have left.
+    # Both move into the session; "de" joins the running "abc" at the next step (room for one), "f" when both left.
     assert engine.log == [["abc"], ["abc", "de"], ["abc", "de"], ["f"]]
     assert [token for token, _, _ in streamed] == ["A", "B", "C"] and streamed[-1][2].output == "ABC"
     assert [final for _, _, final in streamed[:2]] == [None, None]
     batcher.close()
     assert batcher.stats.steps == 4 and batcher.stats.requests == 3 and batcher.stats.largest_batch == 2
+    assert batcher.stats.batches == 3, "three groups joined: abc, de, f"
 
 
 def test_continuous_server_sheds_load_and_answers_open_requests_503_at_the_shutdown_deadline():
-    engine = SteppedEngine()
+    engine = SteppedEngine(max_batch=1)
     try:
         with running(create_app(engine, max_batch=1, window=0.0, max_queue=1), shutdown_timeout=0.5) as (url, server):
             with ThreadPoolExecutor(2) as pool:
@@ -631,7 +644,7 @@ def test_continuous_server_sheds_load_and_answers_open_requests_503_at_the_shutd
 
 
 def test_continuous_server_drains_open_requests_on_shutdown():
-    engine = SteppedEngine()
+    engine = SteppedEngine(max_batch=1)
     with running(create_app(engine, max_batch=1, window=0.0, max_queue=1)) as (url, server):
         with ThreadPoolExecutor(2) as pool:
             held, queued = hold_one_and_queue_one(pool, url, engine)

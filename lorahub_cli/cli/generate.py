@@ -15,6 +15,7 @@ from ._output import info, print_json, progress
 EXAMPLES = """Examples:\n
   lorahub generate --inputs requests.jsonl -k 3 --out answers.jsonl\n
   lorahub generate --inputs requests.jsonl --compose fusion --max-new-tokens 64\n
+  lorahub generate --inputs requests.jsonl --temperature 0.7 --top-p 0.9 --seed 1\n
   lorahub generate --inputs requests.jsonl --compose single --json\n
   lorahub generate --inputs requests.jsonl --composition per-example --out answers.jsonl"""
 
@@ -22,7 +23,9 @@ KOpt = Annotated[int | None, typer.Option("-k", "--top-k", min=1, help="Adapters
 ComposeOpt = Annotated[
     str | None,
     typer.Option(
-        "--compose", help="mixture (average of outputs, default), fusion (average of A and B) or single (top-1)."
+        "--compose",
+        help="mixture (average of outputs, default), fusion (average of A and B), single (top-1) or scored "
+        "(outputs weighted by retrieval scores).",
     ),
 ]
 CompositionOpt = Annotated[
@@ -34,9 +37,7 @@ CompositionOpt = Annotated[
 ModelPathOpt = Annotated[
     str | None, typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")
 ]
-MaxNewTokensOpt = Annotated[
-    int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per request (greedy).")
-]
+MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per request.")]
 MaxInputTokensOpt = Annotated[int, typer.Option("--max-input-tokens", min=1, help="Longest input accepted, in tokens.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Most requests per forward pass.")]
 BatchingOpt = Annotated[
@@ -47,13 +48,29 @@ BatchingOpt = Annotated[
         "or static (whole batches, each until its longest answer is done).",
     ),
 ]
+TemperatureOpt = Annotated[
+    float, typer.Option("--temperature", help="0: greedy (default); above 0, sample from softmax(scores / T).")
+]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample from the most likely tokens whose mass reaches P.")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the K most likely tokens (0: all).")]
+RepetitionPenaltyOpt = Annotated[
+    float,
+    typer.Option("--repetition-penalty", help="Divide (or multiply) the scores of tokens already seen (1: none)."),
+]
+SeedOpt = Annotated[
+    int | None, typer.Option("--seed", help="Request i (from 0) samples with seed + i; a line's own seed wins.")
+]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
 
 def generate(
     inputs: Annotated[
-        Path, typer.Option("--inputs", help="Requests (JSONL): input, optionally k, compose, max_new_tokens per line.")
+        Path,
+        typer.Option(
+            "--inputs",
+            help="Requests (JSONL): input, optionally k, compose, max_new_tokens and sampling fields per line.",
+        ),
     ],
     k: KOpt = None,
     compose: ComposeOpt = None,
@@ -65,6 +82,11 @@ def generate(
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     batch_size: BatchSizeOpt = SERVE["batch_size"],
     batching: BatchingOpt = SERVE["batching"],
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepetitionPenaltyOpt = 1.0,
+    seed: SeedOpt = None,
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
@@ -74,11 +96,13 @@ def generate(
 ) -> None:
     """Answer every request with the adapters retrieved for it (LoraRetriever), composed per row in shared batches."""
     from .. import api
+    from ..decoding import Sampling
 
     summary = api.generate(
         inputs,
         out=out,
         progress_factory=progress,
+        sampling=Sampling(temperature, top_p, top_k, repetition_penalty, seed),
         composition=composition,
         k=k,
         compose=compose,
