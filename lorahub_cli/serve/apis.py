@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Literal, Optional  # noqa: UP035
+from typing import Annotated, Any, Literal, Optional  # noqa: UP035
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from ..decoding import Sampling
 from ..routing import COMPOSE_MODES
@@ -30,7 +30,15 @@ from .engine import Answer, Request
 
 Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # noqa: UP045 - a runtime value, built from a tuple  # the modes the routing module registers
 Id = Annotated[StrictStr, Field(max_length=SERVE["max_id_chars"])]  # an adapter id, a merge strategy
-Number = StrictFloat | StrictInt  # JSON's 1 is a number too; a string is not
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("give a number")  # JSON's 1 is a number too; "0.5" and true are not
+    return value
+
+
+Number = Annotated[Any, BeforeValidator(_number)]  # kept as sent (an int stays an int in messages)
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
 # A Request field -> what each API calls it, so that an error names the field the client sent.
