@@ -930,8 +930,8 @@ def main() -> None:
             "(i mod C)-th of C scored compositions; both sides given the compositions (no retrieval)"
         )
         print(
-            "| distinct compositions C | at most per batch of 32 | ours (s) | merge-per-group (s) | ours / merge, speed "
-            "| outputs equal |"
+            "| distinct compositions C | at most per batch of 32 | ours (s) | merge-per-group (s) | speed-up "
+            "(merge s / ours s) | outputs equal |"
         )
         print("| ---: | ---: | ---: | ---: | ---: | --- |")
         for d in sorted(ours_x, key=int):
