@@ -1,0 +1,71 @@
+"""The singular value decomposition of a LoRA delta, without forming the delta.
+
+One targeted layer has A (r x d_in), B (d_out x r) and scaling s; its delta is s B A (d_out x d_in).
+With the thin QR factorisations A^T = Q_a R_a and B = Q_b R_b,
+
+    s B A = Q_b (s R_b R_a^T) Q_a^T,
+
+so the SVD of the small core M = s R_b R_a^T = U' S V'^T gives the delta's: U = Q_b U', S, V = Q_a V'.
+It costs O((d_in + d_out) r^2 + r^3) instead of O(d_out d_in r) for the delta plus its SVD.
+
+K = U'^T (s R_b), an r x r matrix, maps the rows of A to the scaled right singular vectors:
+S V^T = K A (because R_a^T Q_a^T = A). A weight card stores S and K; the adapter file has A.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Spectrum:
+    """The thin SVD of one layer's delta, padded to r triplets: delta = U diag(S) Vh.
+
+    Singular values are descending; those below the numerical-rank tolerance are exactly 0, and so are
+    their U columns, Vh rows and K rows (such a direction is not defined by the adapter)."""
+
+    U: torch.Tensor  # (d_out, r)
+    S: torch.Tensor  # (r,)
+    Vh: torch.Tensor  # (r, d_in): the right singular vectors as rows
+    K: torch.Tensor  # (r, r): diag(S) Vh = K A
+
+
+def zero_tolerance(S: torch.Tensor, shape: tuple[int, int]) -> float:
+    """The numerical-rank tolerance of a matrix of `shape` with singular values S (NumPy's matrix_rank rule)."""
+    return float(S.max()) * max(shape) * torch.finfo(S.dtype).eps if S.numel() else 0.0
+
+
+def normalise_signs(U: torch.Tensor, Vh: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flip each singular pair so the largest-magnitude entry of its right vector (the first, on a tie) is
+    positive; `others` (matrices whose rows follow Vh's, like K) flip with it. Zero rows stay zero."""
+    rows = torch.arange(Vh.shape[0])
+    pivot = Vh[rows, Vh.abs().argmax(dim=1)]
+    sign = torch.where(pivot < 0, -1.0, 1.0).to(Vh.dtype)
+    return (U * sign, Vh * sign[:, None], *(o * sign[:, None] for o in others))
+
+
+def lora_svd(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float64) -> Spectrum:
+    """The SVD of scaling * B @ A from QR of A^T and of B and one small SVD, computed in `dtype`."""
+    r, d_in = A.shape
+    d_out = B.shape[0]
+    if B.shape[1] != r:
+        raise ValueError(f"A is {tuple(A.shape)} and B is {tuple(B.shape)}: B must have r = {r} columns")
+    A, B = A.to(dtype), B.to(dtype)
+    Q_a, R_a = torch.linalg.qr(A.T)  # (d_in, k_a), (k_a, r), k_a = min(d_in, r)
+    Q_b, R_b = torch.linalg.qr(B)  # (d_out, k_b), (k_b, r)
+    core = scaling * R_b  # (k_b, r)
+    U_small, S, Vh_small = torch.linalg.svd(core @ R_a.T, full_matrices=False)  # k = min(k_a, k_b) triplets
+    U, Vh, K = Q_b @ U_small, Vh_small @ Q_a.T, U_small.T @ core
+    zero = S <= zero_tolerance(S, (d_out, d_in))
+    S = S.masked_fill(zero, 0)
+    U, Vh, K = U.masked_fill(zero, 0), Vh.masked_fill(zero[:, None], 0), K.masked_fill(zero[:, None], 0)
+    U, Vh, K = normalise_signs(U, Vh, K)
+    pad = r - S.shape[0]  # the delta has at most min(r, d_in, d_out) non-zero singular values
+    if pad:
+        S = torch.cat([S, S.new_zeros(pad)])
+        U = torch.cat([U, U.new_zeros(d_out, pad)], dim=1)
+        Vh = torch.cat([Vh, Vh.new_zeros(pad, d_in)])
+        K = torch.cat([K, K.new_zeros(pad, r)])
+    return Spectrum(U, S, Vh, K)
