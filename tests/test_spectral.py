@@ -235,7 +235,10 @@ def direct_scores(factors, ids, modules, x_by_module, groups_by_module, groups, 
                     values = [abs(float(u @ Vh[0])) for u in units]
                 else:
                     values = [float((delta @ u).norm()) for u in units]
-                per_group.append(sum(values) / len(values))
+                if pool == "rms":
+                    per_group.append((sum(v * v for v in values) / len(values)) ** 0.5)
+                else:
+                    per_group.append(sum(values) / len(values))
             layer_scores.append(per_group)
         out[:, i] = torch.tensor(layer_scores).mean(dim=0)
     return out
@@ -253,6 +256,47 @@ def test_scores_equal_a_direct_computation_from_each_delta(method, pool):
     want = direct_scores(factors, index.ids, index.modules, x, group, 3, method, pool)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert index.rank == 3 and index.present.tolist()[1] == [True, False]
+    background = torch.rand(len(index.ids), generator=generator) + 0.5
+    torch.testing.assert_close(scores.score(index, inputs, method, pool, background), want / background)
+
+
+def test_a_subset_scores_as_its_adapters_did_in_the_whole_index():
+    index, _ = random_index(n=7)
+    generator = torch.Generator().manual_seed(4)
+    x = {m: torch.randn(9, 12, generator=generator) for m in index.modules}
+    inputs = scores.LayerInputs(x, {m: torch.zeros(9, dtype=torch.long) for m in index.modules}, 1)
+    positions = torch.tensor([5, 1, 2])
+    subset = index.subset(positions)
+    assert subset.ids == ["a5", "a1", "a2"]
+    for method in scores.METHODS:
+        torch.testing.assert_close(
+            scores.score(subset, inputs, method), scores.score(index, inputs, method)[:, positions]
+        )
+
+
+def test_the_background_is_random_tokens_of_the_vocabulary_and_repeatable():
+    from transformers import ByT5Tokenizer
+
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    shots, again = scores.background_examples(tokenizer, True), scores.background_examples(tokenizer, True)
+    requests = scores.background_examples(tokenizer, False)
+    assert shots == again and len(shots) == 64 and all(e.target for e in shots)
+    assert all(e.target is None for e in requests)
+    lengths = [len(tokenizer(e.input, add_special_tokens=False)["input_ids"]) for e in shots]
+    assert min(lengths) >= 10 and max(lengths) <= 39 and len(set(lengths)) > 10  # round trips: no byte lost
+
+
+@pytest.mark.parametrize("method", scores.METHODS)
+def test_rms_from_the_principal_directions_is_exact_with_all_and_a_lower_bound_with_fewer(method):
+    index, _ = random_index()
+    generator = torch.Generator().manual_seed(2)
+    # Unit token inputs spanning 5 dimensions: their 5 principal directions hold every mean square.
+    x = {m: scores.unit(low_rank(20, 12, 5, generator).float()) for m in index.modules}
+    inputs = scores.LayerInputs(x, {m: torch.zeros(20, dtype=torch.long) for m in index.modules}, 1)
+    exact = scores.score(index, inputs, method, "rms")
+    torch.testing.assert_close(scores.score(index, inputs, method, "rms", directions=5), exact)
+    fewer = scores.score(index, inputs, method, "rms", directions=3)
+    assert (fewer <= exact + 1e-6).all() and (fewer < exact - 1e-4).any()
 
 
 def test_an_adapter_aligned_with_the_inputs_ranks_first():
@@ -334,6 +378,26 @@ def test_captured_inputs_are_each_layers_real_tokens(kind, with_targets):
         expected = norm(embed(torch.tensor(ids[1])))
     got = inputs.x[first][inputs.group[first] == 1][: len(ids[1])]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_index_of_card_folders_scores_queries_against_its_background(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    model = tiny_model("t5", vocab=len(ByT5Tokenizer(extra_ids=0)))
+    paths = make_adapters(model, tmp_path, 3)
+    for path in paths:
+        write_weight_card(path)
+    index = scores.WeightIndex.from_folders({f"x/{p.name}": p for p in paths})
+    assert index.ids == ["x/a0", "x/a1", "x/a2"] and len(index.modules) == 12
+    base = base_of(model, "t5")
+    background = scores.background(index, base)
+    assert background.shape == (3,) and (background > 0).all()
+    inputs = scores.capture_layer_inputs(base, [Example("hello", "x"), Example("two", "y")], index.modules).merged()
+    calibrated = scores.score(index, inputs, background=background)
+    torch.testing.assert_close(calibrated, scores.score(index, inputs) / background)
+    assert [r["id"] for r in scores.rank(index, calibrated, 2)[0]] == [
+        index.ids[i] for i in calibrated[0].argsort(descending=True)[:2]
+    ]
 
 
 # --- Arrow against PEFT ---------------------------------------------------------------------------------

@@ -8,12 +8,16 @@ scaled right singular vectors diag(S_i) V_i^T (r x d_in):
 
 Both are one matrix product per layer against a stacked matrix: P_l (n x d_in) for Arrow, R_l (n r x d_in)
 for SpectR, whose rows i r .. i r + r - 1 are adapter i's (zero rows where an adapter has a lower rank or
-does not target the layer). Scores are then pooled (docs/weights.md):
+does not target the layer). Scores are then pooled over a group's (a shot set's, a request's) tokens:
 
-    tokens    score_il = mean over the group's non-pad tokens t of a_il(x_t)   (Arrow's per-token view)
-    centroid  score_il = a_il(c_l), c_l = mean over the group's tokens of x^_t   (one product row per group)
+    tokens    score_il = mean_t a_il(x_t)                     (Arrow's per-token view)
+    rms       score_il = sqrt(mean_t a_il(x_t)^2)             (exactly one product with the query's
+              principal directions; `directions` keeps the top few, an approximation that is cheaper at scale)
+    centroid  score_il = a_il(c_l), c_l = mean_t x^_t         (one product row per group)
 
-and averaged over the layers adapter i targets: score_i = mean_l score_il.
+averaged over the layers adapter i targets, score_i = mean_l score_il, and divided by the same score on a
+background of random token sequences, score_i / background_i (docs/weights.md: without it a few adapters
+whose directions the base model's inputs always align with rank first for every query).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ..models import BaseModel
 from .card import load_checked, prototype
 
 METHODS = ("arrow", "spectr")
-POOLS = ("tokens", "centroid")
+POOLS = ("tokens", "rms", "centroid")
 
 
 @dataclass
@@ -72,6 +76,18 @@ class WeightIndex:
         present = torch.tensor([[m in entries[i] for m in modules] for i in ids])
         return cls(ids, modules, rank, prototypes, stacked, present)
 
+    def subset(self, positions: torch.Tensor) -> WeightIndex:
+        """The index of the adapters at `positions` (a shortlist to re-rank with a costlier score)."""
+        rows = (positions[:, None] * self.rank + torch.arange(self.rank)).reshape(-1)
+        return WeightIndex(
+            [self.ids[i] for i in positions.tolist()],
+            self.modules,
+            self.rank,
+            {m: p[positions] for m, p in self.prototypes.items()},
+            {m: s[rows] for m, s in self.spectra.items()},
+            self.present[positions],
+        )
+
     @classmethod
     def from_folders(cls, folders: dict[str, Path], hashes: dict[str, str] | None = None) -> WeightIndex:
         """The index of adapter folders that hold a weight card (id -> folder); `hashes`: their weights
@@ -95,30 +111,66 @@ class LayerInputs:
     group: dict[str, torch.Tensor]
     groups: int
 
+    def merged(self) -> LayerInputs:
+        """Every token in one group: one ranking for a whole set of shots (task level)."""
+        return LayerInputs(self.x, {m: torch.zeros_like(g) for m, g in self.group.items()}, 1)
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def project(rows: torch.Tensor, index: WeightIndex, module: str, method: str) -> torch.Tensor:
+    """(m, n): |row . v_i| (Arrow) or |diag(S_i) V_i^T row| (SpectR) for every row and adapter at one module:
+    one matrix product against the stacked (n x d_in) or (n r x d_in) matrix."""
+    if method == "arrow":
+        return (rows @ index.prototypes[module].T).abs()
+    return (rows @ index.spectra[module].T).view(rows.shape[0], len(index.ids), index.rank).norm(dim=-1)
+
 
 def token_scores(x: torch.Tensor, index: WeightIndex, module: str, method: str) -> torch.Tensor:
-    """(N, n): every token's Arrow |cos| or SpectR norm against every adapter at one module."""
-    unit = x.float() / x.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    if method == "arrow":
-        return (unit @ index.prototypes[module].T).abs()
-    projected = unit @ index.spectra[module].T  # (N, n r)
-    return projected.view(x.shape[0], len(index.ids), index.rank).norm(dim=-1)
+    """(N, n): every token's Arrow |cos| or SpectR norm (of its unit input) against every adapter."""
+    return project(unit(x.float()), index, module, method)
 
 
-def pooled(inputs: LayerInputs, module: str, pool: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows to score and the (groups x rows) mean that pools their scores, for one module."""
-    x, group = inputs.x[module].float(), inputs.group[module]
+def principal(x: torch.Tensor, directions: int | None) -> torch.Tensor:
+    """Rows Z with sum over Z's rows of (z . w)^2 = mean_t (x_t . w)^2 for every w: x / sqrt(N) itself, or
+    (directions given) the top `directions` right singular vectors of x / sqrt(N) scaled by their values."""
+    x = x / x.shape[0] ** 0.5
+    if directions is None or directions >= min(x.shape):
+        return x
+    _, S, Vh = torch.linalg.svd(x, full_matrices=False)
+    return S[:directions, None] * Vh[:directions]
+
+
+def group_scores(
+    inputs: LayerInputs, index: WeightIndex, module: str, method: str, pool: str, directions: int | None = None
+) -> torch.Tensor:
+    """(groups, n): one module's scores, pooled over each group's tokens."""
+    x, group = unit(inputs.x[module].float()), inputs.group[module]
     counts = torch.bincount(group, minlength=inputs.groups).clamp_min(1).float()
     mean = torch.zeros(inputs.groups, x.shape[0]).index_put_((group, torch.arange(x.shape[0])), 1 / counts[group])
     if pool == "tokens":
-        return x, mean
-    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return mean @ unit, torch.eye(inputs.groups)  # each group's centroid of unit inputs, scored once
+        return mean @ project(x, index, module, method)
+    if pool == "centroid":
+        return project(unit(mean @ x), index, module, method)
+    squares = [
+        project(principal(x[group == g], directions), index, module, method).square().sum(dim=0)
+        for g in range(inputs.groups)
+    ]
+    return torch.stack(squares).sqrt()
 
 
-def score(index: WeightIndex, inputs: LayerInputs, method: str = "arrow", pool: str = "tokens") -> torch.Tensor:
-    """(groups, n): each group's score of every adapter, pooled over its tokens, averaged over the layers
-    each adapter targets (only layers present in `inputs` count)."""
+def score(
+    index: WeightIndex,
+    inputs: LayerInputs,
+    method: str = "spectr",
+    pool: str = "tokens",
+    background: torch.Tensor | None = None,
+    directions: int | None = None,
+) -> torch.Tensor:
+    """(groups, n): each group's score of every adapter, pooled over its tokens, averaged over the layers each
+    adapter targets (only layers present in `inputs` count), divided by `background` (n,) where given."""
     if method not in METHODS or pool not in POOLS:
         raise InputError(
             f"unknown weight score '{method}' / pooling '{pool}'.",
@@ -127,12 +179,48 @@ def score(index: WeightIndex, inputs: LayerInputs, method: str = "arrow", pool: 
     total = torch.zeros(inputs.groups, len(index.ids))
     layers = torch.zeros(len(index.ids))
     for column, module in enumerate(index.modules):
-        if module not in inputs.x:
-            continue
-        rows, mean = pooled(inputs, module, pool)
-        total += mean @ token_scores(rows, index, module, method)
-        layers += index.present[:, column].float()
-    return total / layers.clamp_min(1)
+        if module in inputs.x:
+            total += group_scores(inputs, index, module, method, pool, directions)
+            layers += index.present[:, column].float()
+    total /= layers.clamp_min(1)
+    return total if background is None else total / background.clamp_min(1e-12)
+
+
+def background_examples(tokenizer, with_targets: bool, sequences: int = 64, seed: int = 0) -> list[Example]:
+    """Random token sequences, drawn uniformly from the vocabulary's ids that are not special and that decode
+    to text which encodes back to them (a byte tokenizer's lone bytes >= 128 do not), 10-39 input tokens and
+    1-7 target tokens: inputs of no task at all. No data is involved."""
+    generator = torch.Generator().manual_seed(seed)
+    special, verdict = set(tokenizer.all_special_ids), {}
+
+    def usable(token: int) -> bool:
+        if token not in verdict:
+            text = tokenizer.decode([token])
+            verdict[token] = token not in special and tokenizer.encode(text, add_special_tokens=False) == [token]
+        return verdict[token]
+
+    def text(low: int, high: int) -> str:
+        length, tokens = int(torch.randint(low, high, (1,), generator=generator)), []
+        while len(tokens) < length:
+            tokens += [t for t in torch.randint(len(tokenizer), (length,), generator=generator).tolist() if usable(t)]
+        return tokenizer.decode(tokens[:length])
+
+    return [Example(text(10, 40), text(1, 8) if with_targets else None) for _ in range(sequences)]
+
+
+def background(
+    index: WeightIndex,
+    base: BaseModel,
+    method: str = "spectr",
+    pool: str = "tokens",
+    with_targets: bool = True,
+    directions: int | None = None,
+) -> torch.Tensor:
+    """(n,): every adapter's score on `background_examples`: what it scores on inputs of no task. A query's
+    score divided by it is how much more the query engages the adapter than noise does (docs/weights.md)."""
+    examples = background_examples(base.tokenizer, with_targets)
+    inputs = capture_layer_inputs(base, examples, index.modules).merged()
+    return score(index, inputs, method, pool, directions=directions)[0]
 
 
 def rank(index: WeightIndex, scores: torch.Tensor, k: int) -> list[list[dict]]:
