@@ -79,7 +79,7 @@ def zscore(values: torch.Tensor) -> torch.Tensor:
 
 
 class Scorer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, background_seed: int):
         self.root = root
         self.index, self.cost = build_index(root)
         self.base = load_base_model(str(library.base_model_path(root)), dtype="float32", device="cpu")
@@ -90,7 +90,9 @@ class Scorer:
         self.forward_seconds, self.rank_seconds = [], []
         start = time.perf_counter()
         self.backgrounds = {
-            (scorer, with_targets): scores.background(self.index, self.base, *scorer[:2], with_targets, scorer[2])
+            (scorer, with_targets): scores.background(
+                self.index, self.base, *scorer[:2], with_targets, scorer[2], seed=background_seed
+            )
             for scorer in SCORERS
             for with_targets in (True, False)
         }
@@ -122,8 +124,8 @@ def hits(ids: list[str], values: torch.Tensor, wanted: set[str]) -> tuple[bool, 
     return order[0] in wanted, bool(wanted & set(order[:3])), order[:3]
 
 
-def run(root: Path, seeds: list[int], n_shots: int) -> dict:
-    scorer = Scorer(root)
+def run(root: Path, seeds: list[int], n_shots: int, background_seed: int = 0) -> dict:
+    scorer = Scorer(root, background_seed)
     ids = scorer.index.ids
     rows = []
     for kind, tasks in (("held-out", library.heldout_tasks(root)), ("upstream", library.upstream_tasks(root))):
@@ -168,6 +170,7 @@ def run(root: Path, seeds: list[int], n_shots: int) -> dict:
         "library": str(root),
         "seeds": seeds,
         "shots": n_shots,
+        "background_seed": background_seed,
         "card_cost": scorer.cost,
         "background_seconds_all_scorers": scorer.background_seconds,
         "median_forward_seconds": statistics.median(scorer.forward_seconds),
@@ -184,15 +187,19 @@ def main() -> None:
     parser.add_argument("--library", type=Path, default=library.demo_dir())
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--background-seed", type=int, default=0, help="the random-token background's draw")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, help="write the full result (every query's top 3) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.library, [int(s) for s in args.seeds.split(",")], args.shots)
+    result = run(args.library, [int(s) for s in args.seeds.split(",")], args.shots, args.background_seed)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     cost = result["card_cost"]
-    print(f"library {result['library']}: {cost['adapters']} adapters; load {result['machine']['load']}")
+    print(
+        f"library {result['library']}: {cost['adapters']} adapters; background seed {args.background_seed}; "
+        f"load {result['machine']['load']}"
+    )
     print(
         f"weight card: {cost['card_bytes']} B vs adapter {cost['adapter_bytes']} B ({100 * cost['ratio']:.2f}%); "
         f"build median {1000 * cost['median_build_seconds']:.1f} ms, max {1000 * cost['max_build_seconds']:.1f} ms"

@@ -36,28 +36,22 @@ from lorahub_cli.spectral import scores
 from lorahub_cli.spectral.card import WEIGHT_CARD, write_weight_card
 from lorahub_cli.spectral.svd import lora_svd
 
+
+def t5_modules(blocks: int, d: int) -> list[tuple[str, int, int]]:
+    """(path, d_in, d_out) of q and v in every attention of a T5 with `blocks` encoder and decoder blocks."""
+    attentions = (("encoder", [(0, "SelfAttention")]), ("decoder", [(0, "SelfAttention"), (1, "EncDecAttention")]))
+    return [
+        (f"{side}.block.{b}.layer.{i}.{attention}.{p}", d, d)
+        for side, layers in attentions
+        for b in range(blocks)
+        for i, attention in layers
+        for p in ("q", "v")
+    ]
+
+
 SHAPES = {
-    # name: (modules as (path, d_in, d_out))
-    "demo": [
-        (f"{side}.block.{b}.layer.{i}.{att}.{p}", 128, 128)
-        for side, layers in (
-            ("encoder", [(0, "SelfAttention")]),
-            ("decoder", [(0, "SelfAttention"), (1, "EncDecAttention")]),
-        )
-        for b in range(3)
-        for i, att in layers
-        for p in ("q", "v")
-    ],
-    "t5-large": [
-        (f"{side}.block.{b}.layer.{i}.{att}.{p}", 1024, 1024)
-        for side, layers in (
-            ("encoder", [(0, "SelfAttention")]),
-            ("decoder", [(0, "SelfAttention"), (1, "EncDecAttention")]),
-        )
-        for b in range(24)
-        for i, att in layers
-        for p in ("q", "v")
-    ],
+    "demo": t5_modules(3, 128),
+    "t5-large": t5_modules(24, 1024),
     "llama-7b": [(f"model.layers.{b}.self_attn.{p}_proj", 4096, 4096) for b in range(32) for p in ("q", "v")],
 }
 

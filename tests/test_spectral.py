@@ -80,6 +80,11 @@ def test_the_directions_equal_an_explicit_svd_of_the_delta(case):
     # The card's map: diag(S) V^T = K A, and U diag(S) V^T is the delta.
     torch.testing.assert_close(spectrum.K @ A.double(), spectrum.S[:, None] * spectrum.Vh, rtol=0, atol=1e-9)
     torch.testing.assert_close(spectrum.U @ torch.diag(spectrum.S) @ spectrum.Vh, delta, rtol=0, atol=1e-9)
+    # What a card stores, computed without forming Q_a and Q_b: the same S and K.
+    stored = lora_svd(A, B, 2.0, vectors=False)
+    assert stored.U is None and stored.Vh is None
+    torch.testing.assert_close(stored.S, spectrum.S, rtol=0, atol=1e-12 * float(S[0]))
+    torch.testing.assert_close(stored.K, spectrum.K, rtol=0, atol=1e-9)
 
 
 def test_float32_factors_give_the_directions_to_1e_5():
@@ -116,13 +121,19 @@ def adapter_folder(request, tmp_path_factory) -> Path:
     return make_lora_adapter(model, tmp_path_factory.mktemp(request.param) / "adapter", r=4, alpha=8, seed=1)
 
 
-def test_a_card_read_with_its_adapter_gives_the_explicit_directions(adapter_folder, tmp_path):
-    folder = tmp_path / "a"
+@pytest.fixture
+def card_folder(adapter_folder, tmp_path) -> Path:
+    """A copy of the adapter with its weight card written beside it."""
+    folder = tmp_path / "adapter"
     folder.mkdir()
     for path in adapter_folder.iterdir():
         (folder / path.name).write_bytes(path.read_bytes())
-    files = write_weight_card(folder)
-    assert set(files) == {WEIGHT_CARD}
+    assert set(write_weight_card(folder)) == {WEIGHT_CARD}
+    return folder
+
+
+def test_a_card_read_with_its_adapter_gives_the_explicit_directions(card_folder):
+    folder = card_folder
     card, adapter = load_checked(folder)
     assert card.modules == sorted(adapter.modules) and card.rank == 4 and card.scaling == 2.0
     spectra, prototypes = card.spectra(adapter), card.prototypes(adapter)
@@ -136,16 +147,6 @@ def test_a_card_read_with_its_adapter_gives_the_explicit_directions(adapter_fold
         "sigma": (len(card.modules), 4),
         "core": (len(card.modules), 4, 4),
     }
-
-
-@pytest.fixture
-def card_folder(adapter_folder, tmp_path) -> Path:
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    for path in adapter_folder.iterdir():
-        (folder / path.name).write_bytes(path.read_bytes())
-    write_weight_card(folder)
-    return folder
 
 
 def one_line_rebuild_error(error: LorahubError) -> None:
@@ -280,7 +281,7 @@ def test_the_background_is_random_tokens_of_the_vocabulary_and_repeatable():
     tokenizer = ByT5Tokenizer(extra_ids=0)
     shots, again = scores.background_examples(tokenizer, True), scores.background_examples(tokenizer, True)
     requests = scores.background_examples(tokenizer, False)
-    assert shots == again and len(shots) == 64 and all(e.target for e in shots)
+    assert shots == again and len(shots) == 256 and all(e.target for e in shots)
     assert all(e.target is None for e in requests)
     lengths = [len(tokenizer(e.input, add_special_tokens=False)["input_ids"]) for e in shots]
     assert min(lengths) >= 10 and max(lengths) <= 39 and len(set(lengths)) > 10  # round trips: no byte lost

@@ -160,7 +160,7 @@ def adapter_weights_file(folder: Path) -> Path:
 def build_weight_card(adapter: LoraAdapter, adapter_sha256: str) -> WeightCard:
     """The card of an adapter already read: one QR-and-small-SVD per module (spectral/svd.py), in float64."""
     modules = sorted(adapter.modules)
-    spectra = [lora_svd(*adapter.modules[m], adapter.scaling) for m in modules]
+    spectra = [lora_svd(*adapter.modules[m], adapter.scaling, vectors=False) for m in modules]
     return WeightCard(
         modules=modules,
         rank=adapter.r,

@@ -186,10 +186,11 @@ def score(
     return total if background is None else total / background.clamp_min(1e-12)
 
 
-def background_examples(tokenizer, with_targets: bool, sequences: int = 64, seed: int = 0) -> list[Example]:
+def background_examples(tokenizer, with_targets: bool, sequences: int = 256, seed: int = 0) -> list[Example]:
     """Random token sequences, drawn uniformly from the vocabulary's ids that are not special and that decode
     to text which encodes back to them (a byte tokenizer's lone bytes >= 128 do not), 10-39 input tokens and
-    1-7 target tokens: inputs of no task at all. No data is involved."""
+    1-7 target tokens: inputs of no task at all. No data is involved. 256 by default: rankings move less
+    between draws than with 64 (docs/weights.md has the spread on the demo)."""
     generator = torch.Generator().manual_seed(seed)
     special, verdict = set(tokenizer.all_special_ids), {}
 
@@ -215,10 +216,12 @@ def background(
     pool: str = "tokens",
     with_targets: bool = True,
     directions: int | None = None,
+    seed: int = 0,
+    sequences: int = 256,
 ) -> torch.Tensor:
     """(n,): every adapter's score on `background_examples`: what it scores on inputs of no task. A query's
     score divided by it is how much more the query engages the adapter than noise does (docs/weights.md)."""
-    examples = background_examples(base.tokenizer, with_targets)
+    examples = background_examples(base.tokenizer, with_targets, sequences, seed)
     inputs = capture_layer_inputs(base, examples, index.modules).merged()
     return score(index, inputs, method, pool, directions=directions)[0]
 

@@ -24,12 +24,13 @@ class Spectrum:
     """The thin SVD of one layer's delta, padded to r triplets: delta = U diag(S) Vh.
 
     Singular values are descending; those below the numerical-rank tolerance are exactly 0, and so are
-    their U columns, Vh rows and K rows (such a direction is not defined by the adapter)."""
+    their U columns, Vh rows and K rows (such a direction is not defined by the adapter). U and Vh are None
+    when only S and K were asked for (`vectors=False`: what a weight card stores, without forming Q_a, Q_b)."""
 
-    U: torch.Tensor  # (d_out, r)
     S: torch.Tensor  # (r,)
-    Vh: torch.Tensor  # (r, d_in): the right singular vectors as rows
     K: torch.Tensor  # (r, r): diag(S) Vh = K A
+    U: torch.Tensor | None = None  # (d_out, r)
+    Vh: torch.Tensor | None = None  # (r, d_in): the right singular vectors as rows
 
 
 def zero_tolerance(S: torch.Tensor, shape: tuple[int, int]) -> float:
@@ -37,35 +38,44 @@ def zero_tolerance(S: torch.Tensor, shape: tuple[int, int]) -> float:
     return float(S.max()) * max(shape) * torch.finfo(S.dtype).eps if S.numel() else 0.0
 
 
-def normalise_signs(U: torch.Tensor, Vh: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Flip each singular pair so the largest-magnitude entry of its right vector (the first, on a tie) is
-    positive; `others` (matrices whose rows follow Vh's, like K) flip with it. Zero rows stay zero."""
-    rows = torch.arange(Vh.shape[0])
-    pivot = Vh[rows, Vh.abs().argmax(dim=1)]
-    sign = torch.where(pivot < 0, -1.0, 1.0).to(Vh.dtype)
-    return (U * sign, Vh * sign[:, None], *(o * sign[:, None] for o in others))
+def pivot_signs(rows: torch.Tensor) -> torch.Tensor:
+    """+1 or -1 per row: the sign of its largest-magnitude entry (the first, on a tie); +1 for a zero row."""
+    pivot = rows[torch.arange(rows.shape[0]), rows.abs().argmax(dim=1)]
+    return torch.where(pivot < 0, -1.0, 1.0).to(rows.dtype)
 
 
-def lora_svd(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float64) -> Spectrum:
-    """The SVD of scaling * B @ A from QR of A^T and of B and one small SVD, computed in `dtype`."""
+def normalise_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so the largest-magnitude entry of its right vector is positive."""
+    sign = pivot_signs(Vh)
+    return U * sign, Vh * sign[:, None]
+
+
+def lora_svd(
+    A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype = torch.float64, vectors: bool = True
+) -> Spectrum:
+    """The SVD of scaling * B @ A from QR of A^T and of B and one small SVD, computed in `dtype`.
+
+    Signs: each right singular vector's largest-magnitude entry is positive (read from the rows of K A)."""
     r, d_in = A.shape
     d_out = B.shape[0]
     if B.shape[1] != r:
         raise ValueError(f"A is {tuple(A.shape)} and B is {tuple(B.shape)}: B must have r = {r} columns")
     A, B = A.to(dtype), B.to(dtype)
-    Q_a, R_a = torch.linalg.qr(A.T)  # (d_in, k_a), (k_a, r), k_a = min(d_in, r)
-    Q_b, R_b = torch.linalg.qr(B)  # (d_out, k_b), (k_b, r)
+    mode = "reduced" if vectors else "r"  # "r": R alone, Q is never formed
+    Q_a, R_a = torch.linalg.qr(A.T, mode=mode)  # (d_in, k_a), (k_a, r), k_a = min(d_in, r)
+    Q_b, R_b = torch.linalg.qr(B, mode=mode)  # (d_out, k_b), (k_b, r)
     core = scaling * R_b  # (k_b, r)
     U_small, S, Vh_small = torch.linalg.svd(core @ R_a.T, full_matrices=False)  # k = min(k_a, k_b) triplets
-    U, Vh, K = Q_b @ U_small, Vh_small @ Q_a.T, U_small.T @ core
+    K = U_small.T @ core  # (k, r)
     zero = S <= zero_tolerance(S, (d_out, d_in))
-    S = S.masked_fill(zero, 0)
-    U, Vh, K = U.masked_fill(zero, 0), Vh.masked_fill(zero[:, None], 0), K.masked_fill(zero[:, None], 0)
-    U, Vh, K = normalise_signs(U, Vh, K)
+    S, K = S.masked_fill(zero, 0), K.masked_fill(zero[:, None], 0)
+    sign = pivot_signs(K @ A)  # K A = diag(S) Vh: the same pivots as Vh's rows
+    K = K * sign[:, None]
     pad = r - S.shape[0]  # the delta has at most min(r, d_in, d_out) non-zero singular values
-    if pad:
-        S = torch.cat([S, S.new_zeros(pad)])
-        U = torch.cat([U, U.new_zeros(d_out, pad)], dim=1)
-        Vh = torch.cat([Vh, Vh.new_zeros(pad, d_in)])
-        K = torch.cat([K, K.new_zeros(pad, r)])
-    return Spectrum(U, S, Vh, K)
+    spectrum = Spectrum(torch.cat([S, S.new_zeros(pad)]), torch.cat([K, K.new_zeros(pad, r)]))
+    if vectors:
+        U = (Q_b @ U_small).masked_fill(zero, 0) * sign
+        Vh = (Vh_small @ Q_a.T).masked_fill(zero[:, None], 0) * sign[:, None]
+        spectrum.U = torch.cat([U, U.new_zeros(d_out, pad)], dim=1)
+        spectrum.Vh = torch.cat([Vh, Vh.new_zeros(pad, d_in)])
+    return spectrum
