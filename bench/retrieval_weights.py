@@ -37,16 +37,11 @@ from lorahub_cli.models import load_base_model
 from lorahub_cli.spectral import scores
 from lorahub_cli.spectral.card import WEIGHT_CARD, adapter_weights_file, build_weight_card
 
-DIRECTIONS = 16
 SCORERS = [
-    (m, p, d)
-    for m in scores.METHODS
-    for p, d in (("tokens", None), ("rms", None), ("rms", DIRECTIONS), ("centroid", None))
+    scores.Scorer(method, pool, directions)
+    for method in scores.METHODS
+    for pool, directions in (("tokens", None), ("rms", None), ("rms", 16), ("centroid", None))
 ]
-
-
-def label(method: str, pool: str, directions: int | None) -> str:
-    return f"{method}-{pool}" + (f"/{directions}" if directions else "")
 
 
 def build_index(root: Path) -> tuple[scores.WeightIndex, dict]:
@@ -90,9 +85,7 @@ class Scorer:
         self.forward_seconds, self.rank_seconds = [], []
         start = time.perf_counter()
         self.backgrounds = {
-            (scorer, with_targets): scores.background(
-                self.index, self.base, *scorer[:2], with_targets, scorer[2], seed=background_seed
-            )
+            (scorer, with_targets): scores.background(self.index, self.base, scorer, with_targets, background_seed)
             for scorer in SCORERS
             for with_targets in (True, False)
         }
@@ -109,13 +102,12 @@ class Scorer:
         self.forward_seconds.append(time.perf_counter() - start)
         out = {}
         for scorer in SCORERS:
-            method, pool, directions = scorer
             start = time.perf_counter()
-            raw = scores.score(self.index, inputs, method, pool, directions=directions)[0]
+            raw = scores.score(self.index, inputs, scorer)[0]
             self.rank_seconds.append(time.perf_counter() - start)
-            out[label(*scorer) + "/bg"] = raw / self.backgrounds[(scorer, with_targets)]
+            out[scorer.name + "/bg"] = raw / self.backgrounds[(scorer, with_targets)]
             if with_targets:
-                out[label(*scorer)] = raw
+                out[scorer.name] = raw
         return out
 
 

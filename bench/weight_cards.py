@@ -131,16 +131,15 @@ def rank(args) -> None:
     print("| --- | --- | --- |")
     for method in scores.METHODS:
         for pool, directions in (("tokens", None), ("rms", None), ("rms", 16), ("rms", 4), ("centroid", None)):
+            scorer = scores.Scorer(method, pool, directions)
             samples = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                values = scores.score(index, inputs, method, pool, background, directions)
-                torch.topk(values, 20, dim=1)
+                torch.topk(scores.score(index, inputs, scorer, background), 20, dim=1)
                 samples.append(time.perf_counter() - start)
             stacked = index.prototypes if method == "arrow" else index.spectra
             megabytes = sum(t.numel() for t in stacked.values()) * 4 / 1e6
-            name = f"{method}-{pool}" + (f"/{directions}" if directions else "")
-            print(f"| {name} | {1000 * statistics.median(samples):.1f} ms | {megabytes:.0f} MB |")
+            print(f"| {scorer.name} | {1000 * statistics.median(samples):.1f} ms | {megabytes:.0f} MB |")
 
 
 def peft(args) -> None:

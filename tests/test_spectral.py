@@ -253,12 +253,12 @@ def test_scores_equal_a_direct_computation_from_each_delta(method, pool):
     x = {m: torch.randn(11, 12, generator=generator) for m in index.modules}
     group = {m: torch.tensor([0, 0, 1, 2, 2, 2, 1, 0, 2, 1, 1]) for m in index.modules}
     inputs = scores.LayerInputs(x, group, groups=3)
-    got = scores.score(index, inputs, method, pool)
+    got = scores.score(index, inputs, scores.Scorer(method, pool))
     want = direct_scores(factors, index.ids, index.modules, x, group, 3, method, pool)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert index.rank == 3 and index.present.tolist()[1] == [True, False]
     background = torch.rand(len(index.ids), generator=generator) + 0.5
-    torch.testing.assert_close(scores.score(index, inputs, method, pool, background), want / background)
+    torch.testing.assert_close(scores.score(index, inputs, scores.Scorer(method, pool), background), want / background)
 
 
 def test_a_subset_scores_as_its_adapters_did_in_the_whole_index():
@@ -271,8 +271,22 @@ def test_a_subset_scores_as_its_adapters_did_in_the_whole_index():
     assert subset.ids == ["a5", "a1", "a2"]
     for method in scores.METHODS:
         torch.testing.assert_close(
-            scores.score(subset, inputs, method), scores.score(index, inputs, method)[:, positions]
+            scores.score(subset, inputs, scores.Scorer(method, "tokens")),
+            scores.score(index, inputs, scores.Scorer(method, "tokens"))[:, positions],
         )
+
+
+def test_a_scorer_names_a_bad_method_pool_or_directions_in_one_line():
+    for args, message in [
+        (("cosine", "tokens"), "unknown weight score 'cosine'"),
+        (("arrow", "max"), "pooling 'max'"),
+        (("arrow", "tokens", 4), "directions = 4 with pooling 'tokens'"),
+        (("spectr", "rms", 0), "directions = 0"),
+    ]:
+        with pytest.raises(InputError, match=message) as caught:
+            scores.Scorer(*args)
+        assert "\n" not in str(caught.value)
+    assert scores.DEFAULT_SCORER.name == "spectr-rms/16"
 
 
 def test_the_background_is_random_tokens_of_the_vocabulary_and_repeatable():
@@ -294,9 +308,9 @@ def test_rms_from_the_principal_directions_is_exact_with_all_and_a_lower_bound_w
     # Unit token inputs spanning 5 dimensions: their 5 principal directions hold every mean square.
     x = {m: scores.unit(low_rank(20, 12, 5, generator).float()) for m in index.modules}
     inputs = scores.LayerInputs(x, {m: torch.zeros(20, dtype=torch.long) for m in index.modules}, 1)
-    exact = scores.score(index, inputs, method, "rms")
-    torch.testing.assert_close(scores.score(index, inputs, method, "rms", directions=5), exact)
-    fewer = scores.score(index, inputs, method, "rms", directions=3)
+    exact = scores.score(index, inputs, scores.Scorer(method, "rms"))
+    torch.testing.assert_close(scores.score(index, inputs, scores.Scorer(method, "rms", 5)), exact)
+    fewer = scores.score(index, inputs, scores.Scorer(method, "rms", 3))
     assert (fewer <= exact + 1e-6).all() and (fewer < exact - 1e-4).any()
 
 
@@ -316,7 +330,7 @@ def test_an_adapter_aligned_with_the_inputs_ranks_first():
     inputs = scores.LayerInputs(x, {m: torch.zeros(7, dtype=torch.long) for m in index.modules}, 1)
     for method in scores.METHODS:
         for pool in scores.POOLS:
-            ranking = scores.rank(extended, scores.score(extended, inputs, method, pool), 3)
+            ranking = scores.rank(extended, scores.score(extended, inputs, scores.Scorer(method, pool)), 3)
             assert ranking[0][0]["id"] == "zz-aligned", (method, pool, ranking)
 
 

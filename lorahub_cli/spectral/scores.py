@@ -37,6 +37,36 @@ METHODS = ("arrow", "spectr")
 POOLS = ("tokens", "rms", "centroid")
 
 
+@dataclass(frozen=True)
+class Scorer:
+    """How a token is scored (`method`), how a group's tokens are pooled (`pool`) and, for rms, how many of
+    the query's principal directions are kept (None: all, exact)."""
+
+    method: str
+    pool: str
+    directions: int | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS or self.pool not in POOLS:
+            raise InputError(
+                f"unknown weight score '{self.method}' / pooling '{self.pool}'.",
+                f"Use one of {', '.join(METHODS)} and one of {', '.join(POOLS)}.",
+            )
+        if self.directions is not None and (self.pool != "rms" or self.directions < 1):
+            raise InputError(
+                f"directions = {self.directions} with pooling '{self.pool}'.",
+                "Keep directions (1 or more) for rms pooling only.",
+            )
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-{self.pool}" + (f"/{self.directions}" if self.directions else "")
+
+
+DEFAULT_SCORER = Scorer("spectr", "rms", 16)
+"""The best and steadiest on the demo library over three background draws (docs/weights.md); chosen there."""
+
+
 @dataclass
 class WeightIndex:
     """Every adapter's directions, stacked per targeted module (float32, in memory)."""
@@ -143,44 +173,33 @@ def principal(x: torch.Tensor, directions: int | None) -> torch.Tensor:
     return S[:directions, None] * Vh[:directions]
 
 
-def group_scores(
-    inputs: LayerInputs, index: WeightIndex, module: str, method: str, pool: str, directions: int | None = None
-) -> torch.Tensor:
+def group_scores(inputs: LayerInputs, index: WeightIndex, module: str, scorer: Scorer) -> torch.Tensor:
     """(groups, n): one module's scores, pooled over each group's tokens."""
+    method = scorer.method
     x, group = unit(inputs.x[module].float()), inputs.group[module]
     counts = torch.bincount(group, minlength=inputs.groups).clamp_min(1).float()
     mean = torch.zeros(inputs.groups, x.shape[0]).index_put_((group, torch.arange(x.shape[0])), 1 / counts[group])
-    if pool == "tokens":
+    if scorer.pool == "tokens":
         return mean @ project(x, index, module, method)
-    if pool == "centroid":
+    if scorer.pool == "centroid":
         return project(unit(mean @ x), index, module, method)
     squares = [
-        project(principal(x[group == g], directions), index, module, method).square().sum(dim=0)
+        project(principal(x[group == g], scorer.directions), index, module, method).square().sum(dim=0)
         for g in range(inputs.groups)
     ]
     return torch.stack(squares).sqrt()
 
 
 def score(
-    index: WeightIndex,
-    inputs: LayerInputs,
-    method: str = "spectr",
-    pool: str = "tokens",
-    background: torch.Tensor | None = None,
-    directions: int | None = None,
+    index: WeightIndex, inputs: LayerInputs, scorer: Scorer = DEFAULT_SCORER, background: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(groups, n): each group's score of every adapter, pooled over its tokens, averaged over the layers each
     adapter targets (only layers present in `inputs` count), divided by `background` (n,) where given."""
-    if method not in METHODS or pool not in POOLS:
-        raise InputError(
-            f"unknown weight score '{method}' / pooling '{pool}'.",
-            f"Use one of {', '.join(METHODS)} and one of {', '.join(POOLS)}.",
-        )
     total = torch.zeros(inputs.groups, len(index.ids))
     layers = torch.zeros(len(index.ids))
     for column, module in enumerate(index.modules):
         if module in inputs.x:
-            total += group_scores(inputs, index, module, method, pool, directions)
+            total += group_scores(inputs, index, module, scorer)
             layers += index.present[:, column].float()
     total /= layers.clamp_min(1)
     return total if background is None else total / background.clamp_min(1e-12)
@@ -212,10 +231,8 @@ def background_examples(tokenizer, with_targets: bool, sequences: int = 256, see
 def background(
     index: WeightIndex,
     base: BaseModel,
-    method: str = "spectr",
-    pool: str = "tokens",
+    scorer: Scorer = DEFAULT_SCORER,
     with_targets: bool = True,
-    directions: int | None = None,
     seed: int = 0,
     sequences: int = 256,
 ) -> torch.Tensor:
@@ -223,7 +240,7 @@ def background(
     score divided by it is how much more the query engages the adapter than noise does (docs/weights.md)."""
     examples = background_examples(base.tokenizer, with_targets, sequences, seed)
     inputs = capture_layer_inputs(base, examples, index.modules).merged()
-    return score(index, inputs, method, pool, directions=directions)[0]
+    return score(index, inputs, scorer)[0]
 
 
 def rank(index: WeightIndex, scores: torch.Tensor, k: int) -> list[list[dict]]:
