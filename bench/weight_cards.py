@@ -31,6 +31,7 @@ import torch
 from lorahub_cli.compose.adapters import LoraAdapter, load_adapter, save_adapter
 from lorahub_cli.demo import library
 from lorahub_cli.eval.tasks import split
+from lorahub_cli.io import sha256_file
 from lorahub_cli.models import load_base_model
 from lorahub_cli.spectral import scores
 from lorahub_cli.spectral.card import WEIGHT_CARD, write_weight_card
@@ -72,21 +73,23 @@ def synthetic(folder: Path, shape: str, r: int, dtype: torch.dtype) -> Path:
 
 def size(args) -> None:
     print(f"load {os.getloadavg()}, torch threads {torch.get_num_threads()}")
-    print(
-        "| shape | modules | r | adapter dtype | adapter | card | card / adapter | with prototypes | with V | build |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    columns = "shape, modules, r, adapter dtype, adapter, card, card / adapter, with prototypes, with V, build, "
+    columns += "of which hashing the adapter"
+    print("| " + " | ".join(columns.split(", ")) + " |\n" + "| --- " * 11 + "|")
     for shape in args.shapes.split(","):
         for r in (4, 8, 16):
             for dtype in (torch.float32, torch.bfloat16):
                 with tempfile.TemporaryDirectory() as tmp:
                     folder = synthetic(Path(tmp) / "a", shape, r, dtype)
                     adapter_bytes = (folder / "adapter_model.safetensors").stat().st_size
-                    seconds = []
+                    seconds, hashing = [], []
                     for _ in range(args.repeats):
                         start = time.perf_counter()
                         write_weight_card(folder)
                         seconds.append(time.perf_counter() - start)
+                        start = time.perf_counter()
+                        sha256_file(folder / "adapter_model.safetensors")
+                        hashing.append(time.perf_counter() - start)
                     card = (folder / WEIGHT_CARD).stat().st_size
                 d_in = sum(d for _, d, _ in SHAPES[shape])
                 # the alternatives: + one float32 prototype per module; + every right singular vector (float32)
@@ -95,7 +98,8 @@ def size(args) -> None:
                 print(
                     f"| {shape} | {len(SHAPES[shape])} | {r} | {str(dtype).split('.')[1]} "
                     f"| {adapter_bytes / 1e6:.3f} MB | {card / 1e3:.1f} kB | {share(card)} | {share(prototypes)} "
-                    f"| {share(vectors)} | {1000 * statistics.median(seconds):.0f} ms |"
+                    f"| {share(vectors)} | {1000 * statistics.median(seconds):.0f} ms "
+                    f"| {1000 * statistics.median(hashing):.0f} ms |"
                 )
 
 
