@@ -88,7 +88,7 @@ class WeightIndex:
         rank = max(rows.shape[0] for spectra in entries.values() for rows, _ in spectra.values())
         prototypes, stacked = {}, {}
         for module in modules:
-            widths = {rows.shape[1] for e in entries.values() if module in e for rows, _ in [e[module]]}
+            widths = {e[module][0].shape[1] for e in entries.values() if module in e}
             if len(widths) > 1:
                 raise InputError(
                     f"adapters disagree on the input size of module '{module}' ({sorted(widths)}).",
