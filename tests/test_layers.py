@@ -15,7 +15,7 @@ PACKAGE = Path(lorahub_cli.__file__).parent
 LAYERS = [
     ["lorahub_cli", "errors", "settings", "io", "quiet"],
     ["hub", "models", "registry", "cards"],
-    ["retrieval", "routing", "compose", "generation", "decoding", "publish", "retriever", "examples"],
+    ["retrieval", "routing", "compose", "spectral", "generation", "decoding", "publish", "retriever", "examples"],
     ["eval.tasks", "eval.scoring"],
     ["eval", "serve.engine", "serve.batcher"],
     ["demo", "scale"],
