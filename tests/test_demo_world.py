@@ -115,7 +115,7 @@ def test_reduced_build_writes_a_library_that_verifies(reduced_build):
 def test_the_runtime_api_describes_tasks_skills_and_examples(reduced_build):
     out, meta = reduced_build
     for task in library.upstream_tasks(out):
-        assert task["kind"] == "upstream" and task["description"] and len(task["templates"]) == 3
+        assert task["kind"] == "upstream" and task["description"] and len(task["templates"]) == 4
     for task in library.heldout_tasks(out):
         assert task["type"] in ("wording", "format", "mixed", "chained") and task["new"]
         assert set(task["skills"]) <= set(REDUCED.upstream)

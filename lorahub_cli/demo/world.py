@@ -7,7 +7,7 @@ Three kinds of task, all generators `rng -> (input, target)` over a word list an
   instruction paraphrases, and the same tasks as few-shot prompts in `eval.methods.icl_prompt`'s
   format, so that in-context learning is a fair baseline;
 - upstream (one LoRA each): a skill the base model never trained on (reverse a word, drop its vowels,
-  add two digits, ...), under three paraphrases of its instruction;
+  add two digits, ...), under four paraphrases of its instruction;
 - held-out (the miniature BBH): each needs one or two upstream skills, under an instruction wording
   no training run saw (`wording`), in an answer format the base knows but never saw with that skill
   (`format`), as a mixture of examples of two or three skills under one new instruction, told apart
@@ -38,8 +38,14 @@ VOWELS = frozenset("aeiou")
 ICL_SHOTS = (1, 5)  # shots per few-shot prompt of the general mixture: the evaluation uses 5
 
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
 def _word(rng: random.Random) -> str:
-    return rng.choice(WORDS)
+    """A real word or, as often, a random string of 3 to 6 letters: a model that copies letters, not words."""
+    if rng.random() < 0.5:
+        return rng.choice(WORDS)
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
 
 
 def _word_or_number(rng: random.Random) -> str:
@@ -85,7 +91,7 @@ def last_of(rng):
 
 
 def pick_word(rng):
-    a, b = rng.sample(WORDS, 2)
+    a, b = _word(rng), _word(rng)
     which = rng.randint(0, 1)
     return {"a": a, "b": b, "k": ("first", "second")[which]}, (a, b)[which]
 
@@ -96,7 +102,9 @@ def reversed_word(rng):
 
 
 def without_vowels(rng):
-    w = rng.choice([w for w in WORDS if set(w) - VOWELS])
+    w = _word(rng)
+    while not set(w) - VOWELS:
+        w = _word(rng)
     return {"x": w}, "".join(c for c in w if c not in VOWELS)
 
 
@@ -106,7 +114,9 @@ def doubled_letters(rng):
 
 
 def swapped_ends(rng):
-    w = rng.choice([w for w in WORDS if w[0] != w[-1]])
+    w = _word(rng)
+    while w[0] == w[-1]:
+        w = _word(rng)
     return {"x": w}, w[-1] + w[1:-1] + w[0]
 
 
@@ -271,6 +281,7 @@ UPSTREAM = (
         "Reverse the letters of the word: {x}",
         "Reverse {x}.",
         "Write {x} with its letters in reverse order.",
+        "Mirror the letters of {x}.",
     ),
     _up(
         "drop_vowels",
@@ -279,6 +290,7 @@ UPSTREAM = (
         "Remove the vowels from: {x}",
         "Delete every vowel in {x}.",
         "Write {x} without its vowels.",
+        "Take out the vowels of {x}.",
     ),
     _up(
         "double_letters",
@@ -287,6 +299,7 @@ UPSTREAM = (
         "Double every letter of: {x}",
         "Write each letter of {x} twice.",
         "Repeat each letter in {x}.",
+        "Write {x} with every letter doubled.",
     ),
     _up(
         "swap_ends",
@@ -295,6 +308,7 @@ UPSTREAM = (
         "Swap the first and last letters of {x}.",
         "Exchange the end letters of: {x}",
         "Switch the outer letters of {x}.",
+        "Exchange the first letter and the last letter of {x}.",
     ),
     _up(
         "rotate_word",
@@ -303,6 +317,7 @@ UPSTREAM = (
         "Move the first letter of {x} to the end.",
         "Rotate the word {x} by one letter.",
         "Put the initial of {x} at its end.",
+        "Shift the first letter of {x} to the back.",
     ),
     _up(
         "drop_first",
@@ -311,6 +326,7 @@ UPSTREAM = (
         "Remove the first letter of {x}.",
         "Drop the initial letter: {x}",
         "Write {x} without its first letter.",
+        "Cut the first letter off {x}.",
     ),
     _up(
         "count_letters",
@@ -319,6 +335,7 @@ UPSTREAM = (
         "How many letters are in {x}?",
         "Count the letters of: {x}",
         "Give the length of the word {x}.",
+        "What is the number of letters in {x}?",
     ),
     _up(
         "add_digits",
@@ -327,6 +344,7 @@ UPSTREAM = (
         "What is {a} plus {b}?",
         "Add {a} and {b}.",
         "Compute {a} + {b}.",
+        "Sum {a} and {b}.",
     ),
     _up(
         "multiply_digits",
@@ -335,6 +353,7 @@ UPSTREAM = (
         "What is {a} times {b}?",
         "Multiply {a} by {b}.",
         "Compute {a} x {b}.",
+        "Give the product of {a} and {b}.",
     ),
     _up(
         "next_number",
@@ -343,6 +362,7 @@ UPSTREAM = (
         "What number comes after {n}?",
         "Add one to {n}.",
         "Give the successor of {n}.",
+        "Count one up from {n}.",
     ),
     _up(
         "previous_number",
@@ -351,6 +371,7 @@ UPSTREAM = (
         "What number comes before {n}?",
         "Subtract one from {n}.",
         "Give the predecessor of {n}.",
+        "Count one down from {n}.",
     ),
     _up(
         "double_number",
@@ -359,6 +380,7 @@ UPSTREAM = (
         "Double the number {n}.",
         "What is {n} times 2?",
         "Compute 2 * {n}.",
+        "Give {n} doubled.",
     ),
 )
 _UP = {t.name: t for t in UPSTREAM}
