@@ -79,7 +79,7 @@ def test_the_demo_base_model_resolves_by_its_name_offline(monkeypatch):
     assert local_model_path(library.BASE_MODEL) == library.base_model_path()
     assert local_model_path("google/flan-t5-large") is None
     base = load_base_model(library.BASE_MODEL, dtype="float32", device="cpu")
-    assert base.is_seq2seq and sum(p.numel() for p in base.model.parameters()) > 1e6
+    assert base.is_seq2seq and sum(p.numel() for p in base.model.parameters()) > 5e5
 
 
 def test_compose_on_a_demo_registry_needs_no_model_flag(cli, tmp_path, monkeypatch):

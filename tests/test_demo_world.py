@@ -9,7 +9,7 @@ import pytest
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
 from lorahub_cli.demo import library
-from lorahub_cli.demo.build import REDUCED, build
+from lorahub_cli.demo.build import FULL, REDUCED, build
 from lorahub_cli.demo.world import GENERAL, HELD_OUT, TASKS, UPSTREAM, few_shot, generate
 from lorahub_cli.errors import IntegrityError
 from lorahub_cli.io import Example, sha256_file
@@ -212,5 +212,5 @@ def test_mirror_registers_every_upstream_adapter_with_its_card(lorahub_home):
     assert {r.status for r in results} == {"added"} and len(ticks) == len(UPSTREAM)
     records = store.list(base_model=library.BASE_MODEL)
     assert [r.id for r in records] == sorted(library.adapter_id(t.name) for t in UPSTREAM)
-    assert all(r.has_card and r.r == 4 for r in records)
+    assert all(r.has_card and r.r == FULL.lora_r for r in records)
     assert {r.status for r in library.mirror(store)} == {"skipped"}
