@@ -145,8 +145,8 @@ def test_the_demo_says_what_the_composition_did():
         ],
     }
     assert explain(result) == (
-        "The search leaned on demo/reverse_word (+1.21) and demo/b (-0.30); the other 2 modules stayed near 0 "
-        "or small. It answers 40 test inputs right that the base model got wrong, and 2 the other way round. "
+        "The search leaned on demo/reverse_word (+1.21) and demo/b (-0.30); the other 2 modules had smaller weights. "
+        "It answers 40 test inputs right that the base model got wrong, and 2 the other way round. "
         "For example 'Write the word backwards: moon': the base answers 'moon', the composition 'noom'."
     )
     result["weights"] = {"demo/a": 0.01}

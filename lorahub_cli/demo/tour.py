@@ -132,7 +132,7 @@ def explain(result: dict, top: int = 2) -> str:
     rest = len(weights) - len(leaned)
     if leaned:
         text = f"The search leaned on {' and '.join(leaned)}"
-        text += f"; the other {rest} modules stayed near 0 or small." if rest else "."
+        text += f"; the other {rest} modules had smaller weights." if rest else "."
     else:
         text = "The search left every module near weight 0: the composition is close to the base model."
     fixed = f" It answers {result['gained']} test inputs right that the base model got wrong"
