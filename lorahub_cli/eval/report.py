@@ -130,9 +130,8 @@ def _table(summary: dict, frequent: dict | None = None) -> list[str]:
         "| **average** | " + " | ".join(average + ([f"*{_fmt(frequent['average'])}*"] if extra else [])) + " |"
     )
     if summary["excluded_from_average_3"]:
-        lines.append(
-            "| **average-3** | " + " | ".join(f"**{_fmt(summary['average_3'].get(m))}**" for m in methods) + " |"
-        )
+        average_3 = [f"**{_fmt(summary['average_3'].get(m))}**" for m in methods]
+        lines.append("| **average-3** | " + " | ".join(average_3 + (["–"] if extra else [])) + " |")
     return lines
 
 
