@@ -144,6 +144,22 @@ def test_a_rebuild_with_the_same_seed_gives_the_same_files(reduced_build, tmp_pa
     assert build(tmp_path / "demo", reduced=True, seed=0)["files"] == meta["files"]
 
 
+def test_an_adapters_config_lists_its_target_modules_in_one_order(tmp_path):
+    """PEFT keeps target_modules as a set, so its order in adapter_config.json followed Python's per-process
+    string hashing: two builds with the same seed wrote different bytes (build 2 and its rebuild)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lorahub_cli.demo.build import _save_adapter
+    from lorahub_cli.demo.training import tiny_t5
+
+    model = get_peft_model(tiny_t5(REDUCED.shape, 0), LoraConfig(r=2, target_modules=["q", "v"]))
+    model.peft_config["default"].target_modules = ["v", "q"]  # the order a set may iterate in
+    _save_adapter(model, tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert json.loads(text)["target_modules"] == ["q", "v"]
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True)  # PEFT's own layout, kept
+
+
 def test_reduced_build_loads_with_transformers(reduced_build):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 

@@ -152,6 +152,16 @@ def _save_adapter(peft_model, folder: Path) -> None:
     # save_embedding_layers=False: "auto" would ask the Hub whether the vocabulary changed.
     peft_model.save_pretrained(str(folder), save_embedding_layers=False)
     (folder / "README.md").unlink(missing_ok=True)
+    sort_target_modules(folder / "adapter_config.json")
+
+
+def sort_target_modules(path: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in iteration order, which follows Python's per-process
+    string hashing: two builds with one seed would differ in this file. Rewritten sorted, in PEFT's layout."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _card(rows: list[dict], embedder, source: dict):
