@@ -329,7 +329,7 @@ def free_folder(folder: Path) -> Path:
 
 
 def demo(
-    task: str = DEMO["task"],
+    task: str | None = DEMO["task"],
     *,
     seed: int = DEMO["seed"],
     num_modules: int = DEMO["num_modules"],
@@ -345,6 +345,7 @@ def demo(
     from .settings import COMPOSE
 
     library.verify()
+    task = task or library.default_task()
     library.heldout_examples(task)  # an unknown task fails here, before any work
     target = out if out is not None else free_folder(Path(f"lorahub-demo-{task}"))
     check_destination(target)

@@ -38,10 +38,10 @@ EVAL = {
     "seeds": "1,2,3",
     "max_new_tokens": 256,
     "batch_size": 16,
-    "methods": "zero-shot,icl,lorahub,batchcomp,instance,fft",
+    "methods": "zero-shot,icl,single-best,uniform,lorahub,batchcomp,instance,fft",
 }
-# The demo's default held-out task: see docs/demo.md (the demo table) for why this one.
-DEMO = {"task": "larger_option", "seed": 1, "shots": 5, "num_modules": 5, "max_new_tokens": 32, "batch_size": 32}
+# task None: the demo library's own default, the held-out task with the median gain (demo/library.default_task).
+DEMO = {"task": None, "seed": 1, "shots": 5, "num_modules": 5, "max_new_tokens": 32, "batch_size": 32}
 SERVE = {
     # the engine (`lorahub generate` and `lorahub serve`)
     "k": 3,

@@ -13,11 +13,14 @@ from ._output import info, out, print_json, progress
 
 EXAMPLES = """Examples:\n
   lorahub demo\n
-  lorahub demo --task sentiment_option --seed 2 --out my-demo-adapter --json"""
+  lorahub demo --task mixed_reverse_add --seed 2 --out my-demo-adapter --json"""
 
 
 def demo(
-    task: Annotated[str | None, typer.Option("--task", help="Held-out task of the demo library.")] = DEMO["task"],
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="Held-out task of the demo library (default: the one with the median gain)."),
+    ] = DEMO["task"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shots/test split and of the search.")] = DEMO["seed"],
     num_modules: Annotated[
         int, typer.Option("-n", "--num-modules", min=1, help="Modules to retrieve and compose.")
@@ -50,16 +53,15 @@ def demo(
     if json_:
         print_json(result)
         return
-    info(f"Held-out task '{task}': {result['description']}")
-    info(f"{result['shots']} shots, {result['test']} test inputs (seed {seed}).")
+    info(f"Held-out task '{result['task']}' ({result['type']}): {result['description']}")
+    skills = ", ".join(result["skills"])
+    info(f"{result['shots']} shots, {result['test']} test inputs (seed {seed}); the skills it needs: {skills}.")
     info("Retrieved for the shots: " + ", ".join(f"{r['id']} ({r['score']:.2f})" for r in result["retrieved"]))
     info("Searched weights: " + ", ".join(f"{k}={v:+.3f}" for k, v in result["weights"].items()))
-    em, letter = result["exact_match"], result["option_letter"]
-    out.print(
-        f"Exact match on the test set: zero-shot {em['zero-shot']:.1f}%, composed {em['composed']:.1f}% "
-        f"(option letter, which forgives the answer format: {letter['zero-shot']:.1f}% and {letter['composed']:.1f}%)"
-    )
+    em = result["exact_match"]
+    out.print(f"Exact match on the test set: zero-shot {em['zero-shot']:.1f}%, composed {em['composed']:.1f}%.")
     info(f"Always giving the most frequent answer would score {result['majority_answer']:.1f}%.")
+    out.print(tour.explain(result))
     out.print(tour.verdict(result))
     for row in result["examples"]:
         info(

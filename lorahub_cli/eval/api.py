@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..quiet import no_progress
-from .methods import COMPOSING, Context, EvalConfig
+from .methods import COMPOSING, RETRIEVING, Context, EvalConfig
 from .report import write_report
 from .runner import run_grid
 from .tasks import Suite
@@ -23,7 +23,7 @@ def _check_registry(store, config: EvalConfig, methods: list[str]) -> None:
             f"fewer than -n {config.num_modules}.",
             "Add adapters (lorahub registry sync --catalog ... --cards) or lower -n.",
         )
-    if any(m in ("batchcomp", "instance") for m in methods):
+    if any(m in RETRIEVING for m in methods):
         retrieval.CardIndex.from_store(store, config.base_model)  # raises, naming the fix, when no card exists
 
 
@@ -62,4 +62,4 @@ def evaluate(
         "l1": config.l1,
         "max new tokens": config.max_new_tokens,
     }
-    return write_report(out, title or f"{suite.name} evaluation", setup, cells, suite.notes)
+    return write_report(out, title or f"{suite.name} evaluation", setup, cells, suite.notes, suite.tasks)

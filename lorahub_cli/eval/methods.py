@@ -2,6 +2,8 @@
 
 zero-shot   the base model on the bare input.
 icl         the shots in the prompt (see `icl_prompt`).
+single-best the one of the N retrieved modules with the lowest few-shot loss, alone at weight 1 (no search).
+uniform     the N retrieved modules composed with equal weights w_i = 1/N (no search).
 lorahub     LoraHub: N random registry modules, weights searched on the shots.
 batchcomp   the same with the N modules retrieved for the whole task (task-level retrieval).
 instance    iLoraComp: one composition per shot; each input answered by its nearest shot's.
@@ -25,8 +27,9 @@ from ..io import Example
 from ..models import BaseModel, encode, load_base_model, mean_token_loss, token_losses
 from ..settings import COMPOSE, EVAL
 
-METHODS = ("zero-shot", "icl", "lorahub", "batchcomp", "instance", "fft")
-COMPOSING = ("lorahub", "batchcomp", "instance")
+METHODS = ("zero-shot", "icl", "single-best", "uniform", "lorahub", "batchcomp", "instance", "fft")
+COMPOSING = ("single-best", "uniform", "lorahub", "batchcomp", "instance")
+RETRIEVING = ("single-best", "uniform", "batchcomp", "instance")  # need the registry's cards
 
 
 @dataclass
@@ -111,13 +114,14 @@ def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
     return Answer(ctx.generate([icl_prompt(shots, x) for x in inputs]))
 
 
-def _compose_options(ctx: Context, modules: str, seed: int):
+def _compose_options(ctx: Context, modules: str, seed: int, formula: str = COMPOSE["formula"]):
     from ..compose.pipeline import ComposeOptions
     from ..compose.search import SearchConfig
 
     c = ctx.config
     return ComposeOptions(
         base_model=c.base_model,
+        formula=formula,
         modules=modules,
         num_modules=c.num_modules,
         embedder=c.embedder,
@@ -138,12 +142,12 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
         bank.remove()
 
 
-def _task_level(modules: str, summary: str):
+def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"]):
     def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
         from ..compose.pipeline import compose_task
 
         composition = compose_task(
-            ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed), base=ctx.base
+            ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed, formula), base=ctx.base
         )
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
@@ -158,6 +162,33 @@ def _task_level(modules: str, summary: str):
 
     method.__doc__ = summary
     return method
+
+
+def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    """The one of the N retrieved modules whose few-shot loss, alone at weight 1, is lowest (no search)."""
+    from ..compose.bank import LoraBank
+    from ..compose.objective import loss_function
+    from ..compose.pipeline import load_modules, select_modules
+
+    records, _ = select_modules(ctx.store, shots, _compose_options(ctx, "auto", seed))
+    adapters = load_modules(ctx.store, records)
+    answer = ctx.base.fp32()  # the loss that decides is an fp32 number, as a composition's recipe loss is
+    bank = LoraBank(answer.model, adapters, formula="linear")
+    try:
+        with torch.no_grad():
+            losses = loss_function(answer, bank, encode(answer, shots), formula="linear")(torch.eye(len(adapters)))
+    finally:
+        bank.remove()
+    best = int(losses.argmin())
+    predictions = _with_bank(ctx, adapters, inputs, torch.eye(len(adapters))[best])
+    return Answer(
+        predictions,
+        {
+            "chosen": records[best].id,
+            "losses": {r.id: round(float(v), 6) for r, v in zip(records, losses)},
+            "evaluations": len(adapters),
+        },
+    )
 
 
 def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
@@ -217,6 +248,9 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
 RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
     "zero-shot": zero_shot,
     "icl": icl,
+    "single-best": single_best,
+    # w_i = 1/N under the composing formula (elementwise: LoraRetriever's fusion): a point of the search's own space.
+    "uniform": _task_level("auto", "The N retrieved modules with equal weights 1/N, no search.", formula="fusion"),
     "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
     "batchcomp": _task_level(
         "auto", "BatchComp: the N modules retrieved for the whole task, weights searched on the shots."
