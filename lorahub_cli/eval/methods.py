@@ -173,10 +173,10 @@ def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int
     records, _ = select_modules(ctx.store, shots, _compose_options(ctx, "auto", seed))
     adapters = load_modules(ctx.store, records)
     answer = ctx.base.fp32()  # the loss that decides is an fp32 number, as a composition's recipe loss is
-    bank = LoraBank(answer.model, adapters, formula="linear")
+    bank = LoraBank(answer.model, adapters, mode="linear")
     try:
         with torch.no_grad():
-            losses = loss_function(answer, bank, encode(answer, shots), formula="linear")(torch.eye(len(adapters)))
+            losses = loss_function(answer, bank, encode(answer, shots), mode="linear")(torch.eye(len(adapters)))
     finally:
         bank.remove()
     best = int(losses.argmin())
