@@ -120,7 +120,7 @@ def compose(
     `options.weights` without explicit `options.modules` composes exactly the weighted modules.
     `base`: a loaded base model to use (and leave unchanged) instead of loading one."""
     from .compose import pipeline
-    from .compose.export import check_destination
+    from .compose.folder import check_destination, write_composition
     from .io import read_examples, sha256_file
 
     if level not in ("task", "instance"):
@@ -143,7 +143,7 @@ def compose(
             base=base,
             progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"),
         )
-    folder = pipeline.write(composition, out, overwrite=overwrite, inputs=(shots,))
+    folder = write_composition(out, composition.recipe, composition.adapters, composition.router, overwrite=overwrite)
     return _summary(
         folder, composition.recipe, sum(r.evaluations for r in composition.results if r), time.perf_counter() - start
     )
@@ -186,8 +186,7 @@ def compose_folder(
     Resumable: a folder that holds a lorahub recipe is kept (`overwrite` composes it again); any other existing
     folder is left alone and its task fails. Returns one row per file, in file order: {"task", "status"
     (composed, done earlier, failed), and `compose`'s summary or "error"}; a failed task does not stop the others."""
-    from .compose import pipeline
-    from .compose.recipe import Recipe
+    from .compose.folder import read_composition, write_composition
     from .errors import LorahubError
     from .scale import batch
 
@@ -196,7 +195,8 @@ def compose_folder(
     store = store or open_store()
     jobs, done, refused = batch.plan(tasks_dir, out, overwrite)
     rows = {
-        name: {"task": name, "status": "done earlier", **_summary(out / name, Recipe.load(out / name))} for name in done
+        name: {"task": name, "status": "done earlier", **_summary(out / name, read_composition(out / name))}
+        for name in done
     }
     failed = lambda name, error: {"task": name, "status": "failed", "out": str(out / name), "error": error}  # noqa: E731
     rows.update({name: failed(name, error) for name, error in refused.items()})
@@ -220,7 +220,9 @@ def compose_folder(
                     rows[job.name] = failed(job.name, error)
                     continue
                 composition, seconds = result
-                folder = pipeline.write(composition, job.dest, overwrite=overwrite, inputs=(job.path,))
+                folder = write_composition(
+                    job.dest, composition.recipe, composition.adapters, composition.router, overwrite=overwrite
+                )
                 evaluations = sum(r.evaluations for r in composition.results if r)
                 rows[job.name] = {
                     "task": job.name,
@@ -233,15 +235,14 @@ def compose_folder(
 def rebuild(recipe_path: Path, out: Path, *, overwrite: bool = False, store=None) -> dict:
     """The adapter a task-level recipe describes, rebuilt bit for bit from the registry into `out`."""
     from .compose import pipeline
-    from .compose.export import check_destination, write_adapter_folder
+    from .compose.folder import check_destination, write_composition
     from .compose.recipe import Recipe
-    from .io import write_folder
 
     check_destination(out, overwrite, inputs=(recipe_path,))
     start = time.perf_counter()
     recipe = Recipe.load(recipe_path)
     adapter = pipeline.rebuild(store or open_store(), recipe)
-    folder = write_folder(out, lambda tmp: write_adapter_folder(tmp, adapter, recipe), overwrite=overwrite)
+    folder = write_composition(out, recipe, [adapter], overwrite=overwrite)
     return {
         "out": str(folder),
         "weights": recipe.weights,

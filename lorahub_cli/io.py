@@ -207,7 +207,7 @@ def write_folder(out: str | Path, fill, *, overwrite: bool = False) -> Path:
 
     Ctrl-C or a crash leaves either no output or the previous one, never a half-written folder.
     An existing `out` is replaced only with `overwrite`; deciding whether it *may* be replaced is
-    the caller's job (see compose.export.check_destination)."""
+    the caller's job (see compose.folder.check_destination)."""
     import shutil
 
     out = Path(out).resolve()

@@ -2,7 +2,7 @@
 
 `compose_task` is LoraHub / BatchComp (one composition for the task); `compose_instance`
 is iLoraComp (one composition per shot, plus a router that sends each input to its
-nearest shot). Both return a `Composition` that `write` saves as folders.
+nearest shot). Both return a `Composition` that compose/folder.py writes as a folder.
 """
 
 from __future__ import annotations
@@ -12,23 +12,22 @@ import functools
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..errors import InputError
-from ..io import Example, write_folder
+from ..io import Example
 from ..models import BaseModel, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
 from ..settings import COMPOSE
 from . import precision as precisions
 from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
-from .export import MODEL_CARD, check_destination, instance_card, write_adapter_folder
+from .folder import ROUTER_FILE, shot_folder
 from .formulas import RANDOM_OPTION, compose, get_formula, resolve_options
 from .objective import loss_function
-from .recipe import ROUTER_FILE, Recipe
+from .recipe import Recipe
 from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, l1_penalty, search
 
 
@@ -435,7 +434,7 @@ def compose_instance(
             entries.append(
                 {
                     "shot": j,
-                    "folder": f"compositions/shot-{j}",
+                    "folder": shot_folder(j),
                     "modules": _module_entries(chosen, result.weights),
                     "search": _search_entry(options.search, result, session.precision),
                     **_scores(session.evaluate(adapter), result.weights, options.search),
@@ -477,28 +476,7 @@ def compose_instance(
     return Composition(recipe, compositions, results, router)
 
 
-# --- writing and rebuilding ------------------------------------------------------------------
-
-
-def write(composition: Composition, out: Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
-    """Save a composition as a folder, atomically (io.write_folder); `--overwrite` replaces only
-    a folder that lorahub compose wrote and that holds none of `inputs` (export.check_destination)."""
-    recipe = composition.recipe
-    check_destination(out, overwrite, inputs=inputs)
-
-    def fill(tmp: Path) -> None:
-        if recipe.level == "task":
-            write_adapter_folder(tmp, composition.adapters[0], recipe)
-            return
-        from safetensors.torch import save_file
-
-        for entry, adapter in zip(recipe.compositions, composition.adapters):
-            write_adapter_folder(tmp / entry["folder"], adapter, recipe.shot(entry))
-        save_file({"shots": composition.router.contiguous()}, tmp / ROUTER_FILE)
-        recipe.save(tmp)
-        (tmp / MODEL_CARD).write_text(instance_card(recipe), encoding="utf-8")
-
-    return write_folder(out, fill, overwrite=overwrite)
+# --- rebuilding ---------------------------------------------------------------------------------
 
 
 def rebuild(store: Store, recipe: Recipe) -> LoraAdapter:

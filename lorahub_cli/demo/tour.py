@@ -41,6 +41,7 @@ def _run(
     from .. import retrieval
     from ..compose import pipeline
     from ..compose.bank import LoraBank
+    from ..compose.folder import write_composition
     from ..compose.search import SearchConfig
     from ..eval.scoring import score
     from ..eval.tasks import split
@@ -76,7 +77,7 @@ def _run(
             progress=lambda best: advance(),
             base=base,
         )
-    folder = pipeline.write(composition, out)
+    folder = write_composition(out, composition.recipe, composition.adapters)
 
     inputs = [e.input for e in test]
     with stage("Answering the test set (base model)", len(inputs)) as advance:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..compose import pipeline
-from ..compose.recipe import RECIPE_FILE
+from ..compose.folder import check_destination, holds_composition
 from ..errors import InputError, LorahubError
 from ..io import Example, read_examples, sha256_file
 from .shipping import Folder, data_for_workers
@@ -48,13 +48,14 @@ def plan(tasks_dir: Path, out: Path, overwrite: bool) -> tuple[list[BatchJob], l
     jobs, done, refused = [], [], {}
     for path in files:
         name, dest = path.stem, out / path.stem
-        ours = (dest / RECIPE_FILE).is_file()
+        ours = holds_composition(dest)
         if ours and not overwrite:
             done.append(name)
         elif dest.exists() and not ours:
             refused[name] = f"'{dest}' exists and is not a composition lorahub wrote; it is left alone."
         else:
             try:
+                check_destination(dest, overwrite, inputs=(path,))  # the one check of where it goes, before any work
                 examples = read_examples(path)
             except LorahubError as error:
                 refused[name] = str(error)
