@@ -117,20 +117,17 @@ def compose(
 
     `options`: a compose.pipeline.ComposeOptions (imported there: this module loads torch only when called).
 
-    `options.weights` without explicit `options.modules` composes exactly the weighted modules.
     `base`: a loaded base model to use (and leave unchanged) instead of loading one."""
     from .compose import pipeline
     from .compose.folder import check_destination, write_composition
+    from .compose.recipe import check_level
     from .io import read_examples, sha256_file
 
-    if level not in ("task", "instance"):
-        raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
+    check_level(level)
     check_destination(out, overwrite, inputs=(shots,))  # before any work: nothing is lost to a late refusal
     store = store or open_store()
     start = time.perf_counter()
     examples = read_examples(shots)
-    if options.weights and options.modules in ("auto", "random"):
-        options.modules = list(options.weights)
     shots_meta = {"path": str(shots), "sha256": sha256_file(shots), "count": len(examples)}
     run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
     searches = len(examples) + options.warm_start if level == "instance" else 1
@@ -187,13 +184,13 @@ def compose_folder(
     folder is left alone and its task fails. Returns one row per file, in file order: {"task", "status"
     (composed, done earlier, failed), and `compose`'s summary or "error"}; a failed task does not stop the others."""
     from .compose.folder import read_composition, write_composition
+    from .compose.recipe import check_level
     from .errors import LorahubError
     from .scale import batch
 
-    if level not in ("task", "instance"):
-        raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
+    check_level(level)
     store = store or open_store()
-    jobs, done, refused = batch.plan(tasks_dir, out, overwrite)
+    jobs, done, refused = batch.plan(tasks_dir, out, overwrite)  # every destination checked, before any work
     rows = {
         name: {"task": name, "status": "done earlier", **_summary(out / name, read_composition(out / name))}
         for name in done
@@ -202,33 +199,30 @@ def compose_folder(
     rows.update({name: failed(name, error) for name, error in refused.items()})
     with (progress_factory or no_progress)("Composing", len(jobs) + len(rows)) as advance:
         advance(len(rows))
-        if jobs and ray is None:
-            base = batch.load_shared_base(store, options)
-            for job in jobs:
-                try:
-                    summary = compose(
-                        job.path, job.dest, options, level=level, overwrite=overwrite, store=store, base=base
-                    )
-                except LorahubError as error:
-                    rows[job.name] = failed(job.name, str(error))
-                    continue
-                rows[job.name] = {"task": job.name, "status": "composed", **summary}
-                advance(description=job.name)
-        elif jobs:
-            for job, result, error in batch.on_ray(ray, store, jobs, options, level, advance, on_event):
-                if error is not None:
-                    rows[job.name] = failed(job.name, error)
-                    continue
+        if not jobs:
+            outcomes = []
+        elif ray is None:
+            outcomes = batch.here(store, jobs, options, level, batch.load_shared_base(store, options), advance)
+        else:
+            outcomes = batch.on_ray(ray, store, jobs, options, level, advance, on_event)
+        for job, result, error in outcomes:
+            if error is None:
                 composition, seconds = result
-                folder = write_composition(
-                    job.dest, composition.recipe, composition.adapters, composition.router, overwrite=overwrite
-                )
-                evaluations = sum(r.evaluations for r in composition.results if r)
-                rows[job.name] = {
-                    "task": job.name,
-                    "status": "composed",
-                    **_summary(folder, composition.recipe, evaluations, seconds),
-                }
+                try:
+                    folder = write_composition(
+                        job.dest, composition.recipe, composition.adapters, composition.router, overwrite=overwrite
+                    )
+                except LorahubError as write_error:
+                    error = str(write_error)
+            if error is not None:
+                rows[job.name] = failed(job.name, error)
+                continue
+            evaluations = sum(r.evaluations for r in composition.results if r)
+            rows[job.name] = {
+                "task": job.name,
+                "status": "composed",
+                **_summary(folder, composition.recipe, evaluations, seconds),
+            }
     return [rows[name] for name in sorted(rows)]
 
 

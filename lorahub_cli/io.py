@@ -176,11 +176,15 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def check_destination(out: str | Path, overwrite: bool = False) -> None:
     """Refuse an --out that exists (unless `overwrite`), that is a file, or that cannot be written: before any work."""
     out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise InputError(f"'{out}' already exists.", "Choose another --out, or pass --overwrite to replace it.")
+    _keep_existing(out, overwrite)
     if out.exists() and not out.is_dir():
         raise InputError(f"'{out}' is a file, not a folder.", "Choose another --out.")
     check_writable(out)
+
+
+def _keep_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise InputError(f"'{out}' already exists.", "Choose another --out, or pass --overwrite to replace it.")
 
 
 def check_writable(out: str | Path) -> None:
@@ -206,12 +210,13 @@ def write_folder(out: str | Path, fill, *, overwrite: bool = False) -> Path:
     """Build a folder with `fill(tmp)` beside `out`, then rename it into place: all or nothing.
 
     Ctrl-C or a crash leaves either no output or the previous one, never a half-written folder.
-    An existing `out` is replaced only with `overwrite`; deciding whether it *may* be replaced is
-    the caller's job (see compose.folder.check_destination)."""
+    Where `out` may go was checked before the work that fills it (check_destination, or the stricter
+    compose.folder.check_destination); here an `out` that appeared since is still never replaced
+    without `overwrite`."""
     import shutil
 
     out = Path(out).resolve()
-    check_destination(out, overwrite)
+    _keep_existing(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

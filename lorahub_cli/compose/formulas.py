@@ -268,4 +268,10 @@ def resolve_options(formula: str, options: dict) -> dict:
     density = merged.get("density")
     if density is not None and not 0 < density <= 1:
         raise InputError(f"density must be in (0, 1], got {density}.", "Use e.g. density 0.5.")
+    rank = merged.get("svd_rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise InputError(
+            f"svd_rank must be a whole number of 1 or more, got {rank!r}.",
+            "Give e.g. --svd-rank 8, or leave it out for the largest module rank.",
+        )
     return merged

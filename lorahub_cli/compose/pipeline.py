@@ -30,6 +30,8 @@ from .objective import loss_function
 from .recipe import Recipe
 from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, l1_penalty, search
 
+MAX_SEED = 2**32 - 1
+
 
 @dataclass
 class ComposeOptions:
@@ -45,6 +47,27 @@ class ComposeOptions:
     device: str = COMPOSE["device"]
     max_rows: int = COMPOSE["max_rows"]
     embedder: str | None = None
+
+    def __post_init__(self):
+        """Everything about the options alone is checked here, once, before any work; the pipeline trusts them."""
+        if self.weights and self.modules in ("auto", "random"):
+            self.modules = list(self.weights)  # fixed weights without --modules compose exactly the weighted modules
+        if not isinstance(self.modules, list) and self.modules not in ("auto", "random"):
+            raise InputError(
+                f"--modules '{self.modules}' is not auto, random or a list of ids.", "Example: --modules auto"
+            )
+        if self.num_modules < 1:
+            raise InputError(f"-n {self.num_modules} is too small.", "Give -n 1 or more.")
+        if self.max_rows < 1:
+            raise InputError(f"--batch-size {self.max_rows} is too small.", "Give --batch-size 1 or more.")
+        seed = self.search.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            # numpy and nevergrad take 32-bit seeds; a larger one would fail deep inside the search.
+            raise InputError(
+                f"--seed {seed} is out of range: a seed is a whole number from 0 to {MAX_SEED} (2**32 - 1).",
+                "Example: --seed 42",
+            )
+        self.merge_options()  # the formula and its options
 
     def merge_options(self) -> dict:
         """The formula's options as the merge uses them; a random formula's seed defaults to the search seed."""
@@ -93,10 +116,6 @@ def select_modules(store: Store, shots: list[Example], options: ComposeOptions) 
             )
         chosen = random.Random(options.search.seed).sample(pool, options.num_modules)
         return chosen, {"method": "random", "seed": options.search.seed, "n": options.num_modules}
-    if options.modules != "auto":
-        raise InputError(
-            f"--modules '{options.modules}' is not auto, random or a list of ids.", "Example: --modules auto"
-        )
     from .. import retrieval
 
     index = retrieval.CardIndex.from_store(store, options.base_model)
@@ -346,7 +365,7 @@ def compose_task(
 
     `base`: an already loaded base model to use (and leave unchanged) instead of loading one."""
     spec = get_formula(options.formula)
-    merge_options = options.merge_options()  # a bad option fails before anything loads
+    merge_options = options.merge_options()
     records, selection = select_modules(store, shots, options)
     adapters = load_modules(store, records)
     weights = _fixed_weights(records, options)

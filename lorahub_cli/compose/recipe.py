@@ -24,6 +24,15 @@ FORMAT = 1
 LEVELS = ("task", "instance")
 
 _HINT = "Give a lorahub_recipe.json written by lorahub compose (or compose again)."
+
+
+def check_level(level: str) -> str:
+    """A composition's (and a retrieval's) level: task or instance."""
+    if level not in LEVELS:
+        raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
+    return level
+
+
 _NUMBER = (int, float)
 _MODULE = {"id": str, "source": str, "revision": (str, type(None)), "sha256": str, "weight": _NUMBER}
 _COMPOSITION = {"shot": int, "folder": str, "modules": list, "search": (dict, type(None)), "loss": _NUMBER}

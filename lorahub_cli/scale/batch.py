@@ -85,9 +85,21 @@ def load_shared_base(store, options: pipeline.ComposeOptions):
     return load_base_model(name, dtype="float32", device=options.device) if name else None
 
 
-def _compose(store, job: BatchJob, options, level: str, base) -> pipeline.Composition:
+def _compose(store, job: BatchJob, options, level: str, base) -> tuple[pipeline.Composition, float]:
+    start = time.perf_counter()
     run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
-    return run(store, job.examples, job.shots_meta, options, base=base)
+    return run(store, job.examples, job.shots_meta, options, base=base), time.perf_counter() - start
+
+
+def here(store, jobs: list[BatchJob], options, level: str, base, advance):
+    """Yields (job, (composition, seconds), None) or (job, None, error), one job after the other in this process."""
+    for job in jobs:
+        try:
+            outcome = job, _compose(store, job, options, level, base), None
+        except LorahubError as error:
+            outcome = job, None, str(error)
+        advance(description=job.name)
+        yield outcome
 
 
 class ComposeWorker(Worker):
@@ -106,8 +118,7 @@ class ComposeWorker(Worker):
         self.base = load_shared_base(self.store, self.options)
 
     def run(self, job: BatchJob) -> tuple[pipeline.Composition, float]:
-        start = time.perf_counter()
-        return _compose(self.store, job, self.options, self.level, self.base), time.perf_counter() - start
+        return _compose(self.store, job, self.options, self.level, self.base)
 
 
 def on_ray(options, store, jobs: list[BatchJob], compose_options, level: str, advance, on_event=None):
@@ -115,8 +126,6 @@ def on_ray(options, store, jobs: list[BatchJob], compose_options, level: str, ad
     from .cluster import connect, place
     from .pool import Pool
 
-    if compose_options.weights and compose_options.modules in ("auto", "random"):
-        compose_options = dataclasses.replace(compose_options, modules=list(compose_options.weights))
     with connect(options.address) as ray:
         placement = place(ray, options, compose_options.device)
         advance(0, description=f"Starting {placement.workers} Ray workers")
