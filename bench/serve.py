@@ -224,7 +224,7 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
     ]
     rng.shuffle(chosen)
     index = retrieval.CardIndex.from_store(store)
-    ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K)["inputs"]
+    ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K).inputs
     from fixtures import fixture
 
     return {
@@ -234,8 +234,7 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
         "traffic_tasks": len(traffic),
         "adapter_dirs": {t: str(store.get(t).path) for t in task_inputs},
         "requests": [
-            {"task": t, "input": text, "routes": [r["id"] for r in entry["results"]]}
-            for (t, text), entry in zip(chosen, ranked)
+            {"task": t, "input": text, "routes": [m.id for m in matches]} for (t, text), matches in zip(chosen, ranked)
         ],
     }
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .quiet import no_progress
-from .settings import DEMO, home
+from .settings import DEFAULT_TOP_K, DEMO, home
 
 # --- registries ----------------------------------------------------------------------------------
 
@@ -97,6 +97,52 @@ def sync(
                     result.status, result.message = "failed", f"mirrored, but its card failed: {error}"
                 advance()
     return results
+
+
+# --- retrieve ------------------------------------------------------------------------------------
+
+
+def retrieve(
+    *,
+    shots: Path | None = None,
+    query: str | None = None,
+    inputs: Path | None = None,
+    k: int = DEFAULT_TOP_K,
+    level: str = "task",
+    base_model: str | None = None,
+    embedder: str | None = None,
+    store=None,
+):
+    """The registry's adapters ranked against `shots` (task level, or per shot with `level="instance"`, which
+    also routes `inputs` to their nearest shot), one `query` text, or each of `inputs` on its own; returns a
+    retrieval.Ranking (`to_json()` is what `retrieve --json` prints)."""
+    from . import retrieval
+    from .compose.recipe import check_level
+    from .io import Example, read_examples
+
+    check_level(level)
+    if (shots is not None) + (query is not None) + (inputs is not None and shots is None) != 1:
+        raise InputError(
+            "give --shots FILE, --query TEXT or --inputs FILE (with --shots only for --level instance).",
+            "See: lorahub retrieve --help",
+        )
+    if query is not None and not query.strip():
+        raise InputError("--query is empty.", "Give some text to match.")
+    if inputs is not None and shots is not None and level != "instance":
+        raise InputError(
+            "--inputs with --shots routes inputs to shots, which needs --level instance.", "Add --level instance."
+        )
+    index = retrieval.CardIndex.from_store(store or open_store(readonly=True), base_model)
+    model = index.embedder(embedder)
+    if shots is not None:
+        examples = read_examples(shots)
+        if level == "task":
+            return retrieval.task_level(index, model, examples, k)
+        routed = read_examples(inputs, require_target=False) if inputs else None
+        return retrieval.instance_level(index, model, examples, k, routed)
+    if query is not None:
+        return retrieval.Ranking("query", results=retrieval.per_input(index, model, [Example(query)], k).inputs[0])
+    return retrieval.per_input(index, model, read_examples(inputs, require_target=False), k)
 
 
 # --- compose -------------------------------------------------------------------------------------

@@ -90,8 +90,8 @@ def alone(library, store, text: str, k: int, mode: str) -> str:
     from lorahub_cli import retrieval
 
     index = retrieval.CardIndex.from_store(store)
-    ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k)["inputs"][0]["results"]
-    ids = [r["id"] for r in ranked][: 1 if mode == "single" else k]
+    ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k).inputs[0]
+    ids = [m.id for m in ranked][: 1 if mode == "single" else k]
     adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
     formula = {"mixture": "linear", "fusion": "fusion", "single": "elementwise"}[mode]
     composed = compose(adapters, None if formula == "fusion" else [1.0 / len(ids)] * len(ids), formula, name="alone")

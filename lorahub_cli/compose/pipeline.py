@@ -119,14 +119,14 @@ def select_modules(store: Store, shots: list[Example], options: ComposeOptions) 
     from .. import retrieval
 
     index = retrieval.CardIndex.from_store(store, options.base_model)
-    ranked = retrieval.task_level(index, index.embedder(options.embedder), shots, options.num_modules)["results"]
+    ranked = retrieval.task_level(index, index.embedder(options.embedder), shots, options.num_modules).results
     selection = {
         "method": "auto",
         "n": options.num_modules,
         "embedder": f"{index.embedder_id}@{index.embedder_revision}",
-        "scores": {r["id"]: r["score"] for r in ranked},
+        "scores": {m.id: m.score for m in ranked},
     }
-    return [store.get(r["id"]) for r in ranked], selection
+    return [store.get(m.id) for m in ranked], selection
 
 
 def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter]:
@@ -419,10 +419,10 @@ def compose_instance(
         raise InputError("--level instance retrieves modules per shot.", "Use --modules auto (the default).")
     index = retrieval.CardIndex.from_store(store, options.base_model)
     embedder = index.embedder(options.embedder)
-    per_shot = retrieval.instance_level(index, embedder, shots, options.num_modules)["shots"]
-    sets = [[r["id"] for r in shot["results"]] for shot in per_shot]
+    per_shot = retrieval.instance_level(index, embedder, shots, options.num_modules).shots
+    sets = [[m.id for m in shot] for shot in per_shot]
     task_ids = (
-        [r["id"] for r in retrieval.task_level(index, embedder, shots, options.num_modules)["results"]]
+        [m.id for m in retrieval.task_level(index, embedder, shots, options.num_modules).results]
         if options.warm_start
         else []
     )
@@ -461,7 +461,7 @@ def compose_instance(
             )
     finally:
         session.close()
-    router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
+    router = retrieval.embed_inputs(embedder, index.recipe.instruction, [s.input for s in shots])  # (K, dim)
     selection = {
         "method": "auto",
         "level": "instance",

@@ -60,11 +60,11 @@ def _run(
     test = [examples[i] for i in test_ids]
 
     index = retrieval.CardIndex.from_store(store, library.BASE_MODEL)
-    ranking = retrieval.task_level(index, index.embedder(), few, num_modules)["results"]
+    ranking = retrieval.task_level(index, index.embedder(), few, num_modules).results
     base = load_base_model(str(library.base_model_path()), dtype="float32", device="cpu")
     options = pipeline.ComposeOptions(
         base_model=library.BASE_MODEL,
-        modules=[r["id"] for r in ranking],
+        modules=[m.id for m in ranking],
         # LoraHub's search in fp32: the demo gives the result docs/demo.md shows on every CPU.
         search=SearchConfig(optimizer="ngopt", budget=budget, seed=seed, precision="fp32"),
     )
@@ -100,7 +100,7 @@ def _run(
         "shots": len(few),
         "test": len(test),
         "registry": str(store.home),
-        "retrieved": [{"id": r["id"], "score": r["score"]} for r in ranking],
+        "retrieved": [m.to_json() for m in ranking],
         "weights": composition.recipe.weights,
         "loss": composition.recipe.loss,
         **{

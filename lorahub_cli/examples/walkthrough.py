@@ -37,14 +37,14 @@ def run(store: Store, task: str, k: int = 3, advance=lambda: None) -> dict:
     inputs = [e for name in tasks() for e in mixed[name]]
     truth = [f"examples/{name}" for name in tasks() for _ in mixed[name]]
     per_input = retrieval.per_input(index, embedder, inputs, k)
-    hits = sum(row["results"][0]["id"] == want for row, want in zip(per_input["inputs"], truth))
+    hits = sum(row[0].id == want for row, want in zip(per_input.inputs, truth))
     return {
         "registry": str(store.home),
         "adapters": len(index.ids),
         "task": task,
-        "task_level": retrieval.task_level(index, embedder, shots, k),
+        "task_level": retrieval.task_level(index, embedder, shots, k).to_json(),
         "instance_level": retrieval.instance_level(
             index, embedder, shots, k, read_examples(root / "inputs" / f"{task}.jsonl", require_target=False)
-        ),
+        ).to_json(),
         "per_input": {"inputs": len(inputs), "top1_correct": hits},
     }
