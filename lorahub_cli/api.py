@@ -306,23 +306,64 @@ def evaluate(
     title: str | None = None,
     progress_factory=None,
     ray=None,
+    on_event=None,
 ) -> dict:
-    """Run (or resume) every (task, seed, method) cell into `out` and write the report; returns the summary.
-    The composing methods draw from `store`, else from the user's registry. With `ray` (a
-    scale.cluster.RayOptions) the missing cells run on Ray actors; this process still writes them."""
-    from .eval.api import evaluate as run
-    from .eval.methods import COMPOSING
+    """Run (or resume) every (task, seed, method) cell of `suite` into `out` and write the report (results.json,
+    report.md, plot.png); returns the summary. `config`: an eval.methods.EvalConfig. The composing methods draw
+    from `store`, else from the user's registry, checked before any model loads. With `ray` (a
+    scale.cluster.RayOptions) the missing cells run on Ray actors (`on_event(kind, job, actor)` follows them);
+    this process still writes every cell."""
+    from .eval.methods import COMPOSING, Context
+    from .eval.report import write_report
+    from .eval.runner import run_grid
 
-    if store is None and any(m in COMPOSING for m in methods):
-        store = open_store()
+    if any(m in COMPOSING for m in methods):
+        store = store or open_store()
+        _check_registry(store, config, methods)
     execute = None
     if ray is not None:
         from .scale.eval import ray_executor
 
-        execute = ray_executor(ray, config, store)
-    return run(
-        suite, methods, seeds, config, out, store=store, title=title, progress_factory=progress_factory, execute=execute
-    )
+        execute = ray_executor(ray, config, store, on_event=on_event)
+    total = len(suite.tasks) * len(seeds) * len(methods)
+    with (progress_factory or no_progress)("Evaluating", total) as advance:
+        cells = run_grid(
+            suite,
+            methods,
+            seeds,
+            Context(config, store),
+            out,
+            advance=lambda d, step=1: advance(step, description=d),
+            execute=execute,
+        )
+    setup = {
+        "suite": suite.name,
+        "base model": config.base_model,
+        "model path": config.model_path,
+        "shots": config.shots,
+        "test limit": config.limit,
+        "modules (N)": config.num_modules,
+        "optimizer": config.optimizer,
+        "budget": config.budget,
+        "l1": config.l1,
+        "max new tokens": config.max_new_tokens,
+    }
+    return write_report(out, title or f"{suite.name} evaluation", setup, cells, suite.notes)
+
+
+def _check_registry(store, config, methods: list[str]) -> None:
+    """Fail before any model loads if the registry cannot serve the composing methods."""
+    from . import retrieval
+
+    candidates = store.list(config.base_model)
+    if len(candidates) < config.num_modules:
+        raise InputError(
+            f"the registry has {len(candidates)} adapters for base model '{config.base_model}', "
+            f"fewer than -n {config.num_modules}.",
+            "Add adapters (lorahub registry sync --catalog ... --cards) or lower -n.",
+        )
+    if any(m in ("batchcomp", "instance") for m in methods):
+        retrieval.CardIndex.from_store(store, config.base_model)  # raises, naming the fix, when no card exists
 
 
 def evaluate_demo(
