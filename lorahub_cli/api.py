@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .quiet import no_progress
-from .settings import DEFAULT_TOP_K, DEMO, home
+from .settings import CARD_MAX_EXAMPLES, DEFAULT_TOP_K, DEMO, SYNC_WORKERS, home
 
 # --- registries ----------------------------------------------------------------------------------
 
@@ -51,10 +51,10 @@ def sync(
     entries,
     *,
     base_model: str | None = None,
-    workers: int = 4,
+    workers: int = SYNC_WORKERS,
     catalog=None,
     cards: bool = False,
-    max_examples: int = 1000,
+    max_examples: int = CARD_MAX_EXAMPLES,
     embedder: str | None = None,
     progress_factory=None,
     warn=None,
@@ -63,6 +63,7 @@ def sync(
     catalogue's training dataset. Returns one MirrorResult per entry; an adapter whose card failed is a failure."""
     from huggingface_hub.utils import disable_progress_bars
 
+    from .cards.data import CardOptions
     from .registry.cards import card_from_source
     from .registry.catalog import sync as sync_entries
 
@@ -83,14 +84,13 @@ def sync(
         with stage(f"Building {len(todo)} cards", len(todo)) as advance:
             for result in todo:
                 try:
-                    card_from_source(
-                        store,
-                        result.id,
+                    source = CardOptions(
                         dataset=catalog.dataset,
                         filters=[f"{catalog.task_field}={tasks[result.id]}"],
                         max_examples=max_examples,
                         embedder=embedder,
                     )
+                    card_from_source(store, result.id, source)
                     result.message = "card built"
                 except Exception as error:  # noqa: BLE001 - one card failing must not end the sync
                     # The adapter is stored, but the sync did not do what was asked: a failure.

@@ -22,6 +22,7 @@ from peft import PeftModel
 from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+from lorahub_cli.cards.data import CardOptions
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
 from lorahub_cli.compose.formulas import compose
 from lorahub_cli.io import Example
@@ -68,7 +69,9 @@ def library(tmp_path_factory):
         )
         add_local(store, folder, name=task)
         card_from_source(
-            store, task, data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION
+            store,
+            task,
+            CardOptions(data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION),
         )
     return root
 

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from ..api import open_store
+from ..settings import CARD_MAX_EXAMPLES
 from ._options import (
     DataOpt,
     DatasetOpt,
@@ -19,8 +20,7 @@ from ._options import (
     MaxExamplesOpt,
     TargetFieldOpt,
 )
-from ._output import info, out, print_json
-from .registry import card_options
+from ._output import info, out, print_json, progress
 
 app = typer.Typer(help="Build and inspect adapters' embedding cards.", no_args_is_help=True)
 
@@ -39,31 +39,28 @@ def build(
     filter: FilterOpt = None,
     input_field: InputFieldOpt = None,
     target_field: TargetFieldOpt = None,
-    max_examples: MaxExamplesOpt = 1000,
+    max_examples: MaxExamplesOpt = CARD_MAX_EXAMPLES,
     embedder: EmbedderOpt = None,
     inputs_only: InputsOnlyOpt = False,
     instruction: InstructionOpt = "",
     json_: JsonOpt = False,
 ) -> None:
     """Build (or rebuild) an adapter's card from its training data."""
+    from ..cards.data import CardOptions
     from ..registry.cards import card_from_source
 
-    record, card = card_from_source(
-        open_store(),
-        adapter_id,
-        **card_options(
-            data=data,
-            dataset=dataset,
-            filters=filter,
-            input_field=input_field,
-            target_field=target_field,
-            max_examples=max_examples,
-            embedder=embedder,
-            inputs_only=inputs_only,
-            instruction=instruction,
-            quiet=json_,
-        ),
+    options = CardOptions(
+        data=data,
+        dataset=dataset,
+        filters=filter,
+        input_field=input_field,
+        target_field=target_field,
+        max_examples=max_examples,
+        embedder=embedder,
+        inputs_only=inputs_only,
+        instruction=instruction,
     )
+    record, card = card_from_source(open_store(), adapter_id, options, progress_factory=None if json_ else progress)
     if json_:
         print_json({"id": record.id, **card.metadata()})
     else:

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..api import open_store
 from ..errors import InputError, IntegrityError
-from ..settings import home
+from ..settings import CARD_MAX_EXAMPLES, SYNC_WORKERS, home
 from ._options import (
     BaseModelOpt,
     DataOpt,
@@ -32,12 +32,6 @@ app = typer.Typer(
 )
 
 
-def card_options(**options) -> dict:
-    """The card-building options as `card_from_source` takes them; progress only for people, not --json."""
-    quiet = options.pop("quiet")
-    return {**options, "progress_factory": None if quiet else progress}
-
-
 @app.command(
     epilog="""Examples:\n
   lorahub registry add lorahub/flan_t5_large-ag_news_subset\n
@@ -54,7 +48,7 @@ def add(
     filter: FilterOpt = None,
     input_field: InputFieldOpt = None,
     target_field: TargetFieldOpt = None,
-    max_examples: MaxExamplesOpt = 1000,
+    max_examples: MaxExamplesOpt = CARD_MAX_EXAMPLES,
     embedder: EmbedderOpt = None,
     inputs_only: InputsOnlyOpt = False,
     instruction: InstructionOpt = "",
@@ -67,6 +61,7 @@ def add(
     """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too.
 
     All or nothing: the adapter appears in the registry only with everything asked for (its card included)."""
+    from ..cards.data import CardOptions
     from ..registry.cards import prepare_card
     from ..registry.mirror import add_hub, add_local, is_local_source
 
@@ -76,20 +71,18 @@ def add(
         raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
     card_job = None
     if data is not None or dataset is not None:
-        card_job = prepare_card(
-            **card_options(
-                data=data,
-                dataset=dataset,
-                filters=filter,
-                input_field=input_field,
-                target_field=target_field,
-                max_examples=max_examples,
-                embedder=embedder,
-                inputs_only=inputs_only,
-                instruction=instruction,
-                quiet=json_,
-            )
+        options = CardOptions(
+            data=data,
+            dataset=dataset,
+            filters=filter,
+            input_field=input_field,
+            target_field=target_field,
+            max_examples=max_examples,
+            embedder=embedder,
+            inputs_only=inputs_only,
+            instruction=instruction,
         )
+        card_job = prepare_card(options, progress_factory=None if json_ else progress)
     if local:
         result = add_local(
             store, Path(source), name=name, base_model=base_model, replace=replace, card_job=card_job, warn=warn
@@ -155,8 +148,8 @@ def sync(
         bool, typer.Option("--cards", help="Also build cards from the catalogue's training dataset.")
     ] = False,
     base_model: BaseModelOpt = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = 4,
-    max_examples: MaxExamplesOpt = 1000,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = SYNC_WORKERS,
+    max_examples: MaxExamplesOpt = CARD_MAX_EXAMPLES,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..settings import DEFAULT_TOP_K
+from ..settings import COMPOSE, DEFAULT_TOP_K
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
 from ._output import out, print_json, ranking_table
 
@@ -30,7 +30,7 @@ def retrieve(
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="How many adapters to return.")] = DEFAULT_TOP_K,
     level: Annotated[
         str, typer.Option("--level", help="task (BatchComp) or instance (iLoraComp); for --shots.")
-    ] = "task",
+    ] = COMPOSE["level"],
     base_model: BaseModelOpt = None,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,

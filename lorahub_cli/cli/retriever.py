@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..api import open_store
-from ..settings import LORARETRIEVER_INSTRUCTION
+from ..settings import LORARETRIEVER_INSTRUCTION, RETRIEVER
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
 from ._output import info, out, print_json, progress
 
@@ -31,20 +31,28 @@ def train(
     ],
     tasks_fraction: Annotated[
         float, typer.Option("--tasks-fraction", help="Share of adapters to train on; the rest are held out.")
-    ] = 0.4,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training adapters' examples.")] = 1,
+    ] = RETRIEVER["tasks_fraction"],
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Passes over the training adapters' examples.")
+    ] = RETRIEVER["epochs"],
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=2, help="Adapters per step (in-batch negatives).")
-    ] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (linear warm-up and decay).")] = 2e-5,
+    ] = RETRIEVER["batch_size"],
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (linear warm-up and decay).")] = RETRIEVER[
+        "learning_rate"
+    ],
     max_examples: Annotated[
         int, typer.Option("--max-examples", min=2, help="Examples read per adapter from its card's data.")
-    ] = 200,
-    eval_queries: Annotated[int, typer.Option("--eval-queries", min=1, help="Queries per held-out adapter.")] = 20,
+    ] = RETRIEVER["max_examples"],
+    eval_queries: Annotated[
+        int, typer.Option("--eval-queries", min=1, help="Queries per held-out adapter.")
+    ] = RETRIEVER["eval_queries"],
     instruction: Annotated[
         str, typer.Option("--instruction", help="Prefix of every text; use the one your cards use.")
     ] = LORARETRIEVER_INSTRUCTION,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the pairs and the initialisation.")] = 42,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, the pairs and the initialisation.")
+    ] = RETRIEVER["seed"],
     base_model: BaseModelOpt = None,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,

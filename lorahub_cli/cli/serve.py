@@ -8,21 +8,22 @@ import typer
 
 from ..errors import InputError
 from ..settings import SERVE
-from ._options import BaseModelOpt, EmbedderOpt
-from ._output import info, warn
-from .generate import (
+from ._options import (
+    BaseModelOpt,
     BatchingOpt,
-    BatchSizeOpt,
-    ComposeOpt,
+    ComposeModeOpt,
     CompositionOpt,
     DeviceOpt,
     DtypeOpt,
+    EmbedderOpt,
+    GenerationBatchOpt,
     KOpt,
     MaxInputTokensOpt,
     MaxNewTokensOpt,
     ModelPathOpt,
-    build_engine,
 )
+from ._output import info, warn
+from .generate import build_engine
 
 API_KEY_ENV = "LORAHUB_API_KEY"
 EXAMPLES = """Examples:\n
@@ -36,10 +37,10 @@ def serve(
     host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for every one).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
     k: KOpt = None,
-    compose: ComposeOpt = None,
+    compose: ComposeModeOpt = None,
     composition: CompositionOpt = None,
-    batch_size: BatchSizeOpt = SERVE["batch_size"],
-    batching: BatchingOpt = "continuous",
+    batch_size: GenerationBatchOpt = SERVE["batch_size"],
+    batching: BatchingOpt = SERVE["batching"],
     window_ms: Annotated[
         float,
         typer.Option(
@@ -72,8 +73,8 @@ def serve(
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = SERVE["dtype"],
+    device: DeviceOpt = SERVE["device"],
 ) -> None:
     """Serve generation over HTTP: every request retrieves its top-k adapters, and concurrent requests share batches."""
     from ..serve.server import check_port, create_app, is_loopback, run

@@ -42,9 +42,9 @@ class EvalConfig:
     optimizer: str = COMPOSE["optimizer"]
     l1: float = COMPOSE["l1"]
     max_new_tokens: int = EVAL["max_new_tokens"]
-    fft_epochs: int = 40
-    fft_lr: float = 3e-5
-    fft_batch: int = 5
+    fft_epochs: int = EVAL["fft_epochs"]
+    fft_lr: float = EVAL["fft_lr"]
+    fft_batch: int = EVAL["fft_batch"]
     embedder: str | None = None
     dtype: str = COMPOSE["dtype"]
     device: str = COMPOSE["device"]

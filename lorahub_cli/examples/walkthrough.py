@@ -11,7 +11,7 @@ from ..io import read_examples
 from ..registry import Store
 from ..registry.cards import attach_card
 from ..registry.mirror import add_local
-from ..settings import shipped_dir
+from ..settings import CARD_MAX_EXAMPLES, shipped_dir
 
 
 def examples_dir() -> Path:
@@ -28,7 +28,7 @@ def run(store: Store, task: str, k: int = 3, advance=lambda: None) -> dict:
     embedder = load_embedder()
     for name in tasks():
         add_local(store, root / "adapters" / name, name=f"examples/{name}")
-        examples, source = from_jsonl(root / "data" / f"{name}.jsonl", None, None, 1000)
+        examples, source = from_jsonl(root / "data" / f"{name}.jsonl", None, None, CARD_MAX_EXAMPLES)
         attach_card(store, f"examples/{name}", examples, embedder=embedder, source=source)
         advance()
     index = retrieval.CardIndex.from_store(store)
