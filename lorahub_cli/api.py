@@ -292,6 +292,23 @@ def rebuild(recipe_path: Path, out: Path, *, overwrite: bool = False, store=None
     }
 
 
+# --- the retriever -------------------------------------------------------------------------------
+
+
+def train_retriever(
+    out: Path, config, *, base_model: str | None = None, embedder: str | None = None, store=None, progress_factory=None
+) -> dict:
+    """Fine-tune the card embedder on the registry's carded adapters and save it to `out` (LoraRetriever);
+    `config`: a retriever.train.RetrieverConfig. Returns the report, held-out retrieval before and after."""
+    from .outputs import check_destination
+    from .retriever.train import train_retriever as train
+
+    check_destination(out)  # before any work
+    store = store or open_store()
+    with (progress_factory or no_progress)("Training", None) as advance:
+        return train(store, out, config, base_model=base_model, embedder=embedder, progress=advance)
+
+
 # --- evaluate ------------------------------------------------------------------------------------
 
 
@@ -313,6 +330,13 @@ def evaluate(
     from `store`, else from the user's registry, checked before any model loads. With `ray` (a
     scale.cluster.RayOptions) the missing cells run on Ray actors (`on_event(kind, job, actor)` follows them);
     this process still writes every cell."""
+    from .eval.runner import check_run_folder
+
+    check_run_folder(out)  # before any work
+    return _evaluate(suite, methods, seeds, config, out, store, title, progress_factory, ray, on_event)
+
+
+def _evaluate(suite, methods, seeds, config, out, store, title, progress_factory, ray, on_event=None) -> dict:
     from .eval.methods import COMPOSING, Context
     from .eval.report import write_report
     from .eval.runner import run_grid
@@ -373,8 +397,10 @@ def evaluate_demo(
     from dataclasses import replace
 
     from .demo import library
+    from .eval.runner import check_run_folder
     from .models import torch_threads
 
+    check_run_folder(out)  # before any work
     suite = library.load_suite().select(tasks)
     config = replace(
         config, base_model=library.BASE_MODEL, model_path=str(library.base_model_path()), dtype="float32", device="cpu"
@@ -385,17 +411,8 @@ def evaluate_demo(
         with torch_threads(library.THREADS):
             if ray is not None:  # as many threads per Ray worker as here: the demo model gains nothing from more
                 ray = replace(ray, max_threads=library.THREADS)
-            return evaluate(
-                suite,
-                methods,
-                seeds,
-                config,
-                out,
-                store=store,
-                title="Demo library: held-out tasks",
-                progress_factory=progress_factory,
-                ray=ray,
-            )
+            title = "Demo library: held-out tasks"
+            return _evaluate(suite, methods, seeds, config, out, store, title, progress_factory, ray)
 
 
 # --- the demo ------------------------------------------------------------------------------------
@@ -423,7 +440,7 @@ def demo(
     """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate, write to `out`
     (default: a new ./lorahub-demo-TASK); the registry lives in `home` or a temporary folder."""
     from .demo import library, tour
-    from .io import check_destination
+    from .outputs import check_destination
     from .settings import COMPOSE
 
     library.verify()

@@ -13,7 +13,7 @@ import lorahub_cli
 PACKAGE = Path(lorahub_cli.__file__).parent
 
 LAYERS = [
-    ["lorahub_cli", "errors", "settings", "io", "quiet"],
+    ["lorahub_cli", "errors", "settings", "io", "outputs", "quiet"],
     ["hub", "models", "registry", "cards"],
     ["retrieval", "routing", "compose", "generation", "decoding", "publish", "retriever", "examples"],
     ["eval.tasks", "eval.scoring"],

@@ -74,6 +74,7 @@ def generate(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the answers (JSONL) here instead of stdout.")
     ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file --out if it exists.")] = False,
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     batch_size: GenerationBatchOpt = SERVE["batch_size"],
@@ -86,9 +87,11 @@ def generate(
     json_: JsonOpt = False,
 ) -> None:
     """Answer every request with the adapters retrieved for it (LoraRetriever), composed per row in shared batches."""
-    from ..io import atomic_write_bytes
+    from ..outputs import check_destination, write_file
     from ..serve.engine import read_requests
 
+    if out is not None:
+        check_destination(out, overwrite, file=True, inputs=(inputs,))  # before minutes of loading
     requests = read_requests(inputs)
     start = time.perf_counter()
     engine = build_engine(
@@ -111,7 +114,7 @@ def generate(
     seconds = time.perf_counter() - loaded
     lines = "".join(json.dumps(a, ensure_ascii=False) + "\n" for a in answers)
     if out is not None:
-        atomic_write_bytes(out, lines.encode("utf-8"))
+        write_file(out, lines.encode("utf-8"))
     summary = {
         "requests": len(answers),
         "out": str(out) if out else None,

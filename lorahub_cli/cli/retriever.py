@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..api import open_store
 from ..settings import LORARETRIEVER_INSTRUCTION, RETRIEVER
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
 from ._output import info, out, print_json, progress
@@ -58,7 +57,8 @@ def train(
     json_: JsonOpt = False,
 ) -> None:
     """Fine-tune the embedder contrastively on some adapters' training data; report retrieval of the held-out ones."""
-    from ..retriever.train import RetrieverConfig, train_retriever
+    from .. import api
+    from ..retriever.train import RetrieverConfig
 
     config = RetrieverConfig(
         tasks_fraction=tasks_fraction,
@@ -70,10 +70,7 @@ def train(
         instruction=instruction,
         seed=seed,
     )
-    with progress("Training", None) as advance:
-        report = train_retriever(
-            open_store(), out_dir, config, base_model=base_model, embedder=embedder, progress=advance
-        )
+    report = api.train_retriever(out_dir, config, base_model=base_model, embedder=embedder, progress_factory=progress)
     if json_:
         print_json(report)
         return

@@ -14,19 +14,18 @@ An instance-level composition holds one such folder per shot, and the router:
     compositions/shot-<j>/                           the task-level folder of shot j
 
 Each file format's own module names its file; this module says which files a composition holds and where.
-The folder is written all or nothing (io.write_folder). `--overwrite` may replace only a folder that lorahub
-compose wrote: one that holds a recipe and only the files above, and that is not the working directory, one of
-its parents, the lorahub home or a folder holding the command's own inputs.
+The folder is written all or nothing (outputs.write_folder), where outputs.check_destination allows; with
+`--overwrite` it replaces only a folder that lorahub compose wrote: one that holds a recipe and only the files
+above.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .. import io
+from .. import outputs
 from ..cards.card import CARD_FILES
 from ..errors import InputError
-from ..settings import home
 from .adapters import CONFIG_FILE, SAFETENSORS_FILE, LoraAdapter, load_adapter, save_adapter
 from .recipe import RECIPE_FILE, Recipe
 
@@ -52,27 +51,15 @@ def holds_composition(folder: Path) -> bool:
     return (Path(folder) / RECIPE_FILE).is_file()
 
 
-def check_destination(out: Path, overwrite: bool, *, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work is done, an --out that exists (without --overwrite), that may not be
-    replaced, or that cannot be written."""
-    out = Path(out).resolve()
-    io.check_destination(out, overwrite)
-    if out.exists():
-        _check_replaceable(out, inputs)
+def check_destination(out: Path, overwrite: bool, *, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse, before any work is done, an --out that may not be written (outputs.check_destination: never
+    inside the lorahub home, never the working directory, ...) or, with --overwrite, a folder lorahub compose
+    did not write. Returns `out` resolved."""
+    return outputs.check_destination(out, overwrite, inputs=inputs, replaceable=_written_by_lorahub)
 
 
-def _check_replaceable(out: Path, inputs: tuple[Path, ...]) -> None:
+def _written_by_lorahub(out: Path) -> None:
     hint = "--overwrite replaces only a folder written by lorahub compose; choose another --out."
-    cwd, lorahub_home = Path.cwd().resolve(), home().expanduser().resolve()
-    if cwd.is_relative_to(out):
-        raise InputError(f"refusing to replace '{out}': it is the working directory or one of its parents.", hint)
-    if lorahub_home.is_relative_to(out) or out.is_relative_to(lorahub_home):
-        raise InputError(
-            f"refusing to replace '{out}': it holds the lorahub home ({lorahub_home}) or is inside it.", hint
-        )
-    for path in inputs:
-        if Path(path).resolve().is_relative_to(out):
-            raise InputError(f"refusing to replace '{out}': it holds the input '{path}'.", hint)
     if not holds_composition(out):
         raise InputError(f"refusing to replace '{out}': it has no {RECIPE_FILE}, so lorahub did not write it.", hint)
     for path in out.rglob("*"):
@@ -97,7 +84,7 @@ def _written_by_compose(parts: tuple[str, ...], is_dir: bool) -> bool:
 def write_composition(
     out: Path, recipe: Recipe, adapters: list[LoraAdapter], router=None, *, overwrite: bool = False
 ) -> Path:
-    """Save a composition as a folder, atomically (io.write_folder): one adapter (task level), or one per
+    """Save a composition as a folder, atomically (outputs.write_folder): one adapter (task level), or one per
     shot with `router`, the (K, dim) shot embeddings (instance level). `out` was checked by check_destination
     before the work that made the composition."""
 
@@ -113,7 +100,7 @@ def write_composition(
         recipe.save(tmp)
         (tmp / MODEL_CARD).write_text(instance_card(recipe), encoding="utf-8")
 
-    return io.write_folder(out, fill, overwrite=overwrite)
+    return outputs.write_folder(out, fill, overwrite=overwrite)
 
 
 def _write_adapter(tmp: Path, adapter: LoraAdapter, recipe: Recipe) -> None:

@@ -18,7 +18,7 @@ import torch
 from .. import __version__
 from ..errors import InputError
 from ..io import Example
-from ..models import BaseModel, encode, load_base_model
+from ..models import BaseModel, check_model_name, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
 from ..settings import COMPOSE
 from . import precision as precisions
@@ -68,6 +68,8 @@ class ComposeOptions:
                 "Example: --seed 42",
             )
         self.merge_options()  # the formula and its options
+        if self.model_path is not None:
+            check_model_name(self.model_path)
 
     def merge_options(self) -> dict:
         """The formula's options as the merge uses them; a random formula's seed defaults to the search seed."""

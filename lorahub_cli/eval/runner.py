@@ -42,6 +42,23 @@ class Job:
 Executor = Callable[[list[Job], Callable], Iterable[tuple[Job, Answer, float]]]
 
 
+def check_run_folder(out: Path) -> Path:
+    """Before any work: `out` is new, empty, or a run folder (which resumes); never a folder of other things,
+    whose files (a report.md, say) the run would replace. Returns `out` resolved."""
+    from ..outputs import check_output
+
+    out = check_output(out, into=True)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"'{out}' is a file, not a folder.", "Choose another --out.")
+        if not (out / RUN_FILE).is_file() and any(out.iterdir()):
+            raise InputError(
+                f"refusing to write into '{out}': it holds files but no {RUN_FILE}, so it is not an eval run folder.",
+                "Choose a new or empty --out (an eval run folder resumes).",
+            )
+    return out
+
+
 def cell_path(out: Path, task: str, seed: int, method: str) -> Path:
     return out / "cells" / task / f"seed-{seed}" / f"{method}.json"
 

@@ -192,12 +192,13 @@ def train_retriever(
     embedder: str | None = None,
     progress=None,
 ) -> dict:
-    """Train on a split of the registry's carded adapters, evaluate on the rest, save to `out`; returns the report."""
+    """Train on a split of the registry's carded adapters, evaluate on the rest, save to `out` (checked by
+    outputs.check_destination before: api.train_retriever); returns the report."""
     from .. import __version__
     from ..cards.embedder import load_embedder
-    from ..io import atomic_write_json, check_destination, write_folder
+    from ..io import atomic_write_json
+    from ..outputs import write_folder
 
-    check_destination(out)
     data = training_data(store, base_model, config.max_examples)
     split = split_adapters(list(data), config.tasks_fraction, config.seed)
     untrained = load_embedder(embedder)

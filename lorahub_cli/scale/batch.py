@@ -16,6 +16,7 @@ from ..compose import pipeline
 from ..compose.folder import check_destination, holds_composition
 from ..errors import InputError, LorahubError
 from ..io import Example, read_examples, sha256_file
+from ..outputs import check_output
 from .shipping import Folder, data_for_workers
 from .worker import Worker
 
@@ -43,6 +44,7 @@ def plan(tasks_dir: Path, out: Path, overwrite: bool) -> tuple[list[BatchJob], l
             f"--tasks '{tasks_dir}' has no .jsonl files.",
             'Put one <task>.jsonl per task, lines {"input": ..., "target": ...}.',
         )
+    check_output(out, into=True)  # the folder of every composition: it may exist (the batch resumes)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder.", "Choose another --out.")
     jobs, done, refused = [], [], {}
