@@ -211,7 +211,7 @@ def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: floa
     return summary
 
 
-def compose_folder(
+def compose_batch(
     tasks_dir: Path,
     out: Path,
     options,

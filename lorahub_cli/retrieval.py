@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cards.card import Card, Recipe
+from .cards.card import Card, TextRecipe
 from .cards.embedder import Embedder, load_embedder
 from .errors import InputError, NotFoundError
 from .io import Example
@@ -89,7 +89,7 @@ class CardIndex:
     matrix: torch.Tensor  # (n, dim), unit rows
     embedder_id: str
     embedder_revision: str
-    recipe: Recipe
+    text_recipe: TextRecipe  # how the cards embedded their examples; queries are embedded the same way
     base_model: str
 
     @classmethod
@@ -101,7 +101,7 @@ class CardIndex:
                 "their vectors cannot be compared.",
                 "Rebuild them with one embedder: lorahub card build ID --embedder NAME ...",
             )
-        instructions = {card.recipe.instruction for card in cards.values()}
+        instructions = {card.text_recipe.instruction for card in cards.values()}
         if len(instructions) > 1:
             raise InputError(
                 "the candidate cards use different instructions, so one query cannot match them all.",
@@ -110,7 +110,7 @@ class CardIndex:
         first = next(iter(cards.values()))
         ids = sorted(cards)
         matrix = normalise(torch.stack([cards[i].centroid for i in ids]).float())
-        return cls(ids, matrix, first.embedder_id, first.embedder_revision, first.recipe, base_model)
+        return cls(ids, matrix, first.embedder_id, first.embedder_revision, first.text_recipe, base_model)
 
     @classmethod
     def from_store(cls, store: Store, base_model: str | None = None) -> CardIndex:
@@ -145,14 +145,14 @@ class CardIndex:
 
 def embed_inputs(embedder: Embedder, instruction: str, inputs: list[str]) -> torch.Tensor:
     """(n, dim) inputs embedded as every query is, without a target: the instruction, then the input."""
-    recipe = Recipe("input", instruction)
+    recipe = TextRecipe("input", instruction)
     return embedder.encode([recipe.text(Example(text)) for text in inputs])
 
 
 def _embed(index: CardIndex, embedder: Embedder, examples: list[Example], with_target: bool) -> torch.Tensor:
     if not with_target:
-        return embed_inputs(embedder, index.recipe.instruction, [e.input for e in examples])
-    return embedder.encode([index.recipe.text(e) for e in examples])
+        return embed_inputs(embedder, index.text_recipe.instruction, [e.input for e in examples])
+    return embedder.encode([index.text_recipe.text(e) for e in examples])
 
 
 def task_level(index: CardIndex, embedder: Embedder, shots: list[Example], k: int) -> Ranking:

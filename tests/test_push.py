@@ -29,7 +29,7 @@ from tiny_models import (
 )
 
 from lorahub_cli import __version__
-from lorahub_cli.cards.card import Card, Recipe
+from lorahub_cli.cards.card import Card, TextRecipe
 from lorahub_cli.compose.adapters import load_adapter
 from lorahub_cli.compose.folder import write_composition
 from lorahub_cli.compose.formulas import compose
@@ -134,7 +134,7 @@ def test_embedding_card_travels_with_the_adapter(online, composed):
     Card(
         embedder_id="sentence-transformers/x",
         embedder_revision="1",
-        recipe=Recipe(),
+        text_recipe=TextRecipe(),
         n_examples=3,
         centroid=torch.nn.functional.normalize(torch.randn(8), dim=0),
         nearest=[],

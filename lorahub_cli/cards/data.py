@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io import Example, read_examples, sha256_file
 from ..settings import CARD_MAX_EXAMPLES
-from .card import Recipe as TextRecipe
+from .card import TextRecipe
 
 INPUT_FIELDS = ("input", "inputs", "instruction", "prompt", "question", "text", "source")
 TARGET_FIELDS = ("target", "targets", "output", "completion", "answer", "response", "label")

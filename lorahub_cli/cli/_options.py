@@ -144,7 +144,7 @@ MaxExamplesOpt = Annotated[
 ]
 InputsOnlyOpt = Annotated[
     bool,
-    typer.Option("--inputs-only", help="Embed inputs only (LoraRetriever's recipe) instead of input + target."),
+    typer.Option("--inputs-only", help="Embed inputs only (LoraRetriever's text recipe) instead of input + target."),
 ]
 InstructionOpt = Annotated[
     str, typer.Option("--instruction", help="Text put before every input before embedding (with --inputs-only).")

@@ -184,9 +184,9 @@ def compose(
         embedder=embedder,
     )
     if tasks is not None:
-        from .compose_batch import compose_folder
+        from .compose_batch import compose_batch
 
-        return compose_folder(tasks, out, options, level=level, overwrite=overwrite, ray=scale, json_=json_)
+        return compose_batch(tasks, out, options, level=level, overwrite=overwrite, ray=scale, json_=json_)
     summary = api.compose(shots, out, options, level=level, overwrite=overwrite, progress_factory=progress)
     if json_:
         print_json(summary)

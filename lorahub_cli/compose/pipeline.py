@@ -463,7 +463,7 @@ def compose_instance(
             )
     finally:
         session.close()
-    router = retrieval.embed_inputs(embedder, index.recipe.instruction, [s.input for s in shots])  # (K, dim)
+    router = retrieval.embed_inputs(embedder, index.text_recipe.instruction, [s.input for s in shots])  # (K, dim)
     selection = {
         "method": "auto",
         "level": "instance",
@@ -490,7 +490,7 @@ def compose_instance(
         router={
             "file": ROUTER_FILE,
             "embedder": selection["embedder"],
-            "instruction": index.recipe.instruction,
+            "instruction": index.text_recipe.instruction,
             "shots": [s.input for s in shots],
         },
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..cards.card import Card, Recipe, build_card
+from ..cards.card import Card, TextRecipe, build_card
 from ..cards.data import CardOptions, load_training_data
 from ..cards.embedder import Embedder, load_embedder
 from ..io import Example
@@ -17,13 +17,13 @@ def attach_card(
     examples: list[Example],
     *,
     embedder: Embedder,
-    recipe: Recipe | None = None,
+    text_recipe: TextRecipe | None = None,
     source: dict | None = None,
     progress=None,
 ) -> tuple[AdapterRecord, Card]:
     """Embed an adapter's training examples, write its card next to its weights, and index it."""
     record = store.get(adapter_id)
-    card = build_card(examples, embedder, recipe or Recipe(), source=source, progress=progress)
+    card = build_card(examples, embedder, text_recipe or TextRecipe(), source=source, progress=progress)
     files = card.save(record.path)
     return store.update_card(adapter_id, files, card.embedder_key), card
 
@@ -34,17 +34,17 @@ class CardJob:
 
     examples: list[Example]
     source: dict
-    recipe: Recipe
+    text_recipe: TextRecipe
     embedder: Embedder
     progress_factory: object = None
 
     def build(self, adapter_id: str) -> Card:
         if self.progress_factory is None:
-            return build_card(self.examples, self.embedder, self.recipe, source=self.source)
+            return build_card(self.examples, self.embedder, self.text_recipe, source=self.source)
         with self.progress_factory(
             f"Embedding {len(self.examples)} examples of {adapter_id}", len(self.examples)
         ) as advance:
-            return build_card(self.examples, self.embedder, self.recipe, source=self.source, progress=advance)
+            return build_card(self.examples, self.embedder, self.text_recipe, source=self.source, progress=advance)
 
 
 def prepare_card(options: CardOptions, progress_factory=None) -> CardJob:

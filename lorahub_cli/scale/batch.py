@@ -1,4 +1,4 @@
-"""Batch composition (`api.compose_folder`): which shots files to compose, and the Ray side of it.
+"""Batch composition (`api.compose_batch`): which shots files to compose, and the Ray side of it.
 
 `OUT/<name>/` receives the composition of `TASKS/<name>.jsonl`. A folder that already holds a lorahub
 recipe is kept (the run resumes) unless `overwrite`; any other existing folder is left alone and its task
