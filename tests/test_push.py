@@ -32,7 +32,7 @@ from lorahub_cli import __version__
 from lorahub_cli.cards.card import Card, TextRecipe
 from lorahub_cli.compose.adapters import load_adapter
 from lorahub_cli.compose.folder import write_composition
-from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.formulas import combine
 from lorahub_cli.compose.recipe import Recipe as ComposeRecipe
 from lorahub_cli.errors import HubError, InputError
 from lorahub_cli.publish import DEFAULT_MESSAGE, check_folder, push_folder
@@ -69,7 +69,7 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def composed_dir(adapters, tmp_path_factory) -> Path:
     """What `lorahub compose --out` writes for a task-level composition; tests push copies of it."""
-    adapter = compose(adapters, WEIGHTS, "elementwise")
+    adapter = combine(adapters, WEIGHTS, "elementwise")
     out = tmp_path_factory.mktemp("composed") / "composition"
     return write_composition(out, recipe(), [adapter])
 
@@ -81,7 +81,7 @@ def composed(composed_dir, tmp_path) -> Path:
 
 def instance_folder(adapters, out: Path) -> Path:
     """An instance-level folder (two shots) written by the compose pipeline itself."""
-    shots = [compose(adapters, w, "elementwise", name=f"shot-{j}") for j, w in enumerate([WEIGHTS, [0.2, 0.5, -0.3]])]
+    shots = [combine(adapters, w, "elementwise", name=f"shot-{j}") for j, w in enumerate([WEIGHTS, [0.2, 0.5, -0.3]])]
     entries = [
         {"shot": j, "folder": f"compositions/shot-{j}", "modules": recipe().modules, "search": None, "loss": 1.0}
         for j in range(2)

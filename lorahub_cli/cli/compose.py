@@ -34,7 +34,7 @@ EXAMPLES = """Examples:\n
   lorahub compose --tasks shots-folder/ --out compositions/ --ray      # one per shots file, resumable"""
 
 
-OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype, before --search-precision
+LEGACY_DTYPE_FLAG = {"float32": "fp32", "bfloat16": "bf16"}  # the hidden --dtype (before --search-precision)
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -176,7 +176,7 @@ def compose(
             l1=l1,
             seed=seed,
             population=population,
-            precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision,
+            precision=LEGACY_DTYPE_FLAG.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision,
         ),
         warm_start=warm_start,
         device=device,

@@ -25,7 +25,7 @@ from . import precision as precisions
 from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
 from .folder import ROUTER_FILE, shot_folder
-from .formulas import RANDOM_OPTION, compose, get_formula, resolve_options
+from .formulas import RANDOM_OPTION, combine, get_formula, resolve_options
 from .objective import loss_function
 from .recipe import Recipe
 from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, l1_penalty, search
@@ -373,7 +373,7 @@ def compose_task(
     weights = _fixed_weights(records, options)
 
     def merge(w):
-        return compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)
+        return combine(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)
 
     check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
     session = _Session(adapters, shots, options, base)
@@ -449,7 +449,7 @@ def compose_instance(
                 session, len(ids), options, columns=[position[i] for i in ids], init=init, progress=progress
             )
             chosen = [records[position[i]] for i in ids]
-            adapter = compose([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
+            adapter = combine([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
             compositions.append(adapter)
             results.append(result)
             entries.append(
@@ -519,4 +519,4 @@ def rebuild(store: Store, recipe: Recipe) -> LoraAdapter:
         records.append(record)
     spec = get_formula(recipe.formula)
     weights = None if spec.fixed_weights else [m["weight"] for m in recipe.modules]
-    return compose(load_modules(store, records), weights, recipe.formula, name="composed", **recipe.formula_options)
+    return combine(load_modules(store, records), weights, recipe.formula, name="composed", **recipe.formula_options)

@@ -59,7 +59,9 @@ class EvalConfig:
 
 
 @dataclass
-class Answer:
+class MethodResult:
+    """What a method gives for one cell (serve/engine.py's Answer is one served request's)."""
+
     predictions: list[str]
     detail: dict = field(default_factory=dict)  # what the method chose: modules, weights, search cost
 
@@ -101,14 +103,14 @@ def icl_prompt(shots: list[Example], question: str) -> str:
     return f"{solved}{question}\nAnswer:"
 
 
-def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The base model on the bare input."""
-    return Answer(ctx.generate(inputs))
+    return MethodResult(ctx.generate(inputs))
 
 
-def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The shots in the prompt (in-context learning)."""
-    return Answer(ctx.generate([icl_prompt(shots, x) for x in inputs]))
+    return MethodResult(ctx.generate([icl_prompt(shots, x) for x in inputs]))
 
 
 def _compose_options(ctx: Context, modules: str, seed: int):
@@ -139,7 +141,7 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
 
 
 def _task_level(modules: str, summary: str):
-    def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
         from ..compose.pipeline import compose_task
 
         composition = compose_task(
@@ -147,7 +149,7 @@ def _task_level(modules: str, summary: str):
         )
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
-        return Answer(
+        return MethodResult(
             predictions,
             {
                 "modules": {k: round(w, 6) for k, w in recipe.weights.items()},
@@ -160,7 +162,7 @@ def _task_level(modules: str, summary: str):
     return method
 
 
-def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """iLoraComp: one composition per shot; each input answered by its nearest shot's."""
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
@@ -174,7 +176,7 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     # The same routing `lorahub generate` applies to a saved instance-level composition.
     routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs)
     predictions = _with_bank(ctx, composition.adapters, inputs, weight_matrix(routes, len(composition.adapters)))
-    return Answer(
+    return MethodResult(
         predictions,
         {
             "routes": [r.info["shot"] for r in routes],
@@ -184,7 +186,7 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     )
 
 
-def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """Full fine-tuning on the shots (the upper bound): AdamW on every weight of a copy of the base model.
 
     The loss is the token-mean cross-entropy."""
@@ -211,10 +213,10 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
         losses.append(round(loss.item(), 6))
     tuned.model.eval().requires_grad_(False)
     predictions = ctx.generate(inputs, base=tuned)
-    return Answer(predictions, {"epochs": c.fft_epochs, "final_loss": losses[-1]})
+    return MethodResult(predictions, {"epochs": c.fft_epochs, "final_loss": losses[-1]})
 
 
-RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
+RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], MethodResult]] = {
     "zero-shot": zero_shot,
     "icl": icl,
     "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
@@ -237,7 +239,9 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def run_method(method: str, ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> tuple[Answer, float]:
+def run_method(
+    method: str, ctx: Context, shots: list[Example], inputs: list[str], seed: int
+) -> tuple[MethodResult, float]:
     start = time.perf_counter()
     answer = RUNNERS[method](ctx, shots, inputs, seed)
     return answer, time.perf_counter() - start

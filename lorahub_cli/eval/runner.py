@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io import Example, atomic_write_json, read_json
 from . import scoring
-from .methods import Answer, Context, EvalConfig, run_method
+from .methods import Context, EvalConfig, MethodResult, run_method
 from .tasks import Suite, split
 
 RUN_FILE = "run.json"
@@ -39,7 +39,7 @@ class Job:
 
 
 # A way to compute cells elsewhere (on Ray): yields each job with its answer and seconds as it finishes.
-Executor = Callable[[list[Job], Callable], Iterable[tuple[Job, Answer, float]]]
+Executor = Callable[[list[Job], Callable], Iterable[tuple[Job, MethodResult, float]]]
 
 
 def check_run_folder(out: Path) -> Path:
@@ -89,7 +89,7 @@ def plan(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig)
                 yield Job(task, seed, method, shots, inputs, shot_ids, test, [examples[i] for i in test])
 
 
-def _save(out: Path, job: Job, answer: Answer, seconds: float) -> dict:
+def _save(out: Path, job: Job, answer: MethodResult, seconds: float) -> dict:
     cell = {
         "task": job.task,
         "seed": job.seed,
