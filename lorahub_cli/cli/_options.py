@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ..settings import CARD_MAX_EXAMPLES
+
 # --- choices that live in the library's registries -------------------------------------------------
 # The registries import torch, which `lorahub --help` must not wait for: an option's help names its
 # registry, `--OPTION list` prints it, and the library checks a value against it before any work.
@@ -49,15 +51,17 @@ def choice_help(kind: str, text: str) -> str:
     return f"{text} `list` prints every registered {kind} with its summary."
 
 
-def with_options_of(template):
-    """A command that takes the options of `template` (a function declaring them) after its own, as **kwargs.
-
-    Typer reads a command's options from its signature; this is how two commands share a long block of them."""
+def with_options_of(template, *, before: str | None = None):
+    """A command that also takes the options `template` (a function) declares, as **kwargs: after its own, or
+    before its own option `before`. Typer reads a command's options from its signature; this is how commands
+    share a block of them."""
 
     def give(command):
-        own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-        shared = inspect.signature(template, eval_str=True).parameters.values()
-        command.__signature__ = inspect.Signature([*own, *shared])
+        own = inspect.signature(command, eval_str=True).parameters.values()
+        own = [p for p in own if p.kind is not p.VAR_KEYWORD]
+        at = [p.name for p in own].index(before) if before else len(own)
+        shared = list(inspect.signature(template, eval_str=True).parameters.values())
+        command.__signature__ = inspect.Signature([*own[:at], *shared, *own[at:]])
         return command
 
     return give
@@ -149,3 +153,23 @@ InputsOnlyOpt = Annotated[
 InstructionOpt = Annotated[
     str, typer.Option("--instruction", help="Text put before every input before embedding (with --inputs-only).")
 ]
+
+
+def card_options(
+    data: DataOpt = None,
+    dataset: DatasetOpt = None,
+    filters: FilterOpt = None,
+    input_field: InputFieldOpt = None,
+    target_field: TargetFieldOpt = None,
+    max_examples: MaxExamplesOpt = CARD_MAX_EXAMPLES,
+    embedder: EmbedderOpt = None,
+    inputs_only: InputsOnlyOpt = False,
+    instruction: InstructionOpt = "",
+):
+    """The options an embedding card is built from: `registry add` and `card build` take them with
+    `with_options_of(card_options)` and make the checked cards.data.CardOptions with `card_options(**card)`."""
+    from ..cards.data import CardOptions
+
+    return CardOptions(
+        data, dataset, filters, input_field, target_field, max_examples, embedder, inputs_only, instruction
+    )

@@ -11,19 +11,7 @@ from rich.table import Table
 from ..api import open_store
 from ..errors import InputError, IntegrityError
 from ..settings import CARD_MAX_EXAMPLES, SYNC_WORKERS, home
-from ._options import (
-    BaseModelOpt,
-    DataOpt,
-    DatasetOpt,
-    EmbedderOpt,
-    FilterOpt,
-    InputFieldOpt,
-    InputsOnlyOpt,
-    InstructionOpt,
-    JsonOpt,
-    MaxExamplesOpt,
-    TargetFieldOpt,
-)
+from ._options import BaseModelOpt, EmbedderOpt, JsonOpt, MaxExamplesOpt, card_options, with_options_of
 from ._output import err, info, out, print_json, progress, warn
 
 app = typer.Typer(
@@ -38,30 +26,22 @@ app = typer.Typer(
   lorahub registry add ./my-adapter --name sentiment --data train.jsonl\n
   lorahub registry add lorahub/flan_t5_large-ag_news_subset --dataset lorahub/flanv2 --filter task=ag_news_subset"""
 )
+@with_options_of(card_options, before="force")
 def add(
     source: Annotated[str, typer.Argument(help="A Hub repo id (NAMESPACE/NAME) or a local PEFT adapter folder.")],
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit (Hub only).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registry id (default: repo id or folder name).")] = None,
     base_model: BaseModelOpt = None,
-    data: DataOpt = None,
-    dataset: DatasetOpt = None,
-    filter: FilterOpt = None,
-    input_field: InputFieldOpt = None,
-    target_field: TargetFieldOpt = None,
-    max_examples: MaxExamplesOpt = CARD_MAX_EXAMPLES,
-    embedder: EmbedderOpt = None,
-    inputs_only: InputsOnlyOpt = False,
-    instruction: InstructionOpt = "",
     force: Annotated[bool, typer.Option("--force", help="Mirror again even if this commit is stored.")] = False,
     replace: Annotated[
         bool, typer.Option("--replace", help="Replace an adapter of the same id from another source.")
     ] = False,
     json_: JsonOpt = False,
+    **card_data,
 ) -> None:
     """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too.
 
     All or nothing: the adapter appears in the registry only with everything asked for (its card included)."""
-    from ..cards.data import CardOptions
     from ..registry.cards import prepare_card
     from ..registry.mirror import add_hub, add_local, is_local_source
 
@@ -70,19 +50,8 @@ def add(
     if local and revision:
         raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
     card_job = None
-    if data is not None or dataset is not None:
-        options = CardOptions(
-            data=data,
-            dataset=dataset,
-            filters=filter,
-            input_field=input_field,
-            target_field=target_field,
-            max_examples=max_examples,
-            embedder=embedder,
-            inputs_only=inputs_only,
-            instruction=instruction,
-        )
-        card_job = prepare_card(options, progress_factory=None if json_ else progress)
+    if card_data["data"] is not None or card_data["dataset"] is not None:
+        card_job = prepare_card(card_options(**card_data), progress_factory=None if json_ else progress)
     if local:
         result = add_local(
             store, Path(source), name=name, base_model=base_model, replace=replace, card_job=card_job, warn=warn
