@@ -140,6 +140,15 @@ def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter
     return adapters
 
 
+def _load_compatible(store: Store, records: list[AdapterRecord], formula: str) -> list[LoraAdapter]:
+    """The modules a `formula` composition merges, loaded and checked against each other before the base model
+    loads (formulas.combine and the bank check them again, as every caller of theirs must)."""
+    spec = get_formula(formula)
+    adapters = load_modules(store, records)
+    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)
+    return adapters
+
+
 def _module_entries(records: list[AdapterRecord], weights) -> list[dict]:
     return [
         {
@@ -369,13 +378,12 @@ def compose_task(
     spec = get_formula(options.formula)
     merge_options = options.merge_options()
     records, selection = select_modules(store, shots, options)
-    adapters = load_modules(store, records)
+    adapters = _load_compatible(store, records, options.formula)
     weights = _fixed_weights(records, options)
 
     def merge(w):
         return combine(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)
 
-    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
     session = _Session(adapters, shots, options, base)
     try:
         result = None
@@ -430,8 +438,7 @@ def compose_instance(
     )
     union = list(dict.fromkeys([i for ids in sets for i in ids] + task_ids))
     records = [store.get(i) for i in union]
-    adapters = load_modules(store, records)
-    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
+    adapters = _load_compatible(store, records, options.formula)
     session = _Session(adapters, shots, options, base)
     try:
         position = {i: p for p, i in enumerate(union)}
