@@ -74,16 +74,16 @@ class RetrievalRouter:
                     "fusion averages A and B, which needs adapters of one rank and one scaling.",
                     "Use --compose mixture.",
                 )
-        ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks))["inputs"]
+        ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks)).inputs
         column = {name: i for i, name in enumerate(self.names)}
         routes = []
-        for k, compose, entry in zip(ks, composes, ranked):
-            chosen = entry["results"][: 1 if compose == "single" else k]
+        for k, compose, matches in zip(ks, composes, ranked):
+            chosen = matches[: 1 if compose == "single" else k]
             weights = tuple(1.0 / len(chosen) for _ in chosen)
             mode = self.single_mode if compose == "single" else COMPOSE_MODES[compose]
-            adapters = [{"id": r["id"], "weight": w, "score": r["score"]} for r, w in zip(chosen, weights)]
+            adapters = [{"id": m.id, "weight": w, "score": m.score} for m, w in zip(chosen, weights)]
             routes.append(
-                Route(tuple(column[r["id"]] for r in chosen), weights, mode, {"compose": compose, "adapters": adapters})
+                Route(tuple(column[m.id] for m in chosen), weights, mode, {"compose": compose, "adapters": adapters})
             )
         return routes
 
@@ -103,10 +103,9 @@ class ShotRouter:
 
     def route(self, texts: list[str]) -> list[Route]:
         """Every input to its nearest shot (k and the compose mode do not apply)."""
-        from .retrieval import route
+        from .retrieval import embed_inputs, route
 
-        instruction = self.recipe.router["instruction"]
-        scores, shot_ids = route(self.shots, self.embedder.encode([instruction + t for t in texts]))
+        scores, shot_ids = route(self.shots, embed_inputs(self.embedder, self.recipe.router["instruction"], texts))
         routes = []
         for j, score in zip(shot_ids.tolist(), scores.tolist()):
             entry = self.recipe.compositions[j]

@@ -202,8 +202,8 @@ def _retrieved(ctx, shots):
     from lorahub_cli import retrieval
 
     index = retrieval.CardIndex.from_store(ctx.store, ctx.config.base_model)
-    ranked = retrieval.task_level(index, index.embedder(), shots, ctx.config.num_modules)["results"]
-    return [ctx.store.get(r["id"]) for r in ranked]
+    ranked = retrieval.task_level(index, index.embedder(), shots, ctx.config.num_modules).results
+    return [ctx.store.get(m.id) for m in ranked]
 
 
 def _generate_merged(ctx, inputs, deltas: dict) -> list[str]:

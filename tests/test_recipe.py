@@ -17,7 +17,7 @@ from conftest import SHOTS
 from tiny_models import make_adapters, one_thread, tiny_t5  # noqa: F401  (fixture)
 
 from lorahub_cli.compose.adapters import load_adapter
-from lorahub_cli.compose.formulas import FORMULAS, compose
+from lorahub_cli.compose.formulas import FORMULAS, combine
 from lorahub_cli.compose.recipe import RECIPE_FILE, Recipe
 from lorahub_cli.errors import InputError
 
@@ -132,7 +132,7 @@ def test_from_recipe_rebuilds_every_formula_bit_for_bit(cli, t5_home, tmp_path, 
 
 def test_dare_linear_depends_on_its_seed_only(tmp_path):
     adapters = [load_adapter(p) for p in make_adapters(tiny_t5(), tmp_path, 3)]
-    merge = lambda seed: compose(adapters, [0.5, 0.3, 0.2], "dare_linear", density=0.5, seed=seed).modules  # noqa: E731
+    merge = lambda seed: combine(adapters, [0.5, 0.3, 0.2], "dare_linear", density=0.5, seed=seed).modules  # noqa: E731
     first = merge(7)
     torch.manual_seed(99)
     state = torch.get_rng_state()

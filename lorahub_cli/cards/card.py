@@ -2,7 +2,7 @@
 
 Files, next to the adapter:
   lorahub_card.safetensors   centroid (dim,), and optionally examples (m, dim), float32, L2-normalised
-  lorahub_card.json          embedder, recipe, counts, nearest examples, provenance, sha256 of the tensors file
+  lorahub_card.json          embedder, text recipe, counts, nearest examples, provenance, sha256 of the tensors file
 
 The JSON records the tensors file's hash, so a pair torn apart by a crash (or
 edited by hand) is detected when the card is loaded.
@@ -31,8 +31,8 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How an example becomes the text that is embedded.
+class TextRecipe:
+    """How an example becomes the text that is embedded (its JSON key in a card: "recipe").
 
     input+target (iLoraComp, the default): instruction + input + separator + target.
     input (LoraRetriever): instruction + input.
@@ -58,7 +58,7 @@ class Recipe:
 class Card:
     embedder_id: str
     embedder_revision: str
-    recipe: Recipe
+    text_recipe: TextRecipe
     n_examples: int
     centroid: torch.Tensor  # (dim,), unit norm
     nearest: list[dict]  # the training examples closest to the centroid, most central first
@@ -81,7 +81,7 @@ class Card:
             "embedder": {"id": self.embedder_id, "revision": self.embedder_revision},
             "dim": self.dim,
             "n_examples": self.n_examples,
-            "recipe": asdict(self.recipe),
+            "recipe": asdict(self.text_recipe),
             "nearest_examples": self.nearest,
             "example_embeddings": 0 if self.examples is None else int(self.examples.shape[0]),
             "source": self.source,
@@ -115,7 +115,7 @@ class Card:
             card = cls(
                 embedder_id=meta["embedder"]["id"],
                 embedder_revision=meta["embedder"]["revision"],
-                recipe=Recipe(**meta["recipe"]),
+                text_recipe=TextRecipe(**meta["recipe"]),
                 n_examples=int(meta["n_examples"]),
                 centroid=tensors["centroid"].float(),
                 nearest=list(meta.get("nearest_examples", [])),
@@ -137,7 +137,7 @@ class Card:
 def build_card(
     examples: list[Example],
     embedder: Embedder,
-    recipe: Recipe = Recipe(),
+    text_recipe: TextRecipe = TextRecipe(),
     *,
     source: dict | None = None,
     keep_embeddings: int = CARD_MAX_EXAMPLE_EMBEDDINGS,
@@ -146,7 +146,7 @@ def build_card(
     """Embed the examples and summarise them: normalised centroid, most central examples, a capped sample."""
     if not examples:
         raise ValueError("a card needs at least one example")
-    vectors = embedder.encode([recipe.text(e) for e in examples], progress=progress)  # (n, dim), unit rows
+    vectors = embedder.encode([text_recipe.text(e) for e in examples], progress=progress)  # (n, dim), unit rows
     mean = vectors.mean(dim=0)
     centroid = mean / mean.norm().clamp_min(1e-12)
     order = torch.argsort(vectors @ centroid, descending=True)
@@ -162,7 +162,7 @@ def build_card(
     return Card(
         embedder_id=embedder.id,
         embedder_revision=embedder.revision,
-        recipe=recipe,
+        text_recipe=text_recipe,
         n_examples=len(examples),
         centroid=centroid,
         nearest=nearest,

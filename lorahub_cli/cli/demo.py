@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..settings import COMPOSE, DEMO
-from ._options import JsonOpt
+from ._options import BudgetOpt, JsonOpt, NumModulesOpt
 from ._output import info, out, print_json, progress
 
 EXAMPLES = """Examples:\n
@@ -22,10 +22,8 @@ def demo(
         typer.Option("--task", help="Held-out task of the demo library (default: the one with the median gain)."),
     ] = DEMO["task"],
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shots/test split and of the search.")] = DEMO["seed"],
-    num_modules: Annotated[
-        int, typer.Option("-n", "--num-modules", min=1, help="Modules to retrieve and compose.")
-    ] = DEMO["num_modules"],
-    budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations of the search.")] = COMPOSE["budget"],
+    num_modules: NumModulesOpt = DEMO["num_modules"],
+    budget: BudgetOpt = COMPOSE["budget"],
     out_dir: Annotated[
         Path | None,
         typer.Option(

@@ -9,7 +9,21 @@ from typing import Annotated
 import typer
 
 from ..settings import SERVE
-from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
+from ._options import (
+    BaseModelOpt,
+    BatchingOpt,
+    ComposeModeOpt,
+    CompositionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EmbedderOpt,
+    GenerationBatchOpt,
+    JsonOpt,
+    KOpt,
+    MaxInputTokensOpt,
+    MaxNewTokensOpt,
+    ModelPathOpt,
+)
 from ._output import info, print_json, progress
 
 EXAMPLES = """Examples:\n
@@ -18,58 +32,27 @@ EXAMPLES = """Examples:\n
   lorahub generate --inputs requests.jsonl --compose single --json\n
   lorahub generate --inputs requests.jsonl --composition per-example --out answers.jsonl"""
 
-KOpt = Annotated[int | None, typer.Option("-k", "--top-k", min=1, help="Adapters retrieved per request (default 3).")]
-ComposeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--compose", help="mixture (average of outputs, default), fusion (average of A and B) or single (top-1)."
-    ),
-]
-CompositionOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--composition", help="A `compose --level instance` folder: each input goes to its nearest shot's composition."
-    ),
-]
-ModelPathOpt = Annotated[
-    str | None, typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")
-]
-MaxNewTokensOpt = Annotated[
-    int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per request (greedy).")
-]
-MaxInputTokensOpt = Annotated[int, typer.Option("--max-input-tokens", min=1, help="Longest input accepted, in tokens.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Most requests per forward pass.")]
-BatchingOpt = Annotated[
-    str,
-    typer.Option(
-        "--batching",
-        help="continuous (requests join and leave between decoding steps) "
-        "or static (whole batches, each until its longest answer is done).",
-    ),
-]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-
 
 def generate(
     inputs: Annotated[
         Path, typer.Option("--inputs", help="Requests (JSONL): input, optionally k, compose, max_new_tokens per line.")
     ],
     k: KOpt = None,
-    compose: ComposeOpt = None,
+    compose: ComposeModeOpt = None,
     composition: CompositionOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the answers (JSONL) here instead of stdout.")
     ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file --out if it exists.")] = False,
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
-    batch_size: BatchSizeOpt = SERVE["batch_size"],
+    batch_size: GenerationBatchOpt = SERVE["batch_size"],
     batching: BatchingOpt = SERVE["batching"],
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = SERVE["dtype"],
+    device: DeviceOpt = SERVE["device"],
     json_: JsonOpt = False,
 ) -> None:
     """Answer every request with the adapters retrieved for it (LoraRetriever), composed per row in shared batches."""
@@ -78,6 +61,7 @@ def generate(
     summary = api.generate(
         inputs,
         out=out,
+        overwrite=overwrite,
         progress_factory=progress,
         composition=composition,
         k=k,

@@ -10,20 +10,8 @@ from rich.table import Table
 
 from ..api import open_store
 from ..errors import InputError, IntegrityError
-from ..settings import home
-from ._options import (
-    BaseModelOpt,
-    DataOpt,
-    DatasetOpt,
-    EmbedderOpt,
-    FilterOpt,
-    InputFieldOpt,
-    InputsOnlyOpt,
-    InstructionOpt,
-    JsonOpt,
-    MaxExamplesOpt,
-    TargetFieldOpt,
-)
+from ..settings import CARD_MAX_EXAMPLES, SYNC_WORKERS, home
+from ._options import BaseModelOpt, EmbedderOpt, JsonOpt, MaxExamplesOpt, card_options, with_options_of
 from ._output import err, info, out, print_json, progress, warn
 
 app = typer.Typer(
@@ -32,37 +20,24 @@ app = typer.Typer(
 )
 
 
-def card_options(**options) -> dict:
-    """The card-building options as `card_from_source` takes them; progress only for people, not --json."""
-    quiet = options.pop("quiet")
-    return {**options, "progress_factory": None if quiet else progress}
-
-
 @app.command(
     epilog="""Examples:\n
   lorahub registry add lorahub/flan_t5_large-ag_news_subset\n
   lorahub registry add ./my-adapter --name sentiment --data train.jsonl\n
   lorahub registry add lorahub/flan_t5_large-ag_news_subset --dataset lorahub/flanv2 --filter task=ag_news_subset"""
 )
+@with_options_of(card_options, before="force")
 def add(
     source: Annotated[str, typer.Argument(help="A Hub repo id (NAMESPACE/NAME) or a local PEFT adapter folder.")],
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit (Hub only).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registry id (default: repo id or folder name).")] = None,
     base_model: BaseModelOpt = None,
-    data: DataOpt = None,
-    dataset: DatasetOpt = None,
-    filter: FilterOpt = None,
-    input_field: InputFieldOpt = None,
-    target_field: TargetFieldOpt = None,
-    max_examples: MaxExamplesOpt = 1000,
-    embedder: EmbedderOpt = None,
-    inputs_only: InputsOnlyOpt = False,
-    instruction: InstructionOpt = "",
     force: Annotated[bool, typer.Option("--force", help="Mirror again even if this commit is stored.")] = False,
     replace: Annotated[
         bool, typer.Option("--replace", help="Replace an adapter of the same id from another source.")
     ] = False,
     json_: JsonOpt = False,
+    **card_data,
 ) -> None:
     """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too.
 
@@ -75,21 +50,8 @@ def add(
     if local and revision:
         raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
     card_job = None
-    if data is not None or dataset is not None:
-        card_job = prepare_card(
-            **card_options(
-                data=data,
-                dataset=dataset,
-                filters=filter,
-                input_field=input_field,
-                target_field=target_field,
-                max_examples=max_examples,
-                embedder=embedder,
-                inputs_only=inputs_only,
-                instruction=instruction,
-                quiet=json_,
-            )
-        )
+    if card_data["data"] is not None or card_data["dataset"] is not None:
+        card_job = prepare_card(card_options(**card_data), progress_factory=None if json_ else progress)
     if local:
         result = add_local(
             store, Path(source), name=name, base_model=base_model, replace=replace, card_job=card_job, warn=warn
@@ -155,8 +117,8 @@ def sync(
         bool, typer.Option("--cards", help="Also build cards from the catalogue's training dataset.")
     ] = False,
     base_model: BaseModelOpt = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = 4,
-    max_examples: MaxExamplesOpt = 1000,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = SYNC_WORKERS,
+    max_examples: MaxExamplesOpt = CARD_MAX_EXAMPLES,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,
 ) -> None:

@@ -9,20 +9,21 @@ import typer
 from ..api import build_engine
 from ..errors import InputError
 from ..settings import SERVE
-from ._options import BaseModelOpt, EmbedderOpt
-from ._output import info, warn
-from .generate import (
+from ._options import (
+    BaseModelOpt,
     BatchingOpt,
-    BatchSizeOpt,
-    ComposeOpt,
+    ComposeModeOpt,
     CompositionOpt,
     DeviceOpt,
     DtypeOpt,
+    EmbedderOpt,
+    GenerationBatchOpt,
     KOpt,
     MaxInputTokensOpt,
     MaxNewTokensOpt,
     ModelPathOpt,
 )
+from ._output import info, warn
 
 API_KEY_ENV = "LORAHUB_API_KEY"
 EXAMPLES = """Examples:\n
@@ -38,9 +39,9 @@ def serve(
     host: HostOpt = SERVE["host"],
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = SERVE["port"],
     k: KOpt = None,
-    compose: ComposeOpt = None,
+    compose: ComposeModeOpt = None,
     composition: CompositionOpt = None,
-    batch_size: BatchSizeOpt = SERVE["batch_size"],
+    batch_size: GenerationBatchOpt = SERVE["batch_size"],
     batching: BatchingOpt = SERVE["batching"],
     window_ms: Annotated[
         float,
@@ -74,8 +75,8 @@ def serve(
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = SERVE["dtype"],
+    device: DeviceOpt = SERVE["device"],
 ) -> None:
     """Serve generation over HTTP: every request retrieves its top-k adapters, and concurrent requests share batches."""
     from ..serve.server import check_port, create_app, is_loopback, run

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import IntegrityError, NotFoundError
+from ..errors import InputError, IntegrityError, NotFoundError
 from ..io import Example, read_examples, read_json, sha256_file
 
 BASE_MODEL = "lorahub-demo/tiny-flan-t5"
@@ -90,9 +90,7 @@ def adapter_id(task: str) -> str:
 def heldout_examples(task: str, path: Path | None = None) -> list[Example]:
     names = [t["name"] for t in heldout_tasks(path)]
     if task not in names:
-        raise NotFoundError(
-            f"'{task}' is not a held-out task of the demo library.", f"Choose one of: {', '.join(names)}."
-        )
+        raise InputError(f"'{task}' is not a held-out task of the demo library.", f"Choose one of: {', '.join(names)}.")
     return read_examples(_root(path) / HELDOUT_DIR / f"{task}.jsonl")
 
 

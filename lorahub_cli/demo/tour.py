@@ -42,6 +42,7 @@ def _run(
     from .. import retrieval
     from ..compose import pipeline
     from ..compose.bank import LoraBank
+    from ..compose.folder import write_composition
     from ..compose.search import SearchConfig
     from ..eval.scoring import exact_match, normalize, score
     from ..eval.tasks import split
@@ -60,11 +61,11 @@ def _run(
     test = [examples[i] for i in test_ids]
 
     index = retrieval.CardIndex.from_store(store, library.BASE_MODEL)
-    ranking = retrieval.task_level(index, index.embedder(), few, num_modules)["results"]
+    ranking = retrieval.task_level(index, index.embedder(), few, num_modules).results
     base = load_base_model(str(library.base_model_path(path)), dtype="float32", device="cpu")
     options = pipeline.ComposeOptions(
         base_model=library.BASE_MODEL,
-        modules=[r["id"] for r in ranking],
+        modules=[m.id for m in ranking],
         # LoraHub's search in fp32: the demo gives the result docs/demo.md shows on every CPU.
         search=SearchConfig(optimizer="ngopt", budget=budget, seed=seed, precision="fp32"),
     )
@@ -77,7 +78,7 @@ def _run(
             progress=lambda best: advance(),
             base=base,
         )
-    folder = pipeline.write(composition, out)
+    folder = write_composition(out, composition.recipe, composition.adapters)
 
     inputs = [e.input for e in test]
     with stage("Answering the test set (base model)", len(inputs)) as advance:
@@ -104,7 +105,7 @@ def _run(
         "shots": len(few),
         "test": len(test),
         "registry": str(store.home),
-        "retrieved": [{"id": r["id"], "score": r["score"]} for r in ranking],
+        "retrieved": [m.to_json() for m in ranking],
         "weights": composition.recipe.weights,
         "loss": composition.recipe.loss,
         **{

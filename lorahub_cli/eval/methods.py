@@ -45,9 +45,9 @@ class EvalConfig:
     optimizer: str = COMPOSE["optimizer"]
     l1: float = COMPOSE["l1"]
     max_new_tokens: int = EVAL["max_new_tokens"]
-    fft_epochs: int = 40
-    fft_lr: float = 3e-5
-    fft_batch: int = 5
+    fft_epochs: int = EVAL["fft_epochs"]
+    fft_lr: float = EVAL["fft_lr"]
+    fft_batch: int = EVAL["fft_batch"]
     embedder: str | None = None
     dtype: str = COMPOSE["dtype"]
     device: str = COMPOSE["device"]
@@ -62,7 +62,9 @@ class EvalConfig:
 
 
 @dataclass
-class Answer:
+class MethodResult:
+    """What a method gives for one cell (serve/engine.py's Answer is one served request's)."""
+
     predictions: list[str]
     detail: dict = field(default_factory=dict)  # what the method chose: modules, weights, search cost
 
@@ -104,14 +106,14 @@ def icl_prompt(shots: list[Example], question: str) -> str:
     return f"{solved}{question}\nAnswer:"
 
 
-def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The base model on the bare input."""
-    return Answer(ctx.generate(inputs))
+    return MethodResult(ctx.generate(inputs))
 
 
-def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The shots in the prompt (in-context learning)."""
-    return Answer(ctx.generate([icl_prompt(shots, x) for x in inputs]))
+    return MethodResult(ctx.generate([icl_prompt(shots, x) for x in inputs]))
 
 
 def _compose_options(ctx: Context, modules: str, seed: int, formula: str = COMPOSE["formula"]):
@@ -143,7 +145,7 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
 
 
 def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"]):
-    def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+    def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
         from ..compose.pipeline import compose_task
 
         composition = compose_task(
@@ -151,7 +153,7 @@ def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"]):
         )
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
-        return Answer(
+        return MethodResult(
             predictions,
             {
                 "modules": {k: round(w, 6) for k, w in recipe.weights.items()},
@@ -164,7 +166,7 @@ def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"]):
     return method
 
 
-def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The one of the N retrieved modules whose few-shot loss, alone at weight 1, is lowest (no search)."""
     from ..compose.bank import LoraBank
     from ..compose.objective import loss_function
@@ -181,7 +183,7 @@ def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int
         bank.remove()
     best = int(losses.argmin())
     predictions = _with_bank(ctx, adapters, inputs, torch.eye(len(adapters))[best])
-    return Answer(
+    return MethodResult(
         predictions,
         {
             "chosen": records[best].id,
@@ -191,7 +193,7 @@ def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int
     )
 
 
-def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """iLoraComp: one composition per shot; each input answered by its nearest shot's."""
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
@@ -205,7 +207,7 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     # The same routing `lorahub generate` applies to a saved instance-level composition.
     routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs)
     predictions = _with_bank(ctx, composition.adapters, inputs, [route.row for route in routes])
-    return Answer(
+    return MethodResult(
         predictions,
         {
             "routes": [r.info["shot"] for r in routes],
@@ -215,7 +217,7 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     )
 
 
-def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """Full fine-tuning on the shots (the upper bound): AdamW on every weight of a copy of the base model.
 
     The loss is the token-mean cross-entropy."""
@@ -242,10 +244,10 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
         losses.append(round(loss.item(), 6))
     tuned.model.eval().requires_grad_(False)
     predictions = ctx.generate(inputs, base=tuned)
-    return Answer(predictions, {"epochs": c.fft_epochs, "final_loss": losses[-1]})
+    return MethodResult(predictions, {"epochs": c.fft_epochs, "final_loss": losses[-1]})
 
 
-RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
+RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], MethodResult]] = {
     "zero-shot": zero_shot,
     "icl": icl,
     "single-best": single_best,
@@ -271,7 +273,9 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def run_method(method: str, ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> tuple[Answer, float]:
+def run_method(
+    method: str, ctx: Context, shots: list[Example], inputs: list[str], seed: int
+) -> tuple[MethodResult, float]:
     start = time.perf_counter()
     answer = RUNNERS[method](ctx, shots, inputs, seed)
     return answer, time.perf_counter() - start

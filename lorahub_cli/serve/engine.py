@@ -194,31 +194,21 @@ class Engine(ServingEngine):
         **options,
     ) -> Engine:
         """An instance-level composition folder (`compose --level instance`): its shots' compositions and router."""
-        from safetensors.torch import load_file
-
         from ..cards.embedder import load_embedder
-        from ..compose.adapters import load_adapter
         from ..compose.bank import LoraBank
-        from ..compose.recipe import RECIPE_FILE, ROUTER_FILE, Recipe
+        from ..compose.folder import read_instance_composition
         from ..models import load_base_model
 
         folder = Path(folder)
         hint = "Give a folder written by: lorahub compose --level instance --out DIR"
-        if not (folder / RECIPE_FILE).is_file():
-            raise InputError(f"'{folder}' has no {RECIPE_FILE}.", hint)
-        recipe = Recipe.load(folder)
-        if recipe.level != "instance" or not (folder / ROUTER_FILE).is_file():
-            raise InputError(f"'{folder}' is not an instance-level composition (no router).", hint)
+        recipe, adapters, shots = read_instance_composition(folder, hint)
         key = recipe.router["embedder"]
         query_embedder = load_embedder(embedder or key.rpartition("@")[0])
         if query_embedder.key != key:
             raise InputError(f"the router was made with {key}, not {query_embedder.key}.", "Drop --embedder.")
-        adapters = [load_adapter(folder / entry["folder"], name=entry["folder"]) for entry in recipe.compositions]
         base = load_base_model(model_path or recipe.base_model, dtype=dtype, device=device)
         bank = LoraBank(base.model, adapters, mode="linear")
-        router = ShotRouter(
-            recipe, load_file(folder / ROUTER_FILE)["shots"], query_embedder, elementwise_ok=bank.elementwise_ok
-        )
+        router = ShotRouter(recipe, shots, query_embedder, elementwise_ok=bank.elementwise_ok)
         description = {
             "source": "composition",
             "folder": str(folder),
