@@ -11,6 +11,7 @@ import sqlite3
 import pytest
 from conftest import EXAMPLES
 
+from lorahub_cli.cards.card import Card
 from lorahub_cli.errors import IntegrityError
 from lorahub_cli.io import sha256_file
 from lorahub_cli.registry import Store
@@ -366,9 +367,13 @@ def test_a_stored_file_linked_outside_is_reported_and_never_read(cli, lorahub_ho
     (record.path / "adapter_model.safetensors").symlink_to(outside)
     problems, _ = store.verify()
     assert [(p["id"], p["file"]) for p in problems] == [("sentiment", "adapter_model.safetensors")]
-    assert "outside the adapter's folder" in problems[0]["problem"]
-    with pytest.raises(IntegrityError, match="outside the adapter's folder"):
+    assert "outside the adapter's folder; not read" in problems[0]["problem"]
+    with pytest.raises(IntegrityError, match="outside the adapter's folder; not read"):
         store.check_file(record, "adapter_model.safetensors")
+    # Every reader gets its records from the store: none is handed a record with a file linked out.
+    one_line_error(cli("registry", "show", "sentiment"), "names file 'adapter_model.safetensors', which is a link")
+    composed = cli("compose", "--shots", EXAMPLES / "shots" / "capitals.jsonl", "--out", tmp_path / "c")
+    assert composed.code == 1 and REBUILD in composed.stderr.splitlines()[-1] and not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("name", ["lorahub_card.json", "lorahub_card.safetensors"])
@@ -380,4 +385,6 @@ def test_card_files_linked_outside_are_refused(cli, registry_with_examples, tmp_
     (record.path / name).symlink_to(outside)
     assert sha256_file(record.path / name) == sha256_file(outside)
     for args in (["card", "show", "examples/sentiment"], ["retrieve", "--query", "I loved it", "-k", "1"]):
-        one_line_error(cli(*args), f"{name} is a link to '{outside}', outside the adapter's folder")
+        one_line_error(cli(*args), f"names file '{name}', which is a link to '{outside}', outside the adapter's")
+    with pytest.raises(IntegrityError, match=f"{name} is a link to '{outside}', outside the adapter's folder"):
+        Card.load(record.path, record.id)  # on its own too: a card is also read from folders outside a registry

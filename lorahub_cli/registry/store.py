@@ -85,6 +85,8 @@ LEGACY_VERSION = re.compile(r"[0-9a-f]{16}-[0-9a-f]{8}")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 STAGING = re.compile(r"[0-9]+-[0-9a-f]{1,32}")  # tmp/<pid>-<nonce>
 MAX_TEXT = 4096  # the longest text field a row may hold (a source path)
+MAX_ROW_BYTES = 1 << 20  # a row or lorahub_adapter.json is a few kB: more is not one lorahub wrote
+MAX_FILES = 64  # files one adapter folder may name (lorahub stores at most six)
 
 
 def shown(value, limit: int = 60) -> str:
@@ -216,8 +218,8 @@ def row_problem(values: dict) -> str | None:
     if not isinstance(values["target_modules"], list):
         return f"target_modules is {shown(values['target_modules'])}, not a list"
     files = values["files"]
-    if not isinstance(files, dict) or not {CONFIG_FILE, SAFETENSORS_FILE} <= set(files):
-        return f"files {shown(files)} do not name {CONFIG_FILE} and {SAFETENSORS_FILE}"
+    if not isinstance(files, dict) or not {CONFIG_FILE, SAFETENSORS_FILE} <= set(files) or len(files) > MAX_FILES:
+        return f"files {shown(files)} do not name {CONFIG_FILE} and {SAFETENSORS_FILE} (or name over {MAX_FILES})"
     for name, digest in files.items():
         if (
             not PLAIN_NAME.fullmatch(name)
@@ -416,19 +418,29 @@ class Store:
                 f"the registry index's row for {shown(row['id'])} {problem}; nothing was done with it.", REBUILD_HINT
             ) from None
 
-    def _row_record(self, row: sqlite3.Row) -> AdapterRecord:
+    def _row_record(self, row: sqlite3.Row, files: bool = True) -> AdapterRecord:
         values = {name: row[name] for name in COLUMNS}
         for name in JSON_COLUMNS:
             try:
+                if isinstance(values[name], str | bytes) and len(values[name]) > MAX_ROW_BYTES:
+                    raise ValueError("too long")
                 values[name] = json.loads(values[name]) if values[name] is not None else None
             except (TypeError, ValueError, RecursionError):
                 raise _Untrusted(f"holds {name} {shown(values[name])}, which is not JSON") from None
-        return self._checked(values)
+        return self._checked(values, files)
 
-    def _checked(self, values: dict) -> AdapterRecord:
+    def _checked(self, values: dict, files: bool = True) -> AdapterRecord:
+        """The record of checked values; with `files`, none of its files may link outside its folder either, so
+        whatever reads a record's files (compose, cards) reads only inside the registry."""
         if problem := row_problem(values):
             raise _Untrusted(problem)
-        return AdapterRecord(**values, path=self._version_path(values["folder"]))
+        record = AdapterRecord(**values, path=self._version_path(values["folder"]))
+        for name in record.files if files else ():
+            try:
+                self._stored_file(record, name)
+            except _Untrusted as problem:
+                raise _Untrusted(f"names file {shown(name)}, which {problem}") from None
+        return record
 
     def _version_path(self, folder: str) -> Path:
         """The path of a version folder named by checked data: never a link, always resolving inside adapters/."""
@@ -454,7 +466,7 @@ class Store:
     def _stored_file(self, record: AdapterRecord, name: str) -> Path:
         path = record.path / name
         if not _contained(path, record.path):
-            raise _Untrusted(f"is a link to '{path.resolve()}', outside the adapter's folder; it was not read")
+            raise _Untrusted(f"is a link to '{path.resolve()}', outside the adapter's folder")
         return path
 
     # --- reading -------------------------------------------------------------------------
@@ -581,7 +593,7 @@ class Store:
         problems, records = [], []
         for row in self._rows():
             try:
-                records.append(self._row_record(row))
+                records.append(self._row_record(row, files=False))  # each file is reported below
             except _Untrusted as problem:
                 shown_id = row["id"] if isinstance(row["id"], str) else shown(row["id"])
                 problems.append({"id": shown_id, "file": None, "problem": f"index row {problem}; not used"})
@@ -590,7 +602,7 @@ class Store:
                 try:
                     path = self._stored_file(record, name)
                 except _Untrusted as problem:
-                    problems.append({"id": record.id, "file": name, "problem": str(problem)})
+                    problems.append({"id": record.id, "file": name, "problem": f"{problem}; not read"})
                     continue
                 if not path.is_file():
                     problems.append({"id": record.id, "file": name, "problem": "missing"})
@@ -686,7 +698,7 @@ class Store:
         try:
             path = self._stored_file(record, name)
         except _Untrusted as problem:
-            raise IntegrityError(f"file '{name}' of adapter '{record.id}' {problem}.", REBUILD_HINT) from None
+            raise IntegrityError(f"file '{name}' of adapter '{record.id}' {problem}; not read.", REBUILD_HINT) from None
         if not path.is_file() or sha256_file(path) != record.files.get(name):
             raise IntegrityError(
                 f"file '{name}' of adapter '{record.id}' is missing or corrupted.",
@@ -704,9 +716,11 @@ class Store:
         if not _contained(path, folder):
             raise _Untrusted(f"{METADATA} is a link to outside its folder")
         try:
+            if path.stat().st_size > MAX_ROW_BYTES:
+                raise ValueError(f"{path.stat().st_size:,} bytes")
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError) as error:
-            raise _Untrusted(f"{METADATA} cannot be read ({type(error).__name__})") from None
+            raise _Untrusted(f"{METADATA} cannot be read ({type(error).__name__}: {shown(str(error), 80)})") from None
         if not isinstance(data, dict):
             raise _Untrusted(f"{METADATA} is not a JSON object")
         return {
