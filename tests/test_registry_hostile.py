@@ -358,6 +358,15 @@ def test_links_inside_the_content_folder_are_reported_and_never_followed(cli, lo
     assert checksums(target) == before
 
 
+def test_an_add_never_stores_through_a_link_in_the_content_folder(cli, lorahub_home, tmp_path):
+    Store(lorahub_home)
+    target = victim(tmp_path)
+    before = checksums(target)
+    (lorahub_home / "adapters" / "sentiment").symlink_to(target)  # where `add` would put the id 'sentiment'
+    one_line_error(cli("registry", "add", ADAPTERS / "sentiment"), "lorahub stores nothing through a link")
+    assert checksums(target) == before and json.loads(cli("registry", "list", "--json").stdout) == []
+
+
 def test_a_stored_file_linked_outside_is_reported_and_never_read(cli, lorahub_home, tmp_path):
     store = two_adapters(lorahub_home)
     record = store.get("sentiment")

@@ -531,6 +531,11 @@ class Store:
         values = asdict(record)
         if problem := row_problem(values):
             raise InputError(f"adapter '{record.id}': {problem}.", "Re-save the adapter with PEFT.")
+        if final.parent.is_symlink() or not _contained(final.parent, self.content):
+            raise IntegrityError(
+                f"'{final.parent}' is a link to '{final.parent.resolve()}'; lorahub stores nothing through a link.",
+                f"Move the link out of '{self.content}', then add again.",
+            )
         _write_metadata(staged, record)
         final.parent.mkdir(parents=True, exist_ok=True)
         os.rename(staged, final)
