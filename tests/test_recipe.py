@@ -223,8 +223,11 @@ def test_an_unwritable_out_fails_before_the_search(cli, lorahub_home, tmp_path):
 # Runs the real entry point with one change: the first step of the "Searching weights" progress display writes a
 # byte on the pipe whose descriptor is in LORAHUB_TEST_SEARCHING_FD, so the test knows the search is running.
 SIGNAL_SEARCH = """
-import contextlib, os, sys
+import contextlib, os, signal, sys
 from lorahub_cli.cli import _output
+
+# Ctrl-C as in a terminal, even when the suite runs in a background job (which starts with SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 fd, shown = int(os.environ.pop("LORAHUB_TEST_SEARCHING_FD")), _output.progress
 
