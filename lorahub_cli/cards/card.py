@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .. import __version__
@@ -107,6 +108,13 @@ class Card:
             raise NotFoundError(
                 f"'{label}' has no embedding card.", f"Build one with: lorahub card build {label} --data train.jsonl"
             )
+        for path in (json_path, tensors_path):  # a link out of the folder would read whatever it points to
+            if not path.resolve().is_relative_to(folder.resolve()):
+                raise IntegrityError(
+                    f"the embedding card of '{label}': {path.name} is a link to '{path.resolve()}', outside "
+                    "the adapter's folder; it was not read.",
+                    f"Delete the link and rebuild the card with: lorahub card build {label} --data train.jsonl",
+                )
         try:
             meta = json.loads(json_path.read_text(encoding="utf-8"))
             if meta.get("tensors_sha256") != sha256_file(tensors_path):
@@ -124,7 +132,7 @@ class Card:
                 created_at=meta.get("created_at", ""),
                 lorahub_version=meta.get("lorahub_version", ""),
             )
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError, OSError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError, SafetensorError) as error:
             raise IntegrityError(
                 f"the embedding card of '{label}' is damaged ({error}).",
                 f"Rebuild it with: lorahub card build {label} --data train.jsonl",

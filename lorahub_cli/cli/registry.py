@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..api import open_store
@@ -225,6 +226,7 @@ LEFTOVER_TEXT = {
     "staging": "staging folder(s) of interrupted adds",
     "superseded": "superseded version(s) left by interrupted replacements",
     "unindexed": "stored adapter(s) missing from the index (restore them with: lorahub registry rebuild)",
+    "foreign": "folder(s) or link(s) in the registry's content that lorahub did not store (left alone; move them out)",
 }
 
 
@@ -237,7 +239,8 @@ def verify(
 ) -> None:
     """Re-hash every stored file and check the weights; exits non-zero if any is missing, corrupted or not finite.
 
-    Stored adapters missing from the index are reported, never deleted: `lorahub registry rebuild` restores them."""
+    Index rows that name folders or files outside their adapter's folder are reported and never used. Stored
+    adapters missing from the index are reported, never deleted: `lorahub registry rebuild` restores them."""
     store = open_store(readonly=not prune)
     with progress("Verifying", None):
         problems, leftovers = store.verify(prune=prune)
@@ -252,19 +255,23 @@ def verify(
         )
     else:
         for p in problems:
-            err.print(f"[red]{p['id']}[/red]: {p['file']}: {p['problem']}")
+            where = escape(str(p["id"])) + (f": {escape(p['file'])}" if p["file"] is not None else "")
+            err.print(f"[red]{where}[/red]: {escape(p['problem'])}")
         for kind, text in LEFTOVER_TEXT.items():
             if count := sum(item["kind"] == kind for item in leftovers):
-                pruned = prune and kind != "unindexed"
+                prunable = kind in ("staging", "superseded")
                 info(
-                    f"{count} {text}"
-                    + (" pruned." if pruned else "; remove them with --prune." if kind != "unindexed" else ".")
+                    f"{count} {text}" + ((" pruned." if prune else "; remove them with --prune.") if prunable else ".")
                 )
-        info(f"{len(store.list())} adapters checked, {len(problems)} problem(s).")
+        info(f"{store.count()} adapters checked, {len(problems)} problem(s).")
     if problems:
+        rows = sum(p["file"] is None for p in problems)
+        found = [f"{len(problems) - rows} stored file(s) are missing or corrupted"] if len(problems) > rows else []
+        found += [f"{rows} index row(s) cannot be trusted"] if rows else []
         raise IntegrityError(
-            f"{len(problems)} stored file(s) are missing or corrupted.",
-            "Re-add the adapters listed above with: lorahub registry add SOURCE --force",
+            " and ".join(found) + ".",
+            "Re-add the adapters listed above with: lorahub registry add SOURCE --force"
+            + ("; drop the untrusted rows with: lorahub registry rebuild" if rows else ""),
         )
 
 
@@ -272,16 +279,32 @@ def verify(
 def rebuild(json_: JsonOpt = False) -> None:
     """Rebuild the index (registry.sqlite) from the stored adapter folders; the old index is kept aside.
 
-    Use it when the index is missing or damaged; run it while no other lorahub uses this registry."""
+    Use it when the index is missing or damaged; run it while no other lorahub uses this registry. Folders that
+    lorahub did not store, or whose metadata fails its checks, are reported and left alone (exit 1)."""
     from ..registry import Store
 
-    records, kept = Store.for_rebuild(home()).rebuild()
+    records, kept, skipped = Store.for_rebuild(home()).rebuild()
     if json_:
-        print_json({"indexed": [r.id for r in records], "old_index": str(kept) if kept else None})
-        return
-    if kept:
-        info(f"The old index was kept as {kept}.")
-    info(f"Indexed {len(records)} adapter(s) from {home() / 'adapters'}.")
+        print_json(
+            {
+                "indexed": [r.id for r in records],
+                "old_index": str(kept) if kept else None,
+                "skipped": [{"path": str(item["path"]), "problem": item["problem"]} for item in skipped],
+            }
+        )
+    else:
+        for item in skipped:
+            warn(escape(f"not indexed: {item['path']} {item['problem']}."))
+        if kept:
+            info(f"The old index was kept as {kept}.")
+        info(f"Indexed {len(records)} adapter(s) from {home() / 'adapters'}.")
+    if skipped:
+        if json_:
+            raise typer.Exit(1)
+        raise IntegrityError(
+            f"{len(skipped)} folder(s) in {home() / 'adapters'} were not indexed (listed above); left as they are.",
+            "Move them out of the registry's adapters folder; re-add real adapters with: lorahub registry add SOURCE",
+        )
 
 
 @app.command(epilog="Examples:\n\n  lorahub registry path")
