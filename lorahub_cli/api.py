@@ -466,6 +466,7 @@ def demo(
 
 def build_engine(
     *,
+    adapter: Path | str | None = None,
     composition: Path | None = None,
     k: int | None = None,
     compose: str | None = None,
@@ -478,19 +479,31 @@ def build_engine(
     **limits,
 ):
     """The serve/engine.Engine that `generate` and `serve` share: per-input retrieval over the registry (`store`,
-    default the user's), or the router of an instance-level `composition` folder. `limits`: the Engine's
-    max_new_tokens, max_input_tokens, batch_size and batching."""
+    default the user's), the router of an instance-level `composition` folder, or one `adapter` for every input
+    (a task-level composition, any PEFT LoRA folder, or a registry id). `limits`: the Engine's max_new_tokens,
+    max_input_tokens, batch_size and batching."""
     from .generation import check_batching
     from .serve.engine import Engine
     from .settings import SERVE
 
     check_batching(limits.get("batching", SERVE["batching"]))  # before minutes of loading
+    fixed = "--adapter" if adapter is not None else "--composition" if composition is not None else None
+    if adapter is not None and composition is not None:
+        raise InputError(
+            "--adapter answers with one adapter, --composition routes each input to a shot's composition.",
+            "Give one of them.",
+        )
+    if fixed and (k is not None or compose is not None or base_model is not None):
+        raise InputError(
+            f"{fixed} chooses the adapters; -k, --compose and --base-model do not apply.",
+            f"Drop them, or drop {fixed} to retrieve per input.",
+        )
+    if adapter is not None:
+        folder, name = _adapter_folder(adapter, store)
+        if embedder is not None:
+            raise InputError("--adapter retrieves nothing; --embedder does not apply.", "Drop --embedder.")
+        return Engine.from_adapter(folder, name=name, model_path=model_path, dtype=dtype, device=device, **limits)
     if composition is not None:
-        if k is not None or compose is not None or base_model is not None:
-            raise InputError(
-                "--composition routes each input to a shot's composition; -k, --compose and --base-model do not apply.",
-                "Drop them, or drop --composition to retrieve per input.",
-            )
         return Engine.from_composition(
             composition, model_path=model_path, embedder=embedder, dtype=dtype, device=device, **limits
         )
@@ -505,6 +518,26 @@ def build_engine(
         compose=compose or SERVE["compose"],
         **limits,
     )
+
+
+def _adapter_folder(adapter: Path | str, store=None) -> tuple[Path, str | None]:
+    """The folder `--adapter` names and what to call it: a folder as given, else a registry id's stored copy
+    (checked against its hashes), called by its id."""
+    folder = Path(adapter).expanduser()
+    if folder.is_dir():
+        return folder, None
+    from .registry.store import CONFIG_FILE, SAFETENSORS_FILE
+
+    store = store or open_store(readonly=True)
+    record = store.find(str(adapter))
+    if record is None:
+        raise InputError(
+            f"--adapter '{adapter}' is neither a folder nor an adapter id of the registry ({store.home}).",
+            "Give a folder written by lorahub compose (or any PEFT LoRA folder), or an id from: lorahub registry list",
+        )
+    for name in (CONFIG_FILE, SAFETENSORS_FILE):  # a corrupted stored adapter is never served silently
+        store.check_file(record, name)
+    return record.path, record.id
 
 
 def generate(
