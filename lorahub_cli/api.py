@@ -187,28 +187,68 @@ def compose(
             progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"),
         )
     folder = write_composition(out, composition.recipe, composition.adapters, composition.router, overwrite=overwrite)
-    return _summary(
+    summary = _summary(
         folder, composition.recipe, sum(r.evaluations for r in composition.results if r), time.perf_counter() - start
     )
+    summary["shots"], summary["base_loss"] = len(examples), composition.base_loss
+    summary["next"] = next_commands(out, composition.recipe.level)
+    return summary
 
 
 def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: float | None = None) -> dict:
-    """What `compose` returns for the composition in `folder`."""
+    """What `compose` returns for the composition in `folder`: its modules with their weights, largest |w| first
+    (and their cosine to the shots, when retrieval chose them), the fp32 few-shot loss, and how the search ran
+    (`search`: optimiser, engine, evaluations, budget, and why it stopped where the recipe records it)."""
     summary = {"out": str(folder)}
     if recipe.level == "instance":
         summary["level"] = "instance"
     else:
-        summary.update(weights=recipe.weights, loss=recipe.loss)
+        summary.update(weights=recipe.weights, loss=recipe.loss, modules=_ranked(recipe.modules, recipe.selection))
+        summary["search"] = _search(recipe.search)
     if evaluations is not None:
         summary["evaluations"] = evaluations
     if seconds is not None:
         summary["seconds"] = round(seconds, 3)
     if recipe.level == "instance":
         summary["compositions"] = [
-            {"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]}, "loss": c["loss"]}
+            {
+                "shot": c["shot"],
+                "weights": {m["id"]: m["weight"] for m in c["modules"]},
+                "loss": c["loss"],
+                "modules": _ranked(c["modules"], {}),
+                "search": _search(c["search"]),
+            }
             for c in recipe.compositions
         ]
     return summary
+
+
+def _ranked(modules: list[dict], selection: dict) -> list[dict]:
+    """{id, weight[, score]} of each module, largest |w| first."""
+    scores = selection.get("scores") or {}
+    rows = [
+        {"id": m["id"], "weight": m["weight"]} | ({"score": scores[m["id"]]} if m["id"] in scores else {})
+        for m in modules
+    ]
+    return sorted(rows, key=lambda row: -abs(row["weight"]))
+
+
+def _search(entry: dict | None) -> dict | None:
+    """How a recipe's search ran; `stop` (why it ended) is None in recipes that do not record it."""
+    if entry is None:
+        return None
+    keys = ("optimizer", "engine", "evaluations", "budget", "seconds")
+    return {key: entry.get(key) for key in keys} | {"stop": entry.get("stop")}
+
+
+def next_commands(out: Path, level: str = "task") -> list[str]:
+    """What to run next with the composition written to `out` (the path as the user gave it): answer with it,
+    and publish it."""
+    from shlex import quote
+
+    folder = quote(str(out))
+    option = "--adapter" if level == "task" else "--composition"
+    return [f"lorahub generate {option} {folder} --inputs requests.jsonl", f"lorahub push {folder} --repo YOU/NAME"]
 
 
 def compose_batch(
