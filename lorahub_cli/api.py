@@ -459,15 +459,6 @@ def evaluate_demo(
 # --- the demo ------------------------------------------------------------------------------------
 
 
-def free_folder(folder: Path) -> Path:
-    """`folder`, or folder-2, folder-3, ... if it exists: the demo never replaces anything."""
-    candidate, n = folder, 1
-    while candidate.exists():
-        n += 1
-        candidate = folder.with_name(f"{folder.name}-{n}")
-    return candidate
-
-
 def demo(
     task: str | None = DEMO["task"],
     *,
@@ -478,8 +469,10 @@ def demo(
     home: Path | None = None,
     progress_factory=None,
 ) -> dict:
-    """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate, write to `out`
-    (default: a new ./lorahub-demo-TASK); the registry lives in `home` or a temporary folder."""
+    """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate. Everything stays in
+    the demo home (`home`, default demo/tour.default_home(): HOME-demo beside the lorahub home): its registry,
+    the task's shots and inputs, and the composition (in `out` when given, which must not exist). Returns the
+    `--json` answer, with "home", "files" and "next": the commands to run next there, offline."""
     from .demo import library, tour
     from .outputs import check_destination
     from .settings import COMPOSE
@@ -487,18 +480,34 @@ def demo(
     library.verify()
     task = task or library.default_task()
     library.heldout_examples(task)  # an unknown task fails here, before any work
-    target = out if out is not None else free_folder(Path(f"lorahub-demo-{task}"))
-    check_destination(target)
-    with scratch_store("lorahub-demo-", home) as store:
-        return tour.run(
-            store,
-            target,
-            task=task,
-            seed=seed,
-            num_modules=num_modules,
-            budget=budget or COMPOSE["budget"],
-            progress_factory=progress_factory,
-        )
+    folder = tour.check_home(home if home is not None else tour.default_home())
+    ours = out is None  # the demo's own composition folder, which it replaces when it runs the task again
+    target = folder / tour.COMPOSITIONS / task if ours else out
+    if ours:
+        from .compose.folder import check_destination as check_composition
+
+        check_composition(target, overwrite=True)  # only a folder lorahub compose wrote
+    else:
+        check_destination(target)
+    record = tour.open_home(folder)
+    from .registry import Store
+
+    result = tour.run(
+        Store(folder / tour.REGISTRY),
+        target,
+        task=task,
+        seed=seed,
+        shots=DEMO["shots"],
+        num_modules=num_modules,
+        budget=budget or COMPOSE["budget"],
+        progress_factory=progress_factory,
+        overwrite=ours,
+    )
+    few, test = tour.task_split(task, seed, DEMO["shots"])
+    result["home"] = str(folder)
+    result["files"] = tour.write_task_files(folder, record, task, few, test)
+    result["next"] = tour.next_commands(folder, task, len(result["weights"]))  # the reduced build has fewer than 5
+    return result
 
 
 # --- serving: generate and serve -----------------------------------------------------------------
