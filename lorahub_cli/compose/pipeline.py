@@ -85,6 +85,14 @@ class Composition:
     adapters: list[LoraAdapter]  # one (task level) or one per shot (instance level)
     results: list[SearchResult | None]  # every search that ran (instance level: the warm start first)
     router: torch.Tensor | None = None  # (K, dim) shot inputs, instance level only
+    base_loss: float | None = None  # the few-shot loss of the base model alone (w = 0), in float32: the start
+
+
+def _no_delta(adapter: LoraAdapter) -> LoraAdapter:
+    """`adapter` with B = 0: a zero delta, so the loss with it is the base model's own."""
+    return dataclasses.replace(
+        adapter, name="base", modules={m: (A, torch.zeros_like(B)) for m, (A, B) in adapter.modules.items()}
+    )
 
 
 # --- choosing and loading modules --------------------------------------------------------------
@@ -389,7 +397,7 @@ def compose_task(
             result = _run_search(session, len(adapters), options, progress=progress)
             weights = result.weights
         adapter = merge(weights)
-        loss = session.evaluate(adapter)
+        loss, base_loss = session.evaluate(adapter), session.evaluate(_no_delta(adapter))
     finally:
         session.close()
     recipe = _recipe(
@@ -404,7 +412,7 @@ def compose_task(
         search=_search_entry(options.search, result, session.precision),
         **_scores(loss, weights, options.search),
     )
-    return Composition(recipe, [adapter], [result])
+    return Composition(recipe, [adapter], [result], base_loss=base_loss)
 
 
 def compose_instance(
@@ -466,6 +474,7 @@ def compose_instance(
                     **_scores(session.evaluate(adapter), result.weights, options.search),
                 }
             )
+        base_loss = session.evaluate(_no_delta(compositions[0]))  # every shot's search scores all K shots
     finally:
         session.close()
     router = retrieval.embed_inputs(embedder, index.text_recipe.instruction, [s.input for s in shots])  # (K, dim)
@@ -499,7 +508,7 @@ def compose_instance(
             "shots": [s.input for s in shots],
         },
     )
-    return Composition(recipe, compositions, results, router)
+    return Composition(recipe, compositions, results, router, base_loss)
 
 
 # --- rebuilding ---------------------------------------------------------------------------------
