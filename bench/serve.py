@@ -160,9 +160,9 @@ def with_scores(world: dict) -> dict:
 
     index = retrieval.CardIndex.from_store(Store(Path(world["home"])))
     texts = [Example(r["input"]) for r in world["requests"]]
-    for request, entry in zip(world["requests"], retrieval.per_input(index, index.embedder(), texts, K)["inputs"]):
-        assert [r["id"] for r in entry["results"]] == request["routes"], "the same retrieval"
-        request["scores"] = [r["score"] for r in entry["results"]]
+    for request, matches in zip(world["requests"], retrieval.per_input(index, index.embedder(), texts, K).inputs):
+        assert [m.id for m in matches] == request["routes"], "the same retrieval"
+        request["scores"] = [m.score for m in matches]
     return world
 
 
@@ -245,6 +245,7 @@ def random_modules(model_dir: str, names: list[str]) -> dict[str, str]:
 def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[str], n_requests: int) -> dict:
     """A registry of the modules with cards from their tasks' first inputs, and requests from the others."""
     from lorahub_cli import retrieval
+    from lorahub_cli.cards.data import CardOptions
     from lorahub_cli.io import Example
     from lorahub_cli.registry import Store
     from lorahub_cli.registry.cards import card_from_source
@@ -259,7 +260,9 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
             # The card reads inputs only; the file format asks for a target all the same.
             data.write_text("".join(json.dumps({"input": x, "target": "-"}) + "\n" for x in inputs[:CARD_EXAMPLES]))
             add_local(store, Path(adapter_dirs[task]), name=task)
-            card_from_source(store, task, data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
+            card_from_source(
+                store, task, CardOptions(data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
+            )
     rng = random.Random(0)
     # Evenly over the traffic's tasks, shuffled so every batch mixes them.
     chosen = [
@@ -268,7 +271,7 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
     ]
     rng.shuffle(chosen)
     index = retrieval.CardIndex.from_store(store)
-    ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K)["inputs"]
+    ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K).inputs
     from fixtures import fixture
 
     return {
@@ -281,10 +284,10 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
             {
                 "task": t,
                 "input": text,
-                "routes": [r["id"] for r in entry["results"]],
-                "scores": [r["score"] for r in entry["results"]],
+                "routes": [m.id for m in matches],
+                "scores": [m.score for m in matches],
             }
-            for (t, text), entry in zip(chosen, ranked)
+            for (t, text), matches in zip(chosen, ranked)
         ],
     }
 

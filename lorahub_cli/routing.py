@@ -10,6 +10,8 @@ Two routers, each returning one `Route` per input (used by serving and by eval's
   (`score_weights`: w = softmax(s / temperature) over its k), so no two inputs share a composition.
 - `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
   every input to its most similar shot, answered by that shot's composition alone.
+- `AdapterRouter` (`generate --adapter`): every input is answered by one adapter, a task-level
+  composition or any PEFT LoRA folder, at weight 1.
 
 A `Route` names bank columns and their weights: `route.row`, a SparseRow, is what
 `generation.generate` and `decoding.Decoder` take, sparse all the way to the bank.
@@ -87,19 +89,19 @@ class RetrievalRouter:
                     "fusion averages A and B, which needs adapters of one rank and one scaling.",
                     "Use --compose mixture.",
                 )
-        ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks))["inputs"]
+        ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks)).inputs
         column = {name: i for i, name in enumerate(self.names)}
         routes = []
-        for k, compose, entry in zip(ks, composes, ranked):
-            chosen = entry["results"][: 1 if compose == "single" else k]
+        for k, compose, matches in zip(ks, composes, ranked):
+            chosen = matches[: 1 if compose == "single" else k]
             weights = tuple(1.0 / len(chosen) for _ in chosen)
             if compose == "scored":
-                found = torch.tensor([r["score"] for r in chosen])
+                found = torch.tensor([m.score for m in chosen])
                 weights = tuple(score_weights(found, self.score_temperature).tolist())
             mode = self.single_mode if compose == "single" else COMPOSE_MODES[compose]
-            adapters = [{"id": r["id"], "weight": w, "score": r["score"]} for r, w in zip(chosen, weights)]
+            adapters = [{"id": m.id, "weight": w, "score": m.score} for m, w in zip(chosen, weights)]
             routes.append(
-                Route(tuple(column[r["id"]] for r in chosen), weights, mode, {"compose": compose, "adapters": adapters})
+                Route(tuple(column[m.id] for m in chosen), weights, mode, {"compose": compose, "adapters": adapters})
             )
         return routes
 
@@ -119,10 +121,9 @@ class ShotRouter:
 
     def route(self, texts: list[str]) -> list[Route]:
         """Every input to its nearest shot (k and the compose mode do not apply)."""
-        from .retrieval import route
+        from .retrieval import embed_inputs, route
 
-        instruction = self.recipe.router["instruction"]
-        scores, shot_ids = route(self.shots, self.embedder.encode([instruction + t for t in texts]))
+        scores, shot_ids = route(self.shots, embed_inputs(self.embedder, self.recipe.router["instruction"], texts))
         routes = []
         for j, score in zip(shot_ids.tolist(), scores.tolist()):
             entry = self.recipe.compositions[j]
@@ -136,3 +137,17 @@ class ShotRouter:
             }
             routes.append(Route((j,), (1.0,), self.mode, info))
         return routes
+
+
+class AdapterRouter:
+    """One adapter answers every input: bank column 0 at weight 1 (a one-hot row is exact in either bank mode)."""
+
+    retrieves = False  # k and the compose mode do not apply
+
+    def __init__(self, name: str, *, elementwise_ok: bool):
+        self.names = [name]
+        self.mode = "elementwise" if elementwise_ok else "linear"
+
+    def route(self, texts: list[str]) -> list[Route]:
+        info = {"compose": "adapter", "adapters": [{"id": self.names[0], "weight": 1.0}]}
+        return [Route((0,), (1.0,), self.mode, info) for _ in texts]

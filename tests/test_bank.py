@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
 from lorahub_cli.compose.bank import BankedLayer, LoraBank, SparseRow, sparse
-from lorahub_cli.compose.formulas import FORMULAS, compose
+from lorahub_cli.compose.formulas import FORMULAS, combine
 from lorahub_cli.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +72,7 @@ def merged_logits(model, modules, batch, delta_of):
 
 
 def composed_logits(model, adapters, weights, formula, batch):
-    composed = compose(adapters, weights, formula)
+    composed = combine(adapters, weights, formula)
     return merged_logits(model, composed.modules, batch, composed.delta)
 
 
@@ -165,7 +165,7 @@ def test_composed_adapter_reloaded_by_peft_matches_the_bank(adapter_sets, kind, 
     adapters = adapter_sets[kind]["same"]
     model = tiny_model(kind)
     batch, w = tiny_batch(model, rows=2), torch.tensor([0.7, -0.4, 1.1])
-    folder = save_adapter(compose(adapters, w, formula), tmp_path / "composed")
+    folder = save_adapter(combine(adapters, w, formula), tmp_path / "composed")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), folder)
     bank = LoraBank(model, adapters, formula)
     with torch.no_grad(), bank.weights(w):  # (N,): the same vector in every row
@@ -317,7 +317,7 @@ def test_grouped_rows_equal_the_dense_bank_peft_and_the_merged_composition(spars
             want = composed_logits(reference, subset, w, formula, rows_of(batch, [b]))
             assert (want[0] - base[b]).abs().max() > 1e-3  # 100 x the tolerance: the comparison can fail
             torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
-            folder = save_adapter(compose(subset, w, formula), tmp_path / f"row-{b}")
+            folder = save_adapter(combine(subset, w, formula), tmp_path / f"row-{b}")
             peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), folder).eval()
             torch.testing.assert_close(got[b : b + 1], logits(peft_model, rows_of(batch, [b])), rtol=1e-5, atol=1e-5)
 

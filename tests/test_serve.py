@@ -23,8 +23,9 @@ from peft import PeftModel
 from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+from lorahub_cli.cards.data import CardOptions
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
-from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.formulas import combine
 from lorahub_cli.io import Example
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
@@ -69,7 +70,9 @@ def library(tmp_path_factory):
         )
         add_local(store, folder, name=task)
         card_from_source(
-            store, task, data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION
+            store,
+            task,
+            CardOptions(data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION),
         )
     return root
 
@@ -93,15 +96,15 @@ def alone(library, store, text: str, k: int, mode: str) -> str:
     from lorahub_cli.settings import SERVE
 
     index = retrieval.CardIndex.from_store(store)
-    ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k)["inputs"][0]["results"]
-    ids = [r["id"] for r in ranked][: 1 if mode == "single" else k]
+    ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k).inputs[0]
+    ids = [m.id for m in ranked][: 1 if mode == "single" else k]
     adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
     formula = {"mixture": "linear", "fusion": "fusion", "single": "elementwise", "scored": "linear"}[mode]
     weights = [1.0 / len(ids)] * len(ids)
     if mode == "scored":
-        exps = [math.exp(r["score"] / SERVE["score_temperature"]) for r in ranked[:k]]
+        exps = [math.exp(m.score / SERVE["score_temperature"]) for m in ranked[:k]]
         weights = [e / sum(exps) for e in exps]
-    composed = compose(adapters, None if formula == "fusion" else weights, formula, name="alone")
+    composed = combine(adapters, None if formula == "fusion" else weights, formula, name="alone")
     folder = save_adapter(composed, library / "alone" / f"{abs(hash((text, k, mode)))}")
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))

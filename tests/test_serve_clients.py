@@ -34,7 +34,7 @@ from tiny_models import one_thread  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
-from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.formulas import combine
 from lorahub_cli.decoding import Sampling
 from lorahub_cli.registry import Store
 from lorahub_cli.serve.engine import Request
@@ -62,7 +62,7 @@ def peft_alone(library, ids: list[str], weights: list[float], text: str, new_tok
     store = Store(library / "home")
     adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
     folder = save_adapter(
-        compose(adapters, weights, "elementwise", name="merged"), library / "merged" / "-".join(ids) / str(weights)
+        combine(adapters, weights, "elementwise", name="merged"), library / "merged" / "-".join(ids) / str(weights)
     )
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
@@ -421,6 +421,7 @@ def chat_library(tmp_path_factory):
     from tiny_models import make_lora_adapter, save_tiny_base
     from transformers import AutoTokenizer
 
+    from lorahub_cli.cards.data import CardOptions
     from lorahub_cli.registry.cards import card_from_source
     from lorahub_cli.registry.mirror import add_local
 
@@ -442,7 +443,9 @@ def chat_library(tmp_path_factory):
             )
             add_local(store, folder, name=task)
             card_from_source(
-                store, task, data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION
+                store,
+                task,
+                CardOptions(data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION),
             )
         homes[name] = root / f"home-{name}"
     return root, homes

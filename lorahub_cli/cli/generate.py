@@ -1,4 +1,5 @@
-"""`lorahub generate`: answer a file of requests, each with its own retrieved and composed adapters."""
+"""`lorahub generate`: answer a file of requests, each with its own retrieved and composed adapters, or all with
+one adapter (`--adapter`) or an instance-level composition (`--composition`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,22 @@ from typing import Annotated
 import typer
 
 from ..settings import SERVE
-from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
+from ._options import (
+    AdapterOpt,
+    BaseModelOpt,
+    BatchingOpt,
+    ComposeModeOpt,
+    CompositionOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EmbedderOpt,
+    GenerationBatchOpt,
+    JsonOpt,
+    KOpt,
+    MaxInputTokensOpt,
+    MaxNewTokensOpt,
+    ModelPathOpt,
+)
 from ._output import info, print_json, progress
 
 EXAMPLES = """Examples:\n
@@ -17,42 +33,15 @@ EXAMPLES = """Examples:\n
   lorahub generate --inputs requests.jsonl --compose fusion --max-new-tokens 64\n
   lorahub generate --inputs requests.jsonl --temperature 0.7 --top-p 0.9 --seed 1\n
   lorahub generate --inputs requests.jsonl --compose single --json\n
+  lorahub generate --inputs requests.jsonl --adapter my-lora                # a `compose --out` folder\n
   lorahub generate --inputs requests.jsonl --composition per-example --out answers.jsonl"""
 
-KOpt = Annotated[int | None, typer.Option("-k", "--top-k", min=1, help="Adapters retrieved per request (default 3).")]
-ComposeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--compose",
-        help="mixture (average of outputs, default), fusion (average of A and B), single (top-1) or scored "
-        "(outputs weighted by retrieval scores).",
-    ),
-]
-CompositionOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--composition", help="A `compose --level instance` folder: each input goes to its nearest shot's composition."
-    ),
-]
-ModelPathOpt = Annotated[
-    str | None, typer.Option("--model-path", help="Load the base model from this folder or id instead of its name.")
-]
-MaxNewTokensOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens generated per request.")]
-MaxInputTokensOpt = Annotated[int, typer.Option("--max-input-tokens", min=1, help="Longest input accepted, in tokens.")]
-BatchSizeOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Most requests per forward pass.")]
-BatchingOpt = Annotated[
-    str,
-    typer.Option(
-        "--batching",
-        help="continuous (requests join and leave between decoding steps) "
-        "or static (whole batches, each until its longest answer is done).",
-    ),
-]
+# -k/--top-k already names the adapters retrieved per request, so the sampling top-k is --top-k-tokens.
 TemperatureOpt = Annotated[
     float, typer.Option("--temperature", help="0: greedy (default); above 0, sample from softmax(scores / T).")
 ]
 TopPOpt = Annotated[float, typer.Option("--top-p", help="Sample from the most likely tokens whose mass reaches P.")]
-TopKOpt = Annotated[int, typer.Option("--top-k", help="Sample from the K most likely tokens (0: all).")]
+TopKTokensOpt = Annotated[int, typer.Option("--top-k-tokens", help="Sample from the K most likely tokens (0: all).")]
 RepetitionPenaltyOpt = Annotated[
     float,
     typer.Option("--repetition-penalty", help="Divide (or multiply) the scores of tokens already seen (1: none)."),
@@ -60,8 +49,6 @@ RepetitionPenaltyOpt = Annotated[
 SeedOpt = Annotated[
     int | None, typer.Option("--seed", help="Request i (from 0) samples with seed + i; a line's own seed wins.")
 ]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 
 
 def generate(
@@ -73,36 +60,41 @@ def generate(
         ),
     ],
     k: KOpt = None,
-    compose: ComposeOpt = None,
+    compose: ComposeModeOpt = None,
+    adapter: AdapterOpt = None,
     composition: CompositionOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the answers (JSONL) here instead of stdout.")
     ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the file --out if it exists.")] = False,
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
-    batch_size: BatchSizeOpt = SERVE["batch_size"],
+    batch_size: GenerationBatchOpt = SERVE["batch_size"],
     batching: BatchingOpt = SERVE["batching"],
     temperature: TemperatureOpt = 0.0,
     top_p: TopPOpt = 1.0,
-    top_k: TopKOpt = 0,
+    top_k: TopKTokensOpt = 0,
     repetition_penalty: RepetitionPenaltyOpt = 1.0,
     seed: SeedOpt = None,
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = SERVE["dtype"],
+    device: DeviceOpt = SERVE["device"],
     json_: JsonOpt = False,
 ) -> None:
-    """Answer every request with the adapters retrieved for it (LoraRetriever), composed per row in shared batches."""
+    """Answer every request with the adapters retrieved for it (LoraRetriever), composed per row in shared batches,
+    or with one adapter (--adapter) or an instance-level composition (--composition)."""
     from .. import api
     from ..decoding import Sampling
 
     summary = api.generate(
         inputs,
         out=out,
+        overwrite=overwrite,
         progress_factory=progress,
         sampling=Sampling(temperature, top_p, top_k, repetition_penalty, seed),
+        adapter=adapter,
         composition=composition,
         k=k,
         compose=compose,
