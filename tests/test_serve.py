@@ -291,6 +291,29 @@ def test_bad_requests_are_one_line_errors(cli, home, tmp_path, line, message):
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"input": "hi", "temperature": -1}', "requests.jsonl:1: field 'temperature' = -1 must be 0 (greedy) or more"),
+        ('{"input": "hi", "top_p": 0}', "requests.jsonl:1: field 'top_p' = 0 must be in (0, 1]"),
+        ('{"input": "hi", "top_k": -2}', "requests.jsonl:1: field 'top_k' = -2 must be 0 (no cut) or more"),
+        ('{"input": "hi", "seed": -1}', "requests.jsonl:1: field 'seed' = -1 must be in 0..2^64-1"),
+    ],
+)
+def test_bad_sampling_fields_name_their_line_before_the_model_loads(cli, tmp_path, monkeypatch, line, message):
+    from lorahub_cli import api
+
+    def never(**options):
+        raise AssertionError("the model was loaded for a bad requests file")
+
+    monkeypatch.setattr(api, "build_engine", never)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"input": "fine"}\n' + line.replace("hi", "bad") + "\n")
+    result = cli("generate", "--inputs", requests)
+    assert result.code == 2 and message.replace(":1:", ":2:") in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- the HTTP server ---------------------------------------------------------------------------
 
 

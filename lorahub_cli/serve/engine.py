@@ -578,6 +578,12 @@ def read_requests(path: str | Path, sampling: Sampling = GREEDY) -> list[Request
             name: obj[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed") if name in obj
         }
         own = replace(sampling, **{"seed": seed, **fields})
+        problem = own.problem()
+        if problem is not None:  # here, not when the engine checks it: before minutes of loading
+            name, value, rule = problem
+            raise InputError(
+                f"{path}:{number}: field '{name}' = {value} {rule}.", 'Example: {"input": "...", "temperature": 0.7}'
+            )
         requests.append(
             Request(example.input, obj.get("k"), obj.get("compose"), obj.get("max_new_tokens"), sampling=own)
         )
