@@ -675,7 +675,10 @@ def worker(
         "crossover-ours": lambda: crossover(world, limits, eos, "ours", distinct, crossover_requests),
         "crossover-merge": lambda: crossover(world, limits, eos, "merge", distinct, crossover_requests),
     }[method]
+    began, cpu = time.perf_counter(), time.process_time()
     result = run()
+    # The share of one core this process had (loading included): below 1 per thread, others took the cores.
+    result["cpu_share"] = (time.process_time() - cpu) / (time.perf_counter() - began) / threads
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(result))
 
@@ -837,7 +840,7 @@ def main() -> None:
         out.write_text(json.dumps(r))
         print(
             f"{method}: {r['seconds']:.1f} s generating, {time.perf_counter() - began:.1f} s in all, "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB",
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['cpu_share']:.0%} of its cores' time",
             file=sys.stderr,
             flush=True,
         )
@@ -870,9 +873,9 @@ def main() -> None:
     )
     print(
         "| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) "
-        "| peak RSS (MB) | vs its baseline (requests/s, input tokens/s) | outputs equal to |"
+        "| peak RSS (MB) | CPU share | vs its baseline (requests/s, input tokens/s) | outputs equal to |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     pairs = {
         "ours-mixture": "merge-per-group",
         "ours-single": "peft-adapter-names",
@@ -892,9 +895,10 @@ def main() -> None:
         )
         equal = f"{same(r['outputs'], results[baseline]['outputs'])} of {baseline}" if baseline in results else "–"
         answered = f"{r['answered']} ({r['units']})" if "units" in r else str(args.requests)
+        share = f"{r['cpu_share']:.0%}" if "cpu_share" in r else "–"
         print(
             f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {request_rate[method]:.2f} "
-            f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |"
+            f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {share} | {ratio} | {equal} |"
         )
     for method in ("ours-http", "ours-http-static"):
         if "batches" in results.get(method, {}):
