@@ -401,36 +401,17 @@ def _lorahub(answer: Answer) -> dict:
     return {**answer.route, **({"seed": answer.seed} if answer.seed is not None else {})}
 
 
-def completion_answer(body: CompletionBody, answers: list[Answer], default_model: str) -> dict:
+def openai_answer(body: OpenAiOptions, answers: list[Answer], default_model: str, chat: bool) -> dict:
+    """A completion (`chat` False: each choice's `text`) or chat completion (its assistant `message`)."""
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": body.model or default_model,
         "choices": [
             {
                 "index": i,
-                "text": a.output,
-                "finish_reason": FINISH[a.finish_reason],
-                "logprobs": None,
-                "lorahub": _lorahub(a),
-            }
-            for i, a in enumerate(answers)
-        ],
-        "usage": _usage(answers),
-    }
-
-
-def chat_answer(body: ChatBody, answers: list[Answer], default_model: str) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.model or default_model,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": a.output},
+                **({"message": {"role": "assistant", "content": a.output}} if chat else {"text": a.output}),
                 "finish_reason": FINISH[a.finish_reason],
                 "logprobs": None,
                 "lorahub": _lorahub(a),

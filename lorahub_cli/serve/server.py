@@ -352,7 +352,7 @@ async def completions(request: HttpRequest):
     requests = _translated(
         lambda: apis.completion_requests(body, set(engine.names), limits.max_prompts, engine.max_new_tokens)
     )
-    return await _openai(service, body, requests, apis.completion_answer, chat=False)
+    return await _openai(service, body, requests, chat=False)
 
 
 async def chat_completions(request: HttpRequest):
@@ -367,17 +367,17 @@ async def chat_completions(request: HttpRequest):
     requests = _translated(
         lambda: apis.chat_requests(body, messages, ids, set(engine.names), limits.max_prompts, engine.max_new_tokens)
     )
-    return await _openai(service, body, requests, apis.chat_answer, chat=True)
+    return await _openai(service, body, requests, chat=True)
 
 
-async def _openai(service: Service, body: apis.OpenAiOptions, requests: list[Request], answer, chat: bool):
+async def _openai(service: Service, body: apis.OpenAiOptions, requests: list[Request], chat: bool):
     """An OpenAI completion or chat completion: one JSON answer, or with "stream": true its server-sent chunks."""
     fields = {
         **apis.OPENAI_FIELDS,
         **({"max_new_tokens": "max_completion_tokens"} if chat and body.max_tokens is None else {}),
     }
     if not body.stream:
-        return answer(body, await service.answer(requests, fields), service.engine.base_model)
+        return apis.openai_answer(body, await service.answer(requests, fields), service.engine.base_model, chat)
     checked = [service.check(r, fields) for r in requests]
     stream = apis.OpenAiStream(body, service.engine.base_model, chat)
     tokenizer = service.engine.tokenizer
