@@ -139,14 +139,16 @@ def tasks() -> list[str]:
 
 
 def build_world(setting: str, n_requests: int) -> dict:
+    task_inputs, adapter_dirs, traffic = today_library() if setting == "today" else large_library()
     world_file = CACHE / setting / f"world-{n_requests}.json"
     if world_file.exists():
         world = json.loads(world_file.read_text())
-        if "scores" not in world["requests"][0]:  # a world built before the scored setting: add its scores
-            world = with_scores(world)
-            world_file.write_text(json.dumps(world))
-        return world
-    task_inputs, adapter_dirs, traffic = today_library() if setting == "today" else large_library()
+        # A world of another library (the demo world's tasks changed since it was built) is built again.
+        if set(world["adapter_dirs"]) == set(task_inputs):
+            if "scores" not in world["requests"][0]:  # a world built before the scored setting: add its scores
+                world = with_scores(world)
+                world_file.write_text(json.dumps(world))
+            return world
     world = register(CACHE / setting, task_inputs, adapter_dirs, traffic, n_requests)
     world_file.write_text(json.dumps(world))
     return world
@@ -263,6 +265,9 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
             card_from_source(
                 store, task, CardOptions(data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
             )
+    for record in store.list():
+        if record.id not in task_inputs:  # a module of an earlier library in this cache's own registry
+            store.remove(record.id)
     rng = random.Random(0)
     # Evenly over the traffic's tasks, shuffled so every batch mixes them.
     chosen = [

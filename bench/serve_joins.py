@@ -1,7 +1,7 @@
 """Who joins when: continuous batching's admission policies side by side, in process, on the library setting.
 
     python bench/serve_joins.py --requests 128 --in-flight 64 --policies 0:0,0.3:20,0.6:20 --repeats 2
-    # after bench/serve.py --setting library has built its world
+    # builds (or reuses) bench/serve.py's library world of 256 requests
 
 The library setting's engine (mixture, k = 3, batch 32, fp32, 2 threads; `bench/serve.py`), each request with
 its own max_new_tokens drawn from --answer-lengths (seeded, as bench/serve.py draws them). Traffic as an HTTP
@@ -16,7 +16,6 @@ join, and whether every answer equals the same request's answer under the first 
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -78,7 +77,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    world = json.loads((serve.CACHE / "library" / "world-256.json").read_text())
+    world = serve.build_world("library", 256)
     limits = serve.answer_limits(len(world["requests"]), args.answer_lengths, 64)[: args.requests]
     engine = Engine.from_registry(
         Store(Path(world["home"])),
