@@ -143,8 +143,10 @@ def build_world(setting: str, n_requests: int) -> dict:
     world_file = CACHE / setting / f"world-{n_requests}.json"
     if world_file.exists():
         world = json.loads(world_file.read_text())
-        # A world of another library (the demo world's tasks changed since it was built) is built again.
-        if set(world["adapter_dirs"]) == set(task_inputs):
+        # A world of another library is built again (the demo world renamed tasks; or it retrieved from modules
+        # of another library the registry held then).
+        library = set(world["adapter_dirs"])
+        if library == set(task_inputs) and all(set(r["routes"]) <= library for r in world["requests"]):
             if "scores" not in world["requests"][0]:  # a world built before the scored setting: add its scores
                 world = with_scores(world)
                 world_file.write_text(json.dumps(world))
