@@ -38,11 +38,11 @@ process (so peak memory is its own):
   weighted by the softmax of its own retrieval scores / 0.1), so merging per group is merging per request:
   the baseline merges each request's weighted delta and decodes it alone (the weights are computed in this
   file, not by lorahub).
-- crossover-ours against crossover-merge: the first --crossover-requests requests, request i composed as the
+- crossover, ours against merge-per-group: the first --crossover-requests requests, request i composed as the
   (i mod C)-th of C scored compositions, for each C in --distinct; both sides given the compositions (ours:
   `generation.generate_tokens` over the bank, batches of 32; merge-per-group: one merge per composition). As
   C grows, merge-per-group's groups shrink and ours stays one batch: where its time passes ours is the
-  crossover.
+  crossover. Both sides run in one process, which goes first alternating from one C to the next.
 - ours-http also posts --alone-requests requests one at a time to the idle server (the latency of a request
   served alone) before its fixed-rate run; the report gives p50 at the fixed rate over that.
 
@@ -108,10 +108,9 @@ METHODS = (
     "ours-http-static",
     "ours-scored",
     "merge-per-request",
-    "crossover-ours",
-    "crossover-merge",
+    "crossover",
 )
-CROSSOVER = ("crossover-ours", "crossover-merge")
+CROSSOVER = ("crossover",)
 LENGTH_SEED = 12  # request i's max_new_tokens under --answer-lengths: random.Random(LENGTH_SEED), i-th draw
 
 
@@ -456,38 +455,42 @@ def crossover_world(world, distinct: int, n: int) -> dict:
     return {**world, "requests": world["requests"][:n], "compositions": [own[i % distinct] for i in range(n)]}
 
 
-def crossover(world, limits: list[int], eos: bool, side: str, distinct: list[int], n: int) -> dict:
-    """For each number of distinct compositions in n requests: ours (the grouped bank, per-row weights, through
-    `generation.generate_tokens`: the library path, routes given, as the baseline gets them) or merge-per-group
-    on the same traffic."""
+def crossover(world, limits: list[int], eos: bool, distinct: list[int], n: int) -> dict:
+    """For each number of distinct compositions in n requests, both sides in this one process, which goes first
+    alternating (so a change in the machine's load falls on both): ours (the grouped bank, per-row weights,
+    through `generation.generate_tokens`: the library path, routes given, as the baseline gets them) and
+    merge-per-group on the same traffic."""
     from lorahub_cli.compose.bank import SparseRow
     from lorahub_cli.generation import generate_tokens
     from lorahub_cli.models import load_base_model
     from lorahub_cli.registry import Store
     from lorahub_cli.serve.engine import Engine
 
-    if side == "merge":
-        base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
-    else:
-        engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", batch_size=BATCH)
-        base, column = engine.base, {name: i for i, name in enumerate(engine.bank.names)}
-    suppress_special(base.model, base.tokenizer, eos)
-    runs = {}
-    for d in distinct:
+    plain = load_base_model(world["model_dir"], dtype="float32", device="cpu")
+    engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", batch_size=BATCH)
+    base, column = engine.base, {name: i for i, name in enumerate(engine.bank.names)}
+    for model in (plain, base):
+        suppress_special(model.model, model.tokenizer, eos)
+    options = dict(bank=engine.bank, mode="linear", batch_size=BATCH)
+
+    def ours(sub) -> dict:
+        ids = base.tokenizer([r["input"] for r in sub["requests"]])["input_ids"]
+        rows = [SparseRow(tuple(column[a] for a, _ in c), tuple(w for _, w in c)) for c in sub["compositions"]]
+        generate_tokens(base, ids[:2], weights=rows[:2], max_new_tokens=2, **options)  # warm-up
+        start = time.perf_counter()
+        generated = generate_tokens(base, ids, weights=rows, max_new_tokens=limits[:n], **options)
+        return {"seconds": time.perf_counter() - start, "outputs": [g.text for g in generated]}
+
+    sides = {"ours": ours, "merge": lambda sub: merge_per_group(sub, limits, eos, 1.0, base=plain)}
+    runs = {"ours": {}, "merge": {}}
+    for j, d in enumerate(distinct):
         sub = crossover_world(world, d, n)
-        if side == "merge":
-            r = merge_per_group(sub, limits, eos, 1.0, base=base)
-        else:
-            ids = base.tokenizer([r["input"] for r in sub["requests"]])["input_ids"]
-            rows = [SparseRow(tuple(column[a] for a, _ in c), tuple(w for _, w in c)) for c in sub["compositions"]]
-            options = dict(bank=engine.bank, mode="linear", batch_size=BATCH)
-            generate_tokens(base, ids[:2], weights=rows[:2], max_new_tokens=2, **options)  # warm-up
-            start = time.perf_counter()
-            generated = generate_tokens(base, ids, weights=rows, max_new_tokens=limits[:n], **options)
-            r = {"seconds": time.perf_counter() - start, "outputs": [g.text for g in generated]}
-        runs[d] = {"seconds": r["seconds"], "outputs": r["outputs"]}
-        print(f"  crossover {side}, {d} distinct: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
-    return {"seconds": sum(r["seconds"] for r in runs.values()), "outputs": [], "crossover": runs}
+        for side in ("ours", "merge") if j % 2 == 0 else ("merge", "ours"):
+            r = sides[side](sub)
+            runs[side][d] = {"seconds": r["seconds"], "outputs": r["outputs"]}
+            print(f"  crossover {side}, {d} distinct: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+    seconds = sum(r["seconds"] for side in runs.values() for r in side.values())
+    return {"seconds": seconds, "outputs": [], "crossover": runs}
 
 
 def peft_adapter_names(world, limits: list[int], eos: bool, fraction: float) -> dict:
@@ -679,8 +682,7 @@ def worker(
         "base-model": lambda: base_model(world, limits, eos),
         "ours-scored": lambda: ours(world, "scored", limits, eos),
         "merge-per-request": lambda: merge_per_group(world, limits, eos, fraction, weighting="scored"),
-        "crossover-ours": lambda: crossover(world, limits, eos, "ours", distinct, crossover_requests),
-        "crossover-merge": lambda: crossover(world, limits, eos, "merge", distinct, crossover_requests),
+        "crossover": lambda: crossover(world, limits, eos, distinct, crossover_requests),
     }[method]
     began, cpu = time.perf_counter(), time.process_time()
     result = run()
@@ -937,8 +939,8 @@ def main() -> None:
             f"ours-mixture's throughput), one request served alone {r['alone_p50']:.2f} s (p50 of "
             f"{r['alone_requests']} posted one at a time): {r['p50'] / r['alone_p50']:.1f}x (target: at most 5x)"
         )
-    if all(m in results for m in CROSSOVER):
-        ours_x, merge_x = results["crossover-ours"]["crossover"], results["crossover-merge"]["crossover"]
+    if "crossover" in results:
+        ours_x, merge_x = results["crossover"]["crossover"]["ours"], results["crossover"]["crossover"]["merge"]
         print(
             f"\ncrossover: {args.crossover_requests} requests (the first of the traffic), request i composed as the "
             "(i mod C)-th of C scored compositions; both sides given the compositions (no retrieval)"
