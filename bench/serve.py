@@ -5,9 +5,9 @@ Two settings over the flan-t5-base-shaped random fixture (bench/fixtures.py; LoR
 - today: 256 requests drawn evenly from 20 Big-Bench Hard tasks (their real inputs, 11-197
   WordPiece tokens), over 20 random LoRA modules; adapter i's card is built from task i's
   first 50 inputs. 16 new tokens.
-- library (LoraRetriever's setting): a library of 117 random modules, one per task text:
+- library (LoraRetriever's setting): a library of 118 random modules, one per task text:
   the 27 BBH tasks in three prompt templates each (as FLAN's templates make several
-  modules of one dataset), the 28 tasks of lorahub's demo world and the 8 example tasks;
+  modules of one dataset), the 29 tasks of lorahub's demo world and the 8 example tasks;
   each module's card is built from the first 50 inputs of its task. Traffic: 256 requests
   evenly from 48 of those tasks (seeded choice among tasks whose inputs fit 512 tokens).
   32 new tokens.
@@ -188,7 +188,7 @@ def today_library():
 
 
 def large_library():
-    """117 task texts (27 BBH tasks x 3 templates, 28 demo-world tasks, 8 example tasks), one random module
+    """118 task texts (27 BBH tasks x 3 templates, the demo world's 29 tasks, 8 example tasks), one random module
     each (the fixture's recipe, seeds LIBRARY_SEED + i); traffic from 48 of them, seeded."""
     from fixtures import _tokenizer, fixture
 
