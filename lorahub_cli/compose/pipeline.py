@@ -22,7 +22,7 @@ from ..models import BaseModel, check_model_name, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
 from ..settings import COMPOSE
 from . import precision as precisions
-from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
+from .adapters import CONFIG_FILE, SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
 from .folder import ROUTER_FILE, shot_folder
 from .formulas import RANDOM_OPTION, combine, get_formula, resolve_options
@@ -140,10 +140,12 @@ def select_modules(store: Store, shots: list[Example], options: ComposeOptions) 
 
 
 def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter]:
-    """Load each adapter after checking its weights against the registry's hash."""
+    """Load each adapter after checking its weights and its config (whose alpha scales the delta) against the
+    registry's hashes."""
     adapters = []
     for record in records:
         store.check_file(record, SAFETENSORS_FILE)
+        store.check_file(record, CONFIG_FILE)
         adapters.append(load_adapter(record.path, name=record.id))
     return adapters
 
