@@ -65,4 +65,3 @@ def test_compose_with_named_modules_and_a_gradient_search_imports_peft_only(t5_h
     # peft writes the composition's adapter_config.json (its LoraConfig, every field as PEFT saves it).
     args = ("compose", "--shots", SHOTS, "--modules", "capitals,addition", "--optimizer", "adam", "--budget", "2")
     assert imported(*args, "--out", tmp_path / "out", cwd=tmp_path) == {"peft"}
-
