@@ -141,12 +141,26 @@ def test_a_card_read_with_its_adapter_gives_the_explicit_directions(card_folder)
         _, S, Vh, _ = explicit_svd(A, B, adapter.scaling)
         torch.testing.assert_close(spectra[module].double(), S[:4, None] * Vh[:4], rtol=0, atol=1e-5 * float(S[0]))
         torch.testing.assert_close(prototypes[module].double(), Vh[0], rtol=0, atol=1e-5)
-    # What is stored: (r + r^2) float32 per module, whatever d_in and d_out are.
+    # What is stored: (r + m r) float32 per module (m = r = 4 here), whatever d_in and d_out are.
     tensors = load_file(folder / WEIGHT_CARD)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         "sigma": (len(card.modules), 4),
         "core": (len(card.modules), 4, 4),
     }
+
+
+def test_a_card_keeps_the_leading_directions_of_a_higher_rank_adapter(tmp_path):
+    """r = 8 > settings.WEIGHTS["card_directions"] = 4: all 8 singular values, the 4 leading directions."""
+    folder = make_lora_adapter(tiny_model("t5"), tmp_path / "r8", r=8, alpha=8, seed=3)
+    write_weight_card(folder)
+    card, adapter = load_checked(folder)
+    assert card.rank == 8 and card.directions == 4
+    assert tuple(card.sigma.shape) == (len(card.modules), 8) and tuple(card.core.shape) == (len(card.modules), 4, 8)
+    spectra = card.spectra(adapter)
+    for row, (module, (A, B)) in enumerate(sorted(adapter.modules.items())):
+        _, S, Vh, _ = explicit_svd(A, B, adapter.scaling)
+        torch.testing.assert_close(card.sigma[row].double(), S[:8], rtol=1e-5, atol=0)
+        torch.testing.assert_close(spectra[module].double(), S[:4, None] * Vh[:4], rtol=0, atol=1e-5 * float(S[0]))
 
 
 def one_line_rebuild_error(error: LorahubError) -> None:
@@ -215,19 +229,22 @@ def random_index(n: int = 5, rank: int = 3, modules=("m0", "m1"), d: int = 12, s
     return scores.WeightIndex.from_spectra(entries), factors
 
 
-def direct_scores(factors, ids, modules, x_by_module, groups_by_module, groups, method, pool):
-    """Per adapter, layer and group, the score from the explicit delta (a loop, no stacked matrix)."""
-    out = torch.zeros(groups, len(ids))
+def direct_layer_scores(factors, ids, modules, x_by_module, groups_by_module, groups, method, pool, shared=None):
+    """(L, groups, n): per layer, group and adapter, the score from the explicit delta (loops, no stacked matrix).
+    `shared`: (mean, directions) per module removed from every input first."""
+    out = torch.zeros(len(modules), groups, len(ids))
     for i, adapter_id in enumerate(ids):
-        layer_scores = []
-        for module in modules:
+        for row, module in enumerate(modules):
             if (adapter_id, module) not in factors:
                 continue
             A, B = factors[(adapter_id, module)]
             _, S, Vh, delta = explicit_svd(A, B, 0.5)
-            per_group = []
             for g in range(groups):
                 xs = x_by_module[module][groups_by_module[module] == g].double()
+                if shared is not None:
+                    mean, P = (t.double() for t in shared[module])
+                    xs = xs - mean
+                    xs = xs - (xs @ P.T) @ P
                 units = xs / xs.norm(dim=1, keepdim=True)
                 if pool == "centroid":
                     units = units.mean(dim=0, keepdim=True)
@@ -237,28 +254,68 @@ def direct_scores(factors, ids, modules, x_by_module, groups_by_module, groups, 
                 else:
                     values = [float((delta @ u).norm()) for u in units]
                 if pool == "rms":
-                    per_group.append((sum(v * v for v in values) / len(values)) ** 0.5)
+                    out[row, g, i] = (sum(v * v for v in values) / len(values)) ** 0.5
                 else:
-                    per_group.append(sum(values) / len(values))
-            layer_scores.append(per_group)
-        out[:, i] = torch.tensor(layer_scores).mean(dim=0)
+                    out[row, g, i] = sum(values) / len(values)
     return out
+
+
+def layer_mean(values: torch.Tensor, index) -> torch.Tensor:
+    """(groups, n): the mean over the layers each adapter targets of (L, groups, n) values."""
+    present = index.present.T.float()[:, None]  # (L, 1, n)
+    return (values * present).sum(dim=0) / present.sum(dim=0)
 
 
 @pytest.mark.parametrize("method", scores.METHODS)
 @pytest.mark.parametrize("pool", scores.POOLS)
-def test_scores_equal_a_direct_computation_from_each_delta(method, pool):
+@pytest.mark.parametrize("shared", [None, 0, 2])
+def test_scores_equal_a_direct_computation_from_each_delta(method, pool, shared):
     index, factors = random_index()
     generator = torch.Generator().manual_seed(9)
     x = {m: torch.randn(11, 12, generator=generator) for m in index.modules}
     group = {m: torch.tensor([0, 0, 1, 2, 2, 2, 1, 0, 2, 1, 1]) for m in index.modules}
     inputs = scores.LayerInputs(x, group, groups=3)
-    got = scores.score(index, inputs, scores.Scorer(method, pool))
-    want = direct_scores(factors, index.ids, index.modules, x, group, 3, method, pool)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    background = scores.Background.of(
+        scores.LayerInputs({m: torch.randn(40, 12, generator=generator) + 2 for m in index.modules}, {}, 1)
+    )
+    removed = None if shared is None else {m: (background.mean[m], background.directions[m][:shared]) for m in x}
+    want = direct_layer_scores(factors, index.ids, index.modules, x, group, 3, method, pool, removed)
+    scorer = scores.Scorer(method, pool, shared=shared)
+    torch.testing.assert_close(scores.layer_scores(index, inputs, scorer, background), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        scores.score(index, inputs, scorer, background), layer_mean(want, index), rtol=1e-5, atol=1e-6
+    )
     assert index.rank == 3 and index.present.tolist()[1] == [True, False]
-    background = torch.rand(len(index.ids), generator=generator) + 0.5
-    torch.testing.assert_close(scores.score(index, inputs, scores.Scorer(method, pool), background), want / background)
+    # Calibrated: per layer (the default), or the mean score over the mean background score.
+    reference = torch.rand(len(index.modules), len(index.ids), generator=generator) + 0.5
+    torch.testing.assert_close(
+        scores.score(index, inputs, scorer, background, reference), layer_mean(want / reference[:, None], index)
+    )
+    total = scores.Scorer(method, pool, shared=shared, calibration="total")
+    present = index.present.T.float()
+    torch.testing.assert_close(
+        scores.score(index, inputs, total, background, reference),
+        (want * present[:, None]).sum(dim=0) / (reference * present).sum(dim=0),
+    )
+
+
+def test_the_background_removes_what_every_input_shares():
+    """Its mean and leading principal directions are those of the background inputs: an input that is the mean
+    plus a mix of those directions has nothing left to score."""
+    generator = torch.Generator().manual_seed(3)
+    common = torch.randn(2, 12, generator=generator)
+    x = 5 + torch.randn(300, 2, generator=generator) @ common * 3 + 0.01 * torch.randn(300, 12, generator=generator)
+    background = scores.Background.of(scores.LayerInputs({"m": x}, {}, 1))
+    torch.testing.assert_close(background.mean["m"], x.mean(dim=0))
+    P = background.directions["m"][:2].double()
+    span = torch.linalg.lstsq(common.T.double(), P.T).solution  # P's rows lie in the span of `common`
+    torch.testing.assert_close(common.T.double() @ span, P.T, atol=1e-2, rtol=0)
+    # What is left of an input is its part outside them, at unit length.
+    e = torch.randn(12, generator=generator).double()
+    outside = (e - (e @ P.T) @ P).float()
+    prepared = background.prepare((background.mean["m"] + 3 * common[0] + outside)[None], "m", 2)[0]
+    torch.testing.assert_close(prepared, outside / outside.norm(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(background.prepare(x[:3], "m", None), scores.unit(x[:3]))
 
 
 def test_a_subset_scores_as_its_adapters_did_in_the_whole_index():
@@ -282,11 +339,14 @@ def test_a_scorer_names_a_bad_method_pool_or_directions_in_one_line():
         (("arrow", "max"), "pooling 'max'"),
         (("arrow", "tokens", 4), "directions = 4 with pooling 'tokens'"),
         (("spectr", "rms", 0), "directions = 0"),
+        (("spectr", "rms", None, 9), "shared = 9"),
+        (("spectr", "rms", None, None, "max"), "calibration 'max'"),
     ]:
         with pytest.raises(InputError, match=message) as caught:
             scores.Scorer(*args)
         assert "\n" not in str(caught.value)
-    assert scores.DEFAULT_SCORER.name == "spectr-rms/16"
+    assert scores.DEFAULT_SCORER.name == "spectr-rms/16-s1"
+    assert scores.Scorer("arrow", "centroid", None, None, "total").name == "arrow-centroid-total"
 
 
 def test_the_background_is_random_tokens_of_the_vocabulary_and_repeatable():
@@ -405,11 +465,14 @@ def test_an_index_of_card_folders_scores_queries_against_its_background(tmp_path
     index = scores.WeightIndex.from_folders({f"x/{p.name}": p for p in paths})
     assert index.ids == ["x/a0", "x/a1", "x/a2"] and len(index.modules) == 12
     base = base_of(model, "t5")
-    background = scores.background(index, base)
-    assert background.shape == (3,) and (background > 0).all()
+    background = scores.background(base, index.modules)
+    assert set(background.mean) == set(index.modules) and background.directions[index.modules[0]].shape == (4, 32)
+    reference = scores.reference(index, background)
+    assert reference.shape == (12, 3) and (reference > 0).all()
     inputs = scores.capture_layer_inputs(base, [Example("hello", "x"), Example("two", "y")], index.modules).merged()
-    calibrated = scores.score(index, inputs, background=background)
-    torch.testing.assert_close(calibrated, scores.score(index, inputs) / background)
+    calibrated = scores.score(index, inputs, background=background, reference=reference)
+    layers = scores.layer_scores(index, inputs, scores.DEFAULT_SCORER, background)
+    torch.testing.assert_close(calibrated, (layers / reference[:, None]).mean(dim=0))
     assert [r["id"] for r in scores.rank(index, calibrated, 2)[0]] == [
         index.ids[i] for i in calibrated[0].argsort(descending=True)[:2]
     ]

@@ -79,6 +79,15 @@ EmbedderOpt = Annotated[
     ),
 ]
 
+ByOpt = Annotated[
+    str,
+    typer.Option(
+        "--by",
+        help="What ranks an adapter: auto (its data card if it has one, else its weight card), data (data cards "
+        "only) or weights (every adapter by its weights; loads the base model).",
+    ),
+]
+
 # --- the base model and where it runs ---------------------------------------------------------------
 
 ModelPathOpt = Annotated[

@@ -47,12 +47,22 @@ def progress(description: str, total: int | None):
         yield advance
 
 
-def ranking_table(title: str, results: list[dict]) -> Table:
-    """Retrieval results ({id, score}, best first) as a numbered table."""
+SCORE_NAMES = {"data": "cosine", "weights": "weight score", "mixed": "z-score"}
+
+
+def ranking_table(title: str, results: list[dict], by: str = "data") -> Table:
+    """Retrieval results ({id, score}, best first) as a numbered table; a mixed ranking (`by`) also shows which
+    card ranked each adapter and that card's own score."""
     table = Table(title=title, title_justify="left")
     table.add_column("#", justify="right")
     table.add_column("adapter", overflow="fold")
-    table.add_column("cosine", justify="right")
+    table.add_column(SCORE_NAMES.get(by, "score"), justify="right")
+    if by == "mixed":
+        table.add_column("card")
+        table.add_column("its score", justify="right")
     for rank, result in enumerate(results, 1):
-        table.add_row(str(rank), result["id"], f"{result['score']:.4f}")
+        row = [str(rank), result["id"], f"{result['score']:.4f}"]
+        if by == "mixed":
+            row += [result["card"], f"{result['raw']:.4f}"]
+        table.add_row(*row)
     return table
