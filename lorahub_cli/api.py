@@ -440,7 +440,7 @@ def _evaluate(suite, methods, seeds, config, out, store, title, progress_factory
 
     if any(m in COMPOSING for m in methods):
         store = store or open_store()
-        _check_registry(store, config, methods)
+        _check_registry(store, config)
     execute = None
     if ray is not None:
         from .scale.eval import ray_executor
@@ -472,11 +472,9 @@ def _evaluate(suite, methods, seeds, config, out, store, title, progress_factory
     return write_report(out, title or f"{suite.name} evaluation", setup, cells, suite.notes, suite.tasks)
 
 
-def _check_registry(store, config, methods: list[str]) -> None:
-    """Fail before any model loads if the registry cannot serve the composing methods."""
-    from . import retrieval
-    from .eval.methods import RETRIEVING
-
+def _check_registry(store, config) -> None:
+    """Fail before any model loads if the registry cannot serve the composing methods (the retrieving ones rank
+    adapters without a data card by their weight cards, so every adapter can be ranked)."""
     candidates = store.list(config.base_model)
     if len(candidates) < config.num_modules:
         raise InputError(
@@ -484,8 +482,6 @@ def _check_registry(store, config, methods: list[str]) -> None:
             f"fewer than -n {config.num_modules}.",
             "Add adapters (lorahub registry sync --catalog ... --cards) or lower -n.",
         )
-    if any(m in RETRIEVING for m in methods):
-        retrieval.CardIndex.from_store(store, config.base_model)  # raises, naming the fix, when no card exists
 
 
 def evaluate_demo(
