@@ -115,7 +115,7 @@ def test_retrieve_outputs(cli, registry_with_examples):
         (["card", "build", "nope", "--data", "x.jsonl"], "Error: adapter 'nope' is not in the registry."),
         (
             ["retrieve", "--shots", "missing.jsonl"],
-            "Error: the registry has no adapters. Add some with: lorahub registry add SOURCE",
+            "Error: file 'missing.jsonl' does not exist. Check the path.",
         ),
         (["retrieve", "--level", "batch", "--query", "x"], "Error: --level must be 'task' or 'instance', not 'batch'."),
     ],
