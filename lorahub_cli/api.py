@@ -284,28 +284,68 @@ def compose(
             progress=lambda best: advance(description=f"Searching weights (best {best:.4f})"),
         )
     folder = write_composition(out, composition.recipe, composition.adapters, composition.router, overwrite=overwrite)
-    return _summary(
+    summary = _summary(
         folder, composition.recipe, sum(r.evaluations for r in composition.results if r), time.perf_counter() - start
     )
+    summary["shots"], summary["base_loss"] = len(examples), composition.base_loss
+    summary["next"] = next_commands(out, composition.recipe.level)
+    return summary
 
 
 def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: float | None = None) -> dict:
-    """What `compose` returns for the composition in `folder`."""
+    """What `compose` returns for the composition in `folder`: its modules with their weights, largest |w| first
+    (and their cosine to the shots, when retrieval chose them), the fp32 few-shot loss, and how the search ran
+    (`search`: optimiser, engine, evaluations, budget, and why it stopped where the recipe records it)."""
     summary = {"out": str(folder)}
     if recipe.level == "instance":
         summary["level"] = "instance"
     else:
-        summary.update(weights=recipe.weights, loss=recipe.loss)
+        summary.update(weights=recipe.weights, loss=recipe.loss, modules=_ranked(recipe.modules, recipe.selection))
+        summary["search"] = _search(recipe.search)
     if evaluations is not None:
         summary["evaluations"] = evaluations
     if seconds is not None:
         summary["seconds"] = round(seconds, 3)
     if recipe.level == "instance":
         summary["compositions"] = [
-            {"shot": c["shot"], "weights": {m["id"]: m["weight"] for m in c["modules"]}, "loss": c["loss"]}
+            {
+                "shot": c["shot"],
+                "weights": {m["id"]: m["weight"] for m in c["modules"]},
+                "loss": c["loss"],
+                "modules": _ranked(c["modules"], {}),
+                "search": _search(c["search"]),
+            }
             for c in recipe.compositions
         ]
     return summary
+
+
+def _ranked(modules: list[dict], selection: dict) -> list[dict]:
+    """{id, weight[, score]} of each module, largest |w| first."""
+    scores = selection.get("scores") or {}
+    rows = [
+        {"id": m["id"], "weight": m["weight"]} | ({"score": scores[m["id"]]} if m["id"] in scores else {})
+        for m in modules
+    ]
+    return sorted(rows, key=lambda row: -abs(row["weight"]))
+
+
+def _search(entry: dict | None) -> dict | None:
+    """How a recipe's search ran; `stop` (why it ended) is None in recipes that do not record it."""
+    if entry is None:
+        return None
+    keys = ("optimizer", "engine", "evaluations", "budget", "seconds")
+    return {key: entry.get(key) for key in keys} | {"stop": entry.get("stop")}
+
+
+def next_commands(out: Path, level: str = "task") -> list[str]:
+    """What to run next with the composition written to `out` (the path as the user gave it): answer with it,
+    and publish it."""
+    from shlex import quote
+
+    folder = quote(str(out))
+    option = "--adapter" if level == "task" else "--composition"
+    return [f"lorahub generate {option} {folder} --inputs requests.jsonl", f"lorahub push {folder} --repo YOU/NAME"]
 
 
 def compose_batch(
@@ -512,15 +552,6 @@ def evaluate_demo(
 # --- the demo ------------------------------------------------------------------------------------
 
 
-def free_folder(folder: Path) -> Path:
-    """`folder`, or folder-2, folder-3, ... if it exists: the demo never replaces anything."""
-    candidate, n = folder, 1
-    while candidate.exists():
-        n += 1
-        candidate = folder.with_name(f"{folder.name}-{n}")
-    return candidate
-
-
 def demo(
     task: str | None = DEMO["task"],
     *,
@@ -531,8 +562,10 @@ def demo(
     home: Path | None = None,
     progress_factory=None,
 ) -> dict:
-    """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate, write to `out`
-    (default: a new ./lorahub-demo-TASK); the registry lives in `home` or a temporary folder."""
+    """The whole pipeline offline on the demo library: mirror, retrieve, compose, evaluate. Everything stays in
+    the demo home (`home`, default demo/tour.default_home(): HOME-demo beside the lorahub home): its registry,
+    the task's shots and inputs, and the composition (in `out` when given, which must not exist). Returns the
+    `--json` answer, with "home", "files" and "next": the commands to run next there, offline."""
     from .demo import library, tour
     from .outputs import check_destination
     from .settings import COMPOSE
@@ -540,18 +573,34 @@ def demo(
     library.verify()
     task = task or library.default_task()
     library.heldout_examples(task)  # an unknown task fails here, before any work
-    target = out if out is not None else free_folder(Path(f"lorahub-demo-{task}"))
-    check_destination(target)
-    with scratch_store("lorahub-demo-", home) as store:
-        return tour.run(
-            store,
-            target,
-            task=task,
-            seed=seed,
-            num_modules=num_modules,
-            budget=budget or COMPOSE["budget"],
-            progress_factory=progress_factory,
-        )
+    folder = tour.check_home(home if home is not None else tour.default_home())
+    ours = out is None  # the demo's own composition folder, which it replaces when it runs the task again
+    target = folder / tour.COMPOSITIONS / task if ours else out
+    if ours:
+        from .compose.folder import check_destination as check_composition
+
+        check_composition(target, overwrite=True)  # only a folder lorahub compose wrote
+    else:
+        check_destination(target)
+    record = tour.open_home(folder)
+    from .registry import Store
+
+    result = tour.run(
+        Store(folder / tour.REGISTRY),
+        target,
+        task=task,
+        seed=seed,
+        shots=DEMO["shots"],
+        num_modules=num_modules,
+        budget=budget or COMPOSE["budget"],
+        progress_factory=progress_factory,
+        overwrite=ours,
+    )
+    few, test = tour.task_split(task, seed, DEMO["shots"])
+    result["home"] = str(folder)
+    result["files"] = tour.write_task_files(folder, record, task, few, test)
+    result["next"] = tour.next_commands(folder, task, len(result["weights"]))  # the reduced build has fewer than 5
+    return result
 
 
 # --- serving: generate and serve -----------------------------------------------------------------
@@ -559,6 +608,7 @@ def demo(
 
 def build_engine(
     *,
+    adapter: Path | str | None = None,
     composition: Path | None = None,
     k: int | None = None,
     compose: str | None = None,
@@ -571,19 +621,31 @@ def build_engine(
     **limits,
 ):
     """The serve/engine.Engine that `generate` and `serve` share: per-input retrieval over the registry (`store`,
-    default the user's), or the router of an instance-level `composition` folder. `limits`: the Engine's
-    max_new_tokens, max_input_tokens, batch_size and batching."""
+    default the user's), the router of an instance-level `composition` folder, or one `adapter` for every input
+    (a task-level composition, any PEFT LoRA folder, or a registry id). `limits`: the Engine's max_new_tokens,
+    max_input_tokens, batch_size and batching."""
     from .generation import check_batching
     from .serve.engine import Engine
     from .settings import SERVE
 
     check_batching(limits.get("batching", SERVE["batching"]))  # before minutes of loading
+    fixed = "--adapter" if adapter is not None else "--composition" if composition is not None else None
+    if adapter is not None and composition is not None:
+        raise InputError(
+            "--adapter answers with one adapter, --composition routes each input to a shot's composition.",
+            "Give one of them.",
+        )
+    if fixed and (k is not None or compose is not None or base_model is not None):
+        raise InputError(
+            f"{fixed} chooses the adapters; -k, --compose and --base-model do not apply.",
+            f"Drop them, or drop {fixed} to retrieve per input.",
+        )
+    if adapter is not None:
+        folder, name = _adapter_folder(adapter, store)
+        if embedder is not None:
+            raise InputError("--adapter retrieves nothing; --embedder does not apply.", "Drop --embedder.")
+        return Engine.from_adapter(folder, name=name, model_path=model_path, dtype=dtype, device=device, **limits)
     if composition is not None:
-        if k is not None or compose is not None or base_model is not None:
-            raise InputError(
-                "--composition routes each input to a shot's composition; -k, --compose and --base-model do not apply.",
-                "Drop them, or drop --composition to retrieve per input.",
-            )
         return Engine.from_composition(
             composition, model_path=model_path, embedder=embedder, dtype=dtype, device=device, **limits
         )
@@ -598,6 +660,26 @@ def build_engine(
         compose=compose or SERVE["compose"],
         **limits,
     )
+
+
+def _adapter_folder(adapter: Path | str, store=None) -> tuple[Path, str | None]:
+    """The folder `--adapter` names and what to call it: a folder as given, else a registry id's stored copy
+    (checked against its hashes), called by its id."""
+    folder = Path(adapter).expanduser()
+    if folder.is_dir():
+        return folder, None
+    from .registry.store import CONFIG_FILE, SAFETENSORS_FILE
+
+    store = store or open_store(readonly=True)
+    record = store.find(str(adapter))
+    if record is None:
+        raise InputError(
+            f"--adapter '{adapter}' is neither a folder nor an adapter id of the registry ({store.home}).",
+            "Give a folder written by lorahub compose (or any PEFT LoRA folder), or an id from: lorahub registry list",
+        )
+    for name in (CONFIG_FILE, SAFETENSORS_FILE):  # a corrupted stored adapter is never served silently
+        store.check_file(record, name)
+    return record.path, record.id
 
 
 def generate(

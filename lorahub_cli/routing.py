@@ -11,6 +11,8 @@ Two routers, each returning one `Route` per input (used by serving and by eval's
   over prototype alignment, per token and layer, the bank's arrow mode).
 - `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
   every input to its most similar shot, answered by that shot's composition alone.
+- `AdapterRouter` (`generate --adapter`): every input is answered by one adapter, a task-level
+  composition or any PEFT LoRA folder, at weight 1.
 
 A `Route` names bank columns and their weights: `route.row`, a SparseRow, is what
 `generation.generate` and `decoding.Decoder` take, sparse all the way to the bank.
@@ -140,3 +142,17 @@ class ShotRouter:
             }
             routes.append(Route((j,), (1.0,), self.mode, info))
         return routes
+
+
+class AdapterRouter:
+    """One adapter answers every input: bank column 0 at weight 1 (a one-hot row is exact in either bank mode)."""
+
+    retrieves = False  # k and the compose mode do not apply
+
+    def __init__(self, name: str, *, elementwise_ok: bool):
+        self.names = [name]
+        self.mode = "elementwise" if elementwise_ok else "linear"
+
+    def route(self, texts: list[str]) -> list[Route]:
+        info = {"compose": "adapter", "adapters": [{"id": self.names[0], "weight": 1.0}]}
+        return [Route((0,), (1.0,), self.mode, info) for _ in texts]

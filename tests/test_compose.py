@@ -49,7 +49,8 @@ def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path):
     )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"out", "weights", "loss", "evaluations", "seconds"} and summary["evaluations"] == 6
+    keys = {"out", "weights", "loss", "modules", "search", "evaluations", "seconds", "shots", "base_loss", "next"}
+    assert set(summary) == keys and summary["evaluations"] == 6
     assert list(summary["weights"])[0] == "capitals", "auto selection ranks the shots' own task first"
     recipe = json.loads((out / "lorahub_recipe.json").read_text())
     assert recipe["formula"] == "elementwise" and recipe["selection"]["method"] == "auto"

@@ -122,6 +122,13 @@ ComposeModeOpt = Annotated[
         "--compose", help="mixture (average of outputs, default), fusion (average of A and B) or single (top-1)."
     ),
 ]
+AdapterOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--adapter",
+        help="Answer every input with this adapter: a `compose --out` folder, any PEFT LoRA folder, or a registry id.",
+    ),
+]
 CompositionOpt = Annotated[
     Path | None,
     typer.Option(

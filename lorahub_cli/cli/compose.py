@@ -22,7 +22,7 @@ from ._options import (
     choice_help,
     registered,
 )
-from ._output import info, print_json, progress
+from ._output import info, out, print_json, progress, short_path, weights_table
 from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 
 EXAMPLES = """Examples:\n
@@ -195,6 +195,46 @@ def compose(
     if json_:
         print_json(summary)
         return
-    info(f"Wrote {summary['out']} ({summary['evaluations']} evaluations, {summary['seconds']:.1f} s).")
-    if level == "task":
-        info(f"Few-shot loss of the composed adapter: {summary['loss']:.4f}")
+    show_summary(summary)
+
+
+STOPS = {
+    "budget": "its budget was spent",
+    "converged": "it converged",
+    "stalled": "it stopped improving",
+    "nonfinite": "the loss became non-finite",
+}
+
+
+def show_summary(summary: dict) -> None:
+    """What compose chose (the modules and their weights, on stdout) and what it means (stderr), at 80 columns."""
+    before, count = summary.get("base_loss"), summary["shots"]
+    if summary.get("level") == "instance":
+        for c in summary["compositions"]:
+            out.print(weights_table(f"shot {c['shot']}: few-shot loss {c['loss']:.4f}", c["modules"]))
+        searches = [c["search"] for c in summary["compositions"] if c["search"]]
+        if before is not None:
+            info(f"Few-shot loss of the base model alone on the {count} examples (fp32): {before:.4f}.")
+    else:
+        modules = summary["modules"]
+        out.print(weights_table(f"{len(modules)} modules, largest |weight| first", modules))
+        start = f"base model {before:.4f}, " if before is not None else ""
+        info(f"Few-shot loss on the {count} examples (fp32): {start}composed {summary['loss']:.4f}.")
+        searches = [summary["search"]] if summary["search"] else []
+    info(_search_line(searches) if searches else "No search: the weights were given (--weights).")
+    info(f"Wrote {short_path(summary['out'], 50)} ({summary['seconds']:.1f} s in all). Next:")
+    for command in summary["next"]:
+        info(f"  {command}")
+
+
+def _search_line(searches: list[dict]) -> str:
+    first = searches[0]
+    ran = sum(s["evaluations"] for s in searches)
+    budget = sum(s["budget"] for s in searches)
+    text = f"The search ({first['engine'] or first['optimizer']}) ran {ran} of {budget} evaluations"
+    if len(searches) > 1:
+        text += f" over {len(searches)} searches"
+    stops = sorted({s["stop"] for s in searches if s.get("stop")})
+    if stops:
+        text += ": " + "; ".join(STOPS.get(stop, stop) for stop in stops)
+    return text + "."

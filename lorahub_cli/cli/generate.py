@@ -1,4 +1,5 @@
-"""`lorahub generate`: answer a file of requests, each with its own retrieved and composed adapters."""
+"""`lorahub generate`: answer a file of requests, each with its own retrieved and composed adapters, or all with
+one adapter (`--adapter`) or an instance-level composition (`--composition`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import typer
 
 from ..settings import SERVE
 from ._options import (
+    AdapterOpt,
     BaseModelOpt,
     BatchingOpt,
     ComposeModeOpt,
@@ -30,6 +32,7 @@ EXAMPLES = """Examples:\n
   lorahub generate --inputs requests.jsonl -k 3 --out answers.jsonl\n
   lorahub generate --inputs requests.jsonl --compose fusion --max-new-tokens 64\n
   lorahub generate --inputs requests.jsonl --compose single --json\n
+  lorahub generate --inputs requests.jsonl --adapter my-lora                # a `compose --out` folder\n
   lorahub generate --inputs requests.jsonl --composition per-example --out answers.jsonl"""
 
 
@@ -39,6 +42,7 @@ def generate(
     ],
     k: KOpt = None,
     compose: ComposeModeOpt = None,
+    adapter: AdapterOpt = None,
     composition: CompositionOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Write the answers (JSONL) here instead of stdout.")
@@ -55,7 +59,8 @@ def generate(
     device: DeviceOpt = SERVE["device"],
     json_: JsonOpt = False,
 ) -> None:
-    """Answer every request with the adapters retrieved for it (LoraRetriever), composed per row in shared batches."""
+    """Answer every request with the adapters retrieved for it (LoraRetriever), composed per row in shared batches,
+    or with one adapter (--adapter) or an instance-level composition (--composition)."""
     from .. import api
 
     summary = api.generate(
@@ -63,6 +68,7 @@ def generate(
         out=out,
         overwrite=overwrite,
         progress_factory=progress,
+        adapter=adapter,
         composition=composition,
         k=k,
         compose=compose,

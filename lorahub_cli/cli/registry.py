@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,7 +13,7 @@ from ..api import open_store
 from ..errors import InputError, IntegrityError
 from ..settings import CARD_MAX_EXAMPLES, SYNC_WORKERS, home
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt, MaxExamplesOpt, card_options, with_options_of
-from ._output import err, info, out, print_json, progress, warn
+from ._output import err, id_column, info, out, print_json, progress, short_path, table, warn
 
 app = typer.Typer(
     help="Mirror, list and check the adapters in your local registry ($LORAHUB_HOME).",
@@ -151,6 +152,35 @@ def sync(
         raise typer.Exit(1)
 
 
+def _list_table(records) -> Table:
+    """The registry at 80 columns: ids whole, one base model in the title when all share it, sources shortened
+    (`registry list --json` has them whole)."""
+    bases = sorted({r.base_model for r in records})
+    shown = lambda base: short_path(base) if Path(base).is_absolute() else base  # noqa: E731
+    listed = table(f"{len(records)} adapters for {shown(bases[0])}" if len(bases) == 1 else None)
+    id_column(listed, "id", [r.id for r in records])
+    if len(bases) > 1:
+        listed.add_column("base model", overflow="fold")
+    for column in ("r", "alpha", "targets"):
+        listed.add_column(column, justify="left" if column == "targets" else "right", overflow="fold")
+    listed.add_column("source", no_wrap=True, overflow="ellipsis")
+    listed.add_column("card")
+    listed.add_column("weights")
+    for r in records:
+        source = short_path(r.source, 26) if Path(r.source).is_absolute() else r.source
+        listed.add_row(
+            r.id,
+            *([shown(r.base_model)] if len(bases) > 1 else []),
+            str(r.r),
+            f"{r.lora_alpha:g}",
+            ",".join(r.target_modules),
+            f"{source}@{r.revision[:8]}" if r.revision else source,
+            "yes" if r.has_card else "-",
+            "yes" if r.has_weight_card else "-",
+        )
+    return listed
+
+
 @app.command(
     "list",
     epilog="""Examples:\n
@@ -166,22 +196,7 @@ def list_(base_model: BaseModelOpt = None, json_: JsonOpt = False) -> None:
     if not records:
         info("The registry is empty. Add adapters with: lorahub registry add SOURCE")
         return
-    table = Table()
-    for column in ("id", "base model", "r", "alpha", "targets", "source", "card", "weights"):
-        table.add_column(column, overflow="fold")
-    for r in records:
-        source = f"{r.source}@{r.revision[:8]}" if r.revision else r.source
-        table.add_row(
-            r.id,
-            r.base_model,
-            str(r.r),
-            f"{r.lora_alpha:g}",
-            ",".join(r.target_modules),
-            source,
-            "yes" if r.has_card else "-",
-            "yes" if r.has_weight_card else "-",
-        )
-    out.print(table)
+    out.print(_list_table(records))
 
 
 @app.command(epilog="Examples:\n\n  lorahub registry show lorahub/flan_t5_large-ag_news_subset --json")

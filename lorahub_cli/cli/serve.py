@@ -10,6 +10,7 @@ from ..api import build_engine
 from ..errors import InputError
 from ..settings import SERVE
 from ._options import (
+    AdapterOpt,
     BaseModelOpt,
     BatchingOpt,
     ComposeModeOpt,
@@ -29,6 +30,7 @@ API_KEY_ENV = "LORAHUB_API_KEY"
 EXAMPLES = """Examples:\n
   lorahub serve --port 8000\n
   lorahub serve -k 3 --compose fusion --batch-size 16 --batch-window-ms 20\n
+  lorahub serve --adapter my-lora                  # one composed adapter for every request\n
   lorahub serve --composition per-example --max-queue 64\n
   curl -s localhost:8000/v1/generate -d '{"input": "What is 12 plus 30?", "k": 3}'"""
 
@@ -40,6 +42,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = SERVE["port"],
     k: KOpt = None,
     compose: ComposeModeOpt = None,
+    adapter: AdapterOpt = None,
     composition: CompositionOpt = None,
     batch_size: GenerationBatchOpt = SERVE["batch_size"],
     batching: BatchingOpt = SERVE["batching"],
@@ -78,7 +81,8 @@ def serve(
     dtype: DtypeOpt = SERVE["dtype"],
     device: DeviceOpt = SERVE["device"],
 ) -> None:
-    """Serve generation over HTTP: every request retrieves its top-k adapters, and concurrent requests share batches."""
+    """Serve generation over HTTP: every request retrieves its top-k adapters (or: one --adapter, or an instance-level
+    --composition), and concurrent requests share batches."""
     from ..serve.server import check_port, create_app, is_loopback, run
 
     if api_key is not None and not api_key.strip():
@@ -90,6 +94,7 @@ def serve(
             f"Set --api-key or {API_KEY_ENV}."
         )
     engine = build_engine(
+        adapter=adapter,
         composition=composition,
         k=k,
         compose=compose,
@@ -112,9 +117,12 @@ def serve(
         api_key=api_key,
     )
     described = engine.info()
-    held = (
-        f"{described['adapters']} adapters" if "adapters" in described else f"{described['compositions']} compositions"
-    )
+    if described["source"] == "adapter":
+        held = f"the adapter {engine.names[0]}"
+    elif described["source"] == "composition":
+        held = f"{described['compositions']} compositions"
+    else:
+        held = f"{described['adapters']} adapters"
     info(
         f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions, "
         f"/generate, /generate_stream, /; GET /v1/models, /health){'; API key required' if api_key else ''}."

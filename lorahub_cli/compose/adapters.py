@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, NotFoundError
 from ..io import read_json
-from ..registry.store import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE, lora_config_problem
+from ..registry.store import CONFIG_FILE, PEFT_DEFAULT_ALPHA, PICKLE_FILE, SAFETENSORS_FILE, lora_config_problem
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -101,7 +101,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         name=name,
         base_model_name_or_path=config.get("base_model_name_or_path"),
         r=r,
-        lora_alpha=float(config.get("lora_alpha", 8)),
+        lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         target_modules=_normalise_targets(config.get("target_modules")),
         task_type=config.get("task_type"),
         modules=modules,

@@ -211,7 +211,18 @@ def _use(recipe: Recipe) -> list[str]:
 
     auto = "AutoModelForSeq2SeqLM" if recipe.task_type == "SEQ_2_SEQ_LM" else "AutoModelForCausalLM"
     local = local_model_path(recipe.base_model)
-    lines = ["", "## Use", ""]
+    lines = [
+        "",
+        "## Use",
+        "",
+        "With lorahub, answer with it from this folder (or, once pushed, from a download of it):",
+        "",
+        "```bash",
+        'lorahub generate --adapter PATH --inputs requests.jsonl   # one {"input": ...} per line',
+        "lorahub serve --adapter PATH                              # POST /v1/generate, /v1/completions",
+        "```",
+        "",
+    ]
     if local is not None:
         # A model shipped inside lorahub (the demo's): it is not on the Hub, so name where it is.
         lines += [
@@ -219,6 +230,8 @@ def _use(recipe: Recipe) -> list[str]:
             "whose commands resolve that name to their own copy. With PEFT, load the base from that copy:",
             "",
         ]
+    else:
+        lines += ["With PEFT:", ""]
     lines += ["```python", "from peft import PeftModel", f"from transformers import {auto}", ""]
     if local is not None:
         lines += [
@@ -246,5 +259,7 @@ def instance_card(recipe: Recipe) -> str:
         f"\n\nThis is an instance-level composition: {len(recipe.compositions)} adapters under `{COMPOSITIONS}/`, "
         f"one per example, and `{ROUTER_FILE}`, the examples' input embeddings. Each input is answered by the "
         f"composition of the example whose input is most similar (see `{RECIPE_FILE}`). The table above "
-        "shows the first composition.\n"
+        "shows the first composition.\n\n"
+        "Answer with it, each input routed to its example's composition:\n\n"
+        "```bash\nlorahub generate --composition PATH --inputs requests.jsonl\nlorahub serve --composition PATH\n```\n"
     )

@@ -22,7 +22,7 @@ from ..models import BaseModel, check_model_name, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
 from ..settings import COMPOSE, WEIGHTS
 from . import precision as precisions
-from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
+from .adapters import CONFIG_FILE, SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
 from .folder import ROUTER_FILE, shot_folder
 from .formulas import RANDOM_OPTION, combine, get_formula, resolve_options
@@ -89,6 +89,14 @@ class Composition:
     adapters: list[LoraAdapter]  # one (task level) or one per shot (instance level)
     results: list[SearchResult | None]  # every search that ran (instance level: the warm start first)
     router: torch.Tensor | None = None  # (K, dim) shot inputs, instance level only
+    base_loss: float | None = None  # the few-shot loss of the base model alone (w = 0), in float32: the start
+
+
+def _no_delta(adapter: LoraAdapter) -> LoraAdapter:
+    """`adapter` with B = 0: a zero delta, so the loss with it is the base model's own."""
+    return dataclasses.replace(
+        adapter, name="base", modules={m: (A, torch.zeros_like(B)) for m, (A, B) in adapter.modules.items()}
+    )
 
 
 # --- choosing and loading modules --------------------------------------------------------------
@@ -170,10 +178,12 @@ def select_modules(
 
 
 def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter]:
-    """Load each adapter after checking its weights against the registry's hash."""
+    """Load each adapter after checking its weights and its config (whose alpha scales the delta) against the
+    registry's hashes."""
     adapters = []
     for record in records:
         store.check_file(record, SAFETENSORS_FILE)
+        store.check_file(record, CONFIG_FILE)
         adapters.append(load_adapter(record.path, name=record.id))
     return adapters
 
@@ -428,7 +438,7 @@ def compose_task(
             result = _run_search(session, len(adapters), options, progress=progress)
             weights = result.weights
         adapter = merge(weights)
-        loss = session.evaluate(adapter)
+        loss, base_loss = session.evaluate(adapter), session.evaluate(_no_delta(adapter))
     finally:
         session.close()
     recipe = _recipe(
@@ -443,7 +453,7 @@ def compose_task(
         search=_search_entry(options.search, result, session.precision),
         **_scores(loss, weights, options.search),
     )
-    return Composition(recipe, [adapter], [result])
+    return Composition(recipe, [adapter], [result], base_loss=base_loss)
 
 
 def compose_instance(
@@ -501,6 +511,7 @@ def compose_instance(
                     **_scores(session.evaluate(adapter), result.weights, options.search),
                 }
             )
+        base_loss = session.evaluate(_no_delta(compositions[0]))  # every shot's search scores all K shots
     finally:
         session.close()
     router = retrieval.embed_inputs(ranker.embedder, ranker.instruction, [s.input for s in shots])  # (K, dim)
@@ -530,7 +541,7 @@ def compose_instance(
             "shots": [s.input for s in shots],
         },
     )
-    return Composition(recipe, compositions, results, router)
+    return Composition(recipe, compositions, results, router, base_loss)
 
 
 # --- rebuilding ---------------------------------------------------------------------------------

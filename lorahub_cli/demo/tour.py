@@ -3,21 +3,39 @@
 Mirror the demo adapters into a registry, split one held-out task into shots and a test set,
 retrieve modules for the shots, search their weights, answer the test set with the base model
 and with the composition, and write the composed adapter as a PEFT folder.
+
+The demo keeps what it made in its own folder, the demo home (`--home`, default HOME-demo beside the
+lorahub home), so that a user can go on from there with the everyday commands, offline:
+
+    lorahub-demo.json            what the demo wrote there, with hashes (the folder is the demo's)
+    registry/                    the demo registry: LORAHUB_HOME for the next commands
+    tasks/<task>/shots.jsonl     the held-out task's shots, and inputs.jsonl, five of its test inputs
+    compositions/<task>/         the demo's composition of the task (replaced when the demo runs it again)
+
+It never writes into a folder it did not make, and replaces only files it wrote that nobody changed since.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 import time
 from collections import Counter
 from pathlib import Path
 
-from ..io import Example
+from ..errors import InputError
+from ..io import Example, atomic_write_bytes, atomic_write_json, read_json, sha256_file
 from ..quiet import no_progress
 from . import library
 
+MARKER = "lorahub-demo.json"
+REGISTRY, TASKS, COMPOSITIONS = "registry", "tasks", "compositions"
+INPUTS = 5  # test inputs in tasks/<task>/inputs.jsonl: enough to see answers, few enough to read them
+
 
 def run(store, out: Path, **options) -> dict:
-    """Run the demo into `store` and `out`; returns what happened (the `--json` answer)."""
+    """Run the demo into `store` and `out` (with `overwrite`, replacing a composition written there before);
+    returns what happened (the `--json` answer)."""
     from ..models import torch_threads
 
     with torch_threads(library.THREADS):
@@ -36,6 +54,7 @@ def _run(
     max_new_tokens: int = 32,
     progress_factory=None,
     path: Path | None = None,
+    overwrite: bool = False,
 ) -> dict:
     import torch
 
@@ -45,20 +64,16 @@ def _run(
     from ..compose.folder import write_composition
     from ..compose.search import SearchConfig
     from ..eval.scoring import exact_match, normalize, score
-    from ..eval.tasks import split
     from ..generation import generate
     from ..models import load_base_model
 
     start = time.perf_counter()
     stage = progress_factory or no_progress
     heldout = {t["name"]: t for t in library.heldout_tasks(path)}
-    examples = library.heldout_examples(task, path)
     upstream = library.upstream_tasks(path)
     with stage("Mirroring the demo adapters", len(upstream)) as advance:
         library.mirror(store, progress=advance, path=path)
-    shot_ids, test_ids = split(examples, seed, shots)
-    few: list[Example] = [examples[i] for i in shot_ids]
-    test = [examples[i] for i in test_ids]
+    few, test = task_split(task, seed, shots, path)
 
     index = retrieval.CardIndex.from_store(store, library.BASE_MODEL)
     ranking = retrieval.task_level(index, index.embedder(), few, num_modules).results
@@ -78,7 +93,7 @@ def _run(
             progress=lambda best: advance(),
             base=base,
         )
-    folder = write_composition(out, composition.recipe, composition.adapters)
+    folder = write_composition(out, composition.recipe, composition.adapters, overwrite=overwrite)
 
     inputs = [e.input for e in test]
     with stage("Answering the test set (base model)", len(inputs)) as advance:
@@ -137,45 +152,138 @@ def explain(result: dict, top: int = 2) -> str:
     else:
         text = "The search left every module near weight 0: the composition is close to the base model."
     fixed = f" It answers {result['gained']} test inputs right that the base model got wrong"
-    fixed += f", and {result['lost']} the other way round." if result["lost"] else "."
-    example = next((e for e in result["examples"] if _right(e["composed"], e) and not _right(e["zero-shot"], e)), None)
-    if example:
-        fixed += (
-            f" For example {example['input']!r}: the base answers {example['zero-shot']!r}, "
-            f"the composition {example['composed']!r}."
-        )
-    return text + fixed
+    return text + fixed + (f", and {result['lost']} the other way round." if result["lost"] else ".")
 
 
-def _right(answer: str, example: dict) -> bool:
-    from ..eval.scoring import exact_match
-
-    return exact_match(answer, example["target"])
+def scores(result: dict) -> list[str]:
+    """The three exact-match scores, one a line, each named in words."""
+    em = result["exact_match"]
+    rows = [
+        (em["composed"], "composed (the retrieved modules with the searched weights)"),
+        (em["zero-shot"], "the base model alone (zero-shot)"),
+        (result["majority_answer"], "always giving the most frequent answer"),
+    ]
+    head = f"Exact match on the {result['test']} test inputs (the share of answers equal to the target):"
+    return [head] + [f"  {value:5.1f}%  {name}" for value, name in rows]
 
 
 def verdict(result: dict) -> str:
-    """What the demo's numbers mean against both baselines (zero-shot, the most frequent answer), in plain words."""
+    """What the demo's numbers mean against both baselines (zero-shot, the most frequent answer), in plain words,
+    in lines of at most 80 characters."""
     zero, composed = result["exact_match"]["zero-shot"], result["exact_match"]["composed"]
     majority = result["majority_answer"]
     beats_zero, beats_majority = composed > zero, composed > majority
     if beats_zero and beats_majority:
         return (
-            f"Above both baselines: {composed:.1f}% against {zero:.1f}% for the base model alone and "
-            f"{majority:.1f}% for always giving the most frequent answer, {composed - max(zero, majority):.1f} "
-            "points above the better of the two. The retrieved modules carry a skill the base model lacks."
+            f"Above both baselines, by {composed - max(zero, majority):.1f} points over the better of the two:\n"
+            "the retrieved modules carry a skill the base model lacks."
         )
     if beats_zero:
         return (
-            f"Above the base model ({zero:.1f}% -> {composed:.1f}%) but not above always giving the most frequent "
-            f"answer ({majority:.1f}%): the composition learnt what answers are common here, not the skill."
+            "Above the base model but not above always giving the most frequent answer:\n"
+            "the composition learnt what answers are common here, not the skill."
         )
     if beats_majority:
         return (
-            f"Above always giving the most frequent answer ({majority:.1f}%) but not above the base model alone "
-            f"({zero:.1f}% -> {composed:.1f}%): the modules did not add to what the base already does."
+            "Above always giving the most frequent answer, not above the base model alone:\n"
+            "the modules did not add to what the base model already does."
         )
     return (
-        f"Below both baselines ({composed:.1f}% against {zero:.1f}% zero-shot and {majority:.1f}% for the most "
-        "frequent answer): no retrieved module carries what this task needs, or the weights could not combine "
-        "them (docs/demo.md, where composition fails)."
+        "Below both baselines: no retrieved module carries what this task needs, or\n"
+        "the weights could not combine them (docs/demo.md, where composition fails)."
     )
+
+
+def task_split(task: str, seed: int, shots: int, path: Path | None = None) -> tuple[list[Example], list[Example]]:
+    """The held-out task's shots and test set, as the demo (and `eval demo`, with the same seed) splits them."""
+    from ..eval.tasks import split
+
+    examples = library.heldout_examples(task, path)
+    shot_ids, test_ids = split(examples, seed, shots)
+    return [examples[i] for i in shot_ids], [examples[i] for i in test_ids]
+
+
+# --- the demo home ---------------------------------------------------------------------------------
+
+
+def default_home() -> Path:
+    """The demo home: HOME-demo beside the lorahub home, or the demo home whose registry the lorahub home
+    already is (after the demo's `export LORAHUB_HOME=...` line, `lorahub demo` runs in the same folder)."""
+    from ..settings import home
+
+    lorahub_home = home().expanduser().resolve()
+    if lorahub_home.name == REGISTRY and (lorahub_home.parent / MARKER).is_file():
+        return lorahub_home.parent
+    return lorahub_home.with_name(lorahub_home.name + "-demo")
+
+
+def check_home(folder: Path) -> Path:
+    """Refuse, before any work, a demo home that lorahub demo did not make: an existing folder that is not
+    empty and has no MARKER (or a file). Returns `folder` resolved."""
+    from ..outputs import check_output
+
+    folder = check_output(folder, into=True)
+    hint = "Choose another --home (lorahub demo makes its own folder there)."
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"the demo home '{folder}' is a file.", hint)
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise InputError(f"'{folder}' holds files and lorahub demo did not make it (it has no {MARKER}).", hint)
+    return folder
+
+
+def open_home(folder: Path) -> dict:
+    """Make (or reopen) the demo home `folder`, checked by check_home; returns its MARKER record."""
+    marker = folder / MARKER
+    if marker.is_file():
+        return read_json(marker, f"Remove {marker} and the folder, or choose another --home.")
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"format": 1, "made_by": "lorahub demo", "registry": REGISTRY, "files": {}}
+    atomic_write_json(marker, record)
+    return record
+
+
+def write_task_files(folder: Path, record: dict, task: str, few: list[Example], test: list[Example]) -> dict:
+    """tasks/<task>/shots.jsonl and inputs.jsonl for the next commands. A file the demo wrote is replaced (the
+    same content, or another seed's); one changed since it was written is the user's and is kept. Returns
+    {"shots", "inputs"}: their paths, and "kept": the files left as they were."""
+    files, kept = {}, []
+    rows = {
+        "shots": [{"input": e.input, "target": e.target} for e in few],
+        "inputs": [{"input": e.input} for e in test[:INPUTS]],
+    }
+    for name, lines in rows.items():
+        relative = f"{TASKS}/{task}/{name}.jsonl"
+        path = folder / relative
+        data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8")
+        if path.exists() and sha256_file(path) != record["files"].get(relative):
+            kept.append(str(path))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
+            record["files"][relative] = sha256_file(path)
+        files[name] = str(path)
+    atomic_write_json(folder / MARKER, record)
+    return files | {"kept": kept}
+
+
+def next_commands(folder: Path, task: str, num_modules: int) -> list[str]:
+    """The everyday commands on the demo home, offline: go to the task's folder, use the demo registry, retrieve
+    for the task's shots, compose them, answer five test inputs with the composition."""
+    return [
+        f"cd {shell_path(folder)}",
+        f'export LORAHUB_HOME="$PWD/{REGISTRY}"',
+        f"cd {TASKS}/{task}",
+        f"lorahub retrieve --shots shots.jsonl -k {num_modules}",
+        f"lorahub compose --shots shots.jsonl -n {num_modules} --out my-lora",
+        "lorahub generate --adapter my-lora --inputs inputs.jsonl",
+    ]
+
+
+def shell_path(path: Path) -> str:
+    """`path` as a shell word: ~/... under the user's home when that needs no quoting, else quoted."""
+    path = Path(path)
+    try:
+        rest = str(path.relative_to(Path.home()))
+    except ValueError:
+        return shlex.quote(str(path))
+    return f"~/{rest}" if shlex.quote(rest) == rest and rest != "." else shlex.quote(str(path))

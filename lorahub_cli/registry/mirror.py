@@ -16,6 +16,7 @@ from ..errors import InputError, IntegrityError, LorahubError
 from ..io import read_json, sha256_file
 from .store import (
     CONFIG_FILE,
+    PEFT_DEFAULT_ALPHA,
     PICKLE_FILE,
     SAFETENSORS_FILE,
     AdapterRecord,
@@ -179,7 +180,7 @@ def ingest(
         base_model=base_model,
         peft_type="LORA",
         r=int(config["r"]),
-        lora_alpha=float(config.get("lora_alpha", config["r"])),
+        lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
         task_type=config.get("task_type"),
         files=files,

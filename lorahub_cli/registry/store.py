@@ -73,6 +73,8 @@ REBUILD_HINT = "Rebuild it from the stored adapters with: lorahub registry rebui
 # A PEFT adapter folder's files; a pickle .bin is converted to safetensors when it is stored.
 CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
+# What PEFT's LoraConfig assumes when a config omits lora_alpha; the index must record the scaling PEFT applies.
+PEFT_DEFAULT_ALPHA = 8
 PICKLE_FILE = "adapter_model.bin"
 # The weight card (spectral/card.py): what retrieval and Arrow routing need from the weights, made at every add.
 WEIGHT_CARD = "lorahub_weights.safetensors"
@@ -823,7 +825,7 @@ class Store:
                 "base_model": config.get("base_model_name_or_path"),
                 "peft_type": "LORA",
                 "r": config["r"],
-                "lora_alpha": float(config.get("lora_alpha", config["r"])),
+                "lora_alpha": float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
                 "target_modules": sorted(targets) if isinstance(targets, list) else [targets],
                 "task_type": config.get("task_type"),
                 "files": files,

@@ -1,11 +1,12 @@
 """The serving engine: a base model, one LoRA bank loaded once, a router; requests in, answers out.
 
     engine = Engine.from_registry(store, k=3, compose="mixture")
+    engine = Engine.from_adapter("my-lora")    # one adapter for every request: a composition or any PEFT folder
     answers = engine.run([Request("What is 2 plus 2?"), Request("Translate ...", k=1)])
     session = engine.session()       # continuous batching, step by step (what the server's batcher drives)
 
 The bank holds every adapter a router can choose (every carded adapter of the base
-model, or every shot's composition), injected once: no adapter is loaded per batch.
+model, every shot's composition, or the one adapter), injected once: no adapter is loaded per batch.
 Requests that use different adapters share forward passes; only the bank mode
 splits a call (mixture rows run in the linear mode, fusion and single rows in the
 elementwise one), because a forward pass evaluates one mode.
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import InputError
-from ..routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_compose
+from ..routing import COMPOSE_MODES, AdapterRouter, RetrievalRouter, Route, ShotRouter, check_compose
 from ..settings import SERVE as DEFAULTS
 from .batcher import Stepper
 
@@ -216,7 +217,10 @@ class Engine(ServingEngine):
         from ..models import load_base_model
 
         folder = Path(folder)
-        hint = "Give a folder written by: lorahub compose --level instance --out DIR"
+        hint = (
+            f"--composition takes a `lorahub compose --level instance` folder; to answer with one adapter "
+            f"(a task-level composition or a PEFT folder): --adapter {folder}"
+        )
         recipe, adapters, shots = read_instance_composition(folder, hint)
         key = recipe.router["embedder"]
         query_embedder = load_embedder(embedder or key.rpartition("@")[0])
@@ -231,6 +235,49 @@ class Engine(ServingEngine):
             "base_model": recipe.base_model,
             "compositions": len(adapters),
             "embedder": key,
+        }
+        return cls(base, bank, router, description=description, **options)
+
+    @classmethod
+    def from_adapter(
+        cls,
+        folder: str | Path,
+        *,
+        name: str | None = None,
+        model_path: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        **options,
+    ) -> Engine:
+        """One LoRA adapter answers every request: a task-level composition (`compose --out DIR`) or any PEFT
+        LoRA folder, on the base model its adapter_config.json names (or `model_path`). `name`: what answers
+        and /v1/models call it (default: the folder's name)."""
+        from ..compose.adapters import load_adapter
+        from ..compose.bank import LoraBank
+        from ..compose.folder import holds_composition, read_composition
+        from ..models import load_base_model
+
+        folder = Path(folder)
+        if holds_composition(folder) and read_composition(folder).level == "instance":
+            raise InputError(
+                f"'{folder}' is an instance-level composition: one adapter per shot and a router.",
+                f"Answer with it through its router: --composition {folder}",
+            )
+        adapter = load_adapter(folder, name=name or folder.resolve().name)
+        base_model = model_path or adapter.base_model_name_or_path
+        if not base_model:
+            raise InputError(
+                f"{folder / 'adapter_config.json'} names no base model (base_model_name_or_path).",
+                "Give the base model with --model-path.",
+            )
+        base = load_base_model(base_model, dtype=dtype, device=device)
+        bank = LoraBank(base.model, [adapter], mode="linear")
+        router = AdapterRouter(adapter.name, elementwise_ok=bank.elementwise_ok)
+        description = {
+            "source": "adapter",
+            "folder": str(folder),
+            "base_model": adapter.base_model_name_or_path or base_model,
+            "adapters": 1,
         }
         return cls(base, bank, router, description=description, **options)
 
