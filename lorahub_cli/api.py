@@ -294,7 +294,8 @@ def compose(
 
 def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: float | None = None) -> dict:
     """What `compose` returns for the composition in `folder`: its modules with their weights, largest |w| first
-    (and their cosine to the shots, when retrieval chose them), the fp32 few-shot loss, and how the search ran
+    (and their score, when retrieval chose them: `by` says whose, data cards' cosines, weight scores or the
+    z-scores of both), the fp32 few-shot loss, and how the search ran
     (`search`: optimiser, engine, evaluations, budget, and why it stopped where the recipe records it)."""
     summary = {"out": str(folder)}
     if recipe.level == "instance":
@@ -302,6 +303,8 @@ def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: floa
     else:
         summary.update(weights=recipe.weights, loss=recipe.loss, modules=_ranked(recipe.modules, recipe.selection))
         summary["search"] = _search(recipe.search)
+    if recipe.selection.get("method") == "auto":
+        summary["by"] = recipe.selection.get("by", "data")  # what the modules' scores are: data | weights | mixed
     if evaluations is not None:
         summary["evaluations"] = evaluations
     if seconds is not None:

@@ -80,14 +80,14 @@ def ranking_table(title: str, results: list[dict], by: str = "data") -> Table:
     return ranked
 
 
-def weights_table(title: str, modules: list[dict]) -> Table:
-    """A composition's modules ({id, weight[, score]}, largest |w| first)."""
+def weights_table(title: str, modules: list[dict], by: str = "data") -> Table:
+    """A composition's modules ({id, weight[, score]}, largest |w| first); `by`: what ranked them."""
     chosen = table(title)
     chosen.add_column("weight", justify="right")
     id_column(chosen, "module", [m["id"] for m in modules])
     scored = any("score" in m for m in modules)
     if scored:
-        chosen.add_column("cosine", justify="right")
+        chosen.add_column(SCORE_NAMES.get(by, "score"), justify="right")
     for m in modules:
         chosen.add_row(
             f"{m['weight']:+.3f}", m["id"], *([f"{m['score']:.4f}" if "score" in m else ""] if scored else [])

@@ -217,7 +217,7 @@ def show_summary(summary: dict) -> None:
             info(f"Few-shot loss of the base model alone on the {count} examples (fp32): {before:.4f}.")
     else:
         modules = summary["modules"]
-        out.print(weights_table(f"{len(modules)} modules, largest |weight| first", modules))
+        out.print(weights_table(f"{len(modules)} modules, largest |weight| first", modules, summary.get("by", "data")))
         start = f"base model {before:.4f}, " if before is not None else ""
         info(f"Few-shot loss on the {count} examples (fp32): {start}composed {summary['loss']:.4f}.")
         searches = [summary["search"]] if summary["search"] else []

@@ -254,8 +254,9 @@ def verify(
     from .. import api
     from ..registry.store import WEIGHT_CARD
 
+    store = open_store(readonly=not prune)  # a home that cannot be opened fails before the progress bar starts
     with progress("Verifying", None):
-        report = api.verify_registry(prune=prune)
+        report = api.verify_registry(prune=prune, store=store)
     problems, leftovers = report["problems"], report["leftovers"]
     if json_:
         print_json(
