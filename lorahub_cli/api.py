@@ -621,11 +621,13 @@ def build_engine(
     dtype: str = "auto",
     device: str = "auto",
     store=None,
+    by: str = WEIGHTS["by"],
     **limits,
 ):
     """The serve/engine.Engine that `generate` and `serve` share: per-input retrieval over the registry (`store`,
     default the user's), the router of an instance-level `composition` folder, or one `adapter` for every input
-    (a task-level composition, any PEFT LoRA folder, or a registry id). `limits`: the Engine's max_new_tokens,
+    (a task-level composition, any PEFT LoRA folder, or a registry id). `by`: what ranks the registry's adapters
+    (retrieval.Retriever). `limits`: the Engine's max_new_tokens,
     max_input_tokens, batch_size and batching."""
     from .generation import check_batching
     from .serve.engine import Engine
@@ -661,6 +663,7 @@ def build_engine(
         device=device,
         k=SERVE["k"] if k is None else k,
         compose=compose or SERVE["compose"],
+        by=by,
         **limits,
     )
 

@@ -583,3 +583,127 @@ def test_arrow_refuses_what_peft_refuses(tmp_path):
         with pytest.raises(InputError, match=message) as caught:
             arrow.check_arrow(group, top_k, temperature)
         assert "\n" not in str(caught.value)
+
+
+# --- Arrow as the bank's mode, in the shared batch and through the serving engine --------------------------
+
+
+def arrow_bank(model, paths, top_k, temperature):
+    from lorahub_cli.compose.bank import LoraBank
+
+    bank = LoraBank(model, [load_adapter(p) for p in paths], mode="linear")
+    bank.arrow(card_prototypes(paths), top_k, temperature)
+    return bank
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_the_banks_arrow_mode_equals_peft_per_token_and_routes_a_row_among_its_candidates(kind, tmp_path):
+    """Rows 0 and 1 may use all four adapters: PEFT's Arrow over the four. Row 2 may use adapters 1-3 only (its
+    weight row's nonzero columns): PEFT's Arrow over those three."""
+    model = tiny_model(kind)
+    paths = [with_spectral_gap(p) for p in make_adapters(model, tmp_path, 4)]
+    batch = tiny_batch(model, rows=3)
+    with torch.no_grad():
+        every = logits(peft_arrow(model, paths, 2, 1.0), batch)
+        three = logits(peft_arrow(model, paths[1:], 2, 1.0), batch)
+        bank = arrow_bank(model, paths, 2, 1.0)
+        W = torch.ones(3, 4)
+        W[2, 0] = 0
+        with bank.weights(W, "arrow"):
+            got = logits(model, batch)
+        bank.remove()
+    torch.testing.assert_close(got[:2], every[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], three[2], rtol=1e-5, atol=1e-5)
+    assert (every[2] - three[2]).abs().max() > 1e-3  # leaving adapter 0 out changes row 2: the test can fail
+
+
+def test_arrow_is_a_bank_mode_only_once_the_bank_has_prototypes(tmp_path):
+    from lorahub_cli.compose.bank import LoraBank
+
+    model = tiny_model("t5")
+    bank = LoraBank(model, [load_adapter(p) for p in make_adapters(model, tmp_path, 2)], mode="linear")
+    with pytest.raises(InputError, match="no Arrow prototypes"):
+        bank.rows(torch.ones(1, 2), "arrow")
+
+
+@pytest.fixture
+def arrow_registry(tmp_path, lorahub_home, request):
+    """A tiny base on disk and four adapters with a spectral gap, added with their weight cards (no data)."""
+    from tiny_models import save_tiny_base
+
+    from lorahub_cli import api
+    from lorahub_cli.registry import Store
+
+    kind = request.param
+    model = save_tiny_base(kind, tmp_path / "base")
+    store = Store(lorahub_home, weight_card=api._weight_card)
+    paths = []
+    # alpha 64: large enough that top-1, top-2 and top-3 routing generate different tokens on these inputs
+    made = make_adapters(model, tmp_path / "adapters", 4, alphas=[64] * 4, base_model_name=str(tmp_path / "base"))
+    for i, path in enumerate(made):
+        paths.append(with_spectral_gap(path))
+        api.add(str(path), name=f"e{i}", store=store)
+    return kind, tmp_path / "base", paths, store
+
+
+def peft_arrow_generate(kind, base, paths, text, top_k, new_tokens):
+    from peft import ArrowConfig, create_arrow_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    loader = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
+    config = ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)
+    model = create_arrow_model(loader.from_pretrained(base), [str(p) for p in paths], config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    out = out[0, 1:] if kind == "t5" else out[0, ids["input_ids"].shape[1] :]
+    return [int(t) for t in out if int(t) > 2]  # no pad, eos or unk
+
+
+@pytest.mark.parametrize("arrow_registry", ["t5", "llama"], indirect=True)
+def test_serving_compose_arrow_generates_what_peft_arrow_generates_for_each_request_alone(arrow_registry):
+    """The engine built from the registry (prototypes from the weight cards) answers a batch of requests, padded
+    together, each as PEFT's Arrow model answers it alone."""
+    from lorahub_cli.serve.engine import Engine, Request
+
+    kind, base, paths, store = arrow_registry
+    engine = Engine.from_registry(store, compose="arrow", k=2, dtype="float32", device="cpu", max_new_tokens=8)
+    assert engine.info()["arrow"] == {"top_k": 2, "temperature": 1.0}
+    texts = ["The capital of France is", "2 + 3 =", "Sort: pear, apple, fig and plum"]
+    answers = engine.run([Request(text) for text in texts])
+    routed = [[t for t in a.tokens if t > 2] for a in answers]
+    assert routed == [peft_arrow_generate(kind, base, paths, text, 2, 8) for text in texts]
+    assert all(a.route["compose"] == "arrow" for a in answers)
+    # Another top-k generates other tokens, so the comparison can fail.
+    for other in (1, 3):
+        assert routed != [peft_arrow_generate(kind, base, paths, text, other, 8) for text in texts]
+
+
+@pytest.mark.parametrize("arrow_registry", ["t5"], indirect=True)
+def test_serving_compose_arrow_refuses_adapters_peft_arrow_refuses_in_one_line(arrow_registry, tmp_path):
+    from tiny_models import tiny_t5
+
+    from lorahub_cli import api
+    from lorahub_cli.serve.engine import Engine
+
+    _, base, _, store = arrow_registry
+    model = tiny_t5()
+    folder = make_lora_adapter(model, tmp_path / "r8", r=8, seed=9, base_model_name=str(base))
+    api.add(str(folder), name="r8", store=store)
+    with pytest.raises(InputError, match="Arrow routing needs one rank, but") as caught:
+        Engine.from_registry(store, compose="arrow", k=2, dtype="float32", device="cpu")
+    assert "\n" not in str(caught.value)
+    store.remove("r8")
+    folder = make_lora_adapter(model, tmp_path / "q", r=4, target_modules=["q"], seed=8, base_model_name=str(base))
+    api.add(str(folder), name="q-only", store=store)
+    with pytest.raises(InputError, match="does not target module") as caught:
+        Engine.from_registry(store, compose="arrow", k=2, dtype="float32", device="cpu")
+    assert "\n" not in str(caught.value)
