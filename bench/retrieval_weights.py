@@ -38,6 +38,7 @@ from lorahub_cli.io import read_examples
 from lorahub_cli.models import load_base_model
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.store import CONFIG_FILE, SAFETENSORS_FILE, WEIGHT_CARD
+from lorahub_cli.spectral import card as _card  # noqa: F401  (imported here: an add times the card, not imports)
 
 
 def add_all(root: Path, work: Path) -> tuple[dict[str, Store], dict]:

@@ -35,6 +35,7 @@ from lorahub_cli.demo import library
 from lorahub_cli.eval.tasks import split
 from lorahub_cli.io import sha256_file
 from lorahub_cli.models import load_base_model
+from lorahub_cli.settings import WEIGHTS
 from lorahub_cli.spectral import scores
 from lorahub_cli.spectral.card import WEIGHT_CARD, write_weight_card
 from lorahub_cli.spectral.svd import lora_svd
@@ -123,7 +124,8 @@ def rank(args) -> None:
     from lorahub_cli.spectral.library import References, WeightLibrary, WeightScorer
 
     shape = load_adapter(next(iter(sorted((args.library / library.ADAPTERS_DIR).iterdir()))))  # the library's
-    n, r, modules = args.cards, shape.r, sorted(shape.modules)
+    # an index keeps a card's leading directions only (settings.WEIGHTS card_directions), not the adapter's rank
+    n, r, modules = args.cards, min(shape.r, WEIGHTS["card_directions"]), sorted(shape.modules)
     width = {m: shape.modules[m][0].shape[1] for m in modules}
     generator = torch.Generator().manual_seed(0)
     index = scores.WeightIndex(
@@ -144,7 +146,7 @@ def rank(args) -> None:
     one_stage = WeightScorer(references.library, base, references, shortlist=n)
     two_stage.first()  # the bfloat16 copy of the prototypes: made once per index
     tokens = {m: int(x.shape[0]) for m, x in inputs.x.items()}
-    print(f"load {os.getloadavg()}, torch threads {torch.get_num_threads()}, {n} cards (the library's shape, r = {r})")
+    print(f"load {os.getloadavg()}, torch threads {torch.get_num_threads()}, {n} cards (library shape, {r} directions)")
     low, high = min(tokens.values()), max(tokens.values())
     print(f"query: 5 shots; tokens per module {low}-{high}; forward pass {1000 * forward:.0f} ms")
     print(f"background and reference scores (once per registry state, cached): {setup:.1f} s")
