@@ -128,12 +128,18 @@ def rank(args) -> None:
     n, r, modules = args.cards, min(shape.r, WEIGHTS["card_directions"]), sorted(shape.modules)
     width = {m: shape.modules[m][0].shape[1] for m in modules}
     generator = torch.Generator().manual_seed(0)
+    # rows diag(S) V^T with S falling 1, 1/2, 1/3, ... (random directions: nearly orthogonal at these widths)
+    fall = 1 / torch.arange(1, r + 1, dtype=torch.float32)
+    spectra = {
+        m: (scores.unit(torch.randn(n, r, width[m], generator=generator)) * fall[:, None]).reshape(n * r, -1)
+        for m in modules
+    }
     index = scores.WeightIndex(
         ids=[f"bench/{i:05d}" for i in range(n)],
         modules=modules,
         rank=r,
-        prototypes={m: scores.unit(torch.randn(n, width[m], generator=generator)) for m in modules},
-        spectra={m: torch.randn(n * r, width[m], generator=generator) for m in modules},
+        prototypes={m: scores.unit(spectra[m].view(n, r, -1)[:, 0]) for m in modules},  # v_1, as a card's
+        spectra=spectra,
         present=torch.ones(n, len(modules), dtype=torch.bool),
     )
     inputs, forward, base = demo_query(args.library)

@@ -24,7 +24,7 @@ import torch
 
 from .cards.card import Card, TextRecipe
 from .cards.embedder import Embedder, load_embedder
-from .errors import InputError, NotFoundError
+from .errors import InputError, LorahubError, NotFoundError
 from .io import Example
 from .registry.store import AdapterRecord, Store
 from .settings import WEIGHTS
@@ -273,6 +273,7 @@ class Retriever:
         self.cards = cards if by != "weights" else None
         self.weights = weights if by != "data" else None
         self.embedder_name, self._embedder = embedder, None
+        self.not_ranked: dict | None = None  # auto only: {"ids", "problem"} of adapters left out of every ranking
         carded = set(self.cards.ids) if self.cards else set()
         self.weight_ids = [i for i in self.weights.ids if i not in carded] if self.weights else []
         if self.cards is None and not self.weight_ids:
@@ -309,6 +310,8 @@ class Retriever:
         return self.embedder.key
 
     def about(self) -> dict:
+        if self.not_ranked:
+            return {"not_ranked": self.not_ranked}
         if not self.weight_ids:
             return {}
         about = dict(self.weights.description)
@@ -388,8 +391,20 @@ class Retriever:
             raise NotFoundError(f"the registry has no adapters{where}.", "Add some with: lorahub registry add SOURCE")
         name = one_base_model(records)
         cards = CardIndex.from_records(carded) if by == "auto" and carded else None
+        try:
+            model = base(name)
+        except LorahubError as error:
+            if cards is None:
+                raise
+            # auto with data cards: rank those, and say which adapters were not ranked and why (a base model
+            # that cannot be loaded here, e.g. offline, should not stop what needs no model)
+            retriever = cls("data", cards, embedder=embedder)
+            retriever.not_ranked = {
+                "ids": sorted(r.id for r in records if not r.has_card),
+                "problem": f"their weight cards need the base model, which could not be loaded: {error.message}",
+            }
+            return retriever
         library = registry_index(store, records)
-        model = base(name)
         references = References(
             library, model, cache_dir(store), WEIGHTS["background_seed"], WEIGHTS["background_sequences"]
         )

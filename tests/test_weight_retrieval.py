@@ -142,3 +142,22 @@ def test_rebuild_makes_the_weight_cards_an_older_registry_lacks_and_verify_lists
     after = json.loads(cli("registry", "verify", "--json").stdout)
     assert after["ok"] and after["without_weight_card"] == []
     assert all(r.has_weight_card for r in Store(lorahub_home).list())
+
+
+def test_auto_ranks_the_data_cards_and_names_the_rest_when_the_base_model_cannot_be_loaded(home, cli, monkeypatch):
+    """Offline, say: the adapters with a data card are still ranked; the others are named, with the reason."""
+    from lorahub_cli import models
+    from lorahub_cli.errors import NotFoundError
+
+    def unreachable(name, **_):
+        raise NotFoundError(f"cannot reach the Hub for '{name}'.", "Pass its folder (--model-path).")
+
+    monkeypatch.setattr(models, "load_base_model", unreachable)
+    result = cli("retrieve", "--shots", SHOTS, "-k", "6", "--json")
+    assert result.code == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["by"] == "data" and sorted(m["id"] for m in answer["results"]) == sorted(CARDED)
+    assert answer["weights"]["not_ranked"]["ids"] == BARE
+    assert "3 adapter(s) without a data card were not ranked" in result.stderr and "cannot reach" in result.stderr
+    forced = cli("retrieve", "--shots", SHOTS, "--by", "weights")
+    assert forced.code != 0 and forced.stderr.count("\n") == 1 and "cannot reach the Hub" in forced.stderr

@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..settings import COMPOSE, DEFAULT_TOP_K, WEIGHTS
 from ._options import BaseModelOpt, ByOpt, DeviceOpt, EmbedderOpt, JsonOpt, ModelPathOpt
-from ._output import out, print_json, ranking_table
+from ._output import out, print_json, ranking_table, warn
 
 EXAMPLES = """Examples:\n
   lorahub retrieve --shots examples.jsonl -k 20\n
@@ -56,6 +57,9 @@ def retrieve(
         device=device,
     )
     answer = ranking.to_json()
+    skipped = answer.get("weights", {}).get("not_ranked")
+    if skipped:
+        warn(escape(f"{len(skipped['ids'])} adapter(s) without a data card were not ranked: {skipped['problem']}"))
     if json_:
         print_json(answer)
         return
