@@ -331,7 +331,10 @@ class Retriever:
                 return [self.cards.matches(values[j], order[j]) for j in range(values.shape[0])]
             cosines = queries @ self.cards.matrix.T
             parts.append(("data", self.cards.ids, cosines, cosines.mean(dim=1), cosines.std(dim=1, unbiased=False)))
-        found = self.weights.score(examples if with_target else [Example(e.input) for e in examples], merged)
+        # the library's mean and spread matter only when the weight scores are standardised against data cosines
+        found = self.weights.score(
+            examples if with_target else [Example(e.input) for e in examples], merged, spread=self.cards is not None
+        )
         position = {i: p for p, i in enumerate(self.weights.ids)}
         values = found.values[:, [position[i] for i in self.weight_ids]]
         if self.cards is None:

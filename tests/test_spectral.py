@@ -478,6 +478,39 @@ def test_an_index_of_card_folders_scores_queries_against_its_background(tmp_path
     ]
 
 
+def test_two_stages_re_rank_the_shortlist_with_the_scores_one_stage_gives_them(tmp_path):
+    """Above the shortlist size, the cheap first stage picks adapters and the default scorer gives each picked one
+    exactly its one-stage score; the rest are -inf. With the spread, an evenly spaced sample is scored too and its
+    mean and std are the library's estimate."""
+    from transformers import ByT5Tokenizer
+
+    from lorahub_cli.spectral.library import References, WeightLibrary, WeightScorer
+
+    model = tiny_model("t5", vocab=len(ByT5Tokenizer(extra_ids=0)))
+    paths = make_adapters(model, tmp_path, 6)
+    for path in paths:
+        write_weight_card(path)
+    index = scores.WeightIndex.from_folders({p.name: p for p in paths})
+    base = base_of(model, "t5")
+    references = References(WeightLibrary(index, "test", []), base, None, 0, 16)
+    one = WeightScorer(references.library, base, references, shortlist=6)
+    two = WeightScorer(references.library, base, references, shortlist=2)
+    inputs = scores.capture_layer_inputs(base, [Example("hello there", "x"), Example("two", "y")], index.modules)
+    inputs = inputs.merged()
+    full = one.rank(inputs, True).values
+    background, reference = references.background(True), references.reference(two.shortlist_scorer, True)
+    cheap = scores.score(two.first(), inputs, two.shortlist_scorer, background, reference)  # bfloat16 prototypes
+    for spread in (False, True):
+        found = two.rank(inputs, True, spread)
+        picked = torch.isfinite(found.values[0])
+        assert set(torch.topk(cheap[0], 2).indices.tolist()) <= set(picked.nonzero()[:, 0].tolist())
+        assert int(picked.sum()) == (2 if not spread else len(set(torch.topk(cheap[0], 2).indices.tolist()) | {0, 5}))
+        torch.testing.assert_close(found.values[0, picked], full[0, picked], rtol=1e-5, atol=1e-6)
+    sample = found.values[0, [0, 5]]
+    torch.testing.assert_close(found.mean, sample.mean().reshape(1))
+    torch.testing.assert_close(found.std, sample.std(unbiased=False).reshape(1))
+
+
 # --- Arrow against PEFT ---------------------------------------------------------------------------------
 
 

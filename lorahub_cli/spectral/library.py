@@ -357,12 +357,14 @@ class WeightScorer:
         inputs = scores.capture_layer_inputs(self.base, examples, self.library.index.modules)
         return inputs.merged() if merged else inputs
 
-    def score(self, examples: list[Example], merged: bool) -> WeightScores:
+    def score(self, examples: list[Example], merged: bool, spread: bool = True) -> WeightScores:
         with_targets = all(e.target is not None for e in examples)
-        return self.rank(self.inputs(examples, merged), with_targets)
+        return self.rank(self.inputs(examples, merged), with_targets, spread)
 
-    def rank(self, inputs: scores.LayerInputs, with_targets: bool) -> WeightScores:
-        """The scores of captured inputs (the time after the forward pass: what bench/weight_cards.py measures)."""
+    def rank(self, inputs: scores.LayerInputs, with_targets: bool, spread: bool = True) -> WeightScores:
+        """The scores of captured inputs (the time after the forward pass: what bench/weight_cards.py measures).
+        `spread`: estimate the library's mean and spread (a mixed ranking standardises by them); without it, two
+        stages re-rank the shortlist alone and `mean` and `std` are NaN."""
         index, scorer = self.library.index, self.scorer
         background = self.references.background(with_targets)
         reference = self.references.reference(scorer, with_targets)
@@ -379,11 +381,18 @@ class WeightScorer:
         )
         best = torch.topk(cheap, self.shortlist, dim=1).indices.reshape(-1)
         sample = torch.linspace(0, n - 1, self.shortlist).round().long()
-        positions = torch.unique(torch.cat([best, sample]))
+        positions = torch.unique(torch.cat([best, sample]) if spread else best)
         values = torch.full((inputs.groups, n), float("-inf"))
         values[:, positions] = scores.score(
-            index.subset(positions), inputs, scorer, background, reference[:, positions]
+            index.subset(positions, prototypes=scorer.method == "arrow", spectra=scorer.method == "spectr"),
+            inputs,
+            scorer,
+            background,
+            reference[:, positions],
         )
+        if not spread:
+            nan = torch.full((inputs.groups,), float("nan"))
+            return WeightScores(values, nan, nan)
         sampled = values[:, sample]
         return WeightScores(values, sampled.mean(dim=1), sampled.std(dim=1, unbiased=False))
 

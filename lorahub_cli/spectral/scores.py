@@ -133,15 +133,16 @@ class WeightIndex:
         present = torch.tensor([[m in entries[i] for m in modules] for i in ids])
         return cls(ids, modules, rank, prototypes, stacked, present)
 
-    def subset(self, positions: torch.Tensor) -> WeightIndex:
-        """The index of the adapters at `positions` (a shortlist to re-rank with a costlier score)."""
+    def subset(self, positions: torch.Tensor, prototypes: bool = True, spectra: bool = True) -> WeightIndex:
+        """The index of the adapters at `positions` (a shortlist to re-rank with a costlier score); a scorer
+        reads only one of the stacks (Arrow the prototypes, SpectR the spectra), so the other may be left out."""
         rows = (positions[:, None] * self.rank + torch.arange(self.rank)).reshape(-1)
         return WeightIndex(
             [self.ids[i] for i in positions.tolist()],
             self.modules,
             self.rank,
-            {m: p[positions] for m, p in self.prototypes.items()},
-            {m: s[rows] for m, s in self.spectra.items()},
+            {m: p[positions] for m, p in self.prototypes.items()} if prototypes else {},
+            {m: s.index_select(0, rows) for m, s in self.spectra.items()} if spectra else {},
             self.present[positions],
         )
 
