@@ -740,3 +740,32 @@ def test_serving_compose_arrow_refuses_adapters_peft_arrow_refuses_in_one_line(a
     with pytest.raises(InputError, match="does not target module") as caught:
         Engine.from_registry(store, compose="arrow", k=2, dtype="float32", device="cpu")
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("arrow_registry", ["t5"], indirect=True)
+def test_serving_ranks_a_registry_without_data_by_its_weight_cards_per_request(arrow_registry):
+    """A mixture request on a registry of weight cards only: its k adapters are the weight ranking of its input
+    alone (what `retrieve --inputs` gives), and it is answered."""
+    from lorahub_cli import api
+    from lorahub_cli.io import Example
+    from lorahub_cli.serve.engine import Engine, Request
+
+    _, _, _, store = arrow_registry
+    engine = Engine.from_registry(store, k=2, dtype="float32", device="cpu", max_new_tokens=4)
+    assert engine.info()["by"] == "weights" and engine.info()["weights"]["dtype"] == "float32"
+    texts = ["The capital of France is", "2 + 3 =", "Sort: pear, apple, fig and plum"]
+    answers = engine.run([Request(text) for text in texts])
+    ranker = api.retriever_of(store, "weights", base=engine.base)
+    # A request's weight ranking does not depend on the requests scored with it (fp32), and the scores are
+    # ratios to the background's, near 1 (a decoder layer that sees only the start token is left out: less the
+    # background's mean it is float noise, which once made every score ~1e10 and every request's ranking alike).
+    together = ranker.per_input([Example(t) for t in texts], 4).inputs
+    for text, row in zip(texts, together):
+        alone = ranker.per_input([Example(text)], 4).inputs[0]
+        assert [m.id for m in row] == [m.id for m in alone]
+        assert [m.score for m in row] == pytest.approx([m.score for m in alone], rel=1e-4)
+        assert all(0.1 < m.score < 10 for m in row)
+    for text, answer in zip(texts, answers):
+        wanted = [m.id for m in ranker.per_input([Example(text)], 2).inputs[0]]
+        assert [a["id"] for a in answer.route["adapters"]] == wanted and answer.route["compose"] == "mixture"
+        assert answer.tokens

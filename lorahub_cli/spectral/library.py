@@ -273,18 +273,20 @@ class References:
         key = self._background_key(with_targets)
         path = self.folder / f"background-{key}.safetensors" if self.folder else None
         cached = _read(path) if path and not inputs else None
-        if cached is not None:
+        if cached is not None and "constant" in cached[1]:  # (a file from before `constant` is built again)
             modules = self.library.index.modules
             tensors = cached[1]
             found = scores.Background(
                 {m: tensors[f"mean.{row}"] for row, m in enumerate(modules) if f"mean.{row}" in tensors},
                 {m: tensors[f"directions.{row}"] for row, m in enumerate(modules) if f"directions.{row}" in tensors},
+                constant={m for row, m in enumerate(modules) if tensors["constant"][row]},
             )
         else:
-            found = scores.background(self.base, self.library.index.modules, with_targets, self.seed, self.sequences)
+            modules = self.library.index.modules
+            found = scores.background(self.base, modules, with_targets, self.seed, self.sequences)
             if path is not None:
-                tensors = {}
-                for row, m in enumerate(self.library.index.modules):
+                tensors = {"constant": torch.tensor([m in found.constant for m in modules], dtype=torch.uint8)}
+                for row, m in enumerate(modules):
                     if m in found.mean:
                         tensors[f"mean.{row}"], tensors[f"directions.{row}"] = found.mean[m], found.directions[m]
                 _write(path, {}, tensors)
@@ -305,6 +307,10 @@ class References:
                 _write(path, {}, stored)
         self._references[(scorer.name, with_targets)] = stored[scorer.name]
         return stored[scorer.name]
+
+
+def dtype_name(base: BaseModel) -> str:
+    return str(base.dtype).removeprefix("torch.")
 
 
 # --- ranking --------------------------------------------------------------------------------------------
@@ -348,7 +354,10 @@ class WeightScorer:
             "shortlist": {"scorer": self.shortlist_scorer.name, "size": self.shortlist}
             if len(self.ids) > self.shortlist
             else None,
-            "dtype": "float32",
+            # the scores are float32; the layer inputs are the base model's own, in the dtype it runs in
+            "dtype": "float32"
+            if self.base.dtype == torch.float32
+            else f"float32 scores of {dtype_name(self.base)} inputs",
             "base_model": self.base.name,
         }
 

@@ -29,7 +29,7 @@ align with rank first for every query).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ METHODS = ("arrow", "spectr")
 POOLS = ("tokens", "rms", "centroid")
 CALIBRATIONS = ("layer", "total")
 MAX_SHARED = 4  # background directions a Background keeps: the most any scorer may remove
+CONSTANT_TOLERANCE = 1e-5  # a module whose background inputs all lie this close (relative) to their mean is constant
 
 
 @dataclass(frozen=True)
@@ -187,16 +188,23 @@ class Background:
     mean: dict[str, torch.Tensor]  # module -> (d_in,)
     directions: dict[str, torch.Tensor]  # module -> (MAX_SHARED, d_in), orthonormal rows (fewer when d_in is small)
     inputs: LayerInputs | None = None
+    # Modules whose input is the same for every background sequence (a seq2seq decoder's first layers fed only
+    # the start token, as a request is): they see nothing of a task, and less their mean they are float noise,
+    # so `score` leaves them out.
+    constant: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, inputs: LayerInputs) -> Background:
-        mean, directions = {}, {}
+        mean, directions, constant = {}, {}, set()
         for module, x in inputs.x.items():
             x = x.double()
             mean[module] = x.mean(dim=0)
+            spread = float((x - mean[module]).norm(dim=1).max()) if x.shape[0] else 0.0
+            if spread <= CONSTANT_TOLERANCE * max(float(mean[module].norm()), 1e-30):
+                constant.add(module)
             _, _, Vh = torch.linalg.svd(x - mean[module], full_matrices=False)
             mean[module], directions[module] = mean[module].float(), Vh[:MAX_SHARED].float()
-        return cls(mean, directions, inputs)
+        return cls(mean, directions, inputs, constant)
 
     def prepare(self, x: torch.Tensor, module: str, shared: int | None) -> torch.Tensor:
         """Token inputs (N, d_in) as `score` uses them: less the mean and the first `shared` directions."""
@@ -272,10 +280,13 @@ def score(
     background: Background | None = None,
     reference: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(groups, n): each group's score of every adapter over the layers it targets (and `inputs` reached):
+    """(groups, n): each group's score of every adapter over the layers it targets (and `inputs` reached, and
+    the background does not find constant):
     calibrated against `reference` (L, n), the adapters' `layer_scores` on the background, as the scorer says,
     or (no reference) their mean."""
-    layers = (index.present & torch.tensor([m in inputs.x for m in index.modules])[None, :]).T.float()  # (L, n)
+    skipped = background.constant if background is not None else set()
+    reached = torch.tensor([m in inputs.x and m not in skipped for m in index.modules])
+    layers = (index.present & reached[None, :]).T.float()  # (L, n)
     values = layer_scores(index, inputs, scorer, background)  # (L, groups, n)
     count = layers.sum(dim=0).clamp_min(1)  # (n,)
     if reference is None:
