@@ -14,7 +14,8 @@ Queries: the task level of `lorahub retrieve --shots` with its defaults (api.ret
 - upstream: --shots examples of each upstream task's own data per seed; a hit is that task's own adapter.
 Rankings: data (--by data on `data`), weights (--by auto on `weights`, i.e. weight cards alone), auto on `half`
 (data cosines and weight scores, each standardised over its own adapters), and both (on `data`: the sum of each
-adapter's z-scores under --by data and --by weights, z over the library per query).
+adapter's z-scores under --by data and --by weights, z over the library per query); and, as routed serving
+ranks a request, data and weights on the first shot's input alone (no target).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 from lorahub_cli import api
 from lorahub_cli.demo import library
 from lorahub_cli.eval.tasks import split
-from lorahub_cli.io import read_examples
+from lorahub_cli.io import Example, read_examples
 from lorahub_cli.models import load_base_model
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.store import CONFIG_FILE, SAFETENSORS_FILE, WEIGHT_CARD
@@ -115,6 +116,10 @@ def run(root: Path, seeds: list[int], n_shots: int) -> dict:
                         found[name] = scores_of(retriever, shots, n)
                         if name == "weights":
                             seconds.append(time.perf_counter() - start)
+                    for name in ("data", "weights"):  # one request: the first shot's input alone, as routed serving
+                        request = [Example(shots[0].input)]
+                        ranked = retrievers[name].per_input(request, n).inputs[0]
+                        found[f"{name}, one request's input"] = {m.id: m.score for m in ranked}
                     ids = sorted(found["data"])
                     both = zscore(torch.tensor([found["data"][i] for i in ids])) + zscore(
                         torch.tensor([found["weights of `data`"][i] for i in ids])
