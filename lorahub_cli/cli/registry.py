@@ -152,6 +152,9 @@ def sync(
         raise typer.Exit(1)
 
 
+CARDS = {(True, True): "both", (True, False): "data", (False, True): "weights", (False, False): "-"}
+
+
 def _list_table(records) -> Table:
     """The registry at 80 columns: ids whole, one base model in the title when all share it, sources shortened
     (`registry list --json` has them whole)."""
@@ -164,8 +167,7 @@ def _list_table(records) -> Table:
     for column in ("r", "alpha", "targets"):
         listed.add_column(column, justify="left" if column == "targets" else "right", overflow="fold")
     listed.add_column("source", no_wrap=True, overflow="ellipsis")
-    listed.add_column("card")
-    listed.add_column("weights")
+    listed.add_column("cards")  # data (an embedding card), weights (a weight card), both or -
     for r in records:
         source = short_path(r.source, 26) if Path(r.source).is_absolute() else r.source
         listed.add_row(
@@ -175,8 +177,7 @@ def _list_table(records) -> Table:
             f"{r.lora_alpha:g}",
             ",".join(r.target_modules),
             f"{source}@{r.revision[:8]}" if r.revision else source,
-            "yes" if r.has_card else "-",
-            "yes" if r.has_weight_card else "-",
+            CARDS[(r.has_card, r.has_weight_card)],
         )
     return listed
 
