@@ -15,7 +15,8 @@ Queries: the task level of `lorahub retrieve --shots` with its defaults (api.ret
 Rankings: data (--by data on `data`), weights (--by auto on `weights`, i.e. weight cards alone), auto on `half`
 (data cosines and weight scores, each standardised over its own adapters), and both (on `data`: the sum of each
 adapter's z-scores under --by data and --by weights, z over the library per query); and, as routed serving
-ranks a request, data and weights on the first shot's input alone (no target).
+ranks a request, data and weights on the first shot's input alone (no target); and the two stages a registry
+above 256 adapters runs, with a shortlist of --shortlist (default 4 of the 12): the first stage's recall.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def scores_of(retriever, shots, n: int) -> dict[str, float]:
     return {m.id: m.score for m in retriever.task(shots, n).results}
 
 
-def run(root: Path, seeds: list[int], n_shots: int) -> dict:
+def run(root: Path, seeds: list[int], n_shots: int, shortlist: int = 4) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench-weights-"))
     try:
         stores, cost = add_all(root, work)
@@ -97,6 +98,10 @@ def run(root: Path, seeds: list[int], n_shots: int) -> dict:
             "auto (half the data cards)": api.retriever_of(stores["half"], "auto", base=base),
             "weights of `data`": api.retriever_of(stores["data"], "weights", base=base),
         }
+        # the two stages of a large registry, on this small one: a shortlist of `shortlist` adapters
+        small = f"weights, two stages (shortlist {shortlist})"
+        retrievers[small] = api.retriever_of(stores["weights"], "auto", base=base)
+        retrievers[small].weights.shortlist = shortlist
         kinds = {name: r.kind for name, r in retrievers.items()}
         n = cost["adapters"]
         rows, seconds = [], []
@@ -174,11 +179,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shortlist", type=int, default=4, help="the two-stage row's shortlist size")
     parser.add_argument("--json", type=Path, help="write the full result (every query's top 3) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    result = run(args.library, [int(s) for s in args.seeds.split(",")], args.shots)
+    result = run(args.library, [int(s) for s in args.seeds.split(",")], args.shots, args.shortlist)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     cost = result["card_cost"]
