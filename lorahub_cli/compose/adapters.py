@@ -68,7 +68,9 @@ class LoraAdapter:
 
     def peft_config(self) -> LoraConfig:
         """The config under which PEFT rebuilds exactly `scaling * B @ A`."""
-        from peft import LoraConfig  # here: reading and composing adapters never needs peft (seconds of start-up)
+        from peft import (
+            LoraConfig,  # here, not at import: reading an adapter (a registry add's weight card) needs no PEFT
+        )
 
         return LoraConfig(
             r=self.r,
