@@ -211,16 +211,13 @@ def _module_entries(records: list[AdapterRecord], weights) -> list[dict]:
 
 
 def _versions() -> dict:
-    import nevergrad
-    import peft
-    import transformers
+    """The installed versions, read from their metadata: a gradient search never imports nevergrad (a second)."""
+    from importlib.metadata import version
 
     return {
         "lorahub": __version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "nevergrad": nevergrad.__version__,
+        **{name: version(name) for name in ("transformers", "peft", "nevergrad")},
     }
 
 
