@@ -417,7 +417,7 @@ def test_openai_completions_route(tiny_engine):
             "/v1/generate",
             {"input": "hi", "compose": "blend"},
             400,
-            "compose: Input should be 'mixture', 'fusion', 'single' or 'scored'",
+            "compose: Input should be 'mixture', 'fusion', 'single', 'scored' or 'arrow'",
         ),
         ("/v1/generate", {"input": "hi", "typical_p": 0.5}, 400, "typical_p: Extra inputs are not permitted"),
         ("/v1/generate", {"input": "  "}, 400, "the input is empty"),
