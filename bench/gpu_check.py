@@ -26,6 +26,7 @@ import torch
 from lorahub_cli import api
 from lorahub_cli.compose.bank import LoraBank
 from lorahub_cli.compose.pipeline import ComposeOptions, load_modules
+from lorahub_cli.decoding import Sampling
 from lorahub_cli.demo import library, tour
 from lorahub_cli.models import encode, load_base_model
 from lorahub_cli.registry import Store
@@ -79,7 +80,7 @@ def compose_both(store: Store, shots_file: Path, modules: list[str], shots, out:
         runs.append({"summary": summary, "seconds": seconds, "folder": folder})
     cpu, gpu = (r["summary"]["loss"] for r in runs)
     print(
-        f"      cuda/cpu: loss {gpu / cpu:.4f}x, time {runs[1]['seconds'] / runs[0]['seconds']:.2f}x "
+        f"      {DEVICE}/cpu: loss {gpu / cpu:.4f}x, time {runs[1]['seconds'] / runs[0]['seconds']:.2f}x "
         "(a search on another device may end elsewhere; the fp32 guarantee is the check above)",
         flush=True,
     )
@@ -92,7 +93,9 @@ def answer_both(folder: Path, texts: list[str]) -> None:
         engine = Engine.from_adapter(folder, dtype="float32", device=device, max_new_tokens=16)
         answers.append([a.output for a in engine.run([Request(input=t) for t in texts])])
     same = sum(a == b for a, b in zip(*answers))
-    check("generate --adapter: greedy fp32 tokens equal on cpu and cuda", same == len(texts), f"{same}/{len(texts)}")
+    check(
+        f"generate --adapter: greedy fp32 tokens equal on cpu and {DEVICE}", same == len(texts), f"{same}/{len(texts)}"
+    )
 
 
 def bank_both(store: Store, ids: list[str], shots) -> None:
@@ -121,17 +124,11 @@ def bank_both(store: Store, ids: list[str], shots) -> None:
 
 def sampling_on_cuda(folder: Path, texts: list[str]) -> None:
     engine = Engine.from_adapter(folder, dtype="float32", device=DEVICE, max_new_tokens=16)
-    fields = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
-    try:
-        alone = engine.run([Request(input=texts[0], **fields)])[0].output
-        mixed = engine.run(
-            [Request(input=t, temperature=0.7, seed=i) for i, t in enumerate(texts[1:])]
-            + [Request(input=texts[0], **fields)]
-        )[-1].output
-    except TypeError as error:  # a Request without sampling fields: the serving branch has not landed
-        check("seeded sampling on cuda", False, f"Request takes no sampling fields ({error})")
-        return
-    check("seeded sampling on cuda: alone = inside a batch", alone == mixed, f"{alone!r} vs {mixed!r}")
+    ours = Sampling(temperature=0.9, top_p=0.95, seed=7)
+    others = [Request(input=t, sampling=Sampling(temperature=0.7, seed=i)) for i, t in enumerate(texts[1:])]
+    alone = engine.run([Request(input=texts[0], sampling=ours)])[0].output
+    mixed = engine.run(others + [Request(input=texts[0], sampling=ours)])[-1].output
+    check("seeded sampling: alone = inside a batch of other sampled rows", alone == mixed, f"{alone!r} vs {mixed!r}")
 
 
 def main() -> None:
