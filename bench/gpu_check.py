@@ -116,7 +116,7 @@ def bank_both(store: Store, ids: list[str], shots) -> None:
     for grouped in (False, True):
         diff = float((outputs["cpu", grouped] - outputs[DEVICE, grouped]).abs().max())
         check(
-            f"bank mixed batch ({'grouped' if grouped else 'dense'}), fp32: cuda = cpu",
+            f"bank mixed batch ({'grouped' if grouped else 'dense'}), fp32: {DEVICE} = cpu",
             diff <= 1e-4,
             f"max |diff| {diff:.2e}",
         )
