@@ -261,7 +261,8 @@ def test_errors_before_any_work(cli, t5_home, tmp_path):
     unknown = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--optimizer", "sgd")
     assert (
         unknown.code == 2
-        and "optimizer 'sgd' is not known. Choose one of: subspace, ngopt, cma, de, random, adam, lbfgs." in unknown.stderr
+        and "optimizer 'sgd' is not known. Choose one of: subspace, ngopt, cma, de, random, adam, lbfgs."
+        in unknown.stderr
     )
     # A rank-8 adapter cannot join rank-4 ones in LoraHub's elementwise formula; linear takes it.
     home, base_dir = t5_home

@@ -3,7 +3,7 @@ gradient, and its second-order model at w = 0.
 
     loss = FewShotLoss(base, bank, shots, formula="elementwise")
     loss(W)                    # (P, N) -> (P,): the loss of every row of W, no gradient
-    loss.value_and_grad(w)     # (N,) -> (loss, dloss/dw): one forward + backward
+    loss.value_and_grad(w)     # (N,) -> (loss, dloss/dw): one forward + backward (formulas below)
     loss.curvature()           # the model L(w) ~ L(0) + g.w + 1/2 w.H.w at w = 0, from one forward + backward
 
 For the elementwise formula the delta of a layer is s (sum_i w_i B_i)(sum_j w_j A_j), quadratic in w, so
@@ -18,6 +18,7 @@ the base model gives all N^2 second derivatives (docs/compose.md, section 3).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,64 +86,98 @@ class FewShotLoss:
             losses.append(mean_token_loss(sums, batch.n_tokens, chunk.shape[0]))
         return torch.cat(losses)
 
-    def _backward(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """The loss at w and its gradient, back-propagated `grad_rows` shots at a time."""
-        w = w.detach().to(torch.float32).reshape(1, -1).requires_grad_(True)
+    def _pass(self, w: torch.Tensor | None, collect) -> float:
+        """One forward + backward of the shots, `grad_rows` at a time, under weights w (None: the base model,
+        w = 0), with nothing differentiated with respect to w: the backward pass starts from the embeddings'
+        outputs, and `collect(layer, z, u)` receives, for every bank layer, z = x A_cat^T and u = d B_cat (both
+        (T, R): the layer's input x and output gradient d through each adapter's factors). So no LoRA factor and
+        no composed factor is kept for the backward pass. Returns the loss."""
+        W = None if w is None else w.detach().to(torch.float32).reshape(1, -1)
+        layers = [layer for layer in self.base.model.modules() if isinstance(layer, BankedLayer)]
+        hooks = [layer.register_forward_hook(_collector(collect)) for layer in layers]
+        embeddings = [m for m in self.base.model.modules() if isinstance(m, torch.nn.Embedding)]
+        hooks += [embedding.register_forward_hook(_from_here) for embedding in embeddings]  # T5: one per stack
         total = float(self.shots.n_tokens.sum().clamp_min(1))
         value = 0.0
-        for rows in _row_chunks(self.k, self.grad_rows):
-            batch = _select(self.shots, rows)
-            with self.bank.weights(w, self.formula):
-                part = token_losses(self.base, batch).sum() / total
-            part.backward()
-            value += float(part.detach())
-        return value, w.grad[0].detach()
+        try:
+            for rows in _row_chunks(self.k, self.grad_rows):
+                with contextlib.nullcontext() if W is None else self.bank.weights(W, self.formula):
+                    part = token_losses(self.base, _select(self.shots, rows)).sum() / total
+                part.backward()
+                value += float(part.detach())
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return value
+
+    @property
+    def _elementwise(self) -> bool:
+        return get_formula(self.formula).bank_mode == "elementwise"
 
     def value_and_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """The loss at one weight vector (N,) and its exact gradient: one forward and one backward pass."""
-        return self._backward(w)
+        """The loss at one weight vector (N,) and its exact gradient, from one forward and one backward pass:
+
+            elementwise: g_i = s sum_t (u_i . A(w) x_t + B(w)^T d_t . z_i)
+                         with A(w) x = sum_j w_j z_j and B(w)^T d = sum_j w_j u_j
+            linear:      g_i = s_i sum_t sum_{c in i's rank columns} u_c z_c
+
+        (the derivative of each layer's delta times its output gradient, summed over layers and tokens)."""
+        w = w.detach().to(torch.float64).reshape(-1)
+        gradient = torch.zeros(self.n, dtype=torch.float64)
+
+        def collect(layer: BankedLayer, z: torch.Tensor, u: torch.Tensor) -> None:
+            if self._elementwise:
+                shape, wr = (-1, layer.n, layer.rank), w.to(z.dtype)[None, :, None]  # (1, N, 1)
+                z, u = z.view(shape), u.view(shape)  # (T, N, r)
+                zw, uw = (z * wr).sum(1, keepdim=True), (u * wr).sum(1, keepdim=True)  # (T, 1, r)
+                gradient.add_(float(layer.col_scaling[0]) * ((u * zw).sum((0, 2)) + (uw * z).sum((0, 2))).double())
+            else:
+                gradient.index_add_(0, layer.owner, ((u * z).sum(0) * layer.col_scaling).double())
+
+        value = self._pass(w if w.any() else None, collect)
+        return value, gradient.to(torch.float32)
 
     def curvature(self) -> Curvature:
         """The second-order model at w = 0 (computed once, then kept): the loss of the base model, the gradient,
-        and for the elementwise formula the exact Hessian (module docstring), from one forward + backward."""
+        and for the elementwise formula the exact Hessian (module docstring), from one forward + backward of the
+        base model itself (`_pass`)."""
         if self._curvature is None:
-            elementwise = get_formula(self.formula).bank_mode == "elementwise"
+            if not self._elementwise:
+                value, gradient = self.value_and_grad(torch.zeros(self.n))
+                self._curvature = Curvature(value, gradient.double().numpy(), None)
+                return self._curvature
             hessian = torch.zeros(self.n, self.n, dtype=torch.float64)
-            hooks = []
-            if elementwise:
-                hooks = [
-                    layer.register_forward_hook(_collector(hessian))
-                    for layer in self.base.model.modules()
-                    if isinstance(layer, BankedLayer)
-                ]
-            try:
-                loss, gradient = self._backward(torch.zeros(self.n))
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            self._curvature = Curvature(
-                loss, gradient.double().numpy(), hessian.numpy() if elementwise and hooks else None
-            )
+
+            def collect(layer: BankedLayer, z: torch.Tensor, u: torch.Tensor) -> None:
+                shape = (-1, layer.n, layer.rank)  # (T, N, r)
+                hessian.add_(hessian_terms(z.view(shape), u.view(shape), float(layer.col_scaling[0])))
+
+            value = self._pass(None, collect)
+            self._curvature = Curvature(value, np.zeros(self.n), hessian.numpy())
         return self._curvature
 
 
-def _collector(hessian: torch.Tensor):
-    """A forward hook for a BankedLayer that adds its Hessian terms to `hessian` when its output's gradient
-    arrives: z is computed from the layer's input now, u from the output gradient later."""
+def _from_here(module, inputs, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook on an embedding: the backward pass of a frozen model starts from its output."""
+    return output if output.requires_grad else output.requires_grad_()
+
+
+def _collector(collect):
+    """A forward hook for a BankedLayer that calls collect(layer, z, u) when its output's gradient arrives: z is
+    computed from the layer's input now, u from the output gradient then."""
 
     def hook(layer: BankedLayer, inputs, output):
+        if not output.requires_grad:
+            return
         x = inputs[0].detach()
         dtype = layer.lora_A.dtype
-        z = (x.reshape(-1, x.shape[-1]).to(dtype) @ layer.lora_A.T).view(-1, layer.n, layer.rank)  # (T, N, r)
-        scaling = float(layer.col_scaling[0])
+        z = x.reshape(-1, x.shape[-1]).to(dtype) @ layer.lora_A.T  # (T, R): z[t, c] = (A_cat x_t)_c
 
         def on_grad(grad: torch.Tensor) -> None:
-            d = grad.detach().reshape(-1, grad.shape[-1]).to(dtype)  # (T, d_out)
-            u = (d @ layer.lora_B).view(-1, layer.n, layer.rank)  # (T, N, r): u[t, i] = B_i^T d_t
-            hessian.add_(hessian_terms(z, u, scaling))
+            u = grad.detach().reshape(-1, grad.shape[-1]).to(dtype) @ layer.lora_B  # (T, R): (B_cat^T d_t)_c
+            collect(layer, z, u)
 
-        if output.requires_grad:
-            output.register_hook(on_grad)
+        output.register_hook(on_grad)
 
     return hook
 

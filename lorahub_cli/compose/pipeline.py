@@ -133,21 +133,23 @@ def _module_entries(records: list[AdapterRecord], weights) -> list[dict]:
 
 
 def _versions() -> dict:
-    import nevergrad
+    import importlib.metadata as metadata
+
     import peft
     import transformers
 
+    # nevergrad's version from its metadata: importing it costs ~120 MB of memory a subspace search never uses.
     return {
         "lorahub": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "peft": peft.__version__,
-        "nevergrad": nevergrad.__version__,
+        "nevergrad": metadata.version("nevergrad"),
     }
 
 
 def _search_entry(config: SearchConfig, result: SearchResult | None, used: str) -> dict | None:
-    """The search as it ran: why it stopped after how many evaluations, where it started (`warm_start`), its
+    """The search as it ran: why it stopped after how many evaluations, where it started (`start`), its
     phases and their precision. Its `loss` and `objective` are those of the chosen weights in `result_precision`
     (fp32 whenever it evaluated any candidate in fp32); `rescored` are the fp32 objectives of the best
     candidates of a search in another precision (the recipe's top-level `loss` is always fp32)."""
@@ -166,8 +168,8 @@ def _search_entry(config: SearchConfig, result: SearchResult | None, used: str) 
         "rescored": result.rescored,
         "nonfinite": result.nonfinite,
     }
-    if result.warm_start is not None:
-        entry["warm_start"] = result.warm_start
+    if result.start is not None:
+        entry["start"] = result.start
     if result.phases:
         entry["phases"] = result.phases
     return entry | {"curve": result.curve}
@@ -230,7 +232,7 @@ class _Session:
     def loss(self) -> FewShotLoss:
         """The fp32 loss of any weights over all the session's adapters (the answer bank, injected once)."""
         bank = self._inject(self.answer, share=True)
-        return FewShotLoss(self.answer, bank, self.batch, formula=bank.formula, max_rows=self.max_rows)
+        return self._loss(self.answer, bank)
 
     @functools.cached_property
     def explore(self) -> FewShotLoss:
@@ -241,8 +243,11 @@ class _Session:
             searcher = self.given  # the caller's model already runs in the search's precision
         else:
             searcher = precisions.search_model(self.answer, self.precision, keep=set(self.adapters[0].modules))
-        bank = self._inject(searcher, share=False)
-        return FewShotLoss(searcher, bank, self.batch, formula=bank.formula, max_rows=self.max_rows)
+        return self._loss(searcher, self._inject(searcher, share=False))
+
+    def _loss(self, base: BaseModel, bank: LoraBank) -> FewShotLoss:
+        grad_rows = COMPOSE["grad_rows"]
+        return FewShotLoss(base, bank, self.batch, formula=bank.formula, max_rows=self.max_rows, grad_rows=grad_rows)
 
     def _inject(self, base: BaseModel, *, share: bool) -> LoraBank:
         # The LoRA path stays fp32 over a bf16 or int8 base.

@@ -64,7 +64,6 @@ OPTIMIZERS = {
 }
 GRADIENT = {o.name for o in OPTIMIZERS.values() if o.nevergrad is None}  # they back-propagate through the model
 TOP = 3  # the best distinct candidates of a search in another precision that are re-scored in fp32
-STOPS = ("budget", "converged", "stalled", "nonfinite")  # why a search ended
 
 
 @dataclass
@@ -105,10 +104,10 @@ class SearchResult:
     curve: list[dict] = field(default_factory=list)  # one entry per evaluation
     nonfinite: int = 0
     engine: str = ""  # the optimiser that actually ran (NGOpt delegates)
-    stop: str = "budget"  # why the search ended: one of STOPS
+    stop: str = "budget"  # why the search ended: one of recipe.STOPS
     precision: str = "fp32"  # what `objective` and `loss` were evaluated in
     phases: list[dict] = field(default_factory=list)  # [{phase, precision, evaluations}], in order
-    warm_start: dict | None = None  # where a `subspace` search started from and why
+    start: dict | None = None  # where a `subspace` search started from and why
     rescored: list[float] | None = None  # fp32 objectives of the best candidates of a search in another precision
 
 
@@ -135,7 +134,7 @@ class _Tracker:
         self.best_at = 0  # evaluations when the best of the current precision was found
         self.nonfinite = 0
         self.phases: list[dict] = []
-        self.warm_start: dict | None = None  # subspace search: where it started and why
+        self.start_point: dict | None = None  # subspace search: where it started and why
         self.directions: np.ndarray | None = None  # subspace search: (N, k), for the fp32 finish
 
     def phase(self, name: str, precision: str | None = None) -> None:
@@ -180,7 +179,7 @@ class _Tracker:
                 self.progress(self.current()[0])
         return objectives
 
-    def result(self, engine: str, stop: str, warm_start: dict | None = None, rescored=None) -> SearchResult:
+    def result(self, engine: str, stop: str, start: dict | None = None, rescored=None) -> SearchResult:
         precision = "fp32" if "fp32" in self.best else self.precision
         objective, loss, weights = self.best.get(precision, (float("inf"), float("inf"), None))
         return SearchResult(
@@ -194,8 +193,8 @@ class _Tracker:
             engine,
             stop,
             precision,
-            self.phases if len(self.phases) > 1 or warm_start else [],
-            warm_start,
+            self.phases if len(self.phases) > 1 or start else [],
+            start,
             rescored,
         )
 
@@ -231,8 +230,8 @@ def _value_and_grad(loss, w: torch.Tensor) -> tuple[float, torch.Tensor]:
         return loss.value_and_grad(w)
     w = w.detach().clone().requires_grad_(True)
     value = loss(w[None])[0]
-    if not torch.isfinite(value):
-        return float(value), torch.zeros_like(w)
+    if not torch.isfinite(value) or not value.requires_grad:
+        return float(value.detach()), torch.zeros_like(w)
     value.backward()
     return float(value.detach()), w.grad.detach()
 
@@ -284,7 +283,9 @@ FIRST_STEP = 0.25  # the most L-BFGS-B's first step moves one weight (COBYLA's f
 PATIENCE = 10  # evaluations without a better objective before L-BFGS-B or the subspace search stops
 
 
-def _lbfgs(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tracker, budget: int) -> tuple[str, str]:
+def _lbfgs(
+    loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tracker, budget: int, patience: int = PATIENCE
+) -> tuple[str, str]:
     """scipy's L-BFGS-B over the box on loss + l1 * mean sqrt(w^2 + SMOOTH^2), with the loss's exact gradient
     (one backward pass through the bank); every call is one evaluation of the budget. The tracker scores
     candidates with the true |w|.
@@ -298,7 +299,7 @@ def _lbfgs(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Track
     def evaluate(x: np.ndarray) -> tuple[float, np.ndarray] | None:
         if len(tracker.curve) >= budget:
             raise _Stop("budget")
-        if tracker.since_best() >= PATIENCE:
+        if tracker.since_best() >= patience:
             raise _Stop("stalled")
         value, grad = _value_and_grad(loss, torch.tensor(x, dtype=torch.float32))
         tracker.record(torch.tensor(x[None]), torch.tensor([value]))
@@ -346,6 +347,8 @@ def _lbfgs(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Track
 DIRECTIONS = 5  # how many directions of most negative curvature the subspace search spans
 LINE_TRIES = 3  # halvings of the line step, from the box's edge, before the line gives up
 RHO_BEGIN, RHO_END = 0.5, 0.1  # COBYLA's first and last trust radius in the subspace (unit directions)
+POLISH = 0  # L-BFGS-B evaluations (with gradients) after the subspace search
+POLISH_PATIENCE = 2
 FINISH_RHO = 0.1  # the trust radius the fp32 finish restarts COBYLA with
 FINISH_STEPS = 4  # fp32 COBYLA evaluations of the finish after a search in another precision
 
@@ -358,6 +361,8 @@ def _curvature(loss, n: int):
 
     w = torch.zeros(n, dtype=torch.float32, requires_grad=True)
     value = loss(w[None])[0]  # one evaluation: the gradient and each Hessian row are backward passes of it
+    if not value.requires_grad:  # a loss that does not depend on w
+        return Curvature(float(value), np.zeros(n), np.zeros((n, n)))
     (grad,) = torch.autograd.grad(value, w, create_graph=True)
     rows = [torch.autograd.grad(g, w, retain_graph=True, allow_unused=True)[0] for g in grad]
     hessian = torch.stack([torch.zeros(n) if r is None else r for r in rows])
@@ -404,7 +409,11 @@ def _cobyla(loss, tracker: _Tracker, start: np.ndarray, D: np.ndarray, rho: floa
     trust radius reaches RHO_END, raises _Stop at `budget` evaluations or after PATIENCE without progress."""
     from scipy.optimize import minimize
 
+    known = tracker.current()[0]  # `start` is the best point so far: COBYLA's first call, c = 0, is not repeated
+
     def objective(c: np.ndarray) -> float:
+        if not c.any() and np.isfinite(known):
+            return known
         if len(tracker.curve) >= budget:
             raise _Stop("budget")
         if tracker.since_best() >= PATIENCE:
@@ -428,12 +437,13 @@ def _subspace(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tr
     tracker.record(torch.zeros(1, n), torch.tensor([curvature.loss]))
     D, eigenvalues = directions(curvature, DIRECTIONS)
     tracker.directions = D
-    tracker.warm_start = {
-        "method": "curvature",
+    tracker.start_point = {
+        "method": "curvature",  # the directions: the second-order model at w = 0
+        "from": "given" if init.any() else "line",  # the start: a warm start given, or the line's best point
         "directions": D.shape[1],
         "eigenvalues": None if eigenvalues is None else [float(e) for e in eigenvalues],
         "line_step": None,
-        "start": None,
+        "weights": None,
     }
     try:
         if init.any():
@@ -443,14 +453,20 @@ def _subspace(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tr
         else:
             tracker.phase("line")
             step = _line(loss, tracker, D[:, 0], tracker.current()[0])
-            tracker.warm_start["line_step"] = step
+            tracker.start_point["line_step"] = step
             start = np.clip(step * D[:, 0], *BOUNDS)
-        tracker.warm_start["start"] = [float(x) for x in start]
+        tracker.start_point["weights"] = [float(x) for x in start]
         tracker.phase("subspace")
         _cobyla(loss, tracker, np.asarray(tracker.current()[2]), D, RHO_BEGIN, budget)
-        return "curvature + COBYLA", "converged"
-    except _Stop as stop:
-        return "curvature + COBYLA", stop.reason
+        stop = "converged"
+    except _Stop as stopped:
+        stop = stopped.reason
+    if POLISH and stop != "budget" and len(tracker.curve) < budget:
+        tracker.phase("polish")
+        tracker.best_at = len(tracker.curve)  # its patience counts from here
+        best = np.asarray(tracker.current()[2], dtype=float)
+        _, stop = _lbfgs(loss, n, best, config, tracker, min(budget, len(tracker.curve) + POLISH), POLISH_PATIENCE)
+    return "curvature + COBYLA", stop
 
 
 def _finish(fine, tracker: _Tracker, subspace: bool) -> list[float]:
@@ -495,4 +511,4 @@ def search(
     with quiet_optimizer():
         engine, stop = run(loss, n, init, config, tracker, config.budget - reserve)
         rescored = _finish(fine(), tracker, subspace) if finishing else None
-    return tracker.result(engine, stop, tracker.warm_start, rescored or None)
+    return tracker.result(engine, stop, tracker.start_point, rescored or None)
