@@ -111,11 +111,11 @@ def measure(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
         assert value == value, "the loss is finite"
         return (time.perf_counter() if device.type == "cuda" else cpu_seconds()) - start
 
-    eager = FewShotLoss(BaseModel(model, None, True, device, dtype), bank, batch, formula="elementwise")
+    eager = FewShotLoss(BaseModel(model, None, True, device, dtype), bank, batch, mode="elementwise")
     timed(eager)  # warm-up (first touch of the weights, kernel selection)
     eager_times = [timed(eager) for _ in range(repeats)]
     compiled_model = torch.compile(model)
-    compiled = FewShotLoss(BaseModel(compiled_model, None, True, device, dtype), bank, batch, formula="elementwise")
+    compiled = FewShotLoss(BaseModel(compiled_model, None, True, device, dtype), bank, batch, mode="elementwise")
     wall = time.perf_counter()
     first = timed(compiled)
     wall = time.perf_counter() - wall

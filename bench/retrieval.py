@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lorahub_cli import retrieval
-from lorahub_cli.cards.card import Card, Recipe
+from lorahub_cli.cards.card import Card, TextRecipe
 from lorahub_cli.cards.embedder import load_embedder
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.mirror import add_local
@@ -41,7 +41,7 @@ def build_library(home: Path, n: int, embedder) -> None:
     vectors = retrieval.normalise(torch.randn(n, embedder.dim, generator=torch.Generator().manual_seed(0)))
     for i in range(n):
         record = add_local(store, adapter, name=f"bench/{i:05d}").record
-        card = Card(embedder.id, embedder.revision, Recipe(), 100, vectors[i], [])
+        card = Card(embedder.id, embedder.revision, TextRecipe(), 100, vectors[i], [])
         store.update_card(record.id, card.save(record.path), card.embedder_key)
 
 

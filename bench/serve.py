@@ -201,6 +201,7 @@ def random_modules(model_dir: str, names: list[str]) -> dict[str, str]:
 def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[str], n_requests: int) -> dict:
     """A registry of the modules with cards from their tasks' first inputs, and requests from the others."""
     from lorahub_cli import retrieval
+    from lorahub_cli.cards.data import CardOptions
     from lorahub_cli.io import Example
     from lorahub_cli.registry import Store
     from lorahub_cli.registry.cards import card_from_source
@@ -215,7 +216,9 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
             # The card reads inputs only; the file format asks for a target all the same.
             data.write_text("".join(json.dumps({"input": x, "target": "-"}) + "\n" for x in inputs[:CARD_EXAMPLES]))
             add_local(store, Path(adapter_dirs[task]), name=task)
-            card_from_source(store, task, data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
+            card_from_source(
+                store, task, CardOptions(data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
+            )
     rng = random.Random(0)
     # Evenly over the traffic's tasks, shuffled so every batch mixes them.
     chosen = [
@@ -224,7 +227,7 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
     ]
     rng.shuffle(chosen)
     index = retrieval.CardIndex.from_store(store)
-    ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K)["inputs"]
+    ranked = retrieval.per_input(index, index.embedder(), [Example(text) for _, text in chosen], K).inputs
     from fixtures import fixture
 
     return {
@@ -234,8 +237,7 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
         "traffic_tasks": len(traffic),
         "adapter_dirs": {t: str(store.get(t).path) for t in task_inputs},
         "requests": [
-            {"task": t, "input": text, "routes": [r["id"] for r in entry["results"]]}
-            for (t, text), entry in zip(chosen, ranked)
+            {"task": t, "input": text, "routes": [m.id for m in matches]} for (t, text), matches in zip(chosen, ranked)
         ],
     }
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(BENCH.parent))
 import serve  # noqa: E402
 
 from lorahub_cli.registry import Store  # noqa: E402
-from lorahub_cli.serve.engine import Decoding, Engine, Request  # noqa: E402
+from lorahub_cli.serve.engine import Engine, Request, Session  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     serve.suppress_special(engine.base.model, engine.base.tokenizer, False)
     texts = [r["input"] for r in world["requests"]]
     engine.run([Request(t, max_new_tokens=2) for t in texts[:2]])  # warm-up
-    session, added, steps = Decoding(engine), 0, []
+    session, added, steps = Session(engine), 0, []
     while added < 40 or session.busy:
         joined = added < 40 and len(steps) % 2 == 0
         if joined:

@@ -1,7 +1,7 @@
 """Greedy decoding, one step at a time, of a batch whose rows come and go (continuous batching).
 
-    decoder = Decoder(base, bank=bank, formula="linear", max_batch=32)
-    decoder.add(key, token_ids, max_new_tokens=16, stop=["\\n"], weights=w)   # w: (N,) bank weights
+    decoder = Decoder(base, bank=bank, mode="linear", max_batch=32)
+    decoder.add(key, token_ids, max_new_tokens=16, stop=["\\n"], weights=SparseRow((2, 7), (0.5, 0.5)))
     while decoder.busy:
         for key, generated in decoder.step():   # the rows that finished at this step
             ...
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .compose.bank import append_rows, compact_rows
+from .compose.bank import SparseRow, append_rows, compact_rows
 from .errors import InputError
 
 
@@ -115,7 +115,7 @@ class _Row:
     prompt: list[int]
     limit: int
     stops: list[str]
-    weights: torch.Tensor | None  # (N,)
+    weights: SparseRow | None  # the row's bank columns and weights
     on_token: Callable | None  # (token id, log-probability, Generated when this token ended the row, else None)
     cancelled: Callable[[], bool] | None  # true: nobody waits for the row any more; it leaves with no answer
     tokens: list[int] = field(default_factory=list)
@@ -135,10 +135,10 @@ class _Batch:
 
 
 class Decoder:
-    """Continuous batching for one model (and one bank formula: a forward pass evaluates one); see the module
+    """Continuous batching for one model (and one bank mode: a forward pass evaluates one); see the module
     docstring. Not thread-safe: one thread adds and steps."""
 
-    def __init__(self, base, *, bank=None, formula: str | None = None, max_batch: int = 16):
+    def __init__(self, base, *, bank=None, mode: str | None = None, max_batch: int = 16):
         if not steppable(base):
             raise InputError(
                 "this model cannot be decoded step by step here (sliding-window attention, no "
@@ -147,7 +147,7 @@ class Decoder:
             )
         if max_batch < 1:
             raise InputError(f"the batch size is {max_batch}.", "Give a batch size of 1 or more.")
-        self.base, self.bank, self.formula, self.max_batch = base, bank, formula, max_batch
+        self.base, self.bank, self.mode, self.max_batch = base, bank, mode, max_batch
         self.model, self.tok = base.model, base.tokenizer
         self.device = base.device
         params = inspect.signature(type(self.model).forward).parameters
@@ -170,12 +170,13 @@ class Decoder:
         *,
         max_new_tokens: int,
         stop=(),
-        weights: torch.Tensor | None = None,
+        weights: SparseRow | None = None,
         on_token: Callable | None = None,
         cancelled: Callable[[], bool] | None = None,
     ) -> None:
-        """Queue a row. `on_token(token, logprob, Generated or None)` as each token is decoded; `cancelled()`
-        true at a step: the row leaves then, reported by `step` with None for its Generated."""
+        """Queue a row; `weights`: its composition over the bank. `on_token(token, logprob, Generated or None)`
+        as each token is decoded; `cancelled()` true at a step: the row leaves then, reported by `step` with None
+        for its Generated."""
         if (weights is None) != (self.bank is None):
             raise InputError("a row's weights and the decoder's bank must be given together.", "Pass both or neither.")
         if max_new_tokens < 1 or not ids:
@@ -234,7 +235,7 @@ class Decoder:
         dev = self.device
         bank_rows = None
         if self.bank is not None:
-            bank_rows = self.bank.rows(torch.stack([r.weights for r in rows]), self.formula)
+            bank_rows = self.bank.sparse_rows([r.weights for r in rows], self.mode)
         width = max(len(r.prompt) for r in rows)
         with self._composed(bank_rows):
             if self.base.is_seq2seq:
@@ -347,7 +348,7 @@ class Decoder:
 
 
 def drain(stepper, n: int, progress=None) -> list:
-    """Step a Decoder (or an engine's Decoding) whose keys are 0..n-1 until it is idle; results by key.
+    """Step a Decoder (or an engine's Session) whose keys are 0..n-1 until it is idle; results by key.
     `progress(k)` after each step that finished k rows."""
     results = [None] * n
     while stepper.busy:

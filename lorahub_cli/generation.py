@@ -1,27 +1,31 @@
 """Greedy generation for many inputs, each row under its own composition weights.
 
-    texts = generate(base, inputs, bank=bank, weights=W)   # W: (len(inputs), N) or (N,)
+    texts = generate(base, inputs, bank=bank, weights=W)   # W: (len(inputs), N) or (N,), or one SparseRow each
 
 Rows run longest input first, up to `batch_size` at a time, each under its own weight
-vector in the bank, so inputs that use different adapters share forward passes. Without a
+vector in the bank, so inputs that use different adapters share forward passes (weights given
+as SparseRows, a route's adapters and weights, stay sparse down to the bank). Without a
 bank it is the base model. Decoding is greedy (no sampling, one beam), as in the papers'
-protocol. `max_new_tokens` may be one limit per input. `batching="continuous"` (default):
+protocol. `max_new_tokens` may be one limit per input. `batching="continuous"` (default, settings.SERVE):
 `decoding.Decoder`'s step loop, where a row leaves at its end and the next input takes its
 place; "static": batches through `model.generate`, each decoding to its largest limit (each
 row keeps its own first tokens, which greedy decoding makes equal to stopping there).
 
 `generate_details` also returns each row's token ids, their log-probabilities (of the
 distribution greedy decoding chose from) and why it stopped: "eos_token", "stop_sequence"
-(a row's own stop strings: the text is cut before the first one) or "length".
+(a row's own stop strings: the text is cut before the first one) or "length";
+`generate_tokens` does the same from token ids (a server tokenises each request once, to check it).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .compose.bank import SparseRow, sparse
 from .decoding import Decoder, Generated, drain, finish, steppable
 from .errors import InputError
 from .models import BaseModel
+from .settings import SERVE
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -30,9 +34,14 @@ def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _row_weights(weights, rows: int, n: int) -> torch.Tensor | None:
+def _row_weights(weights, rows: int, n: int) -> list[SparseRow] | None:
+    """One SparseRow per input: `weights` as given (a list of them), or the rows of a dense (rows, n) or (n,) one."""
     if weights is None:
         return None
+    if isinstance(weights, list | tuple) and all(isinstance(w, SparseRow) for w in weights):
+        if len(weights) != rows:
+            raise InputError(f"{len(weights)} weight rows do not fit {rows} inputs.", "Give one row per input.")
+        return list(weights)
     W = torch.as_tensor(weights, dtype=torch.float32)
     W = W.expand(rows, n) if W.ndim == 1 else W
     if W.shape != (rows, n):
@@ -40,7 +49,7 @@ def _row_weights(weights, rows: int, n: int) -> torch.Tensor | None:
             f"weights of shape {tuple(W.shape)} do not fit {rows} inputs and {n} adapters.",
             f"Give one weight vector of length {n}, or one per input.",
         )
-    return W
+    return sparse(W)
 
 
 class _ChosenLogprobs:
@@ -60,45 +69,49 @@ def generate(base: BaseModel, inputs: list[str], **options) -> list[str]:
     return [g.text for g in generate_details(base, inputs, **options)]
 
 
+def generate_details(base: BaseModel, inputs: list[str], *, max_input_length: int = 1024, **options) -> list[Generated]:
+    """As `generate`, with each row's tokens, log-probabilities and finish reason (`generate_tokens`)."""
+    ids = base.tokenizer(list(inputs), truncation=True, max_length=max_input_length)["input_ids"]
+    return generate_tokens(base, ids, **options)
+
+
 @torch.no_grad()
-def generate_details(
+def generate_tokens(
     base: BaseModel,
-    inputs: list[str],
+    ids: list[list[int]],
     *,
     bank=None,
     weights=None,
-    formula: str | None = None,
+    mode: str | None = None,
     max_new_tokens: int | list[int] = 256,
     stop: list[list[str]] | None = None,
     batch_size: int = 16,
-    max_input_length: int = 1024,
     progress=None,
-    batching: str = "continuous",
+    batching: str = SERVE["batching"],
 ) -> list[Generated]:
-    """As `generate`, with each row's tokens, log-probabilities and finish reason; `stop`: strings per input.
+    """The greedy continuation of every tokenised input; `weights`: a (rows, N) or (N,) tensor, or one
+    SparseRow per input; `mode`: the bank mode (default: the bank's); `stop`: strings per input.
     `batching`: "continuous" (the step loop of `Decoder`) or "static" (whole batches through `model.generate`)."""
     if weights is not None and bank is None:
         raise InputError(
             "weights were given without a LoRA bank.", "Pass bank= with the adapters the weights refer to."
         )
-    limits = [max_new_tokens] * len(inputs) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if batch_size < 1 or len(limits) != len(inputs) or min(limits, default=1) < 1:
+    limits = [max_new_tokens] * len(ids) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if batch_size < 1 or len(limits) != len(ids) or min(limits, default=1) < 1:
         raise InputError(
             f"batch size {batch_size} and max new tokens {max_new_tokens} must be 1 or more, one limit "
             "or one per input.",
             "Give --batch-size and --max-new-tokens of 1 or more.",
         )
     check_batching(batching)
-    tok = base.tokenizer
-    ids = tok(list(inputs), truncation=True, max_length=max_input_length)["input_ids"]
-    W = _row_weights(weights, len(inputs), bank.n) if bank is not None else None
-    stops = stop or [[] for _ in inputs]
+    rows = _row_weights(weights, len(ids), bank.n) if bank is not None else None
+    stops = stop or [[] for _ in ids]
     if batching == "static" or not steppable(base):
-        return _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, progress)
-    decoder = Decoder(base, bank=bank, formula=formula, max_batch=batch_size)
+        return _generate_static(base, ids, bank, rows, mode, limits, stops, batch_size, progress)
+    decoder = Decoder(base, bank=bank, mode=mode, max_batch=batch_size)
     for i in _batches([len(x) for x in ids], len(ids))[0]:  # longest first, as static batches go
-        decoder.add(i, ids[i], max_new_tokens=limits[i], stop=stops[i], weights=None if W is None else W[i])
-    return drain(decoder, len(inputs), progress)
+        decoder.add(i, ids[i], max_new_tokens=limits[i], stop=stops[i], weights=None if rows is None else rows[i])
+    return drain(decoder, len(ids), progress)
 
 
 BATCHING = ("continuous", "static")
@@ -112,7 +125,7 @@ def check_batching(batching: str) -> str:
     return batching
 
 
-def _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, progress) -> list[Generated]:
+def _generate_static(base, ids, bank, weights, mode, limits, stops, batch_size, progress) -> list[Generated]:
     """Whole batches of similar length through `model.generate`: a batch decodes until its longest row is
     done (finished rows are padded), and nothing joins it. Kept as the baseline of continuous batching."""
     from transformers import LogitsProcessorList
@@ -141,10 +154,10 @@ def _generate_static(base, ids, bank, W, formula, limits, stops, batch_size, pro
             eos_token_id=tok.eos_token_id,
             logits_processor=LogitsProcessorList([recorder]),
         )
-        if W is None:
+        if weights is None:
             out = base.model.generate(**kwargs)
         else:
-            with bank.weights(W[batch], formula):
+            with bank.use(bank.sparse_rows([weights[i] for i in batch], mode)):
                 out = base.model.generate(**kwargs)
         # A seq2seq output starts with the decoder start token; a causal one with the prompt.
         out = (out[:, 1:] if base.is_seq2seq else out[:, width:]).tolist()

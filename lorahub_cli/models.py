@@ -127,6 +127,7 @@ def load_base_model(
 
     local = local_model_path(name_or_path)
     name_or_path = str(local) if local is not None else name_or_path
+    check_model_name(name_or_path)
     target = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, target)
     with hub_errors(name_or_path), quiet_loading():
@@ -140,6 +141,22 @@ def load_base_model(
         # Decoder-only tokenizers often have no pad token; padded positions are masked anyway.
         tokenizer.pad_token = tokenizer.eos_token
     return BaseModel(model, tokenizer, is_seq2seq, target, torch_dtype, name_or_path, trust_remote_code)
+
+
+def check_model_name(name_or_path: str) -> None:
+    """A folder that exists or a well-formed Hub id; transformers would report anything else as an OSError."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(name_or_path).expanduser().exists():
+        return
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        raise InputError(
+            f"'{name_or_path}' is neither a model folder nor a Hub model id (NAMESPACE/NAME).",
+            "Give --model-path the folder of a local copy of the base model.",
+        ) from None
 
 
 @dataclass

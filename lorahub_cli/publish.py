@@ -22,9 +22,9 @@ from urllib.parse import quote
 
 from .errors import HubError, InputError, LorahubError
 from .hub import api, endpoint, hub_errors
-from .io import read_json
 
 DEFAULT_MESSAGE = "Upload LoRA composed with lorahub"
+_HINT = "Push a folder written by: lorahub compose --out DIR"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle")
 
 
@@ -58,11 +58,11 @@ def check_repo_id(repo_id: str) -> None:
 
 
 def check_folder(folder: str | Path) -> list[str]:
-    """The files of a composition folder that push uploads, as sorted repo paths.
+    """The files of a composition folder that push uploads, as sorted repo paths (compose/folder.py lists them).
 
     Raises InputError, naming the file, if the folder is not what `lorahub compose --out` writes.
     """
-    from .compose.recipe import RECIPE_FILE
+    from .compose.folder import ROUTER_FILE, adapter_folders, composition_files, read_composition
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -73,76 +73,16 @@ def check_folder(folder: str | Path) -> list[str]:
             f"'{pickles[0]}' is a pickle file; push uploads safetensors only, and a pickle can run code when loaded.",
             "Delete it or move it out of the folder.",
         )
-    recipe = _read_recipe(folder)
-    level = recipe.get("level", "task")
-    if level == "task":
-        files = _task_files(folder)
-    elif level == "instance":
-        files = _instance_files(folder, recipe)
-    else:
-        raise InputError(f"{folder / RECIPE_FILE} has level '{level}'.", "A recipe's level is 'task' or 'instance'.")
-    return sorted(path.relative_to(folder).as_posix() for path in files)
-
-
-def _read_recipe(folder: Path) -> dict:
-    from .compose.recipe import RECIPE_FILE
-
-    path = folder / RECIPE_FILE
-    if not path.is_file():
-        raise InputError(f"'{folder}' has no {RECIPE_FILE}.", "Push a folder written by: lorahub compose --out DIR")
-    recipe = read_json(path, "Write the folder again with lorahub compose.")
-    if not isinstance(recipe, dict):
-        raise InputError(
-            f"{path} holds a {type(recipe).__name__}, not a JSON object.",
-            "Write the folder again with lorahub compose.",
-        )
-    return recipe
-
-
-def _task_files(folder: Path) -> list[Path]:
-    """One PEFT adapter with its recipe, plus its model card and embedding card when present."""
-    from .compose.adapters import CONFIG_FILE, SAFETENSORS_FILE
-    from .compose.recipe import RECIPE_FILE
-
-    _check_adapter(folder)
-    return [folder / CONFIG_FILE, folder / SAFETENSORS_FILE, folder / RECIPE_FILE, *_extras(folder)]
-
-
-def _instance_files(folder: Path, recipe: dict) -> list[Path]:
-    """One task-level folder per shot (listed in the recipe), the router, the recipe and the extras."""
-    from .compose.recipe import RECIPE_FILE, ROUTER_FILE
-
-    entries = recipe.get("compositions")
-    if (
-        not isinstance(entries, list)
-        or not entries
-        or not all(isinstance(e, dict) and isinstance(e.get("folder"), str) for e in entries)
-    ):
-        raise InputError(
-            f"{folder / RECIPE_FILE} is an instance-level recipe without a list of compositions and their folders.",
-            "Write the folder again with: lorahub compose --level instance --out DIR",
-        )
-    files = [folder / RECIPE_FILE, *_extras(folder)]
-    root = folder.resolve()
-    for entry in entries:
-        shot = folder / entry["folder"]
-        # The recipe decides which folders are uploaded: it must not reach outside this one.
-        if not shot.resolve().is_relative_to(root) or shot.resolve() == root or not shot.is_dir():
-            raise InputError(
-                f"{folder / RECIPE_FILE} lists composition folder '{entry['folder']}', "
-                f"which is not a folder inside '{folder}'.",
-                "Write the folder again with: lorahub compose --level instance --out DIR",
-            )
-        _read_recipe(shot)
-        files += _task_files(shot)
-    router = folder / ROUTER_FILE
-    if not router.is_file():
-        raise InputError(
-            f"'{folder}' is an instance-level composition without {ROUTER_FILE}.",
-            "Write the folder again with lorahub compose.",
-        )
-    _check_safetensors(router)
-    return files + [router]
+    recipe = read_composition(folder, _HINT)
+    for adapter in adapter_folders(folder, recipe):
+        if adapter != folder:
+            read_composition(adapter, _HINT)  # each shot's folder is a task-level composition of its own
+        _check_adapter(adapter)
+        _check_card(adapter)
+    if recipe.level == "instance":
+        _check_safetensors(folder / ROUTER_FILE)
+        _check_card(folder)
+    return sorted(path.relative_to(folder).as_posix() for path in composition_files(folder, recipe))
 
 
 def _check_adapter(folder: Path) -> None:
@@ -182,12 +122,10 @@ def _check_safetensors(path: Path) -> None:
         ) from None
 
 
-def _extras(folder: Path) -> list[Path]:
-    """The model card and the embedding card, which travel with an adapter when they are there."""
+def _check_card(folder: Path) -> None:
+    """The embedding card travels with an adapter when it is there: refuse a torn or damaged one."""
     from .cards.card import CARD_FILES, Card
-    from .compose.export import MODEL_CARD
 
-    extras = [folder / MODEL_CARD] if (folder / MODEL_CARD).is_file() else []
     present = [name for name in CARD_FILES if (folder / name).is_file()]
     if present:
         try:
@@ -197,8 +135,6 @@ def _extras(folder: Path) -> list[Path]:
             raise InputError(
                 error.message, f"Rebuild the card, or delete {' and '.join(present)} to push without it."
             ) from None
-        extras += [folder / name for name in CARD_FILES]
-    return extras
 
 
 def require_token() -> None:

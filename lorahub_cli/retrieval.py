@@ -11,11 +11,11 @@ picks the least similar adapters).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from .cards.card import Card, Recipe
+from .cards.card import Card, TextRecipe
 from .cards.embedder import Embedder, load_embedder
 from .errors import InputError, NotFoundError
 from .io import Example
@@ -34,6 +34,53 @@ def normalise(vectors: torch.Tensor) -> torch.Tensor:
     return vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+@dataclass(frozen=True)
+class Match:
+    """One adapter of a ranking and its cosine similarity to the query."""
+
+    id: str
+    score: float  # rounded to 6 decimals
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "score": self.score}
+
+
+@dataclass(frozen=True)
+class ShotRoute:
+    """Instance level: test input `input` goes to its most similar shot."""
+
+    input: int
+    shot: int
+    score: float
+
+    def to_json(self) -> dict:
+        return {"input": self.input, "shot": self.shot, "score": self.score}
+
+
+@dataclass
+class Ranking:
+    """What a retrieval finds, most similar first: one ranking (task level, one query), one per shot and the
+    inputs' routes (instance level), or one per input (per-input level). `to_json()` is `retrieve --json`."""
+
+    level: str  # task | instance | input | query
+    results: list[Match] = field(default_factory=list)  # task, query
+    shots: list[list[Match]] = field(default_factory=list)  # instance
+    routes: list[ShotRoute] = field(default_factory=list)  # instance, when inputs were given
+    inputs: list[list[Match]] = field(default_factory=list)  # input
+
+    def to_json(self) -> dict:
+        ranked = lambda matches: [m.to_json() for m in matches]  # noqa: E731
+        if self.level in ("task", "query"):
+            return {"level": self.level, "results": ranked(self.results)}
+        if self.level == "instance":
+            return {
+                "level": "instance",
+                "shots": [{"index": j, "results": ranked(shot)} for j, shot in enumerate(self.shots)],
+                "routes": [r.to_json() for r in self.routes],
+            }
+        return {"level": "input", "inputs": [{"index": j, "results": ranked(row)} for j, row in enumerate(self.inputs)]}
+
+
 @dataclass
 class CardIndex:
     """Every usable card of the registry as one in-memory float32 matrix."""
@@ -42,7 +89,7 @@ class CardIndex:
     matrix: torch.Tensor  # (n, dim), unit rows
     embedder_id: str
     embedder_revision: str
-    recipe: Recipe
+    text_recipe: TextRecipe  # how the cards embedded their examples; queries are embedded the same way
     base_model: str
 
     @classmethod
@@ -54,7 +101,7 @@ class CardIndex:
                 "their vectors cannot be compared.",
                 "Rebuild them with one embedder: lorahub card build ID --embedder NAME ...",
             )
-        instructions = {card.recipe.instruction for card in cards.values()}
+        instructions = {card.text_recipe.instruction for card in cards.values()}
         if len(instructions) > 1:
             raise InputError(
                 "the candidate cards use different instructions, so one query cannot match them all.",
@@ -63,7 +110,7 @@ class CardIndex:
         first = next(iter(cards.values()))
         ids = sorted(cards)
         matrix = normalise(torch.stack([cards[i].centroid for i in ids]).float())
-        return cls(ids, matrix, first.embedder_id, first.embedder_revision, first.recipe, base_model)
+        return cls(ids, matrix, first.embedder_id, first.embedder_revision, first.text_recipe, base_model)
 
     @classmethod
     def from_store(cls, store: Store, base_model: str | None = None) -> CardIndex:
@@ -92,20 +139,27 @@ class CardIndex:
             )
         return embedder
 
-    def results(self, scores: torch.Tensor, indices: torch.Tensor) -> list[dict]:
-        return [{"id": self.ids[i], "score": round(float(s), 6)} for s, i in zip(scores.tolist(), indices.tolist())]
+    def matches(self, scores: torch.Tensor, indices: torch.Tensor) -> list[Match]:
+        return [Match(self.ids[i], round(float(s), 6)) for s, i in zip(scores.tolist(), indices.tolist())]
+
+
+def embed_inputs(embedder: Embedder, instruction: str, inputs: list[str]) -> torch.Tensor:
+    """(n, dim) inputs embedded as every query is, without a target: the instruction, then the input."""
+    recipe = TextRecipe("input", instruction)
+    return embedder.encode([recipe.text(Example(text)) for text in inputs])
 
 
 def _embed(index: CardIndex, embedder: Embedder, examples: list[Example], with_target: bool) -> torch.Tensor:
-    recipe = index.recipe if with_target else Recipe("input", index.recipe.instruction, index.recipe.separator)
-    return embedder.encode([recipe.text(e) for e in examples])
+    if not with_target:
+        return embed_inputs(embedder, index.text_recipe.instruction, [e.input for e in examples])
+    return embedder.encode([index.text_recipe.text(e) for e in examples])
 
 
-def task_level(index: CardIndex, embedder: Embedder, shots: list[Example], k: int) -> dict:
+def task_level(index: CardIndex, embedder: Embedder, shots: list[Example], k: int) -> Ranking:
     """BatchComp: one ranking for the mean embedding of all shots."""
     query = normalise(_embed(index, embedder, shots, with_target=True).mean(dim=0, keepdim=True))
     scores, indices = top_k(query, index.matrix, k)
-    return {"level": "task", "results": index.results(scores[0], indices[0])}
+    return Ranking("task", results=index.matches(scores[0], indices[0]))
 
 
 def route(shot_inputs: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,28 +170,21 @@ def route(shot_inputs: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor
 
 def instance_level(
     index: CardIndex, embedder: Embedder, shots: list[Example], k: int, inputs: list[Example] | None = None
-) -> dict:
+) -> Ranking:
     """iLoraComp: top-k per shot (input + target); each input goes to its nearest shot (inputs only)."""
     scores, indices = top_k(_embed(index, embedder, shots, with_target=True), index.matrix, k)
-    answer = {
-        "level": "instance",
-        "shots": [{"index": j, "results": index.results(scores[j], indices[j])} for j in range(len(shots))],
-        "routes": [],
-    }
+    ranking = Ranking("instance", shots=[index.matches(scores[j], indices[j]) for j in range(len(shots))])
     if inputs:
         shot_inputs = _embed(index, embedder, shots, with_target=False)
         route_scores, shot_ids = route(shot_inputs, _embed(index, embedder, inputs, with_target=False))
-        answer["routes"] = [
-            {"input": i, "shot": int(j), "score": round(float(s), 6)}
+        ranking.routes = [
+            ShotRoute(i, int(j), round(float(s), 6))
             for i, (j, s) in enumerate(zip(shot_ids.tolist(), route_scores.tolist()))
         ]
-    return answer
+    return ranking
 
 
-def per_input(index: CardIndex, embedder: Embedder, inputs: list[Example], k: int) -> dict:
+def per_input(index: CardIndex, embedder: Embedder, inputs: list[Example], k: int) -> Ranking:
     """LoraRetriever: every input ranks the adapters on its own (embedded without a target)."""
     scores, indices = top_k(_embed(index, embedder, inputs, with_target=False), index.matrix, k)
-    return {
-        "level": "input",
-        "inputs": [{"index": j, "results": index.results(scores[j], indices[j])} for j in range(len(inputs))],
-    }
+    return Ranking("input", inputs=[index.matches(scores[j], indices[j]) for j in range(len(inputs))])

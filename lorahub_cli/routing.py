@@ -4,13 +4,15 @@ Two routers, each returning one `Route` per input (used by serving and by eval's
 
 - `RetrievalRouter` (LoraRetriever): every input retrieves its own top-k adapters by
   per-input retrieval against the registry's cards, and composes them with w = 1/k:
-  mixture = the linear formula (the average of the k modules' outputs),
-  fusion = the elementwise formula (the average of A and of B), single = top-1 alone.
+  mixture = the bank's linear mode (the average of the k modules' outputs),
+  fusion = its elementwise mode (the average of A and of B), single = top-1 alone.
 - `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
   every input to its most similar shot, answered by that shot's composition alone.
+- `AdapterRouter` (`generate --adapter`): every input is answered by one adapter, a task-level
+  composition or any PEFT LoRA folder, at weight 1.
 
-A `Route` names bank columns, so `weight_matrix` turns a list of routes into the
-(rows, N) matrix that `LoraBank.weights` and `generation.generate` take.
+A `Route` names bank columns and their weights: `route.row`, a SparseRow, is what
+`generation.generate` and `decoding.Decoder` take, sparse all the way to the bank.
 """
 
 from __future__ import annotations
@@ -19,37 +21,34 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compose.bank import SparseRow
 from .errors import InputError
 
-# compose mode -> the bank formula its rows run under; single is a one-hot row of either.
+# compose mode -> the bank mode its rows run under; single is a one-hot row of either.
 COMPOSE_MODES = {"mixture": "linear", "fusion": "elementwise", "single": "elementwise"}
 
 
 @dataclass(frozen=True)
 class Route:
-    """The composition one input gets: bank columns and their weights, under one bank formula."""
+    """The composition one input gets: bank columns and their weights, under one bank mode."""
 
     columns: tuple[int, ...]
     weights: tuple[float, ...]
-    formula: str  # linear | elementwise
+    mode: str  # linear | elementwise
     info: dict = field(default_factory=dict, compare=False)  # what to tell the user: adapters, shot, scores
 
-
-def weight_matrix(routes: list[Route], n: int) -> torch.Tensor:
-    """(rows, n) float32: row b holds route b's weights in its columns, zeros elsewhere."""
-    W = torch.zeros(len(routes), n)
-    for row, route in enumerate(routes):
-        W[row, list(route.columns)] = torch.tensor(route.weights)
-    return W
+    @property
+    def row(self) -> SparseRow:
+        return SparseRow(self.columns, self.weights)
 
 
-def check_mode(mode: str) -> str:
-    if mode not in COMPOSE_MODES:
+def check_compose(compose: str) -> str:
+    if compose not in COMPOSE_MODES:
         raise InputError(
-            f"compose mode '{mode}' is not one of {', '.join(COMPOSE_MODES)}.",
+            f"compose mode '{compose}' is not one of {', '.join(COMPOSE_MODES)}.",
             "Use mixture (average of outputs), fusion (average of A and B) or single (top-1).",
         )
-    return mode
+    return compose
 
 
 class RetrievalRouter:
@@ -60,33 +59,33 @@ class RetrievalRouter:
     def __init__(self, index, embedder, *, elementwise_ok: bool):
         self.index, self.embedder = index, embedder
         self.names = list(index.ids)
-        # One-hot rows are exact under either formula; elementwise is cheaper per token.
-        self.single_formula = "elementwise" if elementwise_ok else "linear"
+        # One-hot rows are exact in either mode; elementwise is cheaper per token.
+        self.single_mode = "elementwise" if elementwise_ok else "linear"
         self.elementwise_ok = elementwise_ok
 
-    def route(self, texts: list[str], ks: list[int], modes: list[str]) -> list[Route]:
+    def route(self, texts: list[str], ks: list[int], composes: list[str]) -> list[Route]:
         from .io import Example
         from .retrieval import per_input
 
-        for k, mode in zip(ks, modes):
-            check_mode(mode)
+        for k, compose in zip(ks, composes):
+            check_compose(compose)
             if k < 1:
                 raise InputError(f"k = {k} must be 1 or more.", "Use -k 3 (LoraRetriever's setting).")
-            if mode == "fusion" and not self.elementwise_ok:
+            if compose == "fusion" and not self.elementwise_ok:
                 raise InputError(
                     "fusion averages A and B, which needs adapters of one rank and one scaling.",
                     "Use --compose mixture.",
                 )
-        ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks))["inputs"]
+        ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks)).inputs
         column = {name: i for i, name in enumerate(self.names)}
         routes = []
-        for k, mode, entry in zip(ks, modes, ranked):
-            chosen = entry["results"][: 1 if mode == "single" else k]
+        for k, compose, matches in zip(ks, composes, ranked):
+            chosen = matches[: 1 if compose == "single" else k]
             weights = tuple(1.0 / len(chosen) for _ in chosen)
-            formula = self.single_formula if mode == "single" else COMPOSE_MODES[mode]
-            adapters = [{"id": r["id"], "weight": w, "score": r["score"]} for r, w in zip(chosen, weights)]
+            mode = self.single_mode if compose == "single" else COMPOSE_MODES[compose]
+            adapters = [{"id": m.id, "weight": w, "score": m.score} for m, w in zip(chosen, weights)]
             routes.append(
-                Route(tuple(column[r["id"]] for r in chosen), weights, formula, {"compose": mode, "adapters": adapters})
+                Route(tuple(column[m.id] for m in chosen), weights, mode, {"compose": compose, "adapters": adapters})
             )
         return routes
 
@@ -102,14 +101,13 @@ class ShotRouter:
         self.recipe, self.embedder = recipe, embedder  # recipe: an instance-level compose.recipe.Recipe
         self.shots = normalise(shots.float())  # (K, dim)
         self.names = [entry["folder"] for entry in recipe.compositions]
-        self.formula = "elementwise" if elementwise_ok else "linear"
+        self.mode = "elementwise" if elementwise_ok else "linear"
 
     def route(self, texts: list[str]) -> list[Route]:
         """Every input to its nearest shot (k and the compose mode do not apply)."""
-        from .retrieval import route
+        from .retrieval import embed_inputs, route
 
-        instruction = self.recipe.router["instruction"]
-        scores, shot_ids = route(self.shots, self.embedder.encode([instruction + t for t in texts]))
+        scores, shot_ids = route(self.shots, embed_inputs(self.embedder, self.recipe.router["instruction"], texts))
         routes = []
         for j, score in zip(shot_ids.tolist(), scores.tolist()):
             entry = self.recipe.compositions[j]
@@ -121,5 +119,19 @@ class ShotRouter:
                 "score": round(score, 6),
                 "adapters": adapters,
             }
-            routes.append(Route((j,), (1.0,), self.formula, info))
+            routes.append(Route((j,), (1.0,), self.mode, info))
         return routes
+
+
+class AdapterRouter:
+    """One adapter answers every input: bank column 0 at weight 1 (a one-hot row is exact in either bank mode)."""
+
+    retrieves = False  # k and the compose mode do not apply
+
+    def __init__(self, name: str, *, elementwise_ok: bool):
+        self.names = [name]
+        self.mode = "elementwise" if elementwise_ok else "linear"
+
+    def route(self, texts: list[str]) -> list[Route]:
+        info = {"compose": "adapter", "adapters": [{"id": self.names[0], "weight": 1.0}]}
+        return [Route((0,), (1.0,), self.mode, info) for _ in texts]

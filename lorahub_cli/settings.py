@@ -14,12 +14,16 @@ LORARETRIEVER_INSTRUCTION = "Represent the sentence for similar task retrieval: 
 """LoraRetriever's prefix for every embedded input (queries, inputs-only cards, retriever training)."""
 
 DEFAULT_TOP_K = 20
+CARD_MAX_EXAMPLES = 1000  # training examples read for one card
 CARD_MAX_EXAMPLE_EMBEDDINGS = 256
 CARD_NEAREST_EXAMPLES = 3
+SYNC_WORKERS = 4  # parallel downloads of `registry sync`
 
 # --- Defaults: the one place each is set; the CLI's options, the library's dataclasses and eval read them. ---
 
 COMPOSE = {
+    "level": "task",  # task (one composition) | instance (one per shot, iLoraComp)
+    "modules": "auto",  # auto (retrieval) | random (LoraHub)
     "formula": "elementwise",
     "num_modules": 20,  # LoraHub's N
     "optimizer": "ngopt",  # LoraHub's choice, and the best quality per second measured (docs/benchmarks.md)
@@ -37,15 +41,55 @@ COMPOSE = {
     "device": "auto",
 }
 EVAL = {
+    "bbh_base_model": "google/flan-t5-large",  # the papers' base model
     "shots": 5,
     "seeds": "1,2,3",
     "max_new_tokens": 256,
     "batch_size": 16,
-    "methods": "zero-shot,icl,lorahub,batchcomp,instance,fft",
+    "methods": "zero-shot,icl,single-best,uniform,lorahub,batchcomp,instance,fft",
+    # full fine-tuning, the papers' upper bound: 40 epochs, lr 3e-5, batch 5
+    "fft_epochs": 40,
+    "fft_lr": 3e-5,
+    "fft_batch": 5,
 }
-# The demo's default held-out task: see docs/demo.md (the demo table) for why this one.
-DEMO = {"task": "larger_option", "seed": 1, "shots": 5, "num_modules": 5, "max_new_tokens": 32, "batch_size": 32}
-SERVE = {"k": 3, "compose": "mixture", "max_new_tokens": 128, "batch_size": 32, "max_input_tokens": 1024}
+# task None: the demo library's own default, the held-out task with the median gain (demo/library.default_task).
+DEMO = {"task": None, "seed": 1, "shots": 5, "num_modules": 5, "max_new_tokens": 32, "batch_size": 32}
+SERVE = {
+    # the engine (`lorahub generate` and `lorahub serve`)
+    "k": 3,
+    "compose": "mixture",
+    "max_new_tokens": 128,
+    "batch_size": 32,  # also the server's rows decoded together
+    "max_input_tokens": 1024,
+    "batching": "continuous",  # or static
+    "dtype": "auto",  # bfloat16 where fast
+    "device": "auto",
+    # the HTTP server (`lorahub serve`)
+    "host": "127.0.0.1",
+    "port": 8000,
+    "batch_window_ms": 10.0,  # how long an idle server waits for a batch to fill
+    "max_queue": 256,  # waiting requests; beyond it, 503
+    "max_input_chars": 16_000,
+    "max_prompts": 64,  # prompts in one OpenAI completion
+    "shutdown_timeout": 60.0,  # seconds open requests get on SIGTERM
+    # bounds on a request's fields besides the input (TGI's and OpenAI's limit of 4 stop sequences)
+    "max_stops": 4,
+    "max_stop_chars": 256,
+    "max_id_chars": 256,  # an adapter id (registry ids are at most 193), a merge strategy, OpenAI's user
+    "max_model_chars": 4096,  # OpenAI's model: the base model's name, which may be a local path
+}
+# `retriever train` (LoraRetriever's contrastive fine-tuning of the card embedder)
+RETRIEVER = {
+    "tasks_fraction": 0.4,  # share of adapters trained on; the rest are the unseen tasks
+    "epochs": 1,  # one epoch: every training example is an anchor about once
+    "batch_size": 32,  # adapters per step (capped by the number of training adapters)
+    "learning_rate": 2e-5,
+    "warmup_fraction": 0.1,
+    "max_examples": 200,  # per adapter, read from its card's training data
+    "eval_queries": 20,  # per held-out adapter
+    "seed": 42,
+}
+WALKTHROUGH = {"task": "sentiment", "k": 3}
 
 
 def home() -> Path:

@@ -11,6 +11,7 @@ import pytest
 from hubserver import hub, hub_env  # noqa: F401  (fixtures)
 from tiny_models import make_lora_adapter, save_tiny_base
 
+from lorahub_cli.cards.data import CardOptions
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
@@ -98,7 +99,7 @@ def build_library(root, kind="t5", with_cards=True):
         folder = make_lora_adapter(model, root / kind / task, r=4, alpha=8, seed=seed, base_model_name=str(base_dir))
         add_local(store, folder, name=task)
         if with_cards:
-            card_from_source(store, task, data=EXAMPLES / "data" / f"{task}.jsonl")
+            card_from_source(store, task, CardOptions(data=EXAMPLES / "data" / f"{task}.jsonl"))
     return home, base_dir
 
 

@@ -27,8 +27,8 @@ from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
-from lorahub_cli.compose.bank import BankedLayer, LoraBank
-from lorahub_cli.compose.formulas import FORMULAS, compose
+from lorahub_cli.compose.bank import BankedLayer, LoraBank, SparseRow, sparse
+from lorahub_cli.compose.formulas import FORMULAS, combine
 from lorahub_cli.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +72,7 @@ def merged_logits(model, modules, batch, delta_of):
 
 
 def composed_logits(model, adapters, weights, formula, batch):
-    composed = compose(adapters, weights, formula)
+    composed = combine(adapters, weights, formula)
     return merged_logits(model, composed.modules, batch, composed.delta)
 
 
@@ -117,7 +117,7 @@ def test_linear_with_mixed_ranks_and_scalings(adapter_sets, kind):
             want = composed_logits(reference, adapters, W[b], "linear", rows_of(batch, [b]))
             torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
     with pytest.raises(InputError, match="one rank and one scaling"):
-        bank.weights(W, formula="elementwise").__enter__()
+        bank.weights(W, mode="elementwise").__enter__()
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -165,7 +165,7 @@ def test_composed_adapter_reloaded_by_peft_matches_the_bank(adapter_sets, kind, 
     adapters = adapter_sets[kind]["same"]
     model = tiny_model(kind)
     batch, w = tiny_batch(model, rows=2), torch.tensor([0.7, -0.4, 1.1])
-    folder = save_adapter(compose(adapters, w, formula), tmp_path / "composed")
+    folder = save_adapter(combine(adapters, w, formula), tmp_path / "composed")
     peft_model = PeftModel.from_pretrained(copy.deepcopy(model), folder)
     bank = LoraBank(model, adapters, formula)
     with torch.no_grad(), bank.weights(w):  # (N,): the same vector in every row
@@ -251,9 +251,9 @@ def test_a_shared_bank_holds_the_adapters_factors_once(adapter_sets, kind):
     adapters = copy.deepcopy(adapter_sets[kind]["mixed"])  # mixed ranks: the slices are at their offsets
     before = [{m: (A.clone(), B.clone()) for m, (A, B) in a.modules.items()} for a in adapters]
     weights = torch.tensor([0.5, -1.0, 0.25])
-    composed = compose(adapters, weights, "linear")
+    composed = combine(adapters, weights, "linear")
     model = tiny_model(kind)
-    bank = LoraBank(model, adapters, formula="linear", share=True)
+    bank = LoraBank(model, adapters, mode="linear", share=True)
     for module in adapters[0].modules:
         layer = model.get_submodule(module)
         for adapter, original in zip(adapters, before):
@@ -262,7 +262,7 @@ def test_a_shared_bank_holds_the_adapters_factors_once(adapter_sets, kind):
             assert B.untyped_storage().data_ptr() == layer.lora_B.untyped_storage().data_ptr()
             assert torch.equal(A, original[module][0]) and torch.equal(B, original[module][1])
     bank.remove()
-    again = compose(adapters, weights, "linear")  # the export reads the shared factors: bit for bit the same
+    again = combine(adapters, weights, "linear")  # the export reads the shared factors: bit for bit the same
     assert all(torch.equal(again.modules[m][i], composed.modules[m][i]) for m in composed.modules for i in (0, 1))
     # Where the bank holds the factors in another dtype, the adapters keep their own.
     kept = copy.deepcopy(adapter_sets[kind]["same"])
@@ -276,8 +276,8 @@ def test_bad_weights_and_batches_are_refused(adapter_sets):
     bank = LoraBank(model, adapter_sets["llama"]["same"])
     with pytest.raises(InputError, match=r"shape \(2, 4\) do not fit a bank of 3 adapters"):
         bank.weights(torch.ones(2, 4)).__enter__()
-    with pytest.raises(InputError, match="cannot evaluate formula 'ties'"):
-        bank.weights(torch.ones(N), formula="ties").__enter__()
+    with pytest.raises(InputError, match="cannot evaluate 'ties'"):
+        bank.weights(torch.ones(N), mode="ties").__enter__()
     with bank.weights(torch.ones(2, N)), pytest.raises(InputError, match="batch of 3 rows cannot be split among 2"):
         logits(model, tiny_batch(model, rows=3))
 
@@ -322,7 +322,7 @@ def test_grouped_rows_equal_the_dense_bank_peft_and_the_merged_composition(spars
     bank = LoraBank(model, adapters, formula)
     with torch.no_grad():
         with bank.weights(W):
-            rows = bank._state.grouped
+            rows = bank._state.rows.grouped
             assert rows is not None, "sparse rows take the grouped path by default"
             got = logits(model, batch)
         with bank.weights(W, grouped=False):
@@ -342,7 +342,7 @@ def test_grouped_rows_equal_the_dense_bank_peft_and_the_merged_composition(spars
             want = composed_logits(reference, subset, w, formula, rows_of(batch, [b]))
             assert (want[0] - base[b]).abs().max() > 1e-3  # 100 x the tolerance: the comparison can fail
             torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
-            folder = save_adapter(compose(subset, w, formula), tmp_path / f"row-{b}")
+            folder = save_adapter(combine(subset, w, formula), tmp_path / f"row-{b}")
             peft_model = PeftModel.from_pretrained(copy.deepcopy(reference), folder).eval()
             torch.testing.assert_close(got[b : b + 1], logits(peft_model, rows_of(batch, [b])), rtol=1e-5, atol=1e-5)
 
@@ -371,3 +371,47 @@ def test_grouped_rows_broadcast_over_examples_and_keep_bf16_close(sparse_sets, f
         rounding = (logits(reference.to(torch.bfloat16), batch) - base).abs().amax(dim=(1, 2))  # (rows,)
     effect = (per_row - base).abs().amax(dim=(1, 2))
     assert ((low - per_row).abs().amax(dim=(1, 2)) <= BF16_OF_EFFECT * effect + 2 * rounding).all()
+
+
+@pytest.mark.parametrize("mode, ranks", [("linear", "mixed"), ("linear", "same"), ("elementwise", "same")])
+def test_sparse_rows_reach_the_bank_sparse_and_give_the_dense_weights_logits_bit_for_bit(sparse_sets, mode, ranks):
+    """A route's SparseRow goes to the bank as it is: the grouped path builds no (P, N) matrix, and the logits
+    equal those of the dense matrix bit for bit, whatever order a row lists its adapters in."""
+    adapters = sparse_sets["t5"][ranks]
+    model = tiny_model("t5")
+    W = sparse_weights()
+    W[3, [1, 2, 4]] = torch.tensor([0.25, -0.5, 0.25])  # ties in |w|, beside the 1/3 ties of row 1
+    batch = tiny_batch(model, rows=len(W))
+    bank = LoraBank(model, adapters, mode)
+    rows = sparse(W)
+    assert rows[1].columns == (0, 2, 5) and rows[3].columns == (1, 2, 4), "sparse() reads the nonzero entries"
+    reversed_rows = [SparseRow(r.columns[::-1], r.weights[::-1]) for r in rows]
+    grouped = bank.sparse_rows(rows)
+    assert grouped.W is None and grouped.grouped is not None, "no dense matrix on the grouped path"
+    with torch.no_grad():
+        with bank.use(grouped):
+            got = logits(model, batch)
+        with bank.use(bank.sparse_rows(reversed_rows)):
+            reordered = logits(model, batch)
+        with bank.weights(W):
+            from_dense = logits(model, batch)
+        with bank.use(bank.sparse_rows(rows, grouped=False)):
+            dense = logits(model, batch)
+        with bank.weights(W, grouped=False):
+            dense_from_dense = logits(model, batch)
+        base = logits(tiny_model("t5"), batch)
+    assert torch.equal(got, reordered) and torch.equal(got, from_dense)
+    assert torch.equal(dense, dense_from_dense)
+    torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-5)
+    assert (got - base).abs().amax() > 1e-3, "the rows move the logits, so the comparisons can fail"
+
+
+def test_bad_sparse_rows_are_refused(sparse_sets):
+    bank = LoraBank(tiny_model("t5"), sparse_sets["t5"]["same"])
+    for row, message in [
+        (SparseRow((0, 1), (1.0,)), "2 columns and 1 weights"),
+        (SparseRow((0, 0), (0.5, 0.5)), r"columns \[0, 0\], not distinct ones of 0..5"),
+        (SparseRow((6,), (1.0,)), r"columns \[6\], not distinct ones of 0..5"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            bank.sparse_rows([row])

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import EXAMPLES
 
-from lorahub_cli.cards.card import CARD_JSON, CARD_TENSORS, Card, Recipe, build_card
+from lorahub_cli.cards.card import CARD_JSON, CARD_TENSORS, Card, TextRecipe, build_card
 from lorahub_cli.cards.embedder import load_embedder
 from lorahub_cli.errors import IntegrityError, NotFoundError
 from lorahub_cli.io import Example, read_examples
@@ -17,17 +17,17 @@ def embedder():
 
 def test_recipes():
     example = Example("2+2?", "4")
-    assert Recipe().text(example) == "2+2?\n4"
-    assert Recipe("input", "Represent: ").text(example) == "Represent: 2+2?"
-    assert Recipe().text(Example("2+2?")) == "2+2?", "a query without a target embeds its input only"
+    assert TextRecipe().text(example) == "2+2?\n4"
+    assert TextRecipe("input", "Represent: ").text(example) == "Represent: 2+2?"
+    assert TextRecipe().text(Example("2+2?")) == "2+2?", "a query without a target embeds its input only"
     with pytest.raises(ValueError):
-        Recipe("target")
+        TextRecipe("target")
 
 
 def test_card_contents(embedder, tmp_path):
     examples = read_examples(EXAMPLES / "data" / "capitals.jsonl")
     card = build_card(examples, embedder, keep_embeddings=16, source={"type": "test"})
-    vectors = embedder.encode([Recipe().text(e) for e in examples])
+    vectors = embedder.encode([TextRecipe().text(e) for e in examples])
     expected = vectors.mean(0) / vectors.mean(0).norm()
     assert card.embedder_id == "sentence-transformers/all-MiniLM-L6-v2" and card.dim == 384
     assert card.n_examples == len(examples) == 80

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from tiny_models import make_lora_adapter
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from lorahub_cli.compose.search import OPTIMIZERS
+from lorahub_cli.compose.pipeline import ComposeOptions
+from lorahub_cli.compose.search import OPTIMIZERS, SearchConfig
+from lorahub_cli.errors import InputError
 from lorahub_cli.io import read_examples
 from lorahub_cli.models import encode, load_base_model, token_losses
 from lorahub_cli.registry import Store
@@ -47,7 +49,8 @@ def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path):
     )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"out", "weights", "loss", "evaluations", "seconds"} and summary["evaluations"] == 6
+    keys = {"out", "weights", "loss", "modules", "search", "evaluations", "seconds", "shots", "base_loss", "next"}
+    assert set(summary) == keys and summary["evaluations"] == 6
     assert list(summary["weights"])[0] == "capitals", "auto selection ranks the shots' own task first"
     recipe = json.loads((out / "lorahub_recipe.json").read_text())
     assert recipe["formula"] == "elementwise" and recipe["selection"]["method"] == "auto"
@@ -293,6 +296,23 @@ def test_errors_before_any_work(cli, t5_home, tmp_path):
     foreign = cli("compose", "--shots", SHOTS, "--modules", "capitals,other", "--out", tmp_path / "f")
     assert foreign.code == 2 and "someone/else" in foreign.stderr
     assert not (tmp_path / "f").exists() and not (tmp_path / "x").exists()
+
+
+def test_compose_options_are_checked_once_when_made():
+    """ComposeOptions normalises and checks itself (issue 17 §3): the layers below it trust it."""
+    options = ComposeOptions(weights={"a": 0.5, "b": 0.5})
+    assert options.modules == ["a", "b"], "fixed weights without --modules compose exactly the weighted modules"
+    assert ComposeOptions(weights={"a": 1.0}, modules=["a", "b"]).modules == ["a", "b"]
+    for bad, message in (
+        (dict(modules="most"), "--modules 'most' is not auto, random or a list of ids"),
+        (dict(num_modules=0), "-n 0 is too small"),
+        (dict(formula="nope"), "unknown formula 'nope'"),
+        (dict(formula="svd", formula_options={"svd_rank": -3}), "svd_rank must be a whole number of 1 or more, got -3"),
+        (dict(search=SearchConfig(seed=2**70)), f"--seed {2**70} is out of range"),
+        (dict(search=SearchConfig(seed=-1)), "--seed -1 is out of range"),
+    ):
+        with pytest.raises(InputError, match=message):
+            ComposeOptions(**bad)
 
 
 def test_interrupt_leaves_no_output(cli, t5_home, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -191,10 +192,96 @@ def test_composing_leaves_the_shared_base_model_unchanged(t5_home, task_dir):
     )
     shots, inputs = suite.tasks["capitals"][:5], [e.input for e in suite.tasks["capitals"][5:9]]
     before = methods_module.zero_shot(ctx, shots, inputs, 1).predictions
-    for method in ("lorahub", "batchcomp", "instance"):
+    for method in ("single-best", "uniform", "lorahub", "batchcomp", "instance"):
         methods_module.RUNNERS[method](ctx, shots, inputs, 1)
     assert methods_module.zero_shot(ctx, shots, inputs, 1).predictions == before
     assert not any(type(m).__name__ == "BankedLayer" for m in ctx.base.model.modules())
+
+
+def _retrieved(ctx, shots):
+    from lorahub_cli import retrieval
+
+    index = retrieval.CardIndex.from_store(ctx.store, ctx.config.base_model)
+    ranked = retrieval.task_level(index, index.embedder(), shots, ctx.config.num_modules).results
+    return [ctx.store.get(m.id) for m in ranked]
+
+
+def _generate_merged(ctx, inputs, deltas: dict) -> list[str]:
+    """Greedy answers of a copy of the base model with W + delta written into its weights."""
+    import torch
+
+    from lorahub_cli.generation import generate
+
+    merged = copy.deepcopy(ctx.base.model)
+    with torch.no_grad():
+        for module, delta in deltas.items():
+            merged.get_submodule(module).weight += delta.to(torch.float32)
+    base = dataclasses.replace(ctx.base, model=merged, _fp32=None)
+    return generate(base, inputs, max_new_tokens=ctx.config.max_new_tokens)
+
+
+def test_single_best_is_the_retrieved_module_with_the_lowest_loss_alone(t5_home, task_dir):
+    import torch
+    from peft import PeftModel
+
+    from lorahub_cli.compose.adapters import load_adapter
+    from lorahub_cli.models import encode
+
+    home, base_dir = t5_home
+    suite = tasks.load_task_dir(task_dir)
+    ctx = Context(EvalConfig(base_model=str(base_dir), num_modules=3, max_new_tokens=4, dtype="float32"), Store(home))
+    shots, inputs = suite.tasks["addition"][:5], [e.input for e in suite.tasks["addition"][5:10]]
+    answer = methods_module.single_best(ctx, shots, inputs, 1)
+    records = _retrieved(ctx, shots)
+    # Each module's loss on its own, through PEFT (not the bank): Hugging Face's mean over all target tokens.
+    batch = encode(ctx.base, shots)
+    losses = {}
+    for record in records:
+        model = PeftModel.from_pretrained(copy.deepcopy(ctx.base.model), str(record.path)).eval()
+        with torch.no_grad():
+            losses[record.id] = float(model(**batch.inputs, labels=batch.labels).loss)
+    assert answer.detail["losses"] == pytest.approx(losses, abs=1e-4)
+    best = min(losses, key=losses.get)
+    assert answer.detail["chosen"] == best and answer.detail["evaluations"] == 3
+    assert len(set(losses.values())) == 3, "the modules must differ for the argmin to mean anything"
+    adapter = load_adapter(ctx.store.get(best).path)
+    assert answer.predictions == _generate_merged(ctx, inputs, {m: adapter.delta(m) for m in adapter.modules})
+
+
+def test_uniform_is_the_elementwise_formula_at_one_over_n(t5_home, task_dir):
+    import torch
+
+    from lorahub_cli.compose.adapters import load_adapter
+
+    home, base_dir = t5_home
+    suite = tasks.load_task_dir(task_dir)
+    ctx = Context(EvalConfig(base_model=str(base_dir), num_modules=3, max_new_tokens=4, dtype="float32"), Store(home))
+    shots, inputs = suite.tasks["capitals"][:5], [e.input for e in suite.tasks["capitals"][5:10]]
+    answer = methods_module.RUNNERS["uniform"](ctx, shots, inputs, 1)
+    records = _retrieved(ctx, shots)
+    assert answer.detail["modules"] == {r.id: pytest.approx(1 / 3, abs=1e-6) for r in records}
+    assert answer.detail["evaluations"] == 0  # no search
+    # The formula by hand: A = sum_i A_i / N, B = sum_i B_i / N, delta = s * B @ A.
+    adapters = [load_adapter(r.path) for r in records]
+    deltas = {}
+    for module in adapters[0].modules:
+        A = torch.stack([a.modules[module][0].double() for a in adapters]).mean(0)
+        B = torch.stack([a.modules[module][1].double() for a in adapters]).mean(0)
+        deltas[module] = adapters[0].scaling * (B @ A)
+    assert answer.predictions == _generate_merged(ctx, inputs, deltas)
+
+
+def test_the_report_has_a_most_frequent_answer_line(tmp_path):
+    examples = {"t": [Example(str(i), "yes" if i < 7 else "No.") for i in range(10)]}
+    cells = [
+        {**cell("t", 1, "zero-shot", 10.0), "test": [0, 1, 7, 8, 9]},  # yes, yes, no, no, no: 60%
+        {**cell("t", 2, "zero-shot", 20.0), "test": [0, 1, 2, 3, 9]},  # four yes: 80%
+    ]
+    summary = report.write_report(tmp_path, "T", {}, cells, [], examples)
+    assert summary["most_frequent"]["tasks"]["t"] == {"mean": 70.0, "std": pytest.approx(14.14, abs=0.01), "n": 2}
+    text = (tmp_path / "report.md").read_text()
+    assert "| task | zero-shot | most frequent |" in text and "| t | 15.0 ± 7.1 | 70.0 ± 14.1 |" in text
+    assert "Most frequent answer: always giving each test set's most frequent target scores 70.0 ± 14.1" in text
 
 
 def test_a_killed_run_resumes_from_the_finished_cells(t5_home, task_dir, tmp_path, monkeypatch):

@@ -26,7 +26,7 @@ from tiny_models import (
 )
 
 from lorahub_cli.compose.adapters import LoraAdapter, check_compatible, load_adapter, save_adapter
-from lorahub_cli.compose.formulas import FORMULAS, compose, elementwise, fusion, linear
+from lorahub_cli.compose.formulas import FORMULAS, combine, elementwise, fusion, linear
 from lorahub_cli.errors import InputError, NotFoundError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,7 +89,7 @@ ONE_HOT = {"elementwise": {}, "linear": {}, "svd": {}, "dare_linear": {"density"
 def test_one_hot_weights_reproduce_that_adapter(name, chosen):
     adapters = [memory_adapter(f"a{i}", seed=i) for i in range(3)]
     weights = torch.nn.functional.one_hot(torch.tensor(chosen), 3).double()
-    composed = compose(adapters, weights, name, **ONE_HOT[name])
+    composed = combine(adapters, weights, name, **ONE_HOT[name])
     for module in adapters[0].modules:
         torch.testing.assert_close(composed.delta(module), adapters[chosen].delta(module), rtol=1e-6, atol=1e-6)
 
@@ -97,7 +97,7 @@ def test_one_hot_weights_reproduce_that_adapter(name, chosen):
 @pytest.mark.parametrize("name", WEIGHTED)
 def test_zero_weights_give_zero_delta(name):
     adapters = [memory_adapter(f"a{i}", seed=i) for i in range(3)]
-    composed = compose(adapters, [0.0, 0.0, 0.0], name, **OPTIONS.get(name, {}))
+    composed = combine(adapters, [0.0, 0.0, 0.0], name, **OPTIONS.get(name, {}))
     for module in composed.modules:
         assert torch.count_nonzero(composed.delta(module)) == 0
 
@@ -107,7 +107,7 @@ def test_every_formula_checks_the_base_model(name):
     adapters = [memory_adapter("a0", seed=0), memory_adapter("a1", seed=1, base_model_name_or_path="other")]
     weights = None if FORMULAS[name].fixed_weights else [1.0, 1.0]
     with pytest.raises(InputError, match="'a1' has base model 'other' but 'a0' has 'base'"):
-        compose(adapters, weights, name, **OPTIONS.get(name, {}))
+        combine(adapters, weights, name, **OPTIONS.get(name, {}))
 
 
 # ---- the checks before composing ------------------------------------------------------------
@@ -116,15 +116,15 @@ def test_every_formula_checks_the_base_model(name):
 def test_rank_mismatch_is_refused_for_elementwise_but_fine_for_linear():
     adapters = [memory_adapter("a0", seed=0), memory_adapter("a1", seed=1, r=3, alpha=6.0)]
     with pytest.raises(InputError, match="'a1' has rank r 3 but 'a0' has 2") as err:
-        compose(adapters, [1.0, 1.0], "elementwise")
+        combine(adapters, [1.0, 1.0], "elementwise")
     assert "linear" in err.value.hint
-    assert compose(adapters, [1.0, 1.0], "linear").r == 5
+    assert combine(adapters, [1.0, 1.0], "linear").r == 5
 
 
 def test_scaling_mismatch_is_refused_for_elementwise():
     adapters = [memory_adapter("a0", seed=0), memory_adapter("a1", seed=1, alpha=8.0)]
     with pytest.raises(InputError, match="scaling"):
-        compose(adapters, [1.0, 1.0], "elementwise")
+        combine(adapters, [1.0, 1.0], "elementwise")
 
 
 def test_target_module_mismatch_names_the_module():
@@ -149,7 +149,7 @@ def test_target_module_mismatch_names_the_module():
 def test_bad_weights_options_and_formulas_are_refused(weights, formula, options, message):
     adapters = [memory_adapter("a0", seed=0), memory_adapter("a1", seed=1)]
     with pytest.raises(InputError, match=message):
-        compose(adapters, weights, formula, **options)
+        combine(adapters, weights, formula, **options)
 
 
 # ---- adapter folders ------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_matches_peft_add_weighted_adapter(kind, name, tmp_path, monkeypatch):
     names = [p.name for p in paths]
     peft_model.add_weighted_adapter(names, weights, "merged", combination_type=PEFT_TWINS[name], **options)
     peft_model.set_adapter("merged")
-    composed = compose([load_adapter(p) for p in paths], weights, name, **options)
+    composed = combine([load_adapter(p) for p in paths], weights, name, **options)
 
     assert_same_deltas(peft_model, "merged", composed)
     batch = tiny_batch(model, rows=2)
@@ -302,7 +302,7 @@ def test_elementwise_matches_the_lorahub_reference(kind, tmp_path):
     paths = make_adapters(model, tmp_path, 3)
     weights = [0.9, -0.6, 1.3]
     reference = lorahub_reference_state_dict(paths, weights)
-    composed = compose([load_adapter(p) for p in paths], weights, "elementwise")
+    composed = combine([load_adapter(p) for p in paths], weights, "elementwise")
 
     ours = composed.peft_state_dict()
     assert ours.keys() == reference.keys()

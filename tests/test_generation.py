@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
 from lorahub_cli.compose.bank import LoraBank
-from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.formulas import combine
 from lorahub_cli.errors import InputError
 from lorahub_cli.generation import generate
 from lorahub_cli.io import Example
@@ -78,11 +78,11 @@ def peft_generate(kind, folder, adapter, text, tmp_path):
 def test_each_row_generates_what_its_own_composition_generates_alone(world, formula, tmp_path):
     kind, folder, adapters = world
     base = load(folder)
-    bank = LoraBank(base.model, adapters, formula=formula)
+    bank = LoraBank(base.model, adapters, mode=formula)
     W = torch.randn(len(INPUTS), 3, generator=torch.Generator().manual_seed(1)) * 4
     together = generate(base, INPUTS, bank=bank, weights=W, max_new_tokens=NEW_TOKENS, batch_size=3)
     for row, text in enumerate(INPUTS):
-        adapter = compose(adapters, W[row].tolist(), formula, name=f"row{row}")
+        adapter = combine(adapters, W[row].tolist(), formula, name=f"row{row}")
         assert together[row] == peft_generate(kind, folder, adapter, text, tmp_path), (kind, formula, row)
     assert len(set(together)) > 1  # the rows really differ, so the comparison can fail
 

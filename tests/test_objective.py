@@ -41,7 +41,7 @@ def problem(request, tmp_path_factory):
 
 def autograd_loss(problem, formula):
     base, bank, batch = problem
-    loss = FewShotLoss(base, bank, batch, formula=formula)
+    loss = FewShotLoss(base, bank, batch, mode=formula)
     return loss, (lambda w: loss(w[None])[0])
 
 
@@ -74,7 +74,7 @@ def test_the_linear_formula_gives_its_gradient_and_no_hessian(problem):
 def test_the_gradient_is_autograds_whatever_shots_a_backward_pass_holds(problem, grad_rows, formula):
     base, bank, batch = problem
     w = torch.tensor([0.7, -0.4, 0.2])
-    loss = FewShotLoss(base, bank, batch, formula=formula, grad_rows=grad_rows)
+    loss = FewShotLoss(base, bank, batch, mode=formula, grad_rows=grad_rows)
     value, grad = loss.value_and_grad(w)
     x = w.clone().requires_grad_(True)
     (expected,) = torch.autograd.grad(loss(x[None])[0], x)

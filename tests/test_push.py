@@ -29,13 +29,12 @@ from tiny_models import (
 )
 
 from lorahub_cli import __version__
-from lorahub_cli.cards.card import Card, Recipe
-from lorahub_cli.compose import export
+from lorahub_cli.cards.card import Card, TextRecipe
 from lorahub_cli.compose.adapters import load_adapter
-from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.folder import write_composition
+from lorahub_cli.compose.formulas import combine
 from lorahub_cli.compose.recipe import Recipe as ComposeRecipe
 from lorahub_cli.errors import HubError, InputError
-from lorahub_cli.io import write_folder
 from lorahub_cli.publish import DEFAULT_MESSAGE, check_folder, push_folder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,9 +69,9 @@ def adapters(tmp_path_factory):
 @pytest.fixture(scope="module")
 def composed_dir(adapters, tmp_path_factory) -> Path:
     """What `lorahub compose --out` writes for a task-level composition; tests push copies of it."""
-    adapter = compose(adapters, WEIGHTS, "elementwise")
+    adapter = combine(adapters, WEIGHTS, "elementwise")
     out = tmp_path_factory.mktemp("composed") / "composition"
-    return write_folder(out, lambda tmp: export.write_adapter_folder(tmp, adapter, recipe()), overwrite=False)
+    return write_composition(out, recipe(), [adapter])
 
 
 @pytest.fixture
@@ -82,9 +81,7 @@ def composed(composed_dir, tmp_path) -> Path:
 
 def instance_folder(adapters, out: Path) -> Path:
     """An instance-level folder (two shots) written by the compose pipeline itself."""
-    from lorahub_cli.compose.pipeline import Composition, write
-
-    shots = [compose(adapters, w, "elementwise", name=f"shot-{j}") for j, w in enumerate([WEIGHTS, [0.2, 0.5, -0.3]])]
+    shots = [combine(adapters, w, "elementwise", name=f"shot-{j}") for j, w in enumerate([WEIGHTS, [0.2, 0.5, -0.3]])]
     entries = [
         {"shot": j, "folder": f"compositions/shot-{j}", "modules": recipe().modules, "search": None, "loss": 1.0}
         for j in range(2)
@@ -97,7 +94,7 @@ def instance_folder(adapters, out: Path) -> Path:
         compositions=entries,
         router={"file": "router.safetensors", "embedder": "e@1", "instruction": "", "shots": ["a", "b"]},
     )
-    return write(Composition(full, shots, [None, None], torch.randn(2, 8)), out)
+    return write_composition(out, full, shots, torch.randn(2, 8))
 
 
 def all_files(folder: Path) -> dict[str, bytes]:
@@ -137,7 +134,7 @@ def test_embedding_card_travels_with_the_adapter(online, composed):
     Card(
         embedder_id="sentence-transformers/x",
         embedder_revision="1",
-        recipe=Recipe(),
+        text_recipe=TextRecipe(),
         n_examples=3,
         centroid=torch.nn.functional.normalize(torch.randn(8), dim=0),
         nearest=[],
@@ -160,11 +157,10 @@ def test_branch_private_and_a_second_push(online, composed):
     again = push_folder(composed, "me/private", private=True, branch="exp")
     assert again.commit == first.commit == online.head("me/private", branch="exp")
 
-    write_folder(
+    write_composition(
         composed,
-        lambda tmp: export.write_adapter_folder(
-            tmp, load_adapter(composed), dataclasses.replace(recipe(), shots={"count": 6, "sha256": "1" * 64})
-        ),
+        dataclasses.replace(recipe(), shots={"count": 6, "sha256": "1" * 64}),
+        [load_adapter(composed)],
         overwrite=True,
     )
     changed = push_folder(composed, "me/private", branch="exp")
@@ -249,7 +245,12 @@ def test_instance_level_checks(adapters, tmp_path):
         check_folder(folder)
     recipe_path = folder / "lorahub_recipe.json"
     full = json.loads(recipe_path.read_text())
+    # The recipe is read by Recipe.load: an entry is checked field by field before its folder is followed.
     recipe_path.write_text(json.dumps({**full, "compositions": [{"folder": "../../adapters"}]}))
+    with pytest.raises(InputError, match=r"field 'compositions\[0\].shot' is missing"):
+        check_folder(folder)
+    outside = {**full["compositions"][0], "folder": "../../adapters"}
+    recipe_path.write_text(json.dumps({**full, "compositions": [outside]}))
     with pytest.raises(InputError, match="lists composition folder '../../adapters'"):
         check_folder(folder)
     recipe_path.write_text(json.dumps({**full, "compositions": full["compositions"][:1]}))
@@ -257,7 +258,7 @@ def test_instance_level_checks(adapters, tmp_path):
     with pytest.raises(InputError, match="instance-level composition without router.safetensors"):
         check_folder(folder)
     recipe_path.write_text(json.dumps({**full, "level": "batch"}))
-    with pytest.raises(InputError, match="has level 'batch'"):
+    with pytest.raises(InputError, match="field 'level' is 'batch', not task or instance"):
         check_folder(folder)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from conftest import SHOTS
 from tiny_models import make_adapters, one_thread, tiny_t5  # noqa: F401  (fixture)
 
 from lorahub_cli.compose.adapters import load_adapter
-from lorahub_cli.compose.formulas import FORMULAS, compose
+from lorahub_cli.compose.formulas import FORMULAS, combine
 from lorahub_cli.compose.recipe import RECIPE_FILE, Recipe
 from lorahub_cli.errors import InputError
 
@@ -135,7 +136,7 @@ def test_from_recipe_rebuilds_every_formula_bit_for_bit(cli, t5_home, tmp_path, 
 
 def test_dare_linear_depends_on_its_seed_only(tmp_path):
     adapters = [load_adapter(p) for p in make_adapters(tiny_t5(), tmp_path, 3)]
-    merge = lambda seed: compose(adapters, [0.5, 0.3, 0.2], "dare_linear", density=0.5, seed=seed).modules  # noqa: E731
+    merge = lambda seed: combine(adapters, [0.5, 0.3, 0.2], "dare_linear", density=0.5, seed=seed).modules  # noqa: E731
     first = merge(7)
     torch.manual_seed(99)
     state = torch.get_rng_state()
@@ -222,53 +223,80 @@ def test_an_unwritable_out_fails_before_the_search(cli, lorahub_home, tmp_path):
     assert result.code == 2 and "is a file, not a folder" in result.stderr
 
 
+# Runs the real entry point with one change: the first step of the "Searching weights" progress display writes a
+# byte on the pipe whose descriptor is in LORAHUB_TEST_SEARCHING_FD, so the test knows the search is running.
+SIGNAL_SEARCH = """
+import contextlib, os, signal, sys
+from lorahub_cli.cli import _output
+
+# Ctrl-C as in a terminal, even when the suite runs in a background job (which starts with SIGINT ignored).
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
+fd, shown = int(os.environ.pop("LORAHUB_TEST_SEARCHING_FD")), _output.progress
+
+@contextlib.contextmanager
+def progress(description, total):
+    with shown(description, total) as advance:
+        def signalling(*args, **kwargs):
+            global fd
+            advance(*args, **kwargs)
+            if fd is not None and description.startswith("Searching"):
+                os.write(fd, b"s")
+                os.close(fd)
+                fd = None
+        yield signalling
+
+_output.progress = progress  # before the commands import it
+from lorahub_cli.cli.app import main
+
+sys.argv[0] = "lorahub"
+main()
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user + system) a process has used: unlike wall-clock time, a busy machine does not stretch it."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_sigint_during_compose_says_interrupted_and_writes_nothing(t5_home, tmp_path):
+    """Ctrl-C once the search is running (a synchronisation point, not a delay: the machine may be as loaded as it
+    likes). The process must then end without computing on; its CPU time bounds that, not the clock."""
     out = tmp_path / "never"
-    env = {**os.environ, "LORAHUB_HOME": str(t5_home[0])}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lorahub_cli",
-            "compose",
-            "--shots",
-            str(SHOTS),
-            "--out",
-            str(out),
-            "-n",
-            "4",
-            "--budget",
-            "100000",
-            "--dtype",
-            "float32",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # Interrupt once the command is past start-up and into its work (torch is loaded only inside it), however
-        # slow a busy machine is; a budget of 100,000 does not end by itself.
-        maps = Path(f"/proc/{process.pid}/maps")
-        deadline = time.monotonic() + 120
-        while (
-            time.monotonic() < deadline
-            and process.poll() is None
-            and "libtorch" not in maps.read_text(errors="replace")
-        ):
-            time.sleep(0.2)
-        time.sleep(3)
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:  # a failed wait above must not leave a search running for hours
-            process.kill()
-            process.wait()
+    searching, signal_end = os.pipe()
+    env = {**os.environ, "LORAHUB_HOME": str(t5_home[0]), "LORAHUB_TEST_SEARCHING_FD": str(signal_end)}
+    args = ["compose", "--shots", SHOTS, "--out", out, "-n", "4", "--budget", "100000", "--dtype", "float32"]
+    with open(tmp_path / "stderr", "w+") as stderr:  # a file, not a pipe: nothing can block on a full pipe
+        process = subprocess.Popen(
+            [sys.executable, "-c", SIGNAL_SEARCH, *map(str, args)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            pass_fds=(signal_end,),
+        )
+        os.close(signal_end)  # the child holds the only write end: its exit ends the read below
+        try:
+            started = os.read(searching, 1)  # blocks until the search's first evaluation (or the child's end)
+            assert started == b"s", f"the search never started: {stderr.seek(0) or stderr.read()}"
+            process.send_signal(signal.SIGINT)
+            # A budget of 100,000 does not end by itself: a process that ignored the interrupt would compute on.
+            interrupted_at = cpu_seconds(process.pid)
+            while process.poll() is None:
+                with contextlib.suppress(FileNotFoundError):
+                    assert cpu_seconds(process.pid) - interrupted_at < 60, "still computing after SIGINT"
+                time.sleep(0.1)
+        finally:
+            os.close(searching)
+            if process.poll() is None:  # a failed check above must not leave a search running for hours
+                process.kill()
+                process.wait()
+        stderr.seek(0)
+        messages = stderr.read()
     # 130 from sys.exit, or -2 when the interpreter ends itself by SIGINT after the message (CPython does that
     # for an interrupt it sees late); a shell reports both as exit status 130.
-    assert process.returncode in (130, -signal.SIGINT), stderr
-    assert stderr.strip().splitlines()[-1] == "Interrupted."
+    assert process.returncode in (130, -signal.SIGINT), messages
+    assert messages.strip().splitlines()[-1] == "Interrupted."
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".never")] == []
 
 

@@ -168,3 +168,23 @@ def test_sigkill_during_adds_leaves_a_consistent_registry(lorahub_home):
     assert run_add_many(lorahub_home, "k", 50).wait(timeout=300) == 0
     assert len(store.list()) == 400 and store.verify()[0] == []
     assert list((lorahub_home / "tmp").iterdir()) == []
+
+
+def test_a_config_without_lora_alpha_records_the_alpha_peft_applies(tmp_path, lorahub_home):
+    """PEFT's LoraConfig assumes lora_alpha 8 when a config omits it; the index and the loaded adapter agree."""
+    from peft import LoraConfig
+
+    from lorahub_cli.compose.adapters import load_adapter
+
+    folder = tmp_path / "no-alpha"
+    shutil.copytree(ADAPTER, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    assert config["r"] != LoraConfig().lora_alpha  # else the old fallback (alpha = r) would pass unnoticed
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    store = Store(lorahub_home)
+    add_local(store, folder)
+    record = store.get("no-alpha")
+    assert record.lora_alpha == LoraConfig().lora_alpha == load_adapter(folder).lora_alpha
+    store.rebuild()
+    assert store.get("no-alpha").lora_alpha == LoraConfig().lora_alpha

@@ -39,9 +39,9 @@ def test_task_level_ranks_the_own_task_first(index):
     embedder = index.embedder()
     for task in TASKS:
         answer = retrieval.task_level(index, embedder, read_examples(EXAMPLES / "shots" / f"{task}.jsonl"), k=8)
-        ids = [r["id"] for r in answer["results"]]
-        assert ids[0] == f"examples/{task}", (task, answer["results"][:3])
-        assert len(ids) == 8 and answer["level"] == "task"
+        ids = [m.id for m in answer.results]
+        assert ids[0] == f"examples/{task}", (task, answer.results[:3])
+        assert len(ids) == 8 and answer.level == "task"
 
 
 def test_instance_level_retrieves_per_shot_and_routes_inputs(index, tmp_path):
@@ -51,8 +51,8 @@ def test_instance_level_retrieves_per_shot_and_routes_inputs(index, tmp_path):
     shots = [e for t in mixed for e in read_examples(EXAMPLES / "shots" / f"{t}.jsonl")[:2]]
     inputs = [e for t in mixed for e in read_examples(EXAMPLES / "inputs" / f"{t}.jsonl", require_target=False)[:4]]
     answer = retrieval.instance_level(index, embedder, shots, k=3, inputs=inputs)
-    assert [s["results"][0]["id"] for s in answer["shots"]] == [f"examples/{t}" for t in mixed for _ in range(2)]
-    routed_task = [mixed[r["shot"] // 2] for r in answer["routes"]]
+    assert [s[0].id for s in answer.shots] == [f"examples/{t}" for t in mixed for _ in range(2)]
+    routed_task = [mixed[r.shot // 2] for r in answer.routes]
     assert routed_task == [t for t in mixed for _ in range(4)]
 
 
@@ -61,7 +61,7 @@ def test_per_input_retrieval(index):
     for task in TASKS:
         inputs = read_examples(EXAMPLES / "inputs" / f"{task}.jsonl", require_target=False)
         answer = retrieval.per_input(index, embedder, inputs, k=3)
-        assert all(row["results"][0]["id"] == f"examples/{task}" for row in answer["inputs"]), task
+        assert all(row[0].id == f"examples/{task}" for row in answer.inputs), task
 
 
 def test_cards_from_other_embedders_are_never_compared(index, registry_with_examples):

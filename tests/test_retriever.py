@@ -14,6 +14,7 @@ import pytest
 from conftest import EXAMPLES
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
+from lorahub_cli.cards.data import CardOptions
 from lorahub_cli.examples.tasks import ANIMALS, CAPITALS, SUBJECTS, WORDS
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
@@ -55,7 +56,7 @@ def paired_registry(lorahub_home, tmp_path):
         data = tmp_path / f"{name}.jsonl"
         write_task(data, template, seed=t)
         add_local(store, EXAMPLES / "adapters" / "sentiment", name=name)
-        card_from_source(store, name, data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
+        card_from_source(store, name, CardOptions(data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION))
     return store
 
 

@@ -17,8 +17,8 @@ import pytest
 from conftest import EXAMPLES
 from tiny_models import one_thread  # noqa: F401  (fixture)
 
+from lorahub_cli.api import evaluate
 from lorahub_cli.eval import tasks
-from lorahub_cli.eval.api import evaluate
 from lorahub_cli.eval.methods import EvalConfig
 from lorahub_cli.eval.runner import cell_path
 from lorahub_cli.registry import Store
@@ -98,7 +98,6 @@ def test_without_ray_the_flag_is_one_line_naming_the_extra(cli, monkeypatch):
 
 def run_api(base_dir, home, task_dir, out, methods, on_event, **config):
     from lorahub_cli.scale.cluster import RayOptions
-    from lorahub_cli.scale.eval import ray_executor
 
     config = EvalConfig(
         **{
@@ -112,8 +111,16 @@ def run_api(base_dir, home, task_dir, out, methods, on_event, **config):
         }
     )
     store = Store(home)
-    execute = ray_executor(RayOptions(workers=2), config, store, on_event=on_event)
-    return evaluate(tasks.load_task_dir(task_dir), methods, [1, 2], config, out, store=store, execute=execute)
+    return evaluate(
+        tasks.load_task_dir(task_dir),
+        methods,
+        [1, 2],
+        config,
+        out,
+        store=store,
+        ray=RayOptions(workers=2),
+        on_event=on_event,
+    )
 
 
 def test_a_cell_lost_with_its_actor_runs_again_and_every_cell_finishes_once(ray_cluster, t5_home, task_dir, tmp_path):

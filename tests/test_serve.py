@@ -22,14 +22,15 @@ from peft import PeftModel
 from tiny_models import make_lora_adapter, one_thread, save_tiny_base  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
+from lorahub_cli.cards.data import CardOptions
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
-from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.formulas import combine
 from lorahub_cli.io import Example
 from lorahub_cli.registry import Store
 from lorahub_cli.registry.cards import card_from_source
 from lorahub_cli.registry.mirror import add_local
-from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown
-from lorahub_cli.serve.engine import Answer, Engine, Request
+from lorahub_cli.serve.batcher import Batcher, QueueFull, ShuttingDown, Stepper
+from lorahub_cli.serve.engine import Answer, Engine, Request, ServingEngine
 from lorahub_cli.serve.server import create_app, make_server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +69,9 @@ def library(tmp_path_factory):
         )
         add_local(store, folder, name=task)
         card_from_source(
-            store, task, data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION
+            store,
+            task,
+            CardOptions(data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION),
         )
     return root
 
@@ -90,11 +93,11 @@ def alone(library, store, text: str, k: int, mode: str) -> str:
     from lorahub_cli import retrieval
 
     index = retrieval.CardIndex.from_store(store)
-    ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k)["inputs"][0]["results"]
-    ids = [r["id"] for r in ranked][: 1 if mode == "single" else k]
+    ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k).inputs[0]
+    ids = [m.id for m in ranked][: 1 if mode == "single" else k]
     adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
     formula = {"mixture": "linear", "fusion": "fusion", "single": "elementwise"}[mode]
-    composed = compose(adapters, None if formula == "fusion" else [1.0 / len(ids)] * len(ids), formula, name="alone")
+    composed = combine(adapters, None if formula == "fusion" else [1.0 / len(ids)] * len(ids), formula, name="alone")
     folder = save_adapter(composed, library / "alone" / f"{abs(hash((text, k, mode)))}")
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
@@ -279,9 +282,9 @@ def test_bad_requests_are_one_line_errors(cli, home, tmp_path, line, message):
 
 
 @contextmanager
-def running(app, shutdown_timeout: float = 10):
+def running(app, shutdown_timeout: float = 10, log_level: str = "warning"):
     """The app served as `lorahub serve` serves it, on a free local port, in a thread; stopped (gracefully) on exit."""
-    server = make_server(app, host="127.0.0.1", port=0, shutdown_timeout=shutdown_timeout, log_level="warning")
+    server = make_server(app, host="127.0.0.1", port=0, shutdown_timeout=shutdown_timeout, log_level=log_level)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -408,8 +411,10 @@ def test_malformed_requests_get_a_4xx_with_a_message(tiny_engine, path, body, st
     assert health["requests"] == 0, "nothing bad was queued"
 
 
-class GatedEngine:
-    """Answers with the upper-cased input once `gate` is set; counts its calls."""
+class GatedEngine(ServingEngine):
+    """Answers with the upper-cased input once `gate` is set, in static batches; counts its calls."""
+
+    batching, max_new_tokens, base_model, names, tokenizer = "static", 16, "lorahub", [], None
 
     def __init__(self, delay: float = 0.0):
         self.started, self.gate, self.delay, self.calls = threading.Event(), threading.Event(), delay, 0
@@ -541,11 +546,11 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(cli):
 # --- continuous batching in the server -------------------------------------------------------------
 
 
-class SteppedEngine:
+class SteppedEngine(ServingEngine):
     """A continuous-batching engine for the batcher tests: a request "abc" decodes "A", "B", "C", one letter a
     step; every step first takes a permit from `permits` (a semaphore the test releases). Logs each step's rows."""
 
-    batching = "continuous"
+    batching, max_new_tokens, base_model, names, tokenizer = "continuous", 16, "lorahub", [], None
 
     def __init__(self):
         self.permits, self.started, self.log = threading.Semaphore(0), threading.Event(), []
@@ -556,10 +561,10 @@ class SteppedEngine:
     def info(self):
         return {}
 
-    def decoding(self):
+    def session(self):
         engine = self
 
-        class Session:
+        class Session(Stepper):
             rows: list = []
 
             running = property(lambda self: len(self.rows))
@@ -594,7 +599,7 @@ class SteppedEngine:
 
 def test_continuous_batcher_joins_waiting_requests_at_a_step_and_answers_each_when_it_ends():
     engine = SteppedEngine()
-    batcher = Batcher(session=engine.decoding, max_batch=2, window=0.0, max_queue=2).start()
+    batcher = Batcher(session=engine.session, max_batch=2, window=0.0, max_queue=2).start()
     streamed = []
     first = batcher.submit(Request("abc"), on_token=lambda *event: streamed.append(event))
     engine.started.wait(10)  # the worker holds "abc" in its first step
@@ -650,3 +655,177 @@ def test_static_and_continuous_batching_give_the_same_answers(home):
     assert (continuous.batching, static.batching) == ("continuous", "static")
     for a, b in zip(continuous.run(requests), static.run(requests)):
         assert (a.output, a.tokens, a.finish_reason, a.route) == (b.output, b.tokens, b.finish_reason, b.route)
+
+
+def test_each_request_is_tokenised_once_in_process_and_over_http(tiny_engine, monkeypatch):
+    """The check tokenises a request (to count its tokens) and its ids go on to the decoder: no second pass
+    through the tokenizer, with either batching and over HTTP."""
+    texts = [task_inputs(task, 1)[0] for task in TASKS]
+    tokenizer = type(tiny_engine.base.tokenizer)
+    real, seen = tokenizer.__call__, []
+
+    def counting(self, text, *args, **kwargs):
+        seen.extend([text] if isinstance(text, str) else text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "__call__", counting)
+    for batching in ("continuous", "static"):
+        monkeypatch.setattr(tiny_engine, "batching", batching)
+        seen.clear()
+        answers = tiny_engine.run([Request(t) for t in texts])
+        assert sorted(seen) == sorted(texts), batching
+        assert all(a.prompt_tokens == len(real(tiny_engine.base.tokenizer, a.input)["input_ids"]) for a in answers)
+        with running(create_app(tiny_engine, window=0.0)) as (url, _):
+            seen.clear()
+            for text in texts[:2]:
+                assert post(url + "/v1/generate", {"input": text})[0] == 200
+        assert seen == texts[:2], batching
+
+
+# --- bounds on every field, the body as it arrives, the log (issue 22) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, body, message",
+    [
+        (
+            "/v1/completions",
+            {"prompt": "hi", "stop": "x" * 1_000_000},
+            "stop is 1000000 characters, more than the limit of 256",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "stop": ["\n", "y" * 257]},
+            "stop[1] is 257 characters, more than the limit of 256",
+        ),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+            "stop: give at most 4 stop sequences, not 5",
+        ),
+        ("/generate", {"inputs": "hi", "parameters": {"stop": ["z" * 300]}}, "parameters.stop[0] is 300 characters"),
+        (
+            "/generate",
+            {"inputs": "hi", "parameters": {"stop": ["a"] * 5}},
+            "parameters.stop: give at most 4 stop sequences",
+        ),
+        ("/v1/completions", {"prompt": "hi", "model": "m" * 5000}, "model: String should have at most 4096 characters"),
+        ("/v1/completions", {"prompt": "hi", "user": "u" * 300}, "user: String should have at most 256 characters"),
+        (
+            "/generate",
+            {"inputs": "hi", "parameters": {"adapter_id": "a" * 300}},
+            "parameters.adapter_id: String should have at most 256",
+        ),
+        (
+            "/generate",
+            {"inputs": "hi", "parameters": {"merged_adapters": {"ids": ["i" * 300], "weights": [1.0]}}},
+            "parameters.merged_adapters.ids.0: String should have at most 256",
+        ),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": -5}, "max_tokens = -5 is outside 1..6"),
+        (
+            "/generate",
+            {"inputs": "hi", "parameters": {"max_new_tokens": 0}},
+            "parameters.max_new_tokens = 0 is outside 1..6",
+        ),
+        ("/generate", {"inputs": "hi", "parameters": {"k": 99}}, "parameters.k = 99 is outside 1..5"),
+        pytest.param(
+            "/v1/completions",
+            b'{"prompt": "hi", "seed": ' + b"7" * 5000 + b"}",
+            "the body is not valid JSON",
+            id="huge-int",
+        ),
+        ("/v1/completions", {"prompt": "hi", "suffix": "s" * 100_000}, 'suffix = "ssssssssss'),
+    ],
+)
+def test_every_field_is_bounded_and_named_as_the_client_sent_it(tiny_engine, path, body, message):
+    with running(create_app(tiny_engine, window=0.0)) as (url, _):
+        got, reply = post(url + path, body)
+        health = get(url + "/health")
+    assert got == 400, reply
+    text = reply["error"] if path == "/generate" else reply["error"]["message"]
+    assert message in text, reply
+    assert len(text) < 400, "an error never echoes a huge value"
+    if path == "/v1/completions":
+        assert "max_new_tokens" not in text, "the field is named as the client sent it"
+    assert health["requests"] == 0, "nothing bad was queued"
+
+
+class Received:
+    """Outermost ASGI middleware: the request-body bytes the app read, and the status it answered with."""
+
+    def __init__(self, app, log):
+        self.app, self.log = app, log
+
+    async def __call__(self, scope, receive, send):
+        async def counted():
+            message = await receive()
+            with self.log["changed"]:
+                self.log["bytes"] += len(message.get("body", b""))
+                self.log["changed"].notify_all()
+            return message
+
+        async def answered(message):
+            if message["type"] == "http.response.start":
+                with self.log["changed"]:
+                    self.log["status"] = message["status"]
+                    self.log["changed"].notify_all()
+            elif message["type"] == "http.response.body":
+                self.log["body"] += message.get("body", b"")
+            await send(message)
+
+        await self.app(scope, counted, answered)
+
+
+def test_a_chunked_body_is_counted_as_it_arrives_and_refused_at_the_limit():
+    """No Content-Length: the server reads the body as it comes and answers 413 at the limit, instead of
+    holding the whole body first. The client sends a chunk only once the server has read the one before
+    (or answered), so what the server read is measured, not timed."""
+    import socket
+    from urllib.parse import urlparse
+
+    log = {"bytes": 0, "status": None, "body": b"", "changed": threading.Condition()}
+    app = create_app(GatedEngine(), max_input_chars=100, max_prompts=1)  # a body limit of 4 * 100 + 65536
+    limit = 4 * 100 + 65_536
+    app.add_middleware(Received, log=log)
+    chunk, total = b"x" * 65_536, 8 * 1024 * 1024
+    with running(app) as (url, _):
+        where = urlparse(url)
+        with socket.create_connection((where.hostname, where.port)) as client:
+            client.sendall(
+                b"POST /v1/generate HTTP/1.1\r\nHost: lorahub\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n"
+            )
+            sent = 0
+            for data in [b'{"input": "'] + [chunk] * (total // len(chunk)) + [b'"}']:
+                try:
+                    client.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+                except (BrokenPipeError, ConnectionResetError):
+                    break
+                sent += len(data)
+                with log["changed"]:
+                    log["changed"].wait_for(lambda sent=sent: log["bytes"] >= sent or log["status"] is not None)
+                if log["status"] is not None:
+                    break
+            else:
+                client.sendall(b"0\r\n\r\n")
+                with log["changed"]:
+                    log["changed"].wait_for(lambda: log["status"] is not None)
+    assert log["bytes"] <= limit + len(chunk), f"the server read {log['bytes']} bytes of a body over {limit}"
+    assert log["status"] == 413, log
+    assert f"more than the limit of {limit}" in json.loads(log["body"])["error"]["message"]
+
+
+def test_the_access_log_shows_no_credential(tiny_engine, capfd):
+    """A key in the query string (`?api_key=`) or a Bearer token: never in the log, at info or trace level."""
+    secret, key = "query-secret-0123", "header-secret-4567"
+    for level in ("info", "trace"):
+        with running(create_app(tiny_engine, window=0.0, api_key=key), log_level=level) as (url, _):
+            request = urllib.request.Request(
+                url + f"/v1/models?api_key={secret}&limit=3&access_token={secret}",
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert response.status == 200
+        logged = capfd.readouterr().err
+        assert "/v1/models?api_key=<redacted>&limit=3&access_token=<redacted>" in logged, logged[-2000:]
+        assert secret not in logged and key not in logged, level

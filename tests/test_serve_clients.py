@@ -26,7 +26,7 @@ from tiny_models import one_thread  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
-from lorahub_cli.compose.formulas import compose
+from lorahub_cli.compose.formulas import combine
 from lorahub_cli.registry import Store
 from lorahub_cli.serve.engine import Request
 from lorahub_cli.serve.server import create_app
@@ -53,7 +53,7 @@ def peft_alone(library, ids: list[str], weights: list[float], text: str, new_tok
     store = Store(library / "home")
     adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
     folder = save_adapter(
-        compose(adapters, weights, "elementwise", name="merged"), library / "merged" / "-".join(ids) / str(weights)
+        combine(adapters, weights, "elementwise", name="merged"), library / "merged" / "-".join(ids) / str(weights)
     )
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))

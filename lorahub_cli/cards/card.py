@@ -2,7 +2,7 @@
 
 Files, next to the adapter:
   lorahub_card.safetensors   centroid (dim,), and optionally examples (m, dim), float32, L2-normalised
-  lorahub_card.json          embedder, recipe, counts, nearest examples, provenance, sha256 of the tensors file
+  lorahub_card.json          embedder, text recipe, counts, nearest examples, provenance, sha256 of the tensors file
 
 The JSON records the tensors file's hash, so a pair torn apart by a crash (or
 edited by hand) is detected when the card is loaded.
@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .. import __version__
@@ -31,8 +32,8 @@ FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """How an example becomes the text that is embedded.
+class TextRecipe:
+    """How an example becomes the text that is embedded (its JSON key in a card: "recipe").
 
     input+target (iLoraComp, the default): instruction + input + separator + target.
     input (LoraRetriever): instruction + input.
@@ -58,7 +59,7 @@ class Recipe:
 class Card:
     embedder_id: str
     embedder_revision: str
-    recipe: Recipe
+    text_recipe: TextRecipe
     n_examples: int
     centroid: torch.Tensor  # (dim,), unit norm
     nearest: list[dict]  # the training examples closest to the centroid, most central first
@@ -81,7 +82,7 @@ class Card:
             "embedder": {"id": self.embedder_id, "revision": self.embedder_revision},
             "dim": self.dim,
             "n_examples": self.n_examples,
-            "recipe": asdict(self.recipe),
+            "recipe": asdict(self.text_recipe),
             "nearest_examples": self.nearest,
             "example_embeddings": 0 if self.examples is None else int(self.examples.shape[0]),
             "source": self.source,
@@ -107,6 +108,13 @@ class Card:
             raise NotFoundError(
                 f"'{label}' has no embedding card.", f"Build one with: lorahub card build {label} --data train.jsonl"
             )
+        for path in (json_path, tensors_path):  # a link out of the folder would read whatever it points to
+            if not path.resolve().is_relative_to(folder.resolve()):
+                raise IntegrityError(
+                    f"the embedding card of '{label}': {path.name} is a link to '{path.resolve()}', outside "
+                    "the adapter's folder; it was not read.",
+                    f"Delete the link and rebuild the card with: lorahub card build {label} --data train.jsonl",
+                )
         try:
             meta = json.loads(json_path.read_text(encoding="utf-8"))
             if meta.get("tensors_sha256") != sha256_file(tensors_path):
@@ -115,7 +123,7 @@ class Card:
             card = cls(
                 embedder_id=meta["embedder"]["id"],
                 embedder_revision=meta["embedder"]["revision"],
-                recipe=Recipe(**meta["recipe"]),
+                text_recipe=TextRecipe(**meta["recipe"]),
                 n_examples=int(meta["n_examples"]),
                 centroid=tensors["centroid"].float(),
                 nearest=list(meta.get("nearest_examples", [])),
@@ -124,7 +132,7 @@ class Card:
                 created_at=meta.get("created_at", ""),
                 lorahub_version=meta.get("lorahub_version", ""),
             )
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError, OSError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, OSError, SafetensorError) as error:
             raise IntegrityError(
                 f"the embedding card of '{label}' is damaged ({error}).",
                 f"Rebuild it with: lorahub card build {label} --data train.jsonl",
@@ -137,7 +145,7 @@ class Card:
 def build_card(
     examples: list[Example],
     embedder: Embedder,
-    recipe: Recipe = Recipe(),
+    text_recipe: TextRecipe = TextRecipe(),
     *,
     source: dict | None = None,
     keep_embeddings: int = CARD_MAX_EXAMPLE_EMBEDDINGS,
@@ -146,7 +154,7 @@ def build_card(
     """Embed the examples and summarise them: normalised centroid, most central examples, a capped sample."""
     if not examples:
         raise ValueError("a card needs at least one example")
-    vectors = embedder.encode([recipe.text(e) for e in examples], progress=progress)  # (n, dim), unit rows
+    vectors = embedder.encode([text_recipe.text(e) for e in examples], progress=progress)  # (n, dim), unit rows
     mean = vectors.mean(dim=0)
     centroid = mean / mean.norm().clamp_min(1e-12)
     order = torch.argsort(vectors @ centroid, descending=True)
@@ -162,7 +170,7 @@ def build_card(
     return Card(
         embedder_id=embedder.id,
         embedder_revision=embedder.revision,
-        recipe=recipe,
+        text_recipe=text_recipe,
         n_examples=len(examples),
         centroid=centroid,
         nearest=nearest,

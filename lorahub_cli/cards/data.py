@@ -17,11 +17,13 @@ import csv
 import gzip
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
 from ..io import Example, read_examples, sha256_file
+from ..settings import CARD_MAX_EXAMPLES
+from .card import TextRecipe
 
 INPUT_FIELDS = ("input", "inputs", "instruction", "prompt", "question", "text", "source")
 TARGET_FIELDS = ("target", "targets", "output", "completion", "answer", "response", "label")
@@ -45,6 +47,42 @@ class DatasetSpec:
                 f"dataset '{text}' is not of the form HUB_ID[:CONFIG][@SPLIT].", "Example: lorahub/flanv2@train"
             )
         return cls(match["repo"], match["config"], match["split"] or "train")
+
+
+@dataclass
+class CardOptions:
+    """How a card is built: where its training examples come from, how many, and how they are embedded
+    (`registry add`, `card build`, `registry sync --cards`). Checked once, here, before anything is read."""
+
+    data: Path | None = None  # a JSONL file of input / target lines
+    dataset: str | None = None  # or a Hub dataset: HUB_ID[:CONFIG][@SPLIT]
+    filters: list[str] = field(default_factory=list)  # FIELD=VALUE: the dataset rows to keep
+    input_field: str | None = None  # default: the first of INPUT_FIELDS present
+    target_field: str | None = None  # default: the first of TARGET_FIELDS present
+    max_examples: int = CARD_MAX_EXAMPLES
+    embedder: str | None = None  # default: settings.DEFAULT_EMBEDDER
+    inputs_only: bool = False  # embed inputs only (LoraRetriever's text recipe) instead of input + target
+    instruction: str = ""  # put before every input, with inputs_only
+
+    def __post_init__(self):
+        self.filters = list(self.filters or [])
+        if self.instruction and not self.inputs_only:
+            raise InputError("--instruction goes with --inputs-only (LoraRetriever's recipe).", "Add --inputs-only.")
+        if (self.data is None) == (self.dataset is None):
+            raise InputError(
+                "give exactly one of --data FILE.jsonl or --dataset HUB_ID.", "See: lorahub card build --help"
+            )
+        if self.data is not None and self.filters:
+            raise InputError("--filter applies to --dataset only.", "Filter the JSONL file before building the card.")
+        if self.max_examples < 1:
+            raise InputError(f"--max-examples {self.max_examples} is too small.", "Give --max-examples 1 or more.")
+        if self.dataset is not None:
+            DatasetSpec.parse(self.dataset)
+            parse_filters(self.filters)
+
+    @property
+    def text_recipe(self) -> TextRecipe:
+        return TextRecipe("input" if self.inputs_only else "input+target", self.instruction)
 
 
 def parse_filters(filters: list[str] | None) -> dict[str, str]:
@@ -239,19 +277,10 @@ def from_hub_dataset(
     return examples, source
 
 
-def load_training_data(
-    data: Path | None = None,
-    dataset: str | None = None,
-    filters: list[str] | None = None,
-    input_field: str | None = None,
-    target_field: str | None = None,
-    max_examples: int = 1000,
-) -> tuple[list[Example], dict]:
-    """(examples, provenance) from exactly one of a JSONL file or a Hub dataset."""
-    if (data is None) == (dataset is None):
-        raise InputError("give exactly one of --data FILE.jsonl or --dataset HUB_ID.", "See: lorahub card build --help")
-    if data is not None:
-        if filters:
-            raise InputError("--filter applies to --dataset only.", "Filter the JSONL file before building the card.")
-        return from_jsonl(data, input_field, target_field, max_examples)
-    return from_hub_dataset(DatasetSpec.parse(dataset), parse_filters(filters), input_field, target_field, max_examples)
+def load_training_data(options: CardOptions) -> tuple[list[Example], dict]:
+    """(examples, provenance) from the JSONL file or the Hub dataset `options` names."""
+    o = options
+    if o.data is not None:
+        return from_jsonl(o.data, o.input_field, o.target_field, o.max_examples)
+    spec, filters = DatasetSpec.parse(o.dataset), parse_filters(o.filters)
+    return from_hub_dataset(spec, filters, o.input_field, o.target_field, o.max_examples)

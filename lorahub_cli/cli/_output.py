@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -47,12 +49,54 @@ def progress(description: str, total: int | None):
         yield advance
 
 
+def table(title: str | None = None) -> Table:
+    """A table for the terminal: a title on the left, light rules (fewer columns lost to borders at 80 wide)."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+
+
+def id_column(table: Table, header: str, ids) -> None:
+    """A column of ids: never wrapped or cut (an id is copied into the next command); the other columns give way."""
+    table.add_column(header, no_wrap=True, min_width=max([len(header), *map(len, ids)]))
+
+
 def ranking_table(title: str, results: list[dict]) -> Table:
     """Retrieval results ({id, score}, best first) as a numbered table."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("adapter", overflow="fold")
-    table.add_column("cosine", justify="right")
+    ranked = table(title)
+    ranked.add_column("#", justify="right")
+    id_column(ranked, "adapter", [r["id"] for r in results])
+    ranked.add_column("cosine", justify="right")
     for rank, result in enumerate(results, 1):
-        table.add_row(str(rank), result["id"], f"{result['score']:.4f}")
-    return table
+        ranked.add_row(str(rank), result["id"], f"{result['score']:.4f}")
+    return ranked
+
+
+def weights_table(title: str, modules: list[dict]) -> Table:
+    """A composition's modules ({id, weight[, score]}, largest |w| first)."""
+    chosen = table(title)
+    chosen.add_column("weight", justify="right")
+    id_column(chosen, "module", [m["id"] for m in modules])
+    scored = any("score" in m for m in modules)
+    if scored:
+        chosen.add_column("cosine", justify="right")
+    for m in modules:
+        chosen.add_row(
+            f"{m['weight']:+.3f}", m["id"], *([f"{m['score']:.4f}" if "score" in m else ""] if scored else [])
+        )
+    return chosen
+
+
+def short_path(path: str | Path, width: int = 40) -> str:
+    """A path as a person reads it in a table: relative to the working folder or ~ when under it, and at most
+    `width` characters, whole folder names cut from the start (the end names the thing; --json has it whole)."""
+    path = Path(path)
+    text = str(path)
+    for root, shown in ((Path.cwd(), ""), (Path.home(), "~")):
+        if path.is_relative_to(root):
+            rest = path.relative_to(root)
+            text = str(Path(shown) / rest) if shown else str(rest)
+            break
+    parts = Path(text).parts
+    while len(text) > width and len(parts) > 1:
+        parts = parts[1:]
+        text = str(Path("…", *parts))
+    return text if len(text) <= width else "…" + text[-(width - 1) :]

@@ -81,6 +81,32 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return (*kinds, click.exceptions.ClickException)
 
 
+def _number_message(error) -> str | None:
+    """Typer checks numbers with pydantic, whose wording ("Input should be less than or equal to 65535") names
+    neither the value given nor, for a malformed one, the form wanted: this says both (None: not such an error)."""
+    param, details = getattr(error, "param", None), getattr(error.__cause__, "errors", None)
+    annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+    if details is None or annotation not in (int, float):
+        return None
+    value = str(details()[0].get("input"))
+    low, high = getattr(param, "min", None), getattr(param, "max", None)
+    allowed = "a whole number" if annotation is int else "a number"
+    if low is not None and high is not None:
+        allowed += f" from {low} to {high}"
+    elif low is not None:
+        allowed += f" of {low} or more"
+    elif high is not None:
+        allowed += f" of {high} at most"
+    message = f"'{value}' is not {allowed}"
+    try:
+        number = float(value)
+    except ValueError:
+        return message + "."
+    if annotation is int and number.is_integer() and str(int(number)) != value.strip():
+        message += f" (write it as {int(number)})"  # 1e3, 40.0: a whole number in another form
+    return message + "."
+
+
 def main() -> None:
     """Console entry point: a LorahubError is one line on stderr and a non-zero exit."""
     from ._scale import optional_address
@@ -98,6 +124,8 @@ def main() -> None:
         sys.exit(130)
     except _usage_errors() as error:
         # Click's usual message: usage, a help hint and "Error: ..."; exit 2 for a usage error.
+        if (message := _number_message(error)) is not None:
+            error.message = message
         show = getattr(error, "show", None)
         if show is not None:
             show()

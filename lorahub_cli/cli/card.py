@@ -7,20 +7,8 @@ from typing import Annotated
 import typer
 
 from ..api import open_store
-from ._options import (
-    DataOpt,
-    DatasetOpt,
-    EmbedderOpt,
-    FilterOpt,
-    InputFieldOpt,
-    InputsOnlyOpt,
-    InstructionOpt,
-    JsonOpt,
-    MaxExamplesOpt,
-    TargetFieldOpt,
-)
-from ._output import info, out, print_json
-from .registry import card_options
+from ._options import JsonOpt, card_options, with_options_of
+from ._output import info, out, print_json, progress
 
 app = typer.Typer(help="Build and inspect adapters' embedding cards.", no_args_is_help=True)
 
@@ -32,38 +20,13 @@ app = typer.Typer(help="Build and inspect adapters' embedding cards.", no_args_i
   lorahub card build sentiment --data train.jsonl --inputs-only \\\n
     --instruction "Represent the sentence for similar task retrieval: \""""
 )
-def build(
-    adapter_id: Annotated[str, typer.Argument(help="Registry id.")],
-    data: DataOpt = None,
-    dataset: DatasetOpt = None,
-    filter: FilterOpt = None,
-    input_field: InputFieldOpt = None,
-    target_field: TargetFieldOpt = None,
-    max_examples: MaxExamplesOpt = 1000,
-    embedder: EmbedderOpt = None,
-    inputs_only: InputsOnlyOpt = False,
-    instruction: InstructionOpt = "",
-    json_: JsonOpt = False,
-) -> None:
+@with_options_of(card_options, before="json_")
+def build(adapter_id: Annotated[str, typer.Argument(help="Registry id.")], json_: JsonOpt = False, **card_data) -> None:
     """Build (or rebuild) an adapter's card from its training data."""
     from ..registry.cards import card_from_source
 
-    record, card = card_from_source(
-        open_store(),
-        adapter_id,
-        **card_options(
-            data=data,
-            dataset=dataset,
-            filters=filter,
-            input_field=input_field,
-            target_field=target_field,
-            max_examples=max_examples,
-            embedder=embedder,
-            inputs_only=inputs_only,
-            instruction=instruction,
-            quiet=json_,
-        ),
-    )
+    options = card_options(**card_data)
+    record, card = card_from_source(open_store(), adapter_id, options, progress_factory=None if json_ else progress)
     if json_:
         print_json({"id": record.id, **card.metadata()})
     else:

@@ -9,8 +9,19 @@ import typer
 
 from ..errors import InputError
 from ..settings import COMPOSE
-from ._options import BaseModelOpt, EmbedderOpt, JsonOpt, choice_help, registered
-from ._output import info, print_json, progress
+from ._options import (
+    BaseModelOpt,
+    BudgetOpt,
+    DeviceOpt,
+    EmbedderOpt,
+    JsonOpt,
+    ModelPathOpt,
+    NumModulesOpt,
+    OptimizerOpt,
+    choice_help,
+    registered,
+)
+from ._output import info, out, print_json, progress, short_path, weights_table
 from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 
 EXAMPLES = """Examples:\n
@@ -23,7 +34,7 @@ EXAMPLES = """Examples:\n
   lorahub compose --tasks shots-folder/ --out compositions/ --ray      # one per shots file, resumable"""
 
 
-OLD_DTYPES = {"float32": "fp32", "bfloat16": "bf16"}  # --dtype, before --search-precision
+LEGACY_DTYPE_FLAG = {"float32": "fp32", "bfloat16": "bf16"}  # the hidden --dtype (before --search-precision)
 
 
 def parse_weights(text: str) -> dict[str, float]:
@@ -61,10 +72,7 @@ def compose(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder to write the composed adapter to.")] = None,
     base_model: BaseModelOpt = None,
-    model_path: Annotated[
-        str | None,
-        typer.Option("--model-path", help="Load the base model from this folder or id instead of its name."),
-    ] = None,
+    model_path: ModelPathOpt = None,
     formula: Annotated[
         str,
         typer.Option(
@@ -82,19 +90,10 @@ def compose(
     ] = None,
     modules: Annotated[
         str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")
-    ] = "auto",
-    num_modules: Annotated[
-        int, typer.Option("-n", "--num-modules", min=1, help="How many modules to compose (auto, random).")
-    ] = COMPOSE["num_modules"],
-    optimizer: Annotated[
-        str,
-        typer.Option(
-            "--optimizer",
-            callback=registered("optimizer"),
-            help=choice_help("optimizer", "The weight search (ngopt: LoraHub's)."),
-        ),
-    ] = COMPOSE["optimizer"],
-    budget: Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")] = COMPOSE["budget"],
+    ] = COMPOSE["modules"],
+    num_modules: NumModulesOpt = COMPOSE["num_modules"],
+    optimizer: OptimizerOpt = COMPOSE["optimizer"],
+    budget: BudgetOpt = COMPOSE["budget"],
     l1: Annotated[float, typer.Option("--l1", min=0.0, help="Penalty on mean |w| added to the loss.")] = COMPOSE["l1"],
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the search, of random module selection and of dare_linear.")
@@ -104,7 +103,7 @@ def compose(
     ] = COMPOSE["population"],
     level: Annotated[
         str, typer.Option("--level", help="task (one composition) or instance (one per shot + router).")
-    ] = "task",
+    ] = COMPOSE["level"],
     warm_start: Annotated[
         bool, typer.Option("--warm-start", help="Instance level: start each shot's search from a task-level search.")
     ] = False,
@@ -126,7 +125,7 @@ def compose(
     dtype: Annotated[
         str | None, typer.Option("--dtype", hidden=True, help="Old name of --search-precision: float32 or bfloat16.")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = COMPOSE["device"],
+    device: DeviceOpt = COMPOSE["device"],
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=1, help="Most rows (candidates x shots) per forward pass.")
     ] = COMPOSE["max_rows"],
@@ -177,7 +176,7 @@ def compose(
             l1=l1,
             seed=seed,
             population=population,
-            precision=OLD_DTYPES.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision,
+            precision=LEGACY_DTYPE_FLAG.get(dtype, dtype) if dtype and search_precision == "auto" else search_precision,
         ),
         warm_start=warm_start,
         device=device,
@@ -185,13 +184,53 @@ def compose(
         embedder=embedder,
     )
     if tasks is not None:
-        from .compose_batch import compose_folder
+        from .compose_batch import compose_batch
 
-        return compose_folder(tasks, out, options, level=level, overwrite=overwrite, ray=scale, json_=json_)
+        return compose_batch(tasks, out, options, level=level, overwrite=overwrite, ray=scale, json_=json_)
     summary = api.compose(shots, out, options, level=level, overwrite=overwrite, progress_factory=progress)
     if json_:
         print_json(summary)
         return
-    info(f"Wrote {summary['out']} ({summary['evaluations']} evaluations, {summary['seconds']:.1f} s).")
-    if level == "task":
-        info(f"Few-shot loss of the composed adapter: {summary['loss']:.4f}")
+    show_summary(summary)
+
+
+STOPS = {
+    "budget": "its budget was spent",
+    "converged": "it converged",
+    "stalled": "it stopped improving",
+    "nonfinite": "the loss became non-finite",
+}
+
+
+def show_summary(summary: dict) -> None:
+    """What compose chose (the modules and their weights, on stdout) and what it means (stderr), at 80 columns."""
+    before, count = summary.get("base_loss"), summary["shots"]
+    if summary.get("level") == "instance":
+        for c in summary["compositions"]:
+            out.print(weights_table(f"shot {c['shot']}: few-shot loss {c['loss']:.4f}", c["modules"]))
+        searches = [c["search"] for c in summary["compositions"] if c["search"]]
+        if before is not None:
+            info(f"Few-shot loss of the base model alone on the {count} examples (fp32): {before:.4f}.")
+    else:
+        modules = summary["modules"]
+        out.print(weights_table(f"{len(modules)} modules, largest |weight| first", modules))
+        start = f"base model {before:.4f}, " if before is not None else ""
+        info(f"Few-shot loss on the {count} examples (fp32): {start}composed {summary['loss']:.4f}.")
+        searches = [summary["search"]] if summary["search"] else []
+    info(_search_line(searches) if searches else "No search: the weights were given (--weights).")
+    info(f"Wrote {short_path(summary['out'], 50)} ({summary['seconds']:.1f} s in all). Next:")
+    for command in summary["next"]:
+        info(f"  {command}")
+
+
+def _search_line(searches: list[dict]) -> str:
+    first = searches[0]
+    ran = sum(s["evaluations"] for s in searches)
+    budget = sum(s["budget"] for s in searches)
+    text = f"The search ({first['engine'] or first['optimizer']}) ran {ran} of {budget} evaluations"
+    if len(searches) > 1:
+        text += f" over {len(searches)} searches"
+    stops = sorted({s["stop"] for s in searches if s.get("stop")})
+    if stops:
+        text += ": " + "; ".join(STOPS.get(stop, stop) for stop in stops)
+    return text + "."

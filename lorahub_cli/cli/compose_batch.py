@@ -34,10 +34,10 @@ def _table(rows: list[dict]) -> Table:
     return table
 
 
-def compose_folder(tasks: Path, out: Path, options, *, level: str, overwrite: bool, ray, json_: bool) -> None:
+def compose_batch(tasks: Path, out: Path, options, *, level: str, overwrite: bool, ray, json_: bool) -> None:
     from .. import api
 
-    rows = api.compose_folder(
+    rows = api.compose_batch(
         tasks, out, options, level=level, overwrite=overwrite, ray=ray, progress_factory=None if json_ else progress
     )
     counts = {status: sum(r["status"] == status for r in rows) for status in ("composed", "done earlier", "failed")}

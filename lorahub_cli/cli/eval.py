@@ -9,7 +9,21 @@ import typer
 
 from ..errors import InputError
 from ..settings import COMPOSE, DEMO, EVAL
-from ._options import EmbedderOpt, JsonOpt, choice_help, registered
+from ._options import (
+    BudgetOpt,
+    DeviceOpt,
+    DtypeOpt,
+    EmbedderOpt,
+    GenerationBatchOpt,
+    JsonOpt,
+    MaxNewTokensOpt,
+    ModelPathOpt,
+    NumModulesOpt,
+    OptimizerOpt,
+    choice_help,
+    registered,
+    with_options_of,
+)
 from ._output import info, print_json, progress
 from ._scale import RayDataOpt, RayOpt, WorkersOpt, ray_options
 
@@ -35,31 +49,18 @@ Shots = Annotated[
     int, typer.Option("--shots", min=1, help="Examples per task used as shots; the rest is the test set.")
 ]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated seeds: one split (and search) per seed.")]
-NumModules = Annotated[int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition.")]
-Budget = Annotated[int, typer.Option("--budget", min=1, help="Loss evaluations per search.")]
 Limit = Annotated[int | None, typer.Option("--limit", min=1, help="Cap the test set per task (quick runs).")]
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Inputs per generation batch.")]
-MaxNew = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens.")]
 Out = Annotated[
     Path | None,
-    typer.Option("--out", "-o", help="Run folder: cells, results.json, report.md, plot.png. Resumes if it exists."),
-]
-BaseModel = Annotated[
-    str | None, typer.Option("--base-model", "-b", help="Base model: its name in the registry, loaded from the Hub.")
-]
-ModelPath = Annotated[
-    str | None, typer.Option("--model-path", help="Load the base model from this folder instead of its name.")
-]
-Optimizer = Annotated[
-    str,
     typer.Option(
-        "--optimizer",
-        callback=registered("optimizer"),
-        help=choice_help("optimizer", "The weight search (ngopt: LoraHub's)."),
+        "--out",
+        "-o",
+        help="Run folder: cells, results.json, report.md, plot.png (default: ./eval-SUITE). Resumes if it exists.",
     ),
 ]
-Dtype = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 where fast), float32 or bfloat16.")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+EvaluatedModelOpt = Annotated[
+    str | None, typer.Option("--base-model", "-b", help="Base model: its name in the registry, loaded from the Hub.")
+]
 
 
 def _seeds(text: str) -> list[int]:
@@ -81,10 +82,38 @@ def _print(summary: dict, out: Path, json_: bool) -> None:
         info(f"  {method:<10} {stats['mean']:5.1f} ± {stats['std']:.1f}")
 
 
-def _run(suite, *, tasks, methods, seeds, out, json_, title=None, ray=None, **config) -> None:
+def _grid_options(
+    model_path: ModelPathOpt = None,
+    tasks: Tasks = "all",
+    methods: Methods = EVAL["methods"],
+    shots: Shots = EVAL["shots"],
+    seeds: Seeds = EVAL["seeds"],
+    num_modules: NumModulesOpt = COMPOSE["num_modules"],
+    budget: BudgetOpt = COMPOSE["budget"],
+    optimizer: OptimizerOpt = COMPOSE["optimizer"],
+    limit: Limit = None,
+    batch_size: GenerationBatchOpt = EVAL["batch_size"],
+    max_new_tokens: MaxNewTokensOpt = EVAL["max_new_tokens"],
+    out: Out = None,
+    embedder: EmbedderOpt = None,
+    dtype: DtypeOpt = COMPOSE["dtype"],
+    device: DeviceOpt = COMPOSE["device"],
+    ray: RayOpt = None,
+    workers: WorkersOpt = None,
+    ray_data: RayDataOpt = "auto",
+    json_: JsonOpt = False,
+) -> None:
+    """The options `eval bbh` and `eval tasks` share (after their own): with_options_of gives them these."""
+
+
+def _grid(load, *, title=None, tasks, methods, seeds, out, json_, ray, workers, ray_data, **config) -> None:
+    """Evaluate the suite `load()` returns with `eval bbh` / `eval tasks`'s options."""
     from .. import api
     from ..eval.methods import EvalConfig, parse_methods
 
+    scale = ray_options(ray, workers, ray_data)
+    suite = load()
+    out = out or Path(f"eval-{suite.name}")
     summary = api.evaluate(
         suite.select(tasks),
         parse_methods(methods),
@@ -93,114 +122,33 @@ def _run(suite, *, tasks, methods, seeds, out, json_, title=None, ray=None, **co
         out,
         title=title,
         progress_factory=None if json_ else progress,
-        ray=ray,
+        ray=scale,
     )
     _print(summary, out, json_)
 
 
 @app.command(epilog=EXAMPLES)
-def bbh(
-    base_model: BaseModel = "google/flan-t5-large",
-    model_path: ModelPath = None,
-    tasks: Tasks = "all",
-    methods: Methods = EVAL["methods"],
-    shots: Shots = EVAL["shots"],
-    seeds: Seeds = EVAL["seeds"],
-    num_modules: NumModules = COMPOSE["num_modules"],
-    budget: Budget = COMPOSE["budget"],
-    optimizer: Optimizer = COMPOSE["optimizer"],
-    limit: Limit = None,
-    batch_size: BatchSize = EVAL["batch_size"],
-    max_new_tokens: MaxNew = EVAL["max_new_tokens"],
-    out: Out = None,
-    embedder: EmbedderOpt = None,
-    dtype: Dtype = COMPOSE["dtype"],
-    device: Device = COMPOSE["device"],
-    ray: RayOpt = None,
-    workers: WorkersOpt = None,
-    ray_data: RayDataOpt = "auto",
-    json_: JsonOpt = False,
-) -> None:
+@with_options_of(_grid_options)
+def bbh(base_model: EvaluatedModelOpt = EVAL["bbh_base_model"], **options) -> None:
     """Big-Bench Hard (shipped, 27 tasks): the papers' protocol for any base model and your registry's adapters."""
     from ..eval.tasks import load_bbh
 
-    scale = ray_options(ray, workers, ray_data)
-    _run(
-        load_bbh(),
-        tasks=tasks,
-        methods=methods,
-        seeds=seeds,
-        out=out or Path("eval-bbh"),
-        json_=json_,
-        ray=scale,
-        title="Big-Bench Hard",
-        base_model=base_model,
-        model_path=model_path,
-        shots=shots,
-        num_modules=num_modules,
-        budget=budget,
-        optimizer=optimizer,
-        limit=limit,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        embedder=embedder,
-        dtype=dtype,
-        device=device,
-    )
+    _grid(load_bbh, title="Big-Bench Hard", base_model=base_model, **options)
 
 
 @app.command(epilog=EXAMPLES)
+@with_options_of(_grid_options)
 def tasks(
     folder: Annotated[
         Path, typer.Argument(help='A folder of <task>.jsonl files, lines {"input": ..., "target": ...}.')
     ],
-    base_model: BaseModel = None,
-    model_path: ModelPath = None,
-    tasks: Tasks = "all",
-    methods: Methods = EVAL["methods"],
-    shots: Shots = EVAL["shots"],
-    seeds: Seeds = EVAL["seeds"],
-    num_modules: NumModules = COMPOSE["num_modules"],
-    budget: Budget = COMPOSE["budget"],
-    optimizer: Optimizer = COMPOSE["optimizer"],
-    limit: Limit = None,
-    batch_size: BatchSize = EVAL["batch_size"],
-    max_new_tokens: MaxNew = EVAL["max_new_tokens"],
-    out: Out = None,
-    embedder: EmbedderOpt = None,
-    dtype: Dtype = COMPOSE["dtype"],
-    device: Device = COMPOSE["device"],
-    ray: RayOpt = None,
-    workers: WorkersOpt = None,
-    ray_data: RayDataOpt = "auto",
-    json_: JsonOpt = False,
+    base_model: EvaluatedModelOpt = None,
+    **options,
 ) -> None:
     """Your own tasks, one JSONL file each, with the same protocol and report as `eval bbh`."""
     from ..eval.tasks import load_task_dir
 
-    scale = ray_options(ray, workers, ray_data)
-    suite = load_task_dir(folder)
-    _run(
-        suite,
-        tasks=tasks,
-        methods=methods,
-        seeds=seeds,
-        out=out or Path(f"eval-{suite.name}"),
-        json_=json_,
-        ray=scale,
-        base_model=base_model,
-        model_path=model_path,
-        shots=shots,
-        num_modules=num_modules,
-        budget=budget,
-        optimizer=optimizer,
-        limit=limit,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        embedder=embedder,
-        dtype=dtype,
-        device=device,
-    )
+    _grid(lambda: load_task_dir(folder), base_model=base_model, **options)
 
 
 @app.command(epilog=EXAMPLES)
@@ -209,19 +157,12 @@ def demo(
     methods: Methods = EVAL["methods"],
     shots: Shots = EVAL["shots"],
     seeds: Seeds = EVAL["seeds"],
-    num_modules: Annotated[
-        int, typer.Option("-n", "--num-modules", min=1, help="Modules per composition (the demo library has about 20).")
-    ] = DEMO["num_modules"],
-    budget: Budget = COMPOSE["budget"],
-    optimizer: Optimizer = COMPOSE["optimizer"],
+    num_modules: NumModulesOpt = DEMO["num_modules"],
+    budget: BudgetOpt = COMPOSE["budget"],
+    optimizer: OptimizerOpt = COMPOSE["optimizer"],
     limit: Limit = None,
-    batch_size: BatchSize = DEMO["batch_size"],
-    max_new_tokens: Annotated[
-        int,
-        typer.Option(
-            "--max-new-tokens", min=1, help="Greedy decoding stops after this many tokens (demo answers are short)."
-        ),
-    ] = DEMO["max_new_tokens"],
+    batch_size: GenerationBatchOpt = DEMO["batch_size"],
+    max_new_tokens: MaxNewTokensOpt = DEMO["max_new_tokens"],
     out: Out = None,
     ray: RayOpt = None,
     workers: WorkersOpt = None,

@@ -6,36 +6,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ..api import open_store
 from ..errors import InputError, IntegrityError
-from ..settings import home
-from ._options import (
-    BaseModelOpt,
-    DataOpt,
-    DatasetOpt,
-    EmbedderOpt,
-    FilterOpt,
-    InputFieldOpt,
-    InputsOnlyOpt,
-    InstructionOpt,
-    JsonOpt,
-    MaxExamplesOpt,
-    TargetFieldOpt,
-)
-from ._output import err, info, out, print_json, progress, warn
+from ..settings import CARD_MAX_EXAMPLES, SYNC_WORKERS, home
+from ._options import BaseModelOpt, EmbedderOpt, JsonOpt, MaxExamplesOpt, card_options, with_options_of
+from ._output import err, id_column, info, out, print_json, progress, short_path, table, warn
 
 app = typer.Typer(
     help="Mirror, list and check the adapters in your local registry ($LORAHUB_HOME).",
     no_args_is_help=True,
 )
-
-
-def card_options(**options) -> dict:
-    """The card-building options as `card_from_source` takes them; progress only for people, not --json."""
-    quiet = options.pop("quiet")
-    return {**options, "progress_factory": None if quiet else progress}
 
 
 @app.command(
@@ -44,25 +27,18 @@ def card_options(**options) -> dict:
   lorahub registry add ./my-adapter --name sentiment --data train.jsonl\n
   lorahub registry add lorahub/flan_t5_large-ag_news_subset --dataset lorahub/flanv2 --filter task=ag_news_subset"""
 )
+@with_options_of(card_options, before="force")
 def add(
     source: Annotated[str, typer.Argument(help="A Hub repo id (NAMESPACE/NAME) or a local PEFT adapter folder.")],
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit (Hub only).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Registry id (default: repo id or folder name).")] = None,
     base_model: BaseModelOpt = None,
-    data: DataOpt = None,
-    dataset: DatasetOpt = None,
-    filter: FilterOpt = None,
-    input_field: InputFieldOpt = None,
-    target_field: TargetFieldOpt = None,
-    max_examples: MaxExamplesOpt = 1000,
-    embedder: EmbedderOpt = None,
-    inputs_only: InputsOnlyOpt = False,
-    instruction: InstructionOpt = "",
     force: Annotated[bool, typer.Option("--force", help="Mirror again even if this commit is stored.")] = False,
     replace: Annotated[
         bool, typer.Option("--replace", help="Replace an adapter of the same id from another source.")
     ] = False,
     json_: JsonOpt = False,
+    **card_data,
 ) -> None:
     """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too.
 
@@ -75,21 +51,8 @@ def add(
     if local and revision:
         raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
     card_job = None
-    if data is not None or dataset is not None:
-        card_job = prepare_card(
-            **card_options(
-                data=data,
-                dataset=dataset,
-                filters=filter,
-                input_field=input_field,
-                target_field=target_field,
-                max_examples=max_examples,
-                embedder=embedder,
-                inputs_only=inputs_only,
-                instruction=instruction,
-                quiet=json_,
-            )
-        )
+    if card_data["data"] is not None or card_data["dataset"] is not None:
+        card_job = prepare_card(card_options(**card_data), progress_factory=None if json_ else progress)
     if local:
         result = add_local(
             store, Path(source), name=name, base_model=base_model, replace=replace, card_job=card_job, warn=warn
@@ -155,8 +118,8 @@ def sync(
         bool, typer.Option("--cards", help="Also build cards from the catalogue's training dataset.")
     ] = False,
     base_model: BaseModelOpt = None,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = 4,
-    max_examples: MaxExamplesOpt = 1000,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=32, help="Parallel downloads.")] = SYNC_WORKERS,
+    max_examples: MaxExamplesOpt = CARD_MAX_EXAMPLES,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -196,6 +159,33 @@ def sync(
         raise typer.Exit(1)
 
 
+def _list_table(records) -> Table:
+    """The registry at 80 columns: ids whole, one base model in the title when all share it, sources shortened
+    (`registry list --json` has them whole)."""
+    bases = sorted({r.base_model for r in records})
+    shown = lambda base: short_path(base) if Path(base).is_absolute() else base  # noqa: E731
+    listed = table(f"{len(records)} adapters for {shown(bases[0])}" if len(bases) == 1 else None)
+    id_column(listed, "id", [r.id for r in records])
+    if len(bases) > 1:
+        listed.add_column("base model", overflow="fold")
+    for column in ("r", "alpha", "targets"):
+        listed.add_column(column, justify="left" if column == "targets" else "right", overflow="fold")
+    listed.add_column("source", no_wrap=True, overflow="ellipsis")
+    listed.add_column("card")
+    for r in records:
+        source = short_path(r.source, 26) if Path(r.source).is_absolute() else r.source
+        listed.add_row(
+            r.id,
+            *([shown(r.base_model)] if len(bases) > 1 else []),
+            str(r.r),
+            f"{r.lora_alpha:g}",
+            ",".join(r.target_modules),
+            f"{source}@{r.revision[:8]}" if r.revision else source,
+            "yes" if r.has_card else "-",
+        )
+    return listed
+
+
 @app.command(
     "list",
     epilog="""Examples:\n
@@ -211,21 +201,7 @@ def list_(base_model: BaseModelOpt = None, json_: JsonOpt = False) -> None:
     if not records:
         info("The registry is empty. Add adapters with: lorahub registry add SOURCE")
         return
-    table = Table()
-    for column in ("id", "base model", "r", "alpha", "targets", "source", "card"):
-        table.add_column(column, overflow="fold")
-    for r in records:
-        source = f"{r.source}@{r.revision[:8]}" if r.revision else r.source
-        table.add_row(
-            r.id,
-            r.base_model,
-            str(r.r),
-            f"{r.lora_alpha:g}",
-            ",".join(r.target_modules),
-            source,
-            "yes" if r.has_card else "-",
-        )
-    out.print(table)
+    out.print(_list_table(records))
 
 
 @app.command(epilog="Examples:\n\n  lorahub registry show lorahub/flan_t5_large-ag_news_subset --json")
@@ -263,6 +239,7 @@ LEFTOVER_TEXT = {
     "staging": "staging folder(s) of interrupted adds",
     "superseded": "superseded version(s) left by interrupted replacements",
     "unindexed": "stored adapter(s) missing from the index (restore them with: lorahub registry rebuild)",
+    "foreign": "folder(s) or link(s) in the registry's content that lorahub did not store (left alone; move them out)",
 }
 
 
@@ -275,7 +252,8 @@ def verify(
 ) -> None:
     """Re-hash every stored file and check the weights; exits non-zero if any is missing, corrupted or not finite.
 
-    Stored adapters missing from the index are reported, never deleted: `lorahub registry rebuild` restores them."""
+    Index rows that name folders or files outside their adapter's folder are reported and never used. Stored
+    adapters missing from the index are reported, never deleted: `lorahub registry rebuild` restores them."""
     store = open_store(readonly=not prune)
     with progress("Verifying", None):
         problems, leftovers = store.verify(prune=prune)
@@ -290,19 +268,23 @@ def verify(
         )
     else:
         for p in problems:
-            err.print(f"[red]{p['id']}[/red]: {p['file']}: {p['problem']}")
+            where = escape(str(p["id"])) + (f": {escape(p['file'])}" if p["file"] is not None else "")
+            err.print(f"[red]{where}[/red]: {escape(p['problem'])}")
         for kind, text in LEFTOVER_TEXT.items():
             if count := sum(item["kind"] == kind for item in leftovers):
-                pruned = prune and kind != "unindexed"
+                prunable = kind in ("staging", "superseded")
                 info(
-                    f"{count} {text}"
-                    + (" pruned." if pruned else "; remove them with --prune." if kind != "unindexed" else ".")
+                    f"{count} {text}" + ((" pruned." if prune else "; remove them with --prune.") if prunable else ".")
                 )
-        info(f"{len(store.list())} adapters checked, {len(problems)} problem(s).")
+        info(f"{store.count()} adapters checked, {len(problems)} problem(s).")
     if problems:
+        rows = sum(p["file"] is None for p in problems)
+        found = [f"{len(problems) - rows} stored file(s) are missing or corrupted"] if len(problems) > rows else []
+        found += [f"{rows} index row(s) cannot be trusted"] if rows else []
         raise IntegrityError(
-            f"{len(problems)} stored file(s) are missing or corrupted.",
-            "Re-add the adapters listed above with: lorahub registry add SOURCE --force",
+            " and ".join(found) + ".",
+            "Re-add the adapters listed above with: lorahub registry add SOURCE --force"
+            + ("; drop the untrusted rows with: lorahub registry rebuild" if rows else ""),
         )
 
 
@@ -310,16 +292,32 @@ def verify(
 def rebuild(json_: JsonOpt = False) -> None:
     """Rebuild the index (registry.sqlite) from the stored adapter folders; the old index is kept aside.
 
-    Use it when the index is missing or damaged; run it while no other lorahub uses this registry."""
+    Use it when the index is missing or damaged; run it while no other lorahub uses this registry. Folders that
+    lorahub did not store, or whose metadata fails its checks, are reported and left alone (exit 1)."""
     from ..registry import Store
 
-    records, kept = Store.for_rebuild(home()).rebuild()
+    records, kept, skipped = Store.for_rebuild(home()).rebuild()
     if json_:
-        print_json({"indexed": [r.id for r in records], "old_index": str(kept) if kept else None})
-        return
-    if kept:
-        info(f"The old index was kept as {kept}.")
-    info(f"Indexed {len(records)} adapter(s) from {home() / 'adapters'}.")
+        print_json(
+            {
+                "indexed": [r.id for r in records],
+                "old_index": str(kept) if kept else None,
+                "skipped": [{"path": str(item["path"]), "problem": item["problem"]} for item in skipped],
+            }
+        )
+    else:
+        for item in skipped:
+            warn(escape(f"not indexed: {item['path']} {item['problem']}."))
+        if kept:
+            info(f"The old index was kept as {kept}.")
+        info(f"Indexed {len(records)} adapter(s) from {home() / 'adapters'}.")
+    if skipped:
+        if json_:
+            raise typer.Exit(1)
+        raise IntegrityError(
+            f"{len(skipped)} folder(s) in {home() / 'adapters'} were not indexed (listed above); left as they are.",
+            "Move them out of the registry's adapters folder; re-add real adapters with: lorahub registry add SOURCE",
+        )
 
 
 @app.command(epilog="Examples:\n\n  lorahub registry path")

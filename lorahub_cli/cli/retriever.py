@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..api import open_store
-from ..settings import LORARETRIEVER_INSTRUCTION
+from ..settings import LORARETRIEVER_INSTRUCTION, RETRIEVER
 from ._options import BaseModelOpt, EmbedderOpt, JsonOpt
 from ._output import info, out, print_json, progress
 
@@ -31,26 +30,35 @@ def train(
     ],
     tasks_fraction: Annotated[
         float, typer.Option("--tasks-fraction", help="Share of adapters to train on; the rest are held out.")
-    ] = 0.4,
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the training adapters' examples.")] = 1,
+    ] = RETRIEVER["tasks_fraction"],
+    epochs: Annotated[
+        int, typer.Option("--epochs", min=1, help="Passes over the training adapters' examples.")
+    ] = RETRIEVER["epochs"],
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=2, help="Adapters per step (in-batch negatives).")
-    ] = 32,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (linear warm-up and decay).")] = 2e-5,
+    ] = RETRIEVER["batch_size"],
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate (linear warm-up and decay).")] = RETRIEVER[
+        "learning_rate"
+    ],
     max_examples: Annotated[
         int, typer.Option("--max-examples", min=2, help="Examples read per adapter from its card's data.")
-    ] = 200,
-    eval_queries: Annotated[int, typer.Option("--eval-queries", min=1, help="Queries per held-out adapter.")] = 20,
+    ] = RETRIEVER["max_examples"],
+    eval_queries: Annotated[
+        int, typer.Option("--eval-queries", min=1, help="Queries per held-out adapter.")
+    ] = RETRIEVER["eval_queries"],
     instruction: Annotated[
         str, typer.Option("--instruction", help="Prefix of every text; use the one your cards use.")
     ] = LORARETRIEVER_INSTRUCTION,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the split, the pairs and the initialisation.")] = 42,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, the pairs and the initialisation.")
+    ] = RETRIEVER["seed"],
     base_model: BaseModelOpt = None,
     embedder: EmbedderOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Fine-tune the embedder contrastively on some adapters' training data; report retrieval of the held-out ones."""
-    from ..retriever.train import RetrieverConfig, train_retriever
+    from .. import api
+    from ..retriever.train import RetrieverConfig
 
     config = RetrieverConfig(
         tasks_fraction=tasks_fraction,
@@ -62,10 +70,7 @@ def train(
         instruction=instruction,
         seed=seed,
     )
-    with progress("Training", None) as advance:
-        report = train_retriever(
-            open_store(), out_dir, config, base_model=base_model, embedder=embedder, progress=advance
-        )
+    report = api.train_retriever(out_dir, config, base_model=base_model, embedder=embedder, progress_factory=progress)
     if json_:
         print_json(report)
         return

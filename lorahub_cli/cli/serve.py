@@ -6,40 +6,46 @@ from typing import Annotated
 
 import typer
 
+from ..api import build_engine
 from ..errors import InputError
 from ..settings import SERVE
-from ._options import BaseModelOpt, EmbedderOpt
-from ._output import info, warn
-from .generate import (
+from ._options import (
+    AdapterOpt,
+    BaseModelOpt,
     BatchingOpt,
-    BatchSizeOpt,
-    ComposeOpt,
+    ComposeModeOpt,
     CompositionOpt,
     DeviceOpt,
     DtypeOpt,
+    EmbedderOpt,
+    GenerationBatchOpt,
     KOpt,
     MaxInputTokensOpt,
     MaxNewTokensOpt,
     ModelPathOpt,
-    build_engine,
 )
+from ._output import info, warn
 
 API_KEY_ENV = "LORAHUB_API_KEY"
 EXAMPLES = """Examples:\n
   lorahub serve --port 8000\n
   lorahub serve -k 3 --compose fusion --batch-size 16 --batch-window-ms 20\n
+  lorahub serve --adapter my-lora                  # one composed adapter for every request\n
   lorahub serve --composition per-example --max-queue 64\n
   curl -s localhost:8000/v1/generate -d '{"input": "What is 12 plus 30?", "k": 3}'"""
 
+HostOpt = Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for every one).")]
+
 
 def serve(
-    host: Annotated[str, typer.Option("--host", help="Interface to listen on (0.0.0.0 for every one).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8000,
+    host: HostOpt = SERVE["host"],
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = SERVE["port"],
     k: KOpt = None,
-    compose: ComposeOpt = None,
+    compose: ComposeModeOpt = None,
+    adapter: AdapterOpt = None,
     composition: CompositionOpt = None,
-    batch_size: BatchSizeOpt = SERVE["batch_size"],
-    batching: BatchingOpt = "continuous",
+    batch_size: GenerationBatchOpt = SERVE["batch_size"],
+    batching: BatchingOpt = SERVE["batching"],
     window_ms: Annotated[
         float,
         typer.Option(
@@ -47,18 +53,18 @@ def serve(
             min=0,
             help="How long a request that finds the server idle waits for others to start with.",
         ),
-    ] = 10.0,
+    ] = SERVE["batch_window_ms"],
     max_queue: Annotated[
         int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")
-    ] = 256,
+    ] = SERVE["max_queue"],
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     max_input_chars: Annotated[
         int, typer.Option("--max-input-chars", min=1, help="Longest input accepted, in characters.")
-    ] = 16_000,
+    ] = SERVE["max_input_chars"],
     shutdown_timeout: Annotated[
         float, typer.Option("--shutdown-timeout", min=0, help="Seconds to finish open requests on SIGTERM.")
-    ] = 60.0,
+    ] = SERVE["shutdown_timeout"],
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -72,10 +78,11 @@ def serve(
     base_model: BaseModelOpt = None,
     model_path: ModelPathOpt = None,
     embedder: EmbedderOpt = None,
-    dtype: DtypeOpt = "auto",
-    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = SERVE["dtype"],
+    device: DeviceOpt = SERVE["device"],
 ) -> None:
-    """Serve generation over HTTP: every request retrieves its top-k adapters, and concurrent requests share batches."""
+    """Serve generation over HTTP: every request retrieves its top-k adapters (or: one --adapter, or an instance-level
+    --composition), and concurrent requests share batches."""
     from ..serve.server import check_port, create_app, is_loopback, run
 
     if api_key is not None and not api_key.strip():
@@ -87,6 +94,7 @@ def serve(
             f"Set --api-key or {API_KEY_ENV}."
         )
     engine = build_engine(
+        adapter=adapter,
         composition=composition,
         k=k,
         compose=compose,
@@ -109,9 +117,12 @@ def serve(
         api_key=api_key,
     )
     described = engine.info()
-    held = (
-        f"{described['adapters']} adapters" if "adapters" in described else f"{described['compositions']} compositions"
-    )
+    if described["source"] == "adapter":
+        held = f"the adapter {engine.names[0]}"
+    elif described["source"] == "composition":
+        held = f"{described['compositions']} compositions"
+    else:
+        held = f"{described['adapters']} adapters"
     info(
         f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions, "
         f"/generate, /generate_stream, /; GET /v1/models, /health){'; API key required' if api_key else ''}."

@@ -9,6 +9,8 @@ import typer
 
 from ..api import scratch_store
 from ..errors import InputError
+from ..settings import WALKTHROUGH
+from ._options import JsonOpt
 from ._output import info, out, print_json, progress, ranking_table
 
 EXAMPLES = """Examples:\n
@@ -17,13 +19,15 @@ EXAMPLES = """Examples:\n
 
 
 def walkthrough(
-    task: Annotated[str, typer.Option("--task", help="Which example task's shots to retrieve for.")] = "sentiment",
-    k: Annotated[int, typer.Option("-k", min=1, help="Adapters to show per ranking.")] = 3,
+    task: Annotated[str, typer.Option("--task", help="Which example task's shots to retrieve for.")] = WALKTHROUGH[
+        "task"
+    ],
+    k: Annotated[int, typer.Option("-k", min=1, help="Adapters to show per ranking.")] = WALKTHROUGH["k"],
     home: Annotated[
         Path | None,
         typer.Option("--home", help="Keep the walk-through registry in this folder (default: a temporary one)."),
     ] = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")] = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Register the shipped example adapters with embedding cards and retrieve for their held-out examples. Offline.
 

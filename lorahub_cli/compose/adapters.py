@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, NotFoundError
 from ..io import read_json
-from ..registry.store import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE
+from ..registry.store import CONFIG_FILE, PEFT_DEFAULT_ALPHA, PICKLE_FILE, SAFETENSORS_FILE, lora_config_problem
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -101,7 +101,7 @@ def load_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         name=name,
         base_model_name_or_path=config.get("base_model_name_or_path"),
         r=r,
-        lora_alpha=float(config.get("lora_alpha", 8)),
+        lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         target_modules=_normalise_targets(config.get("target_modules")),
         task_type=config.get("task_type"),
         modules=modules,
@@ -132,6 +132,8 @@ def _check_config(config: dict, name: str) -> None:
             )
     if "r" not in config:
         raise InputError(f"adapter '{name}': adapter_config.json has no 'r'.", "Re-download the adapter.")
+    if problem := lora_config_problem({**config, "peft_type": peft_type}, targets_required=False):
+        raise InputError(f"adapter '{name}': {CONFIG_FILE}: {problem}.", "Re-download the adapter.")
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:

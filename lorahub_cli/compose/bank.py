@@ -12,6 +12,10 @@ requests runs in one forward pass. No merged d_out x d_in weight and no
 rows x tokens x N x d_out tensor is ever built. Gradients flow to W; the base and
 adapter weights stay frozen. Without a `weights` context the bank is a no-op.
 
+The bank has two modes (`BANK_MODES`), one per forward pass: "elementwise" (A = sum w_i A_i,
+B = sum w_i B_i: LoraHub's formula, and fusion) and "linear" (the sum of the weighted deltas:
+mixture); a formula's `bank_mode` (compose/formulas.py) names the mode it runs under.
+
 Two ways to evaluate a forward pass, chosen per `weights` context:
 - dense (`_linear`, `_elementwise`): every row against the factors of every adapter some
   row weighs. Right for a search population, whose vectors weigh all N adapters.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,56 +39,97 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import InputError
 from .adapters import LoraAdapter, check_compatible
-from .formulas import FORMULAS
 
 BANK_MODES = ("elementwise", "linear")
 
 
+class SparseRow(NamedTuple):
+    """One row's composition over a bank: its adapters (bank columns) and their weights; every other adapter
+    weighs 0. What a request's route gives (routing.Route.row), kept sparse down to the bank."""
+
+    columns: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+def sparse(W: torch.Tensor) -> list[SparseRow]:
+    """The rows of a dense (P, N) weight matrix as SparseRows (their nonzero entries)."""
+    entries = W.detach().nonzero().tolist()  # row-major, as W[W != 0] reads
+    values = W.detach()[W.detach() != 0].tolist()
+    columns: list[list[int]] = [[] for _ in range(W.shape[0])]
+    weights: list[list[float]] = [[] for _ in range(W.shape[0])]
+    for (row, column), value in zip(entries, values):
+        columns[row].append(column)
+        weights[row].append(value)
+    return [SparseRow(tuple(c), tuple(w)) for c, w in zip(columns, weights)]
+
+
+def _ordered(row: SparseRow) -> SparseRow:
+    """The row's nonzero entries, largest |w| first, ties by column: one order for a row however its weights were
+    given (the order of the sums below), and the order `topk` gave when the dense weights were searched for them."""
+    entries = sorted(((c, w) for c, w in zip(row.columns, row.weights) if w != 0), key=lambda e: (-abs(e[1]), e[0]))
+    return SparseRow(tuple(c for c, _ in entries), tuple(w for _, w in entries))
+
+
 class _BankState:
-    """The weights and mode of the current forward pass, shared by every BankedLayer."""
+    """The rows of the current forward pass (weights, mode, grouped factors), shared by every BankedLayer."""
 
     def __init__(self) -> None:
-        self.weights: torch.Tensor | None = None  # (P, N)
-        self.mode = "elementwise"
+        self.rows: BankRows | None = None
         self.used: torch.Tensor | None = None  # (N,) bool: adapters some row weighs; None when all are
-        self.grouped: GroupedRows | None = None  # set: the grouped path, with its per-layer cache
 
 
 class GroupedRows:
-    """Each weight vector's nonzero adapters, as indices into the bank's rank columns.
+    """Each row's nonzero adapters, as indices into the bank's rank columns, built from its SparseRow.
 
     linear: row p's rank columns `columns[p]` (its adapters' ranges, padded with column 0 at
     scale 0) and the scale w_pi s_i of each; elementwise: its adapters `adapters[p]` (padded
-    with adapter 0 at weight 0) and their weights. Padding adds exact zeros.
+    with adapter 0 at weight 0) and their weights. Padding adds exact zeros. `rows` keeps the
+    SparseRows (ordered: `_ordered`), for a batch that must be decided again (`BankRows.cat`).
     """
 
-    def __init__(self, W: torch.Tensor, ranks: list[int], scalings: list[float], mode: str):
-        P = W.shape[0]
-        nonzero = W.ne(0)
-        k = max(int(nonzero.sum(dim=1).max()), 1)
-        # The k largest |w| are the nonzero ones (ties among zeros do not matter: they weigh 0).
-        order = W.abs().topk(k, dim=1).indices  # (P, k)
-        self.mode, self.cache = mode, {}
-        weights = W.gather(1, order)  # (P, k)
+    def __init__(
+        self,
+        rows: Sequence[SparseRow],
+        ranks: list[int],
+        scalings: list[float],
+        mode: str,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        self.rows, self.mode, self.cache = [_ordered(r) for r in rows], mode, {}
+        P = len(self.rows)
+        counts = torch.tensor([len(r.columns) for r in self.rows], dtype=torch.long)  # (P,)
+        adapter = torch.tensor([c for r in self.rows for c in r.columns], dtype=torch.long)  # (M,): every entry
+        weight = torch.tensor([w for r in self.rows for w in r.weights], dtype=dtype)  # (M,)
+        row = torch.repeat_interleave(torch.arange(P), counts)  # (M,): the row of each entry
+        first = (torch.cumsum(counts, 0) - counts)[row]  # (M,): the first entry of each entry's row
         if mode == "elementwise":
-            self.adapters, self.weights = order, weights
+            slot = torch.arange(len(adapter)) - first  # (M,): the entry's place in its row
+            self.adapters = torch.zeros(P, max(int(counts.max()), 1), dtype=torch.long)
+            self.weights = torch.zeros(P, max(int(counts.max()), 1), dtype=dtype)
+            self.adapters[row, slot], self.weights[row, slot] = adapter, weight
+            self.adapters, self.weights = self.adapters.to(device), self.weights.to(device)
             return
-        offsets = torch.tensor([0, *ranks]).cumsum(0).tolist()
-        width = max(1, int((nonzero.to(torch.float64) @ torch.tensor(ranks, dtype=torch.float64)).max()))
-        columns = torch.zeros(P, width, dtype=torch.long)
-        scale = torch.zeros(P, width, dtype=W.dtype, device=W.device)
-        for p, (row, row_weights) in enumerate(zip(order.tolist(), weights)):
-            at = 0
-            for i, w in zip(row, row_weights):
-                if w != 0:
-                    columns[p, at : at + ranks[i]] = torch.arange(offsets[i], offsets[i + 1])
-                    scale[p, at : at + ranks[i]] = w * scalings[i]
-                    at += ranks[i]
-        self.columns, self.scale = columns.to(W.device), scale
+        offsets = torch.tensor([0, *ranks]).cumsum(0)  # (N + 1,): adapter i's rank columns are offsets[i]:offsets[i+1]
+        rank = torch.tensor(ranks, dtype=torch.long)[adapter]  # (M,)
+        before = torch.cumsum(rank, 0) - rank  # (M,): rank columns of all earlier entries
+        start = before - before[first]  # (M,): the entry's first place in its row
+        of = torch.repeat_interleave(torch.arange(len(adapter)), rank)  # (L,): the entry of each rank column
+        within = torch.arange(len(of)) - before[of]  # (L,): its place among its adapter's columns
+        width = max(1, int(torch.zeros(P, dtype=torch.long).index_add_(0, row, rank).max()))  # the widest row
+        self.columns = torch.zeros(P, width, dtype=torch.long)
+        self.scale = torch.zeros(P, width, dtype=dtype)
+        scaled = weight * torch.tensor(scalings, dtype=dtype)[adapter]  # (M,): w_pi s_i
+        self.columns[row[of], start[of] + within] = offsets[adapter[of]] + within
+        self.scale[row[of], start[of] + within] = scaled[of]
+        self.columns, self.scale = self.columns.to(device), self.scale.to(device)
 
     def compact(self, holes: list[int], movers: list[int], n: int) -> GroupedRows:
         """In place: rows `movers` into rows `holes`, then the first n rows (`compact_rows`)."""
         compact = lambda t: compact_rows(t, holes, movers, n)  # noqa: E731
+        for hole, mover in zip(holes, movers):
+            self.rows[hole] = self.rows[mover]
+        del self.rows[n:]
         if self.mode == "elementwise":
             self.adapters, self.weights = compact(self.adapters), compact(self.weights)
         else:
@@ -97,7 +143,7 @@ class GroupedRows:
         columns (exact zeros); a layer whose factors only one side had gathered is gathered again when used.
         Gathered factors go into spare rows of first's buffers when they fit (`append_rows`)."""
         out = object.__new__(GroupedRows)
-        out.mode = first.mode
+        out.mode, out.rows = first.mode, first.rows + second.rows
         if first.mode == "elementwise":
             out.adapters = _cat_padded(first.adapters, second.adapters)
             out.weights = _cat_padded(first.weights, second.weights)
@@ -154,18 +200,29 @@ def append_rows(a: torch.Tensor, b: torch.Tensor, capacity: int = 0) -> torch.Te
 
 
 class BankRows:
-    """Per-row composition weights W (P, N) with their bank mode and, on the grouped path, each row's
-    gathered factors. A decoding loop whose batch changes keeps it across steps and drops (`compact`) or
-    appends (`cat`) rows, so factors are gathered once per request, not once per step."""
+    """Per-row composition weights with their bank mode: dense, W (P, N) (a search population, with
+    gradients), or grouped (`GroupedRows`: each row's own adapters and, once gathered, their factors).
+    A decoding loop whose batch changes keeps it across steps and drops (`compact`) or appends (`cat`)
+    rows, so factors are gathered once per request, not once per step."""
 
-    def __init__(self, bank: LoraBank, W: torch.Tensor, mode: str, grouped: GroupedRows | None):
-        self.bank, self.W, self.mode, self.grouped = bank, W, mode, grouped
+    def __init__(self, bank: LoraBank, mode: str, W: torch.Tensor | None = None, grouped: GroupedRows | None = None):
+        assert (W is None) != (grouped is None), "dense or grouped"
+        self.bank, self.mode, self.W, self.grouped = bank, mode, W, grouped
+
+    @property
+    def size(self) -> int:
+        """P: the number of rows (weight vectors)."""
+        return len(self.grouped.rows) if self.grouped is not None else self.W.shape[0]
+
+    def sparse(self) -> list[SparseRow]:
+        return self.grouped.rows if self.grouped is not None else sparse(self.W)
 
     def compact(self, holes: list[int], movers: list[int], n: int) -> BankRows:
         """In place: rows `movers` into rows `holes`, then the first n rows; copies the moved rows only."""
-        self.W = compact_rows(self.W, holes, movers, n)
         if self.grouped is not None:
             self.grouped.compact(holes, movers, n)
+        else:
+            self.W = compact_rows(self.W, holes, movers, n)
         return self
 
     def cat(self, other: BankRows, capacity: int = 0) -> BankRows:
@@ -173,9 +230,10 @@ class BankRows:
         if self.mode != other.mode:
             raise ValueError("rows of two bank modes cannot share a forward pass")
         if (self.grouped is None) != (other.grouped is None):  # one side dense: decide again for the whole batch
-            return self.bank.rows(torch.cat([self.W, other.W]), formula=self.mode)  # mode names are formula names
-        grouped = None if self.grouped is None else GroupedRows.cat(self.grouped, other.grouped, capacity)
-        return BankRows(self.bank, torch.cat([self.W, other.W]), self.mode, grouped)
+            return self.bank.sparse_rows(self.sparse() + other.sparse(), mode=self.mode)
+        if self.grouped is not None:
+            return BankRows(self.bank, self.mode, grouped=GroupedRows.cat(self.grouped, other.grouped, capacity))
+        return BankRows(self.bank, self.mode, W=torch.cat([self.W, other.W]))
 
 
 class BankedLayer(nn.Module):
@@ -208,24 +266,23 @@ class BankedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        W = self.state.weights
-        if W is None:
+        bank_rows = self.state.rows
+        if bank_rows is None:
             return y
-        P, rows = W.shape[0], x.shape[0]
+        P, rows = bank_rows.size, x.shape[0]
         if rows % P:
             raise InputError(
                 f"a batch of {rows} rows cannot be split among {P} weight vectors.",
                 "Make the batch P * K rows for P weight vectors (K rows each).",
             )
         dtype = self.lora_A.dtype  # the LoRA path may run in higher precision than the base layer
-        W = W.to(dtype)  # (P, N); the cast stays in the autograd graph
         xg = x.to(dtype).reshape(P, -1, x.shape[-1])  # (P, K*T, d_in): the K rows of vector p are contiguous
-        if self.state.grouped is not None:
-            delta = self._grouped(xg, self.state.grouped)
-        elif self.state.mode == "linear":
-            delta = self._linear(xg, W)
+        if bank_rows.grouped is not None:
+            delta = self._grouped(xg, bank_rows.grouped)
+        elif bank_rows.mode == "linear":
+            delta = self._linear(xg, bank_rows.W.to(dtype))  # (P, N); the cast stays in the autograd graph
         else:
-            delta = self._elementwise(xg, W)
+            delta = self._elementwise(xg, bank_rows.W.to(dtype))
         return y + delta.reshape(*y.shape[:-1], -1).to(y.dtype)  # (rows, ..., d_out)
 
     def _linear(self, xg: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -271,18 +328,19 @@ class BankedLayer(nn.Module):
 class LoraBank:
     """N adapters injected into `model` in place; see the module docstring.
 
-    `formula` is the default for `weights()`: "elementwise" (LoraHub; also fusion, with
-    rows of 1/k) or "linear". `lora_dtype`: the dtype of the LoRA path (default: each base
-    layer's), e.g. fp32 over a bf16 or int8 base. `share`: the adapters' factors become views into
-    the bank's buffers (same values), so they are held once, not twice; where the bank holds them in
-    another dtype or device they stay as they are. Call `remove()` to restore the original modules.
+    `mode` is the default for `weights()`: "elementwise" (A = sum w_i A_i, B = sum w_i B_i: LoraHub's
+    formula, and fusion with rows of 1/k) or "linear" (the weighted sum of the deltas: mixture); a
+    formula's `bank_mode` names the one it runs under. `lora_dtype`: the dtype of the LoRA path (default:
+    each base layer's), e.g. fp32 over a bf16 or int8 base. `share`: the adapters' factors become views into
+    the bank's buffers (same values), so they are held once, not twice; where the bank holds them in another
+    dtype or device they stay as they are. Call `remove()` to restore the original modules.
     """
 
     def __init__(
         self,
         model: nn.Module,
         adapters: Sequence[LoraAdapter],
-        formula: str = "elementwise",
+        mode: str = "elementwise",
         lora_dtype: torch.dtype | None = None,
         share: bool = False,
     ):
@@ -291,7 +349,7 @@ class LoraBank:
         self.names = [a.name for a in adapters]
         self._ranks, self._scalings = [a.r for a in adapters], [a.scaling for a in adapters]
         self._elementwise_ok = len({a.r for a in adapters}) == 1 and len({a.scaling for a in adapters}) == 1
-        self.formula = self._mode(formula)
+        self.mode = self._check_mode(mode)
         targets = {module: self._target(model, module, adapters[0]) for module in adapters[0].modules}
         # Everything is checked; from here on the model is modified.
         self._state = _BankState()
@@ -313,10 +371,10 @@ class LoraBank:
 
     @property
     def elementwise_ok(self) -> bool:
-        """Whether the elementwise formula is defined: one rank and one scaling for all adapters."""
+        """Whether mode elementwise is defined: one rank and one scaling for all adapters."""
         return self._elementwise_ok
 
-    def rows(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> BankRows:
+    def rows(self, W: torch.Tensor, mode: str | None = None, grouped: bool | None = None) -> BankRows:
         """W (shape (P, N), or (N,) for one vector for the whole batch) checked and ready to compose with:
         `use(rows)` runs under it. `grouped`: each row computes only its own adapters (None: when every row
         weighs at most half the bank and W needs no gradient; see the module docstring)."""
@@ -327,33 +385,68 @@ class LoraBank:
                 f"weights of shape {tuple(W.shape)} do not fit a bank of {self.n} adapters.",
                 f"Give a float tensor of shape (P, {self.n}).",
             )
-        mode = self._mode(formula or self.formula)
-        W = W.to(next(self.model.parameters()).device)  # once here, not in every layer
+        mode = self._check_mode(mode or self.mode)
+        W = W.to(self._device)  # once here, not in every layer
         if grouped is None:
             grouped = not (W.requires_grad and torch.is_grad_enabled()) and int(W.ne(0).sum(dim=1).max()) <= self.n // 2
-        return BankRows(self, W, mode, GroupedRows(W, self._ranks, self._scalings, mode) if grouped else None)
+        if grouped:
+            rows = GroupedRows(sparse(W), self._ranks, self._scalings, mode, dtype=W.dtype, device=W.device)
+            return BankRows(self, mode, grouped=rows)
+        return BankRows(self, mode, W=W)
+
+    def sparse_rows(self, rows: Sequence[SparseRow], mode: str | None = None, grouped: bool | None = None) -> BankRows:
+        """One SparseRow per row (float32 weights), checked and ready to compose with, as `rows()` but never
+        dense on the way: the (P, N) matrix is built only for the dense path (a row weighs more than half the bank)."""
+        mode = self._check_mode(mode or self.mode)
+        for row in rows:
+            if len(row.columns) != len(row.weights):
+                raise InputError(
+                    f"a row has {len(row.columns)} columns and {len(row.weights)} weights.",
+                    "Give one weight per column.",
+                )
+            if len(set(row.columns)) < len(row.columns) or any(not 0 <= c < self.n for c in row.columns):
+                raise InputError(
+                    f"a row names the columns {list(row.columns)}, not distinct ones of 0..{self.n - 1}.",
+                    "Name each of the bank's adapters at most once.",
+                )
+        if grouped is None:
+            grouped = max(sum(w != 0 for w in r.weights) for r in rows) <= self.n // 2
+        if grouped:
+            return BankRows(
+                self, mode, grouped=GroupedRows(rows, self._ranks, self._scalings, mode, device=self._device)
+            )
+        W = torch.zeros(len(rows), self.n)
+        W[[p for p, r in enumerate(rows) for _ in r.columns], [c for r in rows for c in r.columns]] = torch.tensor(
+            [w for r in rows for w in r.weights], dtype=torch.float32
+        )
+        return BankRows(self, mode, W=W.to(self._device))
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     @contextmanager
     def use(self, rows: BankRows) -> Iterator[None]:
-        """Compose with `rows` (from `rows()`, `BankRows.compact` or `BankRows.cat`) inside the context."""
+        """Compose with `rows` (from `rows()`, `sparse_rows()`, `BankRows.compact` or `BankRows.cat`) inside the
+        context."""
         if not self._originals:
             raise InputError("this bank was removed.", "Build a new LoraBank.")
-        W = rows.W
-        used = W.ne(0).any(dim=0)
-        saved = self._state.weights, self._state.mode, self._state.used, self._state.grouped
-        self._state.weights, self._state.mode = W, rows.mode
-        # Skipping unweighed adapters is exact for the value, not for the gradient of a zero weight.
-        self._state.used = None if bool(used.all()) or W.requires_grad else used
-        self._state.grouped = rows.grouped
+        used = None
+        if rows.W is not None:
+            used = rows.W.ne(0).any(dim=0)
+            # Skipping unweighed adapters is exact for the value, not for the gradient of a zero weight.
+            used = None if bool(used.all()) or rows.W.requires_grad else used
+        saved = self._state.rows, self._state.used
+        self._state.rows, self._state.used = rows, used
         try:
             yield
         finally:
-            self._state.weights, self._state.mode, self._state.used, self._state.grouped = saved
+            self._state.rows, self._state.used = saved
 
     @contextmanager
-    def weights(self, W: torch.Tensor, formula: str | None = None, grouped: bool | None = None) -> Iterator[None]:
-        """Compose with W, shape (P, N) or (N,); `rows()` says what `formula` and `grouped` do."""
-        with self.use(self.rows(W, formula, grouped)):
+    def weights(self, W: torch.Tensor, mode: str | None = None, grouped: bool | None = None) -> Iterator[None]:
+        """Compose with W, shape (P, N) or (N,); `rows()` says what `mode` and `grouped` do."""
+        with self.use(self.rows(W, mode, grouped)):
             yield
 
     def remove(self) -> nn.Module:
@@ -365,16 +458,15 @@ class LoraBank:
         self._originals, self._trainable = {}, []
         return self.model
 
-    def _mode(self, formula: str) -> str:
-        spec = FORMULAS.get(formula)
-        if spec is None or spec.bank_mode not in BANK_MODES:
-            bankable = [name for name, f in FORMULAS.items() if f.bank_mode]
-            raise InputError(f"the bank cannot evaluate formula '{formula}'.", f"Choose one of: {', '.join(bankable)}.")
-        if spec.bank_mode == "elementwise" and not self._elementwise_ok:
+    def _check_mode(self, mode: str) -> str:
+        if mode not in BANK_MODES:
             raise InputError(
-                f"formula '{formula}' needs adapters of one rank and one scaling.", "Use formula 'linear'."
+                f"the bank cannot evaluate '{mode}': its modes are {' and '.join(BANK_MODES)}.",
+                "Give a formula's bank mode (compose.formulas.FORMULAS[name].bank_mode).",
             )
-        return spec.bank_mode
+        if mode == "elementwise" and not self._elementwise_ok:
+            raise InputError("mode 'elementwise' needs adapters of one rank and one scaling.", "Use mode 'linear'.")
+        return mode
 
     @staticmethod
     def _target(model: nn.Module, module: str, adapter: LoraAdapter) -> nn.Module:

@@ -148,7 +148,7 @@ def ties(As, Bs, scalings, weights, *, density, majority_sign_method="total") ->
 def dare_linear(As, Bs, scalings, weights, *, density) -> LoraFactors:
     """PEFT add_weighted_adapter(combination_type="dare_linear"): merge_utils.dare_linear on the
     A_i with weights sign(w_i s_i) sqrt|w_i s_i|, then on the B_i with sqrt|w_i s_i|; scaling 1.
-    Random: `compose` seeds torch's generator with the `seed` option once per merge (see RANDOM)."""
+    Random: `combine` seeds torch's generator with the `seed` option once per merge (see RANDOM)."""
     wA, wB = _peft_factor_weights(weights, scalings)
     A, B = _stack(As), _stack(Bs)  # (N, r, d_in), (N, d_out, r)
     return LoraFactors(
@@ -177,7 +177,7 @@ def svd(As, Bs, scalings, weights, *, svd_rank=0) -> LoraFactors:
 
 
 RANDOM_OPTION = "seed"
-"""A formula that draws random numbers takes this option; `compose` seeds torch's generator with it
+"""A formula that draws random numbers takes this option; `combine` seeds torch's generator with it
 (isolated from the caller's) before the first module, so a recipe that records it rebuilds bit for bit."""
 
 
@@ -187,7 +187,7 @@ def get_formula(name: str) -> Formula:
     return FORMULAS[name]
 
 
-def compose(
+def combine(
     adapters: Sequence[LoraAdapter],
     weights: Sequence[float] | torch.Tensor | None = None,
     formula: str = "elementwise",
@@ -195,7 +195,7 @@ def compose(
     name: str = "composed",
     **options,
 ) -> LoraAdapter:
-    """Compose whole adapters module by module into one LoRA adapter that `save_adapter`
+    """Combine whole adapters module by module into one LoRA adapter that `save_adapter`
     writes as a PEFT folder. Checks every input (formula, options, weights, compatibility)
     before computing; raises InputError naming the bad value."""
     spec = get_formula(formula)
@@ -268,4 +268,10 @@ def resolve_options(formula: str, options: dict) -> dict:
     density = merged.get("density")
     if density is not None and not 0 < density <= 1:
         raise InputError(f"density must be in (0, 1], got {density}.", "Use e.g. density 0.5.")
+    rank = merged.get("svd_rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+        raise InputError(
+            f"svd_rank must be a whole number of 1 or more, got {rank!r}.",
+            "Give e.g. --svd-rank 8, or leave it out for the largest module rank.",
+        )
     return merged

@@ -1,7 +1,7 @@
 """The few-shot loss of many compositions at once (a LoRA bank on a base model and K encoded shots), its
 gradient, and its second-order model at w = 0.
 
-    loss = FewShotLoss(base, bank, shots, formula="elementwise")
+    loss = FewShotLoss(base, bank, shots, mode="elementwise")
     loss(W)                    # (P, N) -> (P,): the loss of every row of W, no gradient
     loss.value_and_grad(w)     # (N,) -> (loss, dloss/dw): one forward + backward (formulas below)
     loss.curvature()           # the model L(w) ~ L(0) + g.w + 1/2 w.H.w at w = 0, from one forward + backward
@@ -26,7 +26,6 @@ import torch
 
 from ..models import BaseModel, EncodedBatch, mean_token_loss, token_losses
 from .bank import BankedLayer, LoraBank
-from .formulas import get_formula
 
 
 @dataclass
@@ -65,11 +64,11 @@ class FewShotLoss:
         bank: LoraBank,
         shots: EncodedBatch,
         *,
-        formula: str,
+        mode: str,
         max_rows: int = 64,
         grad_rows: int | None = None,
     ):
-        self.base, self.bank, self.shots, self.formula = base, bank, shots, formula
+        self.base, self.bank, self.shots, self.mode = base, bank, shots, mode
         self.k = int(shots.labels.shape[0])
         self.per_pass = max(1, max_rows // self.k)
         self.grad_rows = max(1, min(grad_rows or max_rows, self.k))
@@ -81,10 +80,15 @@ class FewShotLoss:
         losses = []
         for chunk in W.split(self.per_pass):
             batch = self.shots.repeat(chunk.shape[0])  # candidate-major: rows p*K .. p*K+K-1 use chunk[p]
-            with self.bank.weights(chunk, self.formula):
+            with self.bank.weights(chunk, self.mode):
                 sums = token_losses(self.base, batch)
             losses.append(mean_token_loss(sums, batch.n_tokens, chunk.shape[0]))
         return torch.cat(losses)
+
+    def base_loss(self) -> float:
+        """The loss of the base model alone: without weights the bank's layers pass their input through."""
+        with torch.no_grad():
+            return float(mean_token_loss(token_losses(self.base, self.shots), self.shots.n_tokens, 1)[0])
 
     def _pass(self, w: torch.Tensor | None, collect) -> float:
         """One forward + backward of the shots, `grad_rows` at a time, under weights w (None: the base model,
@@ -101,7 +105,7 @@ class FewShotLoss:
         value = 0.0
         try:
             for rows in _row_chunks(self.k, self.grad_rows):
-                with contextlib.nullcontext() if W is None else self.bank.weights(W, self.formula):
+                with contextlib.nullcontext() if W is None else self.bank.weights(W, self.mode):
                     part = token_losses(self.base, _select(self.shots, rows)).sum() / total
                 part.backward()
                 value += float(part.detach())
@@ -112,7 +116,7 @@ class FewShotLoss:
 
     @property
     def _elementwise(self) -> bool:
-        return get_formula(self.formula).bank_mode == "elementwise"
+        return self.mode == "elementwise"
 
     def value_and_grad(self, w: torch.Tensor) -> tuple[float, torch.Tensor]:
         """The loss at one weight vector (N,) and its exact gradient, from one forward and one backward pass:

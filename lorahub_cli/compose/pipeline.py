@@ -2,33 +2,35 @@
 
 `compose_task` is LoraHub / BatchComp (one composition for the task); `compose_instance`
 is iLoraComp (one composition per shot, plus a router that sends each input to its
-nearest shot). Both return a `Composition` that `write` saves as folders.
+nearest shot). Both return a `Composition` that compose/folder.py writes as a folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import random
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
 from .. import __version__
 from ..errors import InputError
-from ..io import Example, write_folder
-from ..models import BaseModel, encode, load_base_model
+from ..io import Example
+from ..models import BaseModel, check_model_name, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
 from ..settings import COMPOSE
 from . import precision as precisions
 from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
-from .export import MODEL_CARD, check_destination, instance_card, write_adapter_folder
-from .formulas import RANDOM_OPTION, compose, get_formula, resolve_options
+from .folder import ROUTER_FILE, shot_folder
+from .formulas import RANDOM_OPTION, combine, get_formula, resolve_options
 from .objective import FewShotLoss, OnColumns
-from .recipe import ROUTER_FILE, Recipe
+from .recipe import Recipe
 from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, search
+
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -46,6 +48,29 @@ class ComposeOptions:
     max_rows: int = COMPOSE["max_rows"]
     embedder: str | None = None
 
+    def __post_init__(self):
+        """Everything about the options alone is checked here, once, before any work; the pipeline trusts them."""
+        if self.weights and self.modules in ("auto", "random"):
+            self.modules = list(self.weights)  # fixed weights without --modules compose exactly the weighted modules
+        if not isinstance(self.modules, list) and self.modules not in ("auto", "random"):
+            raise InputError(
+                f"--modules '{self.modules}' is not auto, random or a list of ids.", "Example: --modules auto"
+            )
+        if self.num_modules < 1:
+            raise InputError(f"-n {self.num_modules} is too small.", "Give -n 1 or more.")
+        if self.max_rows < 1:
+            raise InputError(f"--batch-size {self.max_rows} is too small.", "Give --batch-size 1 or more.")
+        seed = self.search.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            # numpy and nevergrad take 32-bit seeds; a larger one would fail deep inside the search.
+            raise InputError(
+                f"--seed {seed} is out of range: a seed is a whole number from 0 to {MAX_SEED} (2**32 - 1).",
+                "Example: --seed 42",
+            )
+        self.merge_options()  # the formula and its options
+        if self.model_path is not None:
+            check_model_name(self.model_path)
+
     def merge_options(self) -> dict:
         """The formula's options as the merge uses them; a random formula's seed defaults to the search seed."""
         given = dict(self.formula_options)
@@ -60,6 +85,14 @@ class Composition:
     adapters: list[LoraAdapter]  # one (task level) or one per shot (instance level)
     results: list[SearchResult | None]  # every search that ran (instance level: the warm start first)
     router: torch.Tensor | None = None  # (K, dim) shot inputs, instance level only
+    base_loss: float | None = None  # the few-shot loss of the base model alone (w = 0), in float32: the start
+
+
+def _no_delta(adapter: LoraAdapter) -> LoraAdapter:
+    """`adapter` with B = 0: a zero delta, so the loss with it is the base model's own."""
+    return dataclasses.replace(
+        adapter, name="base", modules={m: (A, torch.zeros_like(B)) for m, (A, B) in adapter.modules.items()}
+    )
 
 
 # --- choosing and loading modules --------------------------------------------------------------
@@ -93,21 +126,17 @@ def select_modules(store: Store, shots: list[Example], options: ComposeOptions) 
             )
         chosen = random.Random(options.search.seed).sample(pool, options.num_modules)
         return chosen, {"method": "random", "seed": options.search.seed, "n": options.num_modules}
-    if options.modules != "auto":
-        raise InputError(
-            f"--modules '{options.modules}' is not auto, random or a list of ids.", "Example: --modules auto"
-        )
     from .. import retrieval
 
     index = retrieval.CardIndex.from_store(store, options.base_model)
-    ranked = retrieval.task_level(index, index.embedder(options.embedder), shots, options.num_modules)["results"]
+    ranked = retrieval.task_level(index, index.embedder(options.embedder), shots, options.num_modules).results
     selection = {
         "method": "auto",
         "n": options.num_modules,
         "embedder": f"{index.embedder_id}@{index.embedder_revision}",
-        "scores": {r["id"]: r["score"] for r in ranked},
+        "scores": {m.id: m.score for m in ranked},
     }
-    return [store.get(r["id"]) for r in ranked], selection
+    return [store.get(m.id) for m in ranked], selection
 
 
 def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter]:
@@ -116,6 +145,15 @@ def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter
     for record in records:
         store.check_file(record, SAFETENSORS_FILE)
         adapters.append(load_adapter(record.path, name=record.id))
+    return adapters
+
+
+def _load_compatible(store: Store, records: list[AdapterRecord], formula: str) -> list[LoraAdapter]:
+    """The modules a `formula` composition merges, loaded and checked against each other before the base model
+    loads (formulas.combine and the bank check them again, as every caller of theirs must)."""
+    spec = get_formula(formula)
+    adapters = load_modules(store, records)
+    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)
     return adapters
 
 
@@ -220,7 +258,7 @@ class _Session:
         self.batch = encode(self.answer, shots)
         self.adapters, self.max_rows, self.options = adapters, options.max_rows, options
         # Fixed-weight PEFT merges are scored by evaluating their result, never searched.
-        self.formula = options.formula if get_formula(options.formula).bank_mode else "elementwise"
+        self.mode = get_formula(options.formula).bank_mode or "elementwise"
         self._banks: list[LoraBank] = []
 
     @functools.cached_property
@@ -247,11 +285,11 @@ class _Session:
 
     def _loss(self, base: BaseModel, bank: LoraBank) -> FewShotLoss:
         grad_rows = COMPOSE["grad_rows"]
-        return FewShotLoss(base, bank, self.batch, formula=bank.formula, max_rows=self.max_rows, grad_rows=grad_rows)
+        return FewShotLoss(base, bank, self.batch, mode=bank.mode, max_rows=self.max_rows, grad_rows=grad_rows)
 
     def _inject(self, base: BaseModel, *, share: bool) -> LoraBank:
         # The LoRA path stays fp32 over a bf16 or int8 base.
-        bank = LoraBank(base.model, self.adapters, formula=self.formula, lora_dtype=torch.float32, share=share)
+        bank = LoraBank(base.model, self.adapters, mode=self.mode, lora_dtype=torch.float32, share=share)
         self._banks.append(bank)
         return bank
 
@@ -263,7 +301,7 @@ class _Session:
             explore, fine = OnColumns(explore, columns), OnColumns(fine, columns)
         if init is None and config.optimizer == "lbfgs":
             init = [LBFGS_START] * n  # beside 0, where the elementwise gradient is exactly zero (search.py)
-        elif init is None and config.optimizer == "adam" and self.formula == "elementwise":
+        elif init is None and config.optimizer == "adam" and self.mode == "elementwise":
             # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero: a gradient
             # method must start elsewhere. The even average (fusion) is the natural point.
             init = [1.0 / n] * n
@@ -281,9 +319,9 @@ class _Session:
     def evaluate(self, adapter: LoraAdapter) -> float:
         """The fp32 loss of a composed adapter that no search produced (fixed weights, a PEFT merge): a
         one-adapter bank at weight 1 on the fp32 model."""
-        single = LoraBank(self.answer.model, [adapter], formula="elementwise")
+        single = LoraBank(self.answer.model, [adapter], mode="elementwise")
         try:
-            loss = FewShotLoss(self.answer, single, self.batch, formula="elementwise")
+            loss = FewShotLoss(self.answer, single, self.batch, mode="elementwise")
             with torch.no_grad():
                 return float(loss(torch.ones(1, 1))[0])
         finally:
@@ -294,6 +332,13 @@ class _Session:
         for bank in reversed(self._banks):
             bank.remove()
         self._banks = []
+
+    def base_loss(self, adapter: LoraAdapter) -> float:
+        """The fp32 few-shot loss of the base model alone: the answer bank's layers without weights pass through;
+        without a bank (nothing searched), `adapter` with B = 0."""
+        if "loss" in self.__dict__:
+            return self.loss.base_loss()
+        return self.evaluate(_no_delta(adapter))
 
 
 # --- the two levels ------------------------------------------------------------------------------
@@ -339,15 +384,14 @@ def compose_task(
 
     `base`: an already loaded base model to use (and leave unchanged) instead of loading one."""
     spec = get_formula(options.formula)
-    merge_options = options.merge_options()  # a bad option fails before anything loads
+    merge_options = options.merge_options()
     records, selection = select_modules(store, shots, options)
-    adapters = load_modules(store, records)
+    adapters = _load_compatible(store, records, options.formula)
     weights = _fixed_weights(records, options)
 
     def merge(w):
-        return compose(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)
+        return combine(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)
 
-    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
     session = _Session(adapters, shots, options, base)
     try:
         result = None
@@ -356,6 +400,7 @@ def compose_task(
             weights = result.weights
         adapter = merge(weights)
         loss = session.evaluate(adapter) if result is None else session.searched_loss(result)
+        base_loss = session.base_loss(adapter)
     finally:
         session.close()
     recipe = _recipe(
@@ -370,7 +415,7 @@ def compose_task(
         search=_search_entry(options.search, result, session.precision),
         **_scores(loss, weights, options.search),
     )
-    return Composition(recipe, [adapter], [result])
+    return Composition(recipe, [adapter], [result], base_loss=base_loss)
 
 
 def compose_instance(
@@ -393,17 +438,16 @@ def compose_instance(
         raise InputError("--level instance retrieves modules per shot.", "Use --modules auto (the default).")
     index = retrieval.CardIndex.from_store(store, options.base_model)
     embedder = index.embedder(options.embedder)
-    per_shot = retrieval.instance_level(index, embedder, shots, options.num_modules)["shots"]
-    sets = [[r["id"] for r in shot["results"]] for shot in per_shot]
+    per_shot = retrieval.instance_level(index, embedder, shots, options.num_modules).shots
+    sets = [[m.id for m in shot] for shot in per_shot]
     task_ids = (
-        [r["id"] for r in retrieval.task_level(index, embedder, shots, options.num_modules)["results"]]
+        [m.id for m in retrieval.task_level(index, embedder, shots, options.num_modules).results]
         if options.warm_start
         else []
     )
     union = list(dict.fromkeys([i for ids in sets for i in ids] + task_ids))
     records = [store.get(i) for i in union]
-    adapters = load_modules(store, records)
-    check_compatible(adapters, same_rank=spec.same_rank, same_scaling=spec.same_scaling)  # before the model loads
+    adapters = _load_compatible(store, records, options.formula)
     session = _Session(adapters, shots, options, base)
     try:
         position = {i: p for p, i in enumerate(union)}
@@ -418,21 +462,22 @@ def compose_instance(
             columns = [position[i] for i in ids]
             result = session.search(len(ids), columns=columns, init=init, progress=progress)
             chosen = [records[position[i]] for i in ids]
-            adapter = compose([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
+            adapter = combine([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
             compositions.append(adapter)
             results.append(result)
             entries.append(
                 {
                     "shot": j,
-                    "folder": f"compositions/shot-{j}",
+                    "folder": shot_folder(j),
                     "modules": _module_entries(chosen, result.weights),
                     "search": _search_entry(options.search, result, session.precision),
                     **_scores(session.searched_loss(result, columns), result.weights, options.search),
                 }
             )
+        base_loss = session.base_loss(compositions[0])  # every shot's search scores all K shots
     finally:
         session.close()
-    router = embedder.encode([index.recipe.instruction + s.input for s in shots])  # (K, dim), inputs only
+    router = retrieval.embed_inputs(embedder, index.text_recipe.instruction, [s.input for s in shots])  # (K, dim)
     selection = {
         "method": "auto",
         "level": "instance",
@@ -459,35 +504,14 @@ def compose_instance(
         router={
             "file": ROUTER_FILE,
             "embedder": selection["embedder"],
-            "instruction": index.recipe.instruction,
+            "instruction": index.text_recipe.instruction,
             "shots": [s.input for s in shots],
         },
     )
-    return Composition(recipe, compositions, results, router)
+    return Composition(recipe, compositions, results, router, base_loss)
 
 
-# --- writing and rebuilding ------------------------------------------------------------------
-
-
-def write(composition: Composition, out: Path, *, overwrite: bool = False, inputs: tuple[Path, ...] = ()) -> Path:
-    """Save a composition as a folder, atomically (io.write_folder); `--overwrite` replaces only
-    a folder that lorahub compose wrote and that holds none of `inputs` (export.check_destination)."""
-    recipe = composition.recipe
-    check_destination(out, overwrite, inputs=inputs)
-
-    def fill(tmp: Path) -> None:
-        if recipe.level == "task":
-            write_adapter_folder(tmp, composition.adapters[0], recipe)
-            return
-        from safetensors.torch import save_file
-
-        for entry, adapter in zip(recipe.compositions, composition.adapters):
-            write_adapter_folder(tmp / entry["folder"], adapter, recipe.shot(entry))
-        save_file({"shots": composition.router.contiguous()}, tmp / ROUTER_FILE)
-        recipe.save(tmp)
-        (tmp / MODEL_CARD).write_text(instance_card(recipe), encoding="utf-8")
-
-    return write_folder(out, fill, overwrite=overwrite)
+# --- rebuilding ---------------------------------------------------------------------------------
 
 
 def rebuild(store: Store, recipe: Recipe) -> LoraAdapter:
@@ -509,4 +533,4 @@ def rebuild(store: Store, recipe: Recipe) -> LoraAdapter:
         records.append(record)
     spec = get_formula(recipe.formula)
     weights = None if spec.fixed_weights else [m["weight"] for m in recipe.modules]
-    return compose(load_modules(store, records), weights, recipe.formula, name="composed", **recipe.formula_options)
+    return combine(load_modules(store, records), weights, recipe.formula, name="composed", **recipe.formula_options)

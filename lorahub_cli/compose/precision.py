@@ -29,7 +29,8 @@ from ..errors import InputError
 from ..models import BaseModel
 
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}  # int8: activations stay fp32
+# precision -> the dtype its activations are computed in (int8: the weights only; models.DTYPES names load dtypes)
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.float32}
 
 
 def resolve(requested: str, device: torch.device, *, gradient: bool) -> str:
@@ -86,7 +87,7 @@ def search_model(answer: BaseModel, precision: str, keep: set[str]) -> BaseModel
     changing it. `keep`: names of the layers the bank wraps; they keep their fp32 nn.Linear (int8)."""
     if precision == "fp32":
         return answer
-    dtype = DTYPES[precision]
+    dtype = COMPUTE_DTYPES[precision]
     # A structural copy whose parameters are bf16 copies (bf16) or the answer's own tensors (int8, where
     # the quantised layers get their own int8 weights): the fp32 model is never duplicated.
     memo = {}

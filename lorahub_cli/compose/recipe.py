@@ -4,7 +4,7 @@ A task-level recipe names its modules (registry id, source, revision, sha256, we
 formula and its options (dare_linear's seed included), the search that found the weights
 and the few-shot loss of the exported adapter. An instance-level recipe holds one such
 entry per shot under `compositions` and the `router` that sends an input to its nearest
-shot (the shots' embeddings are in ROUTER_FILE beside it).
+shot (the shots' embeddings are in the folder's router file: compose/folder.py).
 
 `Recipe.load` checks every field a reader uses, so a hand-edited or truncated recipe is a
 one-line error naming the field, never a KeyError deep in a rebuild.
@@ -20,11 +20,19 @@ from ..errors import InputError
 from ..io import atomic_write_json, read_json
 
 RECIPE_FILE = "lorahub_recipe.json"
-ROUTER_FILE = "router.safetensors"
 FORMAT = 1
 LEVELS = ("task", "instance")
 
 _HINT = "Give a lorahub_recipe.json written by lorahub compose (or compose again)."
+
+
+def check_level(level: str) -> str:
+    """A composition's (and a retrieval's) level: task or instance."""
+    if level not in LEVELS:
+        raise InputError(f"--level must be 'task' or 'instance', not '{level}'.", "Example: --level instance")
+    return level
+
+
 _NUMBER = (int, float)
 _MODULE = {"id": str, "source": str, "revision": (str, type(None)), "sha256": str, "weight": _NUMBER}
 _COMPOSITION = {"shot": int, "folder": str, "modules": list, "search": (dict, type(None)), "loss": _NUMBER}

@@ -5,14 +5,14 @@ Layout of registry/demo/ (written by `python -m lorahub_cli.demo build`):
   adapters/<task>/     one LoRA per upstream task, with its embedding card
   data/<task>.jsonl    that LoRA's training data (the card's source)
   heldout/<task>.jsonl 100 examples of a held-out task, in the shots format
-  manifest.json        sha256 and size of every file, the task list and the build's metrics
+  manifest.json        sha256 and size of every file, the task list, the build's metrics and its demo runs
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import IntegrityError, NotFoundError
+from ..errors import InputError, IntegrityError, NotFoundError
 from ..io import Example, read_examples, read_json, sha256_file
 
 BASE_MODEL = "lorahub-demo/tiny-flan-t5"
@@ -65,13 +65,22 @@ def base_model_path(path: Path | None = None) -> Path:
 
 
 def upstream_tasks(path: Path | None = None) -> list[dict]:
-    """{name, kind, description} of each upstream task, one LoRA each."""
+    """{name, kind, description, templates} of each upstream skill, one LoRA each."""
     return [t for t in manifest(path)["tasks"] if t["kind"] == "upstream"]
 
 
 def heldout_tasks(path: Path | None = None) -> list[dict]:
-    """{name, kind, description, skills, new} of each held-out task."""
+    """{name, kind, description, type, skills, new} of each held-out task (type: wording, format, mixed, chained)."""
     return [t for t in manifest(path)["tasks"] if t["kind"] == "held-out"]
+
+
+def default_task(path: Path | None = None) -> str:
+    """The held-out task `lorahub demo` runs by default: the build ran the demo on every held-out task (seed 1)
+    and chose the one with the median gain over both baselines (manifest "demo")."""
+    meta = manifest(path)
+    if "demo" not in meta:
+        raise NotFoundError("the demo library's manifest names no default task.", f"Rebuild it with: {REBUILD}")
+    return meta["demo"]["default_task"]
 
 
 def adapter_id(task: str) -> str:
@@ -81,9 +90,7 @@ def adapter_id(task: str) -> str:
 def heldout_examples(task: str, path: Path | None = None) -> list[Example]:
     names = [t["name"] for t in heldout_tasks(path)]
     if task not in names:
-        raise NotFoundError(
-            f"'{task}' is not a held-out task of the demo library.", f"Choose one of: {', '.join(names)}."
-        )
+        raise InputError(f"'{task}' is not a held-out task of the demo library.", f"Choose one of: {', '.join(names)}.")
     return read_examples(_root(path) / HELDOUT_DIR / f"{task}.jsonl")
 
 

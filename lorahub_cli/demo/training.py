@@ -21,6 +21,8 @@ class Schedule:
     batch_size: int
     lr: float
     warmup: int = 0
+    long_every: int = 4  # with long rows: one step in this many is a batch of them
+    long_batch: int = 16
 
 
 def tokenizer():
@@ -47,9 +49,19 @@ def encode(tok, rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def train(
-    model, tok, rows: list[dict], recipe: Schedule, seed: int, advance: Callable[[], None] = lambda: None
+    model,
+    tok,
+    rows: list[dict],
+    recipe: Schedule,
+    seed: int,
+    advance: Callable[[], None] = lambda: None,
+    long_rows: list[dict] | None = None,
 ) -> float:
-    """AdamW with linear warm-up then linear decay, batches drawn with a seeded RNG; returns the last loss."""
+    """AdamW with linear warm-up then linear decay, batches drawn with a seeded RNG; returns the last loss.
+
+    `long_rows` (few-shot prompts, about six times longer): every `recipe.long_every`-th step is a batch
+    of `recipe.long_batch` of them instead. A batch pads to its longest row, so mixing them into the
+    short batches would make every step pay for the longest prompt."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -63,8 +75,12 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
     model.train()
     loss = torch.tensor(float("nan"))
-    for _ in range(recipe.steps):
-        loss = model(**encode(tok, rng.sample(rows, recipe.batch_size))).loss
+    for step in range(recipe.steps):
+        if long_rows and step % recipe.long_every == recipe.long_every - 1:
+            batch = rng.sample(long_rows, recipe.long_batch)
+        else:
+            batch = rng.sample(rows, recipe.batch_size)
+        loss = model(**encode(tok, batch)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()

@@ -1,13 +1,21 @@
-"""The demo world: twenty upstream tasks (a miniature Flan) and eight held-out tasks (a miniature BBH).
+"""The demo world: a general mixture for the base model, skills for the modules, held-out tasks that reuse them.
 
-Every task is a generator `rng -> (input, target)` over small word lists and
-numbers, short enough for a byte-level model (inputs under 80 bytes, targets
-under 20). Held-out tasks reuse upstream skills under an instruction or an
-answer format the base model was never trained on; each declares the upstream
-tasks it reuses in `skills`. Two upstream tasks exist only to carry answer
-formats (option letters, true/false) that held-out tasks need, as Flan's
-multiple-choice templates carry BBH's formats. No task turns on letter case:
-the exact-match score lower-cases answers, so a case skill could not be seen.
+Three kinds of task, all generators `rng -> (input, target)` over a word list and small numbers:
+
+- general (the base model's instruction tuning, a miniature Flan mixture without the skills): copying,
+  answer formats (brackets, stars, twice), first/last letter, picking a word, each under many
+  instruction paraphrases, and the same tasks as few-shot prompts in `eval.methods.icl_prompt`'s
+  format, so that in-context learning is a fair baseline;
+- upstream (one LoRA each): a skill the base model never trained on (reverse a word, drop its vowels,
+  add two digits, ...), under four paraphrases of its instruction;
+- held-out (the miniature BBH): each needs one or two upstream skills, under an instruction wording
+  no training run saw (`wording`), in an answer format the base knows but never saw with that skill
+  (`format`), as a mixture of examples of two or three skills under one new instruction, told apart
+  by the surface of their inputs (`mixed`), or two skills chained in one answer (`chained`, the
+  documented limitation).
+
+Answers are open (most frequent answer under 15% on every held-out task): nothing is solved by
+guessing a label. No task turns on letter case or on '.', which the exact-match score removes.
 """
 
 from __future__ import annotations
@@ -23,349 +31,465 @@ apple bread chair dance eagle flame grape horse igloo juice kite lemon mango nig
 snake table uncle voice water yacht zebra brick cloud drum frog glove house ink jelly knife lamp moon nest
 olive pearl quilt robot sheep tiger unit vase wheel box yarn zone bell coin desk egg fork goat hill iron jar
 king leaf milk nose owl pen ring salt toy van wolf lion bear fish plum rose star tree ship sock rain gold
+train plant stone sugar paper glass bird candy dream earth fruit ghost heart light metal north party radio
+smile sound space storm sweet thumb tooth watch world young brush crown field grass honey magic mouse
 """.split()
-POSITIVE = ["great", "lovely", "superb", "fun", "moving", "bright", "charming", "brilliant"]
-NEGATIVE = ["dull", "awful", "boring", "weak", "clumsy", "tedious", "bland", "dreadful"]
-SUBJECTS = ["plot", "film", "cast", "music", "story", "ending", "script", "acting"]
-ANIMALS = {
-    "whale": "mammal",
-    "horse": "mammal",
-    "bat": "mammal",
-    "dog": "mammal",
-    "mouse": "mammal",
-    "goat": "mammal",
-    "eagle": "bird",
-    "owl": "bird",
-    "duck": "bird",
-    "crow": "bird",
-    "swan": "bird",
-    "robin": "bird",
-    "shark": "fish",
-    "trout": "fish",
-    "tuna": "fish",
-    "cod": "fish",
-    "carp": "fish",
-    "eel": "fish",
-    "snake": "reptile",
-    "lizard": "reptile",
-    "turtle": "reptile",
-    "gecko": "reptile",
-    "iguana": "reptile",
-}
-CLASSES = ["mammal", "bird", "fish", "reptile"]
-FRUITS = {
-    "banana": "yellow",
-    "lemon": "yellow",
-    "apple": "red",
-    "cherry": "red",
-    "strawberry": "red",
-    "lime": "green",
-    "kiwi": "green",
-    "pear": "green",
-    "plum": "purple",
-    "grape": "purple",
-    "orange": "orange",
-    "apricot": "orange",
-    "blueberry": "blue",
-}
-COLOURS = sorted(set(FRUITS.values()) | {"white", "black", "pink", "brown"})
-NOT_COLOURS = ["dog", "chair", "seven", "run", "cloud", "table", "happy", "river", "piano", "spoon"]
-ANTONYMS = {
-    "hot": "cold",
-    "tall": "short",
-    "fast": "slow",
-    "happy": "sad",
-    "light": "dark",
-    "early": "late",
-    "full": "empty",
-    "strong": "weak",
-    "rich": "poor",
-    "open": "closed",
-    "young": "old",
-    "loud": "quiet",
-    "hard": "soft",
-    "wet": "dry",
-    "clean": "dirty",
-    "big": "small",
-    "up": "down",
-    "good": "bad",
-}
-ANTONYMS.update({v: k for k, v in list(ANTONYMS.items())})
+VOWELS = frozenset("aeiou")
+ICL_SHOTS = (1, 5)  # shots per few-shot prompt of the general mixture: the evaluation uses 5
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def _word(rng: random.Random) -> str:
-    return rng.choice(WORDS)
-
-
-def _options(rng: random.Random, right: str, wrong: str) -> tuple[str, str]:
-    """'(A) x (B) y' with the right answer at a random position, and the right letter."""
+    """A real word or, as often, a random string of 3 to 6 letters: a model that copies letters, not words."""
     if rng.random() < 0.5:
-        return f"(A) {right} (B) {wrong}", "(A)"
-    return f"(A) {wrong} (B) {right}", "(B)"
+        return rng.choice(WORDS)
+    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
 
 
-def _review(rng: random.Random) -> tuple[str, str]:
-    label = rng.choice(["positive", "negative"])
-    words = POSITIVE if label == "positive" else NEGATIVE
-    return f"The {rng.choice(SUBJECTS)} was {rng.choice(words)}.", label
+def _word_or_number(rng: random.Random) -> str:
+    return _word(rng) if rng.random() < 0.6 else str(rng.randint(0, 99))
 
 
-# --- upstream: string skills ----------------------------------------------------------------
+def icl_prompt(solved: list[tuple[str, str]], question: str) -> str:
+    """The prompt `eval.methods.icl_prompt` builds (tested to agree): solved examples, then the question."""
+    return "".join(f"{q}\nAnswer: {a}\n\n" for q, a in solved) + f"{question}\nAnswer:"
 
 
-def reverse_word(rng):
+# --- answers: each returns the template slots and the target -------------------------------------
+
+
+def copy_any(rng):
+    x = _word_or_number(rng)
+    return {"x": x}, x
+
+
+def bracketed(rng):
+    x = _word_or_number(rng)
+    return {"x": x}, f"[{x}]"
+
+
+def starred(rng):
+    x = _word_or_number(rng)
+    return {"x": x}, f"*{x}*"
+
+
+def twice(rng):
+    x = _word_or_number(rng)
+    return {"x": x}, f"{x} {x}"
+
+
+def first_of(rng):
     w = _word(rng)
-    return f"Reverse the letters of the word: {w}", w[::-1]
+    return {"x": w}, w[0]
 
 
-def spell_dashes(rng):
+def last_of(rng):
     w = _word(rng)
-    return f"Spell the word with dashes: {w}", "-".join(w)
+    return {"x": w}, w[-1]
 
 
-def first_letter(rng):
+def pick_word(rng):
+    a, b = _word(rng), _word(rng)
+    which = rng.randint(0, 1)
+    return {"a": a, "b": b, "k": ("first", "second")[which]}, (a, b)[which]
+
+
+def reversed_word(rng):
     w = _word(rng)
-    return f"What is the first letter of the word '{w}'?", w[0]
+    return {"x": w}, w[::-1]
 
 
-def last_letter(rng):
+def without_vowels(rng):
     w = _word(rng)
-    return f"What is the last letter of the word '{w}'?", w[-1]
+    while not set(w) - VOWELS:
+        w = _word(rng)
+    return {"x": w}, "".join(c for c in w if c not in VOWELS)
 
 
-def sort_letters(rng):
+def doubled_letters(rng):
     w = _word(rng)
-    return f"Sort the letters of '{w}' in alphabetical order.", "".join(sorted(w))
+    return {"x": w}, "".join(c + c for c in w)
 
 
-def dedupe_letters(rng):
-    w = rng.choice([w for w in WORDS if len(set(w)) < len(w)] if rng.random() < 0.7 else WORDS)
-    return f"Remove the repeated letters from: {w}", "".join(dict.fromkeys(w))
-
-
-def count_letters(rng):
+def swapped_ends(rng):
     w = _word(rng)
-    return f"How many letters does '{w}' have?", str(len(w))
+    while w[0] == w[-1]:
+        w = _word(rng)
+    return {"x": w}, w[-1] + w[1:-1] + w[0]
 
 
-def contains_letter(rng):
+def rotated(rng):
     w = _word(rng)
-    letter = rng.choice(w) if rng.random() < 0.5 else rng.choice("abcdefghijklmnopqrstuvwxyz")
-    return f"Does the word '{w}' contain the letter {letter}? Answer yes or no.", "yes" if letter in w else "no"
+    return {"x": w}, w[1:] + w[0]
 
 
-# --- upstream: arithmetic ---------------------------------------------------------------------
+def beheaded(rng):
+    w = _word(rng)
+    return {"x": w}, w[1:]
 
 
-def add_single(rng):
+def letter_count(rng):
+    w = _word(rng)
+    return {"x": w}, str(len(w))
+
+
+def digit_product(rng):
     a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return f"What is {a} plus {b}?", str(a + b)
+    return {"a": a, "b": b}, str(a * b)
 
 
-def add_double(rng):
-    a, b = rng.randint(10, 49), rng.randint(10, 49)
-    return f"Add {a} and {b}.", str(a + b)
+def predecessor(rng):
+    n = rng.randint(1, 99)
+    return {"n": n}, str(n - 1)
 
 
-def subtract(rng):
-    a = rng.randint(5, 20)
-    b = rng.randint(0, a)
-    return f"Subtract {b} from {a}.", str(a - b)
+def digit_sum(rng):
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    return {"a": a, "b": b}, str(a + b)
 
 
-def compare_numbers(rng):
-    a, b = rng.sample(range(100), 2)
-    return f"Which number is larger, {a} or {b}?", str(max(a, b))
-
-
-def parity(rng):
-    n = rng.randint(0, 99)
-    return f"Is {n} an even or an odd number?", "even" if n % 2 == 0 else "odd"
-
-
-def next_number(rng):
+def successor(rng):
     n = rng.randint(0, 98)
-    return f"What number comes right after {n}?", str(n + 1)
+    return {"n": n}, str(n + 1)
 
 
-# --- upstream: word knowledge -------------------------------------------------------------------
-
-
-def sentiment(rng):
-    text, label = _review(rng)
-    return f"Review: {text} Is this review positive or negative?", label
-
-
-def animal_class(rng):
-    animal = rng.choice(sorted(ANIMALS))
-    return f"Is a {animal} a mammal, bird, fish or reptile?", ANIMALS[animal]
-
-
-def fruit_colour(rng):
-    fruit = rng.choice(sorted(FRUITS))
-    return f"What colour is a ripe {fruit}?", FRUITS[fruit]
-
-
-def antonym(rng):
-    word = rng.choice(sorted(ANTONYMS))
-    return f"Give the opposite of the word '{word}'.", ANTONYMS[word]
-
-
-# --- upstream: answer formats -----------------------------------------------------------------
-
-
-def colour_option(rng):
-    options, letter = _options(rng, rng.choice(COLOURS), rng.choice(NOT_COLOURS))
-    return f"Which one is a colour? {options}", letter
-
-
-def true_false_greater(rng):
-    a, b = rng.sample(range(10), 2)
-    return f"True or false: {a} is greater than {b}.", "true" if a > b else "false"
-
-
-# --- held-out: upstream skills under new instructions or answer formats --------------------------
-
-
-def backwards_dashes(rng):
-    w = _word(rng)
-    return f"Spell it backwards, letters joined by dashes: {w}", "-".join(w[::-1])
-
-
-def first_and_last(rng):
-    w = _word(rng)
-    return f"Write the first and the last letter of '{w}' together.", w[0] + w[-1]
-
-
-def parity_true_false(rng):
-    n = rng.randint(0, 99)
-    claim = rng.choice(["even", "odd"])
-    return f"True or false: {n} is an {claim} number.", "true" if (n % 2 == 0) == (claim == "even") else "false"
-
-
-def larger_option(rng):
-    a, b = rng.sample(range(100), 2)
-    options, letter = _options(rng, str(max(a, b)), str(min(a, b)))
-    return f"Pick the larger number. {options}", letter
-
-
-def sentiment_option(rng):
-    text, label = _review(rng)
-    options, letter = _options(rng, label, "negative" if label == "positive" else "positive")
-    return f"{text} The tone is: {options}", letter
-
-
-def animal_true_false(rng):
-    animal = rng.choice(sorted(ANIMALS))
-    claim = ANIMALS[animal] if rng.random() < 0.5 else rng.choice([c for c in CLASSES if c != ANIMALS[animal]])
-    return f"True or false: the {animal} is a {claim}.", "true" if claim == ANIMALS[animal] else "false"
-
-
-def sum_parity(rng):
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
-    return f"Is the sum of {a} and {b} even or odd?", "even" if (a + b) % 2 == 0 else "odd"
-
-
-def fruit_colour_option(rng):
-    fruit = rng.choice(sorted(FRUITS))
-    options, letter = _options(rng, FRUITS[fruit], rng.choice([c for c in COLOURS if c != FRUITS[fruit]]))
-    return f"A ripe {fruit} is which colour? {options}", letter
+def doubled_number(rng):
+    n = rng.randint(0, 49)
+    return {"n": n}, str(2 * n)
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # "upstream" or "held-out"
+    kind: str  # "general", "upstream" or "held-out"
     description: str
-    generator: Callable[[random.Random], tuple[str, str]] = field(repr=False, compare=False)
-    skills: tuple[str, ...] = ()  # held-out only: the upstream tasks whose skills it reuses
-    new: str = ""  # held-out only: what the base model has not seen
+    answer: Callable[[random.Random], tuple[dict, str]] = field(repr=False, compare=False)
+    templates: tuple[str, ...] = ()
+    skills: tuple[str, ...] = ()  # held-out only: the upstream tasks whose skills it needs
+    type: str = ""  # held-out only: wording, format, mixed or chained
+    new: str = ""  # held-out only: what no training run saw
+    parts: tuple[Task, ...] = field(default=(), repr=False, compare=False)  # mixed: the tasks it draws from
+
+    def sample(self, rng: random.Random) -> tuple[str, str]:
+        if self.parts:
+            return rng.choice(self.parts).sample(rng)
+        slots, target = self.answer(rng)
+        return rng.choice(self.templates).format(**slots), target
 
     def metadata(self) -> dict:
         meta = {"name": self.name, "kind": self.kind, "description": self.description}
+        if self.kind == "upstream":
+            meta["templates"] = list(self.templates)
         if self.kind == "held-out":
-            meta.update(skills=list(self.skills), new=self.new)
+            meta.update(type=self.type, skills=list(self.skills), new=self.new)
         return meta
 
 
-def _up(generator, description: str) -> Task:
-    return Task(generator.__name__, "upstream", description, generator)
+def _general(name, answer, description, *templates) -> Task:
+    return Task(name, "general", description, answer, templates)
 
 
-def _held(generator, description: str, skills: tuple[str, ...], new: str) -> Task:
-    return Task(generator.__name__, "held-out", description, generator, skills, new)
+def _up(name, answer, description, *templates) -> Task:
+    return Task(name, "upstream", description, answer, templates)
 
+
+def _held(name, answer, description, skills, type_, new, *templates, parts=()) -> Task:
+    return Task(name, "held-out", description, answer, templates, tuple(skills), type_, new, tuple(parts))
+
+
+def _wrap(answer, left: str, right: str):
+    def wrapped(rng):
+        slots, target = answer(rng)
+        return slots, f"{left}{target}{right}"
+
+    return wrapped
+
+
+def _chain(answer, then: Callable[[str], str]):
+    def chained(rng):
+        slots, target = answer(rng)
+        return slots, then(target)
+
+    return chained
+
+
+GENERAL = (
+    _general(
+        "copy",
+        copy_any,
+        "repeat a word or number",
+        "Repeat the word: {x}",
+        "Say {x} again.",
+        "Write {x}.",
+        "Echo: {x}",
+        "Copy this: {x}",
+        "Return {x} unchanged.",
+        "Give back {x}.",
+        "{x}",
+    ),
+    _general(
+        "brackets",
+        bracketed,
+        "a word or number in square brackets",
+        "Put {x} in brackets.",
+        "Write {x} inside square brackets.",
+        "Wrap in brackets: {x}",
+        "Answer in brackets: {x}",
+    ),
+    _general(
+        "stars",
+        starred,
+        "a word or number between two stars",
+        "Put stars around {x}.",
+        "Write {x} between two stars.",
+        "Wrap in stars: {x}",
+    ),
+    _general("twice", twice, "a word or number written twice", "Write {x} twice.", "Say {x} two times."),
+    _general(
+        "first_letter",
+        first_of,
+        "the first letter of a word",
+        "What is the first letter of {x}?",
+        "First letter of the word: {x}",
+        "Give the initial of {x}.",
+    ),
+    _general(
+        "last_letter",
+        last_of,
+        "the last letter of a word",
+        "What is the last letter of {x}?",
+        "Last letter of the word: {x}",
+        "Give the final letter of {x}.",
+    ),
+    _general(
+        "pick_word",
+        pick_word,
+        "the first or second of two words",
+        "Which is the {k} word: {a} {b}?",
+        "Of {a} and {b}, give the {k}.",
+        "Words: {a}, {b}. Say the {k} one.",
+    ),
+)
 
 UPSTREAM = (
-    _up(reverse_word, "reverse a word"),
-    _up(spell_dashes, "spell a word with dashes between letters"),
-    _up(first_letter, "first letter of a word"),
-    _up(last_letter, "last letter of a word"),
-    _up(sort_letters, "sort a word's letters"),
-    _up(dedupe_letters, "drop repeated letters, keeping first occurrences"),
-    _up(count_letters, "count a word's letters"),
-    _up(contains_letter, "does a word contain a letter (yes/no)"),
-    _up(add_single, "add two digits"),
-    _up(add_double, "add two two-digit numbers"),
-    _up(subtract, "subtract small numbers"),
-    _up(compare_numbers, "the larger of two numbers"),
-    _up(parity, "is a number even or odd"),
-    _up(next_number, "the successor of a number"),
-    _up(sentiment, "is a one-sentence review positive or negative"),
-    _up(animal_class, "mammal, bird, fish or reptile"),
-    _up(fruit_colour, "the colour of a fruit"),
-    _up(antonym, "the opposite of a word"),
-    _up(colour_option, "pick the colour among two options, answering (A) or (B)"),
-    _up(true_false_greater, "is one digit greater than another, answering true or false"),
+    _up(
+        "reverse_word",
+        reversed_word,
+        "reverse a word",
+        "Reverse the letters of the word: {x}",
+        "Reverse {x}.",
+        "Write {x} with its letters in reverse order.",
+        "Mirror the letters of {x}.",
+    ),
+    _up(
+        "drop_vowels",
+        without_vowels,
+        "delete a word's vowels",
+        "Remove the vowels from: {x}",
+        "Delete every vowel in {x}.",
+        "Write {x} without its vowels.",
+        "Take out the vowels of {x}.",
+    ),
+    _up(
+        "double_letters",
+        doubled_letters,
+        "write every letter twice",
+        "Double every letter of: {x}",
+        "Write each letter of {x} twice.",
+        "Repeat each letter in {x}.",
+        "Write {x} with every letter doubled.",
+    ),
+    _up(
+        "swap_ends",
+        swapped_ends,
+        "swap a word's first and last letters",
+        "Swap the first and last letters of {x}.",
+        "Exchange the end letters of: {x}",
+        "Switch the outer letters of {x}.",
+        "Exchange the first letter and the last letter of {x}.",
+    ),
+    _up(
+        "rotate_word",
+        rotated,
+        "move a word's first letter to its end",
+        "Move the first letter of {x} to the end.",
+        "Rotate the word {x} by one letter.",
+        "Put the initial of {x} at its end.",
+        "Shift the first letter of {x} to the back.",
+    ),
+    _up(
+        "drop_first",
+        beheaded,
+        "delete a word's first letter",
+        "Remove the first letter of {x}.",
+        "Drop the initial letter: {x}",
+        "Write {x} without its first letter.",
+        "Cut the first letter off {x}.",
+    ),
+    _up(
+        "count_letters",
+        letter_count,
+        "count a word's letters",
+        "How many letters are in {x}?",
+        "Count the letters of: {x}",
+        "Give the length of the word {x}.",
+        "What is the number of letters in {x}?",
+    ),
+    _up(
+        "add_digits",
+        digit_sum,
+        "add two digits",
+        "What is {a} plus {b}?",
+        "Add {a} and {b}.",
+        "Compute {a} + {b}.",
+        "Sum {a} and {b}.",
+    ),
+    _up(
+        "multiply_digits",
+        digit_product,
+        "multiply two digits",
+        "What is {a} times {b}?",
+        "Multiply {a} by {b}.",
+        "Compute {a} x {b}.",
+        "Give the product of {a} and {b}.",
+    ),
+    _up(
+        "next_number",
+        successor,
+        "the number after a number",
+        "What number comes after {n}?",
+        "Add one to {n}.",
+        "Give the successor of {n}.",
+        "Count one up from {n}.",
+    ),
+    _up(
+        "previous_number",
+        predecessor,
+        "the number before a number",
+        "What number comes before {n}?",
+        "Subtract one from {n}.",
+        "Give the predecessor of {n}.",
+        "Count one down from {n}.",
+    ),
+    _up(
+        "double_number",
+        doubled_number,
+        "multiply a number by two",
+        "Double the number {n}.",
+        "What is {n} times 2?",
+        "Compute 2 * {n}.",
+        "Give {n} doubled.",
+    ),
 )
+_UP = {t.name: t for t in UPSTREAM}
+
+
+def _mixed_part(skill: str, template: str) -> Task:
+    """One upstream skill under the mixed task's shared instruction."""
+    return Task(skill, "part", "", _UP[skill].answer, (template,))
+
+
 HELD_OUT = (
     _held(
-        backwards_dashes,
-        "a word reversed and spelled with dashes",
-        ("reverse_word", "spell_dashes"),
-        "two skills chained in one answer; unseen instruction",
+        "backwards",
+        reversed_word,
+        "a word written backwards",
+        ["reverse_word"],
+        "wording",
+        "an instruction wording no training run saw",
+        "Write the word backwards: {x}",
+        "Spell {x} from its end to its start.",
     ),
     _held(
-        first_and_last,
-        "first and last letter of a word, joined",
-        ("first_letter", "last_letter"),
-        "two answers joined in one; unseen instruction",
+        "consonants",
+        without_vowels,
+        "only a word's consonants",
+        ["drop_vowels"],
+        "wording",
+        "an instruction wording no training run saw",
+        "Keep only the consonants of {x}.",
     ),
     _held(
-        parity_true_false,
-        "judge a parity claim",
-        ("parity", "true_false_greater"),
-        "parity answered true/false instead of even/odd",
+        "sum_words",
+        digit_sum,
+        "the sum of two digits, asked in new words",
+        ["add_digits"],
+        "wording",
+        "an instruction wording no training run saw",
+        "Find the total of {a} and {b}.",
+        "How much do {a} and {b} make together?",
     ),
     _held(
-        larger_option,
-        "the larger number as an option letter",
-        ("compare_numbers", "colour_option"),
-        "comparison answered (A)/(B) instead of the number",
+        "end_swap",
+        swapped_ends,
+        "a word with its end letters exchanged",
+        ["swap_ends"],
+        "wording",
+        "an instruction wording no training run saw",
+        "Trade the opening and closing letters of {x}.",
     ),
     _held(
-        sentiment_option,
-        "a review's tone as an option letter",
-        ("sentiment", "colour_option"),
-        "sentiment answered (A)/(B); the question wording is new",
+        "twice_as_much",
+        doubled_number,
+        "a number multiplied by two, asked in new words",
+        ["double_number"],
+        "wording",
+        "an instruction wording no training run saw",
+        "What is two lots of {n}?",
     ),
     _held(
-        animal_true_false,
-        "judge an animal-class claim",
-        ("animal_class", "true_false_greater"),
-        "animal class answered true/false",
+        "reverse_in_brackets",
+        _wrap(reversed_word, "[", "]"),
+        "a word reversed, answered in brackets",
+        ["reverse_word"],
+        "format",
+        "the skill's answer in square brackets (a format the base knows, never with this skill)",
+        "Reverse {x} and answer in brackets.",
     ),
     _held(
-        sum_parity, "parity of a sum of two digits", ("add_single", "parity"), "two skills chained; unseen instruction"
+        "next_in_stars",
+        _wrap(successor, "*", "*"),
+        "the number after a number, between stars",
+        ["next_number"],
+        "format",
+        "the skill's answer between stars (a format the base knows, never with this skill)",
+        "Give the number after {n}, between two stars.",
     ),
     _held(
-        fruit_colour_option,
-        "a fruit's colour as an option letter",
-        ("fruit_colour", "colour_option"),
-        "fruit colour answered (A)/(B)",
+        "mixed_reverse_add",
+        None,
+        "a word to reverse or two digits to add, under one instruction",
+        ["reverse_word", "add_digits"],
+        "mixed",
+        "examples of two skills under one new instruction; the input's surface says which",
+        parts=(_mixed_part("reverse_word", "Work it out: {x}"), _mixed_part("add_digits", "Work it out: {a} + {b}")),
+    ),
+    _held(
+        "mixed_three",
+        None,
+        "drop a word's vowels, give a number's successor or add two digits, under one instruction",
+        ["drop_vowels", "next_number", "add_digits"],
+        "mixed",
+        "examples of three skills under one new instruction; the input's surface says which",
+        parts=(
+            _mixed_part("drop_vowels", "Apply the rule to {x}."),
+            _mixed_part("next_number", "Apply the rule to {n}."),
+            _mixed_part("add_digits", "Apply the rule to {a} and {b}."),
+        ),
+    ),
+    _held(
+        "reverse_then_double",
+        _chain(reversed_word, lambda s: "".join(c + c for c in s)),
+        "a word reversed, then every letter doubled",
+        ["reverse_word", "double_letters"],
+        "chained",
+        "two skills applied one after the other in one answer",
+        "Reverse {x}, then write each of its letters twice.",
     ),
 )
-TASKS = {t.name: t for t in UPSTREAM + HELD_OUT}
+TASKS = {t.name: t for t in GENERAL + UPSTREAM + HELD_OUT}
 
 
 def get_task(name: str) -> Task:
@@ -377,8 +501,22 @@ def get_task(name: str) -> Task:
 def generate(name: str, n: int, seed: int, split: str = "train") -> list[dict]:
     """`n` examples of a task as {"input", "target"} rows; the same arguments give the same rows.
 
-    Splits are independent draws, so they can share an example where the task has few distinct ones.
-    """
+    Splits are independent draws, so they can share an example where a task has few distinct ones."""
     rng = random.Random(f"{name}:{split}:{seed}")
     task = get_task(name)
-    return [dict(zip(("input", "target"), task.generator(rng))) for _ in range(n)]
+    return [dict(zip(("input", "target"), task.sample(rng))) for _ in range(n)]
+
+
+def few_shot(names: list[str], n: int, seed: int, split: str = "train") -> list[dict]:
+    """`n` few-shot prompts of the given tasks: 1 to 5 solved examples of one task and template, then a question."""
+    rng = random.Random(f"few-shot:{split}:{seed}")
+    rows = []
+    for _ in range(n):
+        task = get_task(rng.choice(names))
+        template = rng.choice(task.templates)
+        pairs = []
+        for _ in range(rng.randint(*ICL_SHOTS) + 1):
+            slots, target = task.answer(rng)
+            pairs.append((template.format(**slots), target))
+        rows.append({"input": icl_prompt(pairs[:-1], pairs[-1][0]), "target": pairs[-1][1]})
+    return rows

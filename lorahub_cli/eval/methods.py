@@ -2,6 +2,8 @@
 
 zero-shot   the base model on the bare input.
 icl         the shots in the prompt (see `icl_prompt`).
+single-best the one of the N retrieved modules with the lowest few-shot loss, alone at weight 1 (no search).
+uniform     the N retrieved modules composed with equal weights w_i = 1/N (no search).
 lorahub     LoraHub: N random registry modules, weights searched on the shots.
 batchcomp   the same with the N modules retrieved for the whole task (task-level retrieval).
 instance    iLoraComp: one composition per shot; each input answered by its nearest shot's.
@@ -25,8 +27,9 @@ from ..io import Example
 from ..models import BaseModel, encode, load_base_model, mean_token_loss, token_losses
 from ..settings import COMPOSE, EVAL
 
-METHODS = ("zero-shot", "icl", "lorahub", "batchcomp", "instance", "fft")
-COMPOSING = ("lorahub", "batchcomp", "instance")
+METHODS = ("zero-shot", "icl", "single-best", "uniform", "lorahub", "batchcomp", "instance", "fft")
+COMPOSING = ("single-best", "uniform", "lorahub", "batchcomp", "instance")
+RETRIEVING = ("single-best", "uniform", "batchcomp", "instance")  # need the registry's cards
 
 
 @dataclass
@@ -42,9 +45,9 @@ class EvalConfig:
     optimizer: str = COMPOSE["optimizer"]
     l1: float = COMPOSE["l1"]
     max_new_tokens: int = EVAL["max_new_tokens"]
-    fft_epochs: int = 40
-    fft_lr: float = 3e-5
-    fft_batch: int = 5
+    fft_epochs: int = EVAL["fft_epochs"]
+    fft_lr: float = EVAL["fft_lr"]
+    fft_batch: int = EVAL["fft_batch"]
     embedder: str | None = None
     dtype: str = COMPOSE["dtype"]
     device: str = COMPOSE["device"]
@@ -59,7 +62,9 @@ class EvalConfig:
 
 
 @dataclass
-class Answer:
+class MethodResult:
+    """What a method gives for one cell (serve/engine.py's Answer is one served request's)."""
+
     predictions: list[str]
     detail: dict = field(default_factory=dict)  # what the method chose: modules, weights, search cost
 
@@ -101,23 +106,24 @@ def icl_prompt(shots: list[Example], question: str) -> str:
     return f"{solved}{question}\nAnswer:"
 
 
-def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def zero_shot(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The base model on the bare input."""
-    return Answer(ctx.generate(inputs))
+    return MethodResult(ctx.generate(inputs))
 
 
-def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The shots in the prompt (in-context learning)."""
-    return Answer(ctx.generate([icl_prompt(shots, x) for x in inputs]))
+    return MethodResult(ctx.generate([icl_prompt(shots, x) for x in inputs]))
 
 
-def _compose_options(ctx: Context, modules: str, seed: int):
+def _compose_options(ctx: Context, modules: str, seed: int, formula: str = COMPOSE["formula"]):
     from ..compose.pipeline import ComposeOptions
     from ..compose.search import SearchConfig
 
     c = ctx.config
     return ComposeOptions(
         base_model=c.base_model,
+        formula=formula,
         modules=modules,
         num_modules=c.num_modules,
         embedder=c.embedder,
@@ -131,23 +137,23 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
     "linear" with one-hot rows is each adapter exactly, whatever its rank."""
     from ..compose.bank import LoraBank
 
-    bank = LoraBank(ctx.base.model, adapters, formula="linear")
+    bank = LoraBank(ctx.base.model, adapters, mode="linear")
     try:
         return ctx.generate(inputs, bank=bank, weights=weights)
     finally:
         bank.remove()
 
 
-def _task_level(modules: str, summary: str):
-    def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"]):
+    def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
         from ..compose.pipeline import compose_task
 
         composition = compose_task(
-            ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed), base=ctx.base
+            ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed, formula), base=ctx.base
         )
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
-        return Answer(
+        return MethodResult(
             predictions,
             {
                 "modules": {k: round(w, 6) for k, w in recipe.weights.items()},
@@ -160,11 +166,38 @@ def _task_level(modules: str, summary: str):
     return method
 
 
-def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
+    """The one of the N retrieved modules whose few-shot loss, alone at weight 1, is lowest (no search)."""
+    from ..compose.bank import LoraBank
+    from ..compose.objective import FewShotLoss
+    from ..compose.pipeline import load_modules, select_modules
+
+    records, _ = select_modules(ctx.store, shots, _compose_options(ctx, "auto", seed))
+    adapters = load_modules(ctx.store, records)
+    answer = ctx.base.fp32()  # the loss that decides is an fp32 number, as a composition's recipe loss is
+    bank = LoraBank(answer.model, adapters, mode="linear")
+    try:
+        with torch.no_grad():
+            losses = FewShotLoss(answer, bank, encode(answer, shots), mode="linear")(torch.eye(len(adapters)))
+    finally:
+        bank.remove()
+    best = int(losses.argmin())
+    predictions = _with_bank(ctx, adapters, inputs, torch.eye(len(adapters))[best])
+    return MethodResult(
+        predictions,
+        {
+            "chosen": records[best].id,
+            "losses": {r.id: round(float(v), 6) for r, v in zip(records, losses)},
+            "evaluations": len(adapters),
+        },
+    )
+
+
+def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """iLoraComp: one composition per shot; each input answered by its nearest shot's."""
     from ..cards.embedder import load_embedder
     from ..compose.pipeline import compose_instance
-    from ..routing import ShotRouter, weight_matrix
+    from ..routing import ShotRouter
 
     composition = compose_instance(
         ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, "auto", seed), base=ctx.base
@@ -173,8 +206,8 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     embedder = load_embedder(ctx.config.embedder or recipe.router["embedder"].rsplit("@", 1)[0])
     # The same routing `lorahub generate` applies to a saved instance-level composition.
     routes = ShotRouter(recipe, composition.router, embedder, elementwise_ok=False).route(inputs)
-    predictions = _with_bank(ctx, composition.adapters, inputs, weight_matrix(routes, len(composition.adapters)))
-    return Answer(
+    predictions = _with_bank(ctx, composition.adapters, inputs, [route.row for route in routes])
+    return MethodResult(
         predictions,
         {
             "routes": [r.info["shot"] for r in routes],
@@ -184,7 +217,7 @@ def instance(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -
     )
 
 
-def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Answer:
+def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """Full fine-tuning on the shots (the upper bound): AdamW on every weight of a copy of the base model.
 
     The loss is the token-mean cross-entropy."""
@@ -211,12 +244,15 @@ def fft(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Ans
         losses.append(round(loss.item(), 6))
     tuned.model.eval().requires_grad_(False)
     predictions = ctx.generate(inputs, base=tuned)
-    return Answer(predictions, {"epochs": c.fft_epochs, "final_loss": losses[-1]})
+    return MethodResult(predictions, {"epochs": c.fft_epochs, "final_loss": losses[-1]})
 
 
-RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], Answer]] = {
+RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], MethodResult]] = {
     "zero-shot": zero_shot,
     "icl": icl,
+    "single-best": single_best,
+    # w_i = 1/N under the composing formula (elementwise: LoraRetriever's fusion): a point of the search's own space.
+    "uniform": _task_level("auto", "The N retrieved modules with equal weights 1/N, no search.", formula="fusion"),
     "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
     "batchcomp": _task_level(
         "auto", "BatchComp: the N modules retrieved for the whole task, weights searched on the shots."
@@ -237,7 +273,9 @@ def parse_methods(text: str) -> list[str]:
     return list(dict.fromkeys(chosen))
 
 
-def run_method(method: str, ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> tuple[Answer, float]:
+def run_method(
+    method: str, ctx: Context, shots: list[Example], inputs: list[str], seed: int
+) -> tuple[MethodResult, float]:
     start = time.perf_counter()
     answer = RUNNERS[method](ctx, shots, inputs, seed)
     return answer, time.perf_counter() - start

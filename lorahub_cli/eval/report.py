@@ -2,6 +2,8 @@
 report, a JSON file and a PNG plot.
 
 Scores are percentages. The std is the sample standard deviation over seeds (0 for one seed).
+"most frequent" is the score of always giving the test set's most frequent (normalised) target: a
+constant answer that any method must beat to have learnt more than the label distribution.
 "average" is the mean over tasks; its std is taken over the per-seed averages. "average-3"
 leaves out the tasks on which every method scores under 10% (the papers drop three such BBH
 tasks), so that tasks nobody solves do not dilute the comparison.
@@ -10,10 +12,12 @@ tasks), so that tasks nobody solves do not dilute the comparison.
 from __future__ import annotations
 
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from ..io import atomic_write_bytes, atomic_write_json
 from .methods import METHODS
+from .scoring import normalize
 
 METRICS = {"exact_match": "exact match", "option_letter": "option letter (secondary)"}
 FLOOR = 10.0  # average-3: tasks where every method is under this are left out
@@ -57,6 +61,24 @@ def summarize(cells: list[dict], metric: str = "exact_match") -> dict:
     }
 
 
+def most_frequent(cells: list[dict], tasks: dict) -> dict:
+    """{"tasks": {task: stats}, "average": stats}: the score of always giving each test set's most frequent
+    target, over the seeds' test sets (`tasks`: name -> examples, which the cells' test indices point into)."""
+    per_seed = {}
+    for c in cells:
+        if (c["task"], c["seed"]) not in per_seed:
+            counts = Counter(normalize(tasks[c["task"]][i].target) for i in c["test"])
+            per_seed[c["task"], c["seed"]] = 100 * counts.most_common(1)[0][1] / len(c["test"])
+    names = list(dict.fromkeys(t for t, _ in per_seed))
+    seeds = sorted({s for _, s in per_seed})
+    return {
+        "tasks": {t: _stats([v for (task, _), v in per_seed.items() if task == t]) for t in names},
+        "average": _stats(
+            [statistics.fmean(per_seed[t, s] for t in names) for s in seeds if all((t, s) in per_seed for t in names)]
+        ),
+    }
+
+
 def win_loss(summary: dict) -> dict:
     """For each method against each other: tasks where its mean is higher / lower / equal."""
     tasks = summary["tasks"]
@@ -92,20 +114,28 @@ def _fmt(stats: dict | None) -> str:
     return f"{stats['mean']:.1f} ± {stats['std']:.1f}" if stats else "–"
 
 
-def _table(summary: dict) -> list[str]:
+def _table(summary: dict, frequent: dict | None = None) -> list[str]:
+    """One row per task, a column per method, and the most-frequent-answer column last (when known)."""
     methods = list(next(iter(summary["tasks"].values())))
-    lines = ["| task | " + " | ".join(methods) + " |", "|---|" + "---:|" * len(methods)]
+    extra = frequent is not None
+    lines = [
+        "| task | " + " | ".join(methods) + (" | most frequent" if extra else "") + " |",
+        "|---|" + "---:|" * (len(methods) + extra),
+    ]
     for task, row in summary["tasks"].items():
-        lines.append(f"| {task} | " + " | ".join(_fmt(row[m]) for m in methods) + " |")
-    lines.append("| **average** | " + " | ".join(f"**{_fmt(summary['average'].get(m))}**" for m in methods) + " |")
+        cells = [_fmt(row[m]) for m in methods] + ([_fmt(frequent["tasks"].get(task))] if extra else [])
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    average = [f"**{_fmt(summary['average'].get(m))}**" for m in methods]
+    lines.append(
+        "| **average** | " + " | ".join(average + ([f"*{_fmt(frequent['average'])}*"] if extra else [])) + " |"
+    )
     if summary["excluded_from_average_3"]:
-        lines.append(
-            "| **average-3** | " + " | ".join(f"**{_fmt(summary['average_3'].get(m))}**" for m in methods) + " |"
-        )
+        average_3 = [f"**{_fmt(summary['average_3'].get(m))}**" for m in methods]
+        lines.append("| **average-3** | " + " | ".join(average_3 + (["–"] if extra else [])) + " |")
     return lines
 
 
-def markdown(title: str, setup: dict, cells: list[dict], notes: list[str]) -> str:
+def markdown(title: str, setup: dict, cells: list[dict], notes: list[str], frequent: dict | None = None) -> str:
     seeds = sorted({c["seed"] for c in cells})
     lines = [
         f"# {title}",
@@ -123,7 +153,14 @@ def markdown(title: str, setup: dict, cells: list[dict], notes: list[str]) -> st
                 "compared with X; other targets are scored by exact match. Exact match above is the primary metric.",
                 "",
             ]
-        lines += _table(summary) + [""]
+        lines += _table(summary, frequent) + [""]
+        if frequent is not None:
+            lines += [
+                f"Most frequent answer: always giving each test set's most frequent target scores "
+                f"{_fmt(frequent['average'])} on average (the last column); a method below it has learnt "
+                "less than the label distribution.",
+                "",
+            ]
         if summary["excluded_from_average_3"]:
             lines += [
                 f"average-3 leaves out the tasks where every method scores under {FLOOR:.0f}%: "
@@ -182,11 +219,17 @@ def plot(summary: dict, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_report(out: Path, title: str, setup: dict, cells: list[dict], notes: list[str]) -> dict:
-    """results.json, report.md and plot.png in `out`; returns the summary `--json` prints."""
+def write_report(
+    out: Path, title: str, setup: dict, cells: list[dict], notes: list[str], tasks: dict | None = None
+) -> dict:
+    """results.json, report.md and plot.png in `out`; returns the summary `--json` prints.
+
+    `tasks` (name -> examples, the suite's): adds the most-frequent-answer line."""
     summary = summarize(cells)
+    frequent = most_frequent(cells, tasks) if tasks is not None and cells else None
     results = {
         **summary,
+        "most_frequent": frequent,
         "option_letter": summarize(cells, "option_letter"),
         "win_loss": win_loss(summary),
         "cost": cost(cells),
@@ -194,6 +237,6 @@ def write_report(out: Path, title: str, setup: dict, cells: list[dict], notes: l
         "notes": notes,
     }
     atomic_write_json(out / "results.json", results)
-    atomic_write_bytes(out / "report.md", markdown(title, setup, cells, notes).encode("utf-8"))
+    atomic_write_bytes(out / "report.md", markdown(title, setup, cells, notes, frequent).encode("utf-8"))
     plot(summary, out / "plot.png")
-    return {"tasks": summary["tasks"], "average": summary["average"]}
+    return {"tasks": summary["tasks"], "average": summary["average"], "most_frequent": frequent}

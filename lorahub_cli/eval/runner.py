@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..io import Example, atomic_write_json, read_json
 from . import scoring
-from .methods import Answer, Context, EvalConfig, run_method
+from .methods import Context, EvalConfig, MethodResult, run_method
 from .tasks import Suite, split
 
 RUN_FILE = "run.json"
@@ -39,7 +39,24 @@ class Job:
 
 
 # A way to compute cells elsewhere (on Ray): yields each job with its answer and seconds as it finishes.
-Executor = Callable[[list[Job], Callable], Iterable[tuple[Job, Answer, float]]]
+Executor = Callable[[list[Job], Callable], Iterable[tuple[Job, MethodResult, float]]]
+
+
+def check_run_folder(out: Path) -> Path:
+    """Before any work: `out` is new, empty, or a run folder (which resumes); never a folder of other things,
+    whose files (a report.md, say) the run would replace. Returns `out` resolved."""
+    from ..outputs import check_output
+
+    out = check_output(out, into=True)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"'{out}' is a file, not a folder.", "Choose another --out.")
+        if not (out / RUN_FILE).is_file() and any(out.iterdir()):
+            raise InputError(
+                f"refusing to write into '{out}': it holds files but no {RUN_FILE}, so it is not an eval run folder.",
+                "Choose a new or empty --out (an eval run folder resumes).",
+            )
+    return out
 
 
 def cell_path(out: Path, task: str, seed: int, method: str) -> Path:
@@ -72,7 +89,7 @@ def plan(suite: Suite, methods: list[str], seeds: list[int], config: EvalConfig)
                 yield Job(task, seed, method, shots, inputs, shot_ids, test, [examples[i] for i in test])
 
 
-def _save(out: Path, job: Job, answer: Answer, seconds: float) -> dict:
+def _save(out: Path, job: Job, answer: MethodResult, seconds: float) -> dict:
     cell = {
         "task": job.task,
         "seed": job.seed,

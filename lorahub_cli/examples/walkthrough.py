@@ -11,7 +11,7 @@ from ..io import read_examples
 from ..registry import Store
 from ..registry.cards import attach_card
 from ..registry.mirror import add_local
-from ..settings import shipped_dir
+from ..settings import CARD_MAX_EXAMPLES, shipped_dir
 
 
 def examples_dir() -> Path:
@@ -28,7 +28,7 @@ def run(store: Store, task: str, k: int = 3, advance=lambda: None) -> dict:
     embedder = load_embedder()
     for name in tasks():
         add_local(store, root / "adapters" / name, name=f"examples/{name}")
-        examples, source = from_jsonl(root / "data" / f"{name}.jsonl", None, None, 1000)
+        examples, source = from_jsonl(root / "data" / f"{name}.jsonl", None, None, CARD_MAX_EXAMPLES)
         attach_card(store, f"examples/{name}", examples, embedder=embedder, source=source)
         advance()
     index = retrieval.CardIndex.from_store(store)
@@ -37,14 +37,14 @@ def run(store: Store, task: str, k: int = 3, advance=lambda: None) -> dict:
     inputs = [e for name in tasks() for e in mixed[name]]
     truth = [f"examples/{name}" for name in tasks() for _ in mixed[name]]
     per_input = retrieval.per_input(index, embedder, inputs, k)
-    hits = sum(row["results"][0]["id"] == want for row, want in zip(per_input["inputs"], truth))
+    hits = sum(row[0].id == want for row, want in zip(per_input.inputs, truth))
     return {
         "registry": str(store.home),
         "adapters": len(index.ids),
         "task": task,
-        "task_level": retrieval.task_level(index, embedder, shots, k),
+        "task_level": retrieval.task_level(index, embedder, shots, k).to_json(),
         "instance_level": retrieval.instance_level(
             index, embedder, shots, k, read_examples(root / "inputs" / f"{task}.jsonl", require_target=False)
-        ),
+        ).to_json(),
         "per_input": {"inputs": len(inputs), "top1_correct": hits},
     }

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from ..cards.card import Card, Recipe, build_card
-from ..cards.data import load_training_data
+from ..cards.card import Card, TextRecipe, build_card
+from ..cards.data import CardOptions, load_training_data
 from ..cards.embedder import Embedder, load_embedder
-from ..errors import InputError
 from ..io import Example
 from .store import AdapterRecord, Store
 
@@ -19,13 +17,13 @@ def attach_card(
     examples: list[Example],
     *,
     embedder: Embedder,
-    recipe: Recipe | None = None,
+    text_recipe: TextRecipe | None = None,
     source: dict | None = None,
     progress=None,
 ) -> tuple[AdapterRecord, Card]:
     """Embed an adapter's training examples, write its card next to its weights, and index it."""
     record = store.get(adapter_id)
-    card = build_card(examples, embedder, recipe or Recipe(), source=source, progress=progress)
+    card = build_card(examples, embedder, text_recipe or TextRecipe(), source=source, progress=progress)
     files = card.save(record.path)
     return store.update_card(adapter_id, files, card.embedder_key), card
 
@@ -36,43 +34,30 @@ class CardJob:
 
     examples: list[Example]
     source: dict
-    recipe: Recipe
+    text_recipe: TextRecipe
     embedder: Embedder
     progress_factory: object = None
 
     def build(self, adapter_id: str) -> Card:
         if self.progress_factory is None:
-            return build_card(self.examples, self.embedder, self.recipe, source=self.source)
+            return build_card(self.examples, self.embedder, self.text_recipe, source=self.source)
         with self.progress_factory(
             f"Embedding {len(self.examples)} examples of {adapter_id}", len(self.examples)
         ) as advance:
-            return build_card(self.examples, self.embedder, self.recipe, source=self.source, progress=advance)
+            return build_card(self.examples, self.embedder, self.text_recipe, source=self.source, progress=advance)
 
 
-def prepare_card(
-    *,
-    data: Path | None = None,
-    dataset: str | None = None,
-    filters: list[str] | None = None,
-    input_field: str | None = None,
-    target_field: str | None = None,
-    max_examples: int = 1000,
-    embedder: str | None = None,
-    inputs_only: bool = False,
-    instruction: str = "",
-    progress_factory=None,
-) -> CardJob:
+def prepare_card(options: CardOptions, progress_factory=None) -> CardJob:
     """Load and check everything a card needs, before any adapter is touched.
     `progress_factory(description, total)` may return a progress context."""
-    if instruction and not inputs_only:
-        raise InputError("--instruction goes with --inputs-only (LoraRetriever's recipe).", "Add --inputs-only.")
-    examples, source = load_training_data(data, dataset, filters, input_field, target_field, max_examples)
-    recipe = Recipe("input" if inputs_only else "input+target", instruction)
-    return CardJob(examples, source, recipe, load_embedder(embedder), progress_factory)
+    examples, source = load_training_data(options)
+    return CardJob(examples, source, options.text_recipe, load_embedder(options.embedder), progress_factory)
 
 
-def card_from_source(store: Store, adapter_id: str, **options) -> tuple[AdapterRecord, Card]:
-    """Card for a stored adapter from a JSONL file or a Hub dataset (`prepare_card`'s options)."""
+def card_from_source(
+    store: Store, adapter_id: str, options: CardOptions, progress_factory=None
+) -> tuple[AdapterRecord, Card]:
+    """Card for a stored adapter from a JSONL file or a Hub dataset."""
     record = store.get(adapter_id)
-    card = prepare_card(**options).build(adapter_id)
+    card = prepare_card(options, progress_factory).build(adapter_id)
     return store.update_card(adapter_id, card.save(record.path), card.embedder_key), card

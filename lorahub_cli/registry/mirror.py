@@ -14,7 +14,18 @@ from pathlib import Path
 from ..cards.card import CARD_FILES, Card
 from ..errors import InputError, IntegrityError, LorahubError
 from ..io import read_json, sha256_file
-from .store import CONFIG_FILE, PICKLE_FILE, SAFETENSORS_FILE, AdapterRecord, Store, check_id, nonfinite_tensors
+from .store import (
+    CONFIG_FILE,
+    PEFT_DEFAULT_ALPHA,
+    PICKLE_FILE,
+    SAFETENSORS_FILE,
+    AdapterRecord,
+    Store,
+    check_id,
+    lora_config_problem,
+    nonfinite_tensors,
+    text_problem,
+)
 
 WANTED = (CONFIG_FILE, SAFETENSORS_FILE, PICKLE_FILE, "README.md", *CARD_FILES)
 
@@ -45,8 +56,11 @@ def _read_config(folder: Path, label: str, shown: str) -> dict:
             "lorahub stores PEFT LoRA adapters only.",
         )
     for key in ("r", "target_modules", "base_model_name_or_path"):
-        if not config.get(key):
+        if config.get(key) is None:
             raise InputError(f"'{label}' has no '{key}' in {CONFIG_FILE}.", "Re-save the adapter with PEFT.")
+    base_model = config["base_model_name_or_path"]
+    if problem := lora_config_problem(config) or text_problem("base_model_name_or_path", base_model, False):
+        raise InputError(f"{shown}: {problem}.", f"Re-save '{label}' with PEFT.")
     return config
 
 
@@ -160,7 +174,7 @@ def ingest(
         base_model=base_model,
         peft_type="LORA",
         r=int(config["r"]),
-        lora_alpha=float(config.get("lora_alpha", config["r"])),
+        lora_alpha=float(config.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
         task_type=config.get("task_type"),
         files=files,

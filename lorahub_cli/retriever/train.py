@@ -24,22 +24,22 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..settings import LORARETRIEVER_INSTRUCTION
+from ..settings import LORARETRIEVER_INSTRUCTION, RETRIEVER
 
 METADATA_FILE = "lorahub_retriever.json"
 
 
 @dataclass
 class RetrieverConfig:
-    tasks_fraction: float = 0.4  # share of adapters trained on; the rest are the unseen tasks
-    epochs: int = 1  # one epoch: every training example is an anchor about once
-    batch_size: int = 32  # adapters per step (capped by the number of training adapters)
-    learning_rate: float = 2e-5
-    warmup_fraction: float = 0.1
-    max_examples: int = 200  # per adapter, read from its card's training data
-    eval_queries: int = 20  # per held-out adapter
+    tasks_fraction: float = RETRIEVER["tasks_fraction"]
+    epochs: int = RETRIEVER["epochs"]
+    batch_size: int = RETRIEVER["batch_size"]
+    learning_rate: float = RETRIEVER["learning_rate"]
+    warmup_fraction: float = RETRIEVER["warmup_fraction"]
+    max_examples: int = RETRIEVER["max_examples"]
+    eval_queries: int = RETRIEVER["eval_queries"]
     instruction: str = LORARETRIEVER_INSTRUCTION
-    seed: int = 42
+    seed: int = RETRIEVER["seed"]
 
     def __post_init__(self):
         if not 0 < self.tasks_fraction < 1:
@@ -157,7 +157,7 @@ def train(model, data: dict[str, list[str]], split: Split, config: RetrieverConf
 def training_data(store, base_model: str | None, max_examples: int) -> dict[str, list[str]]:
     """Each carded adapter's training inputs, read again from the source its card records."""
     from ..cards.card import Card
-    from ..cards.data import load_training_data
+    from ..cards.data import CardOptions, load_training_data
 
     data = {}
     for record in store.list(base_model):
@@ -168,7 +168,7 @@ def training_data(store, base_model: str | None, max_examples: int) -> dict[str,
         if source.get("type") == "file":
             if not Path(source["path"]).is_file():
                 raise InputError(f"the training data of '{record.id}' ({source['path']}) is gone.", hint)
-            examples, _ = load_training_data(data=Path(source["path"]), max_examples=max_examples)
+            examples, _ = load_training_data(CardOptions(data=Path(source["path"]), max_examples=max_examples))
         elif source.get("type") == "hub-dataset":
             spec = (
                 source["repo_id"]
@@ -176,7 +176,7 @@ def training_data(store, base_model: str | None, max_examples: int) -> dict[str,
                 + f"@{source.get('split', 'train')}"
             )
             filters = [f"{k}={v}" for k, v in (source.get("filters") or {}).items()]
-            examples, _ = load_training_data(dataset=spec, filters=filters, max_examples=max_examples)
+            examples, _ = load_training_data(CardOptions(dataset=spec, filters=filters, max_examples=max_examples))
         else:
             raise InputError(f"the card of '{record.id}' does not record where its training data came from.", hint)
         data[record.id] = [e.input for e in examples]
@@ -192,12 +192,13 @@ def train_retriever(
     embedder: str | None = None,
     progress=None,
 ) -> dict:
-    """Train on a split of the registry's carded adapters, evaluate on the rest, save to `out`; returns the report."""
+    """Train on a split of the registry's carded adapters, evaluate on the rest, save to `out` (checked by
+    outputs.check_destination before: api.train_retriever); returns the report."""
     from .. import __version__
     from ..cards.embedder import load_embedder
-    from ..io import atomic_write_json, check_destination, write_folder
+    from ..io import atomic_write_json
+    from ..outputs import write_folder
 
-    check_destination(out)
     data = training_data(store, base_model, config.max_examples)
     split = split_adapters(list(data), config.tasks_fraction, config.seed)
     untrained = load_embedder(embedder)

@@ -1,4 +1,4 @@
-"""Batch composition (`api.compose_folder`): which shots files to compose, and the Ray side of it.
+"""Batch composition (`api.compose_batch`): which shots files to compose, and the Ray side of it.
 
 `OUT/<name>/` receives the composition of `TASKS/<name>.jsonl`. A folder that already holds a lorahub
 recipe is kept (the run resumes) unless `overwrite`; any other existing folder is left alone and its task
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..compose import pipeline
-from ..compose.recipe import RECIPE_FILE
+from ..compose.folder import check_destination, holds_composition
 from ..errors import InputError, LorahubError
 from ..io import Example, read_examples, sha256_file
+from ..outputs import check_output
 from .shipping import Folder, data_for_workers
 from .worker import Worker
 
@@ -43,18 +44,20 @@ def plan(tasks_dir: Path, out: Path, overwrite: bool) -> tuple[list[BatchJob], l
             f"--tasks '{tasks_dir}' has no .jsonl files.",
             'Put one <task>.jsonl per task, lines {"input": ..., "target": ...}.',
         )
+    check_output(out, into=True)  # the folder of every composition: it may exist (the batch resumes)
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is a file, not a folder.", "Choose another --out.")
     jobs, done, refused = [], [], {}
     for path in files:
         name, dest = path.stem, out / path.stem
-        ours = (dest / RECIPE_FILE).is_file()
+        ours = holds_composition(dest)
         if ours and not overwrite:
             done.append(name)
         elif dest.exists() and not ours:
             refused[name] = f"'{dest}' exists and is not a composition lorahub wrote; it is left alone."
         else:
             try:
+                check_destination(dest, overwrite, inputs=(path,))  # the one check of where it goes, before any work
                 examples = read_examples(path)
             except LorahubError as error:
                 refused[name] = str(error)
@@ -84,9 +87,21 @@ def load_shared_base(store, options: pipeline.ComposeOptions):
     return load_base_model(name, dtype="float32", device=options.device) if name else None
 
 
-def _compose(store, job: BatchJob, options, level: str, base) -> pipeline.Composition:
+def _compose(store, job: BatchJob, options, level: str, base) -> tuple[pipeline.Composition, float]:
+    start = time.perf_counter()
     run = pipeline.compose_instance if level == "instance" else pipeline.compose_task
-    return run(store, job.examples, job.shots_meta, options, base=base)
+    return run(store, job.examples, job.shots_meta, options, base=base), time.perf_counter() - start
+
+
+def here(store, jobs: list[BatchJob], options, level: str, base, advance):
+    """Yields (job, (composition, seconds), None) or (job, None, error), one job after the other in this process."""
+    for job in jobs:
+        try:
+            outcome = job, _compose(store, job, options, level, base), None
+        except LorahubError as error:
+            outcome = job, None, str(error)
+        advance(description=job.name)
+        yield outcome
 
 
 class ComposeWorker(Worker):
@@ -105,8 +120,7 @@ class ComposeWorker(Worker):
         self.base = load_shared_base(self.store, self.options)
 
     def run(self, job: BatchJob) -> tuple[pipeline.Composition, float]:
-        start = time.perf_counter()
-        return _compose(self.store, job, self.options, self.level, self.base), time.perf_counter() - start
+        return _compose(self.store, job, self.options, self.level, self.base)
 
 
 def on_ray(options, store, jobs: list[BatchJob], compose_options, level: str, advance, on_event=None):
@@ -114,8 +128,6 @@ def on_ray(options, store, jobs: list[BatchJob], compose_options, level: str, ad
     from .cluster import connect, place
     from .pool import Pool
 
-    if compose_options.weights and compose_options.modules in ("auto", "random"):
-        compose_options = dataclasses.replace(compose_options, modules=list(compose_options.weights))
     with connect(options.address) as ray:
         placement = place(ray, options, compose_options.device)
         advance(0, description=f"Starting {placement.workers} Ray workers")

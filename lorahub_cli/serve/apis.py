@@ -6,7 +6,8 @@
   2.4 `inference/_client.py`, lorax-client 0.6.3 `lorax/types.py`).
 - OpenAI text completions (`POST /v1/completions`, `GET /v1/models`), as the `openai` client sends them.
 
-Decoding is greedy: every sampling option is refused with a 400 naming it, never ignored.
+Decoding is greedy: every sampling option is refused with a 400 naming it, never ignored. Every
+field is bounded (stop strings in number and length, names in length; the input by the server).
 A translation raises `ApiError(status, message)`; the server shapes it per API.
 """
 
@@ -15,15 +16,22 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Literal, Optional  # noqa: UP035
+from typing import Annotated, Literal, Optional  # noqa: UP035
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from ..routing import COMPOSE_MODES
+from ..settings import SERVE
 from .engine import Answer, Request
 
 Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # noqa: UP045 - a runtime value, built from a tuple  # the modes the routing module registers
 GREEDY = "this server decodes greedily (the same answer every time)"
+Id = Annotated[StrictStr, Field(max_length=SERVE["max_id_chars"])]  # an adapter id, a merge strategy
+
+
+# A Request field -> what each API calls it, so that an error names the field the client sent.
+OPENAI_FIELDS = {"max_new_tokens": "max_tokens"}
+TGI_FIELDS = {"max_new_tokens": "parameters.max_new_tokens", "k": "parameters.k"}
 
 
 class ApiError(Exception):
@@ -37,21 +45,22 @@ class ApiError(Exception):
 
 class MergedAdapters(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    ids: list[StrictStr]
+    ids: list[Id]  # at most the adapters served (engine.named_route)
     weights: list[StrictFloat | StrictInt]
-    merge_strategy: StrictStr | None = None  # LoRAX: linear (default), ties, dare_linear, dare_ties
+    merge_strategy: Id | None = None  # LoRAX: linear (default), ties, dare_linear, dare_ties
     density: StrictFloat | StrictInt | None = None  # ties and dare only
-    majority_sign_method: StrictStr | None = None  # ties only
+    majority_sign_method: Id | None = None  # ties only
 
 
 class TgiParameters(BaseModel):
     """Every field the TGI and LoRAX clients send (most as null by default), plus lorahub's k and compose."""
 
     model_config = ConfigDict(extra="forbid")
-    adapter_id: StrictStr | None = None
-    adapter_source: StrictStr | None = None
+    adapter_id: Id | None = None
+    adapter_source: Id | None = None
     merged_adapters: MergedAdapters | None = None
-    api_token: str | None = Field(default=None, repr=False)  # private Hub adapters; nothing is downloaded here
+    # private Hub adapters; nothing is downloaded here
+    api_token: Annotated[str, Field(max_length=SERVE["max_id_chars"])] | None = Field(default=None, repr=False)
     max_new_tokens: StrictInt | None = None
     stop: list[StrictStr] | None = None
     details: StrictBool = False
@@ -111,7 +120,7 @@ def tgi_request(body: TgiBody) -> Request:
     for name, (default, why) in _TGI_UNSUPPORTED.items():
         value = getattr(p, name)
         if value not in (default, _OPTIONAL_ONE.get(name, default)):
-            raise ApiError(400, f"parameters.{name} = {json.dumps(value)} is not supported: {why}. Leave it out.")
+            raise ApiError(400, f"parameters.{name} = {_shown(value)} is not supported: {why}. Leave it out.")
     adapters = None
     if p.adapter_id is not None and p.merged_adapters is not None:
         raise ApiError(400, "give at most one of parameters.adapter_id and parameters.merged_adapters.")
@@ -121,7 +130,26 @@ def tgi_request(body: TgiBody) -> Request:
         adapters = _merged(p.merged_adapters)
     if adapters is not None and (p.k is not None or p.compose is not None):
         raise ApiError(400, "k and compose choose retrieval; named adapters are not retrieved. Drop k and compose.")
-    return Request(body.inputs, p.k, p.compose, p.max_new_tokens, tuple(p.stop or ()), adapters)
+    return Request(body.inputs, p.k, p.compose, p.max_new_tokens, _stops("parameters.stop", p.stop), adapters)
+
+
+def _stops(field: str, stop: str | list[str] | None) -> tuple[str, ...]:
+    """The stop strings, or a 400 naming the field: at most `max_stops` of at most `max_stop_chars` each."""
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    most, longest = SERVE["max_stops"], SERVE["max_stop_chars"]
+    if len(stops) > most:
+        raise ApiError(400, f"{field}: give at most {most} stop sequences, not {len(stops)}.")
+    for i, text in enumerate(stops):
+        if len(text) > longest:
+            where = field if isinstance(stop, str) else f"{field}[{i}]"
+            raise ApiError(400, f"{where} is {len(text)} characters, more than the limit of {longest}.")
+    return stops
+
+
+def _shown(value) -> str:
+    """A refused value as JSON, cut short: an error names the value, it does not echo a megabyte."""
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _merged(m: MergedAdapters) -> tuple[tuple[str, float], ...]:
@@ -197,7 +225,8 @@ def tgi_events(answer: Answer, p: TgiParameters | None, tokenizer) -> list[str]:
 
 class CompletionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model: str | None = None  # a served adapter id answers with that adapter; anything else retrieves
+    # a served adapter id answers with that adapter; anything else retrieves
+    model: Annotated[str, Field(max_length=SERVE["max_model_chars"])] | None = None
     prompt: StrictStr | list[StrictStr]
     max_tokens: StrictInt | None = None  # OpenAI's default is 16 (or the server's limit if lower)
     stop: StrictStr | list[StrictStr] | None = None
@@ -206,7 +235,7 @@ class CompletionBody(BaseModel):
     n: StrictInt | None = 1
     stream: StrictBool | None = False
     seed: int | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=SERVE["max_id_chars"])] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
@@ -248,13 +277,11 @@ def completion_requests(body: CompletionBody, served: set[str], max_prompts: int
         value = getattr(body, name)
         if value not in unused:
             why = _OPENAI_WHY.get(name, "not supported by this server")
-            raise ApiError(400, f"{name} = {json.dumps(value)} is not supported ({why}). Leave it out.")
+            raise ApiError(400, f"{name} = {_shown(value)} is not supported ({why}). Leave it out.")
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not 1 <= len(prompts) <= max_prompts:
         raise ApiError(400, f"give 1 to {max_prompts} prompts, not {len(prompts)}.")
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if len(stop) > 4:
-        raise ApiError(400, f"give at most 4 stop sequences, not {len(stop)}.")
+    stop = _stops("stop", body.stop)
     adapters = ((body.model, 1.0),) if body.model in served else None
     if adapters is not None and (body.k is not None or body.compose is not None):
         raise ApiError(400, f"model '{body.model}' names one adapter; k and compose choose retrieval. Drop them.")

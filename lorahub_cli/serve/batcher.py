@@ -1,7 +1,7 @@
 """Concurrent requests into shared batches: a bounded queue and one worker thread.
 
     batcher = Batcher(engine.run, max_batch=32, window=0.01, max_queue=256, size=lambda r: len(r.input))
-    batcher = Batcher(session=engine.decoding, max_batch=32, ...)     # continuous batching instead
+    batcher = Batcher(session=engine.session, max_batch=32, ...)      # continuous batching instead
     batcher.start()
     future = batcher.submit(request)      # QueueFull when max_queue requests already wait
     answer = future.result()
@@ -12,7 +12,7 @@ for at most `window` seconds or until `max_batch` requests, and runs them as one
 requests that arrive together share forward passes. While a batch runs, new requests wait
 and fill the next batch without waiting for the window.
 
-Continuous batching (`session`, a factory of `engine.Decoding`): the worker drives the
+Continuous batching (`session`, a factory of `Stepper`s such as `engine.Session`): the worker drives the
 session one decoding step at a time. Before each step, waiting requests join while fewer
 than `max_batch` rows are running (an idle worker first collects for `window`); a request
 is answered at the step that finishes it, and `submit(request, on_token)` hears of each of
@@ -36,8 +36,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import LorahubError
+from ..settings import SERVE
 
 
 class QueueFull(LorahubError):
@@ -46,6 +48,40 @@ class QueueFull(LorahubError):
 
 class ShuttingDown(LorahubError):
     """The server no longer accepts requests."""
+
+
+class Stepper(Protocol):
+    """What continuous batching steps (`engine.Session`; the tests hold doubles): requests join with `add`, and
+    each `step` decodes one token for every running row and returns the (key, answer) pairs that finished (None
+    for a cancelled one). Only the worker thread uses it."""
+
+    @property
+    def running(self) -> int:
+        """Rows decoding now."""
+        raise NotImplementedError
+
+    @property
+    def load(self) -> int:
+        """Rows decoding or waiting inside the stepper."""
+        raise NotImplementedError
+
+    @property
+    def busy(self) -> bool:
+        """Whether a step has work."""
+        raise NotImplementedError
+
+    def add(self, requests: list, keys: list, on_token: list | None = None, cancelled: list | None = None) -> None:
+        """Queue checked requests under `keys`; `on_token[i](token, logprob, answer or None)` as each token is
+        decoded; `cancelled[i]()` true: request i leaves at the next step."""
+        raise NotImplementedError
+
+    def step(self) -> list[tuple[object, object]]:
+        """One decoding step; the requests that finished at it, by key."""
+        raise NotImplementedError
+
+    def abandon(self) -> list:
+        """Drop every request; their keys."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -62,10 +98,10 @@ class Batcher:
         self,
         run: Callable[[list], list] | None = None,
         *,
-        session: Callable[[], object] | None = None,
-        max_batch: int = 32,
-        window: float = 0.01,
-        max_queue: int = 256,
+        session: Callable[[], Stepper] | None = None,
+        max_batch: int = SERVE["batch_size"],
+        window: float = SERVE["batch_window_ms"] / 1000,
+        max_queue: int = SERVE["max_queue"],
         size: Callable[[object], int] | None = None,
     ):
         if max_batch < 1 or max_queue < 1 or window < 0:

@@ -1,13 +1,17 @@
 """The serving engine: a base model, one LoRA bank loaded once, a router; requests in, answers out.
 
     engine = Engine.from_registry(store, k=3, compose="mixture")
+    engine = Engine.from_adapter("my-lora")    # one adapter for every request: a composition or any PEFT folder
     answers = engine.run([Request("What is 2 plus 2?"), Request("Translate ...", k=1)])
+    session = engine.session()       # continuous batching, step by step (what the server's batcher drives)
 
 The bank holds every adapter a router can choose (every carded adapter of the base
-model, or every shot's composition), injected once: no adapter is loaded per batch.
-Requests that use different adapters share forward passes; only the bank formula
-splits a call (mixture rows run under the linear formula, fusion and single rows
-under the elementwise one), because a forward pass evaluates one formula.
+model, every shot's composition, or the one adapter), injected once: no adapter is loaded per batch.
+Requests that use different adapters share forward passes; only the bank mode
+splits a call (mixture rows run in the linear mode, fusion and single rows in the
+elementwise one), because a forward pass evaluates one mode.
+
+`ServingEngine` writes down what the HTTP server needs of an engine (`Engine` is the real one).
 """
 
 from __future__ import annotations
@@ -15,14 +19,32 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import InputError
-from ..routing import COMPOSE_MODES, RetrievalRouter, Route, ShotRouter, check_mode, weight_matrix
+from ..routing import COMPOSE_MODES, AdapterRouter, RetrievalRouter, Route, ShotRouter, check_compose
 from ..settings import SERVE as DEFAULTS
+from .batcher import Stepper
+
+if TYPE_CHECKING:
+    from ..decoding import Decoder
 
 
 class InputTooLong(InputError):
     """An input over the engine's token limit (HTTP 413)."""
+
+
+class FieldError(InputError):
+    """A request field whose value breaks a rule. `field` is the Request's name for it; `named(name)` is the
+    message under the name a client sent (OpenAI's `max_tokens` for `max_new_tokens`)."""
+
+    def __init__(self, field: str, value, rule: str, hint: str):
+        self.field, self.value, self.rule = field, value, rule
+        super().__init__(self.named(field), hint)
+
+    def named(self, name: str) -> str:
+        shown = str(self.value)
+        return f"{name} = {shown if len(shown) <= 40 else shown[:37] + '...'} {self.rule}"
 
 
 @dataclass
@@ -35,6 +57,7 @@ class Request:
     # Named adapters and weights instead of retrieval: (("id", 1.0),) is one adapter (LoRAX's adapter_id);
     # several are merged as LoRAX's linear merge does, A = sum w_i A_i and B = sum w_i B_i (the elementwise formula).
     adapters: tuple[tuple[str, float], ...] | None = None
+    ids: list[int] | None = field(default=None, repr=False)  # the input's token ids, set by Engine.check
 
 
 @dataclass
@@ -51,7 +74,47 @@ class Answer:
         return {"input": self.input, "output": self.output, **self.route}
 
 
-class Engine:
+@runtime_checkable
+class ServingEngine(Protocol):
+    """What the HTTP server (serve/server.py) needs of an engine; `Engine` is the real one, the tests' doubles
+    declare it too. One thread runs it (the batcher's worker), except `check`, called as requests arrive."""
+
+    batching: str  # "continuous": the batcher steps `session()`; "static": it gives `run` whole batches
+    max_new_tokens: int  # the most a request may ask for (OpenAI's default: the lower of 16 and this)
+
+    @property
+    def base_model(self) -> str:
+        """What /v1/models calls the retrieving default (a `model` that names no adapter)."""
+        raise NotImplementedError
+
+    @property
+    def names(self) -> list[str]:
+        """The adapter ids a request may name: OpenAI's `model`, LoRAX's `adapter_id` and `merged_adapters`."""
+        raise NotImplementedError
+
+    @property
+    def tokenizer(self):
+        """`decode([id])` and `all_special_ids`: TGI's token details."""
+        raise NotImplementedError
+
+    def check(self, request: Request) -> Request:
+        """The request with its defaults, or an InputError (FieldError: naming the field; InputTooLong: 413)."""
+        raise NotImplementedError
+
+    def run(self, requests: list[Request]) -> list[Answer]:
+        """Answers in request order (static batching)."""
+        raise NotImplementedError
+
+    def session(self) -> Stepper:
+        """A new continuous-batching session (continuous batching)."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        """The engine's settings, as /health reports them."""
+        raise NotImplementedError
+
+
+class Engine(ServingEngine):
     """A base model, its bank and a router. One thread at a time: the bank's weights are one shared state
     for the whole model (the server gives the engine to its batcher's worker thread alone)."""
 
@@ -66,7 +129,7 @@ class Engine:
         max_new_tokens: int = DEFAULTS["max_new_tokens"],
         batch_size: int = DEFAULTS["batch_size"],
         max_input_tokens: int = DEFAULTS["max_input_tokens"],
-        batching: str = "continuous",
+        batching: str = DEFAULTS["batching"],
         description: dict | None = None,
     ):
         from ..decoding import steppable
@@ -79,7 +142,7 @@ class Engine:
                 "Give positive values.",
             )
         self.base, self.bank, self.router = base, bank, router
-        self.k, self.compose, self.max_new_tokens = k, check_mode(compose), max_new_tokens
+        self.k, self.compose, self.max_new_tokens = k, check_compose(compose), max_new_tokens
         self.batch_size, self.max_input_tokens = batch_size, max_input_tokens
         # A model the step loop cannot run exactly (decoding.steppable) is served in static batches.
         self.batching = check_batching(batching) if steppable(base) else "static"
@@ -110,7 +173,7 @@ class Engine:
         query_embedder = index.embedder(embedder)
         adapters = load_modules(store, [store.get(i) for i in index.ids])
         base = load_base_model(model_path or index.base_model, dtype=dtype, device=device)
-        bank = LoraBank(base.model, adapters, formula="linear")
+        bank = LoraBank(base.model, adapters, mode="linear")
         router = RetrievalRouter(index, query_embedder, elementwise_ok=bank.elementwise_ok)
         description = {
             "source": "registry",
@@ -132,37 +195,73 @@ class Engine:
         **options,
     ) -> Engine:
         """An instance-level composition folder (`compose --level instance`): its shots' compositions and router."""
-        from safetensors.torch import load_file
-
         from ..cards.embedder import load_embedder
-        from ..compose.adapters import load_adapter
         from ..compose.bank import LoraBank
-        from ..compose.recipe import RECIPE_FILE, ROUTER_FILE, Recipe
+        from ..compose.folder import read_instance_composition
         from ..models import load_base_model
 
         folder = Path(folder)
-        hint = "Give a folder written by: lorahub compose --level instance --out DIR"
-        if not (folder / RECIPE_FILE).is_file():
-            raise InputError(f"'{folder}' has no {RECIPE_FILE}.", hint)
-        recipe = Recipe.load(folder)
-        if recipe.level != "instance" or not (folder / ROUTER_FILE).is_file():
-            raise InputError(f"'{folder}' is not an instance-level composition (no router).", hint)
+        hint = (
+            f"--composition takes a `lorahub compose --level instance` folder; to answer with one adapter "
+            f"(a task-level composition or a PEFT folder): --adapter {folder}"
+        )
+        recipe, adapters, shots = read_instance_composition(folder, hint)
         key = recipe.router["embedder"]
         query_embedder = load_embedder(embedder or key.rpartition("@")[0])
         if query_embedder.key != key:
             raise InputError(f"the router was made with {key}, not {query_embedder.key}.", "Drop --embedder.")
-        adapters = [load_adapter(folder / entry["folder"], name=entry["folder"]) for entry in recipe.compositions]
         base = load_base_model(model_path or recipe.base_model, dtype=dtype, device=device)
-        bank = LoraBank(base.model, adapters, formula="linear")
-        router = ShotRouter(
-            recipe, load_file(folder / ROUTER_FILE)["shots"], query_embedder, elementwise_ok=bank.elementwise_ok
-        )
+        bank = LoraBank(base.model, adapters, mode="linear")
+        router = ShotRouter(recipe, shots, query_embedder, elementwise_ok=bank.elementwise_ok)
         description = {
             "source": "composition",
             "folder": str(folder),
             "base_model": recipe.base_model,
             "compositions": len(adapters),
             "embedder": key,
+        }
+        return cls(base, bank, router, description=description, **options)
+
+    @classmethod
+    def from_adapter(
+        cls,
+        folder: str | Path,
+        *,
+        name: str | None = None,
+        model_path: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        **options,
+    ) -> Engine:
+        """One LoRA adapter answers every request: a task-level composition (`compose --out DIR`) or any PEFT
+        LoRA folder, on the base model its adapter_config.json names (or `model_path`). `name`: what answers
+        and /v1/models call it (default: the folder's name)."""
+        from ..compose.adapters import load_adapter
+        from ..compose.bank import LoraBank
+        from ..compose.folder import holds_composition, read_composition
+        from ..models import load_base_model
+
+        folder = Path(folder)
+        if holds_composition(folder) and read_composition(folder).level == "instance":
+            raise InputError(
+                f"'{folder}' is an instance-level composition: one adapter per shot and a router.",
+                f"Answer with it through its router: --composition {folder}",
+            )
+        adapter = load_adapter(folder, name=name or folder.resolve().name)
+        base_model = model_path or adapter.base_model_name_or_path
+        if not base_model:
+            raise InputError(
+                f"{folder / 'adapter_config.json'} names no base model (base_model_name_or_path).",
+                "Give the base model with --model-path.",
+            )
+        base = load_base_model(base_model, dtype=dtype, device=device)
+        bank = LoraBank(base.model, [adapter], mode="linear")
+        router = AdapterRouter(adapter.name, elementwise_ok=bank.elementwise_ok)
+        description = {
+            "source": "adapter",
+            "folder": str(folder),
+            "base_model": adapter.base_model_name_or_path or base_model,
+            "adapters": 1,
         }
         return cls(base, bank, router, description=description, **options)
 
@@ -175,27 +274,38 @@ class Engine:
         if request.adapters is not None:
             self.named_route(request.adapters)
         k = self.k if request.k is None else request.k
-        mode = check_mode(self.compose if request.compose is None else request.compose)
+        compose = check_compose(self.compose if request.compose is None else request.compose)
         limit = self.max_new_tokens if request.max_new_tokens is None else request.max_new_tokens
         if self.router.retrieves and not 1 <= k <= self.bank.n:
-            raise InputError(f"k = {k} is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
+            raise FieldError("k", k, f"is outside 1..{self.bank.n} (the adapters this server holds).", "Lower k.")
         if not 1 <= limit <= self.max_new_tokens:
-            raise InputError(
-                f"max_new_tokens = {limit} is outside 1..{self.max_new_tokens}.",
+            raise FieldError(
+                "max_new_tokens",
+                limit,
+                f"is outside 1..{self.max_new_tokens}.",
                 f"Ask for at most {self.max_new_tokens} new tokens.",
             )
-        tokens = len(self.base.tokenizer(request.input, truncation=False)["input_ids"])
-        if tokens > self.max_input_tokens:
+        # Tokenised once, here: the ids travel with the checked request to the decoder.
+        ids = (
+            request.ids
+            if request.ids is not None
+            else self.base.tokenizer(request.input, truncation=False)["input_ids"]
+        )
+        if len(ids) > self.max_input_tokens:
             raise InputTooLong(
-                f"the input is {tokens} tokens, more than the limit of {self.max_input_tokens}.", "Shorten the input."
+                f"the input is {len(ids)} tokens, more than the limit of {self.max_input_tokens}.", "Shorten the input."
             )
-        return replace(request, k=k, compose=mode, max_new_tokens=limit)
+        return replace(request, k=k, compose=compose, max_new_tokens=limit, ids=ids)
 
     def named_route(self, adapters: tuple[tuple[str, float], ...]) -> Route:
         """The route of named adapters and weights, or an InputError naming the unknown id or bad weight."""
         column = {name: i for i, name in enumerate(self.bank.names)}
         if not adapters:
             raise InputError("no adapter was named.", "Name at least one adapter id.")
+        if len(adapters) > self.bank.n:
+            raise InputError(
+                f"{len(adapters)} adapters are named; this server holds {self.bank.n}.", "Name each adapter once."
+            )
         for name, weight in adapters:
             if name not in column:
                 known = ", ".join(self.bank.names[:5]) + (", ..." if self.bank.n > 5 else "")
@@ -212,12 +322,12 @@ class Engine:
                 "scaling, and these differ.",
                 "Name one adapter, or let the server retrieve (mixture).",
             )
-        formula = "elementwise" if self.bank.elementwise_ok else "linear"
+        mode = "elementwise" if self.bank.elementwise_ok else "linear"
         info = {
             "compose": "adapter" if len(adapters) == 1 else "merged-linear",
             "adapters": [{"id": name, "weight": weight} for name, weight in adapters],
         }
-        return Route(tuple(column[name] for name, _ in adapters), tuple(w for _, w in adapters), formula, info)
+        return Route(tuple(column[name] for name, _ in adapters), tuple(w for _, w in adapters), mode, info)
 
     def routes(self, requests: list[Request]) -> list[Route]:
         """Each checked request's route: retrieval (in one call for all) or its named adapters."""
@@ -238,38 +348,49 @@ class Engine:
                 routes[i] = self.named_route(r.adapters)
         return routes
 
-    def decoding(self) -> Decoding:
-        """A continuous-batching session over this engine (see `Decoding`)."""
-        return Decoding(self)
+    def session(self) -> Session:
+        """A continuous-batching session over this engine (see `Session`)."""
+        return Session(self)
+
+    @property
+    def base_model(self) -> str:
+        return self.description.get("base_model", "lorahub")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.bank.names)
+
+    @property
+    def tokenizer(self):
+        return self.base.tokenizer
 
     def run(self, requests: list[Request], progress=None) -> list[Answer]:
         """Answers in request order. Every request is checked before any is generated. Continuous batching:
-        the requests are a `Decoding` session's queue at its first step; static: batches of `batch_size`."""
+        the requests are a `Session`'s queue at its first step; static: batches of `batch_size`."""
         requests = [self.check(r) for r in requests]
         if not requests:
             return []
         if self.batching == "continuous":
             from ..decoding import drain
 
-            session = self.decoding()
+            session = self.session()
             session.add(requests, keys=list(range(len(requests))))
             return drain(session, len(requests), progress)
-        from ..generation import generate_details
+        from ..generation import generate_tokens
 
         routes = self.routes(requests)
         outputs = [None] * len(requests)
-        for formula in sorted({route.formula for route in routes}):
-            rows = [i for i, route in enumerate(routes) if route.formula == formula]
-            generated = generate_details(
+        for mode in sorted({route.mode for route in routes}):
+            rows = [i for i, route in enumerate(routes) if route.mode == mode]
+            generated = generate_tokens(
                 self.base,
-                [requests[i].input for i in rows],
+                [requests[i].ids for i in rows],
                 bank=self.bank,
-                weights=weight_matrix([routes[i] for i in rows], self.bank.n),
-                formula=formula,
+                weights=[routes[i].row for i in rows],
+                mode=mode,
                 max_new_tokens=[requests[i].max_new_tokens for i in rows],
                 stop=[list(requests[i].stop) for i in rows],
                 batch_size=self.batch_size,
-                max_input_length=self.max_input_tokens,
                 progress=progress,
                 batching="static",
             )
@@ -294,12 +415,13 @@ def _answer(request: Request, route: Route, g) -> Answer:
     return Answer(request.input, g.text, route.info, g.tokens, g.logprobs, g.finish_reason, g.prompt_tokens)
 
 
-class Decoding:
-    """Continuous batching over an engine: checked requests are added (routed, then queued) at any time,
-    and each `step()` advances every row by one token and returns the answers that finished. One decoder
-    per bank formula (a forward pass evaluates one), each running up to the engine's batch size.
+class Session(Stepper):
+    """Continuous batching over an engine (the batcher's `Stepper`): checked requests are added (routed, then
+    queued) at any time, and each `step()` advances every row by one token and returns the answers that
+    finished. One `decoding.Decoder` per bank mode (a forward pass evaluates one), each running up to the
+    engine's batch size.
 
-        session = engine.decoding()
+        session = engine.session()
         session.add(requests, keys)              # on_token: per request, called as each token is decoded
         while session.busy:
             for key, answer in session.step(): ...
@@ -307,7 +429,7 @@ class Decoding:
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self.decoders: dict[str, object] = {}  # formula -> decoding.Decoder
+        self.decoders: dict[str, Decoder] = {}  # bank mode -> its decoder
 
     @property
     def running(self) -> int:
@@ -333,25 +455,22 @@ class Decoding:
 
         engine = self.engine
         routes = engine.routes(requests)
-        ids = engine.base.tokenizer([r.input for r in requests], truncation=True, max_length=engine.max_input_tokens)[
-            "input_ids"
-        ]
-        for i in sorted(range(len(requests)), key=lambda i: -len(ids[i])):
+        for i in sorted(range(len(requests)), key=lambda i: -len(requests[i].ids)):
             request, route = requests[i], routes[i]
-            decoder = self.decoders.get(route.formula)
+            decoder = self.decoders.get(route.mode)
             if decoder is None:
-                decoder = self.decoders[route.formula] = Decoder(
-                    engine.base, bank=engine.bank, formula=route.formula, max_batch=engine.batch_size
+                decoder = self.decoders[route.mode] = Decoder(
+                    engine.base, bank=engine.bank, mode=route.mode, max_batch=engine.batch_size
                 )
             callback = on_token[i] if on_token else None
             if callback is not None:
                 callback = _answering(callback, request, route)
             decoder.add(
                 (keys[i], request, route),
-                ids[i],
+                request.ids,
                 max_new_tokens=request.max_new_tokens,
                 stop=list(request.stop),
-                weights=weight_matrix([route], engine.bank.n)[0],
+                weights=route.row,
                 on_token=callback,
                 cancelled=cancelled[i] if cancelled else None,
             )

@@ -24,10 +24,13 @@ import asyncio
 import errno
 import hmac
 import json
+import logging
+import re
 import socket
 import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -36,13 +39,30 @@ from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationErro
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import InputError
+from ..settings import SERVE
 from . import apis
 from .batcher import Batcher, QueueFull, ShuttingDown
-from .engine import InputTooLong, Request
+from .engine import Answer, FieldError, InputTooLong, Request, ServingEngine
 
-LIMITS = {"max_batch": 32, "window": 0.01, "max_queue": 256, "max_input_chars": 16_000, "max_prompts": 64}
 TGI_ROUTES = ("/", "/generate", "/generate_stream")
 OPEN_ROUTES = ("/health",)  # answered without the API key
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server takes in (defaults: settings.SERVE)."""
+
+    max_batch: int = SERVE["batch_size"]  # rows decoded together
+    window: float = SERVE["batch_window_ms"] / 1000  # seconds an idle server waits for a batch to fill
+    max_queue: int = SERVE["max_queue"]  # waiting requests; beyond it, 503
+    max_input_chars: int = SERVE["max_input_chars"]
+    max_prompts: int = SERVE["max_prompts"]  # prompts in one OpenAI completion
+
+    @property
+    def max_body(self) -> int:
+        """Room for max_prompts inputs of max_input_chars UTF-8 characters (up to 4 bytes each) and the JSON
+        around them."""
+        return 4 * self.max_input_chars * self.max_prompts + 65_536
 
 
 class GenerateBody(BaseModel):
@@ -63,7 +83,7 @@ def _load_json(body: bytes):
     (valid JSON escapes, but no text: the tokenizer and the answer's UTF-8 would fail on it)."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except ValueError as error:  # malformed, not UTF-8, or an integer of more than Python's 4300 digits
         raise HttpError(400, f"the body is not valid JSON ({error}).") from None
     except RecursionError:
         raise HttpError(400, "the body's JSON is nested too deeply.") from None
@@ -101,7 +121,8 @@ def _error(status: int, message: str, kind: str, headers: dict | None = None, pa
 
 class _Gate:
     """Pure ASGI middleware (no per-request task or body copy, unlike @app.middleware): the API key and the
-    body size, checked before any handler runs."""
+    body size, checked before any handler runs. A body sent without Content-Length (chunked) is counted as
+    it arrives: the read that passes the limit fails with a 413, so no more than the limit is ever held."""
 
     def __init__(self, app, *, api_key: str | None, max_body: int):
         self.app, self.max_body = app, max_body
@@ -135,157 +156,77 @@ class _Gate:
             )
         if refusal is not None:
             return await refusal(scope, receive, send)
-        return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise HttpError(
+                    413,
+                    f"the request body is more than the limit of {self.max_body} bytes.",
+                    headers={"Connection": "close"},  # the rest of the body is never read
+                )
+            return message
+
+        return await self.app(scope, counted, send)
 
 
-def create_app(
-    engine,
-    *,
-    max_batch: int = LIMITS["max_batch"],
-    window: float = LIMITS["window"],
-    max_queue: int = LIMITS["max_queue"],
-    max_input_chars: int = LIMITS["max_input_chars"],
-    max_prompts: int = LIMITS["max_prompts"],
-    api_key: str | None = None,
-) -> FastAPI:
-    """An app serving `engine` (anything with check(Request), run(list[Request]) and info(); `bank.names` and
-    `base.tokenizer` for the adapter-naming and token-level APIs)."""
-    # Continuous batching when the engine offers it (a step loop, `engine.decoding`), else static batches of `run`.
-    continuous = getattr(engine, "batching", "static") == "continuous"
-    batcher = Batcher(
-        None if continuous else engine.run,
-        session=engine.decoding if continuous else None,
-        max_batch=max_batch,
-        window=window,
-        max_queue=max_queue,
-        size=lambda r: len(r.input),
-    )
-    # Room for max_prompts inputs of max_input_chars UTF-8 characters (up to 4 bytes each) and the JSON around them.
-    max_body = 4 * max_input_chars * max_prompts + 65_536
-    started = int(time.time())
+# --- the service the routes share ------------------------------------------------------------------
+
+
+class Service:
+    """The engine behind its batcher, and what every route does with them: check requests (4xx, nothing queued),
+    queue them (503 when full), wait for their answers."""
+
+    def __init__(self, engine: ServingEngine, limits: Limits, api_key: str | None):
+        self.engine, self.limits, self.auth = engine, limits, api_key is not None
+        # Continuous batching steps the engine's sessions; static batching gives `run` whole batches.
+        continuous = engine.batching == "continuous"
+        self.batcher = Batcher(
+            None if continuous else engine.run,
+            session=engine.session if continuous else None,
+            max_batch=limits.max_batch,
+            window=limits.window,
+            max_queue=limits.max_queue,
+            size=lambda r: len(r.input),
+        )
+        self.started = int(time.time())
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        batcher.start()
+    async def lifespan(self, app: FastAPI):
+        self.batcher.start()
         yield
         # After an abandon (shutdown deadline) the worker may still hold a batch: do not wait for it.
-        await asyncio.to_thread(batcher.close, None if batcher.accepting else 1.0)
+        await asyncio.to_thread(self.batcher.close, None if self.batcher.accepting else 1.0)
 
-    app = FastAPI(title="lorahub", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.batcher, app.state.engine = batcher, engine
-    app.add_middleware(_Gate, api_key=api_key, max_body=max_body)
-
-    @app.exception_handler(HttpError)
-    async def http_error(request: HttpRequest, error: HttpError):
-        return _error(error.status, error.message, error.kind, error.headers, request.url.path)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def routing_error(request: HttpRequest, error: StarletteHTTPException):
-        message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
-        return _error(
-            error.status_code,
-            message.get(error.status_code, str(error.detail)),
-            "invalid_request_error",
-            getattr(error, "headers", None),
-            request.url.path,
-        )
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: HttpRequest, error: Exception):
-        return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error", None, request.url.path)
-
-    def served() -> list[str]:
-        bank = getattr(engine, "bank", None)
-        return list(bank.names) if bank is not None else []
-
-    def default_model() -> str:
-        return engine.info().get("base_model", "lorahub")
-
-    def check(request: Request) -> Request:
-        if len(request.input) > max_input_chars:
-            raise HttpError(
-                413, f"the input is {len(request.input)} characters, more than the limit of {max_input_chars}."
-            )
+    def check(self, request: Request, fields: dict[str, str]) -> Request:
+        """The request checked by the engine; a 4xx naming each field as the route calls it (`fields`)."""
+        limit = self.limits.max_input_chars
+        if len(request.input) > limit:
+            raise HttpError(413, f"the input is {len(request.input)} characters, more than the limit of {limit}.")
         try:
-            return engine.check(request)
+            return self.engine.check(request)
         except InputTooLong as error:
             raise HttpError(413, str(error)) from None
+        except FieldError as error:
+            raise HttpError(400, f"{error.named(fields.get(error.field, error.field))} {error.hint}") from None
         except InputError as error:
             raise HttpError(400, str(error)) from None
 
-    async def answer(requests: list[Request]) -> list:
-        checked = [check(r) for r in requests]  # all or nothing: no request is queued if one is bad
+    def submit(self, request: Request, on_token=None) -> Future:
+        """Queue a checked request; a 503 when the queue is full or the server is shutting down."""
         try:
-            futures = [batcher.submit(r) for r in checked]
+            return self.batcher.submit(request, on_token=on_token)
         except (QueueFull, ShuttingDown) as error:
             raise HttpError(503, str(error), "overloaded", {"Retry-After": "1"}) from None
-        try:
-            return [await asyncio.wrap_future(f) for f in futures]
-        except ShuttingDown as error:
-            raise HttpError(503, str(error), "overloaded") from None
-        except Exception as error:  # noqa: BLE001 - a failed batch is the server's fault, not the client's
-            raise HttpError(500, f"generation failed: {error}", "server_error") from None
 
-    def translated(make):
-        try:
-            return make()
-        except apis.ApiError as error:
-            raise HttpError(error.status, error.message) from None
-
-    @app.get("/health")
-    async def health():
-        s = batcher.stats
-        return {
-            "status": "ok" if batcher.accepting else "draining",
-            "queued": batcher.queued,
-            "batches": s.batches,
-            "requests": s.requests,
-            "largest_batch": s.largest_batch,
-            "steps": s.steps,
-            "batching": "continuous" if batcher.continuous else "static",
-            "limits": {
-                "max_batch": max_batch,
-                "window": window,
-                "max_queue": max_queue,
-                "max_input_chars": max_input_chars,
-                "max_prompts": max_prompts,
-            },
-            "auth": api_key is not None,
-            "engine": engine.info(),
-        }
-
-    @app.post("/v1/generate")
-    async def generate(request: HttpRequest):
-        body = await _parse(request, GenerateBody)
-        (result,) = await answer([Request(body.input, body.k, body.compose, body.max_new_tokens)])
-        return result.to_json()
-
-    @app.post("/v1/completions")
-    async def completions(request: HttpRequest):
-        body = await _parse(request, apis.CompletionBody)
-        limit = engine.info().get("max_new_tokens", apis.OPENAI_MAX_TOKENS)
-        requests = translated(lambda: apis.completion_requests(body, set(served()), max_prompts, limit))
-        return apis.completion_answer(body, await answer(requests), default_model())
-
-    @app.get("/v1/models")
-    async def list_models():
-        return apis.models(default_model(), served(), started)
-
-    async def tgi(request: HttpRequest, stream: bool | None):
-        body = await _parse(request, apis.TgiBody)
-        wanted = translated(lambda: apis.tgi_request(body))
-        tokenizer = engine.base.tokenizer
-        if stream if stream is not None else body.stream:
-            return await tgi_stream(wanted, body.parameters, tokenizer)
-        (result,) = await answer([wanted])
-        reply = apis.tgi_answer(result, body.parameters, tokenizer)
-        return [reply] if request.url.path == "/" else reply
-
-    async def tgi_stream(wanted: Request, parameters, tokenizer) -> StreamingResponse:
-        """TGI's server-sent events, each token's sent as soon as the worker has decoded it (continuous
-        batching; static batches send them all when the batch ends). A failure after the first event is an
-        error event, as TGI sends it."""
-        checked = check(wanted)
+    def stream(self, checked: Request) -> tuple[asyncio.Queue, Future]:
+        """Queue a checked request whose tokens come into the returned queue as the worker decodes them:
+        (token, logprob, the Answer if this token ended it, else None) for each, then its settled future (with
+        continuous batching the last token comes first; a static batch settles with no token before).
+        Cancel the future to take the request out of the batch (a client that left)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -295,51 +236,190 @@ def create_app(
             except RuntimeError:  # the event loop has closed: nobody listens any more
                 pass
 
-        try:
-            future = batcher.submit(checked, on_token=lambda token, logprob, final: put((token, logprob, final)))
-        except (QueueFull, ShuttingDown) as error:
-            raise HttpError(503, str(error), "overloaded", {"Retry-After": "1"}) from None
+        future = self.submit(checked, on_token=lambda token, logprob, final: put((token, logprob, final)))
         future.add_done_callback(put)
+        return queue, future
 
-        async def events():
-            sent, ended = 0, False
-            try:
-                while True:
-                    item = await queue.get()
-                    if isinstance(item, Future):  # settled; with continuous batching its last token came first
-                        ended = True
-                        error = item.exception()
-                        if error is not None:
-                            kind = "overloaded" if isinstance(error, ShuttingDown) else "generation"
-                            yield f"data:{json.dumps({'error': str(error), 'error_type': kind})}\n\n"
-                        else:
-                            for event in apis.tgi_events(item.result(), parameters, tokenizer)[sent:]:
-                                yield event
-                        return
-                    token, logprob, final = item
-                    yield apis.tgi_event(sent, apis.tgi_token(token, logprob, tokenizer), final, parameters)
-                    sent += 1
-                    if final is not None:
-                        ended = True
-                        return
-            finally:
-                if not ended:  # the client disconnected: the row leaves the batch at the next step
-                    future.cancel()
+    async def answer(self, requests: list[Request], fields: dict[str, str]) -> list[Answer]:
+        checked = [self.check(r, fields) for r in requests]  # all or nothing: no request is queued if one is bad
+        futures = [self.submit(r) for r in checked]
+        try:
+            return [await asyncio.wrap_future(f) for f in futures]
+        except ShuttingDown as error:
+            raise HttpError(503, str(error), "overloaded") from None
+        except Exception as error:  # noqa: BLE001 - a failed batch is the server's fault, not the client's
+            raise HttpError(500, f"generation failed: {error}", "server_error") from None
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+    def health(self) -> dict:
+        s = self.batcher.stats
+        return {
+            "status": "ok" if self.batcher.accepting else "draining",
+            "queued": self.batcher.queued,
+            "batches": s.batches,
+            "requests": s.requests,
+            "largest_batch": s.largest_batch,
+            "steps": s.steps,
+            "batching": "continuous" if self.batcher.continuous else "static",
+            "limits": asdict(self.limits),
+            "auth": self.auth,
+            "engine": self.engine.info(),
+        }
 
-    @app.post("/generate")
-    async def tgi_generate(request: HttpRequest):
-        return await tgi(request, stream=False)
 
-    @app.post("/generate_stream")
-    async def tgi_generate_stream(request: HttpRequest):
-        return await tgi(request, stream=True)
+def _translated(make):
+    try:
+        return make()
+    except apis.ApiError as error:
+        raise HttpError(error.status, error.message) from None
 
-    @app.post("/")
-    async def tgi_compat(request: HttpRequest):
-        return await tgi(request, stream=None)
 
+# --- the routes ----------------------------------------------------------------------------------------
+
+
+def _service(request: HttpRequest) -> Service:
+    return request.app.state.service
+
+
+async def health(request: HttpRequest):
+    return _service(request).health()
+
+
+async def generate(request: HttpRequest):
+    body = await _parse(request, GenerateBody)
+    (result,) = await _service(request).answer([Request(body.input, body.k, body.compose, body.max_new_tokens)], {})
+    return result.to_json()
+
+
+async def completions(request: HttpRequest):
+    service = _service(request)
+    body = await _parse(request, apis.CompletionBody)
+    engine, limits = service.engine, service.limits
+    requests = _translated(
+        lambda: apis.completion_requests(body, set(engine.names), limits.max_prompts, engine.max_new_tokens)
+    )
+    return apis.completion_answer(body, await service.answer(requests, apis.OPENAI_FIELDS), engine.base_model)
+
+
+async def list_models(request: HttpRequest):
+    service = _service(request)
+    return apis.models(service.engine.base_model, service.engine.names, service.started)
+
+
+async def tgi_generate(request: HttpRequest):
+    return await _tgi(request, stream=False)
+
+
+async def tgi_generate_stream(request: HttpRequest):
+    return await _tgi(request, stream=True)
+
+
+async def tgi_compat(request: HttpRequest):
+    return await _tgi(request, stream=None)
+
+
+async def _tgi(request: HttpRequest, stream: bool | None):
+    """TGI's routes: `stream` None follows the body's "stream" (POST /, as TGI's and LoRAX's clients send it)."""
+    service = _service(request)
+    body = await _parse(request, apis.TgiBody)
+    wanted = _translated(lambda: apis.tgi_request(body))
+    tokenizer = service.engine.tokenizer
+    if stream if stream is not None else body.stream:
+        return _tgi_stream(service, service.check(wanted, apis.TGI_FIELDS), body.parameters, tokenizer)
+    (result,) = await service.answer([wanted], apis.TGI_FIELDS)
+    reply = apis.tgi_answer(result, body.parameters, tokenizer)
+    return [reply] if request.url.path == "/" else reply
+
+
+def _tgi_stream(service: Service, checked: Request, parameters, tokenizer) -> StreamingResponse:
+    """TGI's server-sent events, each token's sent as soon as the worker has decoded it (continuous batching;
+    static batches send them all when the batch ends). A failure after the first event is an error event, as
+    TGI sends it."""
+    queue, future = service.stream(checked)
+
+    async def events():
+        sent, ended = 0, False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, Future):  # settled; with continuous batching its last token came first
+                    ended = True
+                    error = item.exception()
+                    if error is not None:
+                        kind = "overloaded" if isinstance(error, ShuttingDown) else "generation"
+                        yield f"data:{json.dumps({'error': str(error), 'error_type': kind})}\n\n"
+                    else:
+                        for event in apis.tgi_events(item.result(), parameters, tokenizer)[sent:]:
+                            yield event
+                    return
+                token, logprob, final = item
+                yield apis.tgi_event(sent, apis.tgi_token(token, logprob, tokenizer), final, parameters)
+                sent += 1
+                if final is not None:
+                    ended = True
+                    return
+        finally:
+            if not ended:  # the client disconnected: the row leaves the batch at the next step
+                future.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+ROUTES = [
+    ("GET", "/health", health),
+    ("POST", "/v1/generate", generate),
+    ("POST", "/v1/completions", completions),
+    ("GET", "/v1/models", list_models),
+    ("POST", "/generate", tgi_generate),
+    ("POST", "/generate_stream", tgi_generate_stream),
+    ("POST", "/", tgi_compat),
+]
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+
+
+async def http_error(request: HttpRequest, error: HttpError):
+    return _error(error.status, error.message, error.kind, error.headers, request.url.path)
+
+
+async def routing_error(request: HttpRequest, error: StarletteHTTPException):
+    message = {404: f"no route {request.url.path}.", 405: f"{request.method} is not allowed on {request.url.path}."}
+    return _error(
+        error.status_code,
+        message.get(error.status_code, str(error.detail)),
+        "invalid_request_error",
+        getattr(error, "headers", None),
+        request.url.path,
+    )
+
+
+async def unexpected(request: HttpRequest, error: Exception):
+    return _error(500, f"internal error: {type(error).__name__}: {error}", "server_error", None, request.url.path)
+
+
+# --- the app ---------------------------------------------------------------------------------------------
+
+
+def create_app(
+    engine: ServingEngine,
+    *,
+    max_batch: int = Limits.max_batch,
+    window: float = Limits.window,
+    max_queue: int = Limits.max_queue,
+    max_input_chars: int = Limits.max_input_chars,
+    max_prompts: int = Limits.max_prompts,
+    api_key: str | None = None,
+) -> FastAPI:
+    """An app serving `engine`: the routes above over one `Service`, the gate (API key, body size) in front."""
+    service = Service(engine, Limits(max_batch, window, max_queue, max_input_chars, max_prompts), api_key)
+    app = FastAPI(title="lorahub", lifespan=service.lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.service, app.state.batcher, app.state.engine = service, service.batcher, engine
+    app.add_middleware(_Gate, api_key=api_key, max_body=service.limits.max_body)
+    app.add_exception_handler(HttpError, http_error)
+    app.add_exception_handler(StarletteHTTPException, routing_error)
+    app.add_exception_handler(Exception, unexpected)
+    for method, path, handler in ROUTES:
+        app.add_api_route(path, handler, methods=[method])
     return app
 
 
@@ -377,8 +457,40 @@ def check_port(host: str, port: int) -> None:
             ) from None
 
 
+# A query parameter whose name says it holds a credential, and a Bearer token: what no log line shows.
+_CREDENTIAL = re.compile(
+    r"(?i)(?<=[?&;'\"])"
+    r"([\w.-]*(?:key|token|secret|passw(?:or)?d|pwd|auth|credential|signature|session|cookie)[\w.-]*)=[^&;#\s'\"]*"
+)
+_BEARER = re.compile(r"(?i)\b(bearer)\s+[^\s'\",;]+")
+
+
+def redact(text: str) -> str:
+    return _BEARER.sub(r"\1 <redacted>", _CREDENTIAL.sub(r"\1=<redacted>", text))
+
+
+class RedactCredentials(logging.Filter):
+    """On uvicorn's log handlers: a key a client put in the URL (`?api_key=...`) is `<redacted>` in the access
+    log, and no Bearer token shows, whatever the level (at trace uvicorn logs every request's scope)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, version, status = record.args  # what uvicorn's AccessFormatter unpacks
+            record.args = (client, method, redact(path), version, status)
+        else:
+            message = record.getMessage()
+            if redact(message) != message:
+                record.msg, record.args = redact(message), ()
+        return True
+
+
 def make_server(
-    app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 60.0, log_level: str = "info"
+    app: FastAPI,
+    *,
+    host: str = SERVE["host"],
+    port: int = SERVE["port"],
+    shutdown_timeout: float = SERVE["shutdown_timeout"],
+    log_level: str = "info",
 ):
     """A uvicorn server whose shutdown keeps the promise: on SIGINT/SIGTERM no new request is accepted, open
     ones get `shutdown_timeout` seconds to finish, and those still open then are answered 503 (not dropped)."""
@@ -387,9 +499,11 @@ def make_server(
     import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    logging = copy.deepcopy(LOGGING_CONFIG)
-    for handler in logging["handlers"].values():
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["filters"] = {"redact": {"()": RedactCredentials}}
+    for handler in log_config["handlers"].values():
         handler["stream"] = "ext://sys.stderr"  # stdout is for data
+        handler["filters"] = ["redact"]
     batcher = app.state.batcher
 
     class Server(uvicorn.Server):
@@ -406,7 +520,7 @@ def make_server(
         app,
         host=host,
         port=port,
-        log_config=logging,
+        log_config=log_config,
         log_level=log_level,
         timeout_graceful_shutdown=shutdown_timeout + _ANSWER_GRACE,
     )
@@ -416,6 +530,12 @@ def make_server(
 _ANSWER_GRACE = 2.0  # seconds between the shutdown deadline's 503s and uvicorn cancelling the connections
 
 
-def run(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, shutdown_timeout: float = 60.0) -> None:
+def run(
+    app: FastAPI,
+    *,
+    host: str = SERVE["host"],
+    port: int = SERVE["port"],
+    shutdown_timeout: float = SERVE["shutdown_timeout"],
+) -> None:
     """Serve until SIGINT/SIGTERM."""
     make_server(app, host=host, port=port, shutdown_timeout=shutdown_timeout).run()
