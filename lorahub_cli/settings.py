@@ -26,7 +26,9 @@ COMPOSE = {
     "modules": "auto",  # auto (retrieval) | random (LoraHub)
     "formula": "elementwise",
     "num_modules": 20,  # LoraHub's N
-    "optimizer": "ngopt",  # LoraHub's choice, and the best quality per second measured (docs/benchmarks.md)
+    # the curvature at w = 0, a line, then COBYLA in a 4-dimensional subspace until converged (search.py);
+    # "ngopt" is LoraHub's own choice, kept by name (docs/compose.md, docs/benchmarks.md)
+    "optimizer": "subspace",
     "budget": 40,  # loss evaluations per search (LoraHub: 40)
     "l1": 0.05,  # LoraHub's penalty on mean |w|
     "seed": 42,

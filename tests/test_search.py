@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lorahub_cli.compose.recipe import STOPS
-from lorahub_cli.compose.search import BOUNDS, OPTIMIZERS, SearchConfig, search
+from lorahub_cli.compose.search import BOUNDS, OPTIMIZERS, RHO_END, SearchConfig, search
 from lorahub_cli.errors import InputError
 
 TARGET = torch.tensor([0.8, -0.5, 0.3, 0.0, -1.2])
@@ -137,7 +137,8 @@ def test_subspace_starts_from_the_curvature_and_converges_before_its_budget():
     np.testing.assert_allclose(start["weights"], (TARGET / TARGET.abs().max() * 1.5).tolist(), atol=1e-6)
     assert [p["phase"] for p in result.phases] == ["curvature", "line", "subspace"]
     assert sum(p["evaluations"] for p in result.phases) == result.evaluations
-    assert result.objective < 1e-2 * float((TARGET**2).sum())
+    # Converged: COBYLA's last trust radius is RHO_END per direction, so the answer is within a few of them.
+    assert float(np.linalg.norm(np.array(result.weights) - TARGET.numpy())) < 2 * RHO_END
     again = search(quadratic([]), 5, SearchConfig(optimizer="subspace", budget=40, l1=0.0))
     assert again.weights == result.weights and strip_seconds(again.curve) == strip_seconds(result.curve)
 

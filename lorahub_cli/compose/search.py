@@ -44,7 +44,7 @@ OPTIMIZERS = {
         Optimizer(
             "subspace",
             "the curvature at w = 0 from one backward pass, a line along its most negative direction, then COBYLA "
-            "in the span of its 5 most negative directions until converged",
+            "in the span of its 4 most negative directions until converged",
             None,
             False,
         ),
@@ -283,9 +283,7 @@ FIRST_STEP = 0.25  # the most L-BFGS-B's first step moves one weight (COBYLA's f
 PATIENCE = 10  # evaluations without a better objective before L-BFGS-B or the subspace search stops
 
 
-def _lbfgs(
-    loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tracker, budget: int, patience: int = PATIENCE
-) -> tuple[str, str]:
+def _lbfgs(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tracker, budget: int) -> tuple[str, str]:
     """scipy's L-BFGS-B over the box on loss + l1 * mean sqrt(w^2 + SMOOTH^2), with the loss's exact gradient
     (one backward pass through the bank); every call is one evaluation of the budget. The tracker scores
     candidates with the true |w|.
@@ -299,7 +297,7 @@ def _lbfgs(
     def evaluate(x: np.ndarray) -> tuple[float, np.ndarray] | None:
         if len(tracker.curve) >= budget:
             raise _Stop("budget")
-        if tracker.since_best() >= patience:
+        if tracker.since_best() >= PATIENCE:
             raise _Stop("stalled")
         value, grad = _value_and_grad(loss, torch.tensor(x, dtype=torch.float32))
         tracker.record(torch.tensor(x[None]), torch.tensor([value]))
@@ -344,11 +342,9 @@ def _lbfgs(
 
 # --- the default: subspace search -------------------------------------------------------------------
 
-DIRECTIONS = 5  # how many directions of most negative curvature the subspace search spans
+DIRECTIONS = 4  # how many directions of most negative curvature the subspace search spans
 LINE_TRIES = 3  # halvings of the line step, from the box's edge, before the line gives up
-RHO_BEGIN, RHO_END = 0.5, 0.1  # COBYLA's first and last trust radius in the subspace (unit directions)
-POLISH = 0  # L-BFGS-B evaluations (with gradients) after the subspace search
-POLISH_PATIENCE = 2
+RHO_BEGIN, RHO_END = 0.5, 0.25  # COBYLA's first and last trust radius in the subspace (unit directions)
 FINISH_RHO = 0.1  # the trust radius the fp32 finish restarts COBYLA with
 FINISH_STEPS = 4  # fp32 COBYLA evaluations of the finish after a search in another precision
 
@@ -461,11 +457,6 @@ def _subspace(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Tr
         stop = "converged"
     except _Stop as stopped:
         stop = stopped.reason
-    if POLISH and stop != "budget" and len(tracker.curve) < budget:
-        tracker.phase("polish")
-        tracker.best_at = len(tracker.curve)  # its patience counts from here
-        best = np.asarray(tracker.current()[2], dtype=float)
-        _, stop = _lbfgs(loss, n, best, config, tracker, min(budget, len(tracker.curve) + POLISH), POLISH_PATIENCE)
     return "curvature + COBYLA", stop
 
 
