@@ -450,3 +450,28 @@ def test_the_search_holds_the_modules_once(t5_home, monkeypatch):
     options = ComposeOptions(num_modules=3, model_path=str(base_dir), device="cpu", search=SearchConfig(budget=6))
     composition = pipeline.compose_task(Store(home), read_examples(SHOTS), {"path": str(SHOTS)}, options)
     assert checked and composition.recipe.search["evaluations"] <= 6
+
+
+def test_one_bank_is_injected_per_compose_at_both_levels(cli, t5_home, tmp_path, monkeypatch):
+    """Issue 17 item 9: the session injects its bank once, for the search, the answer's fp32 loss and the base
+    model's loss, at task level and for every shot (and the warm start) at instance level."""
+    from lorahub_cli.compose import pipeline
+
+    injected = []
+
+    class Counting(pipeline.LoraBank):
+        def __init__(self, *args, **kwargs):
+            injected.append(len(args[1]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "LoraBank", Counting)
+    task = cli("compose", "--shots", SHOTS, "--out", tmp_path / "task", "-n", "3", "--budget", "8")
+    assert task.code == 0, task.stderr
+    assert injected == [3]
+    injected.clear()
+    instance = cli(
+        "compose", "--shots", SHOTS, "--level", "instance", "-n", "2", "--budget", "3", "--warm-start",
+        "--out", tmp_path / "instance",
+    )  # fmt: skip
+    assert instance.code == 0, instance.stderr
+    assert len(injected) == 1, injected
