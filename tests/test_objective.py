@@ -100,3 +100,11 @@ def test_hessian_terms_by_hand():
     u = torch.tensor([[[5.0], [7.0]]])
     expected = 0.5 * torch.tensor([[2 * 10.0, 15 + 14], [14 + 15, 2 * 21.0]], dtype=torch.float64)
     torch.testing.assert_close(hessian_terms(z, u, 0.5), expected)
+
+
+def test_the_base_loss_is_the_curvatures_loss(problem):
+    base, bank, batch = problem
+    forward = FewShotLoss(base, bank, batch, mode="elementwise").base_loss()  # one forward pass, no bank weights
+    loss = FewShotLoss(base, bank, batch, mode="elementwise", grad_rows=1)
+    assert loss.curvature().loss == pytest.approx(forward, rel=1e-6) and loss.base_loss() == loss.curvature().loss
+    assert forward == pytest.approx(float(loss(torch.zeros(1, N))[0]), rel=1e-6), "w = 0 is the base model"

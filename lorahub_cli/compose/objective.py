@@ -86,7 +86,10 @@ class FewShotLoss:
         return torch.cat(losses)
 
     def base_loss(self) -> float:
-        """The loss of the base model alone: without weights the bank's layers pass their input through."""
+        """The loss of the base model alone: without weights the bank's layers pass their input through. The
+        curvature's pass, when it ran, was that forward pass already (same value, another order of summation)."""
+        if self._curvature is not None:
+            return self._curvature.loss
         with torch.no_grad():
             return float(mean_token_loss(token_losses(self.base, self.shots), self.shots.n_tokens, 1)[0])
 
