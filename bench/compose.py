@@ -1,7 +1,7 @@
 """Side by side: `lorahub compose` against the reference LoraHub (PyPI lorahub 0.1.0), over several fixtures.
 
-    python bench/compose.py --shape base --fixture-seeds 0,1,2,3,4 [--budget 40] [--configs default,fp32,ngopt]
-    python bench/compose.py --shape large --fixture-seeds 0,1
+    python bench/compose.py --shape base --fixture-seeds 0,1,2,3,4 [--budget 40] [--configs default,ngopt] --threads 1
+    python bench/compose.py --shape large --fixture-seeds 0,1 --threads 1
 
 For every fixture seed (a different random model, 20 adapters and BBH task: bench/fixtures.py), the reference
 runs first (bench/reference.py, its own venv, its own process), then each of our configurations, each in a
@@ -11,7 +11,8 @@ fixtures.true_objective (the weights applied to the adapters on disk, fp32, mean
 The time to the reference's true objective re-scores our best-so-far weights the same way, at each
 improvement, until one reaches it; to that moment is added what our run spent after its search (fp32
 re-scoring, export), so it is the time a run stopped there would have taken. The load average is recorded
-before and after every run: the machine may be shared. Results: one JSON per run under
+before and after every run: the machine may be shared, so both clocks are kept, wall and the process's CPU
+seconds (which other load does not inflate). Results: one JSON per run under
 bench/.cache/results/, and a summary (median and worst ratios) printed and written to --out.
 """
 
@@ -213,7 +214,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument(
         "--configs",
-        default="lbfgs,lbfgs-fp32,ngopt",
+        default="default,ngopt",
         help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only; NAME+CONST=VALUE runs NAME with "
         "a constant of lorahub_cli.compose.search set (a lever measured)",
     )
