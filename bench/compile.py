@@ -9,8 +9,8 @@ One evaluation is what a search does per candidate: the 5 shots (BBH-sized input
 the model with the bank composing one weight vector, a new vector every call (shapes fixed, values changing).
 Reported per dtype: eager seconds per evaluation (median), the compiled model's first call (compile time),
 its seconds per evaluation afterwards, and after how many evaluations the compile time is paid back. The JSON goes to
-stderr and --out, and one verdict line to stdout: does the compile time pay within --evaluations (default 20, the
-most a default search ran in docs/benchmarks.md; the budget, 40, is its cap)?
+stderr and --out, and one verdict line to stdout: does the compile time pay within --evaluations (default 20, above
+the 8-16 a default search ran in docs/benchmarks.md; the budget, 40, is its cap)?
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main() -> None:
         "--evaluations",
         type=int,
         default=20,
-        help="evaluations a default search runs (it stops when converged: 7-20 measured, budget 40 the cap)",
+        help="evaluations a default search runs (it stops when converged: 8-16 measured, budget 40 the cap)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / ".cache" / "results" / "compile.json")
     args = parser.parse_args()
