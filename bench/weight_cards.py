@@ -10,8 +10,10 @@ size: synthetic PEFT folders (random factors; neither size nor time depends on t
   llama-7b  q_proj, v_proj of 32 blocks, 4096 x 4096 (64 modules)
 Build time is `write_weight_card(folder)` end to end: read the adapter, hash it, QR + small SVD per module, write.
 
-rank: an index of N random cards of the demo shape; the query is the demo base's layer inputs on a held-out
-task's 5 shots (real token counts); every scorer timed after the forward pass (median of --repeats).
+rank: an index of N random cards of the library's shape (its modules, widths and rank); the query is the demo
+base's layer inputs on a held-out task's 5 shots (real token counts); retrieval's ranking (two stages) and the
+default scorer over every card, timed after the forward pass (median of --repeats), and how much of the
+one-stage top-k the two stages keep.
 
 peft: on every module of the demo library, |cos| between PEFT's Arrow prototype (its own function, rng_seed 0)
 and the exact top right singular vector, with the gap S_2 / S_1.
@@ -33,6 +35,7 @@ from lorahub_cli.demo import library
 from lorahub_cli.eval.tasks import split
 from lorahub_cli.io import sha256_file
 from lorahub_cli.models import load_base_model
+from lorahub_cli.settings import WEIGHTS
 from lorahub_cli.spectral import scores
 from lorahub_cli.spectral.card import WEIGHT_CARD, write_weight_card
 from lorahub_cli.spectral.svd import lora_svd
@@ -108,42 +111,72 @@ def demo_query(root: Path):
     task = library.heldout_tasks(root)[0]["name"]
     examples = library.heldout_examples(task, root)
     shots = [examples[i] for i in split(examples, 1, 5)[0]]
-    modules = [path for path, _, _ in SHAPES["demo"]]
+    modules = sorted(load_adapter(next(iter(sorted((root / library.ADAPTERS_DIR).iterdir())))).modules)
     start = time.perf_counter()
     inputs = scores.capture_layer_inputs(base, shots, modules).merged()
-    return inputs, time.perf_counter() - start
+    return inputs, time.perf_counter() - start, base
 
 
 def rank(args) -> None:
-    n, r, modules = args.cards, 4, [path for path, _, _ in SHAPES["demo"]]
+    """The ranking retrieval runs (spectral/library.WeightScorer.rank) on N random cards of the demo shape, after
+    the forward pass: the default two stages (the Arrow-centroid shortlist over every card, then the default
+    scorer on the shortlist and a sample), beside the default scorer over every card (phase A's one stage)."""
+    from lorahub_cli.spectral.library import References, WeightLibrary, WeightScorer
+
+    shape = load_adapter(next(iter(sorted((args.library / library.ADAPTERS_DIR).iterdir()))))  # the library's
+    # an index keeps a card's leading directions only (settings.WEIGHTS card_directions), not the adapter's rank
+    n, r, modules = args.cards, min(shape.r, WEIGHTS["card_directions"]), sorted(shape.modules)
+    width = {m: shape.modules[m][0].shape[1] for m in modules}
     generator = torch.Generator().manual_seed(0)
+    # rows diag(S) V^T with S falling 1, 1/2, 1/3, ... (random directions: nearly orthogonal at these widths)
+    fall = 1 / torch.arange(1, r + 1, dtype=torch.float32)
+    spectra = {
+        m: (scores.unit(torch.randn(n, r, width[m], generator=generator)) * fall[:, None]).reshape(n * r, -1)
+        for m in modules
+    }
     index = scores.WeightIndex(
         ids=[f"bench/{i:05d}" for i in range(n)],
         modules=modules,
         rank=r,
-        prototypes={m: scores.unit(torch.randn(n, 128, generator=generator)) for m in modules},
-        spectra={m: torch.randn(n * r, 128, generator=generator) for m in modules},
+        prototypes={m: scores.unit(spectra[m].view(n, r, -1)[:, 0]) for m in modules},  # v_1, as a card's
+        spectra=spectra,
         present=torch.ones(n, len(modules), dtype=torch.bool),
     )
-    background = torch.rand(n, generator=generator) + 0.5
-    inputs, forward = demo_query(args.library)
+    inputs, forward, base = demo_query(args.library)
+    references = References(WeightLibrary(index, "bench", []), base, None, 0, 256)
+    start = time.perf_counter()
+    for scorer in (scores.DEFAULT_SCORER, scores.SHORTLIST_SCORER):
+        references.reference(scorer, True)  # once per registry state and base model; cached on disk by lorahub
+    setup = time.perf_counter() - start
+    two_stage = WeightScorer(references.library, base, references)
+    one_stage = WeightScorer(references.library, base, references, shortlist=n)
+    two_stage.first()  # the bfloat16 copy of the prototypes: made once per index
     tokens = {m: int(x.shape[0]) for m, x in inputs.x.items()}
-    print(f"load {os.getloadavg()}, torch threads {torch.get_num_threads()}, {n} cards (demo shape, r = {r})")
+    print(f"load {os.getloadavg()}, torch threads {torch.get_num_threads()}, {n} cards (library shape, {r} directions)")
     low, high = min(tokens.values()), max(tokens.values())
     print(f"query: 5 shots; tokens per module {low}-{high}; forward pass {1000 * forward:.0f} ms")
-    print("| scorer | ranking time (median) | stacked matrix |")
-    print("| --- | --- | --- |")
-    for method in scores.METHODS:
-        for pool, directions in (("tokens", None), ("rms", None), ("rms", 16), ("rms", 4), ("centroid", None)):
-            scorer = scores.Scorer(method, pool, directions)
-            samples = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                torch.topk(scores.score(index, inputs, scorer, background), 20, dim=1)
-                samples.append(time.perf_counter() - start)
-            stacked = index.prototypes if method == "arrow" else index.spectra
-            megabytes = sum(t.numel() for t in stacked.values()) * 4 / 1e6
-            print(f"| {scorer.name} | {1000 * statistics.median(samples):.1f} ms | {megabytes:.0f} MB |")
+    print(f"background and reference scores (once per registry state, cached): {setup:.1f} s")
+    rankers = {
+        "two stages, weight cards only (retrieve on a registry without data cards)": (two_stage, False),
+        "two stages with the library's spread (a registry that also has data cards)": (two_stage, True),
+        "one stage (default scorer on every card)": (one_stage, True),
+    }
+    samples = {name: [] for name in rankers}
+    found = {}
+    for _ in range(args.repeats):  # side by side in each repeat, so load affects all alike
+        for name, (ranker, spread) in rankers.items():
+            start = time.perf_counter()
+            values = ranker.rank(inputs, True, spread).values
+            found[name] = torch.topk(values, 20, dim=1).indices[0]
+            samples[name].append(time.perf_counter() - start)
+    print(f"| ranking | time after the forward pass (median of {args.repeats}) |")
+    print("| --- | --- |")
+    for name, seconds in samples.items():
+        print(f"| {name} | {1000 * statistics.median(seconds):.1f} ms |")
+    full, short = found["one stage (default scorer on every card)"], found[next(iter(rankers))]
+    for k in (1, 3, 20):
+        overlap = len(set(full[:k].tolist()) & set(short[:k].tolist()))
+        print(f"top-{k} of the one-stage ranking kept by the two stages: {overlap}/{k}")
 
 
 def peft(args) -> None:

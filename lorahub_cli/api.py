@@ -21,16 +21,24 @@ from pathlib import Path
 
 from .errors import InputError
 from .quiet import no_progress
-from .settings import CARD_MAX_EXAMPLES, DEFAULT_TOP_K, DEMO, SYNC_WORKERS, home
+from .settings import CARD_MAX_EXAMPLES, DEFAULT_TOP_K, DEMO, SYNC_WORKERS, WEIGHTS, home
 
 # --- registries ----------------------------------------------------------------------------------
 
 
+def _weight_card(folder: Path, adapter_id: str, weights_sha256: str) -> dict[str, str]:
+    """Every add's weight card (registry/store.py: `Store.weight_card`), imported only when an add runs."""
+    from .spectral.card import write_weight_card
+
+    return write_weight_card(folder, adapter_id, weights_sha256)
+
+
 def open_store(readonly: bool = False):
-    """The user's registry, in $LORAHUB_HOME; `readonly` for commands that only read (they work on a read-only home)."""
+    """The user's registry, in $LORAHUB_HOME; `readonly` for commands that only read (they work on a read-only home).
+    Every adapter added through it gets its weight card."""
     from .registry import Store
 
-    return Store(home(), readonly=readonly)
+    return Store(home(), readonly=readonly, weight_card=_weight_card)
 
 
 @contextmanager
@@ -40,10 +48,41 @@ def scratch_store(prefix: str, keep: Path | None = None) -> Iterator:
 
     folder = keep or Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        yield Store(folder)
+        yield Store(folder, weight_card=_weight_card)
     finally:
         if keep is None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def add(
+    source: str,
+    *,
+    revision: str | None = None,
+    name: str | None = None,
+    base_model: str | None = None,
+    force: bool = False,
+    replace: bool = False,
+    card=None,
+    store=None,
+    progress_factory=None,
+    warn=None,
+):
+    """Add one adapter from the Hub or a folder, with its weight card and, given `card` (a cards.data.CardOptions),
+    its embedding card: all or nothing. Returns the registry.mirror.MirrorResult."""
+    from .registry.cards import prepare_card
+    from .registry.mirror import add_hub, add_local, is_local_source
+
+    store = store or open_store()
+    local = is_local_source(source)
+    if local and revision:
+        raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
+    card_job = None if card is None else prepare_card(card, progress_factory=progress_factory)
+    options = {"name": name, "base_model": base_model, "replace": replace, "card_job": card_job}
+    if warn is not None:
+        options["warn"] = warn
+    if local:
+        return add_local(store, Path(source), **options)
+    return add_hub(store, source, revision=revision, force=force, **options)
 
 
 def sync(
@@ -99,6 +138,47 @@ def sync(
     return results
 
 
+def verify_registry(prune: bool = False, store=None) -> dict:
+    """`registry verify`: every stored file re-hashed and the weights checked finite (registry/store.py), and
+    every weight card checked against its adapter's weights. Returns {"problems", "leftovers", "adapters",
+    "without_weight_card"}; a problem is {"id", "file", "problem"}."""
+    from .registry.store import SAFETENSORS_FILE, WEIGHT_CARD
+    from .spectral.library import card_problem
+
+    store = store or open_store(readonly=not prune)
+    problems, leftovers = store.verify(prune=prune)
+    hashed_wrong = {p["id"] for p in problems if p["file"] in (WEIGHT_CARD, SAFETENSORS_FILE)}
+    records, _ = store.trusted()
+    for record in records:
+        if record.has_weight_card and record.id not in hashed_wrong and (problem := card_problem(record)):
+            problems.append({"id": record.id, "file": WEIGHT_CARD, "problem": problem})
+    return {
+        "problems": problems,
+        "leftovers": leftovers,
+        "adapters": len(records),
+        "without_weight_card": [r.id for r in records if not r.has_weight_card],
+    }
+
+
+def rebuild_registry(progress_factory=None) -> dict:
+    """`registry rebuild`: the index re-created from the stored folders (registry/store.py), then every indexed
+    adapter's weight card made where it is missing, damaged, stale or of an older format (temp file, then
+    rename). Returns {"records", "old_index", "skipped", "weight_cards": {"built", "failed"}}."""
+    from .registry import Store
+    from .spectral.library import ensure_cards
+
+    records, kept, skipped = Store.for_rebuild(home()).rebuild()
+    store = open_store()
+    with (progress_factory or no_progress)("Checking weight cards", len(records)) as advance:
+        records, built, failed = ensure_cards(store, records, progress=advance)
+    return {
+        "records": records,
+        "old_index": kept,
+        "skipped": skipped,
+        "weight_cards": {"built": built, "failed": failed},
+    }
+
+
 # --- retrieve ------------------------------------------------------------------------------------
 
 
@@ -111,16 +191,21 @@ def retrieve(
     level: str = "task",
     base_model: str | None = None,
     embedder: str | None = None,
+    by: str = WEIGHTS["by"],
+    model_path: str | None = None,
+    device: str = "auto",
     store=None,
 ):
     """The registry's adapters ranked against `shots` (task level, or per shot with `level="instance"`, which
-    also routes `inputs` to their nearest shot), one `query` text, or each of `inputs` on its own; returns a
-    retrieval.Ranking (`to_json()` is what `retrieve --json` prints)."""
-    from . import retrieval
+    also routes `inputs` to their nearest shot), one `query` text, or each of `inputs` on its own, by their data
+    cards, their weight cards or both (`by`; weight cards are scored on the base model, loaded in float32 from
+    `model_path` or its name); returns a retrieval.Ranking (`to_json()` is what `retrieve --json` prints)."""
     from .compose.recipe import check_level
-    from .io import Example, read_examples
+    from .io import read_examples
+    from .retrieval import check_by
 
     check_level(level)
+    check_by(by)
     if (shots is not None) + (query is not None) + (inputs is not None and shots is None) != 1:
         raise InputError(
             "give --shots FILE, --query TEXT or --inputs FILE (with --shots only for --level instance).",
@@ -132,17 +217,29 @@ def retrieve(
         raise InputError(
             "--inputs with --shots routes inputs to shots, which needs --level instance.", "Add --level instance."
         )
-    index = retrieval.CardIndex.from_store(store or open_store(readonly=True), base_model)
-    model = index.embedder(embedder)
-    if shots is not None:
-        examples = read_examples(shots)
-        if level == "task":
-            return retrieval.task_level(index, model, examples, k)
-        routed = read_examples(inputs, require_target=False) if inputs else None
-        return retrieval.instance_level(index, model, examples, k, routed)
+    examples = read_examples(shots) if shots is not None else None  # a bad line fails before any model loads
+    routed = read_examples(inputs, require_target=False) if inputs is not None else None
+    retriever = retriever_of(store or open_store(readonly=True), by, base_model, embedder, model_path, device)
+    if examples is not None:
+        return retriever.task(examples, k) if level == "task" else retriever.instance(examples, k, routed)
     if query is not None:
-        return retrieval.Ranking("query", results=retrieval.per_input(index, model, [Example(query)], k).inputs[0])
-    return retrieval.per_input(index, model, read_examples(inputs, require_target=False), k)
+        return retriever.query(query, k)
+    return retriever.per_input(routed, k)
+
+
+def retriever_of(store, by: str, base_model=None, embedder=None, model_path=None, device="auto", base=None):
+    """The retrieval.Retriever of `store` (see `retrieve`); `base`: a loaded base model to score weight cards on
+    (its float32 copy is used) instead of loading one."""
+    from .retrieval import Retriever
+
+    def load(name: str):
+        if base is not None:
+            return base.fp32()
+        from .models import load_base_model
+
+        return load_base_model(model_path or name, dtype="float32", device=device)
+
+    return Retriever.from_store(store, by, base_model, embedder, load)
 
 
 # --- compose -------------------------------------------------------------------------------------
@@ -197,7 +294,8 @@ def compose(
 
 def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: float | None = None) -> dict:
     """What `compose` returns for the composition in `folder`: its modules with their weights, largest |w| first
-    (and their cosine to the shots, when retrieval chose them), the fp32 few-shot loss, and how the search ran
+    (and their score, when retrieval chose them: `by` says whose, data cards' cosines, weight scores or the
+    z-scores of both), the fp32 few-shot loss, and how the search ran
     (`search`: optimiser, engine, evaluations, budget, and why it stopped where the recipe records it)."""
     summary = {"out": str(folder)}
     if recipe.level == "instance":
@@ -205,6 +303,8 @@ def _summary(folder: Path, recipe, evaluations: int | None = None, seconds: floa
     else:
         summary.update(weights=recipe.weights, loss=recipe.loss, modules=_ranked(recipe.modules, recipe.selection))
         summary["search"] = _search(recipe.search)
+    if recipe.selection.get("method") == "auto":
+        summary["by"] = recipe.selection.get("by", "data")  # what the modules' scores are: data | weights | mixed
     if evaluations is not None:
         summary["evaluations"] = evaluations
     if seconds is not None:
@@ -383,7 +483,7 @@ def _evaluate(suite, methods, seeds, config, out, store, title, progress_factory
 
     if any(m in COMPOSING for m in methods):
         store = store or open_store()
-        _check_registry(store, config, methods)
+        _check_registry(store, config)
     execute = None
     if ray is not None:
         from .scale.eval import ray_executor
@@ -415,11 +515,9 @@ def _evaluate(suite, methods, seeds, config, out, store, title, progress_factory
     return write_report(out, title or f"{suite.name} evaluation", setup, cells, suite.notes, suite.tasks)
 
 
-def _check_registry(store, config, methods: list[str]) -> None:
-    """Fail before any model loads if the registry cannot serve the composing methods."""
-    from . import retrieval
-    from .eval.methods import RETRIEVING
-
+def _check_registry(store, config) -> None:
+    """Fail before any model loads if the registry cannot serve the composing methods (the retrieving ones rank
+    adapters without a data card by their weight cards, so every adapter can be ranked)."""
     candidates = store.list(config.base_model)
     if len(candidates) < config.num_modules:
         raise InputError(
@@ -427,8 +525,6 @@ def _check_registry(store, config, methods: list[str]) -> None:
             f"fewer than -n {config.num_modules}.",
             "Add adapters (lorahub registry sync --catalog ... --cards) or lower -n.",
         )
-    if any(m in RETRIEVING for m in methods):
-        retrieval.CardIndex.from_store(store, config.base_model)  # raises, naming the fix, when no card exists
 
 
 def evaluate_demo(
@@ -525,11 +621,13 @@ def build_engine(
     dtype: str = "auto",
     device: str = "auto",
     store=None,
+    by: str = WEIGHTS["by"],
     **limits,
 ):
     """The serve/engine.Engine that `generate` and `serve` share: per-input retrieval over the registry (`store`,
     default the user's), the router of an instance-level `composition` folder, or one `adapter` for every input
-    (a task-level composition, any PEFT LoRA folder, or a registry id). `limits`: the Engine's max_new_tokens,
+    (a task-level composition, any PEFT LoRA folder, or a registry id). `by`: what ranks the registry's adapters
+    (retrieval.Retriever). `limits`: the Engine's max_new_tokens,
     max_input_tokens, batch_size and batching."""
     from .generation import check_batching
     from .serve.engine import Engine
@@ -565,6 +663,7 @@ def build_engine(
         device=device,
         k=SERVE["k"] if k is None else k,
         compose=compose or SERVE["compose"],
+        by=by,
         **limits,
     )
 

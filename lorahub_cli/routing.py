@@ -3,9 +3,12 @@
 Two routers, each returning one `Route` per input (used by serving and by eval's instance method):
 
 - `RetrievalRouter` (LoraRetriever): every input retrieves its own top-k adapters by
-  per-input retrieval against the registry's cards, and composes them with w = 1/k:
+  per-input retrieval against the registry's cards (data cards, weight cards or both:
+  retrieval.Retriever), and composes them with w = 1/k:
   mixture = the bank's linear mode (the average of the k modules' outputs),
-  fusion = its elementwise mode (the average of A and of B), single = top-1 alone.
+  fusion = its elementwise mode (the average of A and of B), single = top-1 alone;
+  or routes every token of it among all the bank's adapters (arrow: Arrow's top-k softmax
+  over prototype alignment, per token and layer, the bank's arrow mode).
 - `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
   every input to its most similar shot, answered by that shot's composition alone.
 - `AdapterRouter` (`generate --adapter`): every input is answered by one adapter, a task-level
@@ -25,7 +28,7 @@ from .compose.bank import SparseRow
 from .errors import InputError
 
 # compose mode -> the bank mode its rows run under; single is a one-hot row of either.
-COMPOSE_MODES = {"mixture": "linear", "fusion": "elementwise", "single": "elementwise"}
+COMPOSE_MODES = {"mixture": "linear", "fusion": "elementwise", "single": "elementwise", "arrow": "arrow"}
 
 
 @dataclass(frozen=True)
@@ -46,26 +49,27 @@ def check_compose(compose: str) -> str:
     if compose not in COMPOSE_MODES:
         raise InputError(
             f"compose mode '{compose}' is not one of {', '.join(COMPOSE_MODES)}.",
-            "Use mixture (average of outputs), fusion (average of A and B) or single (top-1).",
+            "Use mixture (average of outputs), fusion (average of A and B), single (top-1) or arrow "
+            "(Arrow's per-token routing).",
         )
     return compose
 
 
 class RetrievalRouter:
-    """Per-input top-k retrieval over `index`; bank column i is `index.ids[i]`."""
+    """Per-input top-k retrieval with `retriever` (a retrieval.Retriever); bank column i is `retriever.ids[i]`.
+    `arrow`: the bank's Arrow routing is on (top-k and temperature), so compose arrow is served."""
 
     retrieves = True  # requests choose k and the compose mode
 
-    def __init__(self, index, embedder, *, elementwise_ok: bool):
-        self.index, self.embedder = index, embedder
-        self.names = list(index.ids)
+    def __init__(self, retriever, *, elementwise_ok: bool, arrow: tuple[int, float] | None = None):
+        self.retriever = retriever
+        self.names = list(retriever.ids)
         # One-hot rows are exact in either mode; elementwise is cheaper per token.
         self.single_mode = "elementwise" if elementwise_ok else "linear"
-        self.elementwise_ok = elementwise_ok
+        self.elementwise_ok, self.arrow = elementwise_ok, arrow
 
     def route(self, texts: list[str], ks: list[int], composes: list[str]) -> list[Route]:
         from .io import Example
-        from .retrieval import per_input
 
         for k, compose in zip(ks, composes):
             check_compose(compose)
@@ -76,18 +80,35 @@ class RetrievalRouter:
                     "fusion averages A and B, which needs adapters of one rank and one scaling.",
                     "Use --compose mixture.",
                 )
-        ranked = per_input(self.index, self.embedder, [Example(t) for t in texts], max(ks)).inputs
+            if compose == "arrow" and self.arrow is None:
+                raise InputError("this server does not route with Arrow.", "Start it with --compose arrow.")
+        retrieved = [i for i, compose in enumerate(composes) if compose != "arrow"]
+        ranked = dict(zip(retrieved, self._ranked([Example(texts[i]) for i in retrieved], ks, retrieved)))
         column = {name: i for i, name in enumerate(self.names)}
         routes = []
-        for k, compose, matches in zip(ks, composes, ranked):
-            chosen = matches[: 1 if compose == "single" else k]
+        for i, (k, compose) in enumerate(zip(ks, composes)):
+            if compose == "arrow":
+                top_k, temperature = self.arrow
+                every = tuple(range(len(self.names)))
+                info = {"compose": "arrow", "top_k": top_k, "temperature": temperature, "candidates": len(every)}
+                routes.append(Route(every, (1.0,) * len(every), "arrow", info))
+                continue
+            chosen = ranked[i][: 1 if compose == "single" else k]
             weights = tuple(1.0 / len(chosen) for _ in chosen)
             mode = self.single_mode if compose == "single" else COMPOSE_MODES[compose]
             adapters = [{"id": m.id, "weight": w, "score": m.score} for m, w in zip(chosen, weights)]
+            for entry, m in zip(adapters, chosen):
+                if m.card is not None:
+                    entry["card"] = m.card
             routes.append(
                 Route(tuple(column[m.id] for m in chosen), weights, mode, {"compose": compose, "adapters": adapters})
             )
         return routes
+
+    def _ranked(self, examples, ks: list[int], rows: list[int]):
+        if not examples:
+            return []
+        return self.retriever.per_input(examples, max(ks[i] for i in rows)).inputs
 
 
 class ShotRouter:

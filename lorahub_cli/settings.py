@@ -91,6 +91,20 @@ RETRIEVER = {
     "eval_queries": 20,  # per held-out adapter
     "seed": 42,
 }
+# Weight cards (spectral/, docs/weights.md): retrieval from the adapters' own weights, and Arrow routing.
+WEIGHTS = {
+    "by": "auto",  # what ranks an adapter: auto (its data card if it has one, else its weight card) | data | weights
+    "card_directions": 4,  # right singular directions a weight card keeps per module (the leading ones)
+    # how layer inputs score an adapter (spectral/scores.py: Scorer; chosen as docs/weights.md says)
+    "scorer": {"method": "spectr", "pool": "rms", "directions": 16, "shared": 1, "calibration": "layer"},
+    # the cheap first stage over every adapter of a large registry
+    "shortlist_scorer": {"method": "arrow", "pool": "centroid", "shared": 1, "calibration": "layer"},
+    "shortlist": 256,  # adapters re-ranked with `scorer` after the first stage (all of them when fewer)
+    "background_sequences": 256,  # random-token sequences the scores are calibrated against
+    "background_seed": 0,
+    "arrow_top_k": 3,  # PEFT's ArrowConfig defaults
+    "arrow_temperature": 1.0,
+}
 WALKTHROUGH = {"task": "sentiment", "k": 3}
 
 

@@ -102,7 +102,10 @@ def test_retrieve_outputs(cli, registry_with_examples):
             ["registry", "show", "nope"],
             "Error: adapter 'nope' is not in the registry. Add it with: lorahub registry add nope",
         ),
-        (["retrieve", "--query", "x"], "Error: no adapter in the registry has an embedding card."),
+        (
+            ["retrieve", "--query", "x"],
+            "Error: the registry has no adapters. Add some with: lorahub registry add SOURCE",
+        ),
         (["registry", "sync"], "Error: give exactly one of --catalog NAME or --author ORG."),
         (
             ["registry", "sync", "--catalog", "nope"],
@@ -110,7 +113,10 @@ def test_retrieve_outputs(cli, registry_with_examples):
         ),
         (["registry", "add", "/no/such/folder"], "Error: '/no/such/folder' has no adapter_config.json."),
         (["card", "build", "nope", "--data", "x.jsonl"], "Error: adapter 'nope' is not in the registry."),
-        (["retrieve", "--shots", "missing.jsonl"], "Error: no adapter in the registry has an embedding card."),
+        (
+            ["retrieve", "--shots", "missing.jsonl"],
+            "Error: file 'missing.jsonl' does not exist. Check the path.",
+        ),
         (["retrieve", "--level", "batch", "--query", "x"], "Error: --level must be 'task' or 'instance', not 'batch'."),
     ],
 )

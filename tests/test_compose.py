@@ -49,8 +49,9 @@ def test_task_level_compose_exports_a_peft_adapter(cli, t5_home, tmp_path):
     )
     assert result.code == 0, result.stderr
     summary = json.loads(result.stdout)
-    keys = {"out", "weights", "loss", "modules", "search", "evaluations", "seconds", "shots", "base_loss", "next"}
+    keys = {"out", "weights", "loss", "modules", "search", "evaluations", "seconds", "shots", "base_loss", "next", "by"}
     assert set(summary) == keys and summary["evaluations"] == 6
+    assert summary["by"] == "data", "every adapter has a data card, so auto ranks by data cards alone"
     assert list(summary["weights"])[0] == "capitals", "auto selection ranks the shots' own task first"
     recipe = json.loads((out / "lorahub_recipe.json").read_text())
     assert recipe["formula"] == "elementwise" and recipe["selection"]["method"] == "auto"

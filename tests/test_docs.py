@@ -26,3 +26,12 @@ def test_ci_runs_the_readme_test_command():
     blocks = re.findall(r"```bash\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
     test_command = next(b for b in blocks if "pytest" in b)
     assert test_command in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readme_says_where_the_demo_leaves_its_files():
+    """The demo keeps its registry and composition in the demo home and prints the next commands (issue 23);
+    a newcomer reads the README before running it."""
+    setup = (ROOT / "README.md").read_text().split("## Set up and run", 1)[1].split("```bash", 1)[0]
+    assert "./lorahub-demo-" not in setup and "temporary registry" not in setup, "the demo's old behaviour"
+    for words in ("demo home", "compositions/", "export LORAHUB_HOME", "generate --adapter"):
+        assert words in setup, f"README's demo paragraph does not mention {words!r}"

@@ -397,3 +397,18 @@ def test_card_files_linked_outside_are_refused(cli, registry_with_examples, tmp_
         one_line_error(cli(*args), f"names file '{name}', which is a link to '{outside}', outside the adapter's")
     with pytest.raises(IntegrityError, match=f"{name} is a link to '{outside}', outside the adapter's folder"):
         Card.load(record.path, record.id)  # on its own too: a card is also read from folders outside a registry
+
+
+def test_an_edited_config_is_refused_before_its_adapter_is_used(lorahub_home):
+    """A config's alpha scales the adapter's delta as much as its weights do: it is hash-checked like them."""
+    from lorahub_cli.compose.pipeline import load_modules
+
+    store = two_adapters(lorahub_home)
+    record = store.get("sentiment")
+    config = record.path / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "lora_alpha": 512}))
+    with pytest.raises(
+        IntegrityError, match="file 'adapter_config.json' of adapter 'sentiment' is missing or corrupted"
+    ):
+        load_modules(store, [record])
+    assert [a.name for a in load_modules(store, [store.get("addition")])] == ["addition"]

@@ -201,6 +201,7 @@ def test_catalog_sync_survives_a_broken_repo_and_builds_cards(online, lorahub_ho
     assert report["lib/t5-missing"]["status"] == "failed" and "was not found" in report["lib/t5-missing"]["message"]
     listed = json.loads(cli("registry", "list", "--json").stdout)
     assert [(a["id"], a["has_card"]) for a in listed] == [(f"lib/t5-{t}", True) for t in tasks]
+    assert all(a["has_weight_card"] for a in listed), "sync makes every adapter's weight card, pickles included"
     assert {"id", "source", "revision", "base_model", "r", "target_modules", "has_card"} <= set(listed[0])
     ranked = json.loads(cli("retrieve", "--query", "What is 12 plus 30?", "-k", "1", "--json").stdout)
     assert ranked["results"][0]["id"] == "lib/t5-addition"

@@ -381,7 +381,7 @@ def test_openai_completions_route(tiny_engine):
             "/v1/generate",
             {"input": "hi", "compose": "blend"},
             400,
-            "compose: Input should be 'mixture', 'fusion' or 'single'",
+            "compose: Input should be 'mixture', 'fusion', 'single' or 'arrow'",
         ),
         ("/v1/generate", {"input": "hi", "top_k": 2}, 400, "top_k: Extra inputs are not permitted"),
         ("/v1/generate", {"input": "  "}, 400, "the input is empty"),

@@ -141,12 +141,26 @@ def test_a_card_read_with_its_adapter_gives_the_explicit_directions(card_folder)
         _, S, Vh, _ = explicit_svd(A, B, adapter.scaling)
         torch.testing.assert_close(spectra[module].double(), S[:4, None] * Vh[:4], rtol=0, atol=1e-5 * float(S[0]))
         torch.testing.assert_close(prototypes[module].double(), Vh[0], rtol=0, atol=1e-5)
-    # What is stored: (r + r^2) float32 per module, whatever d_in and d_out are.
+    # What is stored: (r + m r) float32 per module (m = r = 4 here), whatever d_in and d_out are.
     tensors = load_file(folder / WEIGHT_CARD)
     assert {k: tuple(v.shape) for k, v in tensors.items()} == {
         "sigma": (len(card.modules), 4),
         "core": (len(card.modules), 4, 4),
     }
+
+
+def test_a_card_keeps_the_leading_directions_of_a_higher_rank_adapter(tmp_path):
+    """r = 8 > settings.WEIGHTS["card_directions"] = 4: all 8 singular values, the 4 leading directions."""
+    folder = make_lora_adapter(tiny_model("t5"), tmp_path / "r8", r=8, alpha=8, seed=3)
+    write_weight_card(folder)
+    card, adapter = load_checked(folder)
+    assert card.rank == 8 and card.directions == 4
+    assert tuple(card.sigma.shape) == (len(card.modules), 8) and tuple(card.core.shape) == (len(card.modules), 4, 8)
+    spectra = card.spectra(adapter)
+    for row, (module, (A, B)) in enumerate(sorted(adapter.modules.items())):
+        _, S, Vh, _ = explicit_svd(A, B, adapter.scaling)
+        torch.testing.assert_close(card.sigma[row].double(), S[:8], rtol=1e-5, atol=0)
+        torch.testing.assert_close(spectra[module].double(), S[:4, None] * Vh[:4], rtol=0, atol=1e-5 * float(S[0]))
 
 
 def one_line_rebuild_error(error: LorahubError) -> None:
@@ -215,19 +229,22 @@ def random_index(n: int = 5, rank: int = 3, modules=("m0", "m1"), d: int = 12, s
     return scores.WeightIndex.from_spectra(entries), factors
 
 
-def direct_scores(factors, ids, modules, x_by_module, groups_by_module, groups, method, pool):
-    """Per adapter, layer and group, the score from the explicit delta (a loop, no stacked matrix)."""
-    out = torch.zeros(groups, len(ids))
+def direct_layer_scores(factors, ids, modules, x_by_module, groups_by_module, groups, method, pool, shared=None):
+    """(L, groups, n): per layer, group and adapter, the score from the explicit delta (loops, no stacked matrix).
+    `shared`: (mean, directions) per module removed from every input first."""
+    out = torch.zeros(len(modules), groups, len(ids))
     for i, adapter_id in enumerate(ids):
-        layer_scores = []
-        for module in modules:
+        for row, module in enumerate(modules):
             if (adapter_id, module) not in factors:
                 continue
             A, B = factors[(adapter_id, module)]
             _, S, Vh, delta = explicit_svd(A, B, 0.5)
-            per_group = []
             for g in range(groups):
                 xs = x_by_module[module][groups_by_module[module] == g].double()
+                if shared is not None:
+                    mean, P = (t.double() for t in shared[module])
+                    xs = xs - mean
+                    xs = xs - (xs @ P.T) @ P
                 units = xs / xs.norm(dim=1, keepdim=True)
                 if pool == "centroid":
                     units = units.mean(dim=0, keepdim=True)
@@ -237,28 +254,68 @@ def direct_scores(factors, ids, modules, x_by_module, groups_by_module, groups, 
                 else:
                     values = [float((delta @ u).norm()) for u in units]
                 if pool == "rms":
-                    per_group.append((sum(v * v for v in values) / len(values)) ** 0.5)
+                    out[row, g, i] = (sum(v * v for v in values) / len(values)) ** 0.5
                 else:
-                    per_group.append(sum(values) / len(values))
-            layer_scores.append(per_group)
-        out[:, i] = torch.tensor(layer_scores).mean(dim=0)
+                    out[row, g, i] = sum(values) / len(values)
     return out
+
+
+def layer_mean(values: torch.Tensor, index) -> torch.Tensor:
+    """(groups, n): the mean over the layers each adapter targets of (L, groups, n) values."""
+    present = index.present.T.float()[:, None]  # (L, 1, n)
+    return (values * present).sum(dim=0) / present.sum(dim=0)
 
 
 @pytest.mark.parametrize("method", scores.METHODS)
 @pytest.mark.parametrize("pool", scores.POOLS)
-def test_scores_equal_a_direct_computation_from_each_delta(method, pool):
+@pytest.mark.parametrize("shared", [None, 0, 2])
+def test_scores_equal_a_direct_computation_from_each_delta(method, pool, shared):
     index, factors = random_index()
     generator = torch.Generator().manual_seed(9)
     x = {m: torch.randn(11, 12, generator=generator) for m in index.modules}
     group = {m: torch.tensor([0, 0, 1, 2, 2, 2, 1, 0, 2, 1, 1]) for m in index.modules}
     inputs = scores.LayerInputs(x, group, groups=3)
-    got = scores.score(index, inputs, scores.Scorer(method, pool))
-    want = direct_scores(factors, index.ids, index.modules, x, group, 3, method, pool)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    background = scores.Background.of(
+        scores.LayerInputs({m: torch.randn(40, 12, generator=generator) + 2 for m in index.modules}, {}, 1)
+    )
+    removed = None if shared is None else {m: (background.mean[m], background.directions[m][:shared]) for m in x}
+    want = direct_layer_scores(factors, index.ids, index.modules, x, group, 3, method, pool, removed)
+    scorer = scores.Scorer(method, pool, shared=shared)
+    torch.testing.assert_close(scores.layer_scores(index, inputs, scorer, background), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        scores.score(index, inputs, scorer, background), layer_mean(want, index), rtol=1e-5, atol=1e-6
+    )
     assert index.rank == 3 and index.present.tolist()[1] == [True, False]
-    background = torch.rand(len(index.ids), generator=generator) + 0.5
-    torch.testing.assert_close(scores.score(index, inputs, scores.Scorer(method, pool), background), want / background)
+    # Calibrated: per layer (the default), or the mean score over the mean background score.
+    reference = torch.rand(len(index.modules), len(index.ids), generator=generator) + 0.5
+    torch.testing.assert_close(
+        scores.score(index, inputs, scorer, background, reference), layer_mean(want / reference[:, None], index)
+    )
+    total = scores.Scorer(method, pool, shared=shared, calibration="total")
+    present = index.present.T.float()
+    torch.testing.assert_close(
+        scores.score(index, inputs, total, background, reference),
+        (want * present[:, None]).sum(dim=0) / (reference * present).sum(dim=0),
+    )
+
+
+def test_the_background_removes_what_every_input_shares():
+    """Its mean and leading principal directions are those of the background inputs: an input that is the mean
+    plus a mix of those directions has nothing left to score."""
+    generator = torch.Generator().manual_seed(3)
+    common = torch.randn(2, 12, generator=generator)
+    x = 5 + torch.randn(300, 2, generator=generator) @ common * 3 + 0.01 * torch.randn(300, 12, generator=generator)
+    background = scores.Background.of(scores.LayerInputs({"m": x}, {}, 1))
+    torch.testing.assert_close(background.mean["m"], x.mean(dim=0))
+    P = background.directions["m"][:2].double()
+    span = torch.linalg.lstsq(common.T.double(), P.T).solution  # P's rows lie in the span of `common`
+    torch.testing.assert_close(common.T.double() @ span, P.T, atol=1e-2, rtol=0)
+    # What is left of an input is its part outside them, at unit length.
+    e = torch.randn(12, generator=generator).double()
+    outside = (e - (e @ P.T) @ P).float()
+    prepared = background.prepare((background.mean["m"] + 3 * common[0] + outside)[None], "m", 2)[0]
+    torch.testing.assert_close(prepared, outside / outside.norm(), atol=2e-2, rtol=0)
+    torch.testing.assert_close(background.prepare(x[:3], "m", None), scores.unit(x[:3]))
 
 
 def test_a_subset_scores_as_its_adapters_did_in_the_whole_index():
@@ -282,11 +339,14 @@ def test_a_scorer_names_a_bad_method_pool_or_directions_in_one_line():
         (("arrow", "max"), "pooling 'max'"),
         (("arrow", "tokens", 4), "directions = 4 with pooling 'tokens'"),
         (("spectr", "rms", 0), "directions = 0"),
+        (("spectr", "rms", None, 9), "shared = 9"),
+        (("spectr", "rms", None, None, "max"), "calibration 'max'"),
     ]:
         with pytest.raises(InputError, match=message) as caught:
             scores.Scorer(*args)
         assert "\n" not in str(caught.value)
-    assert scores.DEFAULT_SCORER.name == "spectr-rms/16"
+    assert scores.DEFAULT_SCORER.name == "spectr-rms/16-s1"
+    assert scores.Scorer("arrow", "centroid", None, None, "total").name == "arrow-centroid-total"
 
 
 def test_the_background_is_random_tokens_of_the_vocabulary_and_repeatable():
@@ -405,14 +465,50 @@ def test_an_index_of_card_folders_scores_queries_against_its_background(tmp_path
     index = scores.WeightIndex.from_folders({f"x/{p.name}": p for p in paths})
     assert index.ids == ["x/a0", "x/a1", "x/a2"] and len(index.modules) == 12
     base = base_of(model, "t5")
-    background = scores.background(index, base)
-    assert background.shape == (3,) and (background > 0).all()
+    background = scores.background(base, index.modules)
+    assert set(background.mean) == set(index.modules) and background.directions[index.modules[0]].shape == (4, 32)
+    reference = scores.reference(index, background)
+    assert reference.shape == (12, 3) and (reference > 0).all()
     inputs = scores.capture_layer_inputs(base, [Example("hello", "x"), Example("two", "y")], index.modules).merged()
-    calibrated = scores.score(index, inputs, background=background)
-    torch.testing.assert_close(calibrated, scores.score(index, inputs) / background)
+    calibrated = scores.score(index, inputs, background=background, reference=reference)
+    layers = scores.layer_scores(index, inputs, scores.DEFAULT_SCORER, background)
+    torch.testing.assert_close(calibrated, (layers / reference[:, None]).mean(dim=0))
     assert [r["id"] for r in scores.rank(index, calibrated, 2)[0]] == [
         index.ids[i] for i in calibrated[0].argsort(descending=True)[:2]
     ]
+
+
+def test_two_stages_re_rank_the_shortlist_with_the_scores_one_stage_gives_them(tmp_path):
+    """Above the shortlist size, the cheap first stage picks adapters and the default scorer gives each picked one
+    exactly its one-stage score; the rest are -inf. With the spread, an evenly spaced sample is scored too and its
+    mean and std are the library's estimate."""
+    from transformers import ByT5Tokenizer
+
+    from lorahub_cli.spectral.library import References, WeightLibrary, WeightScorer
+
+    model = tiny_model("t5", vocab=len(ByT5Tokenizer(extra_ids=0)))
+    paths = make_adapters(model, tmp_path, 6)
+    for path in paths:
+        write_weight_card(path)
+    index = scores.WeightIndex.from_folders({p.name: p for p in paths})
+    base = base_of(model, "t5")
+    references = References(WeightLibrary(index, "test", []), base, None, 0, 16)
+    one = WeightScorer(references.library, base, references, shortlist=6)
+    two = WeightScorer(references.library, base, references, shortlist=2)
+    inputs = scores.capture_layer_inputs(base, [Example("hello there", "x"), Example("two", "y")], index.modules)
+    inputs = inputs.merged()
+    full = one.rank(inputs, True).values
+    background, reference = references.background(True), references.reference(two.shortlist_scorer, True)
+    cheap = scores.score(two.first(), inputs, two.shortlist_scorer, background, reference)  # bfloat16 prototypes
+    for spread in (False, True):
+        found = two.rank(inputs, True, spread)
+        picked = torch.isfinite(found.values[0])
+        assert set(torch.topk(cheap[0], 2).indices.tolist()) <= set(picked.nonzero()[:, 0].tolist())
+        assert int(picked.sum()) == (2 if not spread else len(set(torch.topk(cheap[0], 2).indices.tolist()) | {0, 5}))
+        torch.testing.assert_close(found.values[0, picked], full[0, picked], rtol=1e-5, atol=1e-6)
+    sample = found.values[0, [0, 5]]
+    torch.testing.assert_close(found.mean, sample.mean().reshape(1))
+    torch.testing.assert_close(found.std, sample.std(unbiased=False).reshape(1))
 
 
 # --- Arrow against PEFT ---------------------------------------------------------------------------------
@@ -520,3 +616,156 @@ def test_arrow_refuses_what_peft_refuses(tmp_path):
         with pytest.raises(InputError, match=message) as caught:
             arrow.check_arrow(group, top_k, temperature)
         assert "\n" not in str(caught.value)
+
+
+# --- Arrow as the bank's mode, in the shared batch and through the serving engine --------------------------
+
+
+def arrow_bank(model, paths, top_k, temperature):
+    from lorahub_cli.compose.bank import LoraBank
+
+    bank = LoraBank(model, [load_adapter(p) for p in paths], mode="linear")
+    bank.arrow(card_prototypes(paths), top_k, temperature)
+    return bank
+
+
+@pytest.mark.parametrize("kind", ["t5", "llama"])
+def test_the_banks_arrow_mode_equals_peft_per_token_and_routes_a_row_among_its_candidates(kind, tmp_path):
+    """Rows 0 and 1 may use all four adapters: PEFT's Arrow over the four. Row 2 may use adapters 1-3 only (its
+    weight row's nonzero columns): PEFT's Arrow over those three."""
+    model = tiny_model(kind)
+    paths = [with_spectral_gap(p) for p in make_adapters(model, tmp_path, 4)]
+    batch = tiny_batch(model, rows=3)
+    with torch.no_grad():
+        every = logits(peft_arrow(model, paths, 2, 1.0), batch)
+        three = logits(peft_arrow(model, paths[1:], 2, 1.0), batch)
+        bank = arrow_bank(model, paths, 2, 1.0)
+        W = torch.ones(3, 4)
+        W[2, 0] = 0
+        with bank.weights(W, "arrow"):
+            got = logits(model, batch)
+        bank.remove()
+    torch.testing.assert_close(got[:2], every[:2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], three[2], rtol=1e-5, atol=1e-5)
+    assert (every[2] - three[2]).abs().max() > 1e-3  # leaving adapter 0 out changes row 2: the test can fail
+
+
+def test_arrow_is_a_bank_mode_only_once_the_bank_has_prototypes(tmp_path):
+    from lorahub_cli.compose.bank import LoraBank
+
+    model = tiny_model("t5")
+    bank = LoraBank(model, [load_adapter(p) for p in make_adapters(model, tmp_path, 2)], mode="linear")
+    with pytest.raises(InputError, match="no Arrow prototypes"):
+        bank.rows(torch.ones(1, 2), "arrow")
+
+
+@pytest.fixture
+def arrow_registry(tmp_path, lorahub_home, request):
+    """A tiny base on disk and four adapters with a spectral gap, added with their weight cards (no data)."""
+    from tiny_models import save_tiny_base
+
+    from lorahub_cli import api
+    from lorahub_cli.registry import Store
+
+    kind = request.param
+    model = save_tiny_base(kind, tmp_path / "base")
+    store = Store(lorahub_home, weight_card=api._weight_card)
+    paths = []
+    # alpha 64: large enough that top-1, top-2 and top-3 routing generate different tokens on these inputs
+    made = make_adapters(model, tmp_path / "adapters", 4, alphas=[64] * 4, base_model_name=str(tmp_path / "base"))
+    for i, path in enumerate(made):
+        paths.append(with_spectral_gap(path))
+        api.add(str(path), name=f"e{i}", store=store)
+    return kind, tmp_path / "base", paths, store
+
+
+def peft_arrow_generate(kind, base, paths, text, top_k, new_tokens):
+    from peft import ArrowConfig, create_arrow_model
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    loader = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
+    config = ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)
+    model = create_arrow_model(loader.from_pretrained(base), [str(p) for p in paths], config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ids = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **ids,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    out = out[0, 1:] if kind == "t5" else out[0, ids["input_ids"].shape[1] :]
+    return [int(t) for t in out if int(t) > 2]  # no pad, eos or unk
+
+
+@pytest.mark.parametrize("arrow_registry", ["t5", "llama"], indirect=True)
+def test_serving_compose_arrow_generates_what_peft_arrow_generates_for_each_request_alone(arrow_registry):
+    """The engine built from the registry (prototypes from the weight cards) answers a batch of requests, padded
+    together, each as PEFT's Arrow model answers it alone."""
+    from lorahub_cli.serve.engine import Engine, Request
+
+    kind, base, paths, store = arrow_registry
+    engine = Engine.from_registry(store, compose="arrow", k=2, dtype="float32", device="cpu", max_new_tokens=8)
+    assert engine.info()["arrow"] == {"top_k": 2, "temperature": 1.0}
+    texts = ["The capital of France is", "2 + 3 =", "Sort: pear, apple, fig and plum"]
+    answers = engine.run([Request(text) for text in texts])
+    routed = [[t for t in a.tokens if t > 2] for a in answers]
+    assert routed == [peft_arrow_generate(kind, base, paths, text, 2, 8) for text in texts]
+    assert all(a.route["compose"] == "arrow" for a in answers)
+    # Another top-k generates other tokens, so the comparison can fail.
+    for other in (1, 3):
+        assert routed != [peft_arrow_generate(kind, base, paths, text, other, 8) for text in texts]
+
+
+@pytest.mark.parametrize("arrow_registry", ["t5"], indirect=True)
+def test_serving_compose_arrow_refuses_adapters_peft_arrow_refuses_in_one_line(arrow_registry, tmp_path):
+    from tiny_models import tiny_t5
+
+    from lorahub_cli import api
+    from lorahub_cli.serve.engine import Engine
+
+    _, base, _, store = arrow_registry
+    model = tiny_t5()
+    folder = make_lora_adapter(model, tmp_path / "r8", r=8, seed=9, base_model_name=str(base))
+    api.add(str(folder), name="r8", store=store)
+    with pytest.raises(InputError, match="Arrow routing needs one rank, but") as caught:
+        Engine.from_registry(store, compose="arrow", k=2, dtype="float32", device="cpu")
+    assert "\n" not in str(caught.value)
+    store.remove("r8")
+    folder = make_lora_adapter(model, tmp_path / "q", r=4, target_modules=["q"], seed=8, base_model_name=str(base))
+    api.add(str(folder), name="q-only", store=store)
+    with pytest.raises(InputError, match="does not target module") as caught:
+        Engine.from_registry(store, compose="arrow", k=2, dtype="float32", device="cpu")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("arrow_registry", ["t5"], indirect=True)
+def test_serving_ranks_a_registry_without_data_by_its_weight_cards_per_request(arrow_registry):
+    """A mixture request on a registry of weight cards only: its k adapters are the weight ranking of its input
+    alone (what `retrieve --inputs` gives), and it is answered."""
+    from lorahub_cli import api
+    from lorahub_cli.io import Example
+    from lorahub_cli.serve.engine import Engine, Request
+
+    _, _, _, store = arrow_registry
+    engine = Engine.from_registry(store, k=2, dtype="float32", device="cpu", max_new_tokens=4)
+    assert engine.info()["by"] == "weights" and engine.info()["weights"]["dtype"] == "float32"
+    texts = ["The capital of France is", "2 + 3 =", "Sort: pear, apple, fig and plum"]
+    answers = engine.run([Request(text) for text in texts])
+    ranker = api.retriever_of(store, "weights", base=engine.base)
+    # A request's weight ranking does not depend on the requests scored with it (fp32), and the scores are
+    # ratios to the background's, near 1 (a decoder layer that sees only the start token is left out: less the
+    # background's mean it is float noise, which once made every score ~1e10 and every request's ranking alike).
+    together = ranker.per_input([Example(t) for t in texts], 4).inputs
+    for text, row in zip(texts, together):
+        alone = ranker.per_input([Example(text)], 4).inputs[0]
+        assert [m.id for m in row] == [m.id for m in alone]
+        assert [m.score for m in row] == pytest.approx([m.score for m in alone], rel=1e-4)
+        assert all(0.1 < m.score < 10 for m in row)
+    for text, answer in zip(texts, answers):
+        wanted = [m.id for m in ranker.per_input([Example(text)], 2).inputs[0]]
+        assert [a["id"] for a in answer.route["adapters"]] == wanted and answer.route["compose"] == "mixture"
+        assert answer.tokens

@@ -79,6 +79,15 @@ EmbedderOpt = Annotated[
     ),
 ]
 
+ByOpt = Annotated[
+    str,
+    typer.Option(
+        "--by",
+        help="What ranks an adapter: auto (its data card if it has one, else its weight card), data (data cards "
+        "only) or weights (every adapter by its weights; loads the base model).",
+    ),
+]
+
 # --- the base model and where it runs ---------------------------------------------------------------
 
 ModelPathOpt = Annotated[
@@ -110,7 +119,9 @@ KOpt = Annotated[int | None, typer.Option("-k", "--top-k", min=1, help="Adapters
 ComposeModeOpt = Annotated[
     str | None,
     typer.Option(
-        "--compose", help="mixture (average of outputs, default), fusion (average of A and B) or single (top-1)."
+        "--compose",
+        help="mixture (average of outputs, default), fusion (average of A and B), single (top-1) or arrow (every "
+        "token routed among all the adapters by their weight cards, PEFT's Arrow, top-k = -k).",
     ),
 ]
 AdapterOpt = Annotated[

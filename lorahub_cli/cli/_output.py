@@ -59,25 +59,35 @@ def id_column(table: Table, header: str, ids) -> None:
     table.add_column(header, no_wrap=True, min_width=max([len(header), *map(len, ids)]))
 
 
-def ranking_table(title: str, results: list[dict]) -> Table:
-    """Retrieval results ({id, score}, best first) as a numbered table."""
+SCORE_NAMES = {"data": "cosine", "weights": "weight score", "mixed": "z-score"}
+
+
+def ranking_table(title: str, results: list[dict], by: str = "data") -> Table:
+    """Retrieval results ({id, score}, best first) as a numbered table; a mixed ranking (`by`) also shows which
+    card ranked each adapter and that card's own score."""
     ranked = table(title)
     ranked.add_column("#", justify="right")
     id_column(ranked, "adapter", [r["id"] for r in results])
-    ranked.add_column("cosine", justify="right")
+    ranked.add_column(SCORE_NAMES.get(by, "score"), justify="right")
+    if by == "mixed":
+        ranked.add_column("card")
+        ranked.add_column("its score", justify="right")
     for rank, result in enumerate(results, 1):
-        ranked.add_row(str(rank), result["id"], f"{result['score']:.4f}")
+        row = [str(rank), result["id"], f"{result['score']:.4f}"]
+        if by == "mixed":
+            row += [result["card"], f"{result['raw']:.4f}"]
+        ranked.add_row(*row)
     return ranked
 
 
-def weights_table(title: str, modules: list[dict]) -> Table:
-    """A composition's modules ({id, weight[, score]}, largest |w| first)."""
+def weights_table(title: str, modules: list[dict], by: str = "data") -> Table:
+    """A composition's modules ({id, weight[, score]}, largest |w| first); `by`: what ranked them."""
     chosen = table(title)
     chosen.add_column("weight", justify="right")
     id_column(chosen, "module", [m["id"] for m in modules])
     scored = any("score" in m for m in modules)
     if scored:
-        chosen.add_column("cosine", justify="right")
+        chosen.add_column(SCORE_NAMES.get(by, "score"), justify="right")
     for m in modules:
         chosen.add_row(
             f"{m['weight']:+.3f}", m["id"], *([f"{m['score']:.4f}" if "score" in m else ""] if scored else [])

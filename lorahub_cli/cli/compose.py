@@ -8,10 +8,11 @@ from typing import Annotated
 import typer
 
 from ..errors import InputError
-from ..settings import COMPOSE
+from ..settings import COMPOSE, WEIGHTS
 from ._options import (
     BaseModelOpt,
     BudgetOpt,
+    ByOpt,
     DeviceOpt,
     EmbedderOpt,
     JsonOpt,
@@ -28,6 +29,7 @@ EXAMPLES = """Examples:\n
   lorahub compose --shots examples.jsonl --out my-lora\n
   lorahub compose --shots examples.jsonl --modules random -n 20 --optimizer ngopt --budget 40 --out lorahub-style\n
   lorahub compose --shots examples.jsonl --level instance --out per-example\n
+  lorahub compose --shots examples.jsonl --by weights -n 5 --out from-weights\n
   lorahub compose --shots examples.jsonl --modules a,b,c --weights a=0.5,b=0.3,c=-0.2 --out fixed\n
   lorahub compose --from-recipe my-lora/lorahub_recipe.json --out rebuilt\n
   lorahub compose --formula list\n
@@ -91,6 +93,7 @@ def compose(
     modules: Annotated[
         str, typer.Option("--modules", help="auto (retrieval by card), random (LoraHub), ids a,b,c, or a file of ids.")
     ] = COMPOSE["modules"],
+    by: ByOpt = WEIGHTS["by"],
     num_modules: NumModulesOpt = COMPOSE["num_modules"],
     optimizer: OptimizerOpt = COMPOSE["optimizer"],
     budget: BudgetOpt = COMPOSE["budget"],
@@ -182,6 +185,7 @@ def compose(
         device=device,
         max_rows=batch_size,
         embedder=embedder,
+        by=by,
     )
     if tasks is not None:
         from .compose_batch import compose_batch
@@ -213,7 +217,7 @@ def show_summary(summary: dict) -> None:
             info(f"Few-shot loss of the base model alone on the {count} examples (fp32): {before:.4f}.")
     else:
         modules = summary["modules"]
-        out.print(weights_table(f"{len(modules)} modules, largest |weight| first", modules))
+        out.print(weights_table(f"{len(modules)} modules, largest |weight| first", modules, summary.get("by", "data")))
         start = f"base model {before:.4f}, " if before is not None else ""
         info(f"Few-shot loss on the {count} examples (fp32): {start}composed {summary['loss']:.4f}.")
         searches = [summary["search"]] if summary["search"] else []

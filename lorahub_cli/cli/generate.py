@@ -9,11 +9,12 @@ from typing import Annotated
 
 import typer
 
-from ..settings import SERVE
+from ..settings import SERVE, WEIGHTS
 from ._options import (
     AdapterOpt,
     BaseModelOpt,
     BatchingOpt,
+    ByOpt,
     ComposeModeOpt,
     CompositionOpt,
     DeviceOpt,
@@ -42,6 +43,7 @@ def generate(
     ],
     k: KOpt = None,
     compose: ComposeModeOpt = None,
+    by: ByOpt = WEIGHTS["by"],
     adapter: AdapterOpt = None,
     composition: CompositionOpt = None,
     out: Annotated[
@@ -72,6 +74,7 @@ def generate(
         composition=composition,
         k=k,
         compose=compose,
+        by=by,
         base_model=base_model,
         model_path=model_path,
         embedder=embedder,

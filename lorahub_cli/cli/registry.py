@@ -40,43 +40,36 @@ def add(
     json_: JsonOpt = False,
     **card_data,
 ) -> None:
-    """Add one adapter from the Hub or a folder; with --data or --dataset, build its embedding card too.
+    """Add one adapter from the Hub or a folder with its weight card; with --data or --dataset, build its
+    embedding card too.
 
-    All or nothing: the adapter appears in the registry only with everything asked for (its card included)."""
-    from ..registry.cards import prepare_card
-    from ..registry.mirror import add_hub, add_local, is_local_source
+    All or nothing: the adapter appears in the registry only with everything asked for (its cards included)."""
+    from .. import api
 
-    store = open_store()
-    local = is_local_source(source)
-    if local and revision:
-        raise InputError("--revision applies to Hub repos only.", f"Drop it, or check that '{source}' is a repo id.")
-    card_job = None
+    card = None
     if card_data["data"] is not None or card_data["dataset"] is not None:
-        card_job = prepare_card(card_options(**card_data), progress_factory=None if json_ else progress)
-    if local:
-        result = add_local(
-            store, Path(source), name=name, base_model=base_model, replace=replace, card_job=card_job, warn=warn
-        )
-    else:
-        result = add_hub(
-            store,
-            source,
-            revision=revision,
-            name=name,
-            base_model=base_model,
-            force=force,
-            replace=replace,
-            card_job=card_job,
-            warn=warn,
-        )
+        card = card_options(**card_data)
+    result = api.add(
+        source,
+        revision=revision,
+        name=name,
+        base_model=base_model,
+        force=force,
+        replace=replace,
+        card=card,
+        progress_factory=None if json_ else progress,
+        warn=warn,
+    )
     record = result.record
     if json_:
         print_json({**result.to_json(), "adapter": record.to_json()})
     else:
         where = f"@{record.revision[:12]}" if record.revision else ""
         card = "with card" if record.has_card else "no card"
+        weights = "weight card" if record.has_weight_card else "no weight card"
         info(
-            f"{result.status.capitalize()} [bold]{record.id}[/bold]{where} ({record.base_model}, r={record.r}, {card})."
+            f"{result.status.capitalize()} [bold]{record.id}[/bold]{where} "
+            f"({record.base_model}, r={record.r}, {card}, {weights})."
         )
 
 
@@ -159,6 +152,9 @@ def sync(
         raise typer.Exit(1)
 
 
+CARDS = {(True, True): "both", (True, False): "data", (False, True): "weights", (False, False): "-"}
+
+
 def _list_table(records) -> Table:
     """The registry at 80 columns: ids whole, one base model in the title when all share it, sources shortened
     (`registry list --json` has them whole)."""
@@ -171,7 +167,7 @@ def _list_table(records) -> Table:
     for column in ("r", "alpha", "targets"):
         listed.add_column(column, justify="left" if column == "targets" else "right", overflow="fold")
     listed.add_column("source", no_wrap=True, overflow="ellipsis")
-    listed.add_column("card")
+    listed.add_column("cards")  # data (an embedding card), weights (a weight card), both or -
     for r in records:
         source = short_path(r.source, 26) if Path(r.source).is_absolute() else r.source
         listed.add_row(
@@ -181,7 +177,7 @@ def _list_table(records) -> Table:
             f"{r.lora_alpha:g}",
             ",".join(r.target_modules),
             f"{source}@{r.revision[:8]}" if r.revision else source,
-            "yes" if r.has_card else "-",
+            CARDS[(r.has_card, r.has_weight_card)],
         )
     return listed
 
@@ -250,13 +246,19 @@ def verify(
     ] = False,
     json_: JsonOpt = False,
 ) -> None:
-    """Re-hash every stored file and check the weights; exits non-zero if any is missing, corrupted or not finite.
+    """Re-hash every stored file, check the weights and every weight card against its adapter; exits non-zero if
+    any is missing, corrupted, stale or not finite.
 
     Index rows that name folders or files outside their adapter's folder are reported and never used. Stored
-    adapters missing from the index are reported, never deleted: `lorahub registry rebuild` restores them."""
-    store = open_store(readonly=not prune)
+    adapters missing from the index are reported, never deleted: `lorahub registry rebuild` restores them (and
+    makes missing or stale weight cards)."""
+    from .. import api
+    from ..registry.store import WEIGHT_CARD
+
+    store = open_store(readonly=not prune)  # a home that cannot be opened fails before the progress bar starts
     with progress("Verifying", None):
-        problems, leftovers = store.verify(prune=prune)
+        report = api.verify_registry(prune=prune, store=store)
+    problems, leftovers = report["problems"], report["leftovers"]
     if json_:
         print_json(
             {
@@ -264,6 +266,7 @@ def verify(
                 "problems": problems,
                 "pruned": prune,
                 "leftovers": [{"path": str(item["path"]), "kind": item["kind"]} for item in leftovers],
+                "without_weight_card": report["without_weight_card"],
             }
         )
     else:
@@ -276,41 +279,56 @@ def verify(
                 info(
                     f"{count} {text}" + ((" pruned." if prune else "; remove them with --prune.") if prunable else ".")
                 )
-        info(f"{store.count()} adapters checked, {len(problems)} problem(s).")
+        if missing := len(report["without_weight_card"]):
+            info(
+                f"{missing} adapter(s) have no weight card yet "
+                "(made when first ranked by weights, or by: lorahub registry rebuild)."
+            )
+        info(f"{report['adapters']} adapters checked, {len(problems)} problem(s).")
     if problems:
         rows = sum(p["file"] is None for p in problems)
-        found = [f"{len(problems) - rows} stored file(s) are missing or corrupted"] if len(problems) > rows else []
+        cards = sum(p["file"] == WEIGHT_CARD for p in problems)
+        files = len(problems) - rows - cards
+        found = [f"{files} stored file(s) are missing or corrupted"] if files else []
+        found += [f"{cards} weight card(s) are damaged or stale"] if cards else []
         found += [f"{rows} index row(s) cannot be trusted"] if rows else []
-        raise IntegrityError(
-            " and ".join(found) + ".",
-            "Re-add the adapters listed above with: lorahub registry add SOURCE --force"
-            + ("; drop the untrusted rows with: lorahub registry rebuild" if rows else ""),
-        )
+        hints = ["Re-add the adapters listed above with: lorahub registry add SOURCE --force"] if files else []
+        hints += ["make the weight cards again with: lorahub registry rebuild"] if cards else []
+        hints += ["drop the untrusted rows with: lorahub registry rebuild"] if rows else []
+        raise IntegrityError(" and ".join(found) + ".", "; ".join(hints))
 
 
 @app.command(epilog="Examples:\n\n  lorahub registry rebuild")
 def rebuild(json_: JsonOpt = False) -> None:
-    """Rebuild the index (registry.sqlite) from the stored adapter folders; the old index is kept aside.
+    """Rebuild the index (registry.sqlite) from the stored adapter folders, keeping the old index aside, and make
+    every missing, damaged or stale weight card again.
 
-    Use it when the index is missing or damaged; run it while no other lorahub uses this registry. Folders that
-    lorahub did not store, or whose metadata fails its checks, are reported and left alone (exit 1)."""
-    from ..registry import Store
+    Use it when the index is missing or damaged, or a weight card is; run it while no other lorahub uses this
+    registry. Folders that lorahub did not store, or whose metadata fails its checks, are reported and left
+    alone (exit 1)."""
+    from .. import api
 
-    records, kept, skipped = Store.for_rebuild(home()).rebuild()
+    report = api.rebuild_registry(progress_factory=None if json_ else progress)
+    records, kept, skipped, cards = report["records"], report["old_index"], report["skipped"], report["weight_cards"]
     if json_:
         print_json(
             {
                 "indexed": [r.id for r in records],
                 "old_index": str(kept) if kept else None,
                 "skipped": [{"path": str(item["path"]), "problem": item["problem"]} for item in skipped],
+                "weight_cards": cards,
             }
         )
     else:
         for item in skipped:
             warn(escape(f"not indexed: {item['path']} {item['problem']}."))
+        for item in cards["failed"]:
+            warn(escape(f"{item['id']}: no weight card: {item['problem']}"))
         if kept:
             info(f"The old index was kept as {kept}.")
-        info(f"Indexed {len(records)} adapter(s) from {home() / 'adapters'}.")
+        info(
+            f"Indexed {len(records)} adapter(s) from {home() / 'adapters'}; made {len(cards['built'])} weight card(s)."
+        )
     if skipped:
         if json_:
             raise typer.Exit(1)

@@ -8,11 +8,12 @@ import typer
 
 from ..api import build_engine
 from ..errors import InputError
-from ..settings import SERVE
+from ..settings import SERVE, WEIGHTS
 from ._options import (
     AdapterOpt,
     BaseModelOpt,
     BatchingOpt,
+    ByOpt,
     ComposeModeOpt,
     CompositionOpt,
     DeviceOpt,
@@ -31,6 +32,7 @@ EXAMPLES = """Examples:\n
   lorahub serve --port 8000\n
   lorahub serve -k 3 --compose fusion --batch-size 16 --batch-window-ms 20\n
   lorahub serve --adapter my-lora                  # one composed adapter for every request\n
+  lorahub serve --compose arrow -k 2               # every token routed among all adapters (Arrow)\n
   lorahub serve --composition per-example --max-queue 64\n
   curl -s localhost:8000/v1/generate -d '{"input": "What is 12 plus 30?", "k": 3}'"""
 
@@ -42,6 +44,7 @@ def serve(
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = SERVE["port"],
     k: KOpt = None,
     compose: ComposeModeOpt = None,
+    by: ByOpt = WEIGHTS["by"],
     adapter: AdapterOpt = None,
     composition: CompositionOpt = None,
     batch_size: GenerationBatchOpt = SERVE["batch_size"],
@@ -98,6 +101,7 @@ def serve(
         composition=composition,
         k=k,
         compose=compose,
+        by=by,
         base_model=base_model,
         model_path=model_path,
         embedder=embedder,

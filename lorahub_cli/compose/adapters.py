@@ -15,14 +15,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from ..errors import InputError, NotFoundError
 from ..io import read_json
 from ..registry.store import CONFIG_FILE, PEFT_DEFAULT_ALPHA, PICKLE_FILE, SAFETENSORS_FILE, lora_config_problem
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])\.weight$")
@@ -65,6 +68,10 @@ class LoraAdapter:
 
     def peft_config(self) -> LoraConfig:
         """The config under which PEFT rebuilds exactly `scaling * B @ A`."""
+        from peft import (
+            LoraConfig,  # here, not at import: reading an adapter (a registry add's weight card) needs no PEFT
+        )
+
         return LoraConfig(
             r=self.r,
             lora_alpha=self.lora_alpha,

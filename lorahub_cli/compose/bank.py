@@ -14,7 +14,10 @@ adapter weights stay frozen. Without a `weights` context the bank is a no-op.
 
 The bank has two modes (`BANK_MODES`), one per forward pass: "elementwise" (A = sum w_i A_i,
 B = sum w_i B_i: LoraHub's formula, and fusion) and "linear" (the sum of the weighted deltas:
-mixture); a formula's `bank_mode` (compose/formulas.py) names the mode it runs under.
+mixture); a formula's `bank_mode` (compose/formulas.py) names the mode it runs under. A third,
+"arrow", is there once `LoraBank.arrow` gave it the adapters' prototypes: every token of a row is
+routed among the row's adapters (its nonzero columns) as PEFT's Arrow does (spectral/arrow.py),
+y = W0 x + sum_i p_i(x) s_i B_i A_i x with p the softmax over the top-k |x . v_i|.
 
 Two ways to evaluate a forward pass, chosen per `weights` context:
 - dense (`_linear`, `_elementwise`): every row against the factors of every adapter some
@@ -41,6 +44,7 @@ from ..errors import InputError
 from .adapters import LoraAdapter, check_compatible
 
 BANK_MODES = ("elementwise", "linear")
+ARROW = "arrow"  # the per-token mode (`LoraBank.arrow`)
 
 
 class SparseRow(NamedTuple):
@@ -76,6 +80,7 @@ class _BankState:
     def __init__(self) -> None:
         self.rows: BankRows | None = None
         self.used: torch.Tensor | None = None  # (N,) bool: adapters some row weighs; None when all are
+        self.arrow: tuple[int, float] | None = None  # Arrow's (top_k, temperature), once prototypes are loaded
 
 
 class GroupedRows:
@@ -279,6 +284,8 @@ class BankedLayer(nn.Module):
         xg = x.to(dtype).reshape(P, -1, x.shape[-1])  # (P, K*T, d_in): the K rows of vector p are contiguous
         if bank_rows.grouped is not None:
             delta = self._grouped(xg, bank_rows.grouped)
+        elif bank_rows.mode == ARROW:
+            delta = self._arrow(xg, bank_rows.W != 0)
         elif bank_rows.mode == "linear":
             delta = self._linear(xg, bank_rows.W.to(dtype))  # (P, N); the cast stays in the autograd graph
         else:
@@ -295,6 +302,17 @@ class BankedLayer(nn.Module):
         h = xg @ A.T  # (P, K*T, R)
         g = W[:, owner] * scaling  # (P, R): w_pi s_i on adapter i's rank columns
         return (h * g[:, None, :]) @ B.T  # (P, K*T, R) @ (R, d_out) -> (P, K*T, d_out)
+
+    def _arrow(self, xg: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        # Per token, Arrow's coefficients p over the row's allowed adapters (P, N), then the linear mode's
+        # product with per-token column weights: (x A_cat^T * p[owner] s) B_cat^T.
+        from ..spectral.arrow import coefficients
+
+        top_k, temperature = self.state.arrow
+        tokens = xg.reshape(-1, xg.shape[-1])  # (P * K*T, d_in)
+        p = coefficients(tokens, self.prototypes, top_k, temperature, allowed.repeat_interleave(xg.shape[1], dim=0))
+        h = tokens @ self.lora_A.T  # (P * K*T, R)
+        return ((h * (p[:, self.owner] * self.col_scaling)) @ self.lora_B.T).view(*xg.shape[:2], -1)
 
     def _grouped(self, xg: torch.Tensor, rows: GroupedRows) -> torch.Tensor:
         # Per weight vector p, factors of its own adapters only: delta_p = (x A_p^T) B_p^T with
@@ -387,6 +405,8 @@ class LoraBank:
             )
         mode = self._check_mode(mode or self.mode)
         W = W.to(self._device)  # once here, not in every layer
+        if mode == ARROW:
+            grouped = False  # a row's candidates, routed per token
         if grouped is None:
             grouped = not (W.requires_grad and torch.is_grad_enabled()) and int(W.ne(0).sum(dim=1).max()) <= self.n // 2
         if grouped:
@@ -409,6 +429,8 @@ class LoraBank:
                     f"a row names the columns {list(row.columns)}, not distinct ones of 0..{self.n - 1}.",
                     "Name each of the bank's adapters at most once.",
                 )
+        if mode == ARROW:
+            grouped = False  # a row's candidates, routed per token
         if grouped is None:
             grouped = max(sum(w != 0 for w in r.weights) for r in rows) <= self.n // 2
         if grouped:
@@ -449,6 +471,21 @@ class LoraBank:
         with self.use(self.rows(W, mode, grouped)):
             yield
 
+    def arrow(self, prototypes: dict[str, torch.Tensor], top_k: int, temperature: float) -> None:
+        """Give the bank mode "arrow": prototypes[module] (N, d_in) are the adapters' unit top right singular
+        vectors in bank order (their weight cards'), top_k and temperature PEFT's ArrowConfig's. The adapters
+        must meet Arrow's constraints (spectral.arrow.check_arrow: one rank, the same modules)."""
+        if len(set(self._ranks)) > 1:
+            raise InputError("Arrow routing needs adapters of one rank.", "Route between adapters of one rank.")
+        for module, layer in self._layers().items():
+            layer.register_buffer(
+                "prototypes", prototypes[module].to(device=layer.lora_A.device, dtype=layer.lora_A.dtype), False
+            )
+        self._state.arrow = (top_k, temperature)
+
+    def _layers(self) -> dict[str, BankedLayer]:
+        return {module: self.model.get_submodule(module) for module in self._originals}
+
     def remove(self) -> nn.Module:
         """Put the original modules back and unfreeze what was trainable; returns the model."""
         for module, base in self._originals.items():
@@ -459,6 +496,10 @@ class LoraBank:
         return self.model
 
     def _check_mode(self, mode: str) -> str:
+        if mode == ARROW:
+            if self._state.arrow is None:
+                raise InputError("this bank has no Arrow prototypes.", "Load them with LoraBank.arrow(...).")
+            return mode
         if mode not in BANK_MODES:
             raise InputError(
                 f"the bank cannot evaluate '{mode}': its modes are {' and '.join(BANK_MODES)}.",

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
-from peft.utils import merge_utils
 
 from ..errors import InputError
 from .adapters import LoraAdapter, check_compatible
@@ -130,6 +129,8 @@ def ties(As, Bs, scalings, weights, *, density, majority_sign_method="total") ->
     """PEFT add_weighted_adapter(combination_type="ties"): A = ties(A_i, sign(w_i s_i) sqrt|w_i s_i|),
     B = ties(B_i, sqrt|w_i s_i|) with PEFT's merge_utils.ties (trim to `density`, elect sign,
     disjoint mean); scaling 1."""
+    from peft.utils import merge_utils  # only the three PEFT formulas need peft, which takes seconds to import
+
     wA, wB = _peft_factor_weights(weights, scalings)
     A, B = _stack(As), _stack(Bs)  # (N, r, d_in), (N, d_out, r)
     return LoraFactors(
@@ -149,6 +150,8 @@ def dare_linear(As, Bs, scalings, weights, *, density) -> LoraFactors:
     """PEFT add_weighted_adapter(combination_type="dare_linear"): merge_utils.dare_linear on the
     A_i with weights sign(w_i s_i) sqrt|w_i s_i|, then on the B_i with sqrt|w_i s_i|; scaling 1.
     Random: `combine` seeds torch's generator with the `seed` option once per merge (see RANDOM)."""
+    from peft.utils import merge_utils
+
     wA, wB = _peft_factor_weights(weights, scalings)
     A, B = _stack(As), _stack(Bs)  # (N, r, d_in), (N, d_out, r)
     return LoraFactors(
@@ -167,6 +170,8 @@ def svd(As, Bs, scalings, weights, *, svd_rank=0) -> LoraFactors:
     """PEFT add_weighted_adapter(combination_type="svd"): delta = sum_i w_i s_i B_i A_i
     (merge_utils.task_arithmetic), then U S V^T = delta and B = U_k S_k, A = V_k^T at
     k = svd_rank or max_i r_i; scaling 1. Exact when k >= sum_i r_i."""
+    from peft.utils import merge_utils
+
     dtype = torch.promote_types(As[0].dtype, torch.float32)
     deltas = [s * (b.to(dtype) @ a.to(dtype)) for a, b, s in zip(As, Bs, scalings)]  # N x (d_out, d_in)
     delta = merge_utils.task_arithmetic(deltas, weights.to(dtype))  # (d_out, d_in)

@@ -20,9 +20,9 @@ from ..errors import InputError
 from ..io import Example
 from ..models import BaseModel, check_model_name, encode, load_base_model
 from ..registry.store import AdapterRecord, Store
-from ..settings import COMPOSE
+from ..settings import COMPOSE, WEIGHTS
 from . import precision as precisions
-from .adapters import SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
+from .adapters import CONFIG_FILE, SAFETENSORS_FILE, LoraAdapter, check_compatible, load_adapter
 from .bank import LoraBank
 from .folder import ROUTER_FILE, shot_folder
 from .formulas import RANDOM_OPTION, combine, get_formula, resolve_options
@@ -47,9 +47,13 @@ class ComposeOptions:
     device: str = COMPOSE["device"]
     max_rows: int = COMPOSE["max_rows"]
     embedder: str | None = None
+    by: str = WEIGHTS["by"]  # what ranks the candidates of --modules auto: auto | data | weights
 
     def __post_init__(self):
         """Everything about the options alone is checked here, once, before any work; the pipeline trusts them."""
+        from ..retrieval import check_by
+
+        check_by(self.by)
         if self.weights and self.modules in ("auto", "random"):
             self.modules = list(self.weights)  # fixed weights without --modules compose exactly the weighted modules
         if not isinstance(self.modules, list) and self.modules not in ("auto", "random"):
@@ -112,7 +116,49 @@ def _candidates(store: Store, base_model: str | None) -> list[AdapterRecord]:
     return records
 
 
-def select_modules(store: Store, shots: list[Example], options: ComposeOptions) -> tuple[list[AdapterRecord], dict]:
+class BaseOnce:
+    """The base model of a composition, loaded at most once, in float32: for ranking weight cards (retrieval's
+    `base(name)`) and then for the search. `given`: a loaded model to use instead (its float32 copy)."""
+
+    def __init__(self, options: ComposeOptions, given: BaseModel | None = None):
+        self.options, self.given, self.loaded = options, given, None
+
+    def __call__(self, name: str | None = None) -> BaseModel:
+        if self.given is not None:
+            return self.given.fp32()
+        if self.loaded is None:
+            name = self.options.model_path or self.options.base_model or name
+            self.loaded = load_base_model(name, dtype="float32", device=self.options.device)
+        return self.loaded
+
+    def model(self) -> BaseModel | None:
+        """What the search should run on: the given model, or the one loaded for ranking (None: load then)."""
+        return self.given or self.loaded
+
+
+def retriever(store: Store, options: ComposeOptions, base: BaseOnce):
+    from ..retrieval import Retriever
+
+    return Retriever.from_store(store, options.by, options.base_model, options.embedder, base)
+
+
+def _selection(ranker, ranked, n: int, **extra) -> dict:
+    """How --modules auto chose: by what (data, weights or mixed), with which embedder or weight scorer."""
+    selection = {"method": "auto", "by": ranker.kind, "n": n, **extra}
+    if ranker.kind != "weights":
+        selection["embedder"] = ranker.embedder_key
+    if ranker.kind != "data":
+        selection["weights"] = ranker.about()
+    if ranked is not None:
+        selection["scores"] = {m.id: m.score for m in ranked}
+        if ranker.kind == "mixed":
+            selection["cards"] = {m.id: m.card for m in ranked}
+    return selection
+
+
+def select_modules(
+    store: Store, shots: list[Example], options: ComposeOptions, base: BaseOnce | None = None
+) -> tuple[list[AdapterRecord], dict]:
     """The candidate modules and how they were chosen (for the recipe)."""
     if isinstance(options.modules, list):
         records = [store.get(i) for i in dict.fromkeys(options.modules)]
@@ -126,24 +172,18 @@ def select_modules(store: Store, shots: list[Example], options: ComposeOptions) 
             )
         chosen = random.Random(options.search.seed).sample(pool, options.num_modules)
         return chosen, {"method": "random", "seed": options.search.seed, "n": options.num_modules}
-    from .. import retrieval
-
-    index = retrieval.CardIndex.from_store(store, options.base_model)
-    ranked = retrieval.task_level(index, index.embedder(options.embedder), shots, options.num_modules).results
-    selection = {
-        "method": "auto",
-        "n": options.num_modules,
-        "embedder": f"{index.embedder_id}@{index.embedder_revision}",
-        "scores": {m.id: m.score for m in ranked},
-    }
-    return [store.get(m.id) for m in ranked], selection
+    ranker = retriever(store, options, base or BaseOnce(options))
+    ranked = ranker.task(shots, options.num_modules).results
+    return [store.get(m.id) for m in ranked], _selection(ranker, ranked, options.num_modules)
 
 
 def load_modules(store: Store, records: list[AdapterRecord]) -> list[LoraAdapter]:
-    """Load each adapter after checking its weights against the registry's hash."""
+    """Load each adapter after checking its weights and its config (whose alpha scales the delta) against the
+    registry's hashes."""
     adapters = []
     for record in records:
         store.check_file(record, SAFETENSORS_FILE)
+        store.check_file(record, CONFIG_FILE)
         adapters.append(load_adapter(record.path, name=record.id))
     return adapters
 
@@ -171,18 +211,13 @@ def _module_entries(records: list[AdapterRecord], weights) -> list[dict]:
 
 
 def _versions() -> dict:
-    import importlib.metadata as metadata
+    """The installed versions, read from their metadata: a gradient search never imports nevergrad (a second)."""
+    from importlib.metadata import version
 
-    import peft
-    import transformers
-
-    # nevergrad's version from its metadata: importing it costs ~120 MB of memory a subspace search never uses.
     return {
         "lorahub": __version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "nevergrad": metadata.version("nevergrad"),
+        **{name: version(name) for name in ("transformers", "peft", "nevergrad")},
     }
 
 
@@ -385,14 +420,15 @@ def compose_task(
     `base`: an already loaded base model to use (and leave unchanged) instead of loading one."""
     spec = get_formula(options.formula)
     merge_options = options.merge_options()
-    records, selection = select_modules(store, shots, options)
+    once = BaseOnce(options, base)
+    records, selection = select_modules(store, shots, options, once)
     adapters = _load_compatible(store, records, options.formula)
     weights = _fixed_weights(records, options)
 
     def merge(w):
         return combine(adapters, None if spec.fixed_weights else w, options.formula, name="composed", **merge_options)
 
-    session = _Session(adapters, shots, options, base)
+    session = _Session(adapters, shots, options, once.model())
     try:
         result = None
         if weights is None:
@@ -436,19 +472,15 @@ def compose_instance(
         )
     if isinstance(options.modules, list) or options.modules != "auto":
         raise InputError("--level instance retrieves modules per shot.", "Use --modules auto (the default).")
-    index = retrieval.CardIndex.from_store(store, options.base_model)
-    embedder = index.embedder(options.embedder)
-    per_shot = retrieval.instance_level(index, embedder, shots, options.num_modules).shots
+    once = BaseOnce(options, base)
+    ranker = retriever(store, options, once)
+    per_shot = ranker.per_shot(shots, options.num_modules)
     sets = [[m.id for m in shot] for shot in per_shot]
-    task_ids = (
-        [m.id for m in retrieval.task_level(index, embedder, shots, options.num_modules).results]
-        if options.warm_start
-        else []
-    )
+    task_ids = [m.id for m in ranker.task(shots, options.num_modules).results] if options.warm_start else []
     union = list(dict.fromkeys([i for ids in sets for i in ids] + task_ids))
     records = [store.get(i) for i in union]
     adapters = _load_compatible(store, records, options.formula)
-    session = _Session(adapters, shots, options, base)
+    session = _Session(adapters, shots, options, once.model())
     try:
         position = {i: p for p, i in enumerate(union)}
         warm, results = None, []
@@ -477,14 +509,10 @@ def compose_instance(
         base_loss = session.base_loss(compositions[0])  # every shot's search scores all K shots
     finally:
         session.close()
-    router = retrieval.embed_inputs(embedder, index.text_recipe.instruction, [s.input for s in shots])  # (K, dim)
-    selection = {
-        "method": "auto",
-        "level": "instance",
-        "n": options.num_modules,
-        "warm_start": options.warm_start,
-        "embedder": f"{index.embedder_id}@{index.embedder_revision}",
-    }
+    router = retrieval.embed_inputs(ranker.embedder, ranker.instruction, [s.input for s in shots])  # (K, dim)
+    selection = _selection(
+        ranker, None, options.num_modules, level="instance", warm_start=options.warm_start, embedder=ranker.embedder_key
+    )
     warm_entry = None
     if warm:
         warm_entry = {
@@ -503,8 +531,8 @@ def compose_instance(
         compositions=entries,
         router={
             "file": ROUTER_FILE,
-            "embedder": selection["embedder"],
-            "instruction": index.text_recipe.instruction,
+            "embedder": ranker.embedder_key,
+            "instruction": ranker.instruction,
             "shots": [s.input for s in shots],
         },
     )

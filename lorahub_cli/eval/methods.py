@@ -6,6 +6,7 @@ single-best the one of the N retrieved modules with the lowest few-shot loss, al
 uniform     the N retrieved modules composed with equal weights w_i = 1/N (no search).
 lorahub     LoraHub: N random registry modules, weights searched on the shots.
 batchcomp   the same with the N modules retrieved for the whole task (task-level retrieval).
+batchcomp-weights  BatchComp with the N modules ranked by their weight cards alone (as if the library had no data).
 instance    iLoraComp: one composition per shot; each input answered by its nearest shot's.
 fft         full fine-tuning on the shots (the papers' upper bound: 40 epochs, lr 3e-5, batch 5).
 
@@ -27,9 +28,9 @@ from ..io import Example
 from ..models import BaseModel, encode, load_base_model, mean_token_loss, token_losses
 from ..settings import COMPOSE, EVAL
 
-METHODS = ("zero-shot", "icl", "single-best", "uniform", "lorahub", "batchcomp", "instance", "fft")
-COMPOSING = ("single-best", "uniform", "lorahub", "batchcomp", "instance")
-RETRIEVING = ("single-best", "uniform", "batchcomp", "instance")  # need the registry's cards
+METHODS = ("zero-shot", "icl", "single-best", "uniform", "lorahub", "batchcomp", "batchcomp-weights", "instance", "fft")
+COMPOSING = ("single-best", "uniform", "lorahub", "batchcomp", "batchcomp-weights", "instance")
+RETRIEVING = ("single-best", "uniform", "batchcomp", "batchcomp-weights", "instance")  # rank the registry's cards
 
 
 @dataclass
@@ -116,7 +117,7 @@ def icl(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> Met
     return MethodResult(ctx.generate([icl_prompt(shots, x) for x in inputs]))
 
 
-def _compose_options(ctx: Context, modules: str, seed: int, formula: str = COMPOSE["formula"]):
+def _compose_options(ctx: Context, modules: str, seed: int, formula: str = COMPOSE["formula"], by: str = "auto"):
     from ..compose.pipeline import ComposeOptions
     from ..compose.search import SearchConfig
 
@@ -128,6 +129,7 @@ def _compose_options(ctx: Context, modules: str, seed: int, formula: str = COMPO
         num_modules=c.num_modules,
         embedder=c.embedder,
         search=SearchConfig(optimizer=c.optimizer, budget=c.budget, l1=c.l1, seed=seed),
+        by=by,
     )
 
 
@@ -144,13 +146,12 @@ def _with_bank(ctx: Context, adapters, inputs: list[str], weights) -> list[str]:
         bank.remove()
 
 
-def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"]):
+def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"], by: str = "auto"):
     def method(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
         from ..compose.pipeline import compose_task
 
-        composition = compose_task(
-            ctx.store, shots, {"count": len(shots)}, _compose_options(ctx, modules, seed, formula), base=ctx.base
-        )
+        options = _compose_options(ctx, modules, seed, formula, by)
+        composition = compose_task(ctx.store, shots, {"count": len(shots)}, options, base=ctx.base)
         recipe, result = composition.recipe, composition.results[0]
         predictions = _with_bank(ctx, composition.adapters, inputs, torch.ones(1))
         return MethodResult(
@@ -170,9 +171,10 @@ def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int
     """The one of the N retrieved modules whose few-shot loss, alone at weight 1, is lowest (no search)."""
     from ..compose.bank import LoraBank
     from ..compose.objective import FewShotLoss
-    from ..compose.pipeline import load_modules, select_modules
+    from ..compose.pipeline import BaseOnce, load_modules, select_modules
 
-    records, _ = select_modules(ctx.store, shots, _compose_options(ctx, "auto", seed))
+    options = _compose_options(ctx, "auto", seed)
+    records, _ = select_modules(ctx.store, shots, options, BaseOnce(options, ctx.base))
     adapters = load_modules(ctx.store, records)
     answer = ctx.base.fp32()  # the loss that decides is an fp32 number, as a composition's recipe loss is
     bank = LoraBank(answer.model, adapters, mode="linear")
@@ -256,6 +258,9 @@ RUNNERS: dict[str, Callable[[Context, list[Example], list[str], int], MethodResu
     "lorahub": _task_level("random", "LoraHub: N random registry modules, weights searched on the shots."),
     "batchcomp": _task_level(
         "auto", "BatchComp: the N modules retrieved for the whole task, weights searched on the shots."
+    ),
+    "batchcomp-weights": _task_level(
+        "auto", "BatchComp with the N modules ranked by their weight cards alone (no data card used).", by="weights"
     ),
     "instance": instance,
     "fft": fft,

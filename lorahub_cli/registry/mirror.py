@@ -137,10 +137,11 @@ def ingest(
     card_job=None,
     warn=lambda message: None,
 ) -> AdapterRecord:
-    """Validate and normalise a staged adapter folder, build its card if asked, then commit it to the store.
+    """Validate and normalise a staged adapter folder, build its cards, then commit it to the store.
 
     `card_job` is a prepared card (registry.cards.CardJob): it is built into the staged folder, so the adapter
-    becomes visible with its card or not at all.
+    becomes visible with its card or not at all. The weight card (`store.weight_card`) is built there too; an
+    adapter it cannot be built for (one that lorahub's composition cannot load either) is stored without one.
     """
     config = _read_config(staged, adapter_id, shown)
     base_model = config["base_model_name_or_path"]
@@ -159,6 +160,11 @@ def ingest(
     else:
         (staged / PICKLE_FILE).unlink(missing_ok=True)
     _check_weights(staged, adapter_id)
+    if store.weight_card is not None:  # always made here from the weights, never taken from the source
+        try:
+            store.weight_card(staged, adapter_id, sha256_file(staged / SAFETENSORS_FILE))
+        except LorahubError as error:
+            warn(f"{adapter_id}: stored without a weight card: {error.message}")
     if card_job is None:
         card = _shipped_card(staged, adapter_id, warn)
     else:

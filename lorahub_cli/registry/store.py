@@ -3,8 +3,9 @@
 Layout under `home`:
   registry.sqlite                       the index (WAL, so readers never block writers)
   adapters/<slug>/<key>-<nonce>/        one folder per stored adapter version (weights never change;
-                                        the embedding card may be rebuilt in place)
+                                        the embedding and weight cards may be rebuilt in place)
   tmp/<pid>-<nonce>/                    staging folders, renamed into adapters/ when complete
+  cache/                                what can be derived again (the stacked weight-card index)
 
 An adapter becomes visible only when its complete folder has been renamed into
 place *and* its index row committed, so a kill at any point leaves either the
@@ -75,6 +76,9 @@ SAFETENSORS_FILE = "adapter_model.safetensors"
 # What PEFT's LoraConfig assumes when a config omits lora_alpha; the index must record the scaling PEFT applies.
 PEFT_DEFAULT_ALPHA = 8
 PICKLE_FILE = "adapter_model.bin"
+# The weight card (spectral/card.py): what retrieval and Arrow routing need from the weights, made at every add.
+WEIGHT_CARD = "lorahub_weights.safetensors"
+CARD_PREFIX = "lorahub_card."  # the embedding card's files (cards/card.py)
 
 # The Hub's repo id rules (NAMESPACE/NAME; letters, digits, '.', '_', '-'; no '--' or '..'; no leading or
 # trailing '.' or '-'), or one such NAME for a local adapter: an id is also a folder name, so nothing else.
@@ -88,7 +92,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 STAGING = re.compile(r"[0-9]+-[0-9a-f]{1,32}")  # tmp/<pid>-<nonce>
 MAX_TEXT = 4096  # the longest text field a row may hold (a source path)
 MAX_ROW_BYTES = 1 << 20  # a row or lorahub_adapter.json is a few kB: more is not one lorahub wrote
-MAX_FILES = 64  # files one adapter folder may name (lorahub stores at most six)
+MAX_FILES = 64  # files one adapter folder may name (lorahub stores at most seven)
 
 
 def shown(value, limit: int = 60) -> str:
@@ -167,10 +171,15 @@ class AdapterRecord:
     def has_card(self) -> bool:
         return self.card_status == "ready"
 
+    @property
+    def has_weight_card(self) -> bool:
+        return WEIGHT_CARD in self.files
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["path"] = str(self.path)
         data["has_card"] = self.has_card
+        data["has_weight_card"] = self.has_weight_card
         return data
 
 
@@ -265,9 +274,14 @@ class Store:
 
     `readonly=True` never writes (no folder, no schema, SQLite opened read-only), so reading commands
     work on a read-only home or mount.
+
+    `weight_card(folder, adapter_id, weights_sha256) -> {file: sha256}` writes an adapter's weight card into
+    its staged folder at every add, so the card is committed with the adapter (api.open_store gives
+    spectral/card.py's; without one, adds store no weight card and retrieval builds it when needed).
     """
 
-    def __init__(self, home: Path, readonly: bool = False):
+    def __init__(self, home: Path, readonly: bool = False, weight_card=None):
+        self.weight_card = weight_card
         self._locate(home, readonly)
         self._check_index()
         if not readonly:
@@ -278,6 +292,7 @@ class Store:
     def for_rebuild(cls, home: Path) -> Store:
         """A writable store whose index is not opened: `rebuild` replaces it, however damaged."""
         store = cls.__new__(cls)
+        store.weight_card = None
         store._locate(home, readonly=False)
         return store
 
@@ -557,6 +572,19 @@ class Store:
     def update_card(self, adapter_id: str, files: dict[str, str], embedder: str | None) -> AdapterRecord:
         """Record a card's files and embedder on an adapter's row (after the card files were written)."""
         status = "ready" if embedder else "none"
+        columns = {"card_status": status, "card_embedder": embedder}
+        return self.replace_files(adapter_id, files, lambda name: name.startswith(CARD_PREFIX), columns)
+
+    def set_weight_card(self, adapter_id: str, files: dict[str, str]) -> AdapterRecord:
+        """Record a weight card written into an adapter's folder (after the file was written)."""
+        return self.replace_files(adapter_id, files, lambda name: name == WEIGHT_CARD)
+
+    def replace_files(self, adapter_id: str, files: dict[str, str], replaced, columns: dict | None = None):
+        """Record `files` (written into the adapter's folder) in place of the recorded files whose name
+        `replaced(name)` is true, with new values of `columns` (card_status, card_embedder): one step for
+        both kinds of card, in the index and the folder's own copy of its row."""
+        columns = columns or {}
+        assert set(columns) <= {"card_status", "card_embedder"}, columns
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             row = db.execute("SELECT * FROM adapters WHERE id = ?", (adapter_id,)).fetchone()
@@ -564,14 +592,17 @@ class Store:
                 db.execute("ROLLBACK")
                 raise NotFoundError(f"adapter '{adapter_id}' is not in the registry.", "See: lorahub registry list")
             record = self._record(row)
-            merged = {k: v for k, v in record.files.items() if not k.startswith("lorahub_card.")}
+            merged = {k: v for k, v in record.files.items() if not replaced(k)}
             merged.update(files)
             size = sum(path.lstat().st_size for name in merged if (path := record.path / name).exists())
-            record.files, record.size, record.card_status, record.card_embedder = merged, size, status, embedder
+            record.files, record.size = merged, size
+            for name, value in columns.items():
+                setattr(record, name, value)
             _write_metadata(record.path, record)
+            assignments = "".join(f", {name} = ?" for name in columns)
             db.execute(
-                "UPDATE adapters SET files = ?, size = ?, card_status = ?, card_embedder = ? WHERE id = ?",
-                (json.dumps(merged), size, status, embedder, adapter_id),
+                f"UPDATE adapters SET files = ?, size = ?{assignments} WHERE id = ?",
+                (json.dumps(merged), size, *columns.values(), adapter_id),
             )
             db.execute("COMMIT")
         return self.get(adapter_id)
@@ -597,13 +628,7 @@ class Store:
         "unindexed" (a stored adapter whose index row is missing: `rebuild` restores it) or "foreign" (a folder
         or link lorahub did not store there). `prune` deletes the first two kinds only.
         """
-        problems, records = [], []
-        for row in self._rows():
-            try:
-                records.append(self._row_record(row, files=False))  # each file is reported below
-            except _Untrusted as problem:
-                shown_id = row["id"] if isinstance(row["id"], str) else shown(row["id"])
-                problems.append({"id": shown_id, "file": None, "problem": f"index row {problem}; not used"})
+        records, problems = self.trusted()
         for record in records:
             for name, expected in record.files.items():
                 try:
@@ -634,6 +659,18 @@ class Store:
                 if leftover["kind"] in ("staging", "superseded"):
                     shutil.rmtree(leftover["path"], ignore_errors=True)
         return problems, leftovers
+
+    def trusted(self) -> tuple[list[AdapterRecord], list[dict]]:
+        """The records whose index rows pass their checks (their files are not checked here), and a problem
+        {"id", "file": None, "problem"} for each row that does not (it is never used)."""
+        problems, records = [], []
+        for row in self._rows():
+            try:
+                records.append(self._row_record(row, files=False))
+            except _Untrusted as problem:
+                shown_id = row["id"] if isinstance(row["id"], str) else shown(row["id"])
+                problems.append({"id": shown_id, "file": None, "problem": f"index row {problem}; not used"})
+        return records, problems
 
     def _dead_staging(self) -> list[Path]:
         if not self.tmp.is_dir():

@@ -160,27 +160,43 @@ class Engine(ServingEngine):
         embedder: str | None = None,
         dtype: str = "auto",
         device: str = "auto",
+        by: str = "auto",
         **options,
     ) -> Engine:
-        """Every adapter with a card for the base model goes into the bank, so any top-k is served
-        without loading; memory grows with the library (r x (d_in + d_out) per targeted layer and adapter)."""
-        from .. import retrieval
+        """Every adapter of the base model goes into the bank, so any top-k is served without loading; memory
+        grows with the library (r x (d_in + d_out) per targeted layer and adapter). Requests rank them by data
+        cards, weight cards or both (`by`: retrieval.Retriever; weight cards are scored on the served model, in
+        its dtype); with compose arrow, every token is routed among all of them (`arrow_prototypes`)."""
         from ..compose.bank import LoraBank
         from ..compose.pipeline import load_modules
         from ..models import load_base_model
+        from ..retrieval import Retriever
 
-        index = retrieval.CardIndex.from_store(store, base_model)
-        query_embedder = index.embedder(embedder)
-        adapters = load_modules(store, [store.get(i) for i in index.ids])
-        base = load_base_model(model_path or index.base_model, dtype=dtype, device=device)
+        loaded = []
+
+        def load(name: str):
+            loaded.append(load_base_model(model_path or name, dtype=dtype, device=device))
+            return loaded[0]
+
+        retriever = Retriever.from_store(store, by, base_model, embedder, load)
+        records = [store.get(i) for i in retriever.ids]
+        adapters = load_modules(store, records)
+        base = loaded[0] if loaded else load(records[0].base_model)
+        arrow = None
+        if options.get("compose") == "arrow":
+            arrow = arrow_prototypes(store, records, adapters, options.get("k", DEFAULTS["k"]))
         bank = LoraBank(base.model, adapters, mode="linear")
-        router = RetrievalRouter(index, query_embedder, elementwise_ok=bank.elementwise_ok)
-        description = {
-            "source": "registry",
-            "base_model": index.base_model,
-            "adapters": len(adapters),
-            "embedder": f"{index.embedder_id}@{index.embedder_revision}",
-        }
+        if arrow is not None:
+            bank.arrow(*arrow)
+        router = RetrievalRouter(retriever, elementwise_ok=bank.elementwise_ok, arrow=arrow and arrow[1:])
+        description = {"source": "registry", "base_model": records[0].base_model, "adapters": len(adapters)}
+        description["by"] = retriever.kind
+        if retriever.kind != "weights":
+            description["embedder"] = retriever.embedder_key
+        if retriever.kind != "data":
+            description["weights"] = retriever.about()
+        if arrow is not None:
+            description["arrow"] = {"top_k": arrow[1], "temperature": arrow[2]}
         return cls(base, bank, router, description=description, **options)
 
     @classmethod
@@ -409,6 +425,29 @@ class Engine(ServingEngine):
             "max_input_tokens": self.max_input_tokens,
             "batching": self.batching,
         }
+
+
+def arrow_prototypes(store, records, adapters, top_k: int) -> tuple[dict, int, float]:
+    """(prototypes per module (N, d_in) in bank order, top_k, temperature) for the bank's Arrow mode, from the
+    adapters' weight cards; PEFT's constraints as one-line errors (spectral.arrow.check_arrow)."""
+    import torch
+
+    from ..settings import WEIGHTS
+    from ..spectral.arrow import check_arrow
+    from ..spectral.library import registry_index
+
+    temperature = WEIGHTS["arrow_temperature"]
+    check_arrow(adapters, top_k, temperature)
+    library = registry_index(store, records)
+    if library.left_out:
+        first = library.left_out[0]
+        raise InputError(
+            f"Arrow routing needs every adapter's weight card; '{first['id']}' has none: {first['problem']}",
+            "Serve only LoRA adapters lorahub can read, or use --compose mixture.",
+        )
+    index, order = library.index, [r.id for r in records]
+    rows = torch.tensor([index.ids.index(i) for i in order])
+    return {m: index.prototypes[m][rows] for m in index.modules}, top_k, temperature
 
 
 def _answer(request: Request, route: Route, g) -> Answer:

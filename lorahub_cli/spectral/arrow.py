@@ -27,9 +27,15 @@ from ..compose.adapters import LoraAdapter, check_compatible
 from ..errors import InputError
 
 
-def coefficients(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
-    """(t, E) routing weights for t token inputs (t x d_in): softmax over the top-k |x . v_e|, zero elsewhere."""
-    values, chosen = torch.topk((x @ prototypes.T).abs(), top_k, dim=1)
+def coefficients(
+    x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(t, E) routing weights for t token inputs (t x d_in): softmax over the top-k |x . v_e|, zero elsewhere.
+    `allowed` (t, E) bool: the experts each token may choose (a serving row's candidates; default all)."""
+    alignment = (x @ prototypes.T).abs()
+    if allowed is not None:
+        alignment = alignment.masked_fill(~allowed, float("-inf"))  # never chosen: exp(-inf) = 0
+    values, chosen = torch.topk(alignment, top_k, dim=1)
     return torch.zeros(x.shape[0], prototypes.shape[0], dtype=x.dtype, device=x.device).scatter_(
         1, chosen, torch.softmax(values / temperature, dim=1)
     )

@@ -1,15 +1,18 @@
 """A weight card: what retrieval and Arrow need from an adapter's weights, with no training data.
 
 One file beside the adapter, `lorahub_weights.safetensors`:
-  sigma  (L, r) float32   each targeted module's singular values of s B A, descending
-  core   (L, r, r) float32  K per module: diag(sigma) V^T = K A (spectral/svd.py)
-and, in the safetensors header, the module paths (the L rows, sorted), r, the scaling, the sha256 of the
+  sigma  (L, r) float32     each targeted module's singular values of s B A, descending
+  core   (L, m, r) float32  the first m rows of K per module: diag(sigma) V^T = K A (spectral/svd.py), so
+                            K[:m] A = the m leading right singular vectors, scaled by their singular values
+and, in the safetensors header, the module paths (the L rows, sorted), r, m, the scaling, the sha256 of the
 adapter weights it was built from, and the sha256 of all of that plus the tensor bytes.
 
-The right singular vectors themselves are not stored: with the adapter's A they are one r x r product away,
-and storing them would cost r d_in floats per module, as much as A. What the card holds is (r^2 + r) floats
-per module against the adapter's r (d_in + d_out): under 5% of an fp32 adapter whenever
-(r + 1) / (2 d) < 0.05 minus the header (docs/weights.md has the sizes measured).
+The right singular vectors themselves are not stored: with the adapter's A they are one small product away,
+and storing them would cost r d_in floats per module, as much as A. What the card holds is (m r + r) floats
+per module against the adapter's r (d_in + d_out): a share (m + 1) / (d_in + d_out) of an fp32 adapter plus
+the header. m = min(r, settings.WEIGHTS["card_directions"]) (4): the leading directions carry nearly all of
+a trained delta's energy, and keeping all r would cost (r + 1) / (2 d), 9% of the demo's r = 16, d = 96
+adapters (docs/weights.md has the sizes and the accuracy with 1, 4 and all 16 directions).
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from .. import __version__
 from ..compose.adapters import LoraAdapter, load_adapter
 from ..errors import IntegrityError, NotFoundError
 from ..io import atomic_write_bytes, sha256_file
-from ..registry.store import PICKLE_FILE, SAFETENSORS_FILE
+from ..registry.store import PICKLE_FILE, SAFETENSORS_FILE, WEIGHT_CARD
+from ..settings import WEIGHTS
 from .svd import lora_svd
 
-WEIGHT_CARD = "lorahub_weights.safetensors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 (phase A) stored all r rows of K
 REBUILD = "lorahub registry rebuild"
 SIGMA_RTOL = 1e-4  # a card read against its own adapter reproduces sigma to fp32 rounding; another's does not
 
@@ -42,7 +45,7 @@ class WeightCard:
     rank: int
     scaling: float
     sigma: torch.Tensor  # (L, r) float32
-    core: torch.Tensor  # (L, r, r) float32
+    core: torch.Tensor  # (L, m, r) float32: the first m rows of K
     adapter_sha256: str  # of the weights file the card was built from
     lorahub_version: str = __version__
 
@@ -51,10 +54,16 @@ class WeightCard:
             "format": str(FORMAT_VERSION),
             "modules": json.dumps(self.modules),
             "rank": str(self.rank),
+            "directions": str(self.directions),
             "scaling": repr(self.scaling),
             "adapter_sha256": self.adapter_sha256,
             "lorahub_version": self.lorahub_version,
         }
+
+    @property
+    def directions(self) -> int:
+        """m: the leading right singular directions the card gives per module."""
+        return self.core.shape[1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"sigma": self.sigma.float().contiguous(), "core": self.core.float().contiguous()}
@@ -88,15 +97,18 @@ class WeightCard:
                 adapter_sha256=meta["adapter_sha256"],
                 lorahub_version=meta.get("lorahub_version", ""),
             )
-            L, r = len(card.modules), card.rank
-            if card.sigma.shape != (L, r) or card.core.shape != (L, r, r):
-                raise ValueError(f"tensors of shape {tuple(card.sigma.shape)}, {tuple(card.core.shape)} for {L} x {r}")
+            L, r, m = len(card.modules), card.rank, int(meta["directions"])
+            if card.sigma.shape != (L, r) or card.core.shape != (L, m, r) or not 1 <= m <= r:
+                raise ValueError(
+                    f"tensors of shape {tuple(card.sigma.shape)}, {tuple(card.core.shape)} for {L} x {m} x {r}"
+                )
         except (ValueError, KeyError, TypeError, OSError, RuntimeError, SafetensorError) as error:
             raise damaged(label, error) from None
         return card
 
     def spectra(self, adapter: LoraAdapter, name: str = "") -> dict[str, torch.Tensor]:
-        """Per module, diag(S) V^T = K A (r x d_in, float32): the scaled right singular vectors as rows.
+        """Per module, the m leading rows of diag(S) V^T = K A (m x d_in, float32): the scaled right singular
+        vectors as rows.
 
         Raises IntegrityError if the adapter is not the one the card was built from (other modules, or
         singular values that its A does not reproduce)."""
@@ -106,8 +118,8 @@ class WeightCard:
         out = {}
         for row, module in enumerate(self.modules):
             A = adapter.modules[module][0].to(torch.float64)
-            rows = self.core[row].to(torch.float64) @ A  # (r, d_in)
-            sigma = self.sigma[row].to(torch.float64)
+            rows = self.core[row].to(torch.float64) @ A  # (m, d_in)
+            sigma = self.sigma[row, : self.directions].to(torch.float64)
             if not torch.allclose(rows.norm(dim=1), sigma, rtol=SIGMA_RTOL, atol=SIGMA_RTOL * float(sigma[0])):
                 raise damaged(label, ValueError(f"module '{module}' does not reproduce its singular values"))
             out[module] = rows.float()
@@ -157,25 +169,30 @@ def adapter_weights_file(folder: Path) -> Path:
     raise NotFoundError(f"no {SAFETENSORS_FILE} or {PICKLE_FILE} in '{folder}'.", "Point to a PEFT adapter folder.")
 
 
-def build_weight_card(adapter: LoraAdapter, adapter_sha256: str) -> WeightCard:
-    """The card of an adapter already read: one QR-and-small-SVD per module (spectral/svd.py), in float64."""
+def build_weight_card(
+    adapter: LoraAdapter, adapter_sha256: str, directions: int = WEIGHTS["card_directions"]
+) -> WeightCard:
+    """The card of an adapter already read: one QR-and-small-SVD per module (spectral/svd.py), in float64,
+    keeping K's first min(r, directions) rows."""
     modules = sorted(adapter.modules)
     spectra = [lora_svd(*adapter.modules[m], adapter.scaling, vectors=False) for m in modules]
+    keep = min(adapter.r, directions)
     return WeightCard(
         modules=modules,
         rank=adapter.r,
         scaling=adapter.scaling,
         sigma=torch.stack([s.S for s in spectra]).float(),
-        core=torch.stack([s.K for s in spectra]).float(),
+        core=torch.stack([s.K[:keep] for s in spectra]).float(),
         adapter_sha256=adapter_sha256,
     )
 
 
-def write_weight_card(folder: Path, name: str | None = None) -> dict[str, str]:
-    """Build the card of a PEFT LoRA folder and write it there; returns {file name: sha256}."""
+def write_weight_card(folder: Path, name: str | None = None, adapter_sha256: str | None = None) -> dict[str, str]:
+    """Build the card of a PEFT LoRA folder and write it there (atomically); returns {file name: sha256}.
+    `adapter_sha256`: the weights file's known hash (else it is hashed). The registry's `Store.weight_card`."""
     folder = Path(folder)
     adapter = load_adapter(folder, name)
-    return build_weight_card(adapter, sha256_file(adapter_weights_file(folder))).save(folder)
+    return build_weight_card(adapter, adapter_sha256 or sha256_file(adapter_weights_file(folder))).save(folder)
 
 
 def load_checked(folder: Path, name: str = "", adapter_sha256: str | None = None) -> tuple[WeightCard, LoraAdapter]:

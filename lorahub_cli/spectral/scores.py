@@ -1,29 +1,35 @@
 """Ranking adapters from their weights: the inputs each targeted layer sees, scored against every adapter.
 
-For layer l, token input x (d_in) with x^ = x / |x|, and adapter i with top right singular vector v_i and
-scaled right singular vectors diag(S_i) V_i^T (r x d_in):
+For layer l, token input x (d_in) and adapter i with top right singular vector v_i and leading scaled right
+singular vectors diag(S_i) V_i^T (m x d_in, the weight card's m directions):
 
     Arrow   a_il(x) = |x^ . v_i|             (|cos|: v_i is a unit vector)
-    SpectR  p_il(x) = |diag(S_i) V_i^T x^|   (= |s_i B_i A_i x^|, the norm of the delta's output)
+    SpectR  p_il(x) = |diag(S_i) V_i^T x^|   (the norm of the delta's output along its m leading directions)
 
-Both are one matrix product per layer against a stacked matrix: P_l (n x d_in) for Arrow, R_l (n r x d_in)
-for SpectR, whose rows i r .. i r + r - 1 are adapter i's (zero rows where an adapter has a lower rank or
-does not target the layer). Scores are then pooled over a group's (a shot set's, a request's) tokens:
+where x^ is the input made ready for scoring: x less the background's mean and its `shared` leading principal
+directions (what every input has, task or not: Mu & Viswanath's "all-but-the-top"), then unit length.
+Both are one matrix product per layer against a stacked matrix: P_l (n x d_in) for Arrow, R_l (n m x d_in)
+for SpectR, whose rows i m .. i m + m - 1 are adapter i's (zero rows where an adapter has fewer or does not
+target the layer). Scores are then pooled over a group's (a shot set's, a request's) tokens:
 
     tokens    score_il = mean_t a_il(x_t)                     (Arrow's per-token view)
     rms       score_il = sqrt(mean_t a_il(x_t)^2)             (exactly one product with the query's
               principal directions; `directions` keeps the top few, an approximation that is cheaper at scale)
     centroid  score_il = a_il(c_l), c_l = mean_t x^_t         (one product row per group)
 
-averaged over the layers adapter i targets, score_i = mean_l score_il, and divided by the same score on a
-background of random token sequences, score_i / background_i (docs/weights.md: without it a few adapters
-whose directions the base model's inputs always align with rank first for every query).
+and calibrated against the same score on a background of random token sequences, b_il:
+
+    layer (default)  score_i = mean_l score_il / b_il   over the layers adapter i targets (each layer counts alike)
+    total            score_i = (mean_l score_il) / (mean_l b_il)
+
+(docs/weights.md: without the background a few adapters whose directions the base model's inputs always
+align with rank first for every query).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,40 +37,62 @@ import torch
 from ..errors import InputError
 from ..io import Example
 from ..models import BaseModel
+from ..settings import WEIGHTS
 from .card import load_checked, prototype
 
 METHODS = ("arrow", "spectr")
 POOLS = ("tokens", "rms", "centroid")
+CALIBRATIONS = ("layer", "total")
+MAX_SHARED = 4  # background directions a Background keeps: the most any scorer may remove
+CONSTANT_TOLERANCE = 1e-5  # a module whose background inputs all lie this close (relative) to their mean is constant
 
 
 @dataclass(frozen=True)
 class Scorer:
-    """How a token is scored (`method`), how a group's tokens are pooled (`pool`) and, for rms, how many of
-    the query's principal directions are kept (None: all, exact)."""
+    """How a token is scored (`method`), how a group's tokens are pooled (`pool`; for rms, how many of the
+    query's principal directions are kept, `directions`, None: all, exact), how many of the background's
+    principal directions are removed from every input with its mean (`shared`, None: inputs as they are) and
+    how the layers' scores are calibrated against the background's (`calibration`)."""
 
     method: str
     pool: str
     directions: int | None = None
+    shared: int | None = None
+    calibration: str = "layer"
 
     def __post_init__(self):
-        if self.method not in METHODS or self.pool not in POOLS:
+        if self.method not in METHODS or self.pool not in POOLS or self.calibration not in CALIBRATIONS:
             raise InputError(
-                f"unknown weight score '{self.method}' / pooling '{self.pool}'.",
-                f"Use one of {', '.join(METHODS)} and one of {', '.join(POOLS)}.",
+                f"unknown weight score '{self.method}' / pooling '{self.pool}' / calibration '{self.calibration}'.",
+                f"Use one of {', '.join(METHODS)}, one of {', '.join(POOLS)} and one of {', '.join(CALIBRATIONS)}.",
             )
         if self.directions is not None and (self.pool != "rms" or self.directions < 1):
             raise InputError(
                 f"directions = {self.directions} with pooling '{self.pool}'.",
                 "Keep directions (1 or more) for rms pooling only.",
             )
+        if self.shared is not None and not 0 <= self.shared <= MAX_SHARED:
+            raise InputError(
+                f"shared = {self.shared}: the background keeps {MAX_SHARED} directions.",
+                f"Remove 0 to {MAX_SHARED} of them (or none at all: shared None).",
+            )
 
     @property
     def name(self) -> str:
-        return f"{self.method}-{self.pool}" + (f"/{self.directions}" if self.directions else "")
+        """e.g. spectr-rms/16-s1: SpectR, rms over 16 directions, inputs less the background's mean and first
+        direction; "-total" marks the total calibration."""
+        return (
+            f"{self.method}-{self.pool}"
+            + (f"/{self.directions}" if self.directions else "")
+            + (f"-s{self.shared}" if self.shared is not None else "")
+            + ("-total" if self.calibration == "total" else "")
+        )
 
 
-DEFAULT_SCORER = Scorer("spectr", "rms", 16)
-"""The best and steadiest on the demo library over three background draws (docs/weights.md); chosen there."""
+DEFAULT_SCORER = Scorer(**WEIGHTS["scorer"])
+"""Chosen on two demo libraries by the rule in docs/weights.md (the best worst case of the two)."""
+SHORTLIST_SCORER = Scorer(**WEIGHTS["shortlist_scorer"])
+"""The first stage over every adapter of a large registry: one product row per module (docs/weights.md)."""
 
 
 @dataclass
@@ -106,15 +134,16 @@ class WeightIndex:
         present = torch.tensor([[m in entries[i] for m in modules] for i in ids])
         return cls(ids, modules, rank, prototypes, stacked, present)
 
-    def subset(self, positions: torch.Tensor) -> WeightIndex:
-        """The index of the adapters at `positions` (a shortlist to re-rank with a costlier score)."""
+    def subset(self, positions: torch.Tensor, prototypes: bool = True, spectra: bool = True) -> WeightIndex:
+        """The index of the adapters at `positions` (a shortlist to re-rank with a costlier score); a scorer
+        reads only one of the stacks (Arrow the prototypes, SpectR the spectra), so the other may be left out."""
         rows = (positions[:, None] * self.rank + torch.arange(self.rank)).reshape(-1)
         return WeightIndex(
             [self.ids[i] for i in positions.tolist()],
             self.modules,
             self.rank,
-            {m: p[positions] for m, p in self.prototypes.items()},
-            {m: s[rows] for m, s in self.spectra.items()},
+            {m: p[positions] for m, p in self.prototypes.items()} if prototypes else {},
+            {m: s.index_select(0, rows) for m, s in self.spectra.items()} if spectra else {},
             self.present[positions],
         )
 
@@ -150,17 +179,50 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
+@dataclass
+class Background:
+    """Inputs of no task (`background_examples`), summarised per module: the mean of their layer inputs and
+    the leading principal directions of those inputs less the mean, which scorers with `shared` remove from
+    every input before scoring; `inputs` are the inputs themselves (kept to score adapters on them)."""
+
+    mean: dict[str, torch.Tensor]  # module -> (d_in,)
+    directions: dict[str, torch.Tensor]  # module -> (MAX_SHARED, d_in), orthonormal rows (fewer when d_in is small)
+    inputs: LayerInputs | None = None
+    # Modules whose input is the same for every background sequence (a seq2seq decoder's first layers fed only
+    # the start token, as a request is): they see nothing of a task, and less their mean they are float noise,
+    # so `score` leaves them out.
+    constant: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, inputs: LayerInputs) -> Background:
+        mean, directions, constant = {}, {}, set()
+        for module, x in inputs.x.items():
+            x = x.double()
+            mean[module] = x.mean(dim=0)
+            spread = float((x - mean[module]).norm(dim=1).max()) if x.shape[0] else 0.0
+            if spread <= CONSTANT_TOLERANCE * max(float(mean[module].norm()), 1e-30):
+                constant.add(module)
+            _, _, Vh = torch.linalg.svd(x - mean[module], full_matrices=False)
+            mean[module], directions[module] = mean[module].float(), Vh[:MAX_SHARED].float()
+        return cls(mean, directions, inputs, constant)
+
+    def prepare(self, x: torch.Tensor, module: str, shared: int | None) -> torch.Tensor:
+        """Token inputs (N, d_in) as `score` uses them: less the mean and the first `shared` directions."""
+        if shared is None:
+            return unit(x)
+        x = x - self.mean[module]
+        P = self.directions[module][:shared]
+        return unit(x - (x @ P.T) @ P)
+
+
 def project(rows: torch.Tensor, index: WeightIndex, module: str, method: str) -> torch.Tensor:
     """(m, n): |row . v_i| (Arrow) or |diag(S_i) V_i^T row| (SpectR) for every row and adapter at one module:
-    one matrix product against the stacked (n x d_in) or (n r x d_in) matrix."""
+    one matrix product against the stacked (n x d_in) or (n m x d_in) matrix."""
     if method == "arrow":
-        return (rows @ index.prototypes[module].T).abs()
-    return (rows @ index.spectra[module].T).view(rows.shape[0], len(index.ids), index.rank).norm(dim=-1)
-
-
-def token_scores(x: torch.Tensor, index: WeightIndex, module: str, method: str) -> torch.Tensor:
-    """(N, n): every token's Arrow |cos| or SpectR norm (of its unit input) against every adapter."""
-    return project(unit(x.float()), index, module, method)
+        stack = index.prototypes[module]
+        return (rows.to(stack.dtype) @ stack.T).float().abs()
+    stack = index.spectra[module]
+    return (rows.to(stack.dtype) @ stack.T).float().view(rows.shape[0], len(index.ids), index.rank).norm(dim=-1)
 
 
 def principal(x: torch.Tensor, directions: int | None) -> torch.Tensor:
@@ -169,14 +231,21 @@ def principal(x: torch.Tensor, directions: int | None) -> torch.Tensor:
     x = x / x.shape[0] ** 0.5
     if directions is None or directions >= min(x.shape):
         return x
-    _, S, Vh = torch.linalg.svd(x, full_matrices=False)
-    return S[:directions, None] * Vh[:directions]
+    # The eigenvectors of x^T x (d_in x d_in, float64) are x's right singular vectors, its eigenvalues S^2: half
+    # the time of an SVD of the (tokens x d_in) x, which a ranking pays once per module.
+    values, vectors = torch.linalg.eigh(x.double().T @ x.double())
+    top = values.flip(0)[:directions].clamp_min(0).sqrt()
+    return (top[:, None] * vectors.flip(1)[:, :directions].T).to(x.dtype)
 
 
-def group_scores(inputs: LayerInputs, index: WeightIndex, module: str, scorer: Scorer) -> torch.Tensor:
+def group_scores(
+    inputs: LayerInputs, index: WeightIndex, module: str, scorer: Scorer, background: Background | None = None
+) -> torch.Tensor:
     """(groups, n): one module's scores, pooled over each group's tokens."""
     method = scorer.method
-    x, group = unit(inputs.x[module].float()), inputs.group[module]
+    x = inputs.x[module].float()
+    x = unit(x) if background is None else background.prepare(x, module, scorer.shared)
+    group = inputs.group[module]
     counts = torch.bincount(group, minlength=inputs.groups).clamp_min(1).float()
     mean = torch.zeros(inputs.groups, x.shape[0]).index_put_((group, torch.arange(x.shape[0])), 1 / counts[group])
     if scorer.pool == "tokens":
@@ -190,19 +259,42 @@ def group_scores(inputs: LayerInputs, index: WeightIndex, module: str, scorer: S
     return torch.stack(squares).sqrt()
 
 
-def score(
-    index: WeightIndex, inputs: LayerInputs, scorer: Scorer = DEFAULT_SCORER, background: torch.Tensor | None = None
+def layer_scores(
+    index: WeightIndex, inputs: LayerInputs, scorer: Scorer, background: Background | None = None
 ) -> torch.Tensor:
-    """(groups, n): each group's score of every adapter, pooled over its tokens, averaged over the layers each
-    adapter targets (only layers present in `inputs` count), divided by `background` (n,) where given."""
-    total = torch.zeros(inputs.groups, len(index.ids))
-    layers = torch.zeros(len(index.ids))
-    for column, module in enumerate(index.modules):
+    """(L, groups, n): every module's pooled scores (L: the index's modules; 0 where `inputs` lack one).
+    Inputs are prepared by `background` (`Background.prepare`) when given, else only made unit length."""
+    if scorer.shared is not None and background is None:
+        raise InputError(f"scorer {scorer.name} removes background directions; none was given.", "Pass one.")
+    out = torch.zeros(len(index.modules), inputs.groups, len(index.ids))
+    for row, module in enumerate(index.modules):
         if module in inputs.x:
-            total += group_scores(inputs, index, module, scorer)
-            layers += index.present[:, column].float()
-    total /= layers.clamp_min(1)
-    return total if background is None else total / background.clamp_min(1e-12)
+            out[row] = group_scores(inputs, index, module, scorer, background)
+    return out
+
+
+def score(
+    index: WeightIndex,
+    inputs: LayerInputs,
+    scorer: Scorer = DEFAULT_SCORER,
+    background: Background | None = None,
+    reference: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(groups, n): each group's score of every adapter over the layers it targets (and `inputs` reached, and
+    the background does not find constant):
+    calibrated against `reference` (L, n), the adapters' `layer_scores` on the background, as the scorer says,
+    or (no reference) their mean."""
+    skipped = background.constant if background is not None else set()
+    reached = torch.tensor([m in inputs.x and m not in skipped for m in index.modules])
+    layers = (index.present & reached[None, :]).T.float()  # (L, n)
+    values = layer_scores(index, inputs, scorer, background)  # (L, groups, n)
+    count = layers.sum(dim=0).clamp_min(1)  # (n,)
+    if reference is None:
+        return (values * layers[:, None]).sum(dim=0) / count
+    reference = reference.clamp_min(1e-12)
+    if scorer.calibration == "layer":
+        return (values / reference[:, None] * layers[:, None]).sum(dim=0) / count
+    return (values * layers[:, None]).sum(dim=0) / (reference * layers).sum(dim=0).clamp_min(1e-12)
 
 
 def background_examples(tokenizer, with_targets: bool, sequences: int = 256, seed: int = 0) -> list[Example]:
@@ -229,18 +321,17 @@ def background_examples(tokenizer, with_targets: bool, sequences: int = 256, see
 
 
 def background(
-    index: WeightIndex,
-    base: BaseModel,
-    scorer: Scorer = DEFAULT_SCORER,
-    with_targets: bool = True,
-    seed: int = 0,
-    sequences: int = 256,
-) -> torch.Tensor:
-    """(n,): every adapter's score on `background_examples`: what it scores on inputs of no task. A query's
-    score divided by it is how much more the query engages the adapter than noise does (docs/weights.md)."""
+    base: BaseModel, modules: Sequence[str], with_targets: bool = True, seed: int = 0, sequences: int = 256
+) -> Background:
+    """The background of a base model at `modules`: one forward pass over `background_examples`."""
     examples = background_examples(base.tokenizer, with_targets, sequences, seed)
-    inputs = capture_layer_inputs(base, examples, index.modules).merged()
-    return score(index, inputs, scorer)[0]
+    return Background.of(capture_layer_inputs(base, examples, modules).merged())
+
+
+def reference(index: WeightIndex, background: Background, scorer: Scorer = DEFAULT_SCORER) -> torch.Tensor:
+    """(L, n): every adapter's layer scores on the background: what it scores on inputs of no task. A query's
+    score divided by it is how much more the query engages the adapter than noise does (docs/weights.md)."""
+    return layer_scores(index, background.inputs, scorer, background)[:, 0]
 
 
 def rank(index: WeightIndex, scores: torch.Tensor, k: int) -> list[list[dict]]:
