@@ -122,6 +122,7 @@ def measure(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
     wall = time.perf_counter() - wall
     compiled_times = [timed(compiled) for _ in range(repeats)]
     eager_s, compiled_s = statistics.median(eager_times), statistics.median(compiled_times)
+    graphs = _graphs()  # more than one: a new weight vector recompiled (dynamo guards), not the fixed shapes
     saved = eager_s - compiled_s
     return {
         "dtype": str(dtype).removeprefix("torch."),
@@ -133,7 +134,18 @@ def measure(device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
         "compiled_seconds_per_evaluation": compiled_s,
         "speedup_per_evaluation": eager_s / compiled_s,
         "evaluations_to_pay_back": (first - compiled_s) / saved if saved > 0 else None,
+        "graphs_compiled": graphs,
     }
+
+
+def _graphs() -> int | None:
+    """How many graphs dynamo compiled so far (torch's internal counters; None where they are not there)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except Exception:
+        return None
 
 
 def main() -> None:
@@ -185,7 +197,8 @@ def verdict(device: torch.device, results: list[dict], evaluations: int) -> str:
         back = "never" if r["evaluations_to_pay_back"] is None else f"after {r['evaluations_to_pay_back']:.0f}"
         parts.append(
             f"{r['dtype']}: {'PAYS' if pays else 'does not pay'} (compile {r['compile_seconds']:.1f} s, "
-            f"{r['speedup_per_evaluation']:.2f}x per evaluation, paid back {back} evaluations)"
+            f"{r['speedup_per_evaluation']:.2f}x per evaluation, paid back {back} evaluations, "
+            f"{r.get('graphs_compiled')} graphs)"
         )
     return f"torch.compile on {device.type}, {evaluations} evaluations a search: " + "; ".join(parts)
 
