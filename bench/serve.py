@@ -5,9 +5,9 @@ Two settings over the flan-t5-base-shaped random fixture (bench/fixtures.py; LoR
 - today: 256 requests drawn evenly from 20 Big-Bench Hard tasks (their real inputs, 11-197
   WordPiece tokens), over 20 random LoRA modules; adapter i's card is built from task i's
   first 50 inputs. 16 new tokens.
-- library (LoraRetriever's setting): a library of 117 random modules, one per task text:
+- library (LoraRetriever's setting): a library of 118 random modules, one per task text:
   the 27 BBH tasks in three prompt templates each (as FLAN's templates make several
-  modules of one dataset), the 28 tasks of lorahub's demo world and the 8 example tasks;
+  modules of one dataset), the 29 tasks of lorahub's demo world and the 8 example tasks;
   each module's card is built from the first 50 inputs of its task. Traffic: 256 requests
   evenly from 48 of those tasks (seeded choice among tasks whose inputs fit 512 tokens).
   32 new tokens.
@@ -34,6 +34,18 @@ process (so peak memory is its own):
   baseline of continuous batching (the default, `lorahub_cli/decoding.py`). Their rows give the ratio
   continuous / static in process and over HTTP (throughput, and p50 / p95 at the same arrival rate).
 
+- ours-scored against merge-per-request: every request with its own weights (compose "scored": its top 3
+  weighted by the softmax of its own retrieval scores / 0.1), so merging per group is merging per request:
+  the baseline merges each request's weighted delta and decodes it alone (the weights are computed in this
+  file, not by lorahub).
+- crossover, ours against merge-per-group: the first --crossover-requests requests, request i composed as the
+  (i mod C)-th of C scored compositions, for each C in --distinct; both sides given the compositions (ours:
+  `generation.generate_tokens` over the bank, batches of 32; merge-per-group: one merge per composition). As
+  C grows, merge-per-group's groups shrink and ours stays one batch: where its time passes ours is the
+  crossover. Both sides run in one process, which goes first alternating from one C to the next.
+- ours-http also posts --alone-requests requests one at a time to the idle server (the latency of a request
+  served alone) before its fixed-rate run; the report gives p50 at the fixed rate over that.
+
 Mixed answer lengths (`--answer-lengths 4-64`): request i asks for its own max_new_tokens, drawn
 uniformly from the range (seeded, the same in every method); `--eos` lets the end-of-sequence token end
 rows (only the other special tokens are suppressed). Static batches then decode each batch to its longest
@@ -56,6 +68,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -93,7 +106,11 @@ METHODS = (
     "base-model",
     "ours-mixture-static",
     "ours-http-static",
+    "ours-scored",
+    "merge-per-request",
+    "crossover",
 )
+CROSSOVER = ("crossover",)
 LENGTH_SEED = 12  # request i's max_new_tokens under --answer-lengths: random.Random(LENGTH_SEED), i-th draw
 
 
@@ -121,13 +138,43 @@ def tasks() -> list[str]:
 
 
 def build_world(setting: str, n_requests: int) -> dict:
+    task_inputs, adapter_dirs, traffic = today_library() if setting == "today" else large_library()
     world_file = CACHE / setting / f"world-{n_requests}.json"
     if world_file.exists():
-        return json.loads(world_file.read_text())
-    task_inputs, adapter_dirs, traffic = today_library() if setting == "today" else large_library()
+        world = json.loads(world_file.read_text())
+        # A world of another library is built again (the demo world renamed tasks; or it retrieved from modules
+        # of another library the registry held then).
+        library = set(world["adapter_dirs"])
+        if library == set(task_inputs) and all(set(r["routes"]) <= library for r in world["requests"]):
+            if "scores" not in world["requests"][0]:  # a world built before the scored setting: add its scores
+                world = with_scores(world)
+                world_file.write_text(json.dumps(world))
+            return world
     world = register(CACHE / setting, task_inputs, adapter_dirs, traffic, n_requests)
     world_file.write_text(json.dumps(world))
     return world
+
+
+def with_scores(world: dict) -> dict:
+    """Each request's retrieval scores of its top K (the same retrieval that chose its routes)."""
+    from lorahub_cli import retrieval
+    from lorahub_cli.io import Example
+    from lorahub_cli.registry import Store
+
+    index = retrieval.CardIndex.from_store(Store(Path(world["home"])))
+    texts = [Example(r["input"]) for r in world["requests"]]
+    for request, matches in zip(world["requests"], retrieval.per_input(index, index.embedder(), texts, K).inputs):
+        assert [m.id for m in matches] == request["routes"], "the same retrieval"
+        request["scores"] = [m.score for m in matches]
+    return world
+
+
+def score_weights(scores: list[float]) -> list[float]:
+    """compose 'scored': softmax(s / t) over a request's K scores, written out here (not lorahub's code)."""
+    from lorahub_cli.settings import SERVE
+
+    exps = [math.exp(x / SERVE["score_temperature"]) for x in scores]
+    return [e / sum(exps) for e in exps]
 
 
 def today_library():
@@ -141,7 +188,7 @@ def today_library():
 
 
 def large_library():
-    """117 task texts (27 BBH tasks x 3 templates, 28 demo-world tasks, 8 example tasks), one random module
+    """118 task texts (27 BBH tasks x 3 templates, the demo world's 29 tasks, 8 example tasks), one random module
     each (the fixture's recipe, seeds LIBRARY_SEED + i); traffic from 48 of them, seeded."""
     from fixtures import _tokenizer, fixture
 
@@ -219,6 +266,9 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
             card_from_source(
                 store, task, CardOptions(data=data, inputs_only=True, instruction=LORARETRIEVER_INSTRUCTION)
             )
+    for record in store.list():
+        if record.id not in task_inputs:  # a module of an earlier library in this cache's own registry
+            store.remove(record.id)
     rng = random.Random(0)
     # Evenly over the traffic's tasks, shuffled so every batch mixes them.
     chosen = [
@@ -237,7 +287,13 @@ def register(root: Path, task_inputs: dict, adapter_dirs: dict, traffic: list[st
         "traffic_tasks": len(traffic),
         "adapter_dirs": {t: str(store.get(t).path) for t in task_inputs},
         "requests": [
-            {"task": t, "input": text, "routes": [m.id for m in matches]} for (t, text), matches in zip(chosen, ranked)
+            {
+                "task": t,
+                "input": text,
+                "routes": [m.id for m in matches],
+                "scores": [m.score for m in matches],
+            }
+            for (t, text), matches in zip(chosen, ranked)
         ],
     }
 
@@ -323,27 +379,40 @@ def base_model(world, limits: list[int], eos: bool) -> dict:
     return {"seconds": time.perf_counter() - start, "outputs": outputs}
 
 
-def merge_per_group(world, limits: list[int], eos: bool, fraction: float) -> dict:
+def compositions(world, weighting: str) -> list[tuple[tuple[str, float], ...]]:
+    """Each request's composition, (adapter, weight) pairs: its K routes at 1/K (mixture), or weighted by its own
+    scores (scored; no two requests share one)."""
+    out = []
+    for r in world["requests"]:
+        weights = score_weights(r["scores"]) if weighting == "scored" else [1 / len(r["routes"])] * len(r["routes"])
+        out.append(tuple(sorted(zip(r["routes"], weights))))
+    return out
+
+
+def merge_per_group(world, limits: list[int], eos: bool, fraction: float, weighting: str = "mixture", base=None):
     """LoraRetriever's reference approach, made as fast as it goes: per group of requests with the same
-    retrieved set, read the adapters from disk and merge their average delta into the base weights."""
+    composition, read the adapters from disk and merge their weighted delta into the base weights (1/K each for
+    mixture: a group per retrieved set; scored: a group per request). `world["compositions"]`, when given,
+    replaces the requests' own (the crossover run)."""
     from safetensors.torch import load_file
 
     from lorahub_cli.generation import generate
     from lorahub_cli.models import load_base_model
 
-    base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
-    suppress_special(base.model, base.tokenizer, eos)
+    if base is None:
+        base = load_base_model(world["model_dir"], dtype="float32", device="cpu")
+        suppress_special(base.model, base.tokenizer, eos)
+    own = world.get("compositions") or compositions(world, weighting)
     groups = defaultdict(list)
-    for i, r in enumerate(world["requests"]):
-        groups[tuple(sorted(r["routes"]))].append(i)
+    for i, composition in enumerate(own):
+        groups[tuple(composition)].append(i)
     generate(base, [world["requests"][0]["input"]], max_new_tokens=2, batching="static")  # warm-up
     outputs = [None] * len(world["requests"])
     chosen = sample_units(list(groups.values()), fraction)
     start = time.perf_counter()
     for rows in chosen:
-        ids = tuple(sorted(world["requests"][rows[0]]["routes"]))
         deltas = defaultdict(float)
-        for adapter in ids:
+        for adapter, w in own[rows[0]]:
             folder = Path(world["adapter_dirs"][adapter])
             config = json.loads((folder / "adapter_config.json").read_text())
             scaling = config["lora_alpha"] / config["r"]
@@ -352,7 +421,7 @@ def merge_per_group(world, limits: list[int], eos: bool, fraction: float) -> dic
                 if ".lora_A." in key:
                     module = key.removeprefix("base_model.model.").split(".lora_A.")[0]
                     B = state[key.replace(".lora_A.", ".lora_B.")]
-                    deltas[module] = deltas[module] + (scaling / len(ids)) * (B @ A)  # (d_out, d_in)
+                    deltas[module] = deltas[module] + (w * scaling) * (B @ A)  # (d_out, d_in)
         saved = {}
         with torch.no_grad():
             for module, delta in deltas.items():
@@ -377,6 +446,51 @@ def merge_per_group(world, limits: list[int], eos: bool, fraction: float) -> dic
         "answered": sum(map(len, chosen)),
         "units": f"{len(chosen)} of {len(groups)} groups",
     }
+
+
+def crossover_world(world, distinct: int, n: int) -> dict:
+    """The first n requests, request i composed as the (i mod distinct)-th of the first `distinct` requests' own
+    scored compositions: `distinct` compositions in the traffic, evenly."""
+    own = compositions(world, "scored")[:distinct]
+    return {**world, "requests": world["requests"][:n], "compositions": [own[i % distinct] for i in range(n)]}
+
+
+def crossover(world, limits: list[int], eos: bool, distinct: list[int], n: int) -> dict:
+    """For each number of distinct compositions in n requests, both sides in this one process, which goes first
+    alternating (so a change in the machine's load falls on both): ours (the grouped bank, per-row weights,
+    through `generation.generate_tokens`: the library path, routes given, as the baseline gets them) and
+    merge-per-group on the same traffic."""
+    from lorahub_cli.compose.bank import SparseRow
+    from lorahub_cli.generation import generate_tokens
+    from lorahub_cli.models import load_base_model
+    from lorahub_cli.registry import Store
+    from lorahub_cli.serve.engine import Engine
+
+    plain = load_base_model(world["model_dir"], dtype="float32", device="cpu")
+    engine = Engine.from_registry(Store(Path(world["home"])), dtype="float32", device="cpu", batch_size=BATCH)
+    base, column = engine.base, {name: i for i, name in enumerate(engine.bank.names)}
+    for model in (plain, base):
+        suppress_special(model.model, model.tokenizer, eos)
+    options = dict(bank=engine.bank, mode="linear", batch_size=BATCH)
+
+    def ours(sub) -> dict:
+        ids = base.tokenizer([r["input"] for r in sub["requests"]])["input_ids"]
+        rows = [SparseRow(tuple(column[a] for a, _ in c), tuple(w for _, w in c)) for c in sub["compositions"]]
+        generate_tokens(base, ids[:2], weights=rows[:2], max_new_tokens=2, **options)  # warm-up
+        start = time.perf_counter()
+        generated = generate_tokens(base, ids, weights=rows, max_new_tokens=limits[:n], **options)
+        return {"seconds": time.perf_counter() - start, "outputs": [g.text for g in generated]}
+
+    sides = {"ours": ours, "merge": lambda sub: merge_per_group(sub, limits, eos, 1.0, base=plain)}
+    runs = {"ours": {}, "merge": {}}
+    for j, d in enumerate(distinct):
+        sub = crossover_world(world, d, n)
+        for side in ("ours", "merge") if j % 2 == 0 else ("merge", "ours"):
+            r = sides[side](sub)
+            runs[side][d] = {"seconds": r["seconds"], "outputs": r["outputs"]}
+            print(f"  crossover {side}, {d} distinct: {r['seconds']:.1f} s", file=sys.stderr, flush=True)
+    seconds = sum(r["seconds"] for side in runs.values() for r in side.values())
+    return {"seconds": seconds, "outputs": [], "crossover": runs}
 
 
 def peft_adapter_names(world, limits: list[int], eos: bool, fraction: float) -> dict:
@@ -443,6 +557,7 @@ def ours_http(
     rate_requests: int,
     batching: str = "continuous",
     clients: int = CLIENTS,
+    alone_requests: int = 8,
 ) -> dict:
     """The served app under uvicorn; one asyncio client (no thread per client competing for the cores)."""
     import asyncio
@@ -469,7 +584,9 @@ def ours_http(
     suppress_special(engine.base.model, engine.base.tokenizer, eos)
     engine.run([Request(r["input"], max_new_tokens=2) for r in world["requests"][:2]])  # warm-up
     app = create_app(engine, max_batch=BATCH, window=0.01, max_queue=1024)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    # Keep-alive longer than the client's pauses: a connection uvicorn closes as aiohttp reuses it is reset.
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", timeout_keep_alive=600)
+    server = uvicorn.Server(config)
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.01)
@@ -509,6 +626,13 @@ def ours_http(
         "steps": stats.steps,
         "batching": engine.batching,
     }
+
+    async def one_at_a_time():
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+            return [await post(session, texts[i], limits[i]) for i in range(alone_requests)]
+
+    # Latency of a request served alone (the idle server), for the requests the fixed-rate run starts with.
+    alone = sorted(latency for _, latency in asyncio.run(one_at_a_time())) if rate_requests else []
     timed = asyncio.run(fixed_rate()) if rate_requests else []
     server.should_exit = True
     latencies = sorted(latency for _, latency in timed)
@@ -518,6 +642,7 @@ def ours_http(
         "outputs": [o for o, _ in results],
         **batches,
         **({"p50": pick(0.5), "p95": pick(0.95), "rate": rate, "rate_requests": rate_requests} if latencies else {}),
+        **({"alone_p50": alone[len(alone) // 2], "alone_requests": len(alone)} if alone else {}),
     }
 
 
@@ -534,6 +659,9 @@ def worker(
     eos: bool,
     threads: int,
     clients: int,
+    distinct: list[int],
+    crossover_requests: int,
+    alone_requests: int,
 ) -> None:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -545,13 +673,21 @@ def worker(
         "ours-single": lambda: ours(world, "single", limits, eos),
         "merge-per-group": lambda: merge_per_group(world, limits, eos, fraction),
         "peft-adapter-names": lambda: peft_adapter_names(world, limits, eos, peft_fraction),
-        "ours-http": lambda: ours_http(world, limits, eos, rate, rate_requests, clients=clients),
+        "ours-http": lambda: ours_http(
+            world, limits, eos, rate, rate_requests, clients=clients, alone_requests=alone_requests
+        ),
         "ours-http-static": lambda: ours_http(
             world, limits, eos, rate, rate_requests, batching="static", clients=clients
         ),
         "base-model": lambda: base_model(world, limits, eos),
+        "ours-scored": lambda: ours(world, "scored", limits, eos),
+        "merge-per-request": lambda: merge_per_group(world, limits, eos, fraction, weighting="scored"),
+        "crossover": lambda: crossover(world, limits, eos, distinct, crossover_requests),
     }[method]
+    began, cpu = time.perf_counter(), time.process_time()
     result = run()
+    # The share of one core this process had (loading included): below 1 per thread, others took the cores.
+    result["cpu_share"] = (time.process_time() - cpu) / (time.perf_counter() - began) / threads
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps(result))
 
@@ -607,6 +743,15 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads per method process.")
     parser.add_argument("--clients", type=int, default=CLIENTS, help="HTTP throughput run: requests in flight at once.")
+    parser.add_argument(
+        "--distinct",
+        default="1,2,4,8,16,32,64",
+        help="Crossover: numbers of distinct compositions among --crossover-requests requests.",
+    )
+    parser.add_argument("--crossover-requests", type=int, default=64, help="Crossover: requests per run.")
+    parser.add_argument(
+        "--alone-requests", type=int, default=8, help="HTTP latency: requests posted one at a time to the idle server."
+    )
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -628,6 +773,9 @@ def main() -> None:
             args.eos,
             args.threads,
             args.clients,
+            [int(d) for d in args.distinct.split(",")],
+            args.crossover_requests,
+            args.alone_requests,
         )
     if args.answer_lengths and not re.fullmatch(r"\d+-\d+", args.answer_lengths):
         parser.error(f"--answer-lengths {args.answer_lengths}: give LO-HI, e.g. 4-64.")
@@ -645,6 +793,8 @@ def main() -> None:
         "answer_lengths": args.answer_lengths,
         "eos": args.eos,
         "threads": args.threads,
+        "distinct": args.distinct,
+        "crossover_requests": args.crossover_requests,
     }
     for method in METHODS if args.reuse else ():
         cached = root / f"result-{method}.json"
@@ -686,6 +836,12 @@ def main() -> None:
                 str(rate),
                 "--rate-requests",
                 str(args.rate_requests if "ours-mixture" in results else 0),
+                "--distinct",
+                args.distinct,
+                "--crossover-requests",
+                str(args.crossover_requests),
+                "--alone-requests",
+                str(args.alone_requests),
             ],
             check=True,
         )
@@ -693,7 +849,7 @@ def main() -> None:
         out.write_text(json.dumps(r))
         print(
             f"{method}: {r['seconds']:.1f} s generating, {time.perf_counter() - began:.1f} s in all, "
-            f"peak RSS {r['peak_rss_mb']:.0f} MB",
+            f"peak RSS {r['peak_rss_mb']:.0f} MB, {r['cpu_share']:.0%} of its cores' time",
             file=sys.stderr,
             flush=True,
         )
@@ -703,9 +859,10 @@ def main() -> None:
 
     tok = _tokenizer()
     lengths = [len(tok(r["input"])["input_ids"]) for r in world["requests"]]
-    tokens = {m: sum(n for n, o in zip(lengths, r["outputs"]) if o is not None) for m, r in results.items()}
-    token_rate = {m: tokens[m] / r["seconds"] for m, r in results.items()}
-    request_rate = {m: r.get("answered", args.requests) / r["seconds"] for m, r in results.items()}
+    flat = {m: r for m, r in results.items() if m not in CROSSOVER}
+    tokens = {m: sum(n for n, o in zip(lengths, r["outputs"]) if o is not None) for m, r in flat.items()}
+    token_rate = {m: tokens[m] / r["seconds"] for m, r in flat.items()}
+    request_rate = {m: r.get("answered", args.requests) / r["seconds"] for m, r in flat.items()}
     sets = len({tuple(sorted(r["routes"])) for r in world["requests"]})
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores ({cpu_flags()}), torch {torch.__version__}, "
@@ -725,17 +882,19 @@ def main() -> None:
     )
     print(
         "| method | requests answered | input tokens | seconds | requests/s | input tokens/s | p50 / p95 latency (s) "
-        "| peak RSS (MB) | vs its baseline (requests/s, input tokens/s) | outputs equal to |"
+        "| peak RSS (MB) | CPU share | vs its baseline (requests/s, input tokens/s) | outputs equal to |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     pairs = {
         "ours-mixture": "merge-per-group",
         "ours-single": "peft-adapter-names",
         "ours-http": "ours-mixture",
         "ours-mixture-static": "ours-mixture",
         "ours-http-static": "ours-http",
+        "ours-scored": "merge-per-request",
     }
-    for method, r in sorted(results.items(), key=lambda item: METHODS.index(item[0])):
+    table = {m: r for m, r in results.items() if m not in CROSSOVER}
+    for method, r in sorted(table.items(), key=lambda item: METHODS.index(item[0])):
         latency = f"{r['p50']:.1f} / {r['p95']:.1f} at {r['rate']:.2f}/s" if "p50" in r else "–"
         baseline = pairs.get(method)
         ratio = (
@@ -745,9 +904,10 @@ def main() -> None:
         )
         equal = f"{same(r['outputs'], results[baseline]['outputs'])} of {baseline}" if baseline in results else "–"
         answered = f"{r['answered']} ({r['units']})" if "units" in r else str(args.requests)
+        share = f"{r['cpu_share']:.0%}" if "cpu_share" in r else "–"
         print(
             f"| {method} | {answered} | {tokens[method]} | {r['seconds']:.1f} | {request_rate[method]:.2f} "
-            f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {ratio} | {equal} |"
+            f"| {token_rate[method]:.0f} | {latency} | {r['peak_rss_mb']:.0f} | {share} | {ratio} | {equal} |"
         )
     for method in ("ours-http", "ours-http-static"):
         if "batches" in results.get(method, {}):
@@ -772,6 +932,32 @@ def main() -> None:
             if "generated_tokens" in a:
                 line += f"; {a['generated_tokens']} tokens generated"
             print(line + f"; outputs equal {same(a['outputs'], b['outputs'])}")
+    r = results.get("ours-http", {})
+    if "alone_p50" in r:
+        print(
+            f"ours-http latency: p50 {r['p50']:.2f} s at {r['rate']:.2f} requests/s ({args.rate_share:.0%} of "
+            f"ours-mixture's throughput), one request served alone {r['alone_p50']:.2f} s (p50 of "
+            f"{r['alone_requests']} posted one at a time): {r['p50'] / r['alone_p50']:.1f}x (target: at most 5x)"
+        )
+    if "crossover" in results:
+        ours_x, merge_x = results["crossover"]["crossover"]["ours"], results["crossover"]["crossover"]["merge"]
+        print(
+            f"\ncrossover: {args.crossover_requests} requests (the first of the traffic), request i composed as the "
+            "(i mod C)-th of C scored compositions; both sides given the compositions (no retrieval)"
+        )
+        print(
+            "| distinct compositions C | at most per batch of 32 | ours (s) | merge-per-group (s) | speed-up "
+            "(merge s / ours s) | outputs equal |"
+        )
+        print("| ---: | ---: | ---: | ---: | ---: | --- |")
+        for d in sorted(ours_x, key=int):
+            a, b = ours_x[d], merge_x.get(d)
+            if b is None:
+                continue
+            print(
+                f"| {d} | {min(int(d), BATCH)} | {a['seconds']:.1f} | {b['seconds']:.1f} "
+                f"| {b['seconds'] / a['seconds']:.2f}x | {same(a['outputs'], b['outputs'])} |"
+            )
     for method in ("ours-mixture", "ours-single"):
         if "bank_mb" in results.get(method, {}):
             r = results[method]

@@ -627,8 +627,8 @@ def build_engine(
     """The serve/engine.Engine that `generate` and `serve` share: per-input retrieval over the registry (`store`,
     default the user's), the router of an instance-level `composition` folder, or one `adapter` for every input
     (a task-level composition, any PEFT LoRA folder, or a registry id). `by`: what ranks the registry's adapters
-    (retrieval.Retriever). `limits`: the Engine's max_new_tokens,
-    max_input_tokens, batch_size and batching."""
+    (retrieval.Retriever). `limits`: the Engine's max_new_tokens, max_input_tokens, batch_size, batching and
+    admission (decoding.Admission)."""
     from .generation import check_batching
     from .serve.engine import Engine
     from .settings import SERVE
@@ -689,21 +689,35 @@ def _adapter_folder(adapter: Path | str, store=None) -> tuple[Path, str | None]:
 
 
 def generate(
-    inputs: Path, *, out: Path | None = None, overwrite: bool = False, progress_factory=None, **engine_options
+    inputs: Path,
+    *,
+    out: Path | None = None,
+    overwrite: bool = False,
+    progress_factory=None,
+    sampling=None,
+    **engine_options,
 ) -> dict:
     """Answer every request of the JSONL file `inputs` with the engine `build_engine(**engine_options)` builds;
-    write the answers (JSONL) to `out` when given (an existing file only with `overwrite`).
+    write the answers (JSONL) to `out` when given (an existing file only with `overwrite`). `sampling`: a
+    decoding.Sampling for the fields a line leaves out (line i gets its seed + i; default greedy).
 
     Returns {"requests", "out", "load_seconds", "generate_seconds", "engine", "answers"}: each answer
     {"input", "output", "compose", "adapters", ...}."""
     import json
 
+    from .decoding import GREEDY
     from .outputs import check_destination, write_file
     from .serve.engine import read_requests
 
+    sampling = sampling or GREEDY
+    problem = sampling.problem()
+    if problem is not None:
+        name, value, rule = problem
+        flag = "--top-k-tokens" if name == "top_k" else f"--{name.replace('_', '-')}"  # -k/--top-k: adapters
+        raise InputError(f"{flag} {value} {rule}.", "Leave it out for the default.")
     if out is not None:
         check_destination(out, overwrite, file=True, inputs=(inputs,))  # before minutes of loading
-    requests = read_requests(inputs)  # a bad line fails before minutes of loading
+    requests = read_requests(inputs, sampling)  # a bad line fails before minutes of loading
     start = time.perf_counter()
     engine = build_engine(**engine_options)
     loaded = time.perf_counter()

@@ -1,17 +1,18 @@
-"""Greedy decoding, one step at a time, of a batch whose rows come and go (continuous batching).
+"""Decoding one step at a time, of a batch whose rows come and go (continuous batching).
 
     decoder = Decoder(base, bank=bank, mode="linear", max_batch=32)
-    decoder.add(key, token_ids, max_new_tokens=16, stop=["\\n"], weights=SparseRow((2, 7), (0.5, 0.5)))
+    decoder.add(key, token_ids, max_new_tokens=16, stop=["\\n"], weights=SparseRow((2, 7), (0.5, 0.5)),
+                sampling=Sampling(temperature=0.7, top_p=0.9, seed=4))
     while decoder.busy:
         for key, generated in decoder.step():   # the rows that finished at this step
             ...
 
-A step first admits waiting rows while the running batch has room and *prefills* them
-(seq2seq: the encoder and the first decoder step; decoder-only: the prompt pass), which gives
-each its first token; then it decodes one token for every row that was already running; then
-the new rows join the running batch. A row leaves at the step that gives it its end-of-sequence
-token, its own `max_new_tokens`-th token, or a token after which its text holds one of its stop
-strings: its cache rows, masks, encoder states and bank weights are dropped.
+A step first admits waiting rows (`Admission`: in groups, within a token budget) and *prefills*
+them together (seq2seq: the encoder and the first decoder step; decoder-only: the prompt pass),
+which gives each its first token; then it decodes one token for every row that was already
+running; then the new rows join the running batch. A row leaves at the step that gives it its
+end-of-sequence token, its own `max_new_tokens`-th token, or a token after which its text holds
+one of its stop strings: its cache rows, masks, encoder states and bank weights are dropped.
 
 Joining pads, so every row sees exactly its own positions:
 - decoder-only: the self-attention caches are left-padded to the longest; the attention mask
@@ -22,16 +23,19 @@ Joining pads, so every row sees exactly its own positions:
   query position only, and a padded row's query and keys are shifted by the same amount.
 Columns that every remaining row masks are cut off when rows leave, so padding stays bounded.
 
-Only the chosen token, its log-probability and the finish are computed per row; logits
-processors of the model's generation config are applied as `model.generate` does for
-`suppress_tokens` and `begin_suppress_tokens`; any other score-changing option is refused.
+Each row chooses its own token (`choose`, `Sampling`): greedy (the arg max, the default) or sampled
+with its own temperature, top-k, top-p and repetition penalty from its own seeded generator, so a
+seeded row draws the same tokens alone or in any batch. Logits processors of the model's generation
+config are applied as `model.generate` does for `suppress_tokens` and `begin_suppress_tokens`; any
+other score-changing option is refused.
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -39,6 +43,7 @@ import torch
 
 from .compose.bank import SparseRow, append_rows, compact_rows
 from .errors import InputError
+from .settings import SERVE
 
 
 @dataclass
@@ -74,6 +79,179 @@ def finish(tok, row: list[int], logprobs: list[float], stops: list[str], prompt_
     else:
         text = tok.batch_decode([row], skip_special_tokens=True)[0]
     return Generated(text.strip(), row, logprobs[: len(row)], reason, prompt_tokens)
+
+
+# --- choosing a token, per row ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one row chooses its tokens. temperature 0 is greedy (the arg max; top_p, top_k and seed do not
+    apply); above 0 the token is drawn from softmax(scores / temperature) cut to the top_k most likely tokens
+    (0: all) and then to the smallest set whose probability reaches top_p, with the row's own generator seeded
+    with `seed` (None: an unpredictable seed). repetition_penalty (1: none) applies either way."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def problem(self) -> tuple[str, object, str] | None:
+        """(field, value, rule) for the first field out of range, or None."""
+        finite = lambda x: isinstance(x, int | float) and math.isfinite(x)  # noqa: E731
+        if not finite(self.temperature) or self.temperature < 0:
+            return "temperature", self.temperature, "must be 0 (greedy) or more"
+        if not finite(self.top_p) or not 0 < self.top_p <= 1:
+            return "top_p", self.top_p, "must be in (0, 1]"
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            return "top_k", self.top_k, "must be 0 (no cut) or more"
+        if not finite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            return "repetition_penalty", self.repetition_penalty, "must be more than 0 (1: no penalty)"
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            return "seed", self.seed, "must be in 0..2^64-1"
+        return None
+
+
+GREEDY = Sampling()
+
+
+def repetition_penalised(scores: torch.Tensor, history: Sequence[int], penalty: float) -> torch.Tensor:
+    """scores (V,) with every token of `history` penalised as CTRL's repetition penalty (and transformers'
+    RepetitionPenaltyLogitsProcessor): s / penalty where s > 0, s * penalty where s < 0, once per distinct token."""
+    if penalty == 1 or not history:
+        return scores
+    seen = torch.tensor(sorted(set(history)), device=scores.device)
+    chosen = scores[seen]
+    scores = scores.clone()
+    scores[seen] = torch.where(chosen < 0, chosen * penalty, chosen / penalty)
+    return scores
+
+
+def top_k_cut(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """logits (R, V) with -inf below each row's k-th largest value (ties with it are kept); k (R,), 0: no cut."""
+    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k.clamp(1, logits.shape[-1]) - 1)[:, None])  # (R, 1)
+    return logits.masked_fill((logits < kth) & (k > 0)[:, None], -math.inf)
+
+
+def top_p_cut(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """logits (R, V) with -inf outside each row's nucleus: the most likely tokens whose probabilities, taken in
+    decreasing order, first reach p (R,) (a token is kept when the mass strictly before it is below p; ties with
+    the last kept are kept too). p = 1 keeps every token."""
+    probs = torch.softmax(logits, dim=-1)
+    ordered = probs.sort(dim=-1, descending=True).values  # (R, V)
+    before = ordered.cumsum(dim=-1) - ordered  # (R, V): the mass of the tokens ranked above each
+    kept = (before < p[:, None]).sum(dim=-1, keepdim=True).clamp(min=1)  # (R, 1): at least the most likely
+    floor = ordered.gather(1, kept - 1)  # (R, 1): the least probability kept
+    return logits.masked_fill((probs < floor) & (p < 1)[:, None], -math.inf)
+
+
+@dataclass
+class Chooser:
+    """One row's token choice: its Sampling and, when it samples, its own generator, which draws once per token
+    of this row only, so a seeded row gets the same tokens whatever else shares its batch."""
+
+    sampling: Sampling = GREEDY
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def of(cls, sampling: Sampling, device) -> Chooser:
+        if sampling.greedy:
+            return cls(sampling)
+        generator = torch.Generator(device=device)
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        return cls(sampling, generator)
+
+
+def choose(scores: torch.Tensor, choosers: Sequence[Chooser], histories: Sequence[Sequence[int]]):
+    """Each row's token and its log-probability under the distribution it was chosen from (greedy: the scores'
+    softmax; sampled: the cut, tempered one). scores (B, V) float32; `histories[b]`: the tokens row b's
+    repetition penalty counts. Returns (tokens, logprobs) as lists."""
+    rows = [
+        repetition_penalised(scores[b], histories[b], c.sampling.repetition_penalty) for b, c in enumerate(choosers)
+    ]
+    scores = torch.stack(rows) if any(c.sampling.repetition_penalty != 1 for c in choosers) else scores
+    tokens, logprobs = [0] * len(choosers), [0.0] * len(choosers)
+    greedy = [b for b, c in enumerate(choosers) if c.sampling.greedy]
+    if greedy:
+        picked = scores[greedy] if len(greedy) < len(choosers) else scores
+        for b, token, logprob in zip(
+            greedy, picked.argmax(dim=-1).tolist(), torch.log_softmax(picked, dim=-1).amax(dim=-1).tolist()
+        ):
+            tokens[b], logprobs[b] = token, logprob
+    sampled = [b for b, c in enumerate(choosers) if not c.sampling.greedy]
+    if sampled:
+        settings = [choosers[b].sampling for b in sampled]
+        device = scores.device
+        tempered = scores[sampled] / torch.tensor([s.temperature for s in settings], device=device)[:, None]
+        cut = top_k_cut(tempered, torch.tensor([s.top_k for s in settings], device=device))
+        cut = top_p_cut(cut, torch.tensor([s.top_p for s in settings], dtype=cut.dtype, device=device))
+        logp = torch.log_softmax(cut, dim=-1)  # (S, V): -inf outside the cut
+        for j, b in enumerate(sampled):
+            token = int(torch.multinomial(logp[j].exp(), 1, generator=choosers[b].generator))
+            tokens[b], logprobs[b] = token, float(logp[j, token])
+    return tokens, logprobs
+
+
+# --- who joins when --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admission:
+    """When waiting rows join a running batch, as TGI's router decides (its launcher options
+    --waiting-served-ratio, --max-waiting-tokens, --max-batch-prefill-tokens) and within a step's token budget
+    as vLLM's scheduler (max_num_batched_tokens). Each join costs a prefill pass of its own beside the running
+    rows' decoding step, so joins are gathered: while rows run, waiting rows join only when at least
+    floor(waiting_served_ratio x running) of them can join at once, or when `max_waiting_steps` steps have
+    passed since the last join. An idle decoder admits at once. One prefill takes rows while rows x its longest
+    input (the padded tokens it computes) stays within `max_prefill_tokens`, and always at least one row."""
+
+    waiting_served_ratio: float = SERVE["waiting_served_ratio"]
+    max_waiting_steps: int = SERVE["max_waiting_steps"]
+    max_prefill_tokens: int = SERVE["max_prefill_tokens"]
+
+    def __post_init__(self):
+        if not (math.isfinite(self.waiting_served_ratio) and self.waiting_served_ratio >= 0):
+            raise InputError(
+                f"the waiting-served ratio is {self.waiting_served_ratio}.", "Give 0 (join at once) or more."
+            )
+        if self.max_waiting_steps < 0 or self.max_prefill_tokens < 1:
+            raise InputError(
+                f"max waiting steps ({self.max_waiting_steps}) and max prefill tokens ({self.max_prefill_tokens}) "
+                "must be 0 or more and 1 or more.",
+                "Give --max-waiting-steps 0 or more and --max-prefill-tokens 1 or more.",
+            )
+
+    def joining(self, lengths: Sequence[int], running: int, room: int, since: int) -> list[int]:
+        """Which waiting rows (their input lengths, oldest first) join now: none, or the oldest and the others
+        nearest to it in length, as many as `room` and the token budget allow. `since`: steps since the last join."""
+        chosen = nearest(lengths, min(room, len(lengths)))
+        while len(chosen) > 1 and len(chosen) * max(lengths[i] for i in chosen) > self.max_prefill_tokens:
+            chosen.remove(max(chosen, key=lambda i: (abs(lengths[i] - lengths[0]), i)))  # the farthest in length
+        if running and since < self.max_waiting_steps and len(chosen) < int(self.waiting_served_ratio * running):
+            return []
+        return chosen
+
+
+def nearest(sizes: Sequence[int], n: int) -> list[int]:
+    """Indices of the first (oldest) item and the n - 1 others nearest to it in size: the tightest run of sorted
+    sizes that holds it (so a batch of them pads little). All of them when n >= len(sizes); ascending."""
+    if n >= len(sizes):
+        return list(range(len(sizes)))
+    if n <= 0:
+        return []
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    at = order.index(0)
+    lo = min(max(0, at - n + 1), len(order) - n)
+    best = min(range(lo, min(at, len(order) - n) + 1), key=lambda s: sizes[order[s + n - 1]] - sizes[order[s]])
+    return sorted(order[best : best + n])
 
 
 # Generation-config fields that change greedy scores, at the values that leave them alone.
@@ -118,6 +296,7 @@ class _Row:
     weights: SparseRow | None  # the row's bank columns and weights
     on_token: Callable | None  # (token id, log-probability, Generated when this token ended the row, else None)
     cancelled: Callable[[], bool] | None  # true: nobody waits for the row any more; it leaves with no answer
+    chooser: Chooser = field(default_factory=Chooser)
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
@@ -138,7 +317,9 @@ class Decoder:
     """Continuous batching for one model (and one bank mode: a forward pass evaluates one); see the module
     docstring. Not thread-safe: one thread adds and steps."""
 
-    def __init__(self, base, *, bank=None, mode: str | None = None, max_batch: int = 16):
+    def __init__(
+        self, base, *, bank=None, mode: str | None = None, max_batch: int = 16, admission: Admission | None = None
+    ):
         if not steppable(base):
             raise InputError(
                 "this model cannot be decoded step by step here (sliding-window attention, no "
@@ -148,6 +329,7 @@ class Decoder:
         if max_batch < 1:
             raise InputError(f"the batch size is {max_batch}.", "Give a batch size of 1 or more.")
         self.base, self.bank, self.mode, self.max_batch = base, bank, mode, max_batch
+        self.admission = admission or Admission()
         self.model, self.tok = base.model, base.tokenizer
         self.device = base.device
         params = inspect.signature(type(self.model).forward).parameters
@@ -160,6 +342,8 @@ class Decoder:
         self._start = getattr(self.model.config, "decoder_start_token_id", None) if start is None else start
         self.waiting: deque[_Row] = deque()
         self.batch: _Batch | None = None
+        self.prefills = 0  # prefill passes run (groups of rows that joined at one step)
+        self._since_join = 0  # steps since rows last joined
 
     # --- the queue -------------------------------------------------------------------------------
 
@@ -173,17 +357,20 @@ class Decoder:
         weights: SparseRow | None = None,
         on_token: Callable | None = None,
         cancelled: Callable[[], bool] | None = None,
+        sampling: Sampling = GREEDY,
     ) -> None:
-        """Queue a row; `weights`: its composition over the bank. `on_token(token, logprob, Generated or None)`
-        as each token is decoded; `cancelled()` true at a step: the row leaves then, reported by `step` with None
-        for its Generated."""
+        """Queue a row; `weights`: its composition over the bank; `sampling`: how it chooses its tokens.
+        `on_token(token, logprob, Generated or None)` as each token is decoded; `cancelled()` true at a step: the
+        row leaves then, reported by `step` with None for its Generated."""
         if (weights is None) != (self.bank is None):
             raise InputError("a row's weights and the decoder's bank must be given together.", "Pass both or neither.")
         if max_new_tokens < 1 or not ids:
             raise InputError(
                 f"a row of {len(ids)} tokens asks for {max_new_tokens} new tokens.", "Give both 1 or more."
             )
-        self.waiting.append(_Row(key, list(ids), max_new_tokens, list(stop), weights, on_token, cancelled))
+        row = _Row(key, list(ids), max_new_tokens, list(stop), weights, on_token, cancelled)
+        row.chooser = Chooser.of(sampling, self.device)
+        self.waiting.append(row)
 
     @property
     def running(self) -> int:
@@ -204,14 +391,20 @@ class Decoder:
 
     @torch.no_grad()
     def step(self) -> list[tuple[object, Generated | None]]:
-        """Admit and prefill waiting rows, decode one token for the running ones; the rows that finished
-        (None for a row that was cancelled)."""
+        """Admit (`Admission`) and prefill waiting rows, decode one token for the running ones; the rows that
+        finished (None for a row that was cancelled)."""
         done: list[tuple[object, Generated | None]] = []
         for row in [r for r in self.waiting if r.cancelled is not None and r.cancelled()]:
             self.waiting.remove(row)
             done.append((row.key, None))
-        room = self.max_batch - self.running
-        joining = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        chosen = self.admission.joining(
+            [len(r.prompt) for r in self.waiting], self.running, self.max_batch - self.running, self._since_join
+        )
+        joining = [self.waiting[i] for i in chosen]
+        for row in joining:
+            self.waiting.remove(row)
+        self._since_join = 0 if joining else self._since_join + 1
+        self.prefills += bool(joining)
         fresh = self._prefill(joining, done) if joining else None
         if self.batch is not None:
             self.batch = self._decode(self.batch, done)
@@ -310,7 +503,7 @@ class Decoder:
         return self._choose(batch, logits, done)
 
     def _choose(self, batch: _Batch, logits: torch.Tensor, done: list) -> _Batch | None:
-        """Each row's greedy token and its log-probability; finished rows leave (None: no row is left)."""
+        """Each row's token (`choose`) and its log-probability; finished rows leave (None: no row is left)."""
         scores = logits.float()  # model.generate chooses in float32 too
         if self._suppress:
             scores[:, self._suppress] = -float("inf")
@@ -319,11 +512,19 @@ class Decoder:
             scores[:, self._begin_suppress] = torch.where(
                 first[:, None], -float("inf"), scores[:, self._begin_suppress]
             )
-        chosen = scores.argmax(dim=-1)
-        logprobs = torch.log_softmax(scores, dim=-1).amax(dim=-1).tolist()
+        # The tokens a repetition penalty counts are model.generate's input_ids: seq2seq, the decoder's (its
+        # start token and what it generated); decoder-only, the prompt and what it generated.
+        histories = [
+            ([self._start] if self.base.is_seq2seq else r.prompt) + r.tokens
+            if r.chooser.sampling.repetition_penalty != 1
+            else ()
+            for r in batch.rows
+        ]
+        tokens, logprobs = choose(scores, [r.chooser for r in batch.rows], histories)
+        chosen = torch.tensor(tokens, device=scores.device)
         eos = self.tok.eos_token_id
         keep = []
-        for i, (row, token) in enumerate(zip(batch.rows, chosen.tolist())):
+        for i, (row, token) in enumerate(zip(batch.rows, tokens)):
             if row.cancelled is not None and row.cancelled():
                 done.append((row.key, None))
                 continue

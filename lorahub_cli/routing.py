@@ -7,6 +7,8 @@ Two routers, each returning one `Route` per input (used by serving and by eval's
   retrieval.Retriever), and composes them with w = 1/k:
   mixture = the bank's linear mode (the average of the k modules' outputs),
   fusion = its elementwise mode (the average of A and of B), single = top-1 alone;
+  scored = the linear mode with the input's own weights from its retrieval scores
+  (`score_weights`: w = softmax(s / temperature) over its k), so no two inputs share a composition;
   or routes every token of it among all the bank's adapters (arrow: Arrow's top-k softmax
   over prototype alignment, per token and layer, the bank's arrow mode).
 - `ShotRouter` (iLoraComp, the output of `compose --level instance`): `route(texts)` sends
@@ -26,9 +28,16 @@ import torch
 
 from .compose.bank import SparseRow
 from .errors import InputError
+from .settings import SERVE
 
 # compose mode -> the bank mode its rows run under; single is a one-hot row of either.
-COMPOSE_MODES = {"mixture": "linear", "fusion": "elementwise", "single": "elementwise", "arrow": "arrow"}
+COMPOSE_MODES = {
+    "mixture": "linear",
+    "fusion": "elementwise",
+    "single": "elementwise",
+    "scored": "linear",
+    "arrow": "arrow",
+}
 
 
 @dataclass(frozen=True)
@@ -49,10 +58,19 @@ def check_compose(compose: str) -> str:
     if compose not in COMPOSE_MODES:
         raise InputError(
             f"compose mode '{compose}' is not one of {', '.join(COMPOSE_MODES)}.",
-            "Use mixture (average of outputs), fusion (average of A and B), single (top-1) or arrow "
-            "(Arrow's per-token routing).",
+            "Use mixture (average of outputs), fusion (average of A and B), single (top-1), scored (outputs "
+            "weighted by retrieval scores) or arrow (Arrow's per-token routing).",
         )
     return compose
+
+
+def score_weights(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Composition weights from retrieval scores: w_i = exp(s_i / t) / sum_j exp(s_j / t) over the last dimension
+    (an input's k retrieved adapters): positive, summing to 1, larger for the nearer adapter; t -> 0 is top-1,
+    t -> inf is 1/k. scores (..., k) -> weights (..., k)."""
+    if not temperature > 0:
+        raise InputError(f"the score temperature is {temperature}.", "Give a temperature above 0.")
+    return torch.softmax(scores.double() / temperature, dim=-1).float()
 
 
 class RetrievalRouter:
@@ -61,8 +79,15 @@ class RetrievalRouter:
 
     retrieves = True  # requests choose k and the compose mode
 
-    def __init__(self, retriever, *, elementwise_ok: bool, arrow: tuple[int, float] | None = None):
-        self.retriever = retriever
+    def __init__(
+        self,
+        retriever,
+        *,
+        elementwise_ok: bool,
+        arrow: tuple[int, float] | None = None,
+        score_temperature: float = SERVE["score_temperature"],
+    ):
+        self.retriever, self.score_temperature = retriever, score_temperature
         self.names = list(retriever.ids)
         # One-hot rows are exact in either mode; elementwise is cheaper per token.
         self.single_mode = "elementwise" if elementwise_ok else "linear"
@@ -95,6 +120,9 @@ class RetrievalRouter:
                 continue
             chosen = ranked[i][: 1 if compose == "single" else k]
             weights = tuple(1.0 / len(chosen) for _ in chosen)
+            if compose == "scored":
+                found = torch.tensor([m.score for m in chosen])
+                weights = tuple(score_weights(found, self.score_temperature).tolist())
             mode = self.single_mode if compose == "single" else COMPOSE_MODES[compose]
             adapters = [{"id": m.id, "weight": w, "score": m.score} for m, w in zip(chosen, weights)]
             for entry, m in zip(adapters, chosen):

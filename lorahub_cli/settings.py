@@ -66,6 +66,13 @@ SERVE = {
     "batching": "continuous",  # or static
     "dtype": "auto",  # bfloat16 where fast
     "device": "auto",
+    # continuous batching's admission (decoding.Admission; TGI's router options). Ratio 0, join at once: on CPUs
+    # gathering joins did not pay (bench/serve_joins.py, docs/benchmarks.md); TGI's default, for GPUs, is 0.3.
+    "waiting_served_ratio": 0.0,  # while rows run, waiting rows join when floor(ratio x running) of them can
+    "max_waiting_steps": 20,  # ... or when this many steps passed since the last join (TGI's default)
+    "max_prefill_tokens": 4096,  # padded tokens (rows x longest input) one prefill pass may take
+    # compose "scored": w = softmax(retrieval scores / this) over the top k (routing.score_weights)
+    "score_temperature": 0.1,
     # the HTTP server (`lorahub serve`)
     "host": "127.0.0.1",
     "port": 8000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 import torch
 from peft import PeftModel
@@ -112,11 +113,24 @@ def test_serve_answers_with_a_composition_as_peft_does(cli, library, composed, t
     with running(apps[0]) as (url, _):
         replies = [post(url + "/v1/generate", {"input": t, "max_new_tokens": NEW_TOKENS}) for t in TEXTS]
         status, completion = post(
-            url + "/v1/completions", {"model": "my-lora", "prompt": TEXTS[0], "max_tokens": NEW_TOKENS}
+            url + "/v1/completions",
+            # OpenAI's default temperature is 1 (it samples): 0 asks for the greedy answer PEFT's is compared with
+            {"model": "my-lora", "prompt": TEXTS[0], "max_tokens": NEW_TOKENS, "temperature": 0},
+        )
+        # The one adapter streams and samples as retrieval does: the joined stream is the greedy answer, a seed
+        # draws the same sample on every route.
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        asked = dict(model="my-lora", prompt=TEXTS[0], max_tokens=NEW_TOKENS)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(**asked, temperature=0, stream=True))
+        sampled = [client.completions.create(**asked, temperature=1.0, seed=7).choices[0].text for _ in range(2)]
+        drawn = post(
+            url + "/v1/generate", {"input": TEXTS[0], "max_new_tokens": NEW_TOKENS, "temperature": 1, "seed": 7}
         )
     assert [status for status, _ in replies] == [200] * len(TEXTS)
     assert [reply["output"] for _, reply in replies] == expected
     assert status == 200 and completion["choices"][0]["text"] == expected[0]
+    assert streamed == expected[0]
+    assert sampled[0] == sampled[1] == drawn[1]["output"] and sampled[0] != expected[0]
 
 
 def test_any_peft_folder_and_a_registry_id_answer_too(cli, home, library, token_text, tmp_path):  # noqa: F811

@@ -1,5 +1,6 @@
-"""Continuous batching (decoding.Decoder): rows that join and leave a running batch generate, token for token,
-what each generates alone, for T5, Llama and GPT-2 under per-row bank weights (fp32)."""
+"""Continuous batching (decoding.Decoder): rows that join and leave a running batch, one by one or in groups
+(decoding.Admission), generate, token for token, what each generates alone, for T5, Llama and GPT-2 under per-row
+bank weights (fp32); so does each row's own seeded sampling."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from tiny_models import (
 
 from lorahub_cli.compose.adapters import load_adapter
 from lorahub_cli.compose.bank import LoraBank, sparse
-from lorahub_cli.decoding import Decoder
-from lorahub_cli.generation import generate_details
+from lorahub_cli.decoding import Admission, Decoder
+from lorahub_cli.errors import InputError
+from lorahub_cli.generation import generate_details, generate_tokens
 from lorahub_cli.models import load_base_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -237,3 +239,197 @@ def test_a_cancelled_row_leaves_at_the_next_step_and_the_others_are_unchanged(wo
         running.append(decoder.running)
     assert running == [3, 3, 2, 2, 2, 0] and results[1] is None
     assert [results[0].tokens, results[2].tokens] == [alone[0].tokens, alone[2].tokens]
+
+
+# --- grouped admission (decoding.Admission) --------------------------------------------------------------
+
+
+def test_admission_gathers_joins_as_tgis_router_does():
+    """While rows run, waiting rows join only in groups of floor(ratio x running), or after max_waiting_steps
+    steps; an idle decoder admits at once; a prefill stays within its token budget; the oldest always joins."""
+    policy = Admission(waiting_served_ratio=0.5, max_waiting_steps=3, max_prefill_tokens=100)
+    assert policy.joining([10, 10, 10], running=0, room=4, since=0) == [0, 1, 2], "idle: at once"
+    assert policy.joining([10, 10], running=8, room=4, since=0) == [], "2 < floor(0.5 x 8)"
+    assert policy.joining([10, 10, 10, 10], running=8, room=4, since=0) == [0, 1, 2, 3]
+    assert policy.joining([10, 10], running=8, room=4, since=3) == [0, 1], "waited max_waiting_steps"
+    assert policy.joining([10] * 6, running=8, room=4, since=0) == [0, 1, 2, 3], "no more than the room"
+    # The oldest (30 tokens) and its nearest in length; the budget of 100 padded tokens holds 3 rows of 30.
+    assert policy.joining([30, 5, 28, 90, 31, 29], running=0, room=8, since=0) == [0, 4, 5]
+    assert policy.joining([200, 10], running=0, room=8, since=0) == [0], "one row always joins"
+    assert Admission(waiting_served_ratio=0).joining([5], running=31, room=1, since=0) == [0], "ratio 0: at once"
+    with pytest.raises(InputError, match="waiting-served ratio is -1"):
+        Admission(waiting_served_ratio=-1)
+
+
+@pytest.mark.parametrize("mode", ["linear", "elementwise"])
+def test_grouped_admission_generates_what_each_row_generates_alone(world, mode):
+    """Rows arriving one a step join in groups of several (one prefill each group) while others decode; each
+    row's tokens equal its tokens decoded alone."""
+    kind, base, bank, ids = world
+    base.tokenizer.eos_token_id = None
+    W = row_weights(mode)
+    limits = [9, 4, 12, 6, 10, 7, 11, 5]
+    alone = run_alone(base, bank, mode, ids, W, limits)
+    policy = Admission(waiting_served_ratio=1.0, max_waiting_steps=4, max_prefill_tokens=10_000)
+    decoder = Decoder(base, bank=bank, mode=mode, max_batch=8, admission=policy)
+    groups, prefill = [], decoder._prefill
+    decoder._prefill = lambda rows, done: (groups.append([r.key for r in rows]), prefill(rows, done))[1]
+    together, step = {}, 0
+    while decoder.busy or step < len(ids):
+        if step < len(ids):
+            decoder.add(step, ids[step], max_new_tokens=limits[step], weights=sparse(W)[step])
+        together.update(decoder.step())
+        step += 1
+    for i, g in enumerate(alone):
+        assert together[i].tokens == g.tokens, (kind, mode, i)
+        torch.testing.assert_close(together[i].logprobs, g.logprobs, rtol=0, atol=1e-4)
+    assert groups[0] == [0] and sorted(k for group in groups for k in group) == list(range(len(ids)))
+    assert any(len(group) >= 2 for group in groups[1:]), f"rows joined mid-generation in groups: {groups}"
+    assert len(groups) < len(ids) and decoder.prefills == len(groups)
+
+
+# --- sampling per row ---------------------------------------------------------------------------------
+
+
+def test_top_k_and_top_p_cut_as_transformers_warpers_do():
+    """The cuts against transformers' own TopKLogitsWarper and TopPLogitsWarper (an independent implementation),
+    row by row with each row's own k and p."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from lorahub_cli.decoding import top_k_cut, top_p_cut
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 2
+    ks, ps = [0, 1, 3, 10, 49, 50], [1.0, 0.05, 0.3, 0.5, 0.9, 0.999]
+    ours_k = top_k_cut(logits, torch.tensor(ks))
+    ours_p = top_p_cut(logits, torch.tensor(ps))
+    for row, (k, p) in enumerate(zip(ks, ps)):
+        theirs_k = logits[row : row + 1] if k == 0 else TopKLogitsWarper(k)(None, logits[row : row + 1].clone())
+        theirs_p = logits[row : row + 1] if p == 1 else TopPLogitsWarper(p)(None, logits[row : row + 1].clone())
+        assert torch.equal(ours_k[row].isinf(), theirs_k[0].isinf()), (row, k)
+        assert torch.equal(ours_p[row].isinf(), theirs_p[0].isinf()), (row, p)
+    assert ours_k[1].isfinite().sum() == 1 and ours_p[0].isfinite().all()
+
+
+def test_sampled_tokens_follow_the_cut_tempered_distribution():
+    """20,000 draws of one row: the frequencies are softmax(cut(logits / T)) within 0.015 (seeded: the check is
+    deterministic); a repetition penalty moves mass away from the tokens seen."""
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    from lorahub_cli.decoding import Chooser, Sampling, choose
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -1.0]])
+    sampling = Sampling(temperature=0.7, top_k=4, top_p=0.9, seed=11)
+    expected = torch.softmax(TopPLogitsWarper(0.9)(None, TopKLogitsWarper(4)(None, logits / 0.7)), dim=-1)[0]
+    chooser = Chooser.of(sampling, "cpu")
+    counts = torch.zeros(6)
+    for _ in range(20_000):
+        token, logprob = choose(logits, [chooser], [()])
+        counts[token[0]] += 1
+        assert logprob[0] == pytest.approx(float(expected[token[0]].log()), abs=1e-5)
+    assert (counts / counts.sum() - expected).abs().max() < 0.015, (counts / counts.sum(), expected)
+    assert counts[4:].sum() == 0, "cut tokens are never drawn"
+    penalised = Chooser.of(Sampling(temperature=1.0, repetition_penalty=3.0, seed=2), "cpu")
+    firsts = [choose(logits, [penalised], [[0]])[0][0] for _ in range(2000)]
+    assert firsts.count(0) / 2000 < float(torch.softmax(logits, -1)[0, 0]) - 0.1, "token 0 was seen: penalised"
+
+
+SAMPLINGS = [
+    dict(temperature=0.8, seed=1),
+    dict(),  # greedy
+    dict(temperature=1.3, top_k=5, seed=2),
+    dict(temperature=0.6, top_p=0.8, seed=3),
+    dict(repetition_penalty=1.4),  # greedy with a penalty
+    dict(temperature=1.0, top_p=0.9, top_k=8, repetition_penalty=1.2, seed=4),
+    dict(temperature=1.0, seed=5),
+    dict(temperature=0.9, seed=1),
+]
+
+
+@pytest.mark.parametrize("mode", ["linear", "elementwise"])
+def test_seeded_sampling_is_the_same_alone_and_in_a_mixed_batch(world, mode):
+    """Each row has its own sampling (greedy, tempered, top-k, top-p, penalised) and seed; rows join a running
+    batch mid-generation. Every row draws exactly what it draws alone; with batching="static" (model.generate)
+    the same."""
+    from lorahub_cli.decoding import Sampling
+
+    kind, base, bank, ids = world
+    base.tokenizer.eos_token_id = None
+    W = row_weights(mode)
+    limits = [10, 6, 12, 8, 7, 9, 11, 5]
+    samplings = [Sampling(**s) for s in SAMPLINGS]
+    alone = []
+    for i, row in enumerate(ids):
+        decoder = Decoder(base, bank=bank, mode=mode, max_batch=1)
+        decoder.add(i, row, max_new_tokens=limits[i], weights=sparse(W)[i], sampling=samplings[i])
+        alone += [g for _, g in drain_all(decoder)]
+    decoder = Decoder(base, bank=bank, mode=mode, max_batch=4, admission=Admission(waiting_served_ratio=0))
+    together = {}
+    for step in range(12):
+        for i in {0: [0, 1, 2], 2: [3, 4], 4: [5, 6, 7]}.get(step, []):
+            decoder.add(i, ids[i], max_new_tokens=limits[i], weights=sparse(W)[i], sampling=samplings[i])
+        together.update(decoder.step())
+    together.update(drain_all(decoder))
+    for i, g in enumerate(alone):
+        assert together[i].tokens == g.tokens, (kind, mode, i, SAMPLINGS[i])
+    static = generate_tokens(
+        base,
+        ids,
+        bank=bank,
+        weights=W,
+        mode=mode,
+        max_new_tokens=limits,
+        batch_size=3,
+        batching="static",
+        sampling=samplings,
+    )
+    assert [g.tokens for g in static] == [g.tokens for g in alone], kind
+    greedy = generate_tokens(base, ids, bank=bank, weights=W, mode=mode, max_new_tokens=limits)
+    sampled = [i for i, s in enumerate(samplings) if not s.greedy]
+    assert sum(alone[i].tokens != greedy[i].tokens for i in sampled) >= len(sampled) - 1, "sampling samples"
+    assert alone[1].tokens == greedy[1].tokens, "temperature 0 is greedy"
+    assert alone[0].tokens != alone[7].tokens, "the same seed on another input draws another answer"
+
+
+def drain_all(decoder):
+    out = []
+    while decoder.busy:
+        out += decoder.step()
+    return out
+
+
+def test_temperature_zero_is_greedy_and_ignores_top_k_top_p_and_seed(world):
+    from lorahub_cli.decoding import Sampling
+
+    kind, base, bank, ids = world
+    base.tokenizer.eos_token_id = None
+    W = row_weights("linear")
+    zero = [Sampling(temperature=0, top_p=0.3, top_k=2, seed=9)] * len(ids)
+    a = generate_tokens(base, ids, bank=bank, weights=W, mode="linear", max_new_tokens=8, sampling=zero)
+    b = generate_tokens(base, ids, bank=bank, weights=W, mode="linear", max_new_tokens=8)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    for i in (0, 2):
+        assert b[i].tokens == hf_alone(base, bank, "linear", ids[i], W[i], 8)
+
+
+def test_greedy_with_a_repetition_penalty_equals_model_generate(world):
+    """The penalty against transformers' RepetitionPenaltyLogitsProcessor inside model.generate, one row alone."""
+    from lorahub_cli.decoding import Sampling
+
+    kind, base, bank, ids = world
+    base.tokenizer.eos_token_id = None
+    W = row_weights("linear")
+    penalised = [Sampling(repetition_penalty=1.8)] * len(ids)
+    ours = generate_tokens(base, ids, bank=bank, weights=W, mode="linear", max_new_tokens=10, sampling=penalised)
+    plain = generate_tokens(base, ids, bank=bank, weights=W, mode="linear", max_new_tokens=10)
+    assert any(a.tokens != b.tokens for a, b in zip(ours, plain)), "the penalty changes answers"
+    for i in range(3):
+        with torch.no_grad(), bank.weights(W[i][None], "linear"):
+            out = base.model.generate(
+                input_ids=torch.tensor([ids[i]]),
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=10,
+                repetition_penalty=1.8,
+                pad_token_id=base.tokenizer.pad_token_id,
+            )[0].tolist()
+        assert ours[i].tokens == (out[1:] if base.is_seq2seq else out[len(ids[i]) :]), (kind, i)

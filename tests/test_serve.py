@@ -7,6 +7,7 @@ composed with the formula by `compose` (not the bank), loaded in PEFT, generated
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import threading
 import time
@@ -89,15 +90,21 @@ def engine_for(home, **options) -> Engine:
 
 
 def alone(library, store, text: str, k: int, mode: str) -> str:
-    """One request on its own: retrieval for it alone, `compose` of its modules, PEFT, no padding."""
+    """One request on its own: retrieval for it alone, `compose` of its modules, PEFT, no padding. `scored`: the
+    linear formula with w_i = exp(s_i / t) / sum_j exp(s_j / t) over its k scores, written out here."""
     from lorahub_cli import retrieval
+    from lorahub_cli.settings import SERVE
 
     index = retrieval.CardIndex.from_store(store)
     ranked = retrieval.per_input(index, index.embedder(), [Example(text)], k).inputs[0]
     ids = [m.id for m in ranked][: 1 if mode == "single" else k]
     adapters = [load_adapter(store.get(i).path, name=i) for i in ids]
-    formula = {"mixture": "linear", "fusion": "fusion", "single": "elementwise"}[mode]
-    composed = combine(adapters, None if formula == "fusion" else [1.0 / len(ids)] * len(ids), formula, name="alone")
+    formula = {"mixture": "linear", "fusion": "fusion", "single": "elementwise", "scored": "linear"}[mode]
+    weights = [1.0 / len(ids)] * len(ids)
+    if mode == "scored":
+        exps = [math.exp(m.score / SERVE["score_temperature"]) for m in ranked[:k]]
+        weights = [e / sum(exps) for e in exps]
+    composed = combine(adapters, None if formula == "fusion" else weights, formula, name="alone")
     folder = save_adapter(composed, library / "alone" / f"{abs(hash((text, k, mode)))}")
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(library / "base"), folder).eval()
     tokenizer = decode_ids(AutoTokenizer.from_pretrained(library / "base"))
@@ -124,6 +131,8 @@ def test_mixed_batch_rows_equal_each_request_alone(library, home):
         ("antonyms", 3, "fusion"),
         ("weekdays", 2, "single"),
         ("capitals", 2, "mixture"),
+        ("antonyms", 3, "scored"),
+        ("weekdays", 2, "scored"),
     ]
     requests = [Request(text, k, mode) for (task, k, mode) in plan for text in task_inputs(task, 1)]
     answers = engine.run(requests)
@@ -135,6 +144,10 @@ def test_mixed_batch_rows_equal_each_request_alone(library, home):
         "each input retrieves its task"
     )
     assert len({a.output for a in answers}) > 2, "the rows differ, so the comparison can fail"
+    for answer in answers[-2:]:  # scored: each request's own weights, the softmax of its scores
+        weights = [a["weight"] for a in answer.route["adapters"]]
+        assert sum(weights) == pytest.approx(1) and len(set(weights)) == len(weights), weights
+        assert weights == sorted(weights, reverse=True), "the nearer adapter weighs more"
 
 
 def test_batching_does_not_change_outputs_and_limits_are_per_request(home):
@@ -278,6 +291,29 @@ def test_bad_requests_are_one_line_errors(cli, home, tmp_path, line, message):
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"input": "hi", "temperature": -1}', "requests.jsonl:1: field 'temperature' = -1 must be 0 (greedy) or more"),
+        ('{"input": "hi", "top_p": 0}', "requests.jsonl:1: field 'top_p' = 0 must be in (0, 1]"),
+        ('{"input": "hi", "top_k": -2}', "requests.jsonl:1: field 'top_k' = -2 must be 0 (no cut) or more"),
+        ('{"input": "hi", "seed": -1}', "requests.jsonl:1: field 'seed' = -1 must be in 0..2^64-1"),
+    ],
+)
+def test_bad_sampling_fields_name_their_line_before_the_model_loads(cli, tmp_path, monkeypatch, line, message):
+    from lorahub_cli import api
+
+    def never(**options):
+        raise AssertionError("the model was loaded for a bad requests file")
+
+    monkeypatch.setattr(api, "build_engine", never)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"input": "fine"}\n' + line.replace("hi", "bad") + "\n")
+    result = cli("generate", "--inputs", requests)
+    assert result.code == 2 and message.replace(":1:", ":2:") in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- the HTTP server ---------------------------------------------------------------------------
 
 
@@ -381,15 +417,27 @@ def test_openai_completions_route(tiny_engine):
             "/v1/generate",
             {"input": "hi", "compose": "blend"},
             400,
-            "compose: Input should be 'mixture', 'fusion', 'single' or 'arrow'",
+            "compose: Input should be 'mixture', 'fusion', 'single', 'scored' or 'arrow'",
         ),
-        ("/v1/generate", {"input": "hi", "top_k": 2}, 400, "top_k: Extra inputs are not permitted"),
+        ("/v1/generate", {"input": "hi", "typical_p": 0.5}, 400, "typical_p: Extra inputs are not permitted"),
         ("/v1/generate", {"input": "  "}, 400, "the input is empty"),
         ("/v1/generate", {"input": "hi", "k": 9}, 400, "k = 9 is outside 1..5"),
         ("/v1/generate", {"input": "hi", "max_new_tokens": 7}, 400, "max_new_tokens = 7 is outside 1..6"),
         ("/v1/generate", {"input": "x" * 300}, 413, "the input is 301 tokens, more than the limit of 200"),
         ("/v1/generate", {"input": "x" * 20_000}, 413, "20000 characters, more than the limit of 16000"),
-        ("/v1/completions", {"prompt": "hi", "temperature": 0.7}, 400, "greedily"),
+        ("/v1/generate", {"input": "hi", "temperature": -1}, 400, "temperature = -1 must be 0 (greedy) or more"),
+        ("/v1/generate", {"input": "hi", "temperature": 0.5, "top_p": 0}, 400, "top_p = 0 must be in (0, 1]"),
+        ("/v1/generate", {"input": "hi", "temperature": 0.5, "top_p": 1.5}, 400, "top_p = 1.5 must be in (0, 1]"),
+        ("/v1/generate", {"input": "hi", "top_k": -1}, 400, "top_k = -1 must be 0 (no cut) or more"),
+        ("/v1/generate", {"input": "hi", "repetition_penalty": 0}, 400, "repetition_penalty = 0 must be more than 0"),
+        ("/v1/generate", {"input": "hi", "temperature": "hot"}, 400, "temperature: Value error, give a number"),
+        ("/v1/generate", b'{"input": "hi", "temperature": NaN}', 400, "temperature = nan must be 0 (greedy) or more"),
+        (
+            "/v1/completions",
+            {"prompt": "hi", "temperature": -0.5},
+            400,
+            "temperature = -0.5 must be 0 (greedy) or more",
+        ),
         ("/v1/completions", {"prompt": []}, 400, "give 1 to 64 prompts"),
         ("/v1/generate", b'{"input": "\\ud800"}', 400, "lone surrogate"),
         ("/v1/generate", b'{"input": "\\udc00 and more"}', 400, "lone surrogate"),
@@ -548,12 +596,14 @@ def test_serve_on_a_port_in_use_is_a_one_line_error(cli):
 
 class SteppedEngine(ServingEngine):
     """A continuous-batching engine for the batcher tests: a request "abc" decodes "A", "B", "C", one letter a
-    step; every step first takes a permit from `permits` (a semaphore the test releases). Logs each step's rows."""
+    step; every step first takes a permit from `permits` (a semaphore the test releases). At most `max_batch` rows
+    run (as a Decoder's batch): the others wait in the session and join, in order, at a step with room. Logs each
+    step's rows."""
 
     batching, max_new_tokens, base_model, names, tokenizer = "continuous", 16, "lorahub", [], None
 
-    def __init__(self):
-        self.permits, self.started, self.log = threading.Semaphore(0), threading.Event(), []
+    def __init__(self, max_batch: int = 2):
+        self.permits, self.started, self.log, self.max_batch = threading.Semaphore(0), threading.Event(), [], max_batch
 
     def check(self, request):
         return request
@@ -566,17 +616,22 @@ class SteppedEngine(ServingEngine):
 
         class Session(Stepper):
             rows: list = []
+            waiting: list = []
+            prefills = 0
 
             running = property(lambda self: len(self.rows))
-            load = running
-            busy = property(lambda self: bool(self.rows))
+            load = property(lambda self: len(self.rows) + len(self.waiting))
+            busy = property(lambda self: bool(self.rows or self.waiting))
 
             def add(self, requests, keys, on_token=None, cancelled=None):
-                self.rows = self.rows + [[r, key, callback, 0] for r, key, callback in zip(requests, keys, on_token)]
+                self.waiting = self.waiting + [[r, key, cb, 0] for r, key, cb in zip(requests, keys, on_token)]
 
             def step(self):
                 engine.started.set()
                 assert engine.permits.acquire(timeout=10)
+                room = engine.max_batch - len(self.rows)
+                joining, self.waiting = self.waiting[:room], self.waiting[room:]
+                self.rows, self.prefills = self.rows + joining, self.prefills + bool(joining)
                 engine.log.append([r.input for r, *_ in self.rows])
                 done = []
                 for row in self.rows:
@@ -591,7 +646,7 @@ class SteppedEngine(ServingEngine):
                 return done
 
             def abandon(self):
-                keys, self.rows = [row[1] for row in self.rows], []
+                keys, self.rows, self.waiting = [row[1] for row in self.rows + self.waiting], [], []
                 return keys
 
         return Session()
@@ -608,16 +663,17 @@ def test_continuous_batcher_joins_waiting_requests_at_a_step_and_answers_each_wh
         batcher.submit(Request("g"))
     engine.permits.release(10)
     assert [f.result(10).output for f in [first, *waiting]] == ["ABC", "DE", "F"]
-    # "de" joins the running "abc" at the next step (room for one); "f" when both have left.
+    # Both move into the session; "de" joins the running "abc" at the next step (room for one), "f" when both left.
     assert engine.log == [["abc"], ["abc", "de"], ["abc", "de"], ["f"]]
     assert [token for token, _, _ in streamed] == ["A", "B", "C"] and streamed[-1][2].output == "ABC"
     assert [final for _, _, final in streamed[:2]] == [None, None]
     batcher.close()
     assert batcher.stats.steps == 4 and batcher.stats.requests == 3 and batcher.stats.largest_batch == 2
+    assert batcher.stats.batches == 3, "three groups joined: abc, de, f"
 
 
 def test_continuous_server_sheds_load_and_answers_open_requests_503_at_the_shutdown_deadline():
-    engine = SteppedEngine()
+    engine = SteppedEngine(max_batch=1)
     try:
         with running(create_app(engine, max_batch=1, window=0.0, max_queue=1), shutdown_timeout=0.5) as (url, server):
             with ThreadPoolExecutor(2) as pool:
@@ -634,7 +690,7 @@ def test_continuous_server_sheds_load_and_answers_open_requests_503_at_the_shutd
 
 
 def test_continuous_server_drains_open_requests_on_shutdown():
-    engine = SteppedEngine()
+    engine = SteppedEngine(max_batch=1)
     with running(create_app(engine, max_batch=1, window=0.0, max_queue=1)) as (url, server):
         with ThreadPoolExecutor(2) as pool:
             held, queued = hold_one_and_queue_one(pool, url, engine)
@@ -829,3 +885,60 @@ def test_the_access_log_shows_no_credential(tiny_engine, capfd):
         logged = capfd.readouterr().err
         assert "/v1/models?api_key=<redacted>&limit=3&access_token=<redacted>" in logged, logged[-2000:]
         assert secret not in logged and key not in logged, level
+
+
+# --- sampling per request (issue 20) -------------------------------------------------------------------
+
+
+def test_sampled_requests_are_repeatable_alone_and_among_others(tiny_engine):
+    """Seeded requests draw the same answer alone and in a batch mixed with greedy and other sampled requests, with
+    either batching; an unseeded one gets a seed in its answer that draws it again."""
+    from lorahub_cli.decoding import Sampling
+
+    texts = [t for task in TASKS for t in task_inputs(task, 2)]
+    samplings = [
+        Sampling(temperature=0.9, seed=i) if i % 3 else Sampling(repetition_penalty=1.3 if i % 2 else 1.0)
+        for i in range(len(texts))
+    ]
+    requests = [Request(t, sampling=s) for t, s in zip(texts, samplings)]
+    together = tiny_engine.run(requests)
+    for request, answer in zip(requests, together):
+        assert tiny_engine.run([request])[0].tokens == answer.tokens, request
+        assert answer.seed == (None if request.sampling.greedy else request.sampling.seed)
+    greedy = tiny_engine.run([Request(t) for t in texts])
+    drawn = [i for i, s in enumerate(samplings) if not s.greedy]
+    assert sum(together[i].tokens != greedy[i].tokens for i in drawn) >= len(drawn) - 1, "sampling samples"
+    try:
+        tiny_engine.batching = "static"
+        assert [a.tokens for a in tiny_engine.run(requests)] == [a.tokens for a in together], "static: the same"
+    finally:
+        tiny_engine.batching = "continuous"
+    (unseeded,) = tiny_engine.run([Request(texts[0], sampling=Sampling(temperature=1.0))])
+    assert unseeded.seed is not None
+    again = tiny_engine.run([Request(texts[0], sampling=Sampling(temperature=1.0, seed=unseeded.seed))])[0]
+    assert again.tokens == unseeded.tokens
+
+
+def test_generate_cli_samples_with_a_seed_per_line(cli, home, tmp_path):
+    requests = tmp_path / "requests.jsonl"
+    texts = task_inputs("capitals", 2) + task_inputs("addition", 1)
+    requests.write_text(
+        "".join(json.dumps({"input": t}) + "\n" for t in texts[:2])
+        + json.dumps({"input": texts[2], "seed": 40, "temperature": 1.5})
+        + "\n"
+    )
+    options = ("--max-new-tokens", "5", "--dtype", "float32", "--temperature", "0.8", "--seed", "7", "--json")
+
+    def answers():
+        result = cli("generate", "--inputs", requests, *options)
+        assert result.code == 0, result.stderr
+        return json.loads(result.stdout)["answers"]
+
+    first = answers()
+    assert [a["seed"] for a in first] == [7, 8, 40], "line i gets seed + i; a line's own seed wins"
+    assert answers() == first, "the same seeds draw the same answers"
+    result = cli("generate", "--inputs", requests, "--temperature", "-1")
+    assert result.code == 2 and "--temperature -1.0 must be 0 (greedy) or more" in result.stderr
+    requests.write_text(json.dumps({"input": "hi", "top_p": "high"}) + "\n")
+    result = cli("generate", "--inputs", requests)
+    assert result.code == 2 and "field 'top_p' must be a number" in result.stderr

@@ -19,14 +19,23 @@ import lorax
 import openai
 import pytest
 import torch
+from conftest import EXAMPLES
 from huggingface_hub import InferenceClient
 from peft import PeftModel
-from test_serve import decode_ids, library, library_engine, running, task_inputs  # noqa: F401  (library: a fixture)
+from test_serve import (  # noqa: F401  (library: a fixture)
+    INSTRUCTION,
+    decode_ids,
+    library,
+    library_engine,
+    running,
+    task_inputs,
+)
 from tiny_models import one_thread  # noqa: F401  (fixture)
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
 from lorahub_cli.compose.adapters import load_adapter, save_adapter
 from lorahub_cli.compose.formulas import combine
+from lorahub_cli.decoding import Sampling
 from lorahub_cli.registry import Store
 from lorahub_cli.serve.engine import Request
 from lorahub_cli.serve.server import create_app
@@ -107,8 +116,18 @@ def test_huggingface_inference_client_text_generation(engine, server):
     )
     single = engine.run([Request(text, adapters=(("weekdays", 1.0),), max_new_tokens=4)])[0]
     assert client.text_generation(text, max_new_tokens=4, adapter_id="weekdays") == single.output != expected.output
-    with pytest.raises(Exception, match="do_sample"):
-        client.text_generation(text, max_new_tokens=4, do_sample=True)
+    # Sampling with a seed: the answer the engine draws for that seed, every time, the seed in the details.
+    drawn = engine.run([Request(text, max_new_tokens=6, sampling=Sampling(temperature=0.9, top_k=20, seed=5))])[0]
+    for _ in range(2):
+        sampled = client.text_generation(
+            text, max_new_tokens=6, do_sample=True, temperature=0.9, top_k=20, seed=5, details=True
+        )
+        assert [t.id for t in sampled.details.tokens] == drawn.tokens and sampled.details.seed == 5
+    assert drawn.tokens != engine.run([Request(text, max_new_tokens=6)])[0].tokens, "it sampled"
+    other = client.text_generation(text, max_new_tokens=6, temperature=0.9, top_k=20, seed=6, details=True)
+    assert [t.id for t in other.details.tokens] != drawn.tokens, "another seed, another draw"
+    streamed = list(client.text_generation(text, max_new_tokens=6, temperature=0.9, top_k=20, seed=5, stream=True))
+    assert "".join(streamed) == "".join(engine.base.tokenizer.decode([t]) for t in drawn.tokens)
 
 
 def test_openai_completions_usage_stop_models_and_refusals(engine, server):
@@ -116,7 +135,8 @@ def test_openai_completions_usage_stop_models_and_refusals(engine, server):
     prompts = task_inputs("capitals", 1) + task_inputs("antonyms", 1)
     models = [m.id for m in client.models.list().data]
     assert models[0] == engine.info()["base_model"] and set(models[1:]) == set(engine.bank.names)
-    reply = client.completions.create(model=models[0], prompt=prompts)  # max_tokens: OpenAI's default, 16
+    # max_tokens: OpenAI's default, 16; temperature 0 (OpenAI's default is 1: sampling)
+    reply = client.completions.create(model=models[0], prompt=prompts, temperature=0)
     expected = engine.run([Request(p, max_new_tokens=16) for p in prompts])
     assert [c.text for c in reply.choices] == [e.output for e in expected]
     assert [c.finish_reason for c in reply.choices] == [
@@ -132,23 +152,18 @@ def test_openai_completions_usage_stop_models_and_refusals(engine, server):
     stop = " " + words[len(words) // 2]
     ends = next(i for i in range(1, len(words) + 1) if stop in " ".join(words[:i]))  # tokens until the stop shows
     assert 1 < ends < len(words), "the answer is long enough to stop in the middle"
-    stopped = client.completions.create(model=models[0], prompt=prompts[0], max_tokens=16, stop=[stop, "never-there"])
+    stopped = client.completions.create(
+        model=models[0], prompt=prompts[0], max_tokens=16, stop=[stop, "never-there"], temperature=0
+    )
     assert stopped.choices[0].text == full[: full.index(stop)] and stopped.choices[0].finish_reason == "stop"
     assert stopped.usage.completion_tokens == ends
     # model = an adapter id: that adapter alone.
-    alone = client.completions.create(model="capitals", prompt=prompts[1], max_tokens=4)
+    alone = client.completions.create(model="capitals", prompt=prompts[1], max_tokens=4, temperature=0)
     assert (
         alone.choices[0].text
         == engine.run([Request(prompts[1], adapters=(("capitals", 1.0),), max_new_tokens=4)])[0].output
     )
-    for field, value in [
-        ("logprobs", 2),
-        ("echo", True),
-        ("best_of", 2),
-        ("suffix", "!"),
-        ("n", 2),
-        ("temperature", 0.8),
-    ]:
+    for field, value in [("logprobs", 2), ("echo", True), ("best_of", 2), ("suffix", "!"), ("presence_penalty", 1)]:
         with pytest.raises(openai.BadRequestError, match=f"{field} = .* is not supported"):
             client.completions.create(model=models[0], prompt="hi", **{field: value})
 
@@ -160,9 +175,25 @@ def test_openai_completions_usage_stop_models_and_refusals(engine, server):
         ("/generate", {"inputs": "hi", "parameters": {"foo": 1}}, "parameters.foo: Extra inputs are not permitted"),
         (
             "/generate",
-            {"inputs": "hi", "parameters": {"temperature": 0.5}},
-            "parameters.temperature = 0.5 is not supported",
+            {"inputs": "hi", "parameters": {"temperature": -0.5}},
+            "parameters.temperature = -0.5 must be 0 (greedy) or more",
         ),
+        ("/generate", {"inputs": "hi", "parameters": {"top_p": 1.5}}, "parameters.top_p = 1.5 must be in (0, 1]"),
+        ("/", {"inputs": "hi", "parameters": {"do_sample": True, "top_k": -2}}, "parameters.top_k = -2 must be 0"),
+        ("/generate", {"inputs": "hi", "parameters": {"typical_p": 0.5}}, "typical sampling is not supported"),
+        ("/v1/completions", {"prompt": "hi", "top_p": 0}, "top_p = 0 must be in (0, 1]"),
+        ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature = -1 must be 0 (greedy) or more"),
+        ("/v1/completions", {"prompt": "hi", "top_k": -1}, "top_k = -1 must be 0 (no cut) or more"),
+        ("/v1/completions", {"prompt": "hi", "seed": -3}, "seed = -3 must be in 0..2^64-1"),
+        ("/v1/completions", {"prompt": ["a", "b"], "n": 40}, "give 1 to 64 prompts x n, not 2 x 40"),
+        ("/v1/completions", {"prompt": "hi", "n": 0}, "n = 0 must be 1 or more"),
+        ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, "only for stream: true"),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "temperature": 0},
+            "chat needs a decoder-only base model",
+        ),
+        ("/v1/chat/completions", {"messages": []}, "messages is empty"),
         ("/generate", {"inputs": "hi", "parameters": {"adapter_id": "capitals", "k": 2}}, "Drop k and compose"),
         ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 500}}, "max_new_tokens = 500 is outside 1..20"),
         (
@@ -207,7 +238,7 @@ def test_malformed_tgi_lorax_and_openai_requests_get_json_4xx(server, path, body
     reply = json.loads(error.value.read())
     text = reply["error"] if path in ("/", "/generate", "/generate_stream") else reply["error"]["message"]
     assert message in text, reply
-    if path != "/v1/completions":
+    if path in ("/", "/generate", "/generate_stream"):
         assert reply["error_type"] == "validation"  # what TGI's and LoRAX's clients read
 
 
@@ -236,7 +267,7 @@ def test_api_key_is_required_on_every_route_but_health(engine, caplog):
         good = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
         assert KEY not in json.dumps([m.model_dump() for m in good.models.list().data])
         expected = engine.run([Request(text, max_new_tokens=3)])[0].output
-        assert good.completions.create(model="m", prompt=text, max_tokens=3).choices[0].text == expected
+        assert good.completions.create(model="m", prompt=text, max_tokens=3, temperature=0).choices[0].text == expected
         with pytest.raises(Exception, match="no API key"):
             lorax.Client(url).generate(text, max_new_tokens=3)
         authorised = lorax.Client(url, headers={"Authorization": f"Bearer {KEY}"})
@@ -333,3 +364,156 @@ def test_a_stream_whose_client_leaves_stops_costing_work(engine):
             ):
                 time.sleep(0.05)
     assert len(forwards) < LIMIT // 2, f"{len(forwards)} forward passes for a request whose client left after the first"
+
+
+# --- OpenAI streaming, sampling and chat (issue 20) ---------------------------------------------------------
+
+
+def test_openai_streams_completions_and_draws_repeatable_seeded_samples(engine, server):
+    """stream=True: the joined chunks equal the answer not streamed (temperature 0, with a stop string too), usage in
+    the last chunk when asked for; seeded samples come back the same, and choice j of n is the request with seed
+    + j."""
+    client = openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0)
+    prompts = task_inputs("sentiment", 1) + task_inputs("weekdays", 1)
+    plain = client.completions.create(model="m", prompt=prompts, max_tokens=12, temperature=0)
+    words = plain.choices[0].text.split()
+    assert len(words) >= 4, "long enough to stop in the middle"
+    for stop in (None, " " + words[len(words) // 2]):
+        expected = client.completions.create(model="m", prompt=prompts, max_tokens=12, temperature=0, stop=stop)
+        chunks = list(
+            client.completions.create(
+                model="m",
+                prompt=prompts,
+                max_tokens=12,
+                temperature=0,
+                stop=stop,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == expected.usage.model_dump()
+        assert all(c.usage is None for c in chunks[:-1])
+        for i, choice in enumerate(expected.choices):
+            pieces = [c.choices[0] for c in chunks[:-1] if c.choices[0].index == i]
+            assert "".join(p.text for p in pieces) == choice.text, (stop, i)
+            assert [p.finish_reason for p in pieces][-1] == choice.finish_reason
+            assert all(p.finish_reason is None for p in pieces[:-1])
+            assert len(pieces) >= min(3, len(choice.text.split())), "streamed token by token"
+    assert expected.choices[0].finish_reason == "stop" and expected.choices[0].text != plain.choices[0].text
+    # Sampling: the seed draws the same every time; n choices are seed, seed + 1, ...
+    sampled = dict(model="m", prompt=prompts[0], max_tokens=8, temperature=0.9, top_p=0.95)
+    first = client.completions.create(**sampled, seed=21, n=3)
+    again = client.completions.create(**sampled, seed=21, n=3)
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert [c.model_extra["lorahub"]["seed"] for c in first.choices] == [21, 22, 23]
+    assert client.completions.create(**sampled, seed=22).choices[0].text == first.choices[1].text
+    assert len({c.text for c in first.choices}) == 3 and first.choices[0].text != plain.choices[0].text
+    streamed = list(client.completions.create(**sampled, seed=21, n=3, stream=True))
+    for i in range(3):
+        assert "".join(c.choices[0].text for c in streamed if c.choices[0].index == i) == first.choices[i].text
+    reference = engine.run([Request(prompts[0], max_new_tokens=8, sampling=Sampling(0.9, 0.95, seed=21))])[0]
+    assert first.choices[0].text == reference.output, "the engine's own draw for that seed"
+
+
+@pytest.fixture(scope="module")
+def chat_library(tmp_path_factory):
+    """A tiny Llama whose tokenizer has a chat template, three adapters with cards, and the same Llama without one."""
+    from tiny_models import make_lora_adapter, save_tiny_base
+    from transformers import AutoTokenizer
+
+    from lorahub_cli.cards.data import CardOptions
+    from lorahub_cli.registry.cards import card_from_source
+    from lorahub_cli.registry.mirror import add_local
+
+    root = tmp_path_factory.mktemp("chat-library")
+    model = save_tiny_base("llama", root / "plain")
+    tokenizer = AutoTokenizer.from_pretrained(root / "plain")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    model.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    homes = {}
+    for name in ("base", "plain"):
+        store = Store(root / f"home-{name}")
+        for seed, task in enumerate(("capitals", "addition", "sentiment")):
+            folder = make_lora_adapter(
+                model, root / "adapters" / name / task, alpha=64, seed=seed, base_model_name=str(root / name)
+            )
+            add_local(store, folder, name=task)
+            card_from_source(
+                store,
+                task,
+                CardOptions(data=EXAMPLES / "data" / f"{task}.jsonl", inputs_only=True, instruction=INSTRUCTION),
+            )
+        homes[name] = root / f"home-{name}"
+    return root, homes
+
+
+def chat_engine(home):
+    from lorahub_cli.serve.engine import Engine
+
+    engine = Engine.from_registry(Store(home), dtype="float32", device="cpu", max_new_tokens=LIMIT, batch_size=8)
+    decode_ids(engine.base.tokenizer)
+    return engine
+
+
+def test_openai_chat_answers_and_streams_as_the_chat_template_renders(chat_library):
+    """/v1/chat/completions on a decoder-only base with a chat template: model = an adapter id answers what PEFT
+    generates with that adapter from the rendered conversation, alone; the joined stream equals the answer; a
+    seeded sample is repeatable; retrieval (no adapter named) reads the last user message."""
+    from transformers import AutoModelForCausalLM
+
+    root, homes = chat_library
+    engine = chat_engine(homes["base"])
+    messages = [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": task_inputs("capitals", 1)[0]},
+    ]
+    tokenizer = decode_ids(AutoTokenizer.from_pretrained(root / "base"))
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(root / "base"), Store(homes["base"]).get("addition").path
+    ).eval()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]), do_sample=False, max_new_tokens=10, pad_token_id=0, eos_token_id=1
+        )
+    reference = tokenizer.decode(out[0, len(ids) :].tolist()).strip()
+    with running(create_app(engine, window=0.0)) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        reply = client.chat.completions.create(model="addition", messages=messages, max_tokens=10, temperature=0)
+        assert reply.object == "chat.completion" and reply.choices[0].message.role == "assistant"
+        assert reply.choices[0].message.content == reference and reference
+        assert reply.usage.prompt_tokens == len(ids)
+        chunks = list(
+            client.chat.completions.create(
+                model="addition",
+                messages=messages,
+                max_completion_tokens=10,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == len(
+            reply.choices[0].message.content.split()
+        ) + (reply.choices[0].finish_reason == "stop")
+        text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+        assert text == reference and chunks[-2].choices[0].finish_reason == reply.choices[0].finish_reason
+        sampled = dict(model="m", messages=messages, max_tokens=8, temperature=1.0, seed=3)
+        first = client.chat.completions.create(**sampled)
+        assert first.choices[0].message.content == client.chat.completions.create(**sampled).choices[0].message.content
+        assert first.choices[0].model_extra["lorahub"]["adapters"][0]["id"] == "capitals", "retrieved by the question"
+        with pytest.raises(openai.BadRequestError, match="the answer follows a user message"):
+            client.chat.completions.create(model="m", messages=[{"role": "assistant", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError, match="tools: Extra inputs are not permitted"):
+            client.chat.completions.create(
+                model="m", messages=messages, tools=[{"type": "function", "function": {"name": "f"}}]
+            )
+    plain = chat_engine(homes["plain"])
+    with running(create_app(plain, window=0.0)) as (url, _):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="has no chat template"):
+            client.chat.completions.create(model="m", messages=messages)

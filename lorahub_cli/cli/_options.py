@@ -120,8 +120,9 @@ ComposeModeOpt = Annotated[
     str | None,
     typer.Option(
         "--compose",
-        help="mixture (average of outputs, default), fusion (average of A and B), single (top-1) or arrow (every "
-        "token routed among all the adapters by their weight cards, PEFT's Arrow, top-k = -k).",
+        help="mixture (average of outputs, default), fusion (average of A and B), single (top-1), scored "
+        "(outputs weighted by retrieval scores) or arrow (every token routed among all the adapters by their "
+        "weight cards, PEFT's Arrow, top-k = -k).",
     ),
 ]
 AdapterOpt = Annotated[

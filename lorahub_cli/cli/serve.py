@@ -60,6 +60,26 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", min=1, help="Most waiting requests; beyond it requests get 503.")
     ] = SERVE["max_queue"],
+    waiting_served_ratio: Annotated[
+        float,
+        typer.Option(
+            "--waiting-served-ratio",
+            min=0,
+            help="While rows decode, waiting requests join when this share of the running rows can join at once.",
+        ),
+    ] = SERVE["waiting_served_ratio"],
+    max_waiting_steps: Annotated[
+        int,
+        typer.Option(
+            "--max-waiting-steps", min=0, help="...or when this many decoding steps passed since the last join."
+        ),
+    ] = SERVE["max_waiting_steps"],
+    max_prefill_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-prefill-tokens", min=1, help="Most padded input tokens (rows x longest) that join in one step."
+        ),
+    ] = SERVE["max_prefill_tokens"],
     max_new_tokens: MaxNewTokensOpt = SERVE["max_new_tokens"],
     max_input_tokens: MaxInputTokensOpt = SERVE["max_input_tokens"],
     max_input_chars: Annotated[
@@ -86,10 +106,12 @@ def serve(
 ) -> None:
     """Serve generation over HTTP: every request retrieves its top-k adapters (or: one --adapter, or an instance-level
     --composition), and concurrent requests share batches."""
+    from ..decoding import Admission
     from ..serve.server import check_port, create_app, is_loopback, run
 
     if api_key is not None and not api_key.strip():
         raise InputError("the API key is empty.", f"Give a non-empty --api-key or {API_KEY_ENV}, or neither.")
+    admission = Admission(waiting_served_ratio, max_waiting_steps, max_prefill_tokens)
     check_port(host, port)  # before minutes of loading, not after
     if api_key is None and not is_loopback(host):
         warn(
@@ -111,6 +133,7 @@ def serve(
         max_input_tokens=max_input_tokens,
         batch_size=batch_size,
         batching=batching,
+        admission=admission,
     )
     app = create_app(
         engine,
@@ -129,6 +152,7 @@ def serve(
         held = f"{described['adapters']} adapters"
     info(
         f"Serving {held} on {described['base_model']} at http://{host}:{port} (POST /v1/generate, /v1/completions, "
-        f"/generate, /generate_stream, /; GET /v1/models, /health){'; API key required' if api_key else ''}."
+        f"/v1/chat/completions, /generate, /generate_stream, /; GET /v1/models, /health)"
+        f"{'; API key required' if api_key else ''}."
     )
     run(app, host=host, port=port, shutdown_timeout=shutdown_timeout)

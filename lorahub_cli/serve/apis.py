@@ -4,11 +4,14 @@
   `adapter_id` and `merged_adapters`: what `huggingface_hub.InferenceClient.text_generation`
   and `lorax.Client.generate` send. Shapes read from those clients' sources (huggingface_hub
   2.4 `inference/_client.py`, lorax-client 0.6.3 `lorax/types.py`).
-- OpenAI text completions (`POST /v1/completions`, `GET /v1/models`), as the `openai` client sends them.
+- OpenAI text completions and chat completions (`POST /v1/completions`, `POST /v1/chat/completions`,
+  `GET /v1/models`), streamed or not, as the `openai` client sends them (openai 3.x `types/`).
 
-Decoding is greedy: every sampling option is refused with a 400 naming it, never ignored. Every
-field is bounded (stop strings in number and length, names in length; the input by the server).
-A translation raises `ApiError(status, message)`; the server shapes it per API.
+Each API's sampling fields become one `decoding.Sampling` per request (TGI samples when `do_sample` or a
+sampling field asks for it, greedy otherwise; OpenAI's default temperature is 1, as OpenAI's API has it);
+an option this server does not compute is refused with a 400 naming it, never ignored. Every field is
+bounded (stop strings in number and length, names in length; the input by the server). A translation
+raises `ApiError(status, message)`; the server shapes it per API.
 """
 
 from __future__ import annotations
@@ -16,22 +19,35 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Annotated, Literal, Optional  # noqa: UP035
+from typing import Annotated, Any, Literal, Optional  # noqa: UP035
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from ..decoding import Sampling
 from ..routing import COMPOSE_MODES
 from ..settings import SERVE
 from .engine import Answer, Request
 
 Compose = Optional[Literal[tuple(COMPOSE_MODES)]]  # noqa: UP045 - a runtime value, built from a tuple  # the modes the routing module registers
-GREEDY = "this server decodes greedily (the same answer every time)"
 Id = Annotated[StrictStr, Field(max_length=SERVE["max_id_chars"])]  # an adapter id, a merge strategy
 
 
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("give a number")  # JSON's 1 is a number too; "0.5" and true are not
+    return value
+
+
+Number = Annotated[Any, BeforeValidator(_number)]  # kept as sent (an int stays an int in messages)
+
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "seed")
 # A Request field -> what each API calls it, so that an error names the field the client sent.
 OPENAI_FIELDS = {"max_new_tokens": "max_tokens"}
-TGI_FIELDS = {"max_new_tokens": "parameters.max_new_tokens", "k": "parameters.k"}
+TGI_FIELDS = {
+    "max_new_tokens": "parameters.max_new_tokens",
+    "k": "parameters.k",
+    **{name: f"parameters.{name}" for name in SAMPLING_FIELDS},
+}
 
 
 class ApiError(Exception):
@@ -65,17 +81,18 @@ class TgiParameters(BaseModel):
     stop: list[StrictStr] | None = None
     details: StrictBool = False
     return_full_text: StrictBool | None = False
-    seed: StrictInt | None = None  # greedy decoding needs no seed
     k: StrictInt | None = None
     compose: Compose = None
-    # Refused unless left at their defaults: sampling, penalties, extra outputs this server does not compute.
+    # Sampling (TGI samples when do_sample is true or any of temperature, top_k, top_p asks for it)
     do_sample: StrictBool = False
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
+    temperature: Number | None = None
+    top_k: StrictInt | None = None
+    top_p: Number | None = None
+    seed: StrictInt | None = None
+    repetition_penalty: Number | None = None
+    # Refused unless left at their defaults: what this server does not compute.
     typical_p: float | None = None
     best_of: int | None = None
-    repetition_penalty: float | None = None
     frequency_penalty: float | None = None
     watermark: StrictBool = False
     ignore_eos_token: StrictBool = False
@@ -95,15 +112,10 @@ class TgiBody(BaseModel):
 
 
 _TGI_UNSUPPORTED = {  # field -> (its default, why it is refused)
-    "do_sample": (False, GREEDY),
-    "temperature": (None, GREEDY),
-    "top_k": (None, GREEDY),
-    "top_p": (None, GREEDY),
-    "typical_p": (None, GREEDY),
-    "best_of": (None, GREEDY),
+    "typical_p": (None, "typical sampling is not supported (temperature, top_k and top_p are)"),
+    "best_of": (None, "one sequence is generated per request (send several requests with their own seeds)"),
     "watermark": (False, "watermarking is not supported"),
-    "repetition_penalty": (None, "penalties are not supported"),
-    "frequency_penalty": (None, "penalties are not supported"),
+    "frequency_penalty": (None, "the frequency penalty is not supported (repetition_penalty is)"),
     "ignore_eos_token": (False, "generation always stops at the end-of-sequence token"),
     "decoder_input_details": (False, "prompt log-probabilities are not computed"),
     "top_n_tokens": (None, "alternative tokens are not computed"),
@@ -112,7 +124,7 @@ _TGI_UNSUPPORTED = {  # field -> (its default, why it is refused)
     "grammar": (None, "constrained decoding is not supported"),
     "response_format": (None, "constrained decoding is not supported"),
 }
-_OPTIONAL_ONE = {"best_of": 1}  # TGI clients may send best_of=1, which is greedy
+_OPTIONAL_ONE = {"best_of": 1}  # TGI clients may send best_of=1: one sequence
 
 
 def tgi_request(body: TgiBody) -> Request:
@@ -130,7 +142,25 @@ def tgi_request(body: TgiBody) -> Request:
         adapters = _merged(p.merged_adapters)
     if adapters is not None and (p.k is not None or p.compose is not None):
         raise ApiError(400, "k and compose choose retrieval; named adapters are not retrieved. Drop k and compose.")
-    return Request(body.inputs, p.k, p.compose, p.max_new_tokens, _stops("parameters.stop", p.stop), adapters)
+    stops = _stops("parameters.stop", p.stop)
+    return Request(body.inputs, p.k, p.compose, p.max_new_tokens, stops, adapters, sampling=tgi_sampling(p))
+
+
+def tgi_sampling(p: TgiParameters) -> Sampling:
+    """TGI's rule: sampling when do_sample is true or a sampling field is set away from its neutral value
+    (temperature 1, top_k 0, top_p 1); then temperature defaults to 1. Else greedy, with the repetition penalty
+    all the same. The values are checked by the engine (a 400 naming parameters.<field>)."""
+    penalty = 1.0 if p.repetition_penalty is None else p.repetition_penalty
+    sampled = p.do_sample or p.temperature not in (None, 1) or p.top_k not in (None, 0) or p.top_p not in (None, 1)
+    if not sampled:
+        return Sampling(repetition_penalty=penalty)
+    return Sampling(
+        temperature=1.0 if p.temperature is None else p.temperature,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        top_k=0 if p.top_k is None else p.top_k,
+        repetition_penalty=penalty,
+        seed=p.seed,
+    )
 
 
 def _stops(field: str, stop: str | list[str] | None) -> tuple[str, ...]:
@@ -178,7 +208,7 @@ def tgi_answer(answer: Answer, p: TgiParameters | None, tokenizer) -> dict:
             "finish_reason": answer.finish_reason,
             "generated_tokens": len(answer.tokens),
             "prompt_tokens": answer.prompt_tokens,
-            "seed": None,
+            "seed": answer.seed,
             "prefill": [],
             "tokens": tokens(answer, tokenizer),
             "best_of_sequences": None,
@@ -209,111 +239,265 @@ def tgi_event(index: int, token: dict, answer: Answer | None, p: TgiParameters |
             "finish_reason": answer.finish_reason,
             "generated_tokens": len(answer.tokens),
             "prompt_tokens": answer.prompt_tokens,
-            "seed": None,
+            "seed": answer.seed,
         }
     return f"data:{json.dumps(event)}\n\n"
-
-
-def tgi_events(answer: Answer, p: TgiParameters | None, tokenizer) -> list[str]:
-    """Every event of a finished answer: one per token, the last with the text and details."""
-    items = tokens(answer, tokenizer)
-    return [tgi_event(i, token, answer if i == len(items) - 1 else None, p) for i, token in enumerate(items)]
 
 
 # --- OpenAI ----------------------------------------------------------------------------------------
 
 
-class CompletionBody(BaseModel):
+class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    include_usage: StrictBool | None = None  # a last chunk with `usage` (and no choices) before [DONE]
+
+
+class OpenAiOptions(BaseModel):
+    """The fields completions and chat completions share (OpenAI's, plus lorahub's k and compose and vLLM's top_k
+    and repetition_penalty)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
     # a served adapter id answers with that adapter; anything else retrieves
     model: Annotated[str, Field(max_length=SERVE["max_model_chars"])] | None = None
-    prompt: StrictStr | list[StrictStr]
     max_tokens: StrictInt | None = None  # OpenAI's default is 16 (or the server's limit if lower)
     stop: StrictStr | list[StrictStr] | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    n: StrictInt | None = 1
+    temperature: Number | None = None  # OpenAI's default: 1; 0 is greedy
+    top_p: Number | None = None
+    n: StrictInt | None = None  # choices per prompt
     stream: StrictBool | None = False
-    seed: int | None = None
+    stream_options: StreamOptions | None = None
+    seed: StrictInt | None = None  # choice j samples with seed + j
     user: Annotated[str, Field(max_length=SERVE["max_id_chars"])] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict | None = None
+    k: StrictInt | None = None
+    compose: Compose = None
+    top_k: StrictInt | None = None
+    repetition_penalty: Number | None = None
+
+
+class CompletionBody(OpenAiOptions):
+    prompt: StrictStr | list[StrictStr]
     logprobs: int | None = None
     echo: StrictBool | None = None
     best_of: int | None = None
     suffix: str | None = None
-    k: StrictInt | None = None
-    compose: Compose = None
 
 
-_OPENAI_UNSUPPORTED = {  # field -> values that mean "not used"
-    "logprobs": (None,),
-    "echo": (None, False),
-    "best_of": (None, 1),
-    "suffix": (None,),
-    "temperature": (None, 0, 0.0),
-    "top_p": (None, 1, 1.0),
-    "n": (None, 1),
-    "stream": (None, False),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "logit_bias": (None, {}),
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[TextPart]
+    name: Id | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatBody(OpenAiOptions):
+    messages: list[ChatMessage]
+    max_completion_tokens: StrictInt | None = None  # the newer name of max_tokens
+    logprobs: StrictBool | None = None
+    top_logprobs: int | None = None
+
+
+_OPENAI_UNSUPPORTED = {  # field -> (values that mean "not used", why it is refused)
+    "logprobs": ((None, False), "log-probabilities are returned by POST /generate with details (TGI)"),
+    "top_logprobs": ((None,), "log-probabilities are returned by POST /generate with details (TGI)"),
+    "echo": ((None, False), "the prompt is not echoed"),
+    "best_of": ((None, 1), "one sequence is generated per choice (use n)"),
+    "suffix": ((None,), "insertion is not supported"),
+    "presence_penalty": ((None, 0, 0.0), "use repetition_penalty"),
+    "frequency_penalty": ((None, 0, 0.0), "use repetition_penalty"),
+    "logit_bias": ((None, {}), "logit biases are not supported"),
 }
-_OPENAI_WHY = {
-    "temperature": GREEDY,
-    "top_p": GREEDY,
-    "n": GREEDY + ": one completion per prompt",
-    "stream": "streaming is served by POST /generate_stream (TGI)",
-    "logprobs": "log-probabilities are returned by POST /generate with details (TGI)",
-}
-
-
 OPENAI_MAX_TOKENS = 16
+FINISH = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
 
 
-def completion_requests(body: CompletionBody, served: set[str], max_prompts: int, max_new_tokens: int) -> list[Request]:
-    for name, unused in _OPENAI_UNSUPPORTED.items():
-        value = getattr(body, name)
+def _openai_requests(body: OpenAiOptions, prompts: list, served: set[str], max_prompts: int, max_new_tokens: int):
+    """Requests for `prompts` (input text, or (input text, token ids) for chat), n of each: choice j of prompt i
+    is request i * n + j, sampled with seed + j."""
+    for name, (unused, why) in _OPENAI_UNSUPPORTED.items():
+        value = getattr(body, name, None)
         if value not in unused:
-            why = _OPENAI_WHY.get(name, "not supported by this server")
             raise ApiError(400, f"{name} = {_shown(value)} is not supported ({why}). Leave it out.")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not 1 <= len(prompts) <= max_prompts:
-        raise ApiError(400, f"give 1 to {max_prompts} prompts, not {len(prompts)}.")
+    n = 1 if body.n is None else body.n
+    if n < 1:
+        raise ApiError(400, f"n = {n} must be 1 or more.")
+    if not 1 <= len(prompts) * n <= max_prompts:
+        raise ApiError(400, f"give 1 to {max_prompts} prompts x n, not {len(prompts)} x {n}.")
+    if body.seed is not None and not 0 <= body.seed < 2**64:
+        raise ApiError(400, f"seed = {_shown(body.seed)} must be in 0..2^64-1.")
+    if body.stream_options is not None and not body.stream:
+        raise ApiError(400, "stream_options is only for stream: true.")
     stop = _stops("stop", body.stop)
     adapters = ((body.model, 1.0),) if body.model in served else None
     if adapters is not None and (body.k is not None or body.compose is not None):
         raise ApiError(400, f"model '{body.model}' names one adapter; k and compose choose retrieval. Drop them.")
-    limit = min(OPENAI_MAX_TOKENS, max_new_tokens) if body.max_tokens is None else body.max_tokens
-    return [Request(p, body.k, body.compose, limit, stop, adapters) for p in prompts]
+    limit = getattr(body, "max_completion_tokens", None)
+    limit = body.max_tokens if limit is None else limit
+    limit = min(OPENAI_MAX_TOKENS, max_new_tokens) if limit is None else limit
+    requests = []
+    for prompt in prompts:
+        text, ids = prompt if isinstance(prompt, tuple) else (prompt, None)
+        for j in range(n):
+            sampling = Sampling(
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0 if body.top_k is None else body.top_k,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                seed=None if body.seed is None else (body.seed + j) % 2**64,
+            )
+            requests.append(Request(text, body.k, body.compose, limit, stop, adapters, sampling=sampling, ids=ids))
+    return requests
 
 
-def completion_answer(body: CompletionBody, answers: list[Answer], default_model: str) -> dict:
-    finish = {"eos_token": "stop", "stop_sequence": "stop", "length": "length"}
+def completion_requests(body: CompletionBody, served: set[str], max_prompts: int, max_new_tokens: int) -> list[Request]:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    return _openai_requests(body, prompts, served, max_prompts, max_new_tokens)
+
+
+def chat_messages(body: ChatBody, max_chars: int) -> list[dict]:
+    """The messages as a chat template reads them, or a 400/413: at least one, a user message last (what the
+    answer follows), at most `max_chars` characters in all."""
+    if not body.messages:
+        raise ApiError(400, "messages is empty: give at least one {role, content}.")
+    messages = [{"role": m.role, "content": m.text} for m in body.messages]
+    total = sum(len(m["content"]) for m in messages)
+    if total > max_chars:
+        raise ApiError(413, f"the messages hold {total} characters, more than the limit of {max_chars}.")
+    if messages[-1]["role"] != "user":
+        raise ApiError(400, f"the last message is the {messages[-1]['role']}'s; the answer follows a user message.")
+    return messages
+
+
+def chat_requests(
+    body: ChatBody, messages: list[dict], ids: list[int], served: set[str], max_prompts: int, max_new_tokens: int
+):
+    """The requests of a chat: the rendered conversation's ids, retrieval by the last user message."""
+    return _openai_requests(body, [(messages[-1]["content"], ids)], served, max_prompts, max_new_tokens)
+
+
+def _usage(answers: list[Answer]) -> dict:
     prompt_tokens = sum(a.prompt_tokens for a in answers)
     completion_tokens = sum(len(a.tokens) for a in answers)
     return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _lorahub(answer: Answer) -> dict:
+    return {**answer.route, **({"seed": answer.seed} if answer.seed is not None else {})}
+
+
+def openai_answer(body: OpenAiOptions, answers: list[Answer], default_model: str, chat: bool) -> dict:
+    """A completion (`chat` False: each choice's `text`) or chat completion (its assistant `message`)."""
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": body.model or default_model,
         "choices": [
             {
                 "index": i,
-                "text": a.output,
-                "finish_reason": finish[a.finish_reason],
+                **({"message": {"role": "assistant", "content": a.output}} if chat else {"text": a.output}),
+                "finish_reason": FINISH[a.finish_reason],
                 "logprobs": None,
-                "lorahub": a.route,
+                "lorahub": _lorahub(a),
             }
             for i, a in enumerate(answers)
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": _usage(answers),
     }
+
+
+class TextPieces:
+    """One streamed choice's text, in pieces whose concatenation is the answer's text (`Answer.output`): after each
+    token, the text decoded so far is sent up to what cannot change any more. Held back: trailing whitespace (the
+    answer is stripped), an incomplete character (U+FFFD at the end), and an end that may begin a stop string
+    (the answer ends before it). The rest comes with the last token."""
+
+    def __init__(self, tokenizer, stops: tuple[str, ...]):
+        self.tokenizer, self.stops, self.tokens, self.sent = tokenizer, stops, [], ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True).lstrip()
+        for stop in self.stops:
+            if stop in text:
+                text = text[: text.index(stop)]
+        text = text.rstrip("\ufffd").rstrip()
+        held = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        text = text[: len(text) - held]
+        if not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent) :], text
+        return piece
+
+    def end(self, answer: Answer) -> str:
+        """What remains of the answer's text (nothing when what was sent is not its beginning: never seen)."""
+        return answer.output[len(self.sent) :] if answer.output.startswith(self.sent) else ""
+
+
+class OpenAiStream:
+    """The server-sent events of a streamed completion (`chat` False) or chat completion: `data: {chunk}` lines, a
+    usage chunk when asked for (`stream_options.include_usage`), then `data: [DONE]`."""
+
+    def __init__(self, body: OpenAiOptions, default_model: str, chat: bool):
+        self.chat, self.created, self.model = chat, int(time.time()), body.model or default_model
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def _chunk(self, choices: list[dict], usage: dict | None = None) -> str:
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.usage:
+            chunk["usage"] = usage  # null on every chunk but the last, as OpenAI sends it
+        return f"data: {json.dumps(chunk)}\n\n"
+
+    def start(self, index: int) -> str:
+        """Chat: the first chunk of a choice carries the role."""
+        return self._choice(index, "", None, role=True) if self.chat else ""
+
+    def piece(self, index: int, text: str, answer: Answer | None = None) -> str:
+        """A piece of a choice's text; with `answer`, its last (with the finish reason)."""
+        if not text and answer is None:
+            return ""
+        return self._choice(index, text, answer)
+
+    def _choice(self, index: int, text: str, answer: Answer | None, role: bool = False) -> str:
+        finish = None if answer is None else FINISH[answer.finish_reason]
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        if answer is not None:
+            choice["lorahub"] = _lorahub(answer)
+        return self._chunk([choice])
+
+    def end(self, answers: list[Answer]) -> str:
+        return (self._chunk([], _usage(answers)) if self.usage else "") + "data: [DONE]\n\n"
+
+    @staticmethod
+    def error(message: str, kind: str, status: int) -> str:
+        return f"data: {json.dumps({'error': {'message': message, 'type': kind, 'code': status}})}\n\n"
 
 
 def models(default_model: str, adapters: list[str], started: int) -> dict:

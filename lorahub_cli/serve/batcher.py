@@ -13,10 +13,12 @@ requests that arrive together share forward passes. While a batch runs, new requ
 and fill the next batch without waiting for the window.
 
 Continuous batching (`session`, a factory of `Stepper`s such as `engine.Session`): the worker drives the
-session one decoding step at a time. Before each step, waiting requests join while fewer
-than `max_batch` rows are running (an idle worker first collects for `window`); a request
-is answered at the step that finishes it, and `submit(request, on_token)` hears of each of
-its tokens as it is decoded.
+session one decoding step at a time. Before each step, waiting requests move into the session
+while it holds fewer than 2 x `max_batch` (running or waiting there; an idle worker first
+collects for `window`), so that the session's own admission (`decoding.Admission`) sees up to
+a batch of candidates and gathers joins into groups of similar length; a request is answered
+at the step that finishes it, and `submit(request, on_token)` hears of each of its tokens as
+it is decoded.
 
 Length buckets: when more than `max_batch` requests wait, the batch is the oldest
 waiting request and the `max_batch - 1` others nearest to it in `size` (input length),
@@ -70,6 +72,11 @@ class Stepper(Protocol):
         """Whether a step has work."""
         raise NotImplementedError
 
+    @property
+    def prefills(self) -> int:
+        """Prefill passes run so far (groups of requests that joined at one step)."""
+        raise NotImplementedError
+
     def add(self, requests: list, keys: list, on_token: list | None = None, cancelled: list | None = None) -> None:
         """Queue checked requests under `keys`; `on_token[i](token, logprob, answer or None)` as each token is
         decoded; `cancelled[i]()` true: request i leaves at the next step."""
@@ -86,7 +93,7 @@ class Stepper(Protocol):
 
 @dataclass
 class Stats:
-    batches: int = 0  # static: batches run; continuous: groups of requests that joined at one step
+    batches: int = 0  # static: batches run; continuous: prefill passes (groups of requests that joined at one step)
     requests: int = 0
     largest_batch: int = 0  # the most rows decoded together
     busy_seconds: float = 0.0
@@ -196,18 +203,10 @@ class Batcher:
 
     def _take(self, n: int) -> list:
         """With the lock held: the oldest waiting request and its n - 1 nearest in size, removed from the queue."""
+        from ..decoding import nearest
+
         waiting = self._waiting
-        if len(waiting) <= n:
-            self._waiting = []
-            return waiting
-        # The oldest and its n - 1 nearest in size: the tightest run of sorted sizes that holds it.
-        order = sorted(range(len(waiting)), key=lambda i: waiting[i][2])
-        at = order.index(0)
-        lo = min(max(0, at - n + 1), len(order) - n)
-        best = min(
-            range(lo, min(at, len(order) - n) + 1), key=lambda s: waiting[order[s + n - 1]][2] - waiting[order[s]][2]
-        )
-        chosen = set(order[best : best + n])
+        chosen = set(nearest([item[2] for item in waiting], n))
         self._waiting = [item for i, item in enumerate(waiting) if i not in chosen]
         return [item for i, item in enumerate(waiting) if i in chosen]
 
@@ -242,7 +241,7 @@ class Batcher:
                     self._cond.wait()
                 if self._waiting and not session.busy:
                     self._collect()
-                room = self.max_batch - session.load
+                room = 2 * self.max_batch - session.load
                 joining = self._take(room) if room > 0 and self._waiting else []
             start = time.perf_counter()
             if joining:
@@ -260,7 +259,8 @@ class Batcher:
                 except BaseException as error:  # noqa: BLE001 - every accepted request must hear back
                     self._release(futures, error=error)
                     continue
-                self.stats.batches, self.stats.requests = self.stats.batches + 1, self.stats.requests + len(joining)
+                self.stats.requests += len(joining)
+            prefills = session.prefills
             try:
                 finished = session.step()
             except BaseException as error:  # noqa: BLE001 - a failed step fails the requests it held
@@ -269,6 +269,7 @@ class Batcher:
                 continue
             s = self.stats
             s.steps, s.largest_batch = s.steps + 1, max(s.largest_batch, session.running + len(finished))
+            s.batches += session.prefills - prefills
             self._release([future for future, _ in finished], [answer for _, answer in finished])
             s.busy_seconds += time.perf_counter() - start
 

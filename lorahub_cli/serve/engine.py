@@ -17,10 +17,12 @@ elementwise one), because a forward pass evaluates one mode.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+import secrets
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from ..decoding import GREEDY, Admission, Sampling
 from ..errors import InputError
 from ..routing import COMPOSE_MODES, AdapterRouter, RetrievalRouter, Route, ShotRouter, check_compose
 from ..settings import SERVE as DEFAULTS
@@ -57,6 +59,7 @@ class Request:
     # Named adapters and weights instead of retrieval: (("id", 1.0),) is one adapter (LoRAX's adapter_id);
     # several are merged as LoRAX's linear merge does, A = sum w_i A_i and B = sum w_i B_i (the elementwise formula).
     adapters: tuple[tuple[str, float], ...] | None = None
+    sampling: Sampling = GREEDY  # how its tokens are chosen; Engine.check gives a sampled request a seed
     ids: list[int] | None = field(default=None, repr=False)  # the input's token ids, set by Engine.check
 
 
@@ -69,9 +72,15 @@ class Answer:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"  # eos_token | stop_sequence | length
     prompt_tokens: int = 0
+    seed: int | None = None  # the seed it was sampled with (None: greedy)
 
     def to_json(self) -> dict:
-        return {"input": self.input, "output": self.output, **self.route}
+        return {
+            "input": self.input,
+            "output": self.output,
+            **self.route,
+            **({"seed": self.seed} if self.seed is not None else {}),
+        }
 
 
 @runtime_checkable
@@ -100,6 +109,11 @@ class ServingEngine(Protocol):
     def check(self, request: Request) -> Request:
         """The request with its defaults, or an InputError (FieldError: naming the field; InputTooLong: 413)."""
         raise NotImplementedError
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """A conversation ([{"role", "content"}], a user message last) rendered by the base model's chat template
+        with the assistant's turn begun, as token ids; an InputError when the model has no chat."""
+        raise InputError("this server does not serve chat.", "Use /v1/completions.")
 
     def run(self, requests: list[Request]) -> list[Answer]:
         """Answers in request order (static batching)."""
@@ -130,6 +144,7 @@ class Engine(ServingEngine):
         batch_size: int = DEFAULTS["batch_size"],
         max_input_tokens: int = DEFAULTS["max_input_tokens"],
         batching: str = DEFAULTS["batching"],
+        admission: Admission | None = None,
         description: dict | None = None,
     ):
         from ..decoding import steppable
@@ -144,6 +159,7 @@ class Engine(ServingEngine):
         self.base, self.bank, self.router = base, bank, router
         self.k, self.compose, self.max_new_tokens = k, check_compose(compose), max_new_tokens
         self.batch_size, self.max_input_tokens = batch_size, max_input_tokens
+        self.admission = admission or Admission()
         # A model the step loop cannot run exactly (decoding.steppable) is served in static batches.
         self.batching = check_batching(batching) if steppable(base) else "static"
         self.description = description or {}
@@ -301,6 +317,13 @@ class Engine(ServingEngine):
                 f"is outside 1..{self.max_new_tokens}.",
                 f"Ask for at most {self.max_new_tokens} new tokens.",
             )
+        sampling = request.sampling
+        problem = sampling.problem()
+        if problem is not None:
+            name, value, rule = problem
+            raise FieldError(name, value, rule + ".", "Leave it out for the default.")
+        if not sampling.greedy and sampling.seed is None:  # a seed to report, so the answer can be drawn again
+            sampling = replace(sampling, seed=secrets.randbits(63))
         # Tokenised once, here: the ids travel with the checked request to the decoder.
         ids = (
             request.ids
@@ -311,7 +334,25 @@ class Engine(ServingEngine):
             raise InputTooLong(
                 f"the input is {len(ids)} tokens, more than the limit of {self.max_input_tokens}.", "Shorten the input."
             )
-        return replace(request, k=k, compose=compose, max_new_tokens=limit, ids=ids)
+        return replace(request, k=k, compose=compose, max_new_tokens=limit, sampling=sampling, ids=ids)
+
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        tokenizer, name = self.base.tokenizer, self.base_model
+        if self.base.is_seq2seq:
+            raise InputError(
+                f"chat needs a decoder-only base model; {name} is an encoder-decoder.",
+                "Use /v1/completions with the prompt written out.",
+            )
+        if not getattr(tokenizer, "chat_template", None):
+            raise InputError(
+                f"the tokenizer of {name} has no chat template.",
+                "Use /v1/completions, or serve a model whose tokenizer_config.json has a chat_template.",
+            )
+        try:
+            rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as error:  # noqa: BLE001 - a template may refuse a conversation (roles out of order ...)
+            raise InputError(f"the chat template refused the messages ({error}).", "Fix the messages.") from None
+        return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
 
     def named_route(self, adapters: tuple[tuple[str, float], ...]) -> Route:
         """The route of named adapters and weights, or an InputError naming the unknown id or bad weight."""
@@ -409,6 +450,7 @@ class Engine(ServingEngine):
                 batch_size=self.batch_size,
                 progress=progress,
                 batching="static",
+                sampling=[requests[i].sampling for i in rows],
             )
             for i, g in zip(rows, generated):
                 outputs[i] = g
@@ -424,6 +466,7 @@ class Engine(ServingEngine):
             "batch_size": self.batch_size,
             "max_input_tokens": self.max_input_tokens,
             "batching": self.batching,
+            "admission": asdict(self.admission),
         }
 
 
@@ -451,7 +494,8 @@ def arrow_prototypes(store, records, adapters, top_k: int) -> tuple[dict, int, f
 
 
 def _answer(request: Request, route: Route, g) -> Answer:
-    return Answer(request.input, g.text, route.info, g.tokens, g.logprobs, g.finish_reason, g.prompt_tokens)
+    seed = None if request.sampling.greedy else request.sampling.seed
+    return Answer(request.input, g.text, route.info, g.tokens, g.logprobs, g.finish_reason, g.prompt_tokens, seed)
 
 
 class Session(Stepper):
@@ -483,6 +527,10 @@ class Session(Stepper):
     def busy(self) -> bool:
         return any(d.busy for d in self.decoders.values())
 
+    @property
+    def prefills(self) -> int:
+        return sum(d.prefills for d in self.decoders.values())
+
     def add(
         self, requests: list[Request], keys: list, on_token: list | None = None, cancelled: list | None = None
     ) -> None:
@@ -499,7 +547,11 @@ class Session(Stepper):
             decoder = self.decoders.get(route.mode)
             if decoder is None:
                 decoder = self.decoders[route.mode] = Decoder(
-                    engine.base, bank=engine.bank, mode=route.mode, max_batch=engine.batch_size
+                    engine.base,
+                    bank=engine.bank,
+                    mode=route.mode,
+                    max_batch=engine.batch_size,
+                    admission=engine.admission,
                 )
             callback = on_token[i] if on_token else None
             if callback is not None:
@@ -512,6 +564,7 @@ class Session(Stepper):
                 weights=route.row,
                 on_token=callback,
                 cancelled=cancelled[i] if cancelled else None,
+                sampling=request.sampling,
             )
 
     def step(self) -> list[tuple[object, Answer]]:
@@ -533,23 +586,44 @@ def _answering(callback, request: Request, route: Route):
     return lambda token, logprob, g: callback(token, logprob, None if g is None else _answer(request, route, g))
 
 
-def read_requests(path: str | Path) -> list[Request]:
-    """A requests file: JSONL with `input` and optionally `k`, `compose`, `max_new_tokens` per line."""
+def read_requests(path: str | Path, sampling: Sampling = GREEDY) -> list[Request]:
+    """A requests file: JSONL with `input` and optionally `k`, `compose`, `max_new_tokens` and the sampling fields
+    (`temperature`, `top_p`, `top_k`, `repetition_penalty`, `seed`) per line; `sampling`: the fields a line leaves
+    out, where line i (from 0) gets sampling.seed + i, so the file is drawn again as a whole and line by line."""
     from ..io import read_examples, read_jsonl
 
     inputs = read_examples(path, require_target=False)  # checks every input
     requests = []
-    for (number, obj), example in zip(read_jsonl(path), inputs):
-        for name in ("k", "max_new_tokens"):
+    for i, ((number, obj), example) in enumerate(zip(read_jsonl(path), inputs)):
+        for name in ("k", "max_new_tokens", "top_k", "seed"):
             if name in obj and (not isinstance(obj[name], int) or isinstance(obj[name], bool)):
                 raise InputError(
                     f"{path}:{number}: field '{name}' must be an integer, got {obj[name]!r}.",
                     'Example: {"input": "...", "k": 3}',
+                )
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if name in obj and (not isinstance(obj[name], int | float) or isinstance(obj[name], bool)):
+                raise InputError(
+                    f"{path}:{number}: field '{name}' must be a number, got {obj[name]!r}.",
+                    'Example: {"input": "...", "temperature": 0.7, "seed": 1}',
                 )
         if "compose" in obj and obj["compose"] not in COMPOSE_MODES:
             raise InputError(
                 f"{path}:{number}: compose '{obj['compose']}' is not one of {', '.join(COMPOSE_MODES)}.",
                 'Example: {"input": "...", "compose": "mixture"}',
             )
-        requests.append(Request(example.input, obj.get("k"), obj.get("compose"), obj.get("max_new_tokens")))
+        seed = None if sampling.seed is None else (sampling.seed + i) % 2**64
+        fields = {
+            name: obj[name] for name in ("temperature", "top_p", "top_k", "repetition_penalty", "seed") if name in obj
+        }
+        own = replace(sampling, **{"seed": seed, **fields})
+        problem = own.problem()
+        if problem is not None:  # here, not when the engine checks it: before minutes of loading
+            name, value, rule = problem
+            raise InputError(
+                f"{path}:{number}: field '{name}' = {value} {rule}.", 'Example: {"input": "...", "temperature": 0.7}'
+            )
+        requests.append(
+            Request(example.input, obj.get("k"), obj.get("compose"), obj.get("max_new_tokens"), sampling=own)
+        )
     return requests

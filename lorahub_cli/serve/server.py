@@ -1,8 +1,10 @@
 """The HTTP server: FastAPI over a `Batcher` over an `Engine`.
 
-    POST /v1/generate       lorahub's own: {"input", "k"?, "compose"?, "max_new_tokens"?}
+    POST /v1/generate       lorahub's own: {"input", "k"?, "compose"?, "max_new_tokens"?, sampling fields?}
                             -> {"input", "output", "compose", "adapters"}
-    POST /v1/completions    OpenAI text completions (greedy; `model` may name one adapter; "k", "compose" extra)
+    POST /v1/completions    OpenAI text completions, streamed with "stream": true (`model` may name one adapter;
+                            "k", "compose", "top_k", "repetition_penalty" extra)
+    POST /v1/chat/completions  OpenAI chat, rendered with the base model's chat template (decoder-only)
     GET  /v1/models         what `model` can name
     POST /generate          TGI, with LoRAX's adapter_id / merged_adapters
     POST /generate_stream   TGI's server-sent events
@@ -38,6 +40,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decoding import Sampling
 from ..errors import InputError
 from ..settings import SERVE
 from . import apis
@@ -71,6 +74,12 @@ class GenerateBody(BaseModel):
     k: StrictInt | None = None
     compose: apis.Compose = None
     max_new_tokens: StrictInt | None = None
+    # decoding.Sampling: greedy unless temperature > 0
+    temperature: apis.Number = 0.0
+    top_p: apis.Number = 1.0
+    top_k: StrictInt = 0
+    repetition_penalty: apis.Number = 1.0
+    seed: StrictInt | None = None
 
 
 class HttpError(Exception):
@@ -222,11 +231,11 @@ class Service:
         except (QueueFull, ShuttingDown) as error:
             raise HttpError(503, str(error), "overloaded", {"Retry-After": "1"}) from None
 
-    def stream(self, checked: Request) -> tuple[asyncio.Queue, Future]:
-        """Queue a checked request whose tokens come into the returned queue as the worker decodes them:
-        (token, logprob, the Answer if this token ended it, else None) for each, then its settled future (with
+    def stream(self, checked: list[Request]) -> tuple[asyncio.Queue, list[Future]]:
+        """Queue checked requests whose tokens come into the returned queue as the worker decodes them: (i, token,
+        logprob, the Answer if this token ended request i, else None) for each, then (i, its settled future) (with
         continuous batching the last token comes first; a static batch settles with no token before).
-        Cancel the future to take the request out of the batch (a client that left)."""
+        Cancel the futures to take the requests out of the batch (a client that left)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -236,9 +245,53 @@ class Service:
             except RuntimeError:  # the event loop has closed: nobody listens any more
                 pass
 
-        future = self.submit(checked, on_token=lambda token, logprob, final: put((token, logprob, final)))
-        future.add_done_callback(put)
-        return queue, future
+        futures = []
+        try:
+            for i, request in enumerate(checked):
+                future = self.submit(request, on_token=lambda token, lp, final, i=i: put((i, token, lp, final)))
+                future.add_done_callback(lambda f, i=i: put((i, f)))
+                futures.append(future)
+        except HttpError:  # a full queue: none of them is answered
+            for future in futures:
+                future.cancel()
+            raise
+        return queue, futures
+
+    async def events(self, checked: list[Request]):
+        """The stream of `checked` as events: ("token", i, token, logprob, Answer or None) as each is decoded, and
+        ("done", i, Answer) or ("failed", i, error) when request i settles; its tokens all came before. Leaving
+        early (a client that disconnected) cancels what is still open."""
+        queue, futures = self.stream(checked)
+        open_, sent = set(range(len(checked))), [0] * len(checked)
+        try:
+            while open_:
+                item = await queue.get()
+                if isinstance(item[1], Future):
+                    i, future = item
+                    if i not in open_:
+                        continue
+                    open_.discard(i)
+                    error = None if future.cancelled() else future.exception()
+                    if error is not None or future.cancelled():
+                        yield ("failed", i, error or ShuttingDown("the request was cancelled."))
+                        continue
+                    answer = future.result()
+                    # A static batch settles without token events: send its tokens first.
+                    for token, logprob in list(zip(answer.tokens, answer.logprobs))[sent[i] :]:
+                        sent[i] += 1
+                        yield ("token", i, token, logprob, answer if sent[i] == len(answer.tokens) else None)
+                    yield ("done", i, answer)
+                    continue
+                i, token, logprob, final = item
+                if i in open_:
+                    sent[i] += 1
+                    yield ("token", i, token, logprob, final)
+                    if final is not None:
+                        open_.discard(i)
+                        yield ("done", i, final)
+        finally:
+            for i in open_:  # the client disconnected: their rows leave the batch at the next step
+                futures[i].cancel()
 
     async def answer(self, requests: list[Request], fields: dict[str, str]) -> list[Answer]:
         checked = [self.check(r, fields) for r in requests]  # all or nothing: no request is queued if one is bad
@@ -286,7 +339,9 @@ async def health(request: HttpRequest):
 
 async def generate(request: HttpRequest):
     body = await _parse(request, GenerateBody)
-    (result,) = await _service(request).answer([Request(body.input, body.k, body.compose, body.max_new_tokens)], {})
+    sampling = Sampling(body.temperature, body.top_p, body.top_k, body.repetition_penalty, body.seed)
+    wanted = Request(body.input, body.k, body.compose, body.max_new_tokens, sampling=sampling)
+    (result,) = await _service(request).answer([wanted], {})
     return result.to_json()
 
 
@@ -297,7 +352,56 @@ async def completions(request: HttpRequest):
     requests = _translated(
         lambda: apis.completion_requests(body, set(engine.names), limits.max_prompts, engine.max_new_tokens)
     )
-    return apis.completion_answer(body, await service.answer(requests, apis.OPENAI_FIELDS), engine.base_model)
+    return await _openai(service, body, requests, chat=False)
+
+
+async def chat_completions(request: HttpRequest):
+    service = _service(request)
+    body = await _parse(request, apis.ChatBody)
+    engine, limits = service.engine, service.limits
+    messages = _translated(lambda: apis.chat_messages(body, limits.max_input_chars))
+    try:
+        ids = engine.chat_ids(messages)
+    except InputError as error:
+        raise HttpError(400, str(error)) from None
+    requests = _translated(
+        lambda: apis.chat_requests(body, messages, ids, set(engine.names), limits.max_prompts, engine.max_new_tokens)
+    )
+    return await _openai(service, body, requests, chat=True)
+
+
+async def _openai(service: Service, body: apis.OpenAiOptions, requests: list[Request], chat: bool):
+    """An OpenAI completion or chat completion: one JSON answer, or with "stream": true its server-sent chunks."""
+    fields = {
+        **apis.OPENAI_FIELDS,
+        **({"max_new_tokens": "max_completion_tokens"} if chat and body.max_tokens is None else {}),
+    }
+    if not body.stream:
+        return apis.openai_answer(body, await service.answer(requests, fields), service.engine.base_model, chat)
+    checked = [service.check(r, fields) for r in requests]
+    stream = apis.OpenAiStream(body, service.engine.base_model, chat)
+    tokenizer = service.engine.tokenizer
+
+    async def chunks():
+        pieces = [apis.TextPieces(tokenizer, r.stop) for r in checked]
+        answers: list[Answer | None] = [None] * len(checked)
+        for i in range(len(checked)):
+            yield stream.start(i)
+        async for event in service.events(checked):
+            kind, i = event[0], event[1]
+            if kind == "token":
+                final = event[4]
+                yield stream.piece(i, pieces[i].end(final) if final is not None else pieces[i].push(event[2]), final)
+            elif kind == "done":
+                answers[i] = event[2]
+            else:
+                error = event[2]
+                status, kind_ = (503, "overloaded") if isinstance(error, ShuttingDown) else (500, "server_error")
+                yield stream.error(str(error), kind_, status)
+                return
+        yield stream.end(answers)
+
+    return StreamingResponse(chunks(), media_type="text/event-stream")
 
 
 async def list_models(request: HttpRequest):
@@ -334,32 +438,18 @@ def _tgi_stream(service: Service, checked: Request, parameters, tokenizer) -> St
     """TGI's server-sent events, each token's sent as soon as the worker has decoded it (continuous batching;
     static batches send them all when the batch ends). A failure after the first event is an error event, as
     TGI sends it."""
-    queue, future = service.stream(checked)
 
     async def events():
-        sent, ended = 0, False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, Future):  # settled; with continuous batching its last token came first
-                    ended = True
-                    error = item.exception()
-                    if error is not None:
-                        kind = "overloaded" if isinstance(error, ShuttingDown) else "generation"
-                        yield f"data:{json.dumps({'error': str(error), 'error_type': kind})}\n\n"
-                    else:
-                        for event in apis.tgi_events(item.result(), parameters, tokenizer)[sent:]:
-                            yield event
-                    return
-                token, logprob, final = item
-                yield apis.tgi_event(sent, apis.tgi_token(token, logprob, tokenizer), final, parameters)
-                sent += 1
-                if final is not None:
-                    ended = True
-                    return
-        finally:
-            if not ended:  # the client disconnected: the row leaves the batch at the next step
-                future.cancel()
+        index = 0
+        async for event in service.events([checked]):
+            if event[0] == "token":
+                _, _, token, logprob, final = event
+                yield apis.tgi_event(index, apis.tgi_token(token, logprob, tokenizer), final, parameters)
+                index += 1
+            elif event[0] == "failed":
+                error = event[2]
+                kind = "overloaded" if isinstance(error, ShuttingDown) else "generation"
+                yield f"data:{json.dumps({'error': str(error), 'error_type': kind})}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -368,6 +458,7 @@ ROUTES = [
     ("GET", "/health", health),
     ("POST", "/v1/generate", generate),
     ("POST", "/v1/completions", completions),
+    ("POST", "/v1/chat/completions", chat_completions),
     ("GET", "/v1/models", list_models),
     ("POST", "/generate", tgi_generate),
     ("POST", "/generate_stream", tgi_generate_stream),
