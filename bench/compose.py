@@ -1,7 +1,7 @@
 """Side by side: `lorahub compose` against the reference LoraHub (PyPI lorahub 0.1.0), over several fixtures.
 
-    python bench/compose.py --shape base --fixture-seeds 0,1,2,3,4 [--budget 40] [--configs default,fp32,ngopt]
-    python bench/compose.py --shape large --fixture-seeds 0,1
+    python bench/compose.py --shape base --fixture-seeds 0,1,2,3,4 [--budget 40] [--configs default,ngopt] --threads 1
+    python bench/compose.py --shape large --fixture-seeds 0,1 --threads 1
 
 For every fixture seed (a different random model, 20 adapters and BBH task: bench/fixtures.py), the reference
 runs first (bench/reference.py, its own venv, its own process), then each of our configurations, each in a
@@ -11,7 +11,8 @@ fixtures.true_objective (the weights applied to the adapters on disk, fp32, mean
 The time to the reference's true objective re-scores our best-so-far weights the same way, at each
 improvement, until one reaches it; to that moment is added what our run spent after its search (fp32
 re-scoring, export), so it is the time a run stopped there would have taken. The load average is recorded
-before and after every run: the machine may be shared. Results: one JSON per run under
+before and after every run: the machine may be shared, so both clocks are kept, wall and the process's CPU
+seconds (which other load does not inflate). Results: one JSON per run under
 bench/.cache/results/, and a summary (median and worst ratios) printed and written to --out.
 """
 
@@ -36,6 +37,9 @@ RESULTS = BENCH / ".cache" / "results"
 # Our configurations: name -> (optimizer or None for the default, search precision)
 CONFIGS = {
     "default": (None, "auto"),
+    "subspace": ("subspace", "auto"),
+    "subspace-fp32": ("subspace", "fp32"),
+    "subspace-bf16": ("subspace", "bf16"),
     "lbfgs": ("lbfgs", "auto"),
     "lbfgs-fp32": ("lbfgs", "fp32"),
     "lbfgs-bf16": ("lbfgs", "bf16"),
@@ -68,7 +72,9 @@ def cpu_model() -> str:
 # --- one run of ours, in its own process -------------------------------------------------------
 
 
-def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path, threads: int) -> None:
+def run_ours(
+    shape: str, fixture_seed: int, config: str, budget: int, out: Path, threads: int, settings: list[str]
+) -> None:
     import torch
 
     if threads:
@@ -83,15 +89,18 @@ def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path,
     from lorahub_cli.registry.mirror import add_local
 
     manifest = fixture(shape, seed=fixture_seed)
-    optimizer, precision = CONFIGS[config]
+    optimizer, precision = CONFIGS[config.partition("+")[0]]
+    for setting in settings:  # a lever measured: NAME=VALUE sets a constant of lorahub_cli.compose.search
+        name, _, value = setting.partition("=")
+        setattr(search_module, name, type(getattr(search_module, name))(float(value)))
     # Instrumentation only: remember every evaluated weight vector and when (the recipe keeps no weights per step).
     evaluated: list[tuple[float, list[float]]] = []
     record = search_module._Tracker.record
 
     def recording(self, W, losses):
         objectives = record(self, W, losses)
-        now = time.perf_counter()
-        evaluated.extend((now, w) for w in W.detach().double().tolist())
+        now, cpu = time.perf_counter(), time.process_time()
+        evaluated.extend((now, cpu, self.precision, w) for w in W.detach().double().tolist())
         return objectives
 
     search_module._Tracker.record = recording
@@ -107,27 +116,39 @@ def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path,
             modules=ids, model_path=manifest["model_dir"], device="cpu", search=SearchConfig(**config_kwargs)
         )
         loadavg_before = list(os.getloadavg())
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         composition = compose_task(store, shots, meta, options)
-        total = time.perf_counter() - start
+        total, cpu_total = time.perf_counter() - start, time.process_time() - cpu_start
         loadavg_after = list(os.getloadavg())
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result, recipe = composition.results[0], composition.recipe
     after_search = total - (evaluated[-1][0] - start) if evaluated else 0.0
-    # Re-stamp every evaluation from the start of compose_task; the best-so-far by the search's own objective.
+    cpu_after_search = cpu_total - (evaluated[-1][1] - cpu_start) if evaluated else 0.0
+    # Re-stamp every evaluation from the start of compose_task (wall and this process's CPU seconds).
     curve = [
-        {"evaluation": i + 1, "t": t - start, "search_objective": point["objective"], "weights": w}
-        for i, ((t, w), point) in enumerate(zip(evaluated, result.curve))
+        {
+            "evaluation": i + 1,
+            "t": t - start,
+            "cpu": cpu - cpu_start,
+            "precision": precision_of,
+            "search_objective": point["objective"],
+            "weights": w,
+        }
+        for i, ((t, cpu, precision_of, w), point) in enumerate(zip(evaluated, result.curve))
     ]
     ours = {
         "config": config,
         "optimizer": recipe.search["optimizer"],
         "engine": result.engine,
         "search_precision": recipe.search["precision_used"],
+        "settings": settings,
         "seconds_total": total,
+        "cpu_seconds_total": cpu_total,
         "seconds_search": result.seconds,
         "seconds_after_search": after_search,
+        "cpu_seconds_after_search": cpu_after_search,
         "evaluations": result.evaluations,
+        "stop": result.stop,
         "loss_fp32": recipe.loss,
         "objective_fp32": recipe.objective,
         "weights": [m["weight"] for m in recipe.modules],
@@ -140,30 +161,47 @@ def run_ours(shape: str, fixture_seed: int, config: str, budget: int, out: Path,
     ours["true_objective"] = scorer.score(ours["weights"])["objective"]
     out.write_text(json.dumps({"ours": ours, "curve": curve}) + "\n")
     print(
-        f"  ours {config}: {total:.1f} s, {result.evaluations} evals, true objective {ours['true_objective']:.4f}, "
-        f"peak {peak:.0f} MB",
+        f"  ours {config}: {total:.1f} s ({cpu_total:.1f} s CPU), {result.evaluations} evals ({result.stop}), "
+        f"true objective {ours['true_objective']:.4f}, peak {peak:.0f} MB",
         file=sys.stderr,
     )
 
 
-def time_to_objective(run_path: Path, manifest: dict, target: float) -> tuple[float | None, int]:
-    """When our best-so-far weights (by the search's objective) first have a true objective <= target."""
+def time_to_objective(run_path: Path, manifest: dict, target: float) -> dict:
+    """When our best-so-far weights (by the search's objective, per precision) first have a true objective <= target:
+    wall and CPU seconds since compose_task started, plus what the run spent after its search; a point evaluated
+    in another precision than fp32 also pays one fp32 evaluation (a run stopped there must score its answer in
+    fp32). None when never reached."""
     from fixtures import Scorer
 
     data = json.loads(run_path.read_text())
-    best, improvements = float("inf"), []
-    for point in data["curve"]:
-        if point["search_objective"] < best:
-            best = point["search_objective"]
+    curve, ours = data["curve"], data["ours"]
+    fp32 = [(b["t"] - a["t"], b["cpu"] - a["cpu"]) for a, b in zip(curve, curve[1:]) if b["precision"] == "fp32"]
+    one_fp32 = (statistics.median(x for x, _ in fp32), statistics.median(c for _, c in fp32)) if fp32 else (0.0, 0.0)
+    best, improvements = {}, []
+    for point in curve:
+        if point["search_objective"] < best.get(point["precision"], float("inf")):
+            best[point["precision"]] = point["search_objective"]
             improvements.append(point)
-    final = data["ours"]["true_objective"]
-    if final > target + 1e-9 and all(p["weights"] != data["ours"]["weights"] for p in improvements):
-        return None, 0
+    unreached = {"seconds": None, "cpu_seconds": None, "points_scored": len(improvements)}
+    if ours["true_objective"] > target + 1e-9 and all(p["weights"] != ours["weights"] for p in improvements):
+        return unreached | {"points_scored": 0}
     scorer = Scorer(manifest["model_dir"], manifest["adapter_dirs"], manifest["shots_jsonl"])
     for scored, point in enumerate(improvements, 1):
         if scorer.score(point["weights"])["objective"] <= target + 1e-9:
-            return point["t"] + data["ours"]["seconds_after_search"], scored
-    return (data["ours"]["seconds_total"], len(improvements)) if final <= target + 1e-9 else (None, len(improvements))
+            extra = (0.0, 0.0) if point["precision"] == "fp32" else one_fp32
+            return {
+                "seconds": point["t"] + ours["seconds_after_search"] + extra[0],
+                "cpu_seconds": point["cpu"] + ours["cpu_seconds_after_search"] + extra[1],
+                "points_scored": scored,
+            }
+    if ours["true_objective"] <= target + 1e-9:
+        return {
+            "seconds": ours["seconds_total"],
+            "cpu_seconds": ours["cpu_seconds_total"],
+            "points_scored": len(improvements),
+        }
+    return unreached
 
 
 # --- the driver ------------------------------------------------------------------------------------
@@ -176,8 +214,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument(
         "--configs",
-        default="lbfgs,lbfgs-fp32,ngopt",
-        help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only",
+        default="default,ngopt",
+        help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only; NAME+CONST=VALUE runs NAME with "
+        "a constant of lorahub_cli.compose.search set (a lever measured)",
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads on both sides (0: torch's default)")
     parser.add_argument("--out", type=Path)
@@ -186,11 +225,15 @@ def main() -> None:
         action="store_true",
         help="reuse a seed's reference result from an earlier run at the same budget (bench/.cache/results)",
     )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="our configurations only (side by side with each other)"
+    )
     parser.add_argument("--one", nargs=2, metavar=("FIXTURE_SEED", "CONFIG"), help=argparse.SUPPRESS)
     parser.add_argument("--run-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        run_ours(args.shape, int(args.one[0]), args.one[1], args.budget, args.run_out, args.threads)
+        config, *settings = args.one[1].split("+")
+        run_ours(args.shape, int(args.one[0]), config, args.budget, args.run_out, args.threads, settings)
         return
 
     from fixtures import fixture
@@ -208,51 +251,11 @@ def main() -> None:
         manifest = fixture(args.shape, seed=seed)
         ref_out = RESULTS / f"ref-{args.shape}-s{seed}.json"
         print(f"fixture {args.shape} seed {seed} ({manifest['bbh_task']}): reference", file=sys.stderr)
-        reuse = (
-            args.reuse_reference and ref_out.is_file() and json.loads(ref_out.read_text()).get("budget") == args.budget
-        )
-        if not reuse:
-            subprocess.run(
-                [
-                    sys.executable,
-                    str(BENCH / "reference.py"),
-                    "--shape",
-                    args.shape,
-                    "--budget",
-                    str(args.budget),
-                    "--seed",
-                    "1",
-                    "--fixture-seed",
-                    str(seed),
-                    "--threads",
-                    str(args.threads),
-                    "--out",
-                    str(ref_out),
-                ],
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-        reference = json.loads(ref_out.read_text())
-        target = reference["true_objective"]
-        print(
-            f"  reference: {reference['seconds_total']:.1f} s, true objective {target:.4f}, "
-            f"peak {reference['peak_rss_mb']:.0f} MB",
-            file=sys.stderr,
-        )
+        reference = None if args.no_reference else run_reference(args, seed, ref_out)
         row = {
             "fixture_seed": seed,
             "bbh_task": manifest["bbh_task"],
-            "reference": {
-                k: reference[k]
-                for k in (
-                    "seconds_total",
-                    "evaluations",
-                    "true_objective",
-                    "peak_rss_mb",
-                    "loadavg_before",
-                    "loadavg_after",
-                )
-            },
+            "reference": reference and {k: reference.get(k) for k in REFERENCE_FIELDS},
             "ours": {},
         }
         for config in (c for c, only in configs.items() if only is None or seed in only):
@@ -276,15 +279,8 @@ def main() -> None:
                 check=True,
             )
             ours = json.loads(run_out.read_text())["ours"]
-            reach, scored = time_to_objective(run_out, manifest, target)
-            ours |= {
-                "time_to_reference_objective": reach,
-                "points_scored": scored,
-                "speedup_end_to_end": reference["seconds_total"] / ours["seconds_total"],
-                "speedup_to_reference_objective": reference["seconds_total"] / reach if reach else None,
-                "objective_vs_reference": ours["true_objective"] - target,
-                "memory_vs_reference": ours["peak_rss_mb"] / reference["peak_rss_mb"],
-            }
+            if reference is not None:
+                ours |= against(reference, ours, time_to_objective(run_out, manifest, reference["true_objective"]))
             row["ours"][config] = {k: v for k, v in ours.items() if k != "weights"}
         rows.append(row)
         out.write_text(
@@ -296,19 +292,78 @@ def main() -> None:
     print(json.dumps({"machine": machine, "summary": summary}, indent=2))
 
 
+REFERENCE_FIELDS = (
+    "seconds_total",
+    "cpu_seconds_total",
+    "evaluations",
+    "true_objective",
+    "peak_rss_mb",
+    "loadavg_before",
+    "loadavg_after",
+)
+
+
+def run_reference(args, seed: int, ref_out: Path) -> dict:
+    """The reference on one fixture seed, in its own venv and process (or its earlier result, --reuse-reference)."""
+    reuse = args.reuse_reference and ref_out.is_file() and json.loads(ref_out.read_text()).get("budget") == args.budget
+    if not reuse:
+        command = [sys.executable, str(BENCH / "reference.py"), "--shape", args.shape, "--budget", str(args.budget)]
+        command += ["--seed", "1", "--fixture-seed", str(seed), "--threads", str(args.threads), "--out", str(ref_out)]
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    reference = json.loads(ref_out.read_text())
+    print(
+        f"  reference: {reference['seconds_total']:.1f} s ({reference.get('cpu_seconds_total') or 0:.1f} s CPU), "
+        f"true objective {reference['true_objective']:.4f}, peak {reference['peak_rss_mb']:.0f} MB",
+        file=sys.stderr,
+    )
+    return reference
+
+
+def against(reference: dict, ours: dict, reach: dict) -> dict:
+    """Our run against the reference's: speed-ups on both clocks (CPU: this process's CPU seconds, which the
+    machine's other load does not count), the objective gap, the memory ratio."""
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    cpu = reference.get("cpu_seconds_total")
+    return {
+        "time_to_reference_objective": reach["seconds"],
+        "cpu_time_to_reference_objective": reach["cpu_seconds"],
+        "points_scored": reach["points_scored"],
+        "speedup_end_to_end": ratio(reference["seconds_total"], ours["seconds_total"]),
+        "cpu_speedup_end_to_end": ratio(cpu, ours["cpu_seconds_total"]),
+        "speedup_to_reference_objective": ratio(reference["seconds_total"], reach["seconds"]),
+        "cpu_speedup_to_reference_objective": ratio(cpu, reach["cpu_seconds"]),
+        "objective_vs_reference": ours["true_objective"] - reference["true_objective"],
+        "relative_objective_vs_reference": (ours["true_objective"] - reference["true_objective"])
+        / abs(reference["true_objective"]),
+        "memory_vs_reference": ours["peak_rss_mb"] / reference["peak_rss_mb"],
+    }
+
+
+def _spread(runs: list[dict], key: str, worst=min) -> dict:
+    values = [r[key] or 0.0 for r in runs]  # never reached (or no CPU time recorded): 0
+    return {"median": statistics.median(values), "worst": worst(values)}
+
+
 def summarize(rows: list[dict], configs: list[str]) -> dict:
     summary = {}
     for config in configs:
         runs = [row["ours"][config] for row in rows if config in row["ours"]]
-        speed = [r["speedup_end_to_end"] for r in runs]
-        reach = [r["speedup_to_reference_objective"] or 0.0 for r in runs]  # never reached: 0
-        memory = [r["memory_vs_reference"] for r in runs]
+        if not runs or "speedup_end_to_end" not in runs[0]:
+            summary[config] = {"runs": len(runs)}
+            continue
+
         summary[config] = {
-            "speedup_end_to_end": {"median": statistics.median(speed), "worst": min(speed)},
-            "speedup_to_reference_objective": {"median": statistics.median(reach), "worst": min(reach)},
+            "speedup_end_to_end": _spread(runs, "speedup_end_to_end"),
+            "cpu_speedup_end_to_end": _spread(runs, "cpu_speedup_end_to_end"),
+            "speedup_to_reference_objective": _spread(runs, "speedup_to_reference_objective"),
+            "cpu_speedup_to_reference_objective": _spread(runs, "cpu_speedup_to_reference_objective"),
             "objective_no_worse_than_reference": sum(r["objective_vs_reference"] <= 1e-9 for r in runs),
+            "worst_relative_objective_vs_reference": max(r["relative_objective_vs_reference"] for r in runs),
             "runs": len(runs),
-            "memory_vs_reference": {"median": statistics.median(memory), "worst": max(memory)},
+            "memory_vs_reference": _spread(runs, "memory_vs_reference", max),
         }
     for config in configs:
         # Target (c): a cheaper search precision against fp32 with the same optimiser on the same seed (an `auto`

@@ -31,7 +31,7 @@ from fixtures import fixture  # noqa: E402
 
 from lorahub_cli.compose.adapters import load_adapter  # noqa: E402
 from lorahub_cli.compose.bank import LoraBank  # noqa: E402
-from lorahub_cli.compose.objective import loss_function  # noqa: E402
+from lorahub_cli.compose.objective import FewShotLoss  # noqa: E402
 from lorahub_cli.compose.precision import search_model  # noqa: E402
 from lorahub_cli.io import read_examples  # noqa: E402
 from lorahub_cli.models import encode, load_base_model  # noqa: E402
@@ -101,7 +101,7 @@ def main() -> None:
             report["precisions"][name] = {"error": str(error)}
             continue
         bank = LoraBank(model.model, adapters, lora_dtype=torch.float32)
-        loss_fn = loss_function(model, bank, batch, mode="elementwise")
+        loss_fn = FewShotLoss(model, bank, batch, mode="elementwise")
         with torch.no_grad():
             losses = [float(x) for x in loss_fn(W)]
             seconds = timed(lambda f=loss_fn: f(W[:1]), args.repeats)

@@ -15,8 +15,21 @@ def _reach(run: dict) -> str:
     return f"{run['time_to_reference_objective']:.1f}" if run["time_to_reference_objective"] else "not reached"
 
 
+def _cpu(seconds: float | None) -> str:
+    return f"{seconds:.1f}" if seconds else "–"
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}" if value else "–"
+
+
 def _load(values: list[float]) -> str:
     return f"{values[0]:.1f}"
+
+
+def _spread(summary: dict, key: str) -> str:
+    s = summary.get(key) or {}
+    return f"{s['median']:.2f} ({s['worst']:.2f})" if s.get("median") else "–"
 
 
 def table(result: dict) -> str:
@@ -27,16 +40,17 @@ def table(result: dict) -> str:
         "",
         f"CPU: {machine['cpu']}; flags: {' '.join(machine['flags'])}; {machine['cores']} cores.",
         "",
-        "| seed (BBH task) | run | precision | end to end (s) | evaluations | true objective "
+        "| seed (BBH task) | run | precision | end to end (s) | CPU (s) | evaluations (stop) | true objective "
         "| to the reference's objective (s) "
-        "| speedup end to end | speedup to its objective | peak RSS (MB) | load avg before / after |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| speedup end to end (CPU) | speedup to its objective (CPU) | peak RSS (MB) | load avg before / after |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in result["rows"]:
         ref = row["reference"]
         lines.append(
             f"| {row['fixture_seed']} ({row['bbh_task']}) | reference 0.1.0 | fp32 | {ref['seconds_total']:.1f} | "
-            f"{ref['evaluations']} | {ref['true_objective']:.2f} | {ref['seconds_total']:.1f} | 1.00 | 1.00 | "
+            f"{_cpu(ref.get('cpu_seconds_total'))} | {ref['evaluations']} | {ref['true_objective']:.2f} | "
+            f"{ref['seconds_total']:.1f} | 1.00 | 1.00 | "
             f"{ref['peak_rss_mb']:.0f} | {_load(ref['loadavg_before'])} / {_load(ref['loadavg_after'])} |"
         )
         for config in configs:
@@ -48,28 +62,32 @@ def table(result: dict) -> str:
             )
             lines.append(
                 f"| | `{config}` ({run['engine']}) | {run['search_precision']} | {run['seconds_total']:.1f} | "
-                f"{run['evaluations']} | {run['true_objective']:.2f} | {_reach(run)} | "
-                f"{run['speedup_end_to_end']:.2f} | "
-                f"{to_objective} | {run['peak_rss_mb']:.0f} | "
+                f"{_cpu(run.get('cpu_seconds_total'))} | {run['evaluations']} ({run.get('stop', 'budget')}) | "
+                f"{run['true_objective']:.2f} | {_reach(run)} | "
+                f"{run['speedup_end_to_end']:.2f} ({_ratio(run.get('cpu_speedup_end_to_end'))}) | "
+                f"{to_objective} ({_ratio(run.get('cpu_speedup_to_reference_objective'))}) | "
+                f"{run['peak_rss_mb']:.0f} | "
                 f"{_load(run['loadavg_before'])} / {_load(run['loadavg_after'])} |"
             )
     # A run stopped before its last seed has rows but no summary yet.
     summary = result.get("summary") or summarize(result["rows"], configs)
     lines += [
         "",
-        "| run | speedup end to end, median (worst) | speedup to the reference's objective, median (worst) "
-        "| true objective no worse than the reference | peak memory / reference's, median (worst) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| run | speedup end to end, median (worst) | CPU, median (worst) "
+        "| speedup to the reference's objective, median (worst) | CPU, median (worst) "
+        "| true objective no worse than the reference | worst relative gap "
+        "| peak memory / reference's, median (worst) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for config in configs:
         s = summary.get(config)
         if not s:
             continue
         lines.append(
-            f"| `{config}` | {s['speedup_end_to_end']['median']:.2f} ({s['speedup_end_to_end']['worst']:.2f}) | "
-            f"{s['speedup_to_reference_objective']['median']:.2f} "
-            f"({s['speedup_to_reference_objective']['worst']:.2f}) | "
+            f"| `{config}` | {_spread(s, 'speedup_end_to_end')} | {_spread(s, 'cpu_speedup_end_to_end')} | "
+            f"{_spread(s, 'speedup_to_reference_objective')} | {_spread(s, 'cpu_speedup_to_reference_objective')} | "
             f"{s['objective_no_worse_than_reference']} of {s['runs']} | "
+            f"{s['worst_relative_objective_vs_reference']:+.1%} | "
             f"{s['memory_vs_reference']['median']:.2f} ({s['memory_vs_reference']['worst']:.2f}) |"
         )
     for key, gap in summary.items():

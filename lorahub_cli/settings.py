@@ -26,12 +26,17 @@ COMPOSE = {
     "modules": "auto",  # auto (retrieval) | random (LoraHub)
     "formula": "elementwise",
     "num_modules": 20,  # LoraHub's N
-    "optimizer": "ngopt",  # LoraHub's choice, and the best quality per second measured (docs/benchmarks.md)
+    # the curvature at w = 0, a line, then COBYLA in a 4-dimensional subspace until converged (search.py);
+    # "ngopt" is LoraHub's own choice, kept by name (docs/compose.md, docs/benchmarks.md)
+    "optimizer": "subspace",
     "budget": 40,  # loss evaluations per search (LoraHub: 40)
     "l1": 0.05,  # LoraHub's penalty on mean |w|
     "seed": 42,
     "population": 8,  # candidates per forward pass (cma, de, random)
     "max_rows": 64,  # rows (candidates x shots) per forward pass
+    # rows per backward pass (gradients, the curvature at w = 0): a backward keeps every activation of its rows,
+    # ~140 MB per row of a flan-t5-base-sized model on BBH shots; one row at a time costs ~20% more time than all
+    "grad_rows": 1,
     "dtype": "auto",  # the base model eval loads: auto picks bf16 where fast
     # what a compose search evaluates candidates in (compose/precision.py); the answer is fp32
     "search_precision": "auto",

@@ -246,6 +246,31 @@ def test_no_weights_is_the_base_model_and_remove_restores_it(adapter_sets, kind)
         bank.weights(torch.ones(N)).__enter__()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_shared_bank_holds_the_adapters_factors_once(adapter_sets, kind):
+    adapters = copy.deepcopy(adapter_sets[kind]["mixed"])  # mixed ranks: the slices are at their offsets
+    before = [{m: (A.clone(), B.clone()) for m, (A, B) in a.modules.items()} for a in adapters]
+    weights = torch.tensor([0.5, -1.0, 0.25])
+    composed = combine(adapters, weights, "linear")
+    model = tiny_model(kind)
+    bank = LoraBank(model, adapters, mode="linear", share=True)
+    for module in adapters[0].modules:
+        layer = model.get_submodule(module)
+        for adapter, original in zip(adapters, before):
+            A, B = adapter.modules[module]
+            assert A.untyped_storage().data_ptr() == layer.lora_A.untyped_storage().data_ptr()
+            assert B.untyped_storage().data_ptr() == layer.lora_B.untyped_storage().data_ptr()
+            assert torch.equal(A, original[module][0]) and torch.equal(B, original[module][1])
+    bank.remove()
+    again = combine(adapters, weights, "linear")  # the export reads the shared factors: bit for bit the same
+    assert all(torch.equal(again.modules[m][i], composed.modules[m][i]) for m in composed.modules for i in (0, 1))
+    # Where the bank holds the factors in another dtype, the adapters keep their own.
+    kept = copy.deepcopy(adapter_sets[kind]["same"])
+    LoraBank(tiny_model(kind), kept, share=True, lora_dtype=torch.float64)
+    module = next(iter(kept[0].modules))
+    assert kept[0].modules[module][0].dtype == torch.float32
+
+
 def test_bad_weights_and_batches_are_refused(adapter_sets):
     model = tiny_model("llama")
     bank = LoraBank(model, adapter_sets["llama"]["same"])

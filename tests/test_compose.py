@@ -9,7 +9,7 @@ import yaml
 from conftest import EXAMPLES, SHOTS, build_library
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_models import make_lora_adapter
+from tiny_models import make_lora_adapter, save_tiny_base
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from lorahub_cli.compose.pipeline import ComposeOptions
@@ -265,7 +265,8 @@ def test_errors_before_any_work(cli, t5_home, tmp_path):
     unknown = cli("compose", "--shots", SHOTS, "--out", tmp_path / "x", "--optimizer", "sgd")
     assert (
         unknown.code == 2
-        and "optimizer 'sgd' is not known. Choose one of: ngopt, cma, de, random, adam, lbfgs." in unknown.stderr
+        and "optimizer 'sgd' is not known. Choose one of: subspace, ngopt, cma, de, random, adam, lbfgs."
+        in unknown.stderr
     )
     # A rank-8 adapter cannot join rank-4 ones in LoraHub's elementwise formula; linear takes it.
     home, base_dir = t5_home
@@ -323,6 +324,7 @@ def test_interrupt_leaves_no_output(cli, t5_home, tmp_path, monkeypatch):
 
     monkeypatch.setattr(search_module, "_nevergrad", interrupted)
     monkeypatch.setattr(search_module, "_lbfgs", interrupted)
+    monkeypatch.setattr(search_module, "_subspace", interrupted)
     out = tmp_path / "never"
     result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "2", "--budget", "3")
     assert result.code == 130 and not out.exists()
@@ -367,3 +369,110 @@ def test_every_formula_from_the_cli(cli, t5_home, tmp_path, formula, extra):
     base_dir = t5_home[1]
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), out).eval()
     assert reference_loss(model, base_dir, read_examples(SHOTS)) == pytest.approx(summary["loss"], rel=1e-5)
+
+
+# --- the default search (issue 19) --------------------------------------------------------------
+
+
+def test_the_default_search_records_its_start_and_stop_and_rebuilds(cli, t5_home, tmp_path):
+    home, base_dir = t5_home
+    out = tmp_path / "default"
+    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--json")
+    assert result.code == 0, result.stderr
+    recipe = json.loads((out / "lorahub_recipe.json").read_text())
+    search = recipe["search"]
+    assert search["optimizer"] == "subspace" and search["precision_used"] == "fp32"
+    assert search["stop"] in ("converged", "stalled", "budget") and search["evaluations"] == len(search["curve"]) <= 40
+    # The warm start: the curvature at w = 0, then the best point of the line along its most negative direction.
+    start = search["start"]
+    assert start["method"] == "curvature" and start["from"] == "line" and len(start["weights"]) == 3
+    assert [p["phase"] for p in search["phases"]][:2] == ["curvature", "line"]
+    assert search["curve"][0]["objective"] == pytest.approx(json.loads(result.stdout)["base_loss"], rel=1e-6)
+    # The answer is the fp32 loss of the exported adapter, as PEFT loads it.
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base_dir), out).eval()
+    assert reference_loss(model, base_dir, read_examples(SHOTS)) == pytest.approx(recipe["loss"], rel=1e-5)
+    # The recipe with its start rebuilds bit for bit, and the same command under the same seed searches the same.
+    rebuilt, again = tmp_path / "rebuilt", tmp_path / "again"
+    assert cli("compose", "--from-recipe", out / "lorahub_recipe.json", "--out", rebuilt).code == 0
+    assert (out / "adapter_model.safetensors").read_bytes() == (rebuilt / "adapter_model.safetensors").read_bytes()
+    assert cli("compose", "--shots", SHOTS, "--out", again, "-n", "3").code == 0
+    repeated = json.loads((again / "lorahub_recipe.json").read_text())["search"]
+    assert repeated["start"] == start and [c["objective"] for c in repeated["curve"]] == [
+        c["objective"] for c in search["curve"]
+    ]
+    assert (out / "adapter_model.safetensors").read_bytes() == (again / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_flat_objective_stops_early_and_the_recipe_says_why(cli, tmp_path, lorahub_home):
+    """Adapters with B = 0 change nothing: every weight vector has the base model's loss, the L1 term only adds."""
+    from safetensors.torch import save_file
+
+    base_dir = tmp_path / "base"
+    model = save_tiny_base("t5", base_dir)
+    store = Store(lorahub_home)
+    for i in range(3):
+        folder = make_lora_adapter(model, tmp_path / f"zero{i}", seed=i, base_model_name=str(base_dir))
+        weights = load_file(folder / "adapter_model.safetensors")
+        save_file(
+            {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+            folder / "adapter_model.safetensors",
+        )
+        add_local(store, folder, name=f"zero{i}")
+    out = tmp_path / "flat"
+    result = cli("compose", "--shots", SHOTS, "--out", out, "--modules", "random", "-n", "3", "--budget", "40")
+    assert result.code == 0, result.stderr
+    recipe = json.loads((out / "lorahub_recipe.json").read_text())
+    search = recipe["search"]
+    assert search["stop"] in ("converged", "stalled") and search["evaluations"] == len(search["curve"]) < 40
+    assert "stopped improving" in result.stderr or "converged" in result.stderr, result.stderr
+    assert all(m["weight"] == 0.0 for m in recipe["modules"]), "w = 0 is the best point of a flat loss with L1"
+
+
+def test_the_search_holds_the_modules_once(t5_home, monkeypatch):
+    """The fp32 bank's buffers are the loaded adapters' factors: the loaded copies were freed into it."""
+    from lorahub_cli.compose import pipeline
+
+    home, base_dir = t5_home
+    checked = []
+    search = pipeline._Session.search
+
+    def checking(self, *args, **kwargs):
+        result = search(self, *args, **kwargs)
+        for module in self.adapters[0].modules:
+            layer = self.loss.bank.model.get_submodule(module)
+            for adapter in self.adapters:
+                A, B = adapter.modules[module]
+                assert A.untyped_storage().data_ptr() == layer.lora_A.untyped_storage().data_ptr()
+                assert B.untyped_storage().data_ptr() == layer.lora_B.untyped_storage().data_ptr()
+                checked.append(module)
+        return result
+
+    monkeypatch.setattr(pipeline._Session, "search", checking)
+    options = ComposeOptions(num_modules=3, model_path=str(base_dir), device="cpu", search=SearchConfig(budget=6))
+    composition = pipeline.compose_task(Store(home), read_examples(SHOTS), {"path": str(SHOTS)}, options)
+    assert checked and composition.recipe.search["evaluations"] <= 6
+
+
+def test_one_bank_is_injected_per_compose_at_both_levels(cli, t5_home, tmp_path, monkeypatch):
+    """Issue 17 item 9: the session injects its bank once, for the search, the answer's fp32 loss and the base
+    model's loss, at task level and for every shot (and the warm start) at instance level."""
+    from lorahub_cli.compose import pipeline
+
+    injected = []
+
+    class Counting(pipeline.LoraBank):
+        def __init__(self, *args, **kwargs):
+            injected.append(len(args[1]))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "LoraBank", Counting)
+    task = cli("compose", "--shots", SHOTS, "--out", tmp_path / "task", "-n", "3", "--budget", "8")
+    assert task.code == 0, task.stderr
+    assert injected == [3]
+    injected.clear()
+    instance = cli(
+        "compose", "--shots", SHOTS, "--level", "instance", "-n", "2", "--budget", "3", "--warm-start",
+        "--out", tmp_path / "instance",
+    )  # fmt: skip
+    assert instance.code == 0, instance.stderr
+    assert len(injected) == 1, injected

@@ -77,6 +77,9 @@ def test_recipe_round_trips(tmp_path):
         (lambda r: r.update(level="batch"), "'level' is 'batch'"),
         (lambda r: r.update(format=2), "recipe format 2"),
         (lambda r: r.update(level="instance"), "'compositions' is missing"),
+        (lambda r: r.update(search={"evaluations": 3, "stop": "tired"}), "'search.stop' is 'tired'"),
+        (lambda r: r.update(search={"evaluations": "3"}), "'search.evaluations' has the wrong type"),
+        (lambda r: r.update(search={"evaluations": 3, "start": [0.1]}), "'search.start' has the wrong type"),
     ],
 )
 def test_a_bad_recipe_names_its_field(tmp_path, change, field):

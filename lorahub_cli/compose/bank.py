@@ -349,7 +349,9 @@ class LoraBank:
     `mode` is the default for `weights()`: "elementwise" (A = sum w_i A_i, B = sum w_i B_i: LoraHub's
     formula, and fusion with rows of 1/k) or "linear" (the weighted sum of the deltas: mixture); a
     formula's `bank_mode` names the one it runs under. `lora_dtype`: the dtype of the LoRA path (default:
-    each base layer's), e.g. fp32 over a bf16 or int8 base. Call `remove()` to restore the original modules.
+    each base layer's), e.g. fp32 over a bf16 or int8 base. `share`: the adapters' factors become views into
+    the bank's buffers (same values), so they are held once, not twice; where the bank holds them in another
+    dtype or device they stay as they are. Call `remove()` to restore the original modules.
     """
 
     def __init__(
@@ -358,6 +360,7 @@ class LoraBank:
         adapters: Sequence[LoraAdapter],
         mode: str = "elementwise",
         lora_dtype: torch.dtype | None = None,
+        share: bool = False,
     ):
         check_compatible(adapters)
         self.model = model
@@ -374,10 +377,11 @@ class LoraBank:
         for module, base in targets.items():
             As = [a.modules[module][0] for a in adapters]
             Bs = [a.modules[module][1] for a in adapters]
-            _set_submodule(
-                model, module, BankedLayer(base, As, Bs, [a.scaling for a in adapters], self._state, lora_dtype)
-            )
+            layer = BankedLayer(base, As, Bs, [a.scaling for a in adapters], self._state, lora_dtype)
+            _set_submodule(model, module, layer)
             self._originals[module] = base
+            if share:
+                _point_into(layer, adapters, module)
 
     @property
     def n(self) -> int:
@@ -531,6 +535,19 @@ class LoraBank:
                 f"Load the base model the adapter was trained on ({adapter.base_model_name_or_path}).",
             )
         return base
+
+
+def _point_into(layer: BankedLayer, adapters: Sequence[LoraAdapter], module: str) -> None:
+    """Each adapter's (A, B) of `module` replaced by its slice of the layer's concatenated buffers, where the
+    values are the same tensors' (same dtype and device): the loaded copies are then freed."""
+    offset = 0
+    for adapter in adapters:
+        A, B = adapter.modules[module]
+        r = A.shape[0]
+        same = (A.dtype, A.device, B.dtype, B.device) == (layer.lora_A.dtype, layer.lora_A.device) * 2
+        if same:
+            adapter.modules[module] = (layer.lora_A[offset : offset + r], layer.lora_B[:, offset : offset + r])
+        offset += r
 
 
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -26,9 +26,9 @@ from .adapters import CONFIG_FILE, SAFETENSORS_FILE, LoraAdapter, check_compatib
 from .bank import LoraBank
 from .folder import ROUTER_FILE, shot_folder
 from .formulas import RANDOM_OPTION, combine, get_formula, resolve_options
-from .objective import loss_function
+from .objective import FewShotLoss, OnColumns
 from .recipe import Recipe
-from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, l1_penalty, search
+from .search import GRADIENT, LBFGS_START, SearchConfig, SearchResult, search
 
 MAX_SEED = 2**32 - 1
 
@@ -222,22 +222,30 @@ def _versions() -> dict:
 
 
 def _search_entry(config: SearchConfig, result: SearchResult | None, used: str) -> dict | None:
-    """The search as it ran: its losses and objectives (best, curve) are in precision `used`; `rescored` are the
-    fp32 objectives of its best candidates, the lowest of which was chosen (the recipe's `loss` is fp32)."""
+    """The search as it ran: why it stopped after how many evaluations, where it started (`start`), its
+    phases and their precision. Its `loss` and `objective` are those of the chosen weights in `result_precision`
+    (fp32 whenever it evaluated any candidate in fp32); `rescored` are the fp32 objectives of the best
+    candidates of a search in another precision (the recipe's top-level `loss` is always fp32)."""
     if result is None:
         return None
-    return {
+    entry = {
         **config.to_json(),
         "precision_used": used,
         "engine": result.engine,
+        "stop": result.stop,
         "evaluations": result.evaluations,
         "seconds": round(result.seconds, 3),
         "loss": result.loss,
         "objective": result.objective,
+        "result_precision": result.precision,
         "rescored": result.rescored,
         "nonfinite": result.nonfinite,
-        "curve": result.curve,
     }
+    if result.start is not None:
+        entry["start"] = result.start
+    if result.phases:
+        entry["phases"] = result.phases
+    return entry | {"curve": result.curve}
 
 
 def _scores(loss: float, weights, config: SearchConfig) -> dict:
@@ -271,9 +279,10 @@ def _fixed_weights(records: list[AdapterRecord], options: ComposeOptions) -> lis
 
 
 class _Session:
-    """Everything a search needs: the base model in fp32 (the answer: every reported number is computed on it),
-    the model the search evaluates candidates on (the same one, or a bf16 / int8 copy: precision.py) with the
-    bank of adapters on it, and the encoded shots."""
+    """Everything a search needs: the base model in fp32 (the answer: every reported number is computed on it)
+    with one bank of the adapters injected into it once for the session, the model a search in another
+    precision evaluates candidates on (a bf16 / int8 copy with its own bank: precision.py), and the encoded
+    shots. The adapters' factors live once: the answer bank's buffers are their storage (LoraBank `share`)."""
 
     def __init__(
         self, adapters: list[LoraAdapter], shots: list[Example], options: ComposeOptions, base: BaseModel | None = None
@@ -285,7 +294,7 @@ class _Session:
         self.adapters, self.max_rows, self.options = adapters, options.max_rows, options
         # Fixed-weight PEFT merges are scored by evaluating their result, never searched.
         self.mode = get_formula(options.formula).bank_mode or "elementwise"
-        self.bank: LoraBank | None = None
+        self._banks: list[LoraBank] = []
 
     @functools.cached_property
     def precision(self) -> str:
@@ -293,87 +302,78 @@ class _Session:
         return precisions.resolve(config.precision, self.answer.device, gradient=config.optimizer in GRADIENT)
 
     @functools.cached_property
-    def searcher(self) -> BaseModel:
+    def loss(self) -> FewShotLoss:
+        """The fp32 loss of any weights over all the session's adapters (the answer bank, injected once)."""
+        bank = self._inject(self.answer, share=True)
+        return self._loss(self.answer, bank)
+
+    @functools.cached_property
+    def explore(self) -> FewShotLoss:
+        """The loss the search evaluates candidates with: the fp32 one, or one on a copy in its precision."""
+        if self.precision == "fp32":
+            return self.loss
         if self.precision == "bf16" and self.given.dtype == torch.bfloat16:
-            return self.given  # the caller's model already runs in the search's precision
-        return precisions.search_model(self.answer, self.precision, keep=set(self.adapters[0].modules))
+            searcher = self.given  # the caller's model already runs in the search's precision
+        else:
+            searcher = precisions.search_model(self.answer, self.precision, keep=set(self.adapters[0].modules))
+        return self._loss(searcher, self._inject(searcher, share=False))
 
-    @property
-    def loss_fn(self):
-        if self.bank is None:
-            self._inject()
-        return self._loss_fn
+    def _loss(self, base: BaseModel, bank: LoraBank) -> FewShotLoss:
+        grad_rows = COMPOSE["grad_rows"]
+        return FewShotLoss(base, bank, self.batch, mode=bank.mode, max_rows=self.max_rows, grad_rows=grad_rows)
 
-    def _inject(self) -> None:
+    def _inject(self, base: BaseModel, *, share: bool) -> LoraBank:
         # The LoRA path stays fp32 over a bf16 or int8 base.
-        self.bank = LoraBank(self.searcher.model, self.adapters, mode=self.mode, lora_dtype=torch.float32)
-        self._loss_fn = loss_function(self.searcher, self.bank, self.batch, mode=self.bank.mode, max_rows=self.max_rows)
+        bank = LoraBank(base.model, self.adapters, mode=self.mode, lora_dtype=torch.float32, share=share)
+        self._banks.append(bank)
+        return bank
 
-    def rescore(self, result: SearchResult, columns: list[int] | None = None) -> SearchResult:
-        """The answer chosen in fp32: the search's best few candidates re-scored on the fp32 model, the best
-        of them returned. A search that ran in fp32 is returned as it is."""
-        if self.searcher is self.answer or not result.top:
-            return result
-        bank = LoraBank(self.answer.model, self.adapters, mode=self.mode)
-        try:
-            loss_fn = loss_function(self.answer, bank, self.batch, mode=bank.mode, max_rows=self.max_rows)
-            if columns is not None:
-                loss_fn = _on_columns(loss_fn, bank.n, columns)
-            W = torch.tensor(result.top)
-            with torch.no_grad():
-                losses = loss_fn(W).double()
-        finally:
-            bank.remove()
-        objectives = torch.nan_to_num(losses + l1_penalty(W.double(), self.options.search.l1), nan=float("inf"))
-        best = int(objectives.argmin())
-        return dataclasses.replace(result, weights=result.top[best], rescored=[float(o) for o in objectives])
+    def search(self, n: int, *, columns=None, init=None, progress=None) -> SearchResult:
+        """Search N weights; with `columns`, the N weights are these columns of the bank (others 0)."""
+        config = self.options.search
+        explore, fine = self.explore, self.loss
+        if columns is not None:
+            explore, fine = OnColumns(explore, columns), OnColumns(fine, columns)
+        if init is None and config.optimizer == "lbfgs":
+            init = [LBFGS_START] * n  # beside 0, where the elementwise gradient is exactly zero (search.py)
+        elif init is None and config.optimizer == "adam" and self.mode == "elementwise":
+            # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero: a gradient
+            # method must start elsewhere. The even average (fusion) is the natural point.
+            init = [1.0 / n] * n
+        return search(explore, n, config, init=init, progress=progress, precision=self.precision, fine=lambda: fine)
+
+    def searched_loss(self, result: SearchResult, columns: list[int] | None = None) -> float:
+        """The fp32 loss of the weights a search chose: its own value when it evaluated them in fp32 through the
+        answer bank, which composes exactly what the export holds (tests/test_bank.py); else evaluated now."""
+        if result.precision == "fp32":
+            return result.loss
+        loss = self.loss if columns is None else OnColumns(self.loss, columns)
+        with torch.no_grad():
+            return float(loss(torch.tensor([result.weights], dtype=torch.float32))[0])
 
     def evaluate(self, adapter: LoraAdapter) -> float:
-        """The fp32 loss of a composed adapter on its own (a one-adapter bank at weight 1), whatever precision
-        the search ran in: the number the recipe reports, and a check of the export."""
-        on_answer = self.bank is not None and self.searcher is self.answer
-        if on_answer:
-            self.bank.remove()
+        """The fp32 loss of a composed adapter that no search produced (fixed weights, a PEFT merge): a
+        one-adapter bank at weight 1 on the fp32 model."""
         single = LoraBank(self.answer.model, [adapter], mode="elementwise")
         try:
+            loss = FewShotLoss(self.answer, single, self.batch, mode="elementwise")
             with torch.no_grad():
-                loss = loss_function(self.answer, single, self.batch, mode="elementwise")(torch.ones(1, 1))
+                return float(loss(torch.ones(1, 1))[0])
         finally:
             single.remove()
-            if on_answer:
-                self._inject()
-        return float(loss[0])
 
     def close(self) -> None:
         """Give the base model back unchanged, for a caller that reuses it."""
-        if self.bank is not None:
-            self.bank.remove()
-            self.bank = None
+        for bank in reversed(self._banks):
+            bank.remove()
+        self._banks = []
 
-
-def _on_columns(loss_fn, width: int, columns: list[int]):
-    """A loss of N weights that places them in `columns` of a `width`-wide bank, zeros elsewhere."""
-    index = torch.tensor(columns)
-
-    def on_columns(W: torch.Tensor) -> torch.Tensor:  # (P, N) -> (P, width)
-        return loss_fn(torch.zeros(W.shape[0], width, dtype=W.dtype).index_copy(1, index, W))
-
-    return on_columns
-
-
-def _run_search(
-    session: _Session, n: int, options: ComposeOptions, *, columns=None, init=None, progress=None
-) -> SearchResult:
-    """Search N weights; with `columns`, the N weights are these columns of a larger bank (others 0)."""
-    loss_fn = session.loss_fn if columns is None else _on_columns(session.loss_fn, session.bank.n, columns)
-    if init is None and options.search.optimizer == "lbfgs":
-        init = [LBFGS_START] * n  # beside 0, where the elementwise gradient is exactly zero (search.py)
-    elif init is None and options.search.optimizer == "adam" and session.bank.mode == "elementwise":
-        # The elementwise delta is quadratic in w, so its gradient at w = 0 is exactly zero: a gradient
-        # method must start elsewhere. The even average (fusion) is the natural point.
-        init = [1.0 / n] * n
-    result = search(loss_fn, n, options.search, init=init, progress=progress)
-    return session.rescore(result, columns)
+    def base_loss(self, adapter: LoraAdapter) -> float:
+        """The fp32 few-shot loss of the base model alone: the answer bank's layers without weights pass through;
+        without a bank (nothing searched), `adapter` with B = 0."""
+        if "loss" in self.__dict__:
+            return self.loss.base_loss()
+        return self.evaluate(_no_delta(adapter))
 
 
 # --- the two levels ------------------------------------------------------------------------------
@@ -432,10 +432,11 @@ def compose_task(
     try:
         result = None
         if weights is None:
-            result = _run_search(session, len(adapters), options, progress=progress)
+            result = session.search(len(adapters), progress=progress)
             weights = result.weights
         adapter = merge(weights)
-        loss, base_loss = session.evaluate(adapter), session.evaluate(_no_delta(adapter))
+        loss = session.evaluate(adapter) if result is None else session.searched_loss(result)
+        base_loss = session.base_loss(adapter)
     finally:
         session.close()
     recipe = _recipe(
@@ -484,17 +485,14 @@ def compose_instance(
         position = {i: p for p, i in enumerate(union)}
         warm, results = None, []
         if options.warm_start:
-            warm_result = _run_search(
-                session, len(task_ids), options, columns=[position[i] for i in task_ids], progress=progress
-            )
+            warm_result = session.search(len(task_ids), columns=[position[i] for i in task_ids], progress=progress)
             warm = dict(zip(task_ids, warm_result.weights))
             results.append(warm_result)
         compositions, entries = [], []
         for j, ids in enumerate(sets):
             init = [warm.get(i, 0.0) for i in ids] if warm else None
-            result = _run_search(
-                session, len(ids), options, columns=[position[i] for i in ids], init=init, progress=progress
-            )
+            columns = [position[i] for i in ids]
+            result = session.search(len(ids), columns=columns, init=init, progress=progress)
             chosen = [records[position[i]] for i in ids]
             adapter = combine([adapters[position[i]] for i in ids], result.weights, options.formula, name=f"shot-{j}")
             compositions.append(adapter)
@@ -505,10 +503,10 @@ def compose_instance(
                     "folder": shot_folder(j),
                     "modules": _module_entries(chosen, result.weights),
                     "search": _search_entry(options.search, result, session.precision),
-                    **_scores(session.evaluate(adapter), result.weights, options.search),
+                    **_scores(session.searched_loss(result, columns), result.weights, options.search),
                 }
             )
-        base_loss = session.evaluate(_no_delta(compositions[0]))  # every shot's search scores all K shots
+        base_loss = session.base_loss(compositions[0])  # every shot's search scores all K shots
     finally:
         session.close()
     router = retrieval.embed_inputs(ranker.embedder, ranker.instruction, [s.input for s in shots])  # (K, dim)

@@ -37,6 +37,7 @@ _NUMBER = (int, float)
 _MODULE = {"id": str, "source": str, "revision": (str, type(None)), "sha256": str, "weight": _NUMBER}
 _COMPOSITION = {"shot": int, "folder": str, "modules": list, "search": (dict, type(None)), "loss": _NUMBER}
 _ROUTER = {"file": str, "embedder": str, "instruction": str, "shots": list}
+STOPS = ("budget", "converged", "stalled", "nonfinite")  # why a search ended (search.py)
 
 
 @dataclass
@@ -167,6 +168,7 @@ class Recipe:
             check.fields(data, {"modules": list, "loss": _NUMBER}, "")
             check.fields(data, {"search": (dict, type(None)), "objective": _NUMBER}, "", required=False)
             check.modules(data["modules"], "modules")
+            check.search(data.get("search"), "search")
         else:
             check.fields(data, {"compositions": list, "router": dict}, "")
             check.fields(data, {"warm_start": (dict, type(None))}, "", required=False)
@@ -176,6 +178,7 @@ class Recipe:
                 check.fields(entry, _COMPOSITION, f"compositions[{j}].")
                 check.fields(entry, {"objective": _NUMBER}, f"compositions[{j}].", required=False)
                 check.modules(entry["modules"], f"compositions[{j}].modules")
+                check.search(entry["search"], f"compositions[{j}].search")
             check.fields(data["router"], _ROUTER, "router.")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -202,6 +205,18 @@ class _Checker:
                     f"{str(value)[:40]!r}).",
                     _HINT,
                 )
+
+    def search(self, search: dict | None, name: str) -> None:
+        """What a search did: how many evaluations, why it stopped (recipes before issue 19 lack `stop`), where it
+        started (`start`, the subspace search's)."""
+        if search is None:
+            return
+        self.fields(search, {"evaluations": int}, f"{name}.")
+        self.fields(search, {"stop": str, "start": dict, "phases": list}, f"{name}.", required=False)
+        if search.get("stop", STOPS[0]) not in STOPS:
+            raise InputError(
+                f"{self.where}: field '{name}.stop' is '{search['stop']}', not one of {', '.join(STOPS)}.", _HINT
+            )
 
     def modules(self, modules: list, name: str) -> None:
         if not modules:

@@ -170,7 +170,7 @@ def _task_level(modules: str, summary: str, formula: str = COMPOSE["formula"], b
 def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int) -> MethodResult:
     """The one of the N retrieved modules whose few-shot loss, alone at weight 1, is lowest (no search)."""
     from ..compose.bank import LoraBank
-    from ..compose.objective import loss_function
+    from ..compose.objective import FewShotLoss
     from ..compose.pipeline import BaseOnce, load_modules, select_modules
 
     options = _compose_options(ctx, "auto", seed)
@@ -180,7 +180,7 @@ def single_best(ctx: Context, shots: list[Example], inputs: list[str], seed: int
     bank = LoraBank(answer.model, adapters, mode="linear")
     try:
         with torch.no_grad():
-            losses = loss_function(answer, bank, encode(answer, shots), mode="linear")(torch.eye(len(adapters)))
+            losses = FewShotLoss(answer, bank, encode(answer, shots), mode="linear")(torch.eye(len(adapters)))
     finally:
         bank.remove()
     best = int(losses.argmin())
