@@ -43,7 +43,7 @@ class EvalConfig:
     limit: int | None = None
     num_modules: int = COMPOSE["num_modules"]
     budget: int = COMPOSE["budget"]
-    optimizer: str = COMPOSE["optimizer"]
+    optimizer: str = EVAL["optimizer"]
     l1: float = COMPOSE["l1"]
     max_new_tokens: int = EVAL["max_new_tokens"]
     fft_epochs: int = EVAL["fft_epochs"]
