@@ -1,6 +1,6 @@
 """Side by side: `lorahub compose` against the reference LoraHub (PyPI lorahub 0.1.0), over several fixtures.
 
-    python bench/compose.py --shape base --fixture-seeds 0,1,2,3,4 [--budget 40] [--configs default,ngopt] --threads 1
+    python bench/compose.py --shape base --fixture-seeds 0,1,2,3,4 [--budget 40] [--configs subspace,ngopt] --threads 1
     python bench/compose.py --shape large --fixture-seeds 0,1 --threads 1
 
 For every fixture seed (a different random model, 20 adapters and BBH task: bench/fixtures.py), the reference
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument(
         "--configs",
-        default="default,ngopt",
+        default="subspace,ngopt",
         help="comma-separated; NAME@1+2 runs NAME on fixture seeds 1 and 2 only; NAME+CONST=VALUE runs NAME with "
         "a constant of lorahub_cli.compose.search set (a lever measured)",
     )

@@ -371,13 +371,14 @@ def test_every_formula_from_the_cli(cli, t5_home, tmp_path, formula, extra):
     assert reference_loss(model, base_dir, read_examples(SHOTS)) == pytest.approx(summary["loss"], rel=1e-5)
 
 
-# --- the default search (issue 19) --------------------------------------------------------------
+# --- the subspace search and the stop rule (issue 19) --------------------------------------------------------------
 
 
-def test_the_default_search_records_its_start_and_stop_and_rebuilds(cli, t5_home, tmp_path):
+def test_the_subspace_search_records_its_start_and_stop_and_rebuilds(cli, t5_home, tmp_path):
     home, base_dir = t5_home
-    out = tmp_path / "default"
-    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", "--json")
+    out = tmp_path / "subspace"
+    subspace = ("--optimizer", "subspace")
+    result = cli("compose", "--shots", SHOTS, "--out", out, "-n", "3", *subspace, "--json")
     assert result.code == 0, result.stderr
     recipe = json.loads((out / "lorahub_recipe.json").read_text())
     search = recipe["search"]
@@ -395,7 +396,7 @@ def test_the_default_search_records_its_start_and_stop_and_rebuilds(cli, t5_home
     rebuilt, again = tmp_path / "rebuilt", tmp_path / "again"
     assert cli("compose", "--from-recipe", out / "lorahub_recipe.json", "--out", rebuilt).code == 0
     assert (out / "adapter_model.safetensors").read_bytes() == (rebuilt / "adapter_model.safetensors").read_bytes()
-    assert cli("compose", "--shots", SHOTS, "--out", again, "-n", "3").code == 0
+    assert cli("compose", "--shots", SHOTS, "--out", again, "-n", "3", *subspace).code == 0
     repeated = json.loads((again / "lorahub_recipe.json").read_text())["search"]
     assert repeated["start"] == start and [c["objective"] for c in repeated["curve"]] == [
         c["objective"] for c in search["curve"]
@@ -419,7 +420,21 @@ def test_a_flat_objective_stops_early_and_the_recipe_says_why(cli, tmp_path, lor
         )
         add_local(store, folder, name=f"zero{i}")
     out = tmp_path / "flat"
-    result = cli("compose", "--shots", SHOTS, "--out", out, "--modules", "random", "-n", "3", "--budget", "40")
+    result = cli(
+        "compose",
+        "--shots",
+        SHOTS,
+        "--out",
+        out,
+        "--modules",
+        "random",
+        "-n",
+        "3",
+        "--budget",
+        "40",
+        "--optimizer",
+        "subspace",
+    )
     assert result.code == 0, result.stderr
     recipe = json.loads((out / "lorahub_recipe.json").read_text())
     search = recipe["search"]

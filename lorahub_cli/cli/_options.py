@@ -105,7 +105,7 @@ OptimizerOpt = Annotated[
     typer.Option(
         "--optimizer",
         callback=registered("optimizer"),
-        help=choice_help("optimizer", "The weight search (subspace: stops when converged; ngopt: LoraHub's)."),
+        help=choice_help("optimizer", "The weight search (ngopt: LoraHub's; subspace: faster, stops when converged)."),
     ),
 ]
 MaxNewTokensOpt = Annotated[

@@ -1,4 +1,4 @@
-"""Searching the N composition weights: the default `subspace` search, gradient-free (nevergrad) or by
+"""Searching the N composition weights: LoraHub's nevergrad search (the default), the `subspace` search, or by
 gradient (L-BFGS-B, Adam).
 
 The search knows a loss of a weight matrix, not models:
@@ -340,7 +340,7 @@ def _lbfgs(loss, n: int, init: np.ndarray, config: SearchConfig, tracker: _Track
     return "L-BFGS-B", "nonfinite" if first is None else "budget"
 
 
-# --- the default: subspace search -------------------------------------------------------------------
+# --- the subspace search ----------------------------------------------------------------------------
 
 DIRECTIONS = 4  # how many directions of most negative curvature the subspace search spans
 LINE_TRIES = 3  # halvings of the line step, from the box's edge, before the line gives up
